@@ -1,0 +1,1 @@
+"""Subcommands of the ``orcd`` CLI, one module each."""

@@ -1,0 +1,77 @@
+"""One small error hierarchy carrying orcd's stable error codes.
+
+The server maps each error to an HTTP status and an SSE ``error`` event; the
+CLI maps it to a one-line message and exit code 1. Codes never change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrcdError(Exception):
+    """Base of every error a user may see. ``code`` is the stable error code."""
+
+    code = "INTERNAL"
+    http_status = 500
+    retriable = False
+
+    def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message,
+                               "retriable": self.retriable}
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+class InvalidRequest(OrcdError):
+    code = "INVALID_REQUEST"
+    http_status = 400
+
+
+class ModelLoadFailed(OrcdError):
+    code = "MODEL_LOAD_FAILED"
+    http_status = 500
+
+
+class InsufficientVram(OrcdError):
+    code = "INSUFFICIENT_VRAM"
+    http_status = 507
+
+
+class VramOom(OrcdError):
+    code = "VRAM_OOM"
+    http_status = 507
+    retriable = True
+
+
+class CudaError(OrcdError):
+    code = "CUDA_ERROR"
+    http_status = 500
+
+
+class InferenceTimeout(OrcdError):
+    code = "INFERENCE_TIMEOUT"
+    http_status = 504
+    retriable = True
+
+
+class Cancelled(OrcdError):
+    code = "CANCELLED"
+    http_status = 499
+
+
+class InternalError(OrcdError):
+    code = "INTERNAL"
+    http_status = 500
+
+
+ERROR_CODES = tuple(cls.code for cls in (
+    InvalidRequest, ModelLoadFailed, InsufficientVram, VramOom, CudaError,
+    InferenceTimeout, Cancelled, InternalError))
