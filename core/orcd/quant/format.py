@@ -11,6 +11,7 @@ from orcd.errors import ModelLoadFailed
 
 Dequantizer = Callable[[np.ndarray], np.ndarray]
 Quantizer = Callable[[np.ndarray], np.ndarray]
+RandomBlocks = Callable[[int, np.random.Generator, float], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class QuantFormat:
     block). ``quantize(x)`` takes float32 values (length a multiple of
     ``block_elems``) and returns the raw bytes. ``cuda`` names the CUDA source
     family that implements the format's device functions, or None.
+    ``random_blocks(n_blocks, rng, std)`` returns ``n_blocks`` random but valid
+    blocks (uint8, ``n_blocks * block_bytes``) whose dequantized values are
+    finite, zero-mean and of standard deviation about ``std``; ``orcd synth``
+    fills synthetic models with it without quantizing any floats.
     """
 
     type_id: int
@@ -31,6 +36,7 @@ class QuantFormat:
     dequantize: Dequantizer
     quantize: Quantizer | None = None
     cuda: str | None = None
+    random_blocks: RandomBlocks | None = None
 
     def row_bytes(self, n_elems: int) -> int:
         """Bytes of one row of ``n_elems`` values (must be whole blocks)."""
