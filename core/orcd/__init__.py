@@ -10,3 +10,7 @@ __version__ = "0.1.0"
 #: A plugin declares the version it was written against as the module attribute
 #: ``ORCD_PLUGIN_API``; the host refuses a plugin whose major version differs.
 PLUGIN_API_VERSION = 1
+
+from orcd.hookspecs import hookimpl  # noqa: E402  (re-exported for plugins)
+
+__all__ = ["__version__", "PLUGIN_API_VERSION", "hookimpl"]

@@ -1,0 +1,169 @@
+"""The generation loop: prefill, decode, sample, detokenize, stop.
+
+One request at a time (batch 1). The server runs ``Engine.generate`` on its
+worker thread and receives each complete text piece through ``on_token``.
+Cancellation and the deadline are checked between tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from orcd.detok import StreamDecoder
+from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
+from orcd.ops.sampling import SamplingParams
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the attention scratch
+
+
+@dataclass
+class GenerateRequest:
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    cancelled: Callable[[], bool] = lambda: False
+    deadline: float | None = None      # time.monotonic() after which to give up
+
+
+@dataclass
+class TokenEvent:
+    index: int       # 0-based position in the output
+    token_id: int
+    text: str        # complete UTF-8 text released by this token (may be "")
+
+
+@dataclass
+class GenerateResult:
+    stop_reason: str  # "eog" | "stop_sequence" | "max_tokens"
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    ttft_ms: float
+    decode_time_ms: float
+
+    @property
+    def tokens_out(self) -> int:
+        return len(self.token_ids)
+
+
+class Runner:
+    """Runs the model forward eagerly; a backend may supply a faster one
+    (the CUDA backend replays one captured graph per decode step)."""
+
+    def __init__(self, model, backend, cache) -> None:
+        self.model, self.backend, self.cache = model, backend, cache
+
+    def forward(self, ids: Sequence[int], start: int):
+        b = self.backend
+        return self.model.forward(b.ops, b.ids(ids), b.positions(start, len(ids)), self.cache)
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string matched)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        cut = len(self.pending) - self.hold if self.hold else len(self.pending)
+        cut = max(cut, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    def __init__(self, loaded) -> None:
+        self.lm = loaded
+        self.tokenizer = loaded.tokenizer
+
+    def check(self, req: GenerateRequest) -> None:
+        n_prompt, n_ctx = len(req.prompt_ids), self.lm.n_ctx
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt encodes to no tokens", field="prompt")
+        if n_prompt + req.max_tokens > n_ctx:
+            raise InvalidRequest(f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) "
+                                 f"exceeds the context length {n_ctx}", field="max_tokens")
+        bad = [i for i in req.prompt_ids if not 0 <= i < self.lm.hp.n_vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} outside the vocabulary", field="prompt")
+
+    def new_runner(self):
+        b, hp = self.lm.backend, self.lm.hp
+        cache = b.new_kv_cache(hp.n_layer, self.lm.n_ctx, hp.n_head_kv, hp.head_dim,
+                               hp.get("head_dim_v"))
+        make = getattr(b, "make_runner", None)
+        return make(self.lm.model, cache) if make else Runner(self.lm.model, b, cache)
+
+    def generate(self, req: GenerateRequest,
+                 on_token: Callable[[TokenEvent], None] = lambda ev: None) -> GenerateResult:
+        self.check(req)
+        t0 = time.perf_counter()
+        runner = self.new_runner()
+        seed = req.sampling.seed if req.sampling.seed is not None else 0
+        rng = np.random.Generator(np.random.PCG64(seed))
+        prompt = list(req.prompt_ids)
+        logits = None
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            self._interrupt(req)
+            logits = runner.forward(prompt[start:start + PREFILL_CHUNK], start)
+        detok, stops = StreamDecoder(self.tokenizer), StopMatcher(req.stop)
+        out_ids: list[int] = []
+        emitted: list[str] = []
+        ttft = 0.0
+        t_first = t0
+        reason = "max_tokens"
+        while len(out_ids) < req.max_tokens:
+            seen = np.asarray(prompt + out_ids, dtype=np.int64)
+            tok = self.lm.backend.sample(logits, req.sampling, seen, rng)
+            if not out_ids:
+                t_first = time.perf_counter()
+                ttft = (t_first - t0) * 1000
+            if tok in self.tokenizer.eog_ids:
+                reason = "eog"
+                break
+            out_ids.append(tok)
+            text, hit = stops.push(detok.feed(tok))
+            if text:
+                emitted.append(text)
+                on_token(TokenEvent(len(out_ids) - 1, tok, text))
+            if hit:
+                reason = "stop_sequence"
+                break
+            if len(out_ids) == req.max_tokens:
+                break
+            self._interrupt(req)
+            logits = runner.forward([tok], len(prompt) + len(out_ids) - 1)
+        if reason != "stop_sequence":
+            tail, hit = stops.push(detok.flush())
+            tail += "" if hit else stops.flush()
+            if hit:
+                reason = "stop_sequence"
+            if tail:
+                emitted.append(tail)
+                on_token(TokenEvent(max(len(out_ids) - 1, 0), out_ids[-1] if out_ids else -1, tail))
+        return GenerateResult(reason, out_ids, "".join(emitted), len(prompt), ttft,
+                              (time.perf_counter() - t_first) * 1000)
+
+    @staticmethod
+    def _interrupt(req: GenerateRequest) -> None:
+        if req.cancelled():
+            raise Cancelled("the request was cancelled")
+        if req.deadline is not None and time.monotonic() > req.deadline:
+            raise InferenceTimeout("the inference timeout was exceeded")

@@ -1,0 +1,51 @@
+"""Mixture of experts (GPT-OSS): top-k routing over router logits, softmax over
+the chosen k, per-expert gate/up/down with biases and clamped SwiGLU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from orcd.ops.activation import swiglu_oai_ref
+
+
+@dataclass
+class Experts:
+    """One layer's experts; weights in the backend's representation."""
+
+    router_w: Any   # [n_expert, D]
+    router_b: Any   # [n_expert]
+    gate_w: Any     # [n_expert, n_ff, D]
+    gate_b: Any     # [n_expert, n_ff]
+    up_w: Any       # [n_expert, n_ff, D]
+    up_b: Any       # [n_expert, n_ff]
+    down_w: Any     # [n_expert, D, n_ff]
+    down_b: Any     # [n_expert, D]
+
+
+def route_ref(logits: np.ndarray, n_used: int) -> tuple[np.ndarray, np.ndarray]:
+    """logits [T, n_expert] -> (chosen expert ids [T, k], weights [T, k]).
+
+    Ties go to the lower expert id (stable sort), so the choice is deterministic.
+    """
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :n_used]
+    chosen = np.take_along_axis(logits, order, axis=-1)
+    e = np.exp(chosen - chosen.max(axis=-1, keepdims=True))
+    return order, (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
+            limit: float = 7.0) -> np.ndarray:
+    # x: [T, D] -> [T, D]
+    logits = x @ ex.router_w.T + ex.router_b                     # [T, n_expert]
+    ids, weights = route_ref(logits, n_used)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, wgt in zip(ids[t], weights[t]):
+            gate = ex.gate_w[e] @ x[t] + ex.gate_b[e]            # [n_ff]
+            up = ex.up_w[e] @ x[t] + ex.up_b[e]
+            h = swiglu_oai_ref(gate, up, alpha, limit)
+            out[t] += wgt * (ex.down_w[e] @ h + ex.down_b[e])
+    return out
