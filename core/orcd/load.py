@@ -76,6 +76,7 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
     n_ctx = int(n_ctx or hp.n_ctx_train)
     if n_ctx <= 0:
         raise ModelLoadFailed(f"{src}: context size must be positive, got {n_ctx}")
+    hp["n_ctx"] = n_ctx  # the runtime context, e.g. for Phi-3's long/short rope factors
     tokenizer = host.tokenizer(mf, Path(tokenizer_path) if tokenizer_path else None)
     if backend is None:
         from orcd.backend import create_backend

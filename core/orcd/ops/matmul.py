@@ -11,7 +11,8 @@ import numpy as np
 
 def linear_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     # x: [T, n_in], w: [n_out, n_in], b: [n_out] -> [T, n_out]
-    y = x @ w.T
+    # w @ x.T runs several times faster than x @ w.T on the BLAS we test with
+    y = np.ascontiguousarray((w @ x.T).T)
     return y if b is None else y + b
 
 

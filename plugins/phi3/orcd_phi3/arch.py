@@ -32,7 +32,7 @@ def _qkv(hp):
 TENSORS = (
     TensorSpec("token_embd.weight", lambda hp: (hp.n_vocab, hp.n_embd)),
     TensorSpec("output_norm.weight", lambda hp: (hp.n_embd,)),
-    TensorSpec("output.weight", lambda hp: (hp.n_vocab, hp.n_embd)),
+    TensorSpec("output.weight", lambda hp: (hp.n_vocab, hp.n_embd), optional=True),  # else tied
     # LongRoPE factors of the 128k variants; absent in the 4k model
     TensorSpec("rope_factors_long.weight", lambda hp: (hp.n_rot // 2,), optional=True),
     TensorSpec("rope_factors_short.weight", lambda hp: (hp.n_rot // 2,), optional=True),
