@@ -1,0 +1,112 @@
+"""Dense fp16/bf16 GEMM on raw device pointers.
+
+``Gemm(device)`` computes ``c[m, n] = a[m, k] @ b[n, k]^T`` (``b`` is a linear
+weight as GGUF stores it, row-major ``[n_out, n_in]``), accumulating in fp32
+and writing ``c`` in the input dtype, on the worker's stream.
+
+backend="nvmath" (default): cuBLASLt through nvmath-python's ``Matmul``; one
+planned ``Matmul`` per (m, n, k, dtype), its operands reset to new pointers on
+each call, the result written in place into ``c`` (beta = 0, so ``c`` is never
+read). nvmath needs array objects, so the pointers are wrapped as cupy arrays
+(torch for bf16 where cupy has no bfloat16); both live on the GPU machine
+only and are imported here, never by orcd itself.
+
+backend="simt": a plain shared-memory-tiled kernel (``kernels/gemm_simt.cu``),
+no tensor cores: a correctness fallback, far slower than cuBLASLt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from orcd.errors import CudaError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orcd.cuda.device import CudaDevice
+
+DTYPES = ("float16", "bfloat16")
+SIMT_TILE = 16
+
+
+class Gemm:
+    def __init__(self, device: "CudaDevice", backend: str = "nvmath", compiler=None, launcher=None):
+        if backend not in ("nvmath", "simt"):
+            raise ValueError(f"unknown GEMM backend {backend!r}")
+        self.device, self.backend = device, backend
+        self._plans: dict[tuple, Any] = {}
+        if backend == "simt":
+            self._init_simt(compiler, launcher)
+
+    def __call__(self, a: int, b: int, c: int, m: int, n: int, k: int, dtype: str = "float16") -> None:
+        """c[m, n] = a[m, k] @ b[n, k]^T, enqueued on the device's stream."""
+        if dtype not in DTYPES:
+            raise ValueError(f"GEMM dtype must be one of {DTYPES}, got {dtype!r}")
+        if min(m, n, k) <= 0:
+            raise ValueError(f"GEMM sizes must be positive, got m={m} n={n} k={k}")
+        self.device.make_current()
+        if self.backend == "nvmath":
+            self._nvmath(int(a), int(b), int(c), m, n, k, dtype)
+        else:
+            self._simt(int(a), int(b), int(c), m, n, k, dtype)
+
+    # -- cuBLASLt through nvmath-python --------------------------------------
+
+    def _wrap(self, ptr: int, shape: tuple[int, int], dtype: str):
+        import cupy
+
+        nbytes = shape[0] * shape[1] * 2
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, self.device.index)
+        if dtype == "float16":
+            return cupy.ndarray(shape, dtype=cupy.float16, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        raw = cupy.ndarray(shape, dtype=cupy.uint16, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        import torch  # cupy has no bfloat16: view the same bytes through torch
+
+        return torch.as_tensor(raw, device=f"cuda:{self.device.index}").view(torch.bfloat16)
+
+    def _nvmath(self, a: int, b: int, c: int, m: int, n: int, k: int, dtype: str) -> None:
+        try:
+            import cupy
+            from nvmath.linalg import advanced
+        except ImportError as e:
+            raise CudaError(f"GEMM backend nvmath needs nvmath-python and cupy: {e}",
+                            cuda_error="IMPORT", call="import nvmath") from None
+        stream = self.device.stream_handle
+        with cupy.cuda.Device(self.device.index):
+            A = self._wrap(a, (m, k), dtype)       # A: [m, k]
+            B = self._wrap(b, (n, k), dtype).T     # B: [k, n], column-major view of the weight
+            C = self._wrap(c, (m, n), dtype)       # C: [m, n]
+            key = (m, n, k, dtype)
+            mm = self._plans.get(key)
+            if mm is None:
+                mm = advanced.Matmul(A, B, c=C, beta=0.0, options={"inplace": True}, stream=stream)
+                mm.plan(stream=stream)
+                self._plans[key] = mm
+            else:
+                mm.reset_operands(a=A, b=B, c=C, stream=stream)
+            mm.execute(stream=stream)
+
+    # -- fallback: SIMT kernel, no tensor cores --------------------------------
+
+    def _init_simt(self, compiler, launcher) -> None:
+        from orcd.cuda.launch import Launcher
+        from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+
+        compiler = compiler or KernelCompiler(self.device.info.arch)
+        module = compiler.load(self.device, KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu"))
+        self._module = module
+        self._kernels = {"float16": module.function("gemm_f16_simt"),
+                         "bfloat16": module.function("gemm_bf16_simt")}
+        self._launch = launcher or Launcher(self.device)
+
+    def _simt(self, a: int, b: int, c: int, m: int, n: int, k: int, dtype: str) -> None:
+        import numpy as np
+
+        t = SIMT_TILE
+        grid = (-(-n // t), -(-m // t))
+        self._launch(self._kernels[dtype], grid, (t, t),
+                     [np.uint64(a), np.uint64(b), np.uint64(c), m, n, k])
+
+    def close(self) -> None:
+        for mm in self._plans.values():
+            mm.free()
+        self._plans.clear()

@@ -1,0 +1,1 @@
+"""CUDA C++ sources shipped as package data (compiled at run time by NVRTC)."""

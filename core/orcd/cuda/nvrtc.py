@@ -1,0 +1,228 @@
+"""Run-time compilation of CUDA C++ with NVRTC, and an on-disk cubin cache.
+
+Sources are ``KernelSource`` objects: a name, the ``.cu`` text and the headers
+it may include, all in memory (no include paths), so the cache key below sees
+every byte that can change the result. Core kernels ship as package data in
+``orcd/cuda/kernels``; a plugin ships its own with ``KernelSource.from_package``.
+A cubin is compiled for the device's real architecture (``sm_90`` on
+H100/H200) and cached under ``<orcd cache>/kernels/`` keyed by sha256 of
+source, headers, options, architecture and the NVRTC version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from orcd.errors import CudaError
+
+#: Options every compile gets, before the caller's.
+DEFAULT_OPTIONS = ("-std=c++17", "-default-device")
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """orcd's cache: $ORCD_CACHE_DIR, else $XDG_CACHE_HOME/orcd, else ~/.cache/orcd."""
+    env = os.environ if env is None else env
+    if env.get("ORCD_CACHE_DIR"):
+        return Path(env["ORCD_CACHE_DIR"])
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "orcd"
+    return Path.home() / ".cache" / "orcd"
+
+
+def kernel_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    return cache_root(env) / "kernels"
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    name: str                                  # e.g. "gemm_simt.cu"; shows in errors
+    source: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # include name -> text
+
+    @classmethod
+    def from_package(cls, package: str, name: str, headers: Sequence[str] = ()) -> "KernelSource":
+        """Read ``name`` (and ``headers``) shipped as package data of ``package``."""
+        root = resources.files(package)
+        return cls(name, (root / name).read_text(),
+                   {h: (root / h).read_text() for h in headers})
+
+
+def cuda_include_dir() -> str | None:
+    """The CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h, ...), which NVRTC
+    does not ship built in: found by cuda-pathfinder, else $CUDA_HOME/include."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            return found
+    except (ImportError, RuntimeError):
+        pass
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return str(Path(root) / "include")
+    return None
+
+
+def compile_options(arch: str, options: Sequence[str] = ()) -> list[str]:
+    """The full option list: real architecture first, defaults, the caller's."""
+    return [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, *options]
+
+
+def cache_key(src: KernelSource, options: Sequence[str], arch: str,
+              nvrtc_version: tuple[int, int]) -> str:
+    """sha256 over everything that can change the cubin."""
+    h = hashlib.sha256()
+
+    def put(s: str) -> None:
+        b = s.encode()
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: no ambiguous joins
+        h.update(b)
+
+    put(src.source)
+    for name in sorted(src.headers):
+        put(name)
+        put(src.headers[name])
+    for opt in options:
+        put(opt)
+    put(arch)
+    put("nvrtc-%d.%d" % tuple(nvrtc_version))
+    return h.hexdigest()
+
+
+def cubin_path(cache: Path, src: KernelSource, key: str, arch: str) -> Path:
+    stem = Path(src.name).stem
+    return cache / f"{stem}-{arch}-{key[:32]}.cubin"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from orcd.cuda.driver import rtc
+
+    major, minor = rtc("nvrtcVersion")
+    return int(major), int(minor)
+
+
+def _compile(src: KernelSource, options: list[str]) -> bytes:
+    from orcd.cuda.driver import nvrtc_module, rtc
+
+    nv = nvrtc_module()
+    names = sorted(src.headers)
+    prog = rtc("nvrtcCreateProgram", src.source.encode(), src.name.encode(), len(names),
+               [src.headers[n].encode() for n in names], [n.encode() for n in names])
+    try:
+        opts = [o.encode() for o in options]
+        result = nv.nvrtcCompileProgram(prog, len(opts), opts)[0]
+        if result != nv.nvrtcResult.NVRTC_SUCCESS:
+            log = _program_log(prog)
+            raise CudaError(f"NVRTC could not compile {src.name} "
+                            f"({' '.join(options)}): {getattr(result, 'name', result)}\n{log}",
+                            cuda_error=getattr(result, "name", str(result)),
+                            call="nvrtcCompileProgram", log=log)
+        size = rtc("nvrtcGetCUBINSize", prog)
+        cubin = b" " * size
+        rtc("nvrtcGetCUBIN", prog, cubin)
+        return cubin
+    finally:
+        rtc("nvrtcDestroyProgram", prog)
+
+
+def _program_log(prog: Any) -> str:
+    from orcd.cuda.driver import rtc
+
+    size = rtc("nvrtcGetProgramLogSize", prog)
+    log = b" " * size
+    rtc("nvrtcGetProgramLog", prog, log)
+    return log.rstrip(b"\0 ").decode(errors="replace")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class KernelCompiler:
+    """Compiles for one architecture and caches cubins on disk.
+
+    ``hits`` and ``misses`` count cache lookups (tests and /metrics read them)."""
+
+    def __init__(self, arch: str, cache: Path | None = None, cuda_headers: bool = False) -> None:
+        self.arch = arch
+        self.cache = kernel_cache_dir() if cache is None else Path(cache)
+        self.version = nvrtc_version()
+        # Toolkit headers come by include path, which the cache key sees only
+        # as a path: the NVRTC version in the key stands for their content.
+        self.base_options: list[str] = []
+        if cuda_headers:
+            inc = cuda_include_dir()
+            if inc is None:
+                raise CudaError("CUDA toolkit headers (cuda_fp16.h) not found; set CUDA_HOME",
+                                cuda_error="HEADERS", call="cuda_include_dir")
+            self.base_options.append(f"--include-path={inc}")
+        self.hits = 0
+        self.misses = 0
+
+    def cubin(self, src: KernelSource, options: Sequence[str] = ()) -> bytes:
+        opts = compile_options(self.arch, [*self.base_options, *options])
+        key = cache_key(src, opts, self.arch, self.version)
+        path = cubin_path(self.cache, src, key, self.arch)
+        if path.is_file():
+            self.hits += 1
+            return path.read_bytes()
+        self.misses += 1
+        data = _compile(src, opts)
+        _write_atomic(path, data)
+        return data
+
+    def load(self, device, src: KernelSource, options: Sequence[str] = ()) -> "Module":
+        return Module(device, self.cubin(src, options), src.name)
+
+
+class Module:
+    """A loaded cubin; ``function(name)`` looks up an ``extern "C"`` kernel."""
+
+    def __init__(self, device, cubin: bytes, name: str = "module") -> None:
+        from orcd.cuda.driver import cu
+
+        device.make_current()
+        self.device = device
+        self.name = name
+        self.handle = cu("cuModuleLoadData", cubin)
+        self._functions: dict[str, Any] = {}
+
+    def function(self, name: str):
+        from orcd.cuda.launch import Kernel
+
+        if name not in self._functions:
+            from orcd.cuda.driver import cu
+
+            self.device.make_current()
+            try:
+                handle = cu("cuModuleGetFunction", self.handle, name.encode())
+            except CudaError as e:
+                raise CudaError(f"kernel {name!r} not found in {self.name} "
+                                f"(is it extern \"C\"?): {e.message}",
+                                cuda_error=e.details.get("cuda_error"), call="cuModuleGetFunction") from None
+            self._functions[name] = Kernel(self.device, handle, name)
+        return self._functions[name]
+
+    def unload(self) -> None:
+        from orcd.cuda.driver import cu
+
+        if self.handle is not None:
+            self.device.make_current()
+            cu("cuModuleUnload", self.handle)
+            self.handle = None
+            self._functions.clear()

@@ -1,0 +1,121 @@
+"""Host bytes (usually a GGUF mmap) -> device memory, chunk by chunk.
+
+Two (or more) pinned staging buffers take turns: while the copy engine moves
+chunk i from one staging buffer to the device (``cuMemcpyHtoDAsync`` on the
+worker's stream), the CPU reads chunk i+1 from the file into the other. An
+event per staging buffer says when its last copy finished and it may be
+refilled. Bytes are copied as they are: weights keep their GGUF block format.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orcd.cuda.device import CudaDevice
+
+DEFAULT_CHUNK = 1 << 20
+Progress = Callable[[float], None]
+
+
+def plan_chunks(nbytes: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(offset, size) pieces covering ``nbytes``, each at most ``chunk``."""
+    if chunk <= 0:
+        raise ValueError(f"chunk size must be positive, got {chunk}")
+    for off in range(0, nbytes, chunk):
+        yield off, min(chunk, nbytes - off)
+
+
+class Milestones:
+    """Turns a stream of fractions into calls at fixed steps (0, 25, ..., 100 %).
+
+    ``Milestones(emit)(f)`` calls ``emit(percent)`` once for every step that
+    ``f`` has reached and not yet emitted, in order; 100 only at f >= 1."""
+
+    def __init__(self, emit: Callable[[int], None], steps: Sequence[int] = (0, 25, 50, 75, 100)):
+        self._emit = emit
+        self._pending = list(steps)
+
+    def __call__(self, fraction: float) -> None:
+        while self._pending and fraction * 100 >= self._pending[0]:
+            self._emit(self._pending.pop(0))
+
+
+class Uploader:
+    """Chunked, double-buffered host-to-device copies on the device's stream."""
+
+    def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = 2):
+        from orcd.cuda.driver import cu, driver_module
+
+        if chunk_bytes <= 0 or n_staging < 2:
+            raise ValueError("need a positive chunk size and at least two staging buffers")
+        self.device = device
+        self.chunk = chunk_bytes
+        device.make_current()
+        drv = driver_module()
+        self._staging: list[int] = []
+        self._events = []
+        try:
+            for _ in range(n_staging):
+                self._staging.append(int(cu("cuMemHostAlloc", chunk_bytes, 0)))
+                self._events.append(cu("cuEventCreate", drv.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+        except BaseException:
+            self.close()
+            raise
+        # Host views of the pinned buffers: the file read lands here.
+        self._views = [np.ctypeslib.as_array((ctypes.c_uint8 * chunk_bytes).from_address(p))
+                       for p in self._staging]
+
+    def upload(self, src: np.ndarray, dst: int, progress: Progress | None = None) -> None:
+        """Copy ``src`` (bytes) to device address ``dst``; waits until done."""
+        self.upload_many([(src, dst)], progress)
+
+    def upload_many(self, items: Iterable[tuple[np.ndarray, int]],
+                    progress: Progress | None = None) -> int:
+        """Copy every (host bytes, device address) pair; progress runs 0 → 1
+        over the total bytes; returns the bytes copied."""
+        from orcd.cuda.driver import cu
+
+        items = [(np.asarray(s).reshape(-1).view(np.uint8), int(d)) for s, d in items]
+        total = sum(s.nbytes for s, _ in items)
+        done, slot = 0, 0
+        self.device.make_current()
+        stream = self.device.stream
+        if progress:
+            progress(0.0)
+        for src, dst in items:
+            for off, n in plan_chunks(src.nbytes, self.chunk):
+                cu("cuEventSynchronize", self._events[slot])  # staging buffer free again
+                self._views[slot][:n] = src[off:off + n]         # the file read
+                cu("cuMemcpyHtoDAsync", dst + off, self._staging[slot], n, stream)
+                cu("cuEventRecord", self._events[slot], stream)
+                slot = (slot + 1) % len(self._staging)
+                done += n
+                if progress and done < total:
+                    progress(done / total)
+        cu("cuStreamSynchronize", stream)
+        if progress:
+            progress(1.0)
+        return total
+
+    def close(self) -> None:
+        from orcd.cuda.driver import cu
+
+        if not self._staging and not self._events:
+            return
+        self.device.make_current()
+        cu("cuStreamSynchronize", self.device.stream)
+        for ev in self._events:
+            cu("cuEventDestroy", ev)
+        for p in self._staging:
+            cu("cuMemFreeHost", p)
+        self._events, self._staging, self._views = [], [], []
+
+    def __enter__(self) -> "Uploader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

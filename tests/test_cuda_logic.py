@@ -1,0 +1,284 @@
+"""The GPU layer's pure logic, on the CPU: error checking, accounting,
+chunking, progress milestones, kernel cache keys, launch validation and
+argument packing, residency classification, and import isolation."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from orcd.cuda import driver
+from orcd.cuda.device import DeviceInfo
+from orcd.cuda.launch import KernelAttrs, LaunchError, dim3, pack_arg, pack_args, validate_launch
+from orcd.cuda.memory import Allocator, DeviceBuffer, VramLedger, align_up
+from orcd.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options, cubin_path
+from orcd.cuda.residency import classify
+from orcd.cuda.upload import Milestones, plan_chunks
+from orcd.errors import CudaError, VramOom
+
+
+class FakeResult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_OUT_OF_MEMORY = 2
+
+
+# -- driver.check ---------------------------------------------------------------
+
+def test_check_unpacks_values():
+    ok = FakeResult.CUDA_SUCCESS
+    assert driver.check((ok,), "cuInit", ok) is None
+    assert driver.check((ok, 7), "cuDeviceGetCount", ok) == 7
+    assert driver.check((ok, 1, 2), "cuMemGetInfo", ok) == (1, 2)
+
+
+def test_check_raises_with_error_name_and_call():
+    with pytest.raises(CudaError) as e:
+        driver.check((FakeResult.CUDA_ERROR_OUT_OF_MEMORY, None), "cuMemAlloc", FakeResult.CUDA_SUCCESS)
+    err = e.value
+    assert err.code == "CUDA_ERROR"
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in err.message and "cuMemAlloc" in err.message
+    assert err.details == {"cuda_error": "CUDA_ERROR_OUT_OF_MEMORY", "call": "cuMemAlloc"}
+    assert driver.is_oom(err)
+
+
+def test_importing_orcd_and_the_gpu_layer_touches_no_cuda():
+    # Any import of cuda.*, cupy, nvmath or torch fails in this interpreter.
+    code = textwrap.dedent("""
+        import importlib, sys
+        class Forbid:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("cuda", "cupy", "nvmath", "torch"):
+                    raise ImportError("forbidden at import time: " + name)
+        sys.meta_path.insert(0, Forbid())
+        import orcd, orcd.vram
+        for m in ("driver", "device", "memory", "upload", "nvrtc", "launch", "graph",
+                  "residency", "blas"):
+            importlib.import_module("orcd.cuda." + m)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- accounting -------------------------------------------------------------------
+
+class FakeHeap(Allocator):
+    """Allocator over a fake heap of ``capacity`` bytes (the driver's OOM)."""
+
+    def __init__(self, capacity: int, budget: int | None = None) -> None:
+        super().__init__(budget)
+        self.capacity, self.live, self.next = capacity, {}, 0x10000
+
+    def _raw_alloc(self, size, purpose):
+        used = sum(self.live.values())
+        if used + size > self.capacity:
+            raise VramOom("fake OOM", requested=size, available=self.capacity - used)
+        ptr, self.next = self.next, self.next + size
+        self.live[ptr] = size
+        return ptr
+
+    def _raw_free(self, ptr):
+        del self.live[ptr]
+
+
+def test_align_up():
+    assert [align_up(n) for n in (1, 255, 256, 257, 512)] == [256, 256, 256, 512, 512]
+
+
+def test_usage_by_purpose_counts_aligned_bytes():
+    heap = FakeHeap(1 << 20)
+    w = heap.alloc(1000, "weights")
+    k = heap.alloc(256, "kv_cache")
+    assert w == DeviceBuffer(w.ptr, 1000, "weights")
+    usage = heap.usage()
+    assert usage["weights"] == 1024 and usage["kv_cache"] == 256 and usage["scratch"] == 0
+    heap.free(w)
+    assert heap.usage()["weights"] == 0 and heap.ledger.total == 256
+    heap.free(k)
+    assert heap.live == {}
+
+
+def test_budget_refuses_before_touching_the_heap():
+    heap = FakeHeap(1 << 30, budget=4096)
+    heap.alloc(3000, "weights")  # 3072
+    with pytest.raises(VramOom) as e:
+        heap.alloc(2000, "scratch")  # 2048 > 1024 left
+    assert e.value.details["requested"] == 2048
+    assert e.value.details["available"] == 1024
+    assert len(heap.live) == 1
+
+
+def test_transaction_rolls_back_partial_allocations():
+    heap = FakeHeap(10_000)
+    keep = heap.alloc(2048, "weights")
+    with pytest.raises(VramOom):
+        with heap.transaction() as tx:
+            tx.alloc(4096, "kv_cache")
+            tx.alloc(2048, "scratch")
+            tx.alloc(4096, "scratch")  # the heap has 1808 bytes left
+    assert heap.live == {keep.ptr: 2048}
+    assert heap.usage()["kv_cache"] == 0 and heap.usage()["scratch"] == 0
+    # The worker keeps serving: a request that fits now succeeds.
+    bufs = heap.alloc_all([(1024, "kv_cache"), (512, "scratch")])
+    assert [b.purpose for b in bufs] == ["kv_cache", "scratch"]
+    assert heap.ledger.total == 2048 + 1024 + 512
+
+
+def test_free_all_by_purpose_and_bad_free():
+    heap = FakeHeap(1 << 20)
+    heap.alloc(100, "weights")
+    s = heap.alloc(100, "scratch")
+    heap.free_all("scratch")
+    assert heap.usage()["scratch"] == 0 and heap.usage()["weights"] == 256
+    with pytest.raises(ValueError):
+        heap.free(s)
+    with pytest.raises(ValueError):
+        heap.alloc(0, "scratch")
+
+
+def test_ledger_rejects_double_record():
+    led = VramLedger()
+    led.record(0x100, 256, "weights")
+    with pytest.raises(ValueError):
+        led.record(0x100, 256, "weights")
+
+
+# -- chunking and progress -------------------------------------------------------
+
+@pytest.mark.parametrize("nbytes,chunk", [(0, 4), (1, 4), (8, 4), (9, 4), (10_000_003, 1 << 20)])
+def test_chunks_tile_the_range(nbytes, chunk):
+    pieces = list(plan_chunks(nbytes, chunk))
+    assert sum(n for _, n in pieces) == nbytes
+    assert all(0 < n <= chunk for _, n in pieces)
+    assert [o for o, _ in pieces] == list(range(0, nbytes, chunk))
+
+
+def test_chunk_size_must_be_positive():
+    with pytest.raises(ValueError):
+        list(plan_chunks(10, 0))
+
+
+def test_milestones_emit_each_step_once_in_order():
+    seen = []
+    m = Milestones(seen.append)
+    for f in (0.0, 0.1, 0.6, 0.6, 0.74, 0.99, 1.0, 1.0):
+        m(f)
+    assert seen == [0, 25, 50, 75, 100]
+    seen2 = []
+    m2 = Milestones(seen2.append)
+    m2(0.999)
+    assert seen2 == [0, 25, 50, 75]
+
+
+# -- NVRTC cache keys ------------------------------------------------------------
+
+SRC = KernelSource("k.cu", "extern \"C\" __global__ void k() {}", {"a.cuh": "#define A 1"})
+
+
+def test_cache_key_is_stable_and_sensitive():
+    opts = compile_options("sm_90", ["-DX=1"])
+    key = cache_key(SRC, opts, "sm_90", (13, 0))
+    assert key == cache_key(KernelSource(SRC.name, SRC.source, dict(SRC.headers)), opts, "sm_90", (13, 0))
+    variants = [
+        cache_key(KernelSource("k.cu", SRC.source + " ", SRC.headers), opts, "sm_90", (13, 0)),
+        cache_key(KernelSource("k.cu", SRC.source, {"a.cuh": "#define A 2"}), opts, "sm_90", (13, 0)),
+        cache_key(KernelSource("k.cu", SRC.source, {"b.cuh": "#define A 1"}), opts, "sm_90", (13, 0)),
+        cache_key(SRC, compile_options("sm_90", ["-DX=2"]), "sm_90", (13, 0)),
+        cache_key(SRC, opts, "sm_89", (13, 0)),
+        cache_key(SRC, opts, "sm_90", (13, 1)),
+    ]
+    assert len({key, *variants}) == 1 + len(variants)
+
+
+def test_cache_key_has_no_ambiguous_concatenation():
+    a = KernelSource("k.cu", "ab", {"c": "d"})
+    b = KernelSource("k.cu", "a", {"bc": "d"})
+    assert cache_key(a, [], "sm_90", (13, 0)) != cache_key(b, [], "sm_90", (13, 0))
+
+
+def test_compile_options_put_the_architecture_first():
+    opts = compile_options("sm_90", ["-DX=1"])
+    assert opts[0] == "--gpu-architecture=sm_90" and opts[-1] == "-DX=1"
+
+
+def test_cache_root_precedence(tmp_path):
+    assert cache_root({"ORCD_CACHE_DIR": "/a", "XDG_CACHE_HOME": "/b"}) == __import__("pathlib").Path("/a")
+    assert str(cache_root({"XDG_CACHE_HOME": "/b"})) == "/b/orcd"
+    assert str(cache_root({})).endswith(".cache/orcd")
+    p = cubin_path(tmp_path, SRC, "f" * 64, "sm_90")
+    assert p.parent == tmp_path and p.name.startswith("k-sm_90-") and p.suffix == ".cubin"
+
+
+def test_kernel_source_from_package_reads_shipped_kernels():
+    src = KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu")
+    assert 'extern "C" __global__ void gemm_f16_simt' in src.source
+
+
+# -- launch validation and argument packing ---------------------------------------
+
+INFO = DeviceInfo(index=0, name="fake", compute_capability=(9, 0), total_bytes=1 << 36, sm_count=132,
+                  l2_bytes=50 << 20, max_threads_per_block=1024, max_block_dim=(1024, 1024, 64),
+                  max_grid_dim=(2**31 - 1, 65535, 65535), max_shared_per_block=48 << 10,
+                  max_shared_per_block_optin=227 << 10)
+ATTRS = KernelAttrs(max_threads_per_block=512, static_shared=4096, num_regs=128)
+
+
+def test_dim3_normalises_and_rejects():
+    assert dim3(5, "grid") == (5, 1, 1)
+    assert dim3((2, 3), "grid") == (2, 3, 1)
+    with pytest.raises(LaunchError):
+        dim3((1, 2, 3, 4), "grid")
+    with pytest.raises(LaunchError):
+        dim3(2.0, "grid")
+
+
+def test_valid_launch_passes():
+    validate_launch("k", (100, 1, 1), (512, 1, 1), 100 << 10, INFO, ATTRS)
+
+
+@pytest.mark.parametrize("grid,block,shared,needle", [
+    ((0, 1, 1), (32, 1, 1), 0, "grid.x=0"),
+    ((1, 70000, 1), (32, 1, 1), 0, "grid.y=70000"),
+    ((1, 1, 1), (32, 1, 65), 0, "block.z=65"),
+    ((1, 1, 1), (32, 32, 1), 0, "1024 threads exceeds this kernel's limit of 512"),
+    ((1, 1, 1), (32, 1, 1), 227 << 10, "shared"),
+    ((1, 1, 1), (32, 1, 1), -1, "negative shared"),
+])
+def test_invalid_launches_name_the_problem(grid, block, shared, needle):
+    with pytest.raises(LaunchError) as e:
+        validate_launch("my_kernel", grid, block, shared, INFO, ATTRS)
+    assert needle in e.value.message and "my_kernel" in e.value.message
+    assert e.value.code == "CUDA_ERROR"
+
+
+def test_pack_args_types_and_bytes():
+    buf = DeviceBuffer(0xDEAD0000, 10, "scratch")
+    values, addrs = pack_args([buf, np.uint64(0x1234), 7, -1.5, np.int64(1 << 40), np.float16(2.0)])
+    assert [v.dtype for v in values] == [np.uint64, np.uint64, np.int32, np.float32, np.int64, np.float16]
+    assert ctypes.c_uint64.from_address(int(addrs[0])).value == 0xDEAD0000
+    assert ctypes.c_int32.from_address(int(addrs[2])).value == 7
+    assert ctypes.c_float.from_address(int(addrs[3])).value == -1.5
+    assert ctypes.c_int64.from_address(int(addrs[4])).value == 1 << 40
+
+
+@pytest.mark.parametrize("bad", [True, 1 << 31, "x", None])
+def test_pack_arg_rejects_ambiguous_values(bad):
+    with pytest.raises(LaunchError):
+        pack_arg(bad)
+
+
+# -- residency -------------------------------------------------------------------
+
+def test_residency_classification():
+    assert classify("w", 2, False, None) is None
+    assert "host" in classify("w", 1, False, 0x1000)
+    assert "managed" in classify("w", 2, True, None)
+    assert "host address" in classify("w", 2, False, 0x1000)
+    assert "not a CUDA allocation" in classify("w", None, False, None)
