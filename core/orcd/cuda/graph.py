@@ -65,7 +65,7 @@ def capture(device: "CudaDevice", record: Callable[[], None]) -> CudaGraph:
         raise
     graph = cu("cuStreamEndCapture", stream)
     try:
-        exec_ = cu("cuGraphInstantiateWithFlags", graph, 0)
+        exec_ = cu("cuGraphInstantiate", graph, 0)
     except CudaError:
         cu("cuGraphDestroy", graph)
         raise
