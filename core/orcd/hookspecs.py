@@ -64,8 +64,10 @@ def orcd_output_parser(arch: str, tokenizer: Tokenizer) -> Any | None:
     """Return a factory of streaming output parsers for architecture ``arch``,
     or None.
 
-    A parser turns generated text into (channel, text) pieces, e.g. GPT-OSS's
-    harmony format into ``reasoning_content`` and ``content``. It is called
+    ``tokenizer`` is the loaded model's tokenizer (e.g. to look up the ids of
+    special tokens the parser watches for). A parser turns generated text into
+    (channel, text) pieces, e.g. GPT-OSS's harmony format into
+    ``reasoning_content`` and ``content``. It is called
     with each new text piece via ``feed(text) -> list[tuple[str, str]]`` and
     ``finish() -> list[tuple[str, str]]``; channel is ``"content"`` or
     ``"reasoning"``. Malformed input must degrade to plain content, never raise.

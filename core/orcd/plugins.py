@@ -25,6 +25,11 @@ from orcd.quant import FormatTable, QuantFormat
 ENTRY_POINT_GROUP = "orcd"
 BLOCK_ENV = "ORCD_BLOCK_PLUGINS"
 BUILTIN_PLUGINS: tuple[str, ...] = ("orcd.quant.builtin",)
+#: First-party distributions, so "unknown architecture" can name the package to install.
+KNOWN_DISTRIBUTIONS = {"qwen2": "orcd-plugin-qwen", "phi3": "orcd-plugin-phi3",
+                       "gpt-oss": "orcd-plugin-gpt-oss"}
+#: Hooks that return rows collected into the host's tables (called once, no arguments).
+TABLE_HOOKS = ("orcd_architectures", "orcd_quant_formats", "orcd_synth_presets")
 
 
 class PluginError(OrcdError):
@@ -51,6 +56,7 @@ class PluginHost:
         if blocked is None:
             blocked = [b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()]
         self.blocked = set(blocked)
+        self.skipped: list[str] = []  # installed plugins that ``blocked`` kept out
         self.infos: dict[str, PluginInfo] = {}
         for modname in builtins:
             self.register(importlib.import_module(modname), name=modname.rsplit(".", 1)[-1],
@@ -59,27 +65,34 @@ class PluginHost:
             self._load_entry_points()
         for obj in extra:
             self.register(obj, name=getattr(obj, "__name__", type(obj).__name__))
+        try:  # a hookimpl whose name matches no hookspec (a typo) would be silently ignored
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin {self._owner(e.plugin)!r}: {_one_line(e)}") from None
         self._collect()
 
     # -- registration -------------------------------------------------------
     def register(self, plugin: Any, *, name: str, version: str = "0", builtin: bool = False) -> None:
         if name in self.blocked:
+            self.skipped.append(name)
             return
-        api = getattr(plugin, "ORCD_PLUGIN_API", None)
-        if api != PLUGIN_API_VERSION:
-            raise PluginError(
-                f"plugin {name!r} targets orcd plugin API {api!r}, but this orcd "
-                f"provides API {PLUGIN_API_VERSION}; upgrade the plugin or orcd "
-                f"(plugins declare ORCD_PLUGIN_API = {PLUGIN_API_VERSION})")
+        _check_api(plugin, name)
         if self.pm.get_plugin(name) is not None:
             raise PluginError(f"two plugins are both named {name!r}")
-        self.pm.register(plugin, name=name)
+        if self.pm.is_registered(plugin):
+            raise PluginError(f"plugin {name!r} is the same object as plugin "
+                              f"{self.pm.get_name(plugin)!r}; register it once")
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:  # a hookimpl with the wrong arguments
+            raise PluginError(f"plugin {name!r} is invalid: {_one_line(e)}") from None
         module = getattr(plugin, "__name__", type(plugin).__name__)
         self.infos[name] = PluginInfo(name, version, module, builtin)
 
     def _load_entry_points(self) -> None:
         for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in self.blocked:
+                self.skipped.append(ep.name)
                 continue
             try:
                 plugin = ep.load()
@@ -98,8 +111,18 @@ class PluginHost:
         out = []
         hook = getattr(self.pm.hook, hook_name)
         for impl in hook.get_hookimpls():
-            items = impl.function() or []
-            out.extend((self._owner(impl.plugin), item) for item in items)
+            owner = self._owner(impl.plugin)
+            try:
+                items = impl.function()
+            except Exception as e:  # loud, and naming the plugin that broke
+                raise PluginError(f"plugin {owner!r}: hook {hook_name} failed: "
+                                  f"{type(e).__name__}: {e}") from e
+            if items is None:
+                continue
+            if not isinstance(items, (list, tuple)):
+                raise PluginError(f"plugin {owner!r}: hook {hook_name} must return a list, "
+                                  f"got {type(items).__name__}")
+            out.extend((owner, item) for item in items)
         return out
 
     def _collect(self) -> None:
@@ -123,8 +146,11 @@ class PluginHost:
         for owner, preset in self._gather("orcd_synth_presets"):
             _claim(self.synth_presets, preset_owners, preset.name, owner, "synth preset", lambda p=preset: p)
             self.infos[owner].provides.setdefault("synth_presets", []).append(preset.name)
-        for impl in self.pm.hook.orcd_tokenizer.get_hookimpls():
-            self.infos[self._owner(impl.plugin)].provides.setdefault("tokenizer", []).append("yes")
+        for hook_name in sorted(self.pm.hook.__dict__):  # the per-call hooks, e.g. orcd_tokenizer
+            if hook_name in TABLE_HOOKS:
+                continue
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                self.infos[self._owner(impl.plugin)].provides.setdefault("hooks", []).append(hook_name)
 
     def architecture(self, name: str, source: str = "model") -> ArchSpec:
         """The ArchSpec for ``general.architecture == name`` or a clear error."""
@@ -132,11 +158,13 @@ class PluginHost:
             return self.architectures[name]
         except KeyError:
             installed = ", ".join(sorted(self.architectures)) or "none"
-            hint = name.replace("_", "-").replace(".", "-")
+            dist = KNOWN_DISTRIBUTIONS.get(name, "orcd-plugin-" + name.replace("_", "-").replace(".", "-"))
+            blocked = (f"; {BLOCK_ENV} keeps out installed plugin(s) {', '.join(self.skipped)}"
+                       if self.skipped else "")
             raise ModelLoadFailed(
                 f"{source}: architecture {name!r} is not supported by any installed plugin "
                 f"(installed architectures: {installed}); install a plugin that provides it, "
-                f"e.g. `pip install orcd-plugin-{hint}`") from None
+                f"e.g. `pip install {dist}`{blocked}") from None
 
     def tokenizer(self, model: Any, tokenizer_path: Any = None) -> Any:
         tok = self.pm.hook.orcd_tokenizer(model=model, tokenizer_path=tokenizer_path)
@@ -151,6 +179,24 @@ class PluginHost:
 
     def plugins(self) -> list[PluginInfo]:
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
+
+
+def _check_api(plugin: Any, name: str) -> None:
+    """Refuse a plugin written against another plugin API major version."""
+    if not hasattr(plugin, "ORCD_PLUGIN_API"):
+        raise PluginError(
+            f"plugin {name!r} does not declare ORCD_PLUGIN_API; a plugin must set "
+            f"ORCD_PLUGIN_API = {PLUGIN_API_VERSION} (the orcd plugin API it targets)")
+    api = plugin.ORCD_PLUGIN_API
+    if type(api) is not int or api != PLUGIN_API_VERSION:  # type(): True == 1 must not pass
+        raise PluginError(
+            f"plugin {name!r} targets orcd plugin API {api!r}, but this orcd "
+            f"provides API {PLUGIN_API_VERSION}; install a version of the plugin built for it "
+            f"(ORCD_PLUGIN_API = {PLUGIN_API_VERSION}) or an orcd that provides API {api!r}")
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _claim(table: dict, owners: dict, key: str, owner: str, what: str, make) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from orcd import PLUGIN_API_VERSION
-from orcd.plugins import PluginHost
+from orcd.plugins import BLOCK_ENV, PluginHost
 
 NAME = "plugins"
 HELP = "list installed plugins, their versions and what each provides"
@@ -27,4 +27,6 @@ def run(args) -> int:
         print(f"{info.name} {info.version} ({kind}, {info.module})")
         for what, items in sorted(info.provides.items()):
             print(f"  {what}: {', '.join(items)}")
+    if host.skipped:
+        print(f"blocked by {BLOCK_ENV}: {', '.join(host.skipped)}")
     return 0
