@@ -163,27 +163,28 @@ def synthesize(host: Any, preset_name: str, path: str | Path, seed: int = 0,
         from tqdm import tqdm
         bar = tqdm(total=sum(t.n_bytes for t in tensors), unit="B", unit_scale=True,
                    desc=f"synth {preset.name}")
+    # written under a temporary name: a half-written file never carries the real one
     tmp = path.with_name(path.name + ".partial")
-    writer = _start_writer(preset, tensors, tmp)
     try:
-        for t in tensors:
-            writer.write_tensor_data(_LazyTensor(host, t, seed, bar))
+        writer = _start_writer(preset, tensors, tmp)
+        try:
+            for t in tensors:
+                writer.write_tensor_data(_LazyTensor(host, t, seed, bar))
+        finally:
+            writer.close()
+        tmp.replace(path)
     finally:
-        writer.close()
+        tmp.unlink(missing_ok=True)
         if bar is not None:
             bar.close()
-    tmp.replace(path)  # never leave a half-written file under the real name
     return path
 
 
 def _start_writer(preset: SynthPreset, tensors: list[PlannedTensor], path: Path):
     """A GGUFWriter with header, metadata and tensor infos written; the
     tensor data is to follow in ``tensors`` order."""
-    import logging
-
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writer = GGUFWriter(path, preset.arch)
     writer.add_type("model")
     writer.add_name(f"orcd synthetic {preset.name}")
