@@ -5,8 +5,6 @@ Random data is fresh every run; the seed is in every failure message.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from gguf import quants as gq
@@ -246,23 +244,12 @@ def test_random_mxfp4_scale_bytes_near_typical_weights(rng):
 
 # -- the real model ------------------------------------------------------------------------
 
-@pytest.fixture
-def qwen_path(request) -> Path:
-    try:
-        return request.getfixturevalue("real_qwen")
-    except ImportError:  # orcd.pull is not written yet: use the file if it is already here
-        path = Path("/tmp/models/qwen.gguf")
-        if not path.is_file():
-            pytest.skip("real Qwen model not available")
-        return path
-
-
 @pytest.mark.slow
-def test_real_qwen_tensors_dequantize_bit_exactly(qwen_path):
+def test_real_qwen_tensors_dequantize_bit_exactly(real_qwen):
     """The smallest tensor of every type in the real file dequantizes exactly as gguf-py does."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(qwen_path, "r")
+    reader = GGUFReader(real_qwen, "r")
     smallest = {}
     for t in reader.tensors:
         if t.tensor_type.name not in smallest or t.n_bytes < smallest[t.tensor_type.name].n_bytes:
