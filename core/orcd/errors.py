@@ -75,3 +75,26 @@ class InternalError(OrcdError):
 ERROR_CODES = tuple(cls.code for cls in (
     InvalidRequest, ModelLoadFailed, InsufficientVram, VramOom, CudaError,
     InferenceTimeout, Cancelled, InternalError))
+
+
+# -- the worker's admission errors (HTTP only; added for orcd serve) ---------
+
+class Unavailable(OrcdError):
+    """Loading, shutting down, or the job queue is full: try again later."""
+
+    code = "UNAVAILABLE"
+    http_status = 503
+    retriable = True
+
+
+class DuplicateJob(OrcdError):
+    code = "DUPLICATE_JOB"
+    http_status = 409
+
+
+class Unauthorized(OrcdError):
+    code = "UNAUTHORIZED"
+    http_status = 401
+
+
+ERROR_CODES = ERROR_CODES + tuple(cls.code for cls in (Unavailable, DuplicateJob, Unauthorized))

@@ -1,0 +1,290 @@
+"""The FastAPI app: /execute (SSE), /cancel, /health, /metrics, /shutdown and
+the OpenAI-compatible /v1 routes.
+
+Startup: the HTTP server comes up at once and the model loads on a
+background thread, so /health can say "loading" (every other endpoint answers
+503 meanwhile, as llama-server does). Shutdown (POST /shutdown, or SIGTERM /
+SIGINT through ``orcd serve``): new work gets 503, the running job may finish
+within ``shutdown_deadline_s`` and is then cancelled, the model is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import urllib.request
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from orcd.errors import InvalidRequest, OrcdError, Unauthorized, Unavailable
+from orcd.server.http import error_response, read_body
+from orcd.server.narration import LoadProgress, Narrator
+from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
+from orcd.server.sse import SSEResponse, sse_event
+from orcd.server.state import ServerConfig, ServerState
+from orcd.server.worker import Worker
+
+Loader = Callable[[ServerConfig, Callable[[float], None]], Any]
+
+
+def load_for_serving(config: ServerConfig, progress: Callable[[float], None]):
+    """The default loader: the shared loading path, then the KV-cache budget."""
+    from orcd.load import load_model
+    from orcd.plugins import PluginHost
+    lm = load_model(config.model_path, host=PluginHost(), device=config.device,
+                    n_ctx=config.ctx_size, progress=progress)
+    if config.kv_cache_mb is not None:
+        try:
+            lm.n_ctx = kv_budget_ctx(lm.hp, lm.n_ctx, config.kv_cache_mb)
+        except BaseException:
+            lm.close()
+            raise
+    return lm
+
+
+def kv_budget_ctx(hp, n_ctx: int, kv_cache_mb: int) -> int:
+    """The context that fits ``kv_cache_mb`` of fp16 K and V (both backends'
+    cache type): 2 bytes × (head_dim + head_dim_v) × n_head_kv × n_layer a token."""
+    head_dim_v = hp.get("head_dim_v") or hp.head_dim
+    per_token = 2 * (hp.head_dim + head_dim_v) * hp.n_head_kv * hp.n_layer
+    fits = kv_cache_mb * (1 << 20) // per_token
+    if fits < 16:
+        raise InvalidRequest(f"--kv-cache-size-mb {kv_cache_mb} holds only {fits} tokens of "
+                             f"this model's KV cache ({per_token} bytes a token)",
+                             field="kv_cache_size_mb")
+    return min(n_ctx, fits)
+
+
+class Gate:
+    """Pure ASGI middleware (it must not buffer SSE): bearer auth and the
+    loading gate for every endpoint but /health."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        err = self._refuse(scope)
+        if err is not None:
+            return await error_response(err, scope["path"])(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refuse(self, scope) -> OrcdError | None:
+        key = self.state.config.api_key
+        if key:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                       key.encode()):
+                return Unauthorized("missing or wrong bearer token")
+        if self.state.status == "loading":
+            return Unavailable("the model is loading")
+        return None
+
+
+def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
+               loader: Loader = load_for_serving) -> FastAPI:
+    narrator = narrator or Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
+                                    gpu_device=config.device, log_prompts=config.log_prompts)
+    state = ServerState(config, narrator)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        narrator.event("startup", device=config.device, queue_size=config.queue_size,
+                       ctx_size=config.ctx_size, max_tokens_out=config.max_tokens_out,
+                       inference_timeout_s=config.inference_timeout_s,
+                       auth=bool(config.api_key))
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_load, args=(state, loader, loop), name="orcd-load",
+                         daemon=True).start()
+        yield
+        await asyncio.to_thread(_free, state)
+
+    app = FastAPI(title="orcd", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.orcd = state
+    app.add_middleware(Gate, state=state)
+
+    @app.exception_handler(OrcdError)
+    async def _orcd_error(request: Request, err: OrcdError):
+        return error_response(err, request.url.path)
+
+    @app.get("/health")
+    async def health():
+        return state.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.post("/execute")
+    async def execute(request: Request):
+        req: ExecuteRequest = parse(ExecuteRequest, await read_body(request,
+                                                                   config.max_body_bytes))
+        state.require_ready()
+        sampling = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                  seed=req.seed)
+        ids = await state.encode(req.prompt)
+        stream = state.submit(req.job_id, ids, max_tokens=req.max_tokens, sampling=sampling,
+                              stop=req.stop, prompt_text=req.prompt)
+        return SSEResponse(_execute_frames(stream, config.model_ref, sampling.seed),
+                           on_disconnect=stream.cancel)
+
+    @app.post("/cancel", status_code=202)
+    async def cancel(request: Request):
+        req: CancelRequest = parse(CancelRequest, await read_body(request, config.max_body_bytes))
+        if state.worker is None:
+            state.require_ready()
+        status = state.worker.cancel(req.job_id)
+        return {"job_id": req.job_id, "status": status}
+
+    @app.post("/shutdown", status_code=202)
+    async def shutdown():
+        begin_shutdown(state, "request")
+        return {"status": "shutting_down",
+                "deadline_s": config.shutdown_deadline_s}
+
+    from orcd.server.openai_api import router
+    app.include_router(router(state))
+    return app
+
+
+async def _execute_frames(stream, model: str, seed: int):
+    i = 0
+    try:
+        async for kind, payload in stream.events():
+            if kind == "started":
+                yield sse_event("started", {"job_id": stream.job_id, "model": model,
+                                            "started_at": payload["started_at"], "seed": seed})
+            elif kind == "token":
+                yield sse_event("token", {"t": payload.text, "i": i})
+                i += 1
+            elif kind == "end":
+                yield sse_event("end", {"tokens_out": payload.tokens_out,
+                                        "decode_time_ms": round(payload.decode_time_ms, 3),
+                                        "stop_reason": payload.stop_reason,
+                                        "prompt_tokens": payload.prompt_tokens,
+                                        "ttft_ms": round(payload.ttft_ms, 3)})
+            else:
+                err = payload.to_dict()
+                err.pop("field", None)
+                yield sse_event("error", err)
+    finally:
+        stream.cancel()
+
+
+# -- lifecycle -----------------------------------------------------------------
+
+def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -> None:
+    cfg, narr = state.config, state.narrator
+    narr.event("model_load_start", path=cfg.model_path, device=cfg.device)
+    t0 = time.monotonic()
+    progress = LoadProgress(narr)
+    try:
+        lm = loader(cfg, progress)
+        progress.finish()
+        from orcd.chat import ChatTemplate
+        from orcd.engine import Engine
+        state.loaded, state.engine = lm, Engine(lm)
+        state.chat_template = ChatTemplate.for_tokenizer(lm.tokenizer)
+        state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
+                              narrator=narr, idle_task=lambda: _refresh_device_state(state))
+        _refresh_device_state(state)
+        state.health_cache.update(_model_facts(state))
+        state.worker.start()
+    except BaseException as e:
+        state.load_error = e
+        state.status = "unhealthy"
+        err = e if isinstance(e, OrcdError) else None
+        narr.event("error", where="model_load", code=getattr(err, "code", "MODEL_LOAD_FAILED"),
+                   message=str(e) if err is None else err.message)
+        loop.call_soon_threadsafe(state.request_exit)
+        return
+    narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
+               weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
+               arch=lm.arch.name)
+    state.status = "healthy"
+    narr.event("ready", url=cfg.public_url)
+    if cfg.callback_url:
+        _callback(state)
+
+
+def _model_facts(state: ServerState) -> dict[str, Any]:
+    lm = state.loaded
+    backend = lm.backend
+    return {"resident": True, "quant_kind": lm.quant_kind,
+            "tokenizer_kind": getattr(lm.tokenizer, "kind", None),
+            "vocab_size": lm.hp.n_vocab, "context_length": lm.n_ctx,
+            "sm": getattr(backend, "sm", None),
+            "cuda_runtime_version": getattr(backend, "cuda_runtime_version", None)}
+
+
+def _refresh_device_state(state: ServerState) -> None:
+    """On the inference thread between jobs: memory by purpose and, where the
+    backend offers one, the residency check. /health reads only the cache."""
+    backend = state.loaded.backend
+    usage = dict(backend.memory_usage() or {})
+    state.metrics.set_memory(usage)
+    state.health_cache["vram_bytes_used"] = int(sum(usage.values()))
+    check = getattr(backend, "check_residency", None)
+    if check is not None and not check():
+        state.metrics.residency_failures.inc()
+        state.health_cache["resident"] = False
+        state.status = "unhealthy"
+        state.narrator.event("residency_check_failed")
+
+
+def _callback(state: ServerState) -> None:
+    cfg = state.config
+    body = json.dumps({"worker_id": cfg.worker_id, "model": cfg.model_ref,
+                       "vram_bytes": state.health_cache.get("vram_bytes_used", 0),
+                       "url": cfg.public_url}).encode()
+    req = urllib.request.Request(cfg.callback_url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            state.narrator.event("ready", callback_url=cfg.callback_url, callback_status=r.status)
+    except Exception as e:  # the worker serves regardless; the operator sees why
+        state.narrator.event("error", where="callback", callback_url=cfg.callback_url,
+                             message=f"{type(e).__name__}: {e}")
+
+
+def begin_shutdown(state: ServerState, reason: str) -> None:
+    """Stop accepting; drain (on the event loop) and then ask to exit. Idempotent."""
+    if state.shutdown_task is not None:
+        return
+    state.accepting = False
+    state.narrator.event("shutdown", phase="begin", reason=reason,
+                         running_job=state.worker.running_job_id if state.worker else None)
+    state.shutdown_task = asyncio.get_running_loop().create_task(_drain(state))
+
+
+async def _drain(state: ServerState) -> None:
+    worker, deadline = state.worker, state.config.shutdown_deadline_s
+    if worker is not None:
+        worker.cancel_queued()   # only the running job is allowed to finish
+        finished = await asyncio.to_thread(worker.wait_idle, deadline)
+        if not finished:
+            state.narrator.event("shutdown", phase="cancel", job_id=worker.running_job_id,
+                                 deadline_s=deadline)
+            worker.cancel_all()
+            await asyncio.to_thread(worker.wait_idle, 5.0)
+    await asyncio.sleep(0.05)   # let the last SSE frames go out before connections close
+    state.request_exit()
+
+
+def _free(state: ServerState) -> None:
+    if state.worker is not None:
+        state.worker.stop()
+    if state.loaded is not None:
+        state.loaded.close()
+        state.loaded = state.engine = None
+    state.narrator.event("shutdown", phase="done")

@@ -1,0 +1,123 @@
+"""Request bodies. /execute is strict (wrong types and unknown fields are
+errors); the OpenAI endpoints are lenient like OpenAI's own (unknown fields
+are ignored, so newer clients keep working)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orcd.errors import InvalidRequest
+
+MAX_PROMPT_CHARS = 32_768
+MAX_TOKENS_LIMIT = 2048
+MAX_STOPS = 4
+MAX_STOP_TOKENS = 32
+UINT64_MAX = 2**64 - 1
+
+
+def _check_stops(v: list[str]) -> list[str]:
+    if len(v) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings")
+    if any(s == "" for s in v):
+        raise ValueError("stop strings must not be empty")
+    return v
+
+
+class ExecuteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    job_id: str = Field(min_length=1, max_length=256)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)          # upper bound (vocab size) checked by the app
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: list[str]) -> list[str]:
+        return _check_stops(v)
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("job_id must not be blank")
+        return v
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    job_id: str = Field(min_length=1, max_length=256)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
+    # llama-server extensions
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
+
+    def stops(self) -> list[str]:
+        v = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return _check_stops(v)
+        except ValueError as e:
+            raise InvalidRequest(str(e), field="stop") from None
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: Union[str, list[str], list[int]]
+    max_tokens: Optional[int] = Field(default=16, ge=1)   # OpenAI's default for completions
+    echo: bool = False
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[str] = None
+    tools: Optional[list[dict[str, Any]]] = None
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """Bytes -> a validated model, or InvalidRequest naming the first bad field."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        where = f"{field}: " if field else ""
+        kind = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InvalidRequest(f"{where}{kind}", field=field) from None
+
+
+__all__ = ["ExecuteRequest", "CancelRequest", "CompletionRequest", "ChatCompletionRequest",
+           "parse"]

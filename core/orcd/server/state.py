@@ -1,0 +1,169 @@
+"""What the endpoints share: the configuration, the loaded model, the worker,
+and the path from a validated request to a queued job whose events arrive on
+the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from orcd.engine import GenerateRequest
+from orcd.errors import InvalidRequest, Unavailable
+from orcd.ops.sampling import SamplingParams
+from orcd.server.metrics import Metrics
+from orcd.server.narration import Narrator
+from orcd.server.schemas import MAX_STOP_TOKENS
+from orcd.server.worker import Job, Worker
+
+
+@dataclass
+class ServerConfig:
+    model_path: str
+    model_ref: str                      # the name the operator gave (reported as "model")
+    worker_id: str
+    device: str = "cpu"                 # "cpu" or "cuda:N"
+    ctx_size: int | None = None
+    max_tokens_out: int = 2048
+    inference_timeout_s: float = 300.0
+    kv_cache_mb: int | None = None
+    queue_size: int = 16
+    callback_url: str | None = None
+    api_key: str | None = None
+    log_prompts: bool = False
+    shutdown_deadline_s: float = 5.0
+    max_body_bytes: int = 1 << 20
+    public_url: str | None = None       # where this worker is reachable (for the callback)
+
+    @property
+    def health_device(self) -> str:
+        return "cpu-reference" if self.device == "cpu" else self.device
+
+
+class ServerState:
+    """Mutable per-app state. ``status`` moves loading → healthy (or unhealthy);
+    ``accepting`` turns False when shutdown begins."""
+
+    def __init__(self, config: ServerConfig, narrator: Narrator) -> None:
+        self.config, self.narrator = config, narrator
+        self.metrics = Metrics()
+        self.status = "loading"
+        self.accepting = True
+        self.load_error: BaseException | None = None
+        self.loaded: Any = None
+        self.engine: Any = None
+        self.worker: Worker | None = None
+        self.chat_template: Any = None
+        self.health_cache: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.request_exit: Callable[[], None] = lambda: None   # set by whoever runs uvicorn
+        self.shutdown_task: asyncio.Task | None = None
+
+    # -- cached state for /health (no device calls on the request path) --------
+    def health(self) -> dict[str, Any]:
+        cfg = self.config
+        out = {"status": self.status, "model": cfg.model_ref, "resident": False,
+               "quant_kind": None, "vram_bytes_used": 0, "tokenizer_kind": None,
+               "vocab_size": None, "context_length": None, "sm": None,
+               "cuda_runtime_version": None, "device": cfg.health_device,
+               "worker_id": cfg.worker_id}
+        out.update(self.health_cache)
+        out["uptime_seconds"] = round(time.monotonic() - self.started, 3)
+        if not self.accepting:
+            out["status"] = "unhealthy"
+            out["shutting_down"] = True
+        return out
+
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise Unavailable("the model is loading")
+        if not self.accepting:
+            raise Unavailable("the worker is shutting down")
+        if self.status != "healthy" or self.worker is None:
+            raise Unavailable(f"the worker is {self.status}")
+
+    # -- requests → jobs ----------------------------------------------------------
+    async def encode(self, text: str) -> list[int]:
+        """Raw prompt text → ids, special-token text parsed as the special token
+        (as llama-server's /completion). Off the event loop: 32k chars take a while."""
+        tok = self.loaded.tokenizer
+        return await asyncio.to_thread(tok.encode, text, add_special=True, parse_special=True)
+
+    def sampling(self, *, temperature: float, top_p: float, top_k: int, min_p: float,
+                 repetition_penalty: float, seed: int | None) -> SamplingParams:
+        vocab = self.loaded.hp.n_vocab
+        if top_k > vocab:
+            raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab}",
+                                 field="top_k")
+        if seed is None:
+            seed = secrets.randbits(64)   # reported back, so the run can be reproduced
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+
+    def check_stops(self, stops: Sequence[str]) -> None:
+        tok = self.loaded.tokenizer
+        for s in stops:
+            if len(tok.encode(s, add_special=False, parse_special=False)) > MAX_STOP_TOKENS:
+                raise InvalidRequest(f"each stop string must be at most {MAX_STOP_TOKENS} tokens",
+                                     field="stop")
+
+    def max_tokens(self, requested: int | None, n_prompt: int) -> int:
+        cap = self.config.max_tokens_out
+        if requested is None:   # as much as fits, up to the operator's cap
+            return max(1, min(cap, self.loaded.n_ctx - n_prompt))
+        if requested > cap:
+            raise InvalidRequest(f"max_tokens must be at most {cap} (--max-tokens-out)",
+                                 field="max_tokens")
+        return requested
+
+    def submit(self, job_id: str, prompt_ids: list[int], *, max_tokens: int | None,
+               sampling: SamplingParams, stop: Sequence[str], prompt_text: str | None
+               ) -> JobStream:
+        """Validate against the model, then queue. Raises InvalidRequest (400),
+        DuplicateJob (409) or Unavailable (503) before any event is sent."""
+        self.require_ready()
+        self.check_stops(stop)
+        n = self.max_tokens(max_tokens, len(prompt_ids))
+        self.engine.check(GenerateRequest(prompt_ids, n, sampling, stop))
+        stream = JobStream(job_id, asyncio.get_running_loop(), self.worker)
+        job = Job(job_id, prompt_ids, n, sampling, stream.sink, stop,
+                  timeout_s=self.config.inference_timeout_s, prompt_text=prompt_text)
+        self.worker.submit(job)
+        return stream
+
+
+class JobStream:
+    """Carries one job's events from the inference thread to the event loop."""
+
+    def __init__(self, job_id: str, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        self.job_id, self.loop, self.worker = job_id, loop, worker
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def sink(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:   # the loop is gone (shutdown): nobody is listening
+            pass
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        """(kind, payload) until and including the terminal end/error event.
+        Leaving early (disconnect, client error) cancels the job."""
+        try:
+            while True:
+                kind, payload = await self.queue.get()
+                if kind in ("end", "error"):
+                    self.finished = True
+                yield kind, payload
+                if self.finished:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.worker.cancel(self.job_id)
