@@ -4,9 +4,9 @@ orcd.cuda.upload's pinned double buffering, for a few chunk sizes.
     python3 bench/cuda_upload.py [--mib 512] [--repeat 3]
 
 The file is written just before it is read, so it sits in the page cache:
-this measures memory -> device, not the disk. The ceiling printed beside it is
-one cuMemcpyHtoD of a pinned buffer (the PCIe link's rate for this copy).
-Prints one markdown table row per chunk size.
+this measures memory -> device, not the disk. Each row is one chunk size and
+number of copy threads (each thread double-buffers); the ceiling beside it is
+one cuMemcpyHtoD from a pinned buffer (the PCIe link's rate for this copy).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunks", default="1,4,16", help="chunk sizes in MiB")
+    ap.add_argument("--threads", default="1,2,4,8", help="copy thread counts")
     args = ap.parse_args()
     nbytes = args.mib << 20
     dev = CudaDevice(0)
@@ -56,16 +57,18 @@ def main() -> None:
         ceiling = pinned_ceiling(dev, dst.ptr, 64 << 20)
         print(f"device: {dev.info.name}; {args.mib} MiB; pinned cuMemcpyHtoD ceiling "
               f"{ceiling / 1e9:.1f} GB/s")
-        print("| card | bytes | chunk | staging | GB/s (median of %d) | pinned ceiling GB/s |" % args.repeat)
-        for chunk_mib in (int(c) for c in args.chunks.split(",")):
-            rates = []
-            with Uploader(dev, chunk_bytes=chunk_mib << 20) as up:
-                for _ in range(args.repeat):
-                    t = time.perf_counter()
-                    up.upload(src, dst.ptr)
-                    rates.append(nbytes / (time.perf_counter() - t))
-            print(f"| {dev.info.name} | {nbytes} | {chunk_mib} MiB | 2 pinned | "
-                  f"{statistics.median(rates) / 1e9:.2f} | {ceiling / 1e9:.1f} |")
+        print("| card | bytes | chunk | copy threads | GB/s (median of %d) | pinned ceiling GB/s |"
+              % args.repeat)
+        for threads in (int(t) for t in args.threads.split(",")):
+            for chunk_mib in (int(c) for c in args.chunks.split(",")):
+                rates = []
+                with Uploader(dev, chunk_bytes=chunk_mib << 20, copy_threads=threads) as up:
+                    for _ in range(args.repeat):
+                        t = time.perf_counter()
+                        up.upload(src, dst.ptr)
+                        rates.append(nbytes / (time.perf_counter() - t))
+                print(f"| {dev.info.name} | {nbytes} | {chunk_mib} MiB | {threads} | "
+                      f"{statistics.median(rates) / 1e9:.2f} | {ceiling / 1e9:.1f} |")
         tail = to_host(dev, dst.ptr + nbytes - 4096, 4096)
         assert np.array_equal(tail, np.asarray(src[-4096:])), "upload corrupted the data"
     alloc.free_all()

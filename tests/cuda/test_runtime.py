@@ -156,7 +156,8 @@ def test_driver_oom_is_vram_oom(dev, alloc):
 
 # -- upload ----------------------------------------------------------------------
 
-def test_chunked_upload_round_trip(dev, alloc, tmp_path):
+@pytest.mark.parametrize("copy_threads", [1, 4])
+def test_chunked_upload_round_trip(dev, alloc, tmp_path, copy_threads):
     from orcd.cuda.memory import fill_bytes, to_host
     from orcd.cuda.upload import Milestones, Uploader
 
@@ -172,7 +173,7 @@ def test_chunked_upload_round_trip(dev, alloc, tmp_path):
         fill_bytes(dev, b.ptr, 0xA5, b.nbytes)
     fractions, percents = [], []
     milestones = Milestones(percents.append)
-    with Uploader(dev, chunk_bytes=1 << 20) as up:
+    with Uploader(dev, chunk_bytes=1 << 20, copy_threads=copy_threads) as up:
         total = up.upload_many([(s, b.ptr) for s, b in zip(srcs, bufs)],
                                lambda f: (fractions.append(f), milestones(f)))
     assert total == sum(sizes)

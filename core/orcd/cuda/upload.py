@@ -10,6 +10,8 @@ refilled. Bytes are copied as they are: weights keep their GGUF block format.
 from __future__ import annotations
 
 import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -44,22 +46,47 @@ class Milestones:
             self._emit(self._pending.pop(0))
 
 
-class Uploader:
-    """Chunked, double-buffered host-to-device copies on the device's stream."""
+class _Tally:
+    """Bytes enqueued so far, reported as a fraction below 1 (1.0 comes after the sync)."""
 
-    def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = 2):
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            if self.progress and self.done < self.total:
+                self.progress(self.done / self.total)
+
+
+class Uploader:
+    """Chunked, double-buffered host-to-device copies on the device's stream.
+
+    ``copy_threads`` > 1 splits the chunks round-robin over that many threads,
+    each with its own ``n_staging`` pinned buffers: one thread's memcpy from
+    the page cache runs at ~8 GB/s, well under the PCIe link, so several
+    threads reading at once keep the copy engine busier. Copies all go to the
+    one stream; the driver API is thread-safe."""
+
+    def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = 2,
+                 copy_threads: int = 1):
         from orcd.cuda.driver import cu, driver_module
 
-        if chunk_bytes <= 0 or n_staging < 2:
-            raise ValueError("need a positive chunk size and at least two staging buffers")
+        if chunk_bytes <= 0 or n_staging < 2 or copy_threads < 1:
+            raise ValueError("need a positive chunk size, at least two staging buffers "
+                             "and at least one copy thread")
         self.device = device
         self.chunk = chunk_bytes
+        self.copy_threads = copy_threads
+        self.n_staging = n_staging
         device.make_current()
         drv = driver_module()
         self._staging: list[int] = []
         self._events = []
+        self._views: list[np.ndarray] = []
         try:
-            for _ in range(n_staging):
+            for _ in range(n_staging * copy_threads):
                 self._staging.append(int(cu("cuMemHostAlloc", chunk_bytes, 0)))
                 self._events.append(cu("cuEventCreate", drv.CUevent_flags.CU_EVENT_DISABLE_TIMING))
         except BaseException:
@@ -76,30 +103,44 @@ class Uploader:
     def upload_many(self, items: Iterable[tuple[np.ndarray, int]],
                     progress: Progress | None = None) -> int:
         """Copy every (host bytes, device address) pair; progress runs 0 → 1
-        over the total bytes; returns the bytes copied."""
+        over the total bytes (called from the copy threads, one at a time);
+        returns the bytes copied."""
         from orcd.cuda.driver import cu
 
         items = [(np.asarray(s).reshape(-1).view(np.uint8), int(d)) for s, d in items]
-        total = sum(s.nbytes for s, _ in items)
-        done, slot = 0, 0
-        self.device.make_current()
-        stream = self.device.stream
+        jobs = [(src, dst, off, n) for src, dst in items for off, n in plan_chunks(src.nbytes, self.chunk)]
+        report = _Tally(sum(s.nbytes for s, _ in items), progress)
         if progress:
             progress(0.0)
-        for src, dst in items:
-            for off, n in plan_chunks(src.nbytes, self.chunk):
-                cu("cuEventSynchronize", self._events[slot])  # staging buffer free again
-                self._views[slot][:n] = src[off:off + n]         # the file read
-                cu("cuMemcpyHtoDAsync", dst + off, self._staging[slot], n, stream)
-                cu("cuEventRecord", self._events[slot], stream)
-                slot = (slot + 1) % len(self._staging)
-                done += n
-                if progress and done < total:
-                    progress(done / total)
-        cu("cuStreamSynchronize", stream)
+        t = self.copy_threads
+        if t == 1:
+            self._copy(jobs, list(range(self.n_staging)), report)
+        else:
+            with ThreadPoolExecutor(t, thread_name_prefix="orcd-upload") as pool:
+                lanes = [pool.submit(self._copy, jobs[i::t],
+                                     list(range(i * self.n_staging, (i + 1) * self.n_staging)), report)
+                         for i in range(t)]
+                for lane in lanes:
+                    lane.result()  # re-raises a copy thread's error here
+        self.device.make_current()
+        cu("cuStreamSynchronize", self.device.stream)
         if progress:
             progress(1.0)
-        return total
+        return report.total
+
+    def _copy(self, jobs: list, slots: list[int], report: "_Tally") -> None:
+        """Stage and enqueue ``jobs`` through the staging buffers ``slots``, in turn."""
+        from orcd.cuda.driver import cu
+
+        self.device.make_current()
+        stream = self.device.stream
+        for i, (src, dst, off, n) in enumerate(jobs):
+            slot = slots[i % len(slots)]
+            cu("cuEventSynchronize", self._events[slot])  # its previous copy is done
+            self._views[slot][:n] = src[off:off + n]         # the file read
+            cu("cuMemcpyHtoDAsync", dst + off, self._staging[slot], n, stream)
+            cu("cuEventRecord", self._events[slot], stream)
+            report.add(n)
 
     def close(self) -> None:
         from orcd.cuda.driver import cu
