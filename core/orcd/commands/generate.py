@@ -1,0 +1,117 @@
+"""``orcd generate``: one generation, streamed to the terminal.
+
+The prompt is raw text (special-token text is parsed as the special token),
+or with ``--chat`` a user message rendered through the model's chat template
+exactly as the server's /v1/chat/completions renders it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+NAME = "generate"
+HELP = "generate text from a prompt and stream it to the terminal"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, metavar="PATH|NAME", help="GGUF file or pulled model name")
+    p.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    p.add_argument("--chat", action="store_true",
+                   help="treat the prompt as a user message and apply the model's chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--device", default="cuda:0",
+                   help="cuda:N (default cuda:0) or cpu for the numpy reference backend")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random, printed)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable)")
+    p.add_argument("--ctx-size", type=int, metavar="N", help="context length (default: prompt + max tokens)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use instead of the GGUF vocabulary")
+    p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+
+
+def check_args(args) -> None:
+    from orcd.errors import InvalidRequest
+    checks = [(args.max_tokens >= 1, "--max-tokens must be at least 1"),
+              (0.0 <= args.temperature <= 2.0, "--temperature must be within 0-2"),
+              (args.top_k >= 0, "--top-k must be 0 or more"),
+              (0.0 <= args.top_p <= 1.0, "--top-p must be within 0-1"),
+              (0.0 <= args.min_p <= 1.0, "--min-p must be within 0-1"),
+              (0.0 <= args.repetition_penalty <= 2.0, "--repetition-penalty must be within 0-2"),
+              (args.seed is None or 0 <= args.seed < 2**64, "--seed must be a uint64"),
+              (args.ctx_size is None or args.ctx_size > 0, "--ctx-size must be positive"),
+              (args.device == "cpu" or args.device.startswith("cuda"),
+               "--device must be cpu or cuda:N")]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidRequest(message)
+
+
+def prompt_ids(lm, args) -> list[int]:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.chat:
+        return lm.tokenizer.encode(text, add_special=True, parse_special=True)
+    from orcd.chat import ChatTemplate
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": text})
+    return ChatTemplate.for_tokenizer(lm.tokenizer).prompt_ids(lm.tokenizer, messages)
+
+
+def run(args) -> int:
+    import secrets
+
+    from orcd.engine import Engine, GenerateRequest
+    from orcd.errors import InvalidRequest
+    from orcd.ops.sampling import SamplingParams
+    check_args(args)
+    lm = _load(args)
+    try:
+        ids = prompt_ids(lm, args)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        if args.ctx_size is None:   # a KV cache just big enough for this run
+            lm.n_ctx = min(lm.n_ctx, len(ids) + args.max_tokens)
+        seed = args.seed if args.seed is not None else secrets.randbits(64)
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                  seed=seed)
+        req = GenerateRequest(ids, args.max_tokens, sampling, args.stop)
+        out = sys.stdout
+        result = Engine(lm).generate(req, lambda ev: (out.write(ev.text), out.flush()))
+        out.write("\n")
+        out.flush()
+    finally:
+        lm.close()
+    if not args.quiet:
+        rate = (result.tokens_out - 1) / (result.decode_time_ms / 1000) if result.decode_time_ms else 0
+        print(f"[{result.prompt_tokens} prompt tokens, {result.tokens_out} generated, "
+              f"stop: {result.stop_reason}, seed {seed}, first token {result.ttft_ms:.0f} ms, "
+              f"{rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _load(args):
+    from orcd.errors import InvalidRequest
+    from orcd.load import load_model
+    from orcd.plugins import PluginHost
+    from orcd.pull import resolve_model
+    path = resolve_model(args.model)
+    t0 = time.monotonic()
+    if not args.quiet:
+        print(f"[loading {path.name} on {args.device}…]", file=sys.stderr, flush=True)
+    try:
+        lm = load_model(path, host=PluginHost(), device=args.device, n_ctx=args.ctx_size,
+                        tokenizer_path=args.tokenizer)
+    except ImportError as e:  # the GPU backend (or its runtime) is not installed
+        raise InvalidRequest(f"device {args.device} is not available here ({e}); "
+                             f"use --device cpu for the reference backend") from None
+    if not args.quiet:
+        print(f"[loaded in {time.monotonic() - t0:.1f} s: {lm.arch.name} {lm.quant_kind}, "
+              f"context {lm.n_ctx}]", file=sys.stderr, flush=True)
+    return lm

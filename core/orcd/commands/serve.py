@@ -1,0 +1,147 @@
+"""``orcd serve``: the HTTP worker for one model on one device.
+
+Arguments are validated up front (UUID form, readable model file, port range
+and availability, device present) so a bad invocation is one clear line and
+exit code 1, never a traceback or a half-started server. The model loads
+after HTTP is up; /health says "loading" meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+NAME = "serve"
+HELP = "serve one model over HTTP (/execute SSE, /health, /metrics, OpenAI-compatible /v1)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH|NAME",
+                   help="GGUF file or pulled model name (default: the default pulled model)")
+    p.add_argument("--worker-id", metavar="UUID", help="this worker's id (default: a new UUID4)")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu-device", type=int, default=None, metavar="N",
+                     help="CUDA device index (default 0)")
+    dev.add_argument("--device", choices=["cpu"],
+                     help="run on the numpy reference backend instead of a GPU (slow)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, metavar="P", help="port, 1024-65535 (default 8080)")
+    p.add_argument("--ctx-size", type=int, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--max-tokens-out", type=int, default=2048, metavar="N",
+                   help="most tokens one request may generate (default 2048)")
+    p.add_argument("--inference-timeout-sec", type=float, default=300.0, metavar="S",
+                   help="a job running longer fails with INFERENCE_TIMEOUT (default 300)")
+    p.add_argument("--kv-cache-size-mb", type=int, metavar="N",
+                   help="cap the KV cache; the context shrinks to what fits")
+    p.add_argument("--queue-size", type=int, default=16, metavar="N",
+                   help="jobs that may wait behind the running one (default 16)")
+    p.add_argument("--callback-url", metavar="URL", help="POST worker details here when ready")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit code 1."""
+
+
+def validate(args) -> dict:
+    """Checked arguments → the values the server needs. Raises UsageError."""
+    worker_id = args.worker_id or str(uuid.uuid4())
+    try:
+        uuid.UUID(worker_id)
+    except ValueError:
+        raise UsageError(f"--worker-id {worker_id!r} is not a UUID "
+                         f"(e.g. {uuid.uuid4()})") from None
+    if not 1024 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is outside 1024-65535")
+    _positive(args, "ctx_size", "--ctx-size", allow_none=True)
+    _positive(args, "max_tokens_out", "--max-tokens-out")
+    _positive(args, "kv_cache_size_mb", "--kv-cache-size-mb", allow_none=True)
+    if args.max_tokens_out > 2048:
+        raise UsageError(f"--max-tokens-out {args.max_tokens_out} is above the limit 2048")
+    if not args.inference_timeout_sec > 0:
+        raise UsageError(f"--inference-timeout-sec must be positive, got {args.inference_timeout_sec}")
+    if args.queue_size < 0:
+        raise UsageError(f"--queue-size must be 0 or more, got {args.queue_size}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
+        raise UsageError(f"--callback-url {args.callback_url!r} must be an http(s) URL")
+    model_ref, model_path = _model(args.model)
+    device = "cpu" if args.device == "cpu" else _gpu(args.gpu_device or 0)
+    _port_free(args.host, args.port)
+    return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
+            "device": device}
+
+
+def _positive(args, attr: str, flag: str, allow_none: bool = False) -> None:
+    v = getattr(args, attr)
+    if v is None and allow_none:
+        return
+    if v is None or v <= 0:
+        raise UsageError(f"{flag} must be a positive integer, got {v}")
+
+
+def _model(name: str | None) -> tuple[str, Path]:
+    from orcd.errors import OrcdError
+    from orcd.pull import DEFAULT, resolve_model
+    ref = name or DEFAULT
+    try:
+        path = resolve_model(ref)
+    except OrcdError as e:
+        raise UsageError(e.message) from None
+    if path.is_dir():
+        raise UsageError(f"--model {ref}: is a directory, not a GGUF file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"--model {ref}: {path} is not readable")
+    model_ref = ref if name is None or not Path(ref).exists() else path.stem
+    return model_ref, path
+
+
+def _gpu(index: int) -> str:
+    if index < 0:
+        raise UsageError(f"--gpu-device must be 0 or more, got {index}")
+    try:
+        from orcd.cuda.device import device_info
+        device_info(index)
+    except ImportError as e:
+        raise UsageError(f"--gpu-device {index}: the CUDA runtime is not installed ({e}); "
+                         f"install orcd[cuda] or use --device cpu") from None
+    except Exception as e:  # OrcdError from the driver, or no driver at all
+        message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        raise UsageError(f"--gpu-device {index}: {message} (or use --device cpu)") from None
+    return f"cuda:{index}"
+
+
+def _port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(args) -> int:
+    try:
+        checked = validate(args)
+    except UsageError as e:
+        print(f"orcd serve: error: {e}", file=sys.stderr)
+        return 1
+    from orcd.server.runner import serve
+    from orcd.server.state import ServerConfig
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+    config = ServerConfig(
+        model_path=checked["model_path"], model_ref=checked["model_ref"],
+        worker_id=checked["worker_id"], device=checked["device"], ctx_size=args.ctx_size,
+        max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
+        kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
+        callback_url=args.callback_url, api_key=args.api_key, log_prompts=args.log_prompts,
+        public_url=f"http://{url_host}:{args.port}")
+    return serve(config, host=args.host, port=args.port)
