@@ -20,8 +20,11 @@ those of tiktoken's ``o200k_harmony`` (tiktoken_ext/openai_public.py).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import json
+import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -113,6 +116,21 @@ def write(out_dir: Path) -> Path:
               "pad_token": "<|endoftext|>", "add_bos_token": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     return path
+
+
+def cached(cache_root: Path | None = None) -> Path:
+    """tokenizer.json built once per quicktok-v1 version under ``$ORCD_CACHE`` (or
+    ~/.cache/orcd) and reused; the tests load it from here."""
+    root = cache_root or Path(os.environ.get("ORCD_CACHE", Path.home() / ".cache" / "orcd"))
+    out = root / "tokenizers" / f"o200k_harmony-quicktok-{importlib.metadata.version('quicktok-v1')}"
+    if not (out / "tokenizer.json").is_file():
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        write(tmp)
+        try:
+            tmp.rename(out)  # atomic: a concurrent builder's result is just as good
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / "tokenizer.json"
 
 
 if __name__ == "__main__":

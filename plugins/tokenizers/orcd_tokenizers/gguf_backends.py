@@ -122,8 +122,10 @@ def build_spm(v: GGUFVocab, where: str = "model") -> HFBackedTokenizer:
     escape = normalizers.Replace(" ", SPACE)
     tok.normalizer = (normalizers.Sequence([normalizers.Prepend(SPACE), escape])
                       if v.add_space_prefix else escape)
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    # (orcd decodes through token_bytes; this decoder is for tokenizer.json exports)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if v.add_space_prefix else []))
     _add_special_tokens(tok, v)
     return HFBackedTokenizer(tok, _info(v, "gguf-spm", v.add_space_prefix),
                              lambda: _spm_pieces(v))

@@ -45,7 +45,7 @@ def _decoder_kinds(node: Any) -> set[str]:
     if not isinstance(node, dict):
         return set()
     kinds = {str(node.get("type"))}
-    for child in node.get("decoders") or []:
+    for child in (node.get("decoders") or node.get("normalizers") or []):
         kinds |= _decoder_kinds(child)
     return kinds
 
@@ -79,7 +79,7 @@ def _pieces(tok: HFTok, spec: dict[str, Any], added: set[int]) -> list[bytes]:
 def _strips_space(spec: dict[str, Any]) -> bool:
     """SentencePiece-style tokenizers prepend a space the user never typed."""
     dec = spec.get("decoder")
-    if "Strip" in _decoder_kinds(dec):
+    if "Strip" in _decoder_kinds(dec) or "Prepend" in _decoder_kinds(spec.get("normalizer")):
         return True
     return any(isinstance(d, dict) and d.get("type") == "Metaspace"
                and d.get("prepend_scheme", "always") != "never"
@@ -90,9 +90,14 @@ def load_hf_json(path: Path, model: Any = None) -> HFBackedTokenizer:
     if not path.is_file():
         raise ModelLoadFailed(f"{path}: no such tokenizer.json")
     text, spec = _read_json(path)
+    model_vocab = _model_vocab_size(model)
+    n_spec = _spec_vocab_size(spec)
+    if model_vocab is not None and n_spec > model_vocab:  # checked before the costly build
+        raise ModelLoadFailed(f"{path}: tokenizer has {n_spec} tokens but the model only "
+                              f"{model_vocab}; it belongs to another model")
     try:
         tok = HFTok.from_str(text)
-    except Exception as e:
+    except Exception as e:  # the library's parse errors have no common base class
         raise ModelLoadFailed(f"{path}: not a valid tokenizer.json: {e}") from None
     config_path = path.parent / "tokenizer_config.json"
     config = _read_json(config_path)[1] if config_path.is_file() else {}
@@ -101,10 +106,6 @@ def load_hf_json(path: Path, model: Any = None) -> HFBackedTokenizer:
     added = {int(t["id"]): t for t in spec.get("added_tokens") or []}
     special_ids = frozenset(i for i, t in added.items() if t.get("special"))
     n = tok.get_vocab_size(with_added_tokens=True)
-    model_vocab = _model_vocab_size(model)
-    if model_vocab is not None and n > model_vocab:
-        raise ModelLoadFailed(f"{path}: tokenizer has {n} tokens but the model only "
-                              f"{model_vocab}; it belongs to another model")
 
     def token_id(gguf_key: str, config_key: str, fallback_names: tuple[str, ...] = ()) -> int | None:
         if gguf_key in meta and 0 <= int(meta[gguf_key]) < n:
@@ -132,6 +133,14 @@ def load_hf_json(path: Path, model: Any = None) -> HFBackedTokenizer:
         chat_template=_chat_template(meta, config, path.parent),
         strip_leading_space=_strips_space(spec), hf_post_process=True)
     return HFBackedTokenizer(tok, info, lambda: _pieces(tok, spec, set(added)))
+
+
+def _spec_vocab_size(spec: dict[str, Any]) -> int:
+    """1 + the largest id a tokenizer.json names (model vocab or added tokens)."""
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    ids = vocab.values() if isinstance(vocab, dict) else range(len(vocab))  # Unigram: a list
+    added = (t.get("id", -1) for t in spec.get("added_tokens") or [] if isinstance(t, dict))
+    return 1 + max(max(ids, default=-1), max(added, default=-1))
 
 
 def _model_vocab_size(model: Any) -> int | None:
