@@ -1,0 +1,95 @@
+"""Device tensors the CUDA backend's ops exchange.
+
+``DeviceTensor`` is a contiguous row-major array in device memory (activations,
+KV cache, ids, positions). ``QWeight`` is a weight kept in its GGUF block format
+(numpy-order shape, rows of whole blocks). ``Arena`` hands out scratch tensors
+from one allocation with a bump pointer: a forward that asks for the same
+shapes in the same order gets the same addresses, which is what lets a decode
+step be captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from orcd.errors import VramOom
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orcd.quant import QuantFormat
+
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def view(self, *shape: int) -> "DeviceTensor":
+        """Same bytes, another shape (one dimension may be -1)."""
+        shape = tuple(shape)
+        if -1 in shape:
+            known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+            shape = tuple(self.numel // known if d == -1 else d for d in shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.numel:
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceTensor(self.ptr, shape, self.dtype)
+
+    def rows(self, start: int, stop: int) -> "DeviceTensor":
+        """Rows [start, stop) of the first axis: a view, no copy."""
+        row = self.nbytes // self.shape[0]
+        return DeviceTensor(self.ptr + start * row, (stop - start, *self.shape[1:]), self.dtype)
+
+
+@dataclass(frozen=True)
+class QWeight:
+    ptr: int
+    shape: tuple[int, ...]      # numpy order: a linear weight is (n_out, n_in)
+    type_id: int
+    fmt: "QuantFormat"
+
+    @property
+    def row_bytes(self) -> int:
+        return self.fmt.row_bytes(self.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.fmt.tensor_bytes(self.shape)
+
+    def slice0(self, i: int) -> "QWeight":
+        """Index the first axis (e.g. one expert of a [n_expert, n_out, n_in] weight)."""
+        inner = self.shape[1:]
+        return QWeight(self.ptr + i * self.fmt.tensor_bytes(inner), inner, self.type_id, self.fmt)
+
+
+class Arena:
+    """Scratch tensors from one device allocation; ``reset()`` between steps."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.base, self.capacity, self.offset = ptr, nbytes, 0
+        self.high_water = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> DeviceTensor:
+        t = DeviceTensor(self.base + self.offset, tuple(int(d) for d in shape), np.dtype(dtype))
+        size = -(-t.nbytes // ALIGN) * ALIGN
+        if self.offset + size > self.capacity:
+            raise VramOom(f"scratch arena exhausted: need {self.offset + size} bytes, "
+                          f"have {self.capacity}", requested=size, available=self.capacity - self.offset)
+        self.offset += size
+        self.high_water = max(self.high_water, self.offset)
+        return t
+
+    def reset(self) -> None:
+        self.offset = 0
