@@ -9,6 +9,7 @@ and the streaming detokenizer agree byte for byte.
 from __future__ import annotations
 
 import operator
+import re
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -80,6 +81,19 @@ class TokenizerInfo:
     chat_template: str | None
     strip_leading_space: bool       # SentencePiece's add_space_prefix artefact
     hf_post_process: bool = False   # let the tokenizer.json's post-processor add BOS/EOS
+    # Tokens that swallow the ASCII whitespace after them (llama.cpp's RSTRIP attribute):
+    # control ones only when special text is parsed, user-defined ones always.
+    rstrip_control: tuple[str, ...] = ()
+    rstrip_user: tuple[str, ...] = ()
+
+
+def _rstrip_re(texts: tuple[str, ...]) -> re.Pattern | None:
+    """llama.cpp strips C ``isspace`` bytes; ``tokenizers``' own rstrip strips all Unicode
+    whitespace (e.g. U+00A0), so orcd removes the whitespace itself before encoding."""
+    if not texts:
+        return None
+    alts = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+    return re.compile(f"({alts})[ \t\n\v\f\r]+")
 
 
 class HFBackedTokenizer:
@@ -96,6 +110,8 @@ class HFBackedTokenizer:
         self.eog_ids = info.eog_ids
         self.special_tokens = dict(info.special_tokens)
         self.chat_template = info.chat_template
+        self._rstrip = {True: _rstrip_re(info.rstrip_control + info.rstrip_user),
+                        False: _rstrip_re(info.rstrip_user)}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} kind={self.kind} vocab_size={self.vocab_size}>"
@@ -118,6 +134,8 @@ class HFBackedTokenizer:
 
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         text = check_text(text)
+        if (rstrip := self._rstrip[bool(parse_special)]) is not None:
+            text = rstrip.sub(r"\1", text)
         tok = self._tok if parse_special else self._plain()
         if self._info.hf_post_process:
             return tok.encode(text, add_special_tokens=add_special).ids

@@ -43,8 +43,7 @@ def _add_special_tokens(tok: HFTok, v: GGUFVocab) -> None:
     control, user = [], []
     for i, t in enumerate(v.types):
         if t in (CONTROL, UNKNOWN, USER_DEFINED) and v.tokens[i]:
-            added = AddedToken(v.tokens[i], special=t != USER_DEFINED, normalized=False,
-                               rstrip=i in v.rstrip_ids)
+            added = AddedToken(v.tokens[i], special=t != USER_DEFINED, normalized=False)
             (user if t == USER_DEFINED else control).append(added)
     tok.add_special_tokens(control)
     tok.add_tokens(user)
@@ -58,7 +57,9 @@ def _info(v: GGUFVocab, kind: str, strip_leading_space: bool) -> TokenizerInfo:
         kind=kind, vocab_size=len(v.tokens), bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id,
         add_bos=v.add_bos and v.bos_id is not None, add_eos=v.add_eos and v.eos_id is not None,
         eog_ids=v.eog_ids, special_tokens=special, skip_ids=skip, chat_template=v.chat_template,
-        strip_leading_space=strip_leading_space)
+        strip_leading_space=strip_leading_space,
+        rstrip_control=tuple(v.tokens[i] for i in sorted(v.rstrip_ids) if v.types[i] != USER_DEFINED),
+        rstrip_user=tuple(v.tokens[i] for i in sorted(v.rstrip_ids) if v.types[i] == USER_DEFINED))
 
 
 # -- gguf-bpe -----------------------------------------------------------------
