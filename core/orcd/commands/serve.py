@@ -12,6 +12,7 @@ import argparse
 import os
 import socket
 import sys
+import types
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ HELP = "serve one model over HTTP (/execute SSE, /health, /metrics, OpenAI-compa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.error = types.MethodType(_usage_error, p)   # exit 1, not argparse's 2
     p.add_argument("--model", metavar="PATH|NAME",
                    help="GGUF file or pulled model name (default: the default pulled model)")
     p.add_argument("--worker-id", metavar="UUID", help="this worker's id (default: a new UUID4)")
@@ -43,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str):
+    parser.print_usage(sys.stderr)
+    parser.exit(1, f"{parser.prog}: error: {message}\n")
 
 
 class UsageError(Exception):

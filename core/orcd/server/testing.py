@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -70,15 +71,18 @@ def running_server(config: ServerConfig, *, wait: str | None = "healthy",
     narrator = Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
                         gpu_device=config.device, stream=narration,
                         log_prompts=config.log_prompts, readable=False)
-    server = build_server(config, "127.0.0.1", 0, narrator=narrator, **app_options)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))       # an ephemeral port, held from the start: no race
+    port = sock.getsockname()[1]
+    server = build_server(config, "127.0.0.1", port, narrator=narrator, **app_options)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+    while not server.started and thread.is_alive():
+        if time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     running = RunningServer(f"http://127.0.0.1:{port}", server, thread, narration)
     try:
         if wait:

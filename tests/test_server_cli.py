@@ -1,0 +1,150 @@
+"""``orcd serve`` as a command: argument validation (one clear line, exit 1),
+and a real process that drains and exits 0 on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from orcd.commands import serve
+from orcd.server.testing import SSEStream
+
+# Runs one command module the way orcd.cli does (independent of the other commands).
+HARNESS = ("import argparse, sys; from orcd.commands import serve as m; "
+           "p = argparse.ArgumentParser(prog='orcd serve'); m.add_arguments(p); "
+           "sys.exit(m.run(p.parse_args(sys.argv[1:])))")
+
+
+def run_serve(argv: list[str], capsys) -> tuple[int, str]:
+    p = argparse.ArgumentParser(prog="orcd serve")
+    serve.add_arguments(p)
+    try:
+        rc = serve.run(p.parse_args(argv))
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cuda_present() -> bool:
+    try:
+        from orcd.cuda.device import device_count
+        return device_count() > 0
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return str(tiny_model("qwen2-tiny"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--worker-id", "worker-7"], "is not a UUID"),
+    (["--port", "80"], "outside 1024-65535"),
+    (["--port", "70000"], "outside 1024-65535"),
+    (["--port", "http"], "invalid int value"),
+    (["--ctx-size", "0"], "--ctx-size must be a positive integer"),
+    (["--max-tokens-out", "4096"], "above the limit 2048"),
+    (["--inference-timeout-sec", "0"], "--inference-timeout-sec must be positive"),
+    (["--queue-size", "-1"], "--queue-size must be 0 or more"),
+    (["--kv-cache-size-mb", "-5"], "--kv-cache-size-mb must be a positive integer"),
+    (["--api-key", " "], "--api-key must not be empty"),
+    (["--callback-url", "ftp://x"], "must be an http(s) URL"),
+    (["--gpu-device", "1", "--device", "cpu"], "not allowed with"),
+])
+def test_bad_arguments_exit_1_with_a_clear_message(tiny, capsys, extra, message):
+    rc, err = run_serve(["--model", tiny, "--device", "cpu", *extra], capsys)
+    assert rc == 1 and message in err and "Traceback" not in err
+
+
+def test_missing_model_file_and_directory(tmp_path, capsys):
+    rc, err = run_serve(["--model", str(tmp_path / "nope.gguf"), "--device", "cpu"], capsys)
+    assert rc == 1 and "no such model file" in err
+    rc, err = run_serve(["--model", str(tmp_path), "--device", "cpu"], capsys)
+    assert rc == 1 and "directory" in err
+
+
+def test_port_in_use(tiny, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, err = run_serve(["--model", tiny, "--device", "cpu", "--port", str(port)], capsys)
+    assert rc == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+@pytest.mark.skipif(_cuda_present(), reason="a GPU is present")
+def test_missing_gpu_is_a_clear_error(tiny, capsys):
+    rc, err = run_serve(["--model", tiny, "--gpu-device", "0"], capsys)
+    assert rc == 1 and "--gpu-device 0" in err and "--device cpu" in err
+
+
+def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", HARNESS, *argv, "--device", "cpu",
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "healthy":
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the worker did not become healthy")
+
+
+def narration(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_the_running_job_and_exits_0(tiny, sig):
+    proc, url = start(["--model", tiny, "--ctx-size", "4096"])
+    try:
+        wait_healthy(proc, url)
+        st = SSEStream(f"{url}/execute", {"job_id": "sig", "prompt": "Hello", "temperature": 0,
+                                          "max_tokens": 400})
+        st.wait_for("token")
+        proc.send_signal(sig)
+        rc = proc.wait(30)
+        events = st.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 0, err
+    # finished within the 5 s deadline or was cancelled then: either way, one terminal event
+    assert [k for k, _ in events if k in ("end", "error")] == [events[-1][0]]
+    if events[-1][0] == "error":
+        assert events[-1][1]["code"] == "CANCELLED"
+    shutdown = [e for e in narration(err) if e["event"] == "shutdown"]
+    assert shutdown[0]["reason"] == sig.name and shutdown[-1]["phase"] == "done"
+
+
+def test_load_failure_exits_1(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    proc, _ = start(["--model", str(bad)])
+    rc = proc.wait(60)
+    err = proc.stderr.read()
+    assert rc == 1 and "MODEL_LOAD_FAILED" in err and "Traceback" not in err
