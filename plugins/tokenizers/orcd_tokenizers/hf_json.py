@@ -50,29 +50,30 @@ def _decoder_kinds(node: Any) -> set[str]:
     return kinds
 
 
-def _pieces(tok: HFTok, spec: dict[str, Any], added: set[int]) -> list[bytes]:
+def _pieces(tok: HFTok, spec: dict[str, Any], added: dict[int, str]) -> list[bytes]:
     """Each id's exact output bytes, read off the decoder the tokenizer.json declares."""
     kinds = _decoder_kinds(spec.get("decoder"))
     model = spec.get("model") or {}
-    byte_level = "ByteLevel" in kinds
-    byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in kinds
-    metaspace = "Metaspace" in kinds or "Replace" in kinds
-    n = tok.get_vocab_size(with_added_tokens=True)
-    out = []
-    for i in range(n):
-        text = tok.id_to_token(i)
-        if text is None:
-            out.append(b"")
-        elif i in added:
-            out.append(text.encode("utf-8"))
-        elif byte_level:
-            out.append(byte_level_bytes(text))
-        elif byte_fallback and (m := _BYTE_TOKEN.fullmatch(text)):
-            out.append(bytes([int(m.group(1), 16)]))
-        elif metaspace:
-            out.append(text.replace(SPACE, " ").encode("utf-8"))
-        else:
-            out.append(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):  # not a BPE/WordLevel vocab: ask the library per id
+        n = tok.get_vocab_size(with_added_tokens=True)
+        return [added[i].encode("utf-8") if i in added
+                else tok.decode([i], skip_special_tokens=False).encode("utf-8") for i in range(n)]
+    if "ByteLevel" in kinds:
+        convert = byte_level_bytes
+    else:
+        byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in kinds
+        metaspace = "Metaspace" in kinds or "Replace" in kinds
+
+        def convert(text: str) -> bytes:
+            if byte_fallback and (m := _BYTE_TOKEN.fullmatch(text)):
+                return bytes([int(m.group(1), 16)])
+            return (text.replace(SPACE, " ") if metaspace else text).encode("utf-8")
+    out = [b""] * _spec_vocab_size(spec)
+    for text, i in vocab.items():
+        out[i] = convert(text)
+    for i, text in added.items():
+        out[i] = text.encode("utf-8")
     return out
 
 
@@ -132,7 +133,8 @@ def load_hf_json(path: Path, model: Any = None) -> HFBackedTokenizer:
         skip_ids=special_ids,
         chat_template=_chat_template(meta, config, path.parent),
         strip_leading_space=_strips_space(spec), hf_post_process=True)
-    return HFBackedTokenizer(tok, info, lambda: _pieces(tok, spec, set(added)))
+    added_text = {i: t["content"] for i, t in added.items()}
+    return HFBackedTokenizer(tok, info, lambda: _pieces(tok, spec, added_text))
 
 
 def _spec_vocab_size(spec: dict[str, Any]) -> int:
