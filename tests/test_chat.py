@@ -1,0 +1,114 @@
+"""Chat templates rendered as Hugging Face's apply_chat_template renders them."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from orcd.chat import CHATML_TEMPLATE, ChatTemplate, TemplateError, normalize_messages
+from orcd.errors import InvalidRequest
+from orcd.gguf_file import ModelFile
+
+HI = [{"role": "user", "content": "hi"}]
+QWEN_HI = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+           "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def qwen(real_qwen, host):
+    mf = ModelFile.open(real_qwen)
+    try:
+        tok = host.tokenizer(mf)
+        yield tok, ChatTemplate.for_tokenizer(tok)
+    finally:
+        mf.close()
+
+
+def test_qwen_template_renders_as_transformers_does(qwen):
+    tok, tmpl = qwen
+    assert not tmpl.is_fallback
+    assert tmpl.render(HI) == QWEN_HI
+    assert tmpl.render(HI, add_generation_prompt=False) == QWEN_HI.removesuffix(
+        "<|im_start|>assistant\n")
+    system = [{"role": "system", "content": "Be brief."}, *HI]
+    assert tmpl.render(system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_qwen_prompt_ids_parse_special_tokens(qwen):
+    tok, tmpl = qwen
+    ids = tmpl.prompt_ids(tok, HI)
+    im_start = tok.special_tokens["<|im_start|>"]
+    assert ids[0] == im_start and ids.count(im_start) == 3
+    assert ids == tok.encode(QWEN_HI, add_special=True, parse_special=True)
+
+
+def test_tojson_keeps_non_ascii_text(qwen):
+    _, tmpl = qwen
+    tools = [{"type": "function", "function": {"name": "wetter",
+                                                "description": "Wetter in München ☀"}}]
+    text = tmpl.render(HI, tools=tools)
+    assert "München ☀" in text and "\\u00fc" not in text and "<tools>" in text
+
+
+def test_hf_globals_and_extensions():
+    t = ChatTemplate("{% if messages|length > 1 %}{{ raise_exception('only one message') }}{% endif %}"
+                     "{{ strftime_now('%Y') }}|{{ bos_token }}{{ eos_token }}|"
+                     "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+                     "{{ m.content | tojson }}{% endfor %}", bos_token="<s>", eos_token="</s>")
+    year = str(datetime.datetime.now().year)
+    assert t.render([{"role": "user", "content": "ü"}]) == f'{year}|<s></s>|"ü"'
+    with pytest.raises(TemplateError, match="only one message") as e:
+        t.render(HI * 2)
+    assert e.value.code == "INVALID_REQUEST" and e.value.field == "messages"
+
+
+def test_trim_and_lstrip_blocks():
+    t = ChatTemplate("{% for m in messages %}\n    {% if m.role == 'user' %}\n{{ m.content }}\n"
+                     "    {% endif %}\n{% endfor %}")
+    assert t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a\nb\n"
+
+
+def test_sandbox_blocks_escapes():
+    t = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TemplateError):
+        t.render(HI)
+    with pytest.raises(TemplateError):
+        ChatTemplate("{% for %}")   # does not compile: a clear error, not a jinja traceback
+
+
+def test_chatml_fallback_without_a_template():
+    t = ChatTemplate(None)
+    assert t.is_fallback and t.source == CHATML_TEMPLATE
+    assert t.render(HI) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+class BosTokenizer:
+    """A byte tokenizer that prepends BOS (id 1) like SentencePiece models."""
+
+    add_bos, bos_id, eos_id = True, 1, 2
+    special_tokens = {"<s>": 1, "</s>": 2}
+    chat_template = "{{ bos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}"
+
+    def encode(self, text, add_special=True, parse_special=True):
+        return ([1] if add_special else []) + list(text.encode())
+
+
+def test_template_bos_is_not_doubled():
+    tok = BosTokenizer()
+    tmpl = ChatTemplate.for_tokenizer(tok)
+    assert tmpl.render(HI) == "<s>[hi]"
+    assert tmpl.prompt_ids(tok, HI) == [1, *b"[hi]"]
+
+
+def test_normalize_messages():
+    msgs = normalize_messages([
+        {"role": "system", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "c", "name": "bot"}])
+    assert [m["content"] for m in msgs] == ["", "ab", "c"] and msgs[2]["name"] == "bot"
+    for bad in ([], [{"content": "x"}], [{"role": "user", "content": 5}],
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], ["hi"]):
+        with pytest.raises(InvalidRequest) as e:
+            normalize_messages(bad)
+        assert e.value.field == "messages"
