@@ -230,3 +230,26 @@ def test_broken_inputs_fail_loading(host, tmp_path, phi3_gguf):
 
 def test_plugin_is_registered(host):
     assert host.infos["tokenizers"].module == "orcd_tokenizers"
+
+
+def test_broken_gguf_vocab_fails_loading():
+    from orcd_tokenizers.gguf_backends import build
+    from orcd_tokenizers.vocab import read_vocab
+
+    with pytest.raises(ModelLoadFailed, match="tokens"):
+        read_vocab({"tokenizer.ggml.model": "gpt2"})
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+            "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.token_type": [1, 1]}
+    with pytest.raises(ModelLoadFailed, match="length"):
+        read_vocab(meta)
+    meta["tokenizer.ggml.token_type"] = [1, 1, 1]
+    with pytest.raises(ModelLoadFailed, match="merges"):
+        build(read_vocab(meta))
+    meta["tokenizer.ggml.merges"] = ["a b", "x y"]  # "x y" names no tokens: ignored, like llama.cpp
+    tok = build(read_vocab(meta))
+    assert tok.kind == "gguf-bpe" and tok.encode("abba") == [2, 1, 0]
+    meta["tokenizer.ggml.model"] = "llama"
+    with pytest.raises(ModelLoadFailed, match="scores"):
+        build(read_vocab(meta))
+    meta["tokenizer.ggml.model"] = "bert"
+    assert build(read_vocab(meta)) is None  # not ours: the host reports no backend

@@ -62,3 +62,20 @@ def test_qwen_live_llama_cpp(qwen_tok, real_qwen, goldens_script):
     encode, meta = goldens_script.llama_cpp_oracle(real_qwen)
     assert sorted(qwen_tok.eog_ids) == meta["eog_ids"]
     compare(qwen_tok, encode, all_cases(goldens_script, "qwen"))
+
+
+def test_smollm_live_llama_cpp(host, goldens_script):
+    """SmolLM2 (pre "smollm"); set ORCD_SMOLLM2_GGUF to a SmolLM2 GGUF to run it."""
+    import os
+    from pathlib import Path
+
+    from orcd.gguf_file import ModelFile
+
+    pytest.importorskip("llama_cpp")
+    path = os.environ.get("ORCD_SMOLLM2_GGUF")
+    if not path or not Path(path).is_file():
+        pytest.skip("ORCD_SMOLLM2_GGUF is not set")
+    tok = host.tokenizer(ModelFile.open(path))
+    encode, meta = goldens_script.llama_cpp_oracle(Path(path))
+    assert sorted(tok.eog_ids) == meta["eog_ids"]
+    compare(tok, encode, all_cases(goldens_script, "qwen"))
