@@ -50,9 +50,6 @@ class GGUFVocab:
     eog_ids: frozenset[int] = field(default_factory=frozenset)
     rstrip_ids: frozenset[int] = field(default_factory=frozenset)
 
-    def ids_of_type(self, *kinds: int) -> list[int]:
-        return [i for i, t in enumerate(self.types) if t in kinds]
-
 
 def _opt_id(meta: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
     if key not in meta:
