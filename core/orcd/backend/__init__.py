@@ -13,7 +13,7 @@ from orcd.errors import InvalidRequest
 def create_backend(device: str, **options):
     if device == "cpu":
         from orcd.backend.cpu import CpuBackend
-        return CpuBackend()
+        return CpuBackend(**options)
     if device.startswith("cuda"):
         index = device.partition(":")[2] or "0"
         if not index.isdigit():

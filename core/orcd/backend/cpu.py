@@ -12,16 +12,36 @@ from typing import Callable, Iterable
 import numpy as np
 
 from orcd.gguf_file import ModelFile
+from orcd.errors import InvalidRequest
 from orcd.kvcache import KVCache
-from orcd.ops import activation, attention, matmul, moe, norm, rope, sampling
+from orcd.ops import activation, attention, llama_compat, matmul, moe, norm, rope, sampling
 from orcd.quant import FormatTable
+
+ROUNDINGS = ("none", "ggml-cpu")
+
+
+class CpuWeight(np.ndarray):
+    """A dequantized weight that remembers its GGML type (views keep it)."""
+
+    type_id: int | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        self.type_id = getattr(obj, "type_id", None)
+
+
+def as_weight(values: np.ndarray, type_id: int) -> CpuWeight:
+    w = values.view(CpuWeight)
+    w.type_id = type_id
+    return w
 
 
 class CpuOps:
-    """The op set on numpy arrays (see orcd.ops for the contract)."""
+    """The op set on numpy arrays (see orcd.ops for the contract).
+
+    ``activation_rounding="ggml-cpu"`` rounds each matmul's input the way
+    llama.cpp's CPU backend does (orcd.ops.llama_compat), for exact parity."""
 
     embed = staticmethod(matmul.embed_ref)
-    linear = staticmethod(matmul.linear_ref)
     rms_norm = staticmethod(norm.rms_norm_ref)
     layer_norm = staticmethod(norm.layer_norm_ref)
     rope = staticmethod(rope.rope_ref)
@@ -29,7 +49,19 @@ class CpuOps:
     gelu = staticmethod(activation.gelu_ref)
     swiglu = staticmethod(activation.swiglu_ref)
     swiglu_oai = staticmethod(activation.swiglu_oai_ref)
-    moe = staticmethod(moe.moe_ref)
+
+    def __init__(self, activation_rounding: str = "none") -> None:
+        if activation_rounding not in ROUNDINGS:
+            raise InvalidRequest(f"activation_rounding must be one of {ROUNDINGS}")
+        self.ggml_rounding = activation_rounding == "ggml-cpu"
+
+    def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+        if self.ggml_rounding:
+            x = llama_compat.round_activation(x, getattr(w, "type_id", None))
+        return matmul.linear_ref(x, np.asarray(w), b)
+
+    def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
+        return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
     @staticmethod
     def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -54,7 +86,9 @@ class CpuOps:
 
 class CpuBackend:
     name = "cpu-reference"
-    ops = CpuOps()
+
+    def __init__(self, activation_rounding: str = "none") -> None:
+        self.ops = CpuOps(activation_rounding)
 
     def load_weights(self, mf: ModelFile, formats: FormatTable, names: Iterable[str],
                      progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
@@ -63,7 +97,7 @@ class CpuBackend:
         done, out = 0, {}
         for n in names:
             t = mf.tensors[n]
-            out[n] = formats[t.type_id].dequantize_tensor(t.data, t.shape)
+            out[n] = as_weight(formats[t.type_id].dequantize_tensor(t.data, t.shape), t.type_id)
             done += t.n_bytes
             if progress is not None:
                 progress(done / total)

@@ -4,11 +4,12 @@ the chosen k, per-expert gate/up/down with biases and clamped SwiGLU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from orcd.ops.activation import swiglu_oai_ref
+from orcd.ops.matmul import linear_ref
 
 
 @dataclass
@@ -37,15 +38,16 @@ def route_ref(logits: np.ndarray, n_used: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
-            limit: float = 7.0) -> np.ndarray:
-    # x: [T, D] -> [T, D]
-    logits = x @ ex.router_w.T + ex.router_b                     # [T, n_expert]
+            limit: float = 7.0, linear: Callable = linear_ref) -> np.ndarray:
+    # x: [T, D] -> [T, D]; ``linear(x, w, b)`` is the backend's matmul
+    logits = linear(x, ex.router_w, ex.router_b)                 # [T, n_expert]
     ids, weights = route_ref(logits, n_used)
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
+        xt = x[t:t + 1]                                          # [1, D]
         for e, wgt in zip(ids[t], weights[t]):
-            gate = ex.gate_w[e] @ x[t] + ex.gate_b[e]            # [n_ff]
-            up = ex.up_w[e] @ x[t] + ex.up_b[e]
+            gate = linear(xt, ex.gate_w[e], ex.gate_b[e])        # [1, n_ff]
+            up = linear(xt, ex.up_w[e], ex.up_b[e])
             h = swiglu_oai_ref(gate, up, alpha, limit)
-            out[t] += wgt * (ex.down_w[e] @ h + ex.down_b[e])
+            out[t] += wgt * linear(h, ex.down_w[e], ex.down_b[e])[0]
     return out
