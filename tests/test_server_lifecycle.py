@@ -130,3 +130,79 @@ def test_shutdown_lets_the_running_job_finish(tiny_model):
         assert s.wait_exit(15)
         phases = [e["phase"] for e in s.narration.events() if e["event"] == "shutdown"]
         assert phases == ["begin", "done"]
+
+
+# -- KV budget, callback, residency, narration forms ---------------------------------
+
+def test_kv_cache_budget_caps_the_context(tiny_model):
+    # qwen2-tiny: 2 layers x 2 KV heads x (64 + 64) dims x 2 bytes = 1 KiB a token
+    cfg = config(tiny_model("qwen2-tiny"), kv_cache_mb=1)
+    with running_server(cfg) as s:
+        assert httpx.get(f"{s.url}/health").json()["context_length"] == 1024
+
+
+def test_callback_is_posted_when_ready(tiny_model):
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    got = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.handle_request, daemon=True).start()
+    cfg = config(tiny_model("qwen2-tiny"),
+                 callback_url=f"http://127.0.0.1:{receiver.server_port}/ready",
+                 public_url="http://127.0.0.1:9999")
+    try:
+        with running_server(cfg) as s:
+            s.narration.wait_for(event="ready", callback_status=204)
+    finally:
+        receiver.server_close()
+    assert got == [{"worker_id": cfg.worker_id, "model": "qwen2-tiny", "vram_bytes": 0,
+                    "url": "http://127.0.0.1:9999"}]
+
+
+def test_failed_residency_check_marks_the_worker_unhealthy(tiny_model):
+    def evicted(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+        lm.backend.check_residency = lambda: False   # as if the weights were evicted
+        return lm
+
+    with running_server(config(tiny_model("qwen2-tiny")), loader=evicted, wait=None) as s:
+        s.narration.wait_for(event="residency_check_failed")
+        h = s.wait_status("unhealthy")
+        assert h["resident"] is False
+        r = httpx.post(f"{s.url}/execute", json={"job_id": "r", "prompt": "Hello"})
+        assert r.status_code == 503
+        metrics = httpx.get(f"{s.url}/metrics").text
+        assert "orcd_residency_check_failures_total 1.0" in metrics
+
+
+def test_narration_forms():
+    import io
+    import json
+
+    from orcd.server.narration import Narrator
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream, log_prompts in ((tty, False), (pipe, True)):
+        n = Narrator(worker_id="w", model_ref="m", gpu_device="cuda:0", stream=stream,
+                     log_prompts=log_prompts)
+        n.event("execute_start", job_id="j1", prompt="the prompt", prompt_tokens=3)
+    assert "execute_start job=j1 prompt_tokens=3" in tty.getvalue()
+    assert "the prompt" not in tty.getvalue() and not tty.getvalue().startswith("{")
+    line = json.loads(pipe.getvalue())
+    assert line["prompt"] == "the prompt" and line["gpu_device"] == "cuda:0"
+    assert line["event"] == "execute_start" and line["job_id"] == "j1" and line["worker_id"] == "w"

@@ -197,8 +197,8 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.chat_template = ChatTemplate.for_tokenizer(lm.tokenizer)
         state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
                               narrator=narr, idle_task=lambda: _refresh_device_state(state))
-        _refresh_device_state(state)
         state.health_cache.update(_model_facts(state))
+        _refresh_device_state(state)
         state.worker.start()
     except BaseException as e:
         state.load_error = e
@@ -211,6 +211,8 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
                weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
                arch=lm.arch.name)
+    if state.status != "loading":   # the first residency check already failed
+        return
     state.status = "healthy"
     narr.event("ready", url=cfg.public_url)
     if cfg.callback_url:
