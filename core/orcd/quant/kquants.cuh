@@ -1,0 +1,99 @@
+// Device dequantizers for ggml's K-quants (Q4_K, Q5_K, Q6_K); layouts as in
+// kquants.py, format structs shaped as described in simple.cuh.
+//
+// Q4_K / Q5_K (144 / 176 bytes, 16-byte aligned rows): piece p = 16 bytes of
+// qs at 16 * p of the qs area, i.e. values 16 * (p & 1) + k of sub-blocks
+// 2 * (p >> 1) (low nibbles) and 2 * (p >> 1) + 1 (high nibbles). A piece is
+// two or three 16-byte loads: the 16-byte header (d, dmin, 12 scale bytes),
+// Q5_K's matching 16 qh bytes, and the qs.
+// Q6_K (210 bytes, so rows are only 2-byte aligned): piece p = half h = p >> 2,
+// l = 8 * (p & 3) .. +8 of its four 32-value groups.
+#pragma once
+#include "simple.cuh"
+
+// Byte k (0..15) of a 16-byte header held in registers (k may be a run-time value).
+__device__ __forceinline__ u32 byte_at(const uint4& h, int k) {
+    const u32 w = k < 4 ? h.x : k < 8 ? h.y : k < 12 ? h.z : h.w;
+    return byte_of(w, k & 3);
+}
+
+// ggml's get_scale_min_k4 on the header (scales at bytes 4..15): dl = d * sc_j, ml = dmin * m_j.
+__device__ __forceinline__ void scale_min_k4(const uint4& h, int j, float& dl, float& ml) {
+    const float d = f16_to_f32((u16)(h.x & 0xFFFFu)), dmin = f16_to_f32((u16)(h.x >> 16));
+    u32 sc, m;
+    if (j < 4) {
+        sc = byte_at(h, 4 + j) & 63;
+        m = byte_at(h, 8 + j) & 63;
+    } else {
+        sc = (byte_at(h, 8 + j) & 15) | ((byte_at(h, j) >> 6) << 4);
+        m = (byte_at(h, 8 + j) >> 4) | ((byte_at(h, 4 + j) >> 6) << 4);
+    }
+    dl = d * (float)sc;
+    ml = dmin * (float)m;
+}
+
+template <bool FIVE>
+struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
+    static constexpr int QK = 256, BYTES = FIVE ? 176 : 144, PIECES = 8, RUNS = 2, RUN = 16, STRIDE = 32;
+    __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const uint4 h = ld128(b);
+        const int j = 2 * (p >> 1);          // sub-blocks j (low nibbles) and j + 1 (high)
+        float dl0, ml0, dl1, ml1;
+        scale_min_k4(h, j, dl0, ml0);
+        scale_min_k4(h, j + 1, dl1, ml1);
+        const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
+        const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
+        u32 qh[4] = {0, 0, 0, 0};
+        if (FIVE) {
+            const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));   // qh[l] for this piece's 16 l
+            qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
+        }
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 byte = byte_of(qs[k / 4], k % 4);
+            int q0 = (int)(byte & 0xF), q1 = (int)(byte >> 4);
+            if (FIVE) {
+                const u32 hb = byte_of(qh[k / 4], k % 4);
+                q0 |= (int)(hb & 1u) << 4;
+                q1 |= (int)((hb >> 1) & 1u) << 4;
+            }
+            v[k] = dl0 * (float)q0 - ml0;
+            v[16 + k] = dl1 * (float)q1 - ml1;
+        }
+    }
+};
+typedef FmtAffineK<false> FmtQ4_K;
+typedef FmtAffineK<true> FmtQ5_K;
+
+struct FmtQ6_K {  // [ql 128][qh 64][scales int8 x 16][d f16]: x = (d * sc) * (q - 32)
+    static constexpr int QK = 256, BYTES = 210, PIECES = 8, RUNS = 4, RUN = 8, STRIDE = 32;
+    __device__ static int base(int p) { return 128 * (p >> 2) + 8 * (p & 3); }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const int h = p >> 2, l = 8 * (p & 3);
+        const u8* qa = b + 64 * h + l;        // groups 0 (low nibbles) and 2 (high)
+        const u8* qb = qa + 32;               // groups 1 and 3
+        const u8* qhp = b + 128 + 32 * h + l; // top two bits of group g at 2g
+        const u32 a[2] = {ld32_a2(qa), ld32_a2(qa + 4)};
+        const u32 c[2] = {ld32_a2(qb), ld32_a2(qb + 4)};
+        const u32 hi[2] = {ld32_a2(qhp), ld32_a2(qhp + 4)};
+        const float d = f16_to_f32(ld16(b + 208));
+        const int s = 8 * h + (l >> 4);       // scale of group g is s + 2g
+        float dl[4];
+#pragma unroll
+        for (int g = 0; g < 4; ++g) dl[g] = d * (float)(signed char)__ldg(b + 192 + s + 2 * g);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const u32 qa_k = byte_of(a[k / 4], k % 4), qb_k = byte_of(c[k / 4], k % 4);
+            const u32 qh_k = byte_of(hi[k / 4], k % 4);
+            const int q0 = (int)((qa_k & 0xF) | (((qh_k >> 0) & 3) << 4)) - 32;
+            const int q1 = (int)((qb_k & 0xF) | (((qh_k >> 2) & 3) << 4)) - 32;
+            const int q2 = (int)((qa_k >> 4) | (((qh_k >> 4) & 3) << 4)) - 32;
+            const int q3 = (int)((qb_k >> 4) | (((qh_k >> 6) & 3) << 4)) - 32;
+            v[k] = dl[0] * (float)q0;
+            v[8 + k] = dl[1] * (float)q1;
+            v[16 + k] = dl[2] * (float)q2;
+            v[24 + k] = dl[3] * (float)q3;
+        }
+    }
+};

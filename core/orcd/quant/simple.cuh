@@ -1,0 +1,161 @@
+// Device dequantizers for plain floats (F32, F16, BF16) and ggml's 32-value
+// legacy quants (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); layouts as in simple.py.
+//
+// Every format is a struct with the same shape, which the kernels in
+// ops/matmul.cu are templated on:
+//
+//   QK     values per block            BYTES  bytes per block
+//   PIECES pieces per block (one thread dequantizes one piece into registers)
+//   RUNS x RUN values per piece: value v[r * RUN + i] sits at position
+//          base(p) + r * STRIDE + i of the block (RUN is a multiple of 4, so
+//          the matching activations load as float4)
+//   load(block, p, v)   dequantize piece p of the block at `block` into v
+//
+// Loads are as wide as the block layout allows: 16 bytes for the plain floats
+// (a "block" is 8 values), 4 bytes for Q4_1/Q5_1 (4-byte aligned blocks), 2
+// bytes for Q4_0/Q5_0/Q8_0 (18/22/34-byte blocks are only 2-byte aligned).
+// The float expressions follow ggml's order (d * q + m, d * (q - 8), ...).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#ifdef __CUDACC__  // (a host build of these structs, for checking, brings its own)
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+#endif
+
+// Read-only loads of a given alignment.
+__device__ __forceinline__ u16 ld16(const u8* p) { return __ldg((const unsigned short*)p); }
+__device__ __forceinline__ u32 ld32(const u8* p) { return __ldg((const unsigned int*)p); }
+__device__ __forceinline__ u32 ld32_a2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
+__device__ __forceinline__ u32 ld32_a1(const u8* p) {
+    return (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8) | ((u32)__ldg(p + 2) << 16) | ((u32)__ldg(p + 3) << 24);
+}
+__device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ u32 byte_of(u32 w, int k) { return (w >> (8 * k)) & 0xFFu; }
+
+// -- plain floats: a "block" is 8 consecutive values, one piece -------------------
+
+struct FmtF32 {
+    static constexpr int QK = 8, BYTES = 32, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
+    __device__ static int base(int) { return 0; }
+    __device__ static void load(const u8* b, int, float* v) {
+        uint4 a = ld128(b), c = ld128(b + 16);
+        u32 w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
+    }
+};
+
+template <bool BF16>
+struct FmtHalf {
+    static constexpr int QK = 8, BYTES = 16, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
+    __device__ static int base(int) { return 0; }
+    __device__ static void load(const u8* b, int, float* v) {
+        uint4 a = ld128(b);
+        u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u16 lo = (u16)(w[i] & 0xFFFFu), hi = (u16)(w[i] >> 16);
+            v[2 * i] = BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+            v[2 * i + 1] = BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+        }
+    }
+};
+typedef FmtHalf<false> FmtF16;
+typedef FmtHalf<true> FmtBF16;
+
+// -- legacy quants: piece p = qs bytes 4p..4p+3, i.e. values 4p..4p+3 (low
+// nibbles) and 16+4p..16+4p+3 (high nibbles); Q8_0's piece is 8 int8 values.
+
+// 4-bit quants of a piece: q[i] low nibbles, q[4 + i] high nibbles.
+__device__ __forceinline__ void split_nibbles(u32 qs, int* q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        q[i] = (int)byte_of(qs, i) & 0xF;
+        q[4 + i] = (int)byte_of(qs, i) >> 4;
+    }
+}
+
+// Add the fifth bits of piece p (bit j of qh is the fifth bit of value j).
+__device__ __forceinline__ void add_fifth_bits(u32 qh, int p, int* q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        q[i] |= (int)((qh >> (4 * p + i)) & 1u) << 4;
+        q[4 + i] |= (int)((qh >> (16 + 4 * p + i)) & 1u) << 4;
+    }
+}
+
+struct FmtQ4_0 {  // [d f16][qs 16]: x = d * (q - 8)
+    static constexpr int QK = 32, BYTES = 18, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static int base(int p) { return 4 * p; }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const float d = f16_to_f32(ld16(b));
+        int q[8];
+        split_nibbles(ld32_a2(b + 2 + 4 * p), q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = d * (float)(q[i] - 8);
+    }
+};
+
+struct FmtQ4_1 {  // [d f16][m f16][qs 16]: x = d * q + m
+    static constexpr int QK = 32, BYTES = 20, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static int base(int p) { return 4 * p; }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const u32 dm = ld32(b);
+        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
+        int q[8];
+        split_nibbles(ld32(b + 4 + 4 * p), q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = d * (float)q[i] + m;
+    }
+};
+
+struct FmtQ5_0 {  // [d f16][qh 4][qs 16]: x = d * (q - 16)
+    static constexpr int QK = 32, BYTES = 22, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static int base(int p) { return 4 * p; }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const float d = f16_to_f32(ld16(b));
+        int q[8];
+        split_nibbles(ld32_a2(b + 6 + 4 * p), q);
+        add_fifth_bits(ld32_a2(b + 2), p, q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = d * (float)(q[i] - 16);
+    }
+};
+
+struct FmtQ5_1 {  // [d f16][m f16][qh 4][qs 16]: x = d * q + m
+    static constexpr int QK = 32, BYTES = 24, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static int base(int p) { return 4 * p; }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const u32 dm = ld32(b);
+        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
+        int q[8];
+        split_nibbles(ld32(b + 8 + 4 * p), q);
+        add_fifth_bits(ld32(b + 4), p, q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = d * (float)q[i] + m;
+    }
+};
+
+struct FmtQ8_0 {  // [d f16][qs int8 x 32]: x = d * q; piece p = values 8p..8p+7
+    static constexpr int QK = 32, BYTES = 34, PIECES = 4, RUNS = 1, RUN = 8, STRIDE = 0;
+    __device__ static int base(int p) { return 8 * p; }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const float d = f16_to_f32(ld16(b));
+        const u8* qs = b + 2 + 8 * p;
+        u32 w[2] = {ld32_a2(qs), ld32_a2(qs + 4)};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = (float)(signed char)byte_of(w[i / 4], i % 4) * d;
+    }
+};
