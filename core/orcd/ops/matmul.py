@@ -19,3 +19,265 @@ def linear_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.
 def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     # table: [n_vocab, D], ids: [T] -> [T, D]
     return table[ids].astype(np.float32)
+
+
+# ======================================================================================
+# CUDA kernels (matmul.cu): everything below runs on the GPU machine only. CUDA
+# modules are imported lazily, so importing orcd.ops never touches CUDA.
+# ======================================================================================
+
+#: GGML type id -> kernel-name suffix in matmul.cu.
+CUDA_SUFFIX = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1",
+               8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 39: "mxfp4"}
+PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte load) at a time
+GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
+GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
+GEMV_ROWS = 4               # warps per GEMV block
+WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
+SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
+MAX_GRID_Y = 65535
+
+
+def gemv_split(n_out: int) -> int:
+    """Warps that share one output row: few rows -> more warps per row, so the
+    grid still fills the GPU (896 rows x 4 warps vs 151936 rows x 1)."""
+    return 1 if n_out >= 8192 else 2 if n_out >= 2048 else 4
+
+
+def prefill_chunk_rows(n_out: int, n_in: int) -> int:
+    """Weight rows dequantized per prefill GEMM (a tile of <= WEIGHT_TILE_ELEMS values)."""
+    return min(n_out, max(128, WEIGHT_TILE_ELEMS // n_in // 128 * 128))
+
+
+def prefill_scratch_bytes(T: int, n_out: int, n_in: int) -> int:
+    """Scratch bytes ``linear`` takes from the arena for T > GEMV_MAX_T tokens:
+    x as halves [T, n_in], a weight tile [rows, n_in] and its result [T, rows]."""
+    def aligned(n: int) -> int:
+        return -(-n // SCRATCH_ALIGN) * SCRATCH_ALIGN
+
+    rows = prefill_chunk_rows(n_out, n_in)
+    return aligned(2 * T * n_in) + aligned(2 * rows * n_in) + aligned(2 * T * rows)
+
+
+def _kernel_source():
+    from importlib import resources
+
+    from orcd.cuda.nvrtc import KernelSource
+
+    quant = resources.files("orcd.quant")
+    headers = {h: (quant / h).read_text() for h in ("simple.cuh", "kquants.cuh", "mxfp4.cuh")}
+    return KernelSource("matmul.cu", (resources.files("orcd.ops") / "matmul.cu").read_text(), headers)
+
+
+class MatmulKernels:
+    """Quantized linear layers, embedding lookup and expert GEMV on the GPU.
+
+    Every method only enqueues kernels on the device's stream: no host sync,
+    no allocation, no read of device memory on the host, so the decode path
+    (T <= GEMV_MAX_T) can be captured in a CUDA graph. Prefill (T > GEMV_MAX_T)
+    dequantizes the weight a tile at a time into arena scratch and runs a
+    cuBLASLt GEMM through ``orcd.cuda.blas.Gemm`` (nvmath; not graph-captured).
+    """
+
+    def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None) -> None:
+        """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
+        launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
+        prefill GEMM's operand type; ``scratch`` an optional default Arena."""
+        if gemm_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
+        self.device, self.launch = device, launcher
+        self.module = compiler.load(device, _kernel_source())
+        self.gemm_dtype = gemm_dtype
+        self.scratch = scratch
+        self._gemm = None
+        self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
+
+    # -- public ops --------------------------------------------------------------------
+
+    def linear(self, x, w, b, out, scratch=None) -> None:
+        """out[T, n_out] = x[T, n_in] @ w.T (+ b). x, b, out float32 DeviceTensors;
+        w a QWeight [n_out, n_in]. T <= 8: GEMV, weights dequantized in registers.
+        Larger T: fp16 tiles + tensor-core GEMM with scratch from ``scratch`` (or
+        the default arena), else GEMV over 8-token slices."""
+        T, n_in = self._check_linear(x, w, b, out)
+        if T <= GEMV_MAX_T:
+            self._gemv(x, w, b, out)
+            return
+        arena = scratch if scratch is not None else self.scratch
+        if arena is not None and self._gemm_ready():
+            self.last_prefill = "gemm"
+            self._prefill(x, w, b, out, arena)
+            return
+        self.last_prefill = "gemv"
+        for s in range(0, T, GEMV_MAX_T):
+            e = min(T, s + GEMV_MAX_T)
+            self._gemv(x.rows(s, e), w, b, out.rows(s, e))
+
+    def embed(self, table, ids, out) -> None:
+        """out[T, D] = dequantized rows ids[T] (int32, read on the device) of the
+        QWeight table [n_vocab, D]; an id outside the table gives a NaN row."""
+        n_vocab, D = self._check_2d(table, "embed table")
+        T = self._check_vector(ids, np.int32, "ids")
+        self._check_tensor(out, (T, D), "embed out")
+        self._check_row(table, D)
+        qk, pieces = self._pieces(table.type_id)
+        kernel = self._fn(f"embed_{CUDA_SUFFIX[table.type_id]}")
+        n = D // qk * pieces
+        for s in range(0, T, MAX_GRID_Y):
+            e = min(T, s + MAX_GRID_Y)
+            self.launch(kernel, (-(-n // 128), e - s), 128,
+                        [_ptr(table.ptr), np.int64(table.row_bytes), _ptr(ids.ptr + 4 * s),
+                         n_vocab, _ptr(out.ptr + 4 * s * D), D])
+
+    def moe_linear(self, x, w, b, expert_ids, out) -> None:
+        """out[T, k, n_out] = x_t(,slot) @ w[e].T (+ b[e]) with e = expert_ids[t, slot]
+        (int32 on the device; an id outside 0..n_expert-1 gives NaN). w: QWeight
+        [n_expert, n_out, n_in]; b: [n_expert, n_out] or None; x: [T, n_in] (one
+        row per token) or [T * k, n_in] (one per slot). Reads only chosen experts."""
+        if len(w.shape) != 3:
+            raise ValueError(f"moe_linear weight must be [n_expert, n_out, n_in], got {w.shape}")
+        n_expert, n_out, n_in = w.shape
+        if len(expert_ids.shape) != 2 or np.dtype(expert_ids.dtype) != np.int32:
+            raise ValueError(f"expert_ids must be int32 [T, k], got {expert_ids.dtype} {expert_ids.shape}")
+        T, k = expert_ids.shape
+        if x.shape not in ((T, n_in), (T * k, n_in)) or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"moe_linear x must be float32 [{T}, {n_in}] or [{T * k}, {n_in}], "
+                             f"got {x.dtype} {x.shape}")
+        per_pair = x.shape[0] == T * k and k > 1
+        self._check_tensor(out, (T, k, n_out), "moe_linear out")
+        if b is not None:
+            self._check_tensor(b, (n_expert, n_out), "moe_linear bias")
+        self._check_row(w, n_in)
+        kernel = self._fn(f"moe_gemv_{CUDA_SUFFIX[w.type_id]}")
+        split = gemv_split(n_out)
+        grid_x = -(-n_out // (GEMV_ROWS // split))
+        step = MAX_GRID_Y // k * k   # whole tokens per launch
+        expert_bytes = w.fmt.tensor_bytes((n_out, n_in))
+        for s in range(0, T * k, step):
+            e = min(T * k, s + step)
+            x_row = s if per_pair else s // k
+            self.launch(kernel, (grid_x, e - s), 32 * GEMV_ROWS,
+                        [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)), np.int64(expert_bytes),
+                         _ptr(x.ptr + 4 * x_row * n_in), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
+                         n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
+                         n_out, n_in, split])
+
+    def dequantize(self, w, out, row0: int = 0) -> None:
+        """Rows [row0, row0 + out.shape[0]) of the QWeight w as float16 (or
+        bfloat16: out dtype uint16 means bf16 bits) into out [rows, n_in]."""
+        n_out, n_in = self._check_2d(w, "weight")
+        rows = out.shape[0]
+        if out.shape != (rows, n_in) or not 0 <= row0 <= row0 + rows <= n_out:
+            raise ValueError(f"dequantize: out {out.shape} at row {row0} does not fit weight {w.shape}")
+        bf16 = np.dtype(out.dtype) == np.uint16
+        self._dequant(w, row0, rows, out.ptr, bf16)
+
+    # -- paths -------------------------------------------------------------------------
+
+    def _gemv(self, x, w, b, out) -> None:
+        T, n_in = x.shape
+        n_out = w.shape[0]
+        tm = next(m for m in GEMV_TM if m >= T)
+        split = gemv_split(n_out)
+        self.launch(self._fn(f"gemv_{CUDA_SUFFIX[w.type_id]}_t{tm}"),
+                    -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T,
+                     _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    def _prefill(self, x, w, b, out, arena) -> None:
+        # x16 [T, n_in]; per tile: w16 [rows, n_in] -> y16 [T, rows] -> out[:, r0:r0+rows] (+ b)
+        T, n_in = x.shape
+        n_out = w.shape[0]
+        bf16 = self.gemm_dtype == "bfloat16"
+        chunk = prefill_chunk_rows(n_out, n_in)
+        mark = arena.offset
+        try:
+            x16 = arena.empty((T, n_in), np.uint16)
+            w16 = arena.empty((chunk, n_in), np.uint16)
+            y16 = arena.empty((T, chunk), np.uint16)
+            n = T * n_in
+            self.launch(self._fn("to_half"), -(-n // 256), 256,
+                        [_ptr(x.ptr), _ptr(x16.ptr), np.int64(n), int(bf16)])
+            for r0 in range(0, n_out, chunk):
+                rows = min(chunk, n_out - r0)
+                self._dequant(w, r0, rows, w16.ptr, bf16)
+                self._gemm(x16.ptr, w16.ptr, y16.ptr, T, rows, n_in, self.gemm_dtype)
+                self.launch(self._fn("from_half"), -(-(T * rows) // 256), 256,
+                            [_ptr(y16.ptr), T, rows, _ptr(b.ptr if b is not None else 0),
+                             _ptr(out.ptr), n_out, r0, int(bf16)])
+        finally:
+            arena.offset = mark  # stream order makes the scratch free for the next op
+
+    def _dequant(self, w, row0: int, rows: int, dst: int, bf16: bool) -> None:
+        n_in = w.shape[-1]
+        self._check_row(w, n_in)
+        qk, pieces = self._pieces(w.type_id)
+        n = rows * (n_in // qk) * pieces
+        name = f"dequant_{'bf16' if bf16 else 'f16'}_{CUDA_SUFFIX[w.type_id]}"
+        self.launch(self._fn(name), -(-n // 256), 256,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), row0, rows, n_in, _ptr(dst)])
+
+    def _gemm_ready(self) -> bool:
+        if self._gemm is None:
+            try:
+                import cupy  # noqa: F401
+                import nvmath  # noqa: F401
+            except ImportError:
+                self._gemm = False
+            else:
+                from orcd.cuda.blas import Gemm
+
+                self._gemm = Gemm(self.device)
+        return self._gemm is not False
+
+    # -- checks and helpers ------------------------------------------------------------
+
+    def _fn(self, name: str):
+        return self.module.function(name)
+
+    @staticmethod
+    def _pieces(type_id: int) -> tuple[int, int]:
+        """(values per kernel block, pieces per block) as in the format structs."""
+        if type_id in PLAIN_TYPES:
+            return 8, 1
+        return (256, 8) if type_id in (12, 13, 14) else (32, 4)
+
+    def _check_row(self, w, n_in: int) -> None:
+        if w.type_id not in CUDA_SUFFIX:
+            raise ValueError(f"no CUDA matmul kernel for tensor type {w.fmt.name} ({w.type_id})")
+        qk, _ = self._pieces(w.type_id)
+        if n_in % qk:
+            raise ValueError(f"{w.fmt.name} rows of {n_in} values: the kernels need a multiple of {qk}")
+
+    @staticmethod
+    def _check_2d(w, what: str) -> tuple[int, int]:
+        if len(w.shape) != 2:
+            raise ValueError(f"{what} must be 2-D, got shape {w.shape}")
+        return w.shape
+
+    @staticmethod
+    def _check_tensor(t, shape: tuple, what: str, dtype=np.float32) -> None:
+        if tuple(t.shape) != tuple(shape) or np.dtype(t.dtype) != np.dtype(dtype):
+            raise ValueError(f"{what} must be {np.dtype(dtype).name} {tuple(shape)}, got {t.dtype} {t.shape}")
+
+    @staticmethod
+    def _check_vector(t, dtype, what: str) -> int:
+        if len(t.shape) != 1 or np.dtype(t.dtype) != np.dtype(dtype):
+            raise ValueError(f"{what} must be a 1-D {np.dtype(dtype).name} tensor, got {t.dtype} {t.shape}")
+        return t.shape[0]
+
+    def _check_linear(self, x, w, b, out) -> tuple[int, int]:
+        n_out, n_in = self._check_2d(w, "linear weight")
+        if len(x.shape) != 2 or x.shape[1] != n_in:
+            raise ValueError(f"linear x must be [T, {n_in}], got {x.shape}")
+        T = x.shape[0]
+        self._check_tensor(x, (T, n_in), "linear x")
+        self._check_tensor(out, (T, n_out), "linear out")
+        if b is not None:
+            self._check_tensor(b, (n_out,), "linear bias")
+        self._check_row(w, n_in)
+        return T, n_in
+
+
+def _ptr(p: int) -> np.uint64:
+    return np.uint64(int(p))

@@ -1,0 +1,218 @@
+// Quantized matmul family: GEMV for decode, weight dequantization to fp16/bf16
+// scratch for the prefill GEMM, embedding lookup, and the per-token expert
+// GEMV of a mixture of experts. Weights stay in their GGUF blocks; each thread
+// dequantizes one piece of a block into registers (the format structs of
+// quant/{simple,kquants,mxfp4}.cuh). Activations and accumulation are fp32.
+//
+// GEMV layout: a block of 4 warps; `split` (1, 2 or 4) warps share one output
+// row, so a block covers 4 / split rows. Within a row, lane l of part s takes
+// pieces s * 32 + l, + 32 * split, ...: consecutive lanes read consecutive
+// bytes of the row (coalesced), and every weight byte is read once for all
+// T <= TM tokens. Sums: warp butterfly, then the split warps' partials added
+// in a fixed order through shared memory -- no atomics, so the same inputs
+// give the same bits.
+#include "simple.cuh"
+#include "kquants.cuh"
+#include "mxfp4.cuh"
+
+#define GEMV_THREADS 128
+#define GEMV_WARPS (GEMV_THREADS / 32)
+
+template <class F>
+__device__ __forceinline__ float dot_piece(const float* v, const float* __restrict__ xt) {
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            const float4 xv = __ldg((const float4*)(xt + r * F::STRIDE + i));
+            const float* vv = v + r * F::RUN + i;
+            s = fmaf(vv[0], xv.x, s);
+            s = fmaf(vv[1], xv.y, s);
+            s = fmaf(vv[2], xv.z, s);
+            s = fmaf(vv[3], xv.w, s);
+        }
+    return s;
+}
+
+// out[t, row] = sum_k w[row, k] * x[t, k] (+ bias[row]) for t < nT <= TM.
+// w: rows of `row_bytes`; x: [nT, n_in]; out: [nT, out_stride].
+template <class F, int TM>
+__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long row_bytes,
+                                          const float* __restrict__ x, int nT,
+                                          const float* __restrict__ bias, float* __restrict__ out,
+                                          int out_stride, int n_out, int n_in, int split) {
+    __shared__ float partial[GEMV_WARPS][TM];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
+    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    float acc[TM];
+#pragma unroll
+    for (int t = 0; t < TM; ++t) acc[t] = 0.f;
+    if (row < n_out) {
+        const u8* wr = w + (long long)row * row_bytes;
+#pragma unroll 2
+        for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
+            const int blk = c / F::PIECES, p = c % F::PIECES;
+            float v[F::RUNS * F::RUN];
+            F::load(wr + (long long)blk * F::BYTES, p, v);
+            const int pos = blk * F::QK + F::base(p);
+#pragma unroll
+            for (int t = 0; t < TM; ++t)
+                if (t < nT) acc[t] += dot_piece<F>(v, x + (long long)t * n_in + pos);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xFFFFFFFFu, acc[t], off);
+        if (lane == 0) partial[warp][t] = acc[t];
+    }
+    __syncthreads();
+    if (part == 0 && lane < nT && row < n_out) {
+        float s = 0.f;
+        for (int k = 0; k < split; ++k) s += partial[warp + k][lane];
+        if (bias) s += bias[row];
+        out[(long long)lane * out_stride + row] = s;
+    }
+}
+
+// One (token, slot) pair per blockIdx.y: expert e = ids[pair] picks the weight
+// [n_out, n_in] at w + e * expert_bytes and the bias row e; x is per token
+// ([T, n_in]) or per pair ([T * k, n_in]). An id outside 0..n_expert-1 writes NaN.
+template <class F>
+__device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row_bytes,
+                                         long long expert_bytes, const float* __restrict__ x,
+                                         int x_per_pair, const int* __restrict__ ids, int k,
+                                         int n_expert, const float* __restrict__ bias,
+                                         float* __restrict__ out, int n_out, int n_in, int split) {
+    const int pair = blockIdx.y;
+    const int e = ids[pair];
+    float* out_p = out + (long long)pair * n_out;
+    if (e < 0 || e >= n_expert) {  // uniform per block: no barrier is skipped by part of it
+        const int row = blockIdx.x * (GEMV_WARPS / split) + (threadIdx.x >> 5) / split;
+        if ((threadIdx.x & 31) == 0 && (threadIdx.x >> 5) % split == 0 && row < n_out)
+            out_p[row] = __int_as_float(0x7FC00000);
+        return;
+    }
+    const float* x_p = x + (long long)(x_per_pair ? pair : pair / k) * n_in;
+    const float* b_p = bias ? bias + (long long)e * n_out : nullptr;
+    gemv_rows<F, 1>(w + (long long)e * expert_bytes, row_bytes, x_p, 1, b_p, out_p, n_out, n_out,
+                    n_in, split);
+}
+
+// Embedding rows: one thread per piece of row ids[t] (blockIdx.y = t); an id
+// outside the table writes NaN.
+template <class F>
+__device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long long row_bytes,
+                                           const int* __restrict__ ids, int n_vocab,
+                                           float* __restrict__ out, int D) {
+    const int t = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= (D / F::QK) * F::PIECES) return;
+    const int id = ids[t], blk = c / F::PIECES, p = c % F::PIECES;
+    float v[F::RUNS * F::RUN];
+    if (id >= 0 && id < n_vocab) {
+        F::load(table + (long long)id * row_bytes + (long long)blk * F::BYTES, p, v);
+    } else {
+#pragma unroll
+        for (int i = 0; i < F::RUNS * F::RUN; ++i) v[i] = __int_as_float(0x7FC00000);
+    }
+    float* o = out + (long long)t * D + blk * F::QK + F::base(p);
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            const float* vv = v + r * F::RUN + i;
+            *(float4*)(o + r * F::STRIDE + i) = make_float4(vv[0], vv[1], vv[2], vv[3]);
+        }
+}
+
+// Rows [row0, row0 + n_rows) of w as fp16 (or bf16) into out [n_rows, n_in]:
+// the scratch operand of the prefill GEMM. One thread per piece.
+template <class F, bool BF16>
+__device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long row_bytes, int row0,
+                                             int n_rows, int n_in, u16* __restrict__ out) {
+    const int per_row = (n_in / F::QK) * F::PIECES;
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= (long long)n_rows * per_row) return;
+    const int r_local = (int)(c / per_row), k = (int)(c % per_row);
+    const int blk = k / F::PIECES, p = k % F::PIECES;
+    float v[F::RUNS * F::RUN];
+    F::load(w + (long long)(row0 + r_local) * row_bytes + (long long)blk * F::BYTES, p, v);
+    u16* o = out + (long long)r_local * n_in + blk * F::QK + F::base(p);
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            u16 h[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float f = v[r * F::RUN + i + j];
+                h[j] = BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+            }
+            *(uint2*)(o + r * F::STRIDE + i) = make_uint2((u32)h[0] | ((u32)h[1] << 16),
+                                                          (u32)h[2] | ((u32)h[3] << 16));
+        }
+}
+
+#define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
+    float* out, int n_out, int n_in, int split
+#define GEMV_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, x, nT, bias, out, n_out, n_out, n_in, split)
+
+#define FORMAT_KERNELS(NAME, F)                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { GEMV_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_##NAME(                    \
+        const u8* w, long long row_bytes, long long expert_bytes, const float* x, int x_per_pair,  \
+        const int* ids, int k, int n_expert, const float* bias, float* out, int n_out, int n_in,   \
+        int split) {                                                                                \
+        moe_gemv<F>(w, row_bytes, expert_bytes, x, x_per_pair, ids, k, n_expert, bias, out, n_out, \
+                    n_in, split);                                                                   \
+    }                                                                                               \
+    extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
+                                            int n_vocab, float* out, int D) {                       \
+        embed_rows<F>(table, row_bytes, ids, n_vocab, out, D);                                      \
+    }                                                                                               \
+    extern "C" __global__ void dequant_f16_##NAME(const u8* w, long long row_bytes, int row0,       \
+                                                  int n_rows, int n_in, u16* out) {                 \
+        dequant_rows<F, false>(w, row_bytes, row0, n_rows, n_in, out);                              \
+    }                                                                                               \
+    extern "C" __global__ void dequant_bf16_##NAME(const u8* w, long long row_bytes, int row0,      \
+                                                   int n_rows, int n_in, u16* out) {                \
+        dequant_rows<F, true>(w, row_bytes, row0, n_rows, n_in, out);                               \
+    }
+
+FORMAT_KERNELS(f32, FmtF32)
+FORMAT_KERNELS(f16, FmtF16)
+FORMAT_KERNELS(bf16, FmtBF16)
+FORMAT_KERNELS(q4_0, FmtQ4_0)
+FORMAT_KERNELS(q4_1, FmtQ4_1)
+FORMAT_KERNELS(q5_0, FmtQ5_0)
+FORMAT_KERNELS(q5_1, FmtQ5_1)
+FORMAT_KERNELS(q8_0, FmtQ8_0)
+FORMAT_KERNELS(q4_k, FmtQ4_K)
+FORMAT_KERNELS(q5_k, FmtQ5_K)
+FORMAT_KERNELS(q6_k, FmtQ6_K)
+FORMAT_KERNELS(mxfp4, FmtMXFP4)
+
+// -- prefill glue around the GEMM ------------------------------------------------------
+
+// x [n] fp32 -> fp16 / bf16 (the GEMM's activation operand).
+extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict__ y, long long n, int bf16) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]);
+}
+
+// out[t, col0 + j] = y[t, j] (+ bias[col0 + j]) for the GEMM's [T, cols] half result.
+extern "C" __global__ void from_half(const u16* __restrict__ y, int T, int cols, const float* __restrict__ bias,
+                                     float* __restrict__ out, int n_out, int col0, int bf16) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * cols) return;
+    const int t = (int)(i / cols), j = (int)(i % cols);
+    float v = bf16 ? bf16_to_f32(y[i]) : f16_to_f32(y[i]);
+    if (bias) v += bias[col0 + j];
+    out[(long long)t * n_out + col0 + j] = v;
+}
