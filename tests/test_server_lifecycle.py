@@ -206,3 +206,18 @@ def test_narration_forms():
     line = json.loads(pipe.getvalue())
     assert line["prompt"] == "the prompt" and line["gpu_device"] == "cuda:0"
     assert line["event"] == "execute_start" and line["job_id"] == "j1" and line["worker_id"] == "w"
+
+
+def test_broken_chat_template_fails_only_chat(tiny_model):
+    def broken_template(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+        lm.tokenizer.chat_template = "{% for message in messages %}"   # unclosed block
+        return lm
+
+    with running_server(config(tiny_model("qwen2-tiny")), loader=broken_template) as s:
+        chat = httpx.post(f"{s.url}/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"]
+        done = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert done.status_code == 200
+        assert s.narration.wait_for(event="error", where="chat_template")

@@ -84,7 +84,7 @@ class Gate:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                                        key.encode()):
                 return Unauthorized("missing or wrong bearer token")
-        if self.state.status == "loading":
+        if self.state.status == "loading" and scope["path"] != "/shutdown":
             return Unavailable("the model is loading")
         return None
 
@@ -188,13 +188,13 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     narr.event("model_load_start", path=cfg.model_path, device=cfg.device)
     t0 = time.monotonic()
     progress = LoadProgress(narr)
+    lm = None
     try:
         lm = loader(cfg, progress)
         progress.finish()
-        from orcd.chat import ChatTemplate
         from orcd.engine import Engine
         state.loaded, state.engine = lm, Engine(lm)
-        state.chat_template = ChatTemplate.for_tokenizer(lm.tokenizer)
+        state.chat_template = _chat_template(state)
         state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
                               narrator=narr, idle_task=lambda: _refresh_device_state(state))
         state.health_cache.update(_model_facts(state))
@@ -203,9 +203,12 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     except BaseException as e:
         state.load_error = e
         state.status = "unhealthy"
+        state.loaded = state.engine = None
+        if lm is not None:
+            lm.close()
         err = e if isinstance(e, OrcdError) else None
         narr.event("error", where="model_load", code=getattr(err, "code", "MODEL_LOAD_FAILED"),
-                   message=str(e) if err is None else err.message)
+                   message=f"{type(e).__name__}: {e}" if err is None else err.message)
         loop.call_soon_threadsafe(state.request_exit)
         return
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
@@ -217,6 +220,17 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     narr.event("ready", url=cfg.public_url)
     if cfg.callback_url:
         _callback(state)
+
+
+def _chat_template(state: ServerState):
+    """The model's template, compiled once. A broken one fails only chat
+    requests (with its error), not the worker."""
+    from orcd.chat import ChatTemplate, TemplateError
+    try:
+        return ChatTemplate.for_tokenizer(state.loaded.tokenizer)
+    except TemplateError as e:
+        state.narrator.event("error", where="chat_template", message=e.message)
+        return e
 
 
 def _model_facts(state: ServerState) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def router(state: ServerState) -> APIRouter:
         if req.echo:
             raise InvalidRequest("echo is not supported", field="echo")
         ids = await _completion_prompt(state, req.prompt)
-        stream, seed = _submit(state, "cmpl", ids, req, req.max_tokens)
+        stream = _submit(state, "cmpl", ids, req, req.max_tokens)
         meta = _meta(stream, "text_completion", cfg.model_ref)
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
@@ -105,9 +105,11 @@ def router(state: ServerState) -> APIRouter:
             kwargs["tools"] = req.tools
         if req.reasoning_effort is not None:
             kwargs["reasoning_effort"] = req.reasoning_effort
+        if isinstance(state.chat_template, OrcdError):
+            raise state.chat_template
         ids = state.chat_template.prompt_ids(state.loaded.tokenizer, messages,
                                              add_generation_prompt=True, **kwargs)
-        stream, seed = _submit(state, "chatcmpl", ids, req,
+        stream = _submit(state, "chatcmpl", ids, req,
                                req.max_completion_tokens or req.max_tokens)
         meta = _meta(stream, "chat.completion.chunk" if req.stream else "chat.completion",
                      cfg.model_ref)
@@ -175,7 +177,7 @@ def _submit(state: ServerState, prefix: str, ids: list[int], req, max_tokens: in
     job_id = f"{prefix}-{uuid.uuid4().hex}"
     stream = state.submit(job_id, ids, max_tokens=max_tokens, sampling=sampling,
                           stop=req.stops(), prompt_text=None)
-    return stream, sampling.seed
+    return stream
 
 
 def _meta(stream: JobStream, obj: str, model: str) -> dict[str, Any]:
