@@ -1,0 +1,130 @@
+"""Decode GEMV bandwidth: achieved GB/s of MatmulKernels.linear vs the card's copy bandwidth.
+
+    python3 bench/bench_gemv.py [--replays 15] [--out results.md]
+
+Bytes counted per GEMV: the weight's blocks + x + out (each read or written
+once). A GEMV of a few MB takes microseconds, far less than a Python launch,
+so each measurement is a captured CUDA graph of many launches (rotating over
+enough weight copies that they cannot all sit in L2), timed with CUDA events
+around each replay after a warm-up replay; the median replay over its launch
+count is the time per GEMV. Ceiling: a 1 GiB device-to-device copy (bytes read
++ written), median of 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import numpy as np
+
+# (format, n_out, n_in, T): Qwen2.5-0.5B's output matrix and FFN shapes first, then
+# every format at a size big enough to show the kernel's own bandwidth.
+QWEN = [("Q8_0", 151936, 896, 1), ("Q8_0", 151936, 896, 8), ("Q5_0", 4864, 896, 1),
+        ("Q4_K", 896, 4864, 1), ("Q6_K", 896, 4864, 1), ("Q5_0", 896, 896, 1)]
+BIG = [(name, 16384, 4096, 1) for name in
+       ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")]
+
+
+class Timer:
+    def __init__(self, dev):
+        from orcd.cuda.driver import cu
+
+        self.dev, self.cu = dev, cu
+        self.start, self.stop = cu("cuEventCreate", 0), cu("cuEventCreate", 0)
+
+    def ms(self, fn) -> float:
+        cu, stream = self.cu, self.dev.stream
+        cu("cuEventRecord", self.start, stream)
+        fn()
+        cu("cuEventRecord", self.stop, stream)
+        cu("cuEventSynchronize", self.stop)
+        return float(cu("cuEventElapsedTime", self.start, self.stop))
+
+
+def copy_gbps(dev, alloc, timer, nbytes=1 << 30) -> float:
+    from orcd.cuda.driver import cu
+
+    a, b = alloc.alloc(nbytes, "test"), alloc.alloc(nbytes, "test")
+    run = lambda: cu("cuMemcpyDtoDAsync", b.ptr, a.ptr, nbytes, dev.stream)  # noqa: E731
+    run()
+    times = [timer.ms(run) for _ in range(10)]
+    alloc.free(a)
+    alloc.free(b)
+    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays):
+    from orcd.cuda.graph import capture
+    from orcd.cuda.memory import from_host
+    from orcd.cuda.tensor import DeviceTensor, QWeight
+
+    ids = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+           "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
+    fmt = host.formats[ids[name]]
+    rng = np.random.default_rng(0)
+    raw = fmt.random_blocks(n_out * n_in // fmt.block_elems, rng, 0.05)
+    copies = min(64, max(1, math.ceil(4 * dev.info.l2_bytes / raw.nbytes)))
+    bufs = [alloc.alloc(raw.nbytes, "test") for _ in range(copies)]
+    for buf in bufs:
+        from_host(dev, raw, buf.ptr)
+    ws = [QWeight(buf.ptr, (n_out, n_in), fmt.type_id, fmt) for buf in bufs]
+    xb, ob = alloc.alloc(4 * T * n_in, "test"), alloc.alloc(4 * T * n_out, "test")
+    from_host(dev, rng.standard_normal((T, n_in)).astype(np.float32), xb.ptr)
+    x, out = DeviceTensor(xb.ptr, (T, n_in), np.float32), DeviceTensor(ob.ptr, (T, n_out), np.float32)
+    launches = copies * max(1, 64 // copies)
+
+    def record():
+        for i in range(launches):
+            mk.linear(x, ws[i % copies], None, out)
+
+    with capture(dev, record) as graph:
+        graph.replay()
+        dev.synchronize()
+        times = [timer.ms(graph.replay) for _ in range(replays)]
+    for buf in (*bufs, xb, ob):
+        alloc.free(buf)
+    us = statistics.median(times) * 1e3 / launches
+    nbytes = raw.nbytes + 4 * T * (n_in + n_out)
+    return us, nbytes / (us * 1e-6) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--replays", type=int, default=15)
+    ap.add_argument("--out", help="also write the markdown table here")
+    args = ap.parse_args()
+
+    from orcd.cuda.device import CudaDevice
+    from orcd.cuda.launch import Launcher
+    from orcd.cuda.memory import DeviceAllocator
+    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.ops.matmul import MatmulKernels
+    from orcd.plugins import PluginHost
+
+    dev = CudaDevice(0)
+    alloc = DeviceAllocator(dev)
+    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False))
+    timer, host = Timer(dev), PluginHost()
+    ceiling = copy_gbps(dev, alloc, timer)
+    card = dev.info.name
+    lines = [f"Card: **{card}** ({dev.info.sm_count} SMs, L2 {dev.info.l2_bytes >> 20} MiB); "
+             f"copy ceiling {ceiling:.0f} GB/s (1 GiB D2D, read + write).", "",
+             "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
+    for name, n_out, n_in, T in QWEN + BIG:
+        us, gbps = bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, args.replays)
+        line = (f"| {card} | {name} | {n_out} x {n_in} | {T} | {us:.2f} | {gbps:.0f} | "
+                f"{100 * gbps / ceiling:.0f}% |")
+        lines.append(line)
+        print(line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    dev.close()
+
+
+if __name__ == "__main__":
+    main()
