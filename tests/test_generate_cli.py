@@ -84,3 +84,13 @@ def test_unavailable_gpu_is_a_clear_error(tiny):
     with pytest.raises(OrcdError) as e:
         generate.run(args)
     assert "cuda" in e.value.message.lower() or "device" in e.value.message.lower()
+
+
+def test_through_the_orcd_cli(tiny, capsys):
+    from orcd.cli import main
+    assert main(["generate", "--model", tiny[0], "--prompt", "Hello", "--device", "cpu",
+                 "--temperature", "0", "--max-tokens", "4", "--quiet"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(["generate", "--model", tiny[0], "--prompt", "x", "--device", "cpu",
+                 "--top-k", "-3"]) == 1
+    assert "--top-k must be 0 or more" in capsys.readouterr().err

@@ -17,10 +17,7 @@ import pytest
 from orcd.commands import serve
 from orcd.server.testing import SSEStream
 
-# Runs one command module the way orcd.cli does (independent of the other commands).
-HARNESS = ("import argparse, sys; from orcd.commands import serve as m; "
-           "p = argparse.ArgumentParser(prog='orcd serve'); m.add_arguments(p); "
-           "sys.exit(m.run(p.parse_args(sys.argv[1:])))")
+ORCD = [sys.executable, "-m", "orcd.cli"]
 
 
 def run_serve(argv: list[str], capsys) -> tuple[int, str]:
@@ -95,7 +92,7 @@ def test_missing_gpu_is_a_clear_error(tiny, capsys):
 
 def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", HARNESS, *argv, "--device", "cpu",
+    proc = subprocess.Popen([*ORCD, "serve", *argv, "--device", "cpu",
                              "--port", str(port)], stderr=subprocess.PIPE, text=True)
     return proc, f"http://127.0.0.1:{port}"
 
