@@ -30,6 +30,9 @@ from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import ServerConfig, ServerState
 from orcd.server.worker import Worker
 
+#: how often the inference thread, when idle, checks that the weights are resident
+RESIDENCY_INTERVAL_S = 30.0
+
 Loader = Callable[[ServerConfig, Callable[[float], None]], Any]
 
 
@@ -196,7 +199,8 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.loaded, state.engine = lm, Engine(lm)
         state.chat_template = _chat_template(state)
         state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
-                              narrator=narr, idle_task=lambda: _refresh_device_state(state))
+                              narrator=narr, idle_task=lambda: _refresh_device_state(state),
+                              idle_interval=RESIDENCY_INTERVAL_S)
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
         state.worker.start()
@@ -251,7 +255,11 @@ def _refresh_device_state(state: ServerState) -> None:
     state.metrics.set_memory(usage)
     state.health_cache["vram_bytes_used"] = int(sum(usage.values()))
     check = getattr(backend, "check_residency", None)
-    if check is not None and not check():
+    now = time.monotonic()
+    if check is None or now - state.last_residency_check < RESIDENCY_INTERVAL_S:
+        return
+    state.last_residency_check = now
+    if not check():
         state.metrics.residency_failures.inc()
         state.health_cache["resident"] = False
         state.status = "unhealthy"

@@ -61,6 +61,7 @@ class ServerState:
         self.started_wall = time.time()
         self.request_exit: Callable[[], None] = lambda: None   # set by whoever runs uvicorn
         self.shutdown_task: asyncio.Task | None = None
+        self.last_residency_check = float("-inf")
 
     # -- cached state for /health (no device calls on the request path) --------
     def health(self) -> dict[str, Any]:
