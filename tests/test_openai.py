@@ -64,6 +64,7 @@ def test_chat_stream_chunks_match_the_non_streamed_answer(client):
     assert last.choices[0].finish_reason == "length"
     assert last.choices[0].delta.content is None and last.choices[0].delta.role is None
     assert usage.choices == [] and usage.usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in body) == full.choices[0].message.content
 
 
@@ -74,6 +75,7 @@ def test_raw_wire_format(srv):
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
+    assert all('"usage"' not in line for line in lines)   # only with include_usage
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -110,6 +112,7 @@ def test_stop_strings(client):
 @pytest.mark.parametrize("kwargs,param", [
     ({"temperature": 3.0}, "temperature"), ({"n": 2}, "n"), ({"top_p": -1}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"max_tokens": 5000}, "max_tokens"),
+    ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
 ])
 def test_errors_in_openai_shape(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -79,7 +79,7 @@ def router(state: ServerState) -> APIRouter:
         stream = _submit(state, "cmpl", ids, req, req.max_tokens)
         meta = _meta(stream, "text_completion", cfg.model_ref)
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
+            include = _include_usage(req, meta)
             return SSEResponse(_completion_chunks(stream, meta, include), on_disconnect=stream.cancel)
         text, result = [], None
         async for kind, payload in _watched(request, stream):
@@ -115,7 +115,7 @@ def router(state: ServerState) -> APIRouter:
                      cfg.model_ref)
         splitter = OutputSplitter(state.loaded.output_parser)
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
+            include = _include_usage(req, meta)
             return SSEResponse(_chat_chunks(stream, meta, splitter, include),
                                on_disconnect=stream.cancel)
         fields: dict[str, list[str]] = {"content": [], "reasoning_content": []}
@@ -180,13 +180,24 @@ def _submit(state: ServerState, prefix: str, ids: list[int], req, max_tokens: in
     return stream
 
 
+def _include_usage(req, meta: dict) -> bool:
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    if include:
+        meta["usage"] = None
+    return include
+
+
 def _meta(stream: JobStream, obj: str, model: str) -> dict[str, Any]:
     return {"id": stream.job_id, "object": obj, "created": int(time.time()), "model": model}
 
 
 def _chunk(meta: dict, choice: dict | None, usage_: dict | None = None) -> bytes:
+    """One stream chunk. As OpenAI's: ``usage`` appears (null until the usage
+    chunk) only when the client asked for it; ``meta`` then carries it."""
     body = {**meta, "system_fingerprint": FINGERPRINT,
-            "choices": [choice] if choice is not None else [], "usage": usage_}
+            "choices": [choice] if choice is not None else []}
+    if usage_ is not None:
+        body["usage"] = usage_
     return sse_event(None, body)
 
 

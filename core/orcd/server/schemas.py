@@ -79,6 +79,20 @@ class _OpenAIBase(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
 
+    # accepted at their neutral values only: orcd does not implement them
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: Optional[Union[bool, int]] = None
+
+    @field_validator("frequency_penalty", "presence_penalty", "logprobs")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported (use repetition_penalty)"
+                             if info.field_name.endswith("penalty")
+                             else "logprobs are not supported")
+        return v
+
     def stops(self) -> list[str]:
         v = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
