@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from orcd.errors import InvalidRequest, OrcdError, Unauthorized, Unavailable
 from orcd.server.http import error_response, read_body
 from orcd.server.narration import LoadProgress, Narrator
+from orcd.server.openai_api import router as openai_router
 from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import ServerConfig, ServerState
@@ -155,12 +156,13 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
         return {"status": "shutting_down",
                 "deadline_s": config.shutdown_deadline_s}
 
-    from orcd.server.openai_api import router
-    app.include_router(router(state))
+    app.include_router(openai_router(state))
     return app
 
 
 async def _execute_frames(stream, model: str, seed: int):
+    # ``i`` numbers the token events 0, 1, 2… (gap-free, so a client can spot a lost
+    # frame); a token that completes no character yet releases no event
     i = 0
     try:
         async for kind, payload in stream.events():
