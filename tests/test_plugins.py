@@ -143,7 +143,7 @@ def test_dummy_architecture_loads_through_its_table(host):
     store = Weights(tensors)
     model = spec.build(hp, store, CpuBackend())
     assert store.unconsumed() == []
-    logits = model.forward(CpuBackend.ops, np.array([3, 1]), np.array([0, 1]), cache=None)
+    logits = model.forward(CpuBackend().ops, np.array([3, 1]), np.array([0, 1]), cache=None)
     x = tensors["token_embd.weight"][1]
     x = x / np.sqrt(np.mean(x * x) + 1e-6) * tensors["output_norm.weight"]
     np.testing.assert_allclose(logits, (tensors["token_embd.weight"] @ x)[None], rtol=1e-5)

@@ -76,12 +76,12 @@ class CpuOps:
     def last_row(x: np.ndarray) -> np.ndarray:
         return x[-1:]
 
-    @staticmethod
-    def attention(q, k, v, cache: KVCache, layer: int, pos, scale: float,
+    def attention(self, q, k, v, cache: KVCache, layer: int, pos, scale: float,
                   window: int = 0, sinks=None) -> np.ndarray:
         # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[-1]
         attention.kv_store_ref(cache.k[layer], cache.v[layer], k, v, pos)
-        return attention.attention_ref(q, cache.k[layer], cache.v[layer], pos, scale, window, sinks)
+        return attention.attention_ref(q, cache.k[layer], cache.v[layer], pos, scale, window,
+                                       sinks, round_fp16=self.ggml_rounding)
 
 
 class CpuBackend:

@@ -16,12 +16,16 @@ def kv_store_ref(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.
 
 
 def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: np.ndarray,
-                  scale: float, window: int = 0, sinks: np.ndarray | None = None) -> np.ndarray:
+                  scale: float, window: int = 0, sinks: np.ndarray | None = None,
+                  round_fp16: bool = False) -> np.ndarray:
     """q: [T, n_head * hd] at positions ``pos``; keys 0..pos[-1] are in the cache.
 
     A key at position p0 is visible to a query at p1 when p0 <= p1 and, with a
     window, p1 - p0 < window. ``sinks`` [n_head] adds one logit per head that
     takes part in the softmax's denominator only. Returns [T, n_head * hd_v].
+    ``round_fp16`` rounds q and the probabilities to fp16 before their products
+    with the fp16 cache, as llama.cpp's CPU attention does (without flash
+    attention); only the llama.cpp parity mode asks for it.
     """
     T = q.shape[0]
     n_kv, hd = k_cache.shape[1], k_cache.shape[2]
@@ -31,6 +35,8 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
     n_keys = int(pos[-1]) + 1
     K = k_cache[:n_keys].astype(np.float32)                      # [S, n_kv, hd]
     V = v_cache[:n_keys].astype(np.float32)                      # [S, n_kv, hd_v]
+    if round_fp16:
+        q = q.astype(np.float16).astype(np.float32)
     qh = q.reshape(T, n_kv, group, hd)                           # [T, n_kv, g, hd]
     scores = np.einsum("tkgd,skd->tkgs", qh, K) * np.float32(scale)  # [T, n_kv, g, S]
     key_pos = np.arange(n_keys)
@@ -46,5 +52,70 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
     denom = p.sum(axis=-1, keepdims=True)
     if sinks is not None:
         denom = denom + np.exp(s - m)
-    out = np.einsum("tkgs,skd->tkgd", p / denom, V)              # [T, n_kv, g, hd_v]
+    p = p / denom
+    if round_fp16:
+        p = p.astype(np.float16).astype(np.float32)
+    out = np.einsum("tkgs,skd->tkgd", p, V)                      # [T, n_kv, g, hd_v]
     return out.reshape(T, n_head * hd_v).astype(np.float32)
+
+
+# -- CUDA ------------------------------------------------------------------------
+# Launchers for attention.cu. Prefill (T > 1): one pass per (head, query row)
+# over its visible keys. Decode (T == 1): the keys are split into chunks of
+# DECODE_KEYS_PER_SPLIT over the whole context (a fixed grid, so the step is
+# graph-capturable); splits past the last key exit at once, and a second
+# kernel merges the rest in a fixed order.
+
+DECODE_KEYS_PER_SPLIT = 256
+ATT_TILE = 128
+ATT_MAX_HD = 256
+
+
+def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
+    """(keys per split, number of splits) for T query rows over an n_ctx cache."""
+    if T == 1 and n_ctx > DECODE_KEYS_PER_SPLIT:
+        return DECODE_KEYS_PER_SPLIT, -(-n_ctx // DECODE_KEYS_PER_SPLIT)
+    return n_ctx, 1
+
+
+class AttentionKernels:
+    def __init__(self, device, compiler, launcher) -> None:
+        from orcd.cuda.nvrtc import KernelSource
+
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", "attention.cu"))
+        self._store = module.function("kv_store")
+        self._fwd = module.function("attn_fwd")
+        self._combine = module.function("attn_combine")
+        self._launch = launcher
+
+    def kv_store(self, k_cache, v_cache, k, v, pos) -> None:
+        # caches: [n_ctx, n_kv, hd] fp16; k, v: [T, n_kv * hd] f32; pos: [T] int32
+        T = k.shape[0]
+        n_k = k_cache.shape[1] * k_cache.shape[2]
+        n_v = v_cache.shape[1] * v_cache.shape[2]
+        self._launch(self._store, (-(-max(n_k, n_v) // 256), T), 256,
+                     [np.uint64(k_cache.ptr), np.uint64(v_cache.ptr), np.uint64(k.ptr),
+                      np.uint64(v.ptr), np.uint64(pos.ptr), n_k, n_v])
+
+    def attention(self, q, k_cache, v_cache, pos, scale: float, window: int, sinks, out,
+                  empty) -> None:
+        """out [T, n_head * hd_v] = attention of q [T, n_head * hd] over the cache;
+        ``empty(shape)`` gives scratch for the decode splits' partials."""
+        n_ctx, n_kv, hd = k_cache.shape
+        hd_v = v_cache.shape[2]
+        T = q.shape[0]
+        n_head = q.shape[1] // hd
+        if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
+            raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
+        kps, n_splits = split_plan(T, n_ctx)
+        part = empty((T, n_head, n_splits, hd_v + 2)) if n_splits > 1 else None
+        sink = np.uint64(0 if sinks is None else sinks.ptr)
+        self._launch(self._fwd, (n_head, n_splits, T), ATT_TILE,
+                     [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
+                      np.uint64(pos.ptr), sink, np.uint64(out.ptr),
+                      np.uint64(0 if part is None else part.ptr), n_head, n_kv, hd, hd_v,
+                      float(scale), int(window), kps, n_splits])
+        if part is not None:
+            self._launch(self._combine, (n_head, T), 128,
+                         [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr),
+                          n_head, hd_v, int(window), kps, n_splits])
