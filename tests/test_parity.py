@@ -114,3 +114,16 @@ def test_qwen_last_logits_close(qwen_cpu, qwen_golden):
         errors.append(np.abs(got[top] - ref).max())
     # the logits span about 30; 8-bit rounding cascades leave 0.1-0.35 (measured)
     assert max(errors) < 0.5, errors
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("preset", TINY)
+def test_tiny_goldens_reproduce_with_live_llama_cpp(preset, tiny_model, tiny_golden):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from make_parity_goldens import llama, llama_logits
+    assert llama_cpp is not None
+    llm = llama(tiny_model(preset, seed=0), 64)
+    got = llama_logits(llm, tiny_golden[f"{preset}/ids"].tolist())
+    np.testing.assert_allclose(got, tiny_golden[f"{preset}/logits"], rtol=1e-6, atol=1e-6)
