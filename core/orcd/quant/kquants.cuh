@@ -50,16 +50,17 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
             qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
         }
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 byte = byte_of(qs[k / 4], k % 4);
-            int q0 = (int)(byte & 0xF), q1 = (int)(byte >> 4);
+        for (int w = 0; w < 4; ++w) {   // 4 bytes of qs at a time, as 2^23 + q
+            u32 lo = LOW_NIBBLES(qs[w]), hi = HIGH_NIBBLES(qs[w]);
             if (FIVE) {
-                const u32 hb = byte_of(qh[k / 4], k % 4);
-                q0 |= (int)(hb & 1u) << 4;
-                q1 |= (int)((hb >> 1) & 1u) << 4;
+                lo |= (qh[w] & 0x01010101u) << 4;
+                hi |= ((qh[w] >> 1) & 0x01010101u) << 4;
             }
-            v[k] = dl0 * (float)q0 - ml0;
-            v[16 + k] = dl1 * (float)q1 - ml1;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                v[4 * w + i] = dl0 * (byte_float(lo, i) - MAGIC) - ml0;
+                v[16 + 4 * w + i] = dl1 * (byte_float(hi, i) - MAGIC) - ml1;
+            }
         }
     }
 };
@@ -83,17 +84,18 @@ struct FmtQ6_K {  // [ql 128][qh 64][scales int8 x 16][d f16]: x = (d * sc) * (q
 #pragma unroll
         for (int g = 0; g < 4; ++g) dl[g] = d * (float)(signed char)__ldg(b + 192 + s + 2 * g);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const u32 qa_k = byte_of(a[k / 4], k % 4), qb_k = byte_of(c[k / 4], k % 4);
-            const u32 qh_k = byte_of(hi[k / 4], k % 4);
-            const int q0 = (int)((qa_k & 0xF) | (((qh_k >> 0) & 3) << 4)) - 32;
-            const int q1 = (int)((qb_k & 0xF) | (((qh_k >> 2) & 3) << 4)) - 32;
-            const int q2 = (int)((qa_k >> 4) | (((qh_k >> 4) & 3) << 4)) - 32;
-            const int q3 = (int)((qb_k >> 4) | (((qh_k >> 6) & 3) << 4)) - 32;
-            v[k] = dl[0] * (float)q0;
-            v[8 + k] = dl[1] * (float)q1;
-            v[16 + k] = dl[2] * (float)q2;
-            v[24 + k] = dl[3] * (float)q3;
+        for (int w = 0; w < 2; ++w) {   // 4 values of each group at a time, as 2^23 + q
+            const u32 q0 = LOW_NIBBLES(a[w]) | ((hi[w] & 0x03030303u) << 4);
+            const u32 q1 = LOW_NIBBLES(c[w]) | (((hi[w] >> 2) & 0x03030303u) << 4);
+            const u32 q2 = HIGH_NIBBLES(a[w]) | (((hi[w] >> 4) & 0x03030303u) << 4);
+            const u32 q3 = HIGH_NIBBLES(c[w]) | (((hi[w] >> 6) & 0x03030303u) << 4);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                v[4 * w + i] = dl[0] * (byte_float(q0, i) - (MAGIC + 32.0f));
+                v[8 + 4 * w + i] = dl[1] * (byte_float(q1, i) - (MAGIC + 32.0f));
+                v[16 + 4 * w + i] = dl[2] * (byte_float(q2, i) - (MAGIC + 32.0f));
+                v[24 + 4 * w + i] = dl[3] * (byte_float(q3, i) - (MAGIC + 32.0f));
+            }
         }
     }
 };

@@ -13,10 +13,18 @@ __device__ __forceinline__ float e8m0_half(u32 e) {
     return __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1) << 23));
 }
 
-// Doubled E2M1 magnitudes of codes 0..7 packed a nibble each: no table lookup in memory.
-__device__ __forceinline__ float e2m1_doubled(u32 nibble) {
-    const float mag = (float)((0xC8643210u >> (4 * (nibble & 7))) & 0xF);
-    return (nibble & 8) ? -mag : mag;
+// Four E2M1 codes (bits 0..3 of bytes 0..3 of n4) times d. The doubled
+// magnitudes of codes 0..7 (0 1 2 3 4 6 8 12) are a byte table in two words:
+// one byte permute looks all four up; bit 3 of a code is the sign.
+__device__ __forceinline__ void e2m1x4(u32 n4, float d, float* v) {
+    const u32 idx = n4 & 0x07070707u;
+    const u32 t = idx | (idx >> 4);                       // codes packed a nibble each
+    const u32 mags = __byte_perm(0x03020100u, 0x0C080604u, (t & 0xFFu) | ((t >> 8) & 0xFF00u));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 sign = (n4 << (28 - 8 * i)) & 0x80000000u;
+        v[i] = __uint_as_float(__float_as_uint(byte_float(mags, i) - MAGIC) ^ sign) * d;
+    }
 }
 
 struct FmtMXFP4 {
@@ -25,10 +33,7 @@ struct FmtMXFP4 {
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = e8m0_half(__ldg(b));
         const u32 qs = ld32_a1(b + 1 + 4 * p);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[i] = e2m1_doubled(byte_of(qs, i) & 0xF) * d;
-            v[4 + i] = e2m1_doubled(byte_of(qs, i) >> 4) * d;
-        }
+        e2m1x4(LOW_NIBBLES(qs), d, v);
+        e2m1x4(HIGH_NIBBLES(qs), d, v + 4);
     }
 };

@@ -44,6 +44,16 @@ __device__ __forceinline__ u32 ld32_a1(const u8* p) {
 __device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
 __device__ __forceinline__ u32 byte_of(u32 w, int k) { return (w >> (8 * k)) & 0xFFu; }
 
+// 2^23 + byte k of w, exactly, in one byte permute: small integers become floats
+// without an int->float conversion; the kernels subtract 2^23 (+ the format's
+// offset) in the same float add, which is exact for these ranges.
+#define MAGIC 8388608.0f
+__device__ __forceinline__ float byte_float(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + k));
+}
+#define LOW_NIBBLES(w) ((w) & 0x0F0F0F0Fu)
+#define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
+
 // -- plain floats: a "block" is 8 consecutive values, one piece -------------------
 
 struct FmtF32 {
@@ -78,21 +88,24 @@ typedef FmtHalf<true> FmtBF16;
 // -- legacy quants: piece p = qs bytes 4p..4p+3, i.e. values 4p..4p+3 (low
 // nibbles) and 16+4p..16+4p+3 (high nibbles); Q8_0's piece is 8 int8 values.
 
-// 4-bit quants of a piece: q[i] low nibbles, q[4 + i] high nibbles.
-__device__ __forceinline__ void split_nibbles(u32 qs, int* q) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        q[i] = (int)byte_of(qs, i) & 0xF;
-        q[4 + i] = (int)byte_of(qs, i) >> 4;
-    }
+// Four fifth bits (bit 0..3 of b) moved to bit 4 of bytes 0..3.
+__device__ __forceinline__ u32 spread_bits4(u32 b) {
+    return ((b & 1u) | ((b & 2u) << 7) | ((b & 4u) << 14) | ((b & 8u) << 21)) << 4;
 }
 
-// Add the fifth bits of piece p (bit j of qh is the fifth bit of value j).
-__device__ __forceinline__ void add_fifth_bits(u32 qh, int p, int* q) {
+// The 8 values of a legacy piece as 2^23 + q: q[i] from low nibbles, q[4 + i] high.
+// qh (optional, Q5_*): bit j is the fifth bit of value j.
+template <bool FIFTH>
+__device__ __forceinline__ void piece_quants(u32 qs, u32 qh, int p, float* f) {
+    u32 lo = LOW_NIBBLES(qs), hi = HIGH_NIBBLES(qs);
+    if (FIFTH) {
+        lo |= spread_bits4((qh >> (4 * p)) & 0xFu);
+        hi |= spread_bits4((qh >> (16 + 4 * p)) & 0xFu);
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        q[i] |= (int)((qh >> (4 * p + i)) & 1u) << 4;
-        q[4 + i] |= (int)((qh >> (16 + 4 * p + i)) & 1u) << 4;
+        f[i] = byte_float(lo, i);
+        f[4 + i] = byte_float(hi, i);
     }
 }
 
@@ -101,10 +114,10 @@ struct FmtQ4_0 {  // [d f16][qs 16]: x = d * (q - 8)
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));
-        int q[8];
-        split_nibbles(ld32_a2(b + 2 + 4 * p), q);
+        float f[8];
+        piece_quants<false>(ld32_a2(b + 2 + 4 * p), 0, p, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (float)(q[i] - 8);
+        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - (MAGIC + 8.0f));
     }
 };
 
@@ -114,10 +127,10 @@ struct FmtQ4_1 {  // [d f16][m f16][qs 16]: x = d * q + m
     __device__ static void load(const u8* b, int p, float* v) {
         const u32 dm = ld32(b);
         const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
-        int q[8];
-        split_nibbles(ld32(b + 4 + 4 * p), q);
+        float f[8];
+        piece_quants<false>(ld32(b + 4 + 4 * p), 0, p, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (float)q[i] + m;
+        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - MAGIC) + m;
     }
 };
 
@@ -126,11 +139,10 @@ struct FmtQ5_0 {  // [d f16][qh 4][qs 16]: x = d * (q - 16)
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));
-        int q[8];
-        split_nibbles(ld32_a2(b + 6 + 4 * p), q);
-        add_fifth_bits(ld32_a2(b + 2), p, q);
+        float f[8];
+        piece_quants<true>(ld32_a2(b + 6 + 4 * p), ld32_a2(b + 2), p, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (float)(q[i] - 16);
+        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - (MAGIC + 16.0f));
     }
 };
 
@@ -140,11 +152,10 @@ struct FmtQ5_1 {  // [d f16][m f16][qh 4][qs 16]: x = d * q + m
     __device__ static void load(const u8* b, int p, float* v) {
         const u32 dm = ld32(b);
         const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
-        int q[8];
-        split_nibbles(ld32(b + 8 + 4 * p), q);
-        add_fifth_bits(ld32(b + 4), p, q);
+        float f[8];
+        piece_quants<true>(ld32(b + 8 + 4 * p), ld32(b + 4), p, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (float)q[i] + m;
+        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - MAGIC) + m;
     }
 };
 
@@ -154,8 +165,9 @@ struct FmtQ8_0 {  // [d f16][qs int8 x 32]: x = d * q; piece p = values 8p..8p+7
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));
         const u8* qs = b + 2 + 8 * p;
-        u32 w[2] = {ld32_a2(qs), ld32_a2(qs + 4)};
+        // int8 q: byte ^ 0x80 = q + 128, so 2^23 + 128 + q
+        const u32 w[2] = {ld32_a2(qs) ^ 0x80808080u, ld32_a2(qs + 4) ^ 0x80808080u};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = (float)(signed char)byte_of(w[i / 4], i % 4) * d;
+        for (int i = 0; i < 8; ++i) v[i] = (byte_float(w[i / 4], i % 4) - (MAGIC + 128.0f)) * d;
     }
 };
