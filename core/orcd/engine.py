@@ -64,11 +64,10 @@ class Runner:
 
 
 class StopMatcher:
-    """Holds back text that could still become a stop string."""
+    """Holds back only text that could still grow into a stop string."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -78,10 +77,20 @@ class StopMatcher:
         if hits:
             out, self.pending = self.pending[:min(hits)], ""
             return out, True
-        cut = len(self.pending) - self.hold if self.hold else len(self.pending)
-        cut = max(cut, 0)
+        keep = self._partial_suffix()
+        cut = len(self.pending) - keep
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest suffix of pending that begins some stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""

@@ -1,0 +1,106 @@
+"""The generation loop on real models: stopping, cancellation, seeds, the haiku."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orcd.engine import Engine, GenerateRequest, StopMatcher
+from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
+from orcd.load import load_model
+from orcd.ops.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, host):
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=64)
+    yield Engine(lm)
+    lm.close()
+
+
+def sampled(seed):
+    return SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_stop_matcher_holds_back_across_token_boundaries():
+    m = StopMatcher(["</end>", "STOP"])
+    assert m.push("abc</") == ("abc", False)      # "</" could start "</end>": held back
+    assert m.push("e") == ("", False)
+    assert m.push("nd> tail") == ("", True)       # matched: nothing of it or after it
+    m = StopMatcher(["</end>"])
+    assert m.push("a</b") == ("a</b", False)      # "</b" cannot become "</end>"
+    assert m.push("x</en") == ("x", False)
+    assert m.flush() == "</en"                    # end of generation releases the rest
+    m = StopMatcher([])
+    assert m.push("xy") == ("xy", False)
+
+
+def test_max_tokens_and_events(tiny):
+    events = []
+    res = tiny.generate(GenerateRequest([1, 2, 3], max_tokens=5, sampling=sampled(1)), events.append)
+    assert res.stop_reason in ("max_tokens", "eog")
+    assert res.tokens_out <= 5 and res.prompt_tokens == 3
+    assert "".join(e.text for e in events) == res.text
+    assert all(e.text for e in events)                    # only non-empty pieces are emitted
+    if res.stop_reason == "max_tokens":
+        assert res.tokens_out == 5
+
+
+def test_same_seed_same_tokens_other_seed_differs(tiny):
+    def run(seed):
+        return tiny.generate(GenerateRequest([5, 6, 7], max_tokens=12, sampling=sampled(seed))).token_ids
+    a, b = run(42), run(42)
+    assert a == b
+    assert any(run(s) != a for s in (1, 2, 3))
+
+
+def test_stop_string_truncates_output(tiny):
+    full = tiny.generate(GenerateRequest([9, 8, 7], max_tokens=20, sampling=sampled(7)))
+    if len(full.text) < 4:
+        pytest.skip("sample too short to cut")
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    cut = tiny.generate(GenerateRequest([9, 8, 7], max_tokens=20, sampling=sampled(7), stop=[stop]))
+    assert cut.stop_reason == "stop_sequence"
+    assert cut.text == full.text[:full.text.find(stop)]
+
+
+def test_context_overflow_is_refused_before_work(tiny):
+    with pytest.raises(InvalidRequest, match="exceeds the context length 64"):
+        tiny.generate(GenerateRequest(list(range(10)), max_tokens=60))
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+        tiny.generate(GenerateRequest([10**6], max_tokens=1))
+
+
+def test_cancel_and_deadline_between_tokens(tiny):
+    seen = []
+    req = GenerateRequest([1, 2], max_tokens=30, sampling=sampled(3),
+                          cancelled=lambda: len(seen) >= 2)
+    with pytest.raises(Cancelled):
+        tiny.generate(req, seen.append)
+    assert len(seen) == 2
+    with pytest.raises(InferenceTimeout):
+        tiny.generate(GenerateRequest([1, 2], max_tokens=30, deadline=time.monotonic() - 1))
+
+
+@pytest.mark.slow
+def test_haiku_on_the_real_qwen(real_qwen, host):
+    from orcd.chat import ChatTemplate
+
+    lm = load_model(real_qwen, host=host, device="cpu", n_ctx=256)
+    try:
+        engine = Engine(lm)
+        ids = ChatTemplate.for_tokenizer(lm.tokenizer).prompt_ids(
+            lm.tokenizer, [{"role": "user", "content": "Write a haiku about GPU computing"}])
+        greedy = [engine.generate(GenerateRequest(ids, 60, SamplingParams(temperature=0.0)))
+                  for _ in range(2)]
+        assert greedy[0].token_ids == greedy[1].token_ids
+        assert greedy[0].stop_reason == "eog"
+        lines = [ln for ln in greedy[0].text.strip().splitlines() if ln.strip()]
+        assert len(lines) == 3, greedy[0].text
+        assert any(w in greedy[0].text.lower() for w in ("gpu", "comput", "parallel", "core"))
+        warm = [engine.generate(GenerateRequest(ids, 60, SamplingParams(temperature=0.7, seed=11)))
+                for _ in range(2)]
+        assert warm[0].token_ids == warm[1].token_ids
+    finally:
+        lm.close()
