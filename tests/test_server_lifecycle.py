@@ -42,7 +42,8 @@ def test_every_endpoint_but_health_is_503_while_loading(tiny_model):
         h = httpx.get(f"{s.url}/health").json()
         assert h["status"] == "loading" and h["model"] == "qwen2-tiny" and h["resident"] is False
         for method, path in [("POST", "/execute"), ("GET", "/metrics"), ("POST", "/cancel"),
-                             ("GET", "/v1/models"), ("POST", "/v1/chat/completions")]:
+                             ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                             ("POST", "/shutdown")]:
             r = httpx.request(method, f"{s.url}{path}", json={"job_id": "x", "prompt": "p"})
             assert r.status_code == 503, path
             assert r.headers["retry-after"] == "1"

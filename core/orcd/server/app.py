@@ -88,7 +88,7 @@ class Gate:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                                        key.encode()):
                 return Unauthorized("missing or wrong bearer token")
-        if self.state.status == "loading" and scope["path"] != "/shutdown":
+        if self.state.status == "loading":   # SIGTERM still stops a loading worker
             return Unavailable("the model is loading")
         return None
 
