@@ -51,3 +51,33 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
             h = swiglu_oai_ref(gate, up, alpha, limit)
             out[t] += wgt * linear(h, ex.down_w[e], ex.down_b[e])[0]
     return out
+
+
+# -- CUDA ------------------------------------------------------------------------
+# Launchers for moe.cu. The expert matmuls are MatmulKernels.moe_linear; this
+# part routes (top-k + softmax on the device) and sums the chosen experts.
+
+class MoeKernels:
+    def __init__(self, device, compiler, launcher) -> None:
+        from orcd.cuda.nvrtc import KernelSource
+
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", "moe.cu"))
+        self._route = module.function("moe_route")
+        self._sum = module.function("moe_weighted_sum")
+        self._launch = launcher
+
+    def route(self, logits, n_used: int, ids, weights) -> None:
+        # logits: [T, n_expert] f32 -> ids: [T, n_used] int32, weights: [T, n_used] f32
+        T, n_expert = logits.shape
+        if not 0 < n_used <= n_expert:
+            raise ValueError(f"moe: {n_used} experts used of {n_expert}")
+        self._launch(self._route, -(-T // 128), 128,
+                     [np.uint64(logits.ptr), np.uint64(ids.ptr), np.uint64(weights.ptr),
+                      T, n_expert, n_used])
+
+    def weighted_sum(self, y, weights, out) -> None:
+        # y: [T, k, D], weights: [T, k] -> out: [T, D]
+        T, k, D = y.shape
+        blocks = max(1, min(4096, -(-(T * D) // 256)))
+        self._launch(self._sum, blocks, 256,
+                     [np.uint64(y.ptr), np.uint64(weights.ptr), np.uint64(out.ptr), T, k, D])

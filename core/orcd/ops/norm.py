@@ -18,3 +18,34 @@ def layer_norm_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: floa
     var = np.mean(np.square(xc), axis=-1, keepdims=True, dtype=np.float32)
     y = xc / np.sqrt(var + np.float32(eps)) * w
     return y if b is None else y + b
+
+
+# -- CUDA ------------------------------------------------------------------------
+# Launchers for norm.cu. CUDA modules are imported lazily: importing orcd never
+# touches the driver.
+
+NORM_THREADS = 256
+
+
+class NormKernels:
+    """RMSNorm / LayerNorm over the last axis of fp32 device tensors."""
+
+    def __init__(self, device, compiler, launcher) -> None:
+        from orcd.cuda.nvrtc import KernelSource
+
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", "norm.cu"))
+        self._rms = module.function("rms_norm_f32")
+        self._ln = module.function("layer_norm_f32")
+        self._launch = launcher
+
+    def rms_norm(self, x, w, eps: float, out) -> None:
+        # x, out: [T, D] f32; w: [D] f32
+        T, D = x.shape
+        self._launch(self._rms, T, NORM_THREADS,
+                     [np.uint64(x.ptr), np.uint64(w.ptr), np.uint64(out.ptr), D, float(eps)])
+
+    def layer_norm(self, x, w, b, eps: float, out) -> None:
+        T, D = x.shape
+        bias = np.uint64(0 if b is None else b.ptr)
+        self._launch(self._ln, T, NORM_THREADS,
+                     [np.uint64(x.ptr), np.uint64(w.ptr), bias, np.uint64(out.ptr), D, float(eps)])

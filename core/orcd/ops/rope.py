@@ -69,3 +69,40 @@ def rope_ref(x: np.ndarray, pos: np.ndarray, cfg: RopeConfig) -> np.ndarray:
         xh[..., 0:cfg.n_rot:2] = a * cos - b * sin
         xh[..., 1:cfg.n_rot:2] = a * sin + b * cos
     return xh.reshape(T, -1)
+
+
+# -- CUDA ------------------------------------------------------------------------
+# Launcher for rope.cu: the cos/sin table of a RopeConfig is built once on the
+# host (rope_cos_sin over every position of the context) and uploaded; the
+# kernel gathers the row of each token's position, read from device memory.
+
+class RopeTable:
+    """cos and sin of one RopeConfig at positions 0..n_pos-1, on the device."""
+
+    def __init__(self, cfg: RopeConfig, n_pos: int, cos_ptr: int, sin_ptr: int) -> None:
+        self.cfg, self.n_pos, self.cos_ptr, self.sin_ptr = cfg, n_pos, cos_ptr, sin_ptr
+
+    @staticmethod
+    def host_arrays(cfg: RopeConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        # [n_pos, n_rot / 2] each
+        return rope_cos_sin(cfg, np.arange(n_pos, dtype=np.int64))
+
+
+class RopeKernels:
+    def __init__(self, device, compiler, launcher) -> None:
+        from orcd.cuda.nvrtc import KernelSource
+
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", "rope.cu"))
+        self._rope = module.function("rope_f32")
+        self._launch = launcher
+
+    def rope(self, x, pos, table: RopeTable, out) -> None:
+        # x, out: [T, n_head * head_dim] f32; pos: [T] int32 on the device
+        cfg = table.cfg
+        T = x.shape[0]
+        n_head = x.numel // (T * cfg.head_dim)
+        threads = min(256, max(32, -(-cfg.head_dim // 32) * 32))
+        self._launch(self._rope, (n_head, T), threads,
+                     [np.uint64(x.ptr), np.uint64(out.ptr), np.uint64(pos.ptr),
+                      np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), n_head, cfg.head_dim,
+                      cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])

@@ -1,0 +1,184 @@
+// Attention over the fp16 KV cache with fp32 scores and softmax: causal, GQA,
+// optional sliding window and learned sinks (GPT-OSS).
+//
+// attn_fwd: one block per (head, split, query row). The block walks the keys
+// of its split that the query may see in tiles of ATT_TILE (one key per
+// thread) with an online softmax. With one split it writes the final output
+// (prefill); with several (decode over a long context) it writes a partial
+// (o unnormalised, running max m, sum l) and attn_combine merges the splits
+// in a fixed order: deterministic, no atomics. Positions, and from them the
+// key count, are read from device memory, so the decode step is graph-capturable:
+// its grid covers the whole context and splits past the last key exit at once.
+
+#include <cuda_fp16.h>
+
+#define ATT_TILE 128      // keys per tile == threads per block
+#define ATT_MAX_HD 256
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h INFINITY
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Block-wide max / sum over ATT_TILE threads, the same on every thread.
+__device__ float block_max(float v, float* red) {
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < ATT_TILE / 32; ++w) r = fmaxf(r, red[w]);
+    __syncthreads();
+    return r;
+}
+__device__ float block_sum(float v, float* red) {
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < ATT_TILE / 32; ++w) r += red[w];
+    __syncthreads();
+    return r;
+}
+
+// The keys query position p may see: [lo, p].
+__device__ __forceinline__ int first_key(int p, int window) {
+    return window > 0 ? max(0, p - window + 1) : 0;
+}
+
+// k, v: [T, n_kv * hd] fp32 -> caches [n_ctx, n_kv, hd] fp16 at rows pos[t].
+// grid (ceil(max(n_k, n_v) / 256), T), block 256.
+extern "C" __global__ void kv_store(__half* __restrict__ kc, __half* __restrict__ vc,
+                                   const float* __restrict__ k, const float* __restrict__ v,
+                                   const int* __restrict__ pos, int n_k, int n_v) {
+    const int t = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t row = (size_t)pos[t];
+    if (i < n_k) kc[row * n_k + i] = __float2half_rn(k[(size_t)t * n_k + i]);
+    if (i < n_v) vc[row * n_v + i] = __float2half_rn(v[(size_t)t * n_v + i]);
+}
+
+// q: [T, n_head * hd]; kc: [n_ctx, n_kv, hd]; vc: [n_ctx, n_kv, hd_v]; pos: [T];
+// sinks: [n_head] or null; out: [T, n_head * hd_v] (n_splits == 1);
+// part: [T, n_head, n_splits, hd_v + 2] (n_splits > 1).
+// grid (n_head, n_splits, T), block ATT_TILE.
+extern "C" __global__ void __launch_bounds__(ATT_TILE)
+attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+         const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out,
+         float* __restrict__ part, int n_head, int n_kv, int hd, int hd_v, float scale, int window,
+         int keys_per_split, int n_splits) {
+    __shared__ float qs[ATT_MAX_HD];
+    __shared__ float ps[ATT_TILE];
+    __shared__ float acc_s[ATT_TILE * 2];
+    __shared__ float red[ATT_TILE / 32];
+    const int h = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
+    const int kvh = h / (n_head / n_kv);
+    const int p = pos[t];
+    const int lo = max(first_key(p, window), split * keys_per_split);
+    const int hi = min(p + 1, (split + 1) * keys_per_split);  // exclusive
+    if (lo >= hi) return;  // only with several splits: attn_combine skips this one
+
+    for (int d = tid; d < hd; d += ATT_TILE) qs[d] = q[((size_t)t * n_head + h) * hd + d];
+    __syncthreads();
+
+    // P·V layout: n_grp groups of hd_v threads, group g takes keys g, g + n_grp, ...
+    // (hd_v > ATT_TILE: one group, each thread two dims d0 and d0 + ATT_TILE).
+    const int n_grp = hd_v <= ATT_TILE ? ATT_TILE / hd_v : 1;
+    const int g = hd_v <= ATT_TILE ? tid / hd_v : 0;
+    const int d0 = hd_v <= ATT_TILE ? tid % hd_v : tid;
+    const bool pv_active = g < n_grp;
+    const bool two_dims = hd_v > ATT_TILE && d0 + ATT_TILE < hd_v;
+    const size_t k_stride = (size_t)n_kv * hd, v_stride = (size_t)n_kv * hd_v;
+    const __half* kh = kc + (size_t)kvh * hd;
+    const __half* vh = vc + (size_t)kvh * hd_v;
+
+    float m = NEG_INF, l = 0.f, acc0 = 0.f, acc1 = 0.f;
+    for (int j0 = lo; j0 < hi; j0 += ATT_TILE) {
+        const int j = j0 + tid;
+        float s = NEG_INF;
+        if (j < hi) {
+            const __half2* kr = reinterpret_cast<const __half2*>(kh + (size_t)j * k_stride);
+            float dot = 0.f;
+            for (int d = 0; d < hd / 2; ++d) {
+                const float2 kf = __half22float2(kr[d]);
+                dot += qs[2 * d] * kf.x + qs[2 * d + 1] * kf.y;
+            }
+            s = dot * scale;
+        }
+        const float m_new = fmaxf(m, block_max(s, red));   // finite: key j0 is visible
+        const float alpha = expf(m - m_new);                // 0 on the first tile
+        const float pj = j < hi ? expf(s - m_new) : 0.f;
+        ps[tid] = pj;
+        l = l * alpha + block_sum(pj, red);                 // block_sum syncs: ps is complete
+        const int n_tile = min(ATT_TILE, hi - j0);
+        if (pv_active) {
+            float a0 = 0.f, a1 = 0.f;
+            for (int jj = g; jj < n_tile; jj += n_grp) {
+                const __half* vr = vh + (size_t)(j0 + jj) * v_stride;
+                a0 += ps[jj] * __half2float(vr[d0]);
+                if (two_dims) a1 += ps[jj] * __half2float(vr[d0 + ATT_TILE]);
+            }
+            acc0 = acc0 * alpha + a0;
+            acc1 = acc1 * alpha + a1;
+        }
+        m = m_new;
+        __syncthreads();  // ps is rewritten by the next tile
+    }
+
+    // Sum the groups' partial outputs in group order.
+    if (pv_active) { acc_s[tid] = acc0; if (two_dims) acc_s[ATT_TILE + tid] = acc1; }
+    __syncthreads();
+    if (g != 0 || !pv_active) return;
+    float o0 = 0.f;
+    for (int gg = 0; gg < n_grp; ++gg) o0 += acc_s[gg * hd_v + d0];
+    const float o1 = two_dims ? acc_s[ATT_TILE + d0] : 0.f;
+
+    if (n_splits == 1) {
+        float mm = m, denom = l;
+        if (sinks) {
+            const float sk = sinks[h];
+            mm = fmaxf(m, sk);
+            denom = l * expf(m - mm) + expf(sk - mm);
+        }
+        const float f = expf(m - mm) / denom;
+        float* y = out + ((size_t)t * n_head + h) * hd_v;
+        y[d0] = o0 * f;
+        if (two_dims) y[d0 + ATT_TILE] = o1 * f;
+    } else {
+        float* pp = part + (((size_t)t * n_head + h) * n_splits + split) * (hd_v + 2);
+        pp[d0] = o0;
+        if (two_dims) pp[d0 + ATT_TILE] = o1;
+        if (d0 == 0) { pp[hd_v] = m; pp[hd_v + 1] = l; }
+    }
+}
+
+// Merge the splits that hold visible keys, in split order, with the sink.
+// part: [T, n_head, n_splits, hd_v + 2]; out: [T, n_head * hd_v]. grid (n_head, T), block 128.
+extern "C" __global__ void attn_combine(const float* __restrict__ part, const int* __restrict__ pos,
+                                       const float* __restrict__ sinks, float* __restrict__ out,
+                                       int n_head, int hd_v, int window, int keys_per_split,
+                                       int n_splits) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int p = pos[t];
+    const int s_lo = first_key(p, window) / keys_per_split;
+    const int s_hi = min(p / keys_per_split, n_splits - 1);
+    const float* pp = part + ((size_t)t * n_head + h) * n_splits * (hd_v + 2);
+    float mm = sinks ? sinks[h] : NEG_INF;
+    for (int s = s_lo; s <= s_hi; ++s) mm = fmaxf(mm, pp[s * (hd_v + 2) + hd_v]);
+    float denom = sinks ? expf(sinks[h] - mm) : 0.f;
+    for (int s = s_lo; s <= s_hi; ++s) {
+        const float* ps = pp + s * (hd_v + 2);
+        denom += ps[hd_v + 1] * expf(ps[hd_v] - mm);
+    }
+    float* y = out + ((size_t)t * n_head + h) * hd_v;
+    for (int d = threadIdx.x; d < hd_v; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = s_lo; s <= s_hi; ++s) {
+            const float* ps = pp + s * (hd_v + 2);
+            o += ps[d] * expf(ps[hd_v] - mm);
+        }
+        y[d] = o / denom;
+    }
+}

@@ -1,0 +1,228 @@
+"""The non-matmul CUDA kernels against their numpy references (marker ``cuda``).
+
+Fresh random data for every check, several shapes including the real Qwen's
+896 / 4864 / 151936, outputs poisoned with NaN first, relative error
+‖out − ref‖ / ‖ref‖ (fp32 kernels ≲ 1e-5; attention reads the same fp16 cache
+as the reference, so it is held to 1e-4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from orcd.ops import activation, attention, moe, norm, rope
+
+pytestmark = pytest.mark.cuda
+
+
+class Gpu:
+    """A device, an allocator and the kernel families, for one test module."""
+
+    def __init__(self, kcache) -> None:
+        from orcd.cuda.device import CudaDevice
+        from orcd.cuda.launch import Launcher
+        from orcd.cuda.memory import DeviceAllocator
+        from orcd.cuda.nvrtc import KernelCompiler
+
+        self.dev = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
+        self.alloc = DeviceAllocator(self.dev)
+        args = (self.dev, KernelCompiler(self.dev.info.arch, cache=kcache, cuda_headers=True),
+                Launcher(self.dev))
+        self.norm, self.rope = norm.NormKernels(*args), rope.RopeKernels(*args)
+        self.act, self.attn = activation.ActivationKernels(*args), attention.AttentionKernels(*args)
+        self.moe = moe.MoeKernels(*args)
+
+    def put(self, arr: np.ndarray):
+        from orcd.cuda.memory import from_host
+        from orcd.cuda.tensor import DeviceTensor
+
+        arr = np.ascontiguousarray(arr)
+        buf = self.alloc.alloc(max(arr.nbytes, 1), "test")
+        from_host(self.dev, arr, buf.ptr)
+        return DeviceTensor(buf.ptr, arr.shape, arr.dtype)
+
+    def empty(self, shape, dtype=np.float32):
+        """A poisoned output: NaN for floats, -1 for ints."""
+        fill = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
+        return self.put(fill)
+
+    def get(self, t) -> np.ndarray:
+        from orcd.cuda.memory import to_host
+
+        return to_host(self.dev, t.ptr, t.nbytes).view(t.dtype).reshape(t.shape)
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory):
+    g = Gpu(tmp_path_factory.mktemp("kcache"))
+    yield g
+    g.alloc.free_all()
+    g.dev.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def rel(out: np.ndarray, ref: np.ndarray) -> float:
+    assert np.isfinite(out).all(), "an output was not written (NaN poison left)"
+    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def randn(rng, *shape, scale=1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# -- norms and element-wise ----------------------------------------------------------
+
+@pytest.mark.parametrize("T,D", [(1, 896), (7, 896), (3, 4864), (2, 3072), (1, 151936)])
+def test_rms_and_layer_norm(gpu, rng, T, D):
+    x, w, b = randn(rng, T, D, scale=3), randn(rng, D), randn(rng, D)
+    out = gpu.empty((T, D))
+    gpu.norm.rms_norm(gpu.put(x), gpu.put(w), 1e-6, out)
+    assert rel(gpu.get(out), norm.rms_norm_ref(x, w, 1e-6)) < 1e-5
+    for bias in (b, None):
+        out = gpu.empty((T, D))
+        gpu.norm.layer_norm(gpu.put(x + 2), gpu.put(w), None if bias is None else gpu.put(bias), 1e-5, out)
+        assert rel(gpu.get(out), norm.layer_norm_ref(x + 2, w, bias, 1e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("n", [896, 3 * 4864, 151936, 5])
+def test_elementwise(gpu, rng, n):
+    a, b = randn(rng, 1, n, scale=4), randn(rng, 1, n, scale=4)
+    da, db = gpu.put(a), gpu.put(b)
+    cases = [(lambda o: gpu.act.add(da, db, o), a + b),
+             (lambda o: gpu.act.silu(da, o), activation.silu_ref(a)),
+             (lambda o: gpu.act.gelu(da, o), activation.gelu_ref(a)),
+             (lambda o: gpu.act.swiglu(da, db, o), activation.swiglu_ref(a, b)),
+             (lambda o: gpu.act.swiglu_oai(da, db, o, 1.702, 7.0),
+              activation.swiglu_oai_ref(a, b, 1.702, 7.0))]
+    for run, ref in cases:
+        out = gpu.empty((1, n))
+        run(out)
+        assert rel(gpu.get(out), ref) < 1e-5
+
+
+def test_split_copy(gpu, rng):
+    x = randn(rng, 5, 896 + 128 + 128)
+    dx = gpu.put(x)
+    off = 0
+    for size in (896, 128, 128):
+        out = gpu.empty((5, size))
+        gpu.act.split_copy(dx, off, out)
+        assert np.array_equal(gpu.get(out), x[:, off:off + size])
+        off += size
+
+
+# -- rope ------------------------------------------------------------------------------
+
+ROPES = {
+    "qwen-neox": rope.RopeConfig(n_rot=64, head_dim=64, base=1e6, neox=True),
+    "normal": rope.RopeConfig(n_rot=128, head_dim=128, base=1e4, neox=False),
+    "partial": rope.RopeConfig(n_rot=32, head_dim=96, base=1e4, neox=True),
+    "longrope": rope.RopeConfig(n_rot=96, head_dim=96, base=1e4, neox=True, attn_factor=1.19,
+                                freq_factors=tuple(np.linspace(1.0, 8.0, 48).tolist())),
+    "yarn": rope.RopeConfig(n_rot=64, head_dim=64, base=150000.0, neox=True, freq_scale=1 / 32,
+                            ext_factor=1.0, n_ctx_orig=4096),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+@pytest.mark.parametrize("T", [1, 9])
+def test_rope(gpu, rng, name, T):
+    cfg, n_pos, n_head = ROPES[name], 3000, 5
+    cos, sin = rope.RopeTable.host_arrays(cfg, n_pos)
+    table = rope.RopeTable(cfg, n_pos, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    pos = np.sort(rng.choice(n_pos, T, replace=False)).astype(np.int32)
+    x = randn(rng, T, n_head * cfg.head_dim)
+    out = gpu.empty(x.shape)
+    gpu.rope.rope(gpu.put(x), gpu.put(pos), table, out)
+    assert rel(gpu.get(out), rope.rope_ref(x, pos, cfg)) < 1e-5
+
+
+# -- attention ---------------------------------------------------------------------------
+
+def _attend(gpu, rng, n_ctx, n_head, n_kv, hd, pos, window=0, sinks=False, hd_v=None):
+    """Fill the cache at random, store k/v at ``pos`` on both sides, attend; (gpu, ref)."""
+    hd_v = hd_v or hd
+    T = len(pos)
+    k_cache = (rng.standard_normal((n_ctx, n_kv, hd))).astype(np.float16)
+    v_cache = (rng.standard_normal((n_ctx, n_kv, hd_v))).astype(np.float16)
+    q, k, v = randn(rng, T, n_head * hd), randn(rng, T, n_kv * hd), randn(rng, T, n_kv * hd_v)
+    sink = randn(rng, n_head, scale=2) if sinks else None
+    dk, dv = gpu.put(k_cache), gpu.put(v_cache)
+    dpos = gpu.put(pos)
+    gpu.attn.kv_store(dk, dv, gpu.put(k), gpu.put(v), dpos)
+    attention.kv_store_ref(k_cache, v_cache, k, v, pos)
+    assert np.array_equal(gpu.get(dk).view(np.uint16), k_cache.view(np.uint16))
+    assert np.array_equal(gpu.get(dv).view(np.uint16), v_cache.view(np.uint16))
+    out = gpu.empty((T, n_head * hd_v))
+    scale = 1 / np.sqrt(hd)
+    gpu.attn.attention(gpu.put(q), dk, dv, dpos, scale, window,
+                       None if sink is None else gpu.put(sink), out, gpu.empty)
+    ref = attention.attention_ref(q, k_cache, v_cache, pos, scale, window, sink)
+    return gpu.get(out), ref
+
+
+@pytest.mark.parametrize("n_head,n_kv,hd", [(14, 2, 64), (4, 4, 96), (8, 2, 128), (2, 1, 256)])
+def test_prefill_attention(gpu, rng, n_head, n_kv, hd):
+    for start, T in ((0, 16), (300, 37)):  # a second chunk attends to earlier keys too
+        pos = np.arange(start, start + T, dtype=np.int32)
+        out, ref = _attend(gpu, rng, 512, n_head, n_kv, hd, pos)
+        assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("n_ctx,p", [(200, 0), (200, 150), (1024, 700), (4096, 4095)])
+def test_decode_attention_split(gpu, rng, n_ctx, p):
+    # n_ctx > 256: the keys are split over several blocks and combined
+    out, ref = _attend(gpu, rng, n_ctx, 14, 2, 64, np.array([p], np.int32))
+    assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("T,p0,n_ctx", [(1, 600, 1024), (1, 90, 1024), (24, 0, 64), (20, 130, 512)])
+def test_attention_sinks_and_window(gpu, rng, T, p0, n_ctx):
+    # GPT-OSS shape: 64 heads over 8 KV heads, head_dim 64, window 128, learned sinks
+    pos = np.arange(p0, p0 + T, dtype=np.int32)
+    for window in (128, 8):
+        out, ref = _attend(gpu, rng, n_ctx, 64, 8, 64, pos, window=window, sinks=True)
+        assert rel(out, ref) < 1e-4
+    out, ref = _attend(gpu, rng, n_ctx, 64, 8, 64, pos, window=0, sinks=True)
+    assert rel(out, ref) < 1e-4
+
+
+def test_decode_attention_is_deterministic(gpu, rng):
+    n_ctx, n_head, n_kv, hd = 2048, 14, 2, 64
+    dk = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))
+    dv = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))
+    q, pos = gpu.put(randn(rng, 1, n_head * hd)), gpu.put(np.array([1999], np.int32))
+    outs = []
+    for _ in range(3):
+        out = gpu.empty((1, n_head * hd))
+        gpu.attn.attention(q, dk, dv, pos, 0.125, 0, None, out, gpu.empty)
+        outs.append(gpu.get(out).tobytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+# -- MoE -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,n_expert,k", [(1, 32, 4), (37, 32, 4), (5, 4, 2), (3, 128, 8)])
+def test_moe_route_matches_reference(gpu, rng, T, n_expert, k):
+    for logits in (randn(rng, T, n_expert, scale=2),
+                   rng.integers(0, 4, (T, n_expert)).astype(np.float32)):  # many ties
+        ids, w = gpu.empty((T, k), np.int32), gpu.empty((T, k))
+        gpu.moe.route(gpu.put(logits), k, ids, w)
+        ref_ids, ref_w = moe.route_ref(logits, k)
+        assert np.array_equal(gpu.get(ids), ref_ids)
+        assert rel(gpu.get(w), ref_w) < 1e-6
+
+
+@pytest.mark.parametrize("T,k,D", [(1, 4, 2880), (9, 2, 896)])
+def test_moe_weighted_sum(gpu, rng, T, k, D):
+    y, w = randn(rng, T, k, D), rng.random((T, k)).astype(np.float32)
+    out = gpu.empty((T, D))
+    gpu.moe.weighted_sum(gpu.put(y), gpu.put(w), out)
+    assert rel(gpu.get(out), np.einsum("tk,tkd->td", w, y)) < 1e-6
