@@ -1,0 +1,470 @@
+"""The CUDA backend: the same ops and forwards as the numpy reference, on one GPU.
+
+Weights stay in their GGUF blocks in "weights" allocations (1-D tensors and
+biases as f32), the KV cache is fp16 in "kv_cache" allocations (one pooled
+cache: batch 1 serves one request at a time), activations are fp32 scratch.
+
+Scratch is two bump arenas used in turn: every ``attention`` call (once per
+layer) switches to the other arena and resets it. What crosses a layer
+boundary is only the residual stream, made in the previous period, so the
+arena being reset holds only dead tensors; memory is two layers' worth
+whatever the depth. ids and positions live in a separate small arena.
+
+Decode (one token) is captured once as a CUDA graph per (model, cache) and
+replayed: the token id and position go host → device from pinned memory into
+fixed buffers the graph reads; every kernel reads positions from there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable, Iterable
+
+import numpy as np
+
+from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
+from orcd.errors import InvalidRequest
+from orcd.kvcache import KVCache
+from orcd.ops import sampling
+
+SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
+IO_BYTES = 1 << 20         # ids and positions of eager forwards
+
+
+class ScratchFull(Exception):
+    """An arena ran out; the runner grows the scratch and reruns the forward."""
+
+
+class Scratch:
+    """Two arenas over one "scratch" allocation, switched at each attention."""
+
+    def __init__(self, alloc, per_arena: int) -> None:
+        self.alloc, self.per_arena = alloc, per_arena
+        self.buf = alloc.alloc(2 * per_arena, "scratch")
+        self.arenas = [Arena(self.buf.ptr, per_arena), Arena(self.buf.ptr + per_arena, per_arena)]
+        self.cur = 0
+
+    def empty(self, shape, dtype=np.float32) -> DeviceTensor:
+        a = self.arenas[self.cur]
+        size = -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+        if a.offset + size > a.capacity:
+            raise ScratchFull(a.offset + size)
+        return a.empty(shape, dtype)
+
+    def flip(self) -> None:
+        self.cur ^= 1
+        self.arenas[self.cur].reset()
+
+    def reset(self) -> None:
+        self.cur = 0
+        for a in self.arenas:
+            a.reset()
+
+    @property
+    def offset(self) -> int:  # with ``empty``, the Arena interface MatmulKernels' prefill uses
+        return self.arenas[self.cur].offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        self.arenas[self.cur].offset = value
+
+    def free(self) -> None:
+        if self.buf is not None:
+            self.alloc.free(self.buf)
+            self.buf = None
+
+
+class CudaOps:
+    """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch."""
+
+    def __init__(self, backend: "CudaBackend") -> None:
+        self.b = backend
+
+    def _empty(self, shape, dtype=np.float32) -> DeviceTensor:
+        return self.b.scratch.empty(shape, dtype)
+
+    def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
+        out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
+        self.b.mm.embed(table, ids, out)
+        return out
+
+    def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
+        out = self._empty((x.shape[0], w.shape[0]))               # [T, n_out]
+        self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
+        return out
+
+    def rms_norm(self, x, w, eps: float) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.norm.rms_norm(x, w, eps, out)
+        return out
+
+    def layer_norm(self, x, w, b, eps: float) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.norm.layer_norm(x, w, b, eps, out)
+        return out
+
+    def rope(self, x, pos, cfg) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.rope_k.rope(x, pos, self.b.rope_table(cfg), out)
+        return out
+
+    def _unary(self, fn, x) -> DeviceTensor:
+        out = self._empty(x.shape)
+        fn(x, out)
+        return out
+
+    def silu(self, x) -> DeviceTensor:
+        return self._unary(self.b.act.silu, x)
+
+    def gelu(self, x) -> DeviceTensor:
+        return self._unary(self.b.act.gelu, x)
+
+    def add(self, a, b) -> DeviceTensor:
+        out = self._empty(a.shape)
+        self.b.act.add(a, b, out)
+        return out
+
+    def swiglu(self, gate, up) -> DeviceTensor:
+        out = self._empty(gate.shape)
+        self.b.act.swiglu(gate, up, out)
+        return out
+
+    def swiglu_oai(self, gate, up, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+        out = self._empty(gate.shape)
+        self.b.act.swiglu_oai(gate, up, out, alpha, limit)
+        return out
+
+    def split(self, x: DeviceTensor, sizes: Iterable[int]) -> list[DeviceTensor]:
+        # along the last axis: [T, sum(sizes)] -> [T, s] each; one row splits into views
+        T = x.shape[0]
+        out, off = [], 0
+        for s in sizes:
+            if T == 1 and (off * 4) % 16 == 0:
+                out.append(DeviceTensor(x.ptr + off * 4, (1, s), x.dtype))
+            else:
+                piece = self._empty((T, s))
+                self.b.act.split_copy(x, off, piece)
+                out.append(piece)
+            off += s
+        return out
+
+    def last_row(self, x: DeviceTensor) -> DeviceTensor:
+        return x.rows(x.shape[0] - 1, x.shape[0])
+
+    def attention(self, q, k, v, cache: KVCache, layer: int, pos, scale: float,
+                  window: int = 0, sinks=None) -> DeviceTensor:
+        # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[t]
+        self.b.scratch.flip()  # a layer boundary: the other arena's tensors are dead
+        kc, vc = cache.k[layer], cache.v[layer]
+        self.b.attn.kv_store(kc, vc, k, v, pos)
+        T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
+        out = self._empty((T, q.shape[1] // hd * hd_v))
+        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty)
+        return out
+
+    def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+        # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
+        b = self.b
+        T, D = x.shape
+        logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
+        ids = self._empty((T, n_used), np.int32)
+        weights = self._empty((T, n_used))
+        b.moe_k.route(logits, n_used, ids, weights)
+        n_ff = ex.gate_w.shape[1]
+        gate, up = self._empty((T, n_used, n_ff)), self._empty((T, n_used, n_ff))
+        b.mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
+        b.mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
+        h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
+        y = self._empty((T, n_used, D))
+        b.mm.moe_linear(h.view(T * n_used, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
+        out = self._empty((T, D))
+        b.moe_k.weighted_sum(y, weights, out)
+        return out
+
+
+class CudaRunner:
+    """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
+    a single token through the backend's captured decode graph."""
+
+    def __init__(self, backend: "CudaBackend", model, cache: KVCache) -> None:
+        self.backend, self.model, self.cache = backend, model, cache
+
+    def forward(self, ids, start: int) -> DeviceTensor:
+        n = len(ids)
+        if n == 0 or start < 0 or start + n > self.cache.n_ctx:
+            raise InvalidRequest(f"positions {start}..{start + n - 1} outside the context "
+                                 f"of {self.cache.n_ctx}")
+        if n == 1:
+            return self.backend.decode_step(self.model, self.cache, int(ids[0]), start)
+        return self.backend.eager(self.model, self.cache, list(ids), start)
+
+
+class CudaBackend:
+    def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
+                 kernel_cache=None, graphs: bool = True) -> None:
+        from orcd.cuda.device import CudaDevice
+
+        self.device = CudaDevice(index)
+        self.name = f"cuda:{index}"
+        self.sm = self.device.info.arch
+        self.graphs = graphs
+        self._pinned = self._event = None
+        self.scratch = self._graph = self._kv = None
+        self._kv_bufs: list = []
+        self._rope: dict = {}
+        try:
+            self._setup(budget, debug, kernel_cache)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, budget, debug, kernel_cache) -> None:
+        from orcd.cuda.driver import cu, driver_module
+        from orcd.cuda.launch import Launcher
+        from orcd.cuda.memory import DeviceAllocator
+        from orcd.cuda.nvrtc import KernelCompiler
+        from orcd.ops.activation import ActivationKernels
+        from orcd.ops.attention import AttentionKernels
+        from orcd.ops.matmul import MatmulKernels
+        from orcd.ops.moe import MoeKernels
+        from orcd.ops.norm import NormKernels
+        from orcd.ops.rope import RopeKernels
+
+        v = int(cu("cuDriverGetVersion"))
+        self.cuda_runtime_version = f"{v // 1000}.{v % 1000 // 10}"
+        self.alloc = DeviceAllocator(self.device, budget)
+        self.launcher = Launcher(self.device, debug)
+        compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
+        args = (self.device, compiler, self.launcher)
+        self.mm = MatmulKernels(*args)
+        self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
+        self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
+        self.sampler = _device_sampler(*args)
+        self.scratch = Scratch(self.alloc, SCRATCH_START)
+        self._io_buf = self.alloc.alloc(IO_BYTES, "scratch")
+        self.io = Arena(self._io_buf.ptr, IO_BYTES)
+        # decode inputs: [token id, position] at fixed device addresses, fed from pinned memory
+        self._step_buf = self.alloc.alloc(8, "scratch")
+        self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
+        self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
+        self.device.make_current()
+        self._pinned = int(cu("cuMemHostAlloc", 8, 0))
+        self._pinned_view = np.ctypeslib.as_array((ctypes.c_int32 * 2).from_address(self._pinned))
+        self._event = cu("cuEventCreate", driver_module().CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        cu("cuEventRecord", self._event, self.device.stream)
+        self.ops = CudaOps(self)
+
+    # -- weights and cache -------------------------------------------------------
+
+    def load_weights(self, mf, formats, names: Iterable[str],
+                     progress: Callable[[float], None] | None = None) -> dict:
+        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32."""
+        from orcd.cuda.upload import Uploader
+
+        out, items = {}, []
+        with self.alloc.transaction() as tx:
+            for n in names:
+                t = mf.tensors[n]
+                fmt = formats[t.type_id]
+                if len(t.shape) == 1 or n.endswith(".bias"):
+                    vals = np.ascontiguousarray(fmt.dequantize_tensor(t.data, t.shape), np.float32)
+                    buf = tx.alloc(vals.nbytes, "weights")
+                    items.append((vals, buf.ptr))
+                    out[n] = DeviceTensor(buf.ptr, tuple(t.shape), np.dtype(np.float32))
+                else:
+                    buf = tx.alloc(t.n_bytes, "weights")
+                    items.append((t.data, buf.ptr))
+                    out[n] = QWeight(buf.ptr, tuple(t.shape), t.type_id, fmt)
+            with Uploader(self.device) as up:
+                up.upload_many(items, progress)
+        return out
+
+    def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
+                     head_dim_v: int | None = None) -> KVCache:
+        """The pooled cache when the shape matches, else a new one (the old one freed
+        first); all-or-nothing: VramOom leaves no part of it allocated."""
+        hd_v = head_dim_v or head_dim
+        key = (n_layer, n_ctx, n_head_kv, head_dim, hd_v)
+        if self._kv is not None and self._kv_key == key:
+            return self._kv
+        self.free_kv_cache()
+        k_shape, v_shape = (n_ctx, n_head_kv, head_dim), (n_ctx, n_head_kv, hd_v)
+        with self.alloc.transaction() as tx:
+            ks = [tx.alloc(int(np.prod(k_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+            vs = [tx.alloc(int(np.prod(v_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+        self._kv_bufs, self._kv_key = tx.buffers, key
+        f16 = np.dtype(np.float16)
+        self._kv = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
+                           [DeviceTensor(b.ptr, v_shape, f16) for b in vs], n_ctx)
+        return self._kv
+
+    def free_kv_cache(self) -> None:
+        self._drop_graph()
+        if self._kv_bufs:
+            self.device.synchronize()  # no kernel may still read it
+        for buf in self._kv_bufs:
+            self.alloc.free(buf)
+        self._kv_bufs, self._kv = [], None
+
+    def rope_table(self, cfg):
+        """cos/sin of ``cfg`` for every position of the current cache (built once)."""
+        from orcd.cuda.memory import from_host
+        from orcd.ops.rope import RopeTable
+
+        if self._kv is None:
+            raise InvalidRequest("rope needs a KV cache: call new_kv_cache first")
+        n_pos = self._kv.n_ctx
+        table = self._rope.get(cfg)
+        if table is None or table.n_pos < n_pos:
+            if table is not None:
+                self.device.synchronize()
+                for buf in table.bufs:
+                    self.alloc.free(buf)
+            cos, sin = RopeTable.host_arrays(cfg, n_pos)
+            with self.alloc.transaction() as tx:
+                bufs = [tx.alloc(a.nbytes, "workspace") for a in (cos, sin)]
+            for a, buf in zip((cos, sin), bufs):
+                from_host(self.device, a, buf.ptr)
+            table = RopeTable(cfg, n_pos, bufs[0].ptr, bufs[1].ptr)
+            table.bufs = bufs
+            self._rope[cfg] = table
+        return table
+
+    # -- forwards ----------------------------------------------------------------
+
+    def make_runner(self, model, cache: KVCache) -> CudaRunner:
+        return CudaRunner(self, model, cache)
+
+    def eager(self, model, cache: KVCache, ids: list[int], start: int,
+              last_only: bool = True) -> DeviceTensor:
+        while True:
+            self.scratch.reset()
+            self.io.reset()
+            try:
+                return model.forward(self.ops, self.ids(ids), self.positions(start, len(ids)), cache,
+                                     last_only=last_only)
+            except ScratchFull as e:
+                self._grow_scratch(e.args[0])
+
+    def decode_step(self, model, cache: KVCache, token: int, pos: int) -> DeviceTensor:
+        from orcd.cuda.driver import cu
+
+        self.device.make_current()
+        cu("cuEventSynchronize", self._event)       # the previous step's copy has read the buffer
+        self._pinned_view[0], self._pinned_view[1] = token, pos
+        cu("cuMemcpyHtoDAsync", self.step_ids.ptr, self._pinned, 8, self.device.stream)
+        cu("cuEventRecord", self._event, self.device.stream)
+        g = self._graph
+        if self.graphs and g is not None and g[0] is model and g[1] is cache:
+            g[2].replay()
+            return g[3]
+        logits = self._decode_eager(model, cache)   # also sizes the scratch, builds rope tables
+        if self.graphs:
+            self._capture(model, cache, logits)
+        return logits
+
+    def _decode_eager(self, model, cache: KVCache) -> DeviceTensor:
+        while True:
+            self.scratch.reset()
+            try:
+                return model.forward(self.ops, self.step_ids, self.step_pos, cache)
+            except ScratchFull as e:
+                self._grow_scratch(e.args[0])
+
+    def _capture(self, model, cache: KVCache, logits: DeviceTensor) -> None:
+        from orcd.cuda.graph import capture
+
+        self._drop_graph()
+        self.scratch.reset()
+        got = []
+        graph = capture(self.device, lambda: got.append(
+            model.forward(self.ops, self.step_ids, self.step_pos, cache)))
+        if got[0] != logits:  # same shapes in the same order must give the same addresses
+            graph.close()
+            raise RuntimeError("decode capture allocated differently from its eager run")
+        self._graph = (model, cache, graph, got[0])
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._graph[2].close()
+            self._graph = None
+
+    def _grow_scratch(self, needed: int) -> None:
+        self.device.synchronize()
+        self._drop_graph()
+        size = max(2 * self.scratch.per_arena, needed)
+        self.scratch.free()
+        self.scratch = Scratch(self.alloc, size)
+
+    # -- host side -----------------------------------------------------------------
+
+    def _io(self, values: np.ndarray) -> DeviceTensor:
+        from orcd.cuda.memory import from_host
+
+        if values.nbytes > self.io.capacity:
+            raise InvalidRequest(f"{values.size} tokens in one forward; at most "
+                                 f"{self.io.capacity // 8} per call")
+        if self.io.offset + values.nbytes > self.io.capacity:
+            self.io.reset()  # earlier ids/positions were consumed in stream order
+        t = self.io.empty(values.shape, values.dtype)
+        from_host(self.device, values, t.ptr)
+        return t
+
+    def ids(self, ids) -> DeviceTensor:
+        return self._io(np.asarray(ids, dtype=np.int32).reshape(-1))
+
+    def positions(self, start: int, n: int) -> DeviceTensor:
+        return self._io(np.arange(start, start + n, dtype=np.int32))
+
+    def to_host(self, x) -> np.ndarray:
+        from orcd.cuda.memory import to_host
+
+        if not isinstance(x, DeviceTensor):
+            raise TypeError(f"to_host takes a DeviceTensor, got {type(x).__name__}")
+        raw = to_host(self.device, x.ptr, x.nbytes)
+        return raw.view(x.dtype).reshape(x.shape).astype(np.float32)
+
+    def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
+               rng: np.random.Generator) -> int:
+        if self.sampler is not None:
+            return self.sampler.sample(logits, params, seen, rng)
+        return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+
+    def synchronize(self) -> None:
+        self.device.synchronize()
+
+    def memory_usage(self) -> dict[str, int]:
+        usage = self.alloc.usage()
+        usage.pop("test", None)
+        return usage
+
+    def check_residency(self) -> bool:
+        from orcd.cuda.residency import check_pointers
+
+        ptrs = [(f"weights@{p:#x}", p) for p, _, _ in self.alloc.ledger.pointers("weights")]
+        return not check_pointers(self.device, ptrs)
+
+    def close(self) -> None:
+        from orcd.cuda.driver import cu
+
+        if getattr(self, "device", None) is None:
+            return
+        self.device.synchronize()
+        self._drop_graph()
+        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None)):
+            if hasattr(obj, "close"):
+                obj.close()
+        if hasattr(self, "alloc"):
+            self.alloc.free_all()
+        self._kv, self._kv_bufs, self._rope = None, [], {}
+        if self._event is not None:
+            cu("cuEventDestroy", self._event)
+        if self._pinned is not None:
+            cu("cuMemFreeHost", self._pinned)
+        self.device.close()
+        self.device = None
+
+
+def _device_sampler(device, compiler, launcher):
+    """The device sampler, once orcd.ops.sampling has one; until then None (host sampling)."""
+    return None
