@@ -62,3 +62,151 @@ def sample_ref(logits: np.ndarray, p: SamplingParams, seen: np.ndarray,
     u = rng.random()
     i = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
     return int(order[min(i, len(order) - 1)])
+
+
+# ---------------------------------------------------------------------------------
+# CUDA: the same filters on the device (sampling.cu); only the chosen id leaves it.
+# ---------------------------------------------------------------------------------
+
+_PAD = 16384        # sampling.cu PAD: x is padded to a multiple of this
+_PREP_TILE = 2048   # sampling.cu PREP_TILE: elements per sample_prepare block
+_SELECT_THREADS = 1024
+_PREP_THREADS = 256
+
+#: sampling.cu SampleArgs, written before each launch.
+SAMPLE_ARGS = np.dtype([("temperature", "<f4"), ("penalty", "<f4"), ("top_p", "<f4"),
+                        ("min_p", "<f4"), ("top_k", "<i4"), ("step", "<i4"), ("seed", "<u8")])
+#: sampling.cu SampleInfo, written by the kernel (tests and diagnostics).
+SAMPLE_INFO = np.dtype([("klast", "<u8"), ("xmax", "<f4"), ("z", "<f4"), ("n_kept", "<i4"),
+                        ("slow", "<i4")])
+
+
+def sort_keys(x: np.ndarray) -> np.ndarray:
+    """The device's unique sort keys of x [n] float32: larger value first, then
+    lower id (numpy's stable argsort of -x); -0 equals +0."""
+    x = np.where(x == 0, np.float32(0), x).astype(np.float32)
+    u = x.view(np.uint32)
+    ordered = np.where(u & 0x80000000, ~u, u | 0x80000000).astype(np.uint64)
+    ids = np.arange(x.size, dtype=np.uint64)
+    return (ordered << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - ids)
+
+
+class CudaSampler:
+    """Device sampler for one vocabulary size: temperature → repetition penalty →
+    top-k → top-p → min-p → a seeded draw, as ``sample_ref`` (same filters, same
+    llama.cpp penalty, argmax with the lowest id on ties).
+
+    ``CudaSampler(device, compiler, launcher, n_vocab, allocator=None)``: device
+    buffers (scratch, the seen mask, the parameter struct) come from ``allocator``
+    (purpose "workspace") or, without one, from a private ``DeviceAllocator``.
+
+    Per request: ``reset(prompt_ids)`` once, then per token
+    ``sample(logits, params, step, out_id)`` with ``logits`` a float32
+    DeviceTensor [1, n_vocab] or [n_vocab] and ``out_id`` an int32 DeviceTensor
+    [1]; the chosen id lands in ``out_id`` and is marked seen on the device, so
+    the repetition penalty needs no host traffic. ``sample`` is
+    ``set_params(params, step)`` (a 32-byte host→device copy) then
+    ``launch(logits, out_id)`` (two kernels, no sync, no allocation): a decode
+    graph captures ``launch`` and calls ``set_params`` before each replay.
+
+    The draw is counter-based (splitmix64 of (seed, step); seed None = 0), so
+    the same seed and request give the same ids on the same device; it is not
+    numpy's PCG64 stream, so the ids differ from ``sample_ref``'s. Logits must
+    be finite or -inf.
+    """
+
+    def __init__(self, device, compiler, launcher, n_vocab: int, allocator=None) -> None:
+        from orcd.cuda.memory import DeviceAllocator
+        from orcd.cuda.nvrtc import KernelSource
+
+        if n_vocab < 1:
+            raise ValueError(f"n_vocab must be positive, got {n_vocab}")
+        self.device, self.launcher, self.n_vocab = device, launcher, int(n_vocab)
+        self.n_pad = -(-self.n_vocab // _PAD) * _PAD
+        self.n_part = self.n_pad // _PREP_TILE
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", "sampling.cu"))
+        self._prepare = module.function("sample_prepare")
+        self._select = module.function("sample_select")
+        self._alloc = allocator if allocator is not None else DeviceAllocator(device)
+        sizes = {"x": 4 * self.n_pad, "w": 4 * self.n_pad, "part_max": 4 * self.n_part,
+                 "part_arg": 4 * self.n_part, "seen": 4 * self.n_vocab,
+                 "args": SAMPLE_ARGS.itemsize, "info": SAMPLE_INFO.itemsize}
+        bufs = self._alloc.alloc_all([(n, "workspace") for n in sizes.values()])
+        self._buf = dict(zip(sizes, bufs))
+        self._args_host = np.zeros(1, SAMPLE_ARGS)  # kept alive: source of the async copy
+        self.reset(())
+
+    # -- per request -------------------------------------------------------------
+    def reset(self, prompt_ids) -> None:
+        """Start a request: the seen mask = the prompt's ids (for the penalty)."""
+        from orcd.cuda.memory import from_host
+
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+            raise ValueError(f"prompt ids must lie in [0, {self.n_vocab})")
+        mask = np.zeros(self.n_vocab, dtype=np.int32)
+        mask[ids] = 1
+        from_host(self.device, mask, self._buf["seen"].ptr)
+
+    # -- per token ---------------------------------------------------------------
+    def sample(self, logits, params: SamplingParams, step: int, out_id) -> None:
+        """Choose the next id from ``logits`` into ``out_id`` (stream-ordered, no sync)."""
+        self.set_params(params, step)
+        self.launch(logits, out_id)
+
+    def set_params(self, params: SamplingParams, step: int) -> None:
+        """Write the parameter struct the kernels read (ordered on the stream)."""
+        from orcd.cuda.driver import cu
+
+        a = self._args_host
+        a["temperature"], a["penalty"] = params.temperature, params.repetition_penalty
+        a["top_p"], a["min_p"] = params.top_p, params.min_p
+        a["top_k"] = params.top_k if 0 < params.top_k < self.n_vocab else 0
+        a["step"] = int(step)
+        a["seed"] = (params.seed or 0) & 0xFFFFFFFFFFFFFFFF
+        self.device.make_current()
+        # pageable source: the driver stages it before returning, so reuse is safe
+        cu("cuMemcpyHtoDAsync", self._buf["args"].ptr, a.ctypes.data, a.nbytes, self.device.stream)
+
+    def launch(self, logits, out_id) -> None:
+        """Enqueue the two kernels; graph-capturable (reads params from the device)."""
+        if logits.numel != self.n_vocab or np.dtype(logits.dtype) != np.float32:
+            raise ValueError(f"logits must be float32 [{self.n_vocab}], got "
+                             f"{np.dtype(logits.dtype)} {logits.shape}")
+        if out_id.numel < 1 or np.dtype(out_id.dtype) != np.int32:
+            raise ValueError(f"out_id must be int32 [1], got {np.dtype(out_id.dtype)} {out_id.shape}")
+        b = self._buf
+        self.launcher(self._prepare, self.n_part, _PREP_THREADS,
+                      [np.uint64(logits.ptr), b["seen"], b["args"], b["x"], b["part_max"],
+                       b["part_arg"], self.n_vocab])
+        self.launcher(self._select, 1, _SELECT_THREADS,
+                      [b["x"], b["w"], b["part_max"], b["part_arg"], self.n_part, b["args"],
+                       b["seen"], np.uint64(out_id.ptr), b["info"], self.n_vocab, self.n_pad])
+
+    # -- inspection (tests, diagnostics; these sync) ---------------------------------
+    def info(self) -> dict:
+        """What the last draw saw: klast (smallest kept key), xmax, z, n_kept, slow."""
+        from orcd.cuda.memory import to_host
+
+        raw = to_host(self.device, self._buf["info"].ptr, SAMPLE_INFO.itemsize).view(SAMPLE_INFO)[0]
+        return {name: raw[name].item() for name in SAMPLE_INFO.names}
+
+    def filtered(self) -> np.ndarray:
+        """The transformed logits x [n_vocab] of the last call (after temperature and penalty)."""
+        from orcd.cuda.memory import to_host
+
+        return to_host(self.device, self._buf["x"].ptr, 4 * self.n_vocab).view(np.float32)
+
+    def kept_ids(self) -> np.ndarray:
+        """Ids the last draw chose among (sorted ascending)."""
+        return np.flatnonzero(sort_keys(self.filtered()) >= np.uint64(self.info()["klast"]))
+
+    def seen_mask(self) -> np.ndarray:
+        from orcd.cuda.memory import to_host
+
+        return to_host(self.device, self._buf["seen"].ptr, 4 * self.n_vocab).view(np.int32)
+
+    def close(self) -> None:
+        for buf in self._buf.values():
+            self._alloc.free(buf)
+        self._buf = {}
