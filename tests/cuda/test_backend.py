@@ -152,3 +152,20 @@ def test_vram_returns_to_baseline_after_requests(pairs):
         assert engine.generate(req).token_ids == first  # same seed, same tokens
     assert b.memory_usage() == usage
     assert abs(b.device.mem_info()[0] - free) < (4 << 20)
+
+
+def test_greedy_sample_is_the_argmax(pairs):
+    from orcd.ops.sampling import SamplingParams
+
+    _, gpu = pairs("qwen2-tiny")
+    b = gpu.backend
+    ids = prompt(gpu, seed=4)
+    runner = b.make_runner(gpu.model, new_cache(gpu))
+    greedy = SamplingParams(temperature=0.0)
+    seen = np.asarray(ids[:8], np.int64)
+    logits = runner.forward(ids[:8], 0)
+    for i in range(8, PROMPT):
+        tok = b.sample(logits, greedy, seen, np.random.default_rng(0))
+        assert tok == int(np.argmax(b.to_host(logits)))
+        seen = np.append(seen, tok)
+        logits = runner.forward([ids[i]], i)

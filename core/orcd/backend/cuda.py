@@ -239,7 +239,8 @@ class CudaBackend:
         self.mm = MatmulKernels(*args)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
-        self.sampler = _device_sampler(*args)
+        self._kernel_args = args
+        self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.scratch = Scratch(self.alloc, SCRATCH_START)
         self._io_buf = self.alloc.alloc(IO_BYTES, "scratch")
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
@@ -426,8 +427,12 @@ class CudaBackend:
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        if self.sampler is not None:
-            return self.sampler.sample(logits, params, seen, rng)
+        """The device sampler when orcd.ops.sampling has one (only the id crosses
+        to the host; its draw is seeded by params.seed, not ``rng``), else sample_ref."""
+        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
+            self.sampler = DeviceSampling(self, logits.numel)
+        if self.sampler is not None and self.sampler.n_vocab == logits.numel:
+            return self.sampler(logits, params, seen)
         return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
 
     def synchronize(self) -> None:
@@ -465,6 +470,37 @@ class CudaBackend:
         self.device = None
 
 
-def _device_sampler(device, compiler, launcher):
-    """The device sampler, once orcd.ops.sampling has one; until then None (host sampling)."""
-    return None
+class DeviceSampling:
+    """orcd.ops.sampling.CudaSampler behind the engine's ``sample(logits, params,
+    seen, rng)``: the seen mask lives on the device and the sampler marks each
+    chosen id, so a request's consecutive calls (seen growing by the last
+    chosen id) need no host traffic but the id itself; any other ``seen``
+    re-uploads the mask, and only when a repetition penalty needs it."""
+
+    def __init__(self, backend: CudaBackend, n_vocab: int) -> None:
+        self.b, self.n_vocab = backend, n_vocab
+        self.kernels = sampling.CudaSampler(*backend._kernel_args, n_vocab, allocator=backend.alloc)
+        self.out = backend.alloc.alloc(4, "workspace")
+        self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
+        self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
+
+    def __call__(self, logits, params: sampling.SamplingParams, seen) -> int:
+        from orcd.cuda.memory import to_host
+
+        seen = np.asarray(seen, dtype=np.int64).reshape(-1)
+        prev = self.seen
+        follows = (prev is not None and len(seen) == len(prev) + 1 and seen[-1] == self.last
+                   and np.array_equal(seen[:-1], prev))
+        self.step = self.step + 1 if follows else 0
+        if not follows:
+            self.mask_ok = False
+        if params.repetition_penalty != 1.0 and not self.mask_ok:
+            self.kernels.reset(seen)
+            self.mask_ok = True
+        self.kernels.sample(logits.view(-1), params, self.step, self.out_id)
+        self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
+        self.seen = seen
+        return self.last
+
+    def close(self) -> None:
+        self.kernels.close()
