@@ -240,6 +240,10 @@ def _case(name: str, n: int):
         x = np.round(fresh(n, 0.5), 1)
         keep = 9000 + int(rng.integers(500))
         return x, SamplingParams(top_p=top_p_keeping(x, keep), seed=7), none, True
+    if name == "top_p_slow_tie_run":          # ... inside one value's run of > 4096 ties
+        x = np.round(fresh(n, 0.5), 0)
+        keep = 9000 + int(rng.integers(500))
+        return x, SamplingParams(top_p=top_p_keeping(x, keep), seed=10), none, True
     if name == "min_p":
         x = fresh(n)
         return x, SamplingParams(min_p=min_p_keeping(x, 120), seed=8), none, False
@@ -256,7 +260,7 @@ def _case(name: str, n: int):
 
 CASES = [("temperature", 32000), ("top_k", 151936), ("top_k_ties", 32000), ("top_p", 201088),
          ("top_k_big_top_p", 32000), ("top_p_slow", 32000), ("top_p_slow_ties", 32000),
-         ("min_p", 201088), ("all", 151936)]
+         ("top_p_slow_tie_run", 32000), ("min_p", 201088), ("all", 151936)]
 
 
 @pytest.mark.parametrize("name, n", CASES)

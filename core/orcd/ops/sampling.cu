@@ -287,12 +287,14 @@ __device__ u64 select_key(const float4* x4, int npad, int k, Smem& sm) {
     return ((u64)prefix << 32) | (u64)(0xffffffffu - (unsigned)nth_tie(x4, npad, prefix, remaining, sm));
 }
 
-// Weight of {key >= kk and ordered(x) >= t}; fixed order, the same on every thread.
-__device__ float mass_above(const float4* x4, int npad, u64 kk, unsigned t, float xmax) {
+// Weight and size of {key >= kk and ordered(x) >= t}; fixed order, the same on every thread.
+__device__ float mass_above(const float4* x4, int npad, u64 kk, unsigned t, float xmax, int& count) {
     float s = 0.0f;
+    int c = 0;
     for_each16(x4, npad, [&](float v, int id) {
-        if (make_key(v, id) >= kk && ordered(v) >= t) s += expf(v - xmax);
+        if (make_key(v, id) >= kk && ordered(v) >= t) { s += expf(v - xmax); ++c; }
     });
+    count = block_sum_int(c);
     return block_sum(s);
 }
 
@@ -317,8 +319,8 @@ __device__ void sort_desc(u64* keys, int L) {
     }
 }
 
-// Copy the exactly-L elements with key >= kc into keys (any order: sorted next).
-__device__ void gather(const float4* x4, int npad, u64 kc, u64* keys) {
+// Copy the elements with klo <= key < khi (at most CAP) into keys, any order.
+__device__ void gather(const float4* x4, int npad, u64 klo, u64 khi, u64* keys) {
     int carry = 0;
     for (int b = 0; b < npad / 4; b += 4 * NT) {
         float4 v[4];
@@ -326,40 +328,77 @@ __device__ void gather(const float4* x4, int npad, u64 kc, u64* keys) {
         for (int u = 0; u < 4; ++u) v[u] = x4[b + u * NT + threadIdx.x];
         const float* f = reinterpret_cast<const float*>(v);
         int c = 0;
-        for (int j = 0; j < 16; ++j) c += make_key(f[j], 4 * (b + (j >> 2) * NT + threadIdx.x) + (j & 3)) >= kc;
+        for (int j = 0; j < 16; ++j) {
+            const u64 key = make_key(f[j], 4 * (b + (j >> 2) * NT + threadIdx.x) + (j & 3));
+            c += key >= klo && key < khi;
+        }
         int excl, total;
         block_scan<int>(c, excl, total);
         int pos = carry + excl;
         for (int j = 0; j < 16; ++j) {
             const u64 key = make_key(f[j], 4 * (b + (j >> 2) * NT + threadIdx.x) + (j & 3));
-            if (key >= kc && pos < CAP) keys[pos++] = key;
+            if (key >= klo && key < khi && pos < CAP) keys[pos++] = key;
         }
         carry += total;
     }
     __syncthreads();
 }
 
-// Slow path of top-p (its cut lies beyond the CAP best): the largest value
-// threshold t whose mass still reaches target (binary search over the float
-// bits, one pass each), then the id cut among the elements equal to t.
-__device__ u64 top_p_search(const float4* x4, int npad, u64 kk, float target, float xmax, Smem& sm) {
-    u64 lo = 0, hi = (u64)ordered(xmax) + 1;    // mass(lo) >= target > mass(hi)
-    float m_hi = 0.0f;
-    while (hi - lo > 1) {
-        const u64 mid = (lo + hi) >> 1;
-        const float m = mass_above(x4, npad, kk, (unsigned)mid, xmax);
-        if (m >= target) lo = mid;
-        else { hi = mid; m_hi = m; }
+// Weights of sorted keys[4t..4t+3] (0 past L) and their block scan.
+__device__ __forceinline__ void weigh_sorted(const u64* keys, int L, float xmax, float w[4], float& excl, float& total) {
+    float s = 0.0f;
+    for (int j = 0; j < 4; ++j) {
+        const int p = 4 * threadIdx.x + j;
+        w[j] = p < L ? expf(key_value(keys[p]) - xmax) : 0.0f;
+        s += w[j];
     }
-    const unsigned t = (unsigned)lo;
-    int cnt = 0;                                 // elements of the set equal to t
-    for_each16(x4, npad, [&](float v, int id) { cnt += ordered(v) == t && make_key(v, id) >= kk; });
-    cnt = block_sum_int(cnt);
+    block_scan<float>(s, excl, total);
+}
+
+// The first sorted position whose cumulative weight (from run) reaches target,
+// 0x7fffffff if none; run is this thread's start (base + its exclusive prefix).
+__device__ __forceinline__ int first_reaching(const float w[4], float run, int L, float target) {
+    int first = 0x7fffffff;
+    for (int j = 0; j < 4; ++j) {
+        const int p = 4 * threadIdx.x + j;
+        run += w[j];
+        if (p < L && run >= target) { first = p; break; }
+    }
+    return -block_max_int(-first);
+}
+
+// Slow path of top-p (its cut lies beyond the CAP best): bisect value
+// thresholds (one pass each) keeping mass(lo) >= target > mass(hi), until the
+// set's elements in [lo, hi) fit the CAP candidates; then sort that band and
+// scan it from mass(hi). A band of one value with more ties than CAP is cut in
+// id order instead.
+__device__ u64 top_p_search(const float4* x4, int npad, u64 kk, int set_size, float target,
+                            float xmax, Smem& sm) {
+    u64 lo = 0, hi = (u64)ordered(xmax) + 1;
+    float m_hi = 0.0f;
+    int c_lo = set_size, c_hi = 0;
+    while (c_lo - c_hi > CAP && hi - lo > 1) {
+        const u64 mid = (lo + hi) >> 1;
+        int c;
+        const float m = mass_above(x4, npad, kk, (unsigned)mid, xmax, c);
+        if (m >= target) { lo = mid; c_lo = c; }
+        else { hi = mid; m_hi = m; c_hi = c; }
+    }
+    const int band = c_lo - c_hi;
+    if (band <= CAP) {
+        gather(x4, npad, max(kk, lo << 32), hi << 32, sm.big.keys);
+        sort_desc(sm.big.keys, band);
+        float w[4], excl, total;
+        weigh_sorted(sm.big.keys, band, xmax, w, excl, total);
+        const int first = first_reaching(w, m_hi + excl, band, target);
+        return sm.big.keys[first != 0x7fffffff ? first : band - 1];  // none: rounding, take the band
+    }
+    const unsigned t = (unsigned)lo;             // one value, more than CAP ties
     const float wt = expf(unordered(t) - xmax);
-    int r = cnt;                                 // ties needed, taken in id order
+    int r = band;                                // ties needed, taken in id order
     if (wt > 0.0f) {
         const float rf = ceilf((target - m_hi) / wt);
-        r = rf >= (float)cnt ? cnt : max(1, (int)rf);
+        r = rf >= (float)band ? band : max(1, (int)rf);
     }
     return ((u64)t << 32) | (u64)(0xffffffffu - (unsigned)nth_tie(x4, npad, t, r, sm));
 }
@@ -371,30 +410,18 @@ __device__ u64 top_p_cut(const float4* x4, int npad, u64 kk, int set_size, float
                          float xmax, Smem& sm, int& slow) {
     const int L = min(set_size, CAP);
     const u64 kc = L == set_size ? kk : select_key(x4, npad, L, sm);
-    gather(x4, npad, kc, sm.big.keys);
+    gather(x4, npad, kc, ~0ull, sm.big.keys);
     sort_desc(sm.big.keys, L);
-    float w[4], s = 0.0f;                        // thread t owns sorted positions 4t..4t+3
-    for (int j = 0; j < 4; ++j) {
-        const int p = 4 * threadIdx.x + j;
-        w[j] = p < L ? expf(key_value(sm.big.keys[p]) - xmax) : 0.0f;
-        s += w[j];
-    }
-    float excl, total;
-    block_scan<float>(s, excl, total);
-    const float z_set = L == set_size ? total : mass_above(x4, npad, kk, 0u, xmax);
+    float w[4], excl, total;
+    weigh_sorted(sm.big.keys, L, xmax, w, excl, total);
+    int unused;
+    const float z_set = L == set_size ? total : mass_above(x4, npad, kk, 0u, xmax, unused);
     const float target = top_p * z_set;
-    int first = 0x7fffffff;
-    float run = excl;
-    for (int j = 0; j < 4; ++j) {
-        const int p = 4 * threadIdx.x + j;
-        run += w[j];
-        if (p < L && run >= target) { first = p; break; }
-    }
-    first = -block_max_int(-first);
+    const int first = first_reaching(w, excl, L, target);
     if (first != 0x7fffffff) return sm.big.keys[first];
     if (L == set_size) return 0;
     slow = 1;
-    return top_p_search(x4, npad, kk, target, xmax, sm);
+    return top_p_search(x4, npad, kk, set_size, target, xmax, sm);
 }
 
 // w = exp(x - xmax) on the kept set, 0 elsewhere, into w4; returns Z summed
