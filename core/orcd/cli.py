@@ -10,7 +10,7 @@ import sys
 from orcd import __version__
 from orcd.errors import OrcdError
 
-COMMANDS = ("inspect", "pull", "synth", "plugins", "generate", "serve", "bench")
+COMMANDS = ("inspect", "pull", "synth", "plugins", "generate", "serve", "bench", "new-plugin")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        mod = importlib.import_module(f"orcd.commands.{name}")
+        mod = importlib.import_module(f"orcd.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
