@@ -18,8 +18,9 @@
 - ``unread_keys`` / ``check_required_keys``: every ``{arch}.*`` key of a file
   is read by some ``HParam``; dropping any required key fails the load clearly.
 - ``check_model``: the model loads on the CPU reference, takes every tensor
-  of the file, gives finite logits of the right shape, and decoding one token
-  after a prefill (the KV cache) agrees with the full forward; where a GPU is
+  of the file, gives finite logits of the right shape, and a prefill followed
+  by decoding token by token (the KV cache, causality) agrees with the full
+  forward at every position; where a GPU is
   present (``gpu_available()``), the CUDA path runs the same and is compared.
 
 Everything here uses the same loading path ``orcd serve`` uses.
@@ -209,7 +210,7 @@ class ModelReport:
     arch: str
     n_tensors: int
     cpu: np.ndarray                    # [T, n_vocab] logits of the full prompt
-    decode_rel_err: float              # last row: prefill T-1 + one decode step vs full forward
+    decode_rel_err: float              # prefill T/2, then decode token by token, vs full forward
     cuda: np.ndarray | None = None     # the same logits from cuda:0, None without a GPU
     cuda_rel_err: float | None = None  # max over positions of |cuda - cpu| / |cpu|
     cuda_top1_agree: float | None = None
@@ -220,7 +221,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _run(lm, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(full-prompt logits [T, V], last-row logits after prefill T-1 + decode 1)."""
+    """(full-prompt logits [T, V], the same rows computed incrementally: a
+    prefill of the first half, then one decode step per token [T - T//2 + 1, V])."""
     from orcd.engine import Runner
 
     b, hp = lm.backend, lm.hp
@@ -232,9 +234,10 @@ def _run(lm, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
                                       last_only=False))
     c = cache()
     runner = b.make_runner(lm.model, c) if hasattr(b, "make_runner") else Runner(lm.model, b, c)
-    runner.forward(ids[:-1], 0)
-    step = b.to_host(runner.forward(ids[-1:], len(ids) - 1)).reshape(-1)
-    return full, step
+    half = len(ids) // 2
+    rows = [b.to_host(runner.forward(ids[:half], 0)).reshape(-1)]
+    rows += [b.to_host(runner.forward([t], p)).reshape(-1) for p, t in enumerate(ids) if p >= half]
+    return full, np.stack(rows)
 
 
 def check_model(path: str | Path, host: Any, *, prompt_len: int = 8, n_ctx: int = 64,
@@ -247,9 +250,9 @@ def check_model(path: str | Path, host: Any, *, prompt_len: int = 8, n_ctx: int 
     try:
         n_vocab = lm.hp.n_vocab
         ids = np.random.default_rng(seed).integers(0, n_vocab, prompt_len).tolist()
-        full, step = _run(lm, ids)
+        full, steps = _run(lm, ids)
         report = ModelReport(lm.arch.name, len(lm.file.tensors), full,
-                             float(_rel(step, full[-1])))
+                             float(_rel(steps, full[prompt_len // 2 - 1:]).max()))
     finally:
         lm.close()
     if full.shape != (prompt_len, n_vocab):
@@ -258,16 +261,18 @@ def check_model(path: str | Path, host: Any, *, prompt_len: int = 8, n_ctx: int 
     if not np.isfinite(full).all():
         raise KitFailure("the CPU reference forward gave non-finite logits")
     if report.decode_rel_err > 1e-3:
-        raise KitFailure(f"decoding the last token after a prefill differs from the full forward "
-                         f"by {report.decode_rel_err:.2e} (relative): check pos and the KV cache")
+        raise KitFailure(f"a prefill followed by one decode step per token differs from the full "
+                         f"forward by {report.decode_rel_err:.2e} (relative): a position sees "
+                         f"later tokens or the wrong cache rows; check pos and the KV cache")
     if cuda if cuda is not None else gpu_available():
         lm = load_model(path, host=host, device="cuda:0", n_ctx=n_ctx)
         try:
-            got, _ = _run(lm, ids)
+            got, got_steps = _run(lm, ids)  # the prefill and the (graph) decode path
         finally:
             lm.close()
         report.cuda = got
-        report.cuda_rel_err = float(_rel(got, full).max())
+        report.cuda_rel_err = float(max(_rel(got, full).max(),
+                                        _rel(got_steps, full[prompt_len // 2 - 1:]).max()))
         report.cuda_top1_agree = float((got.argmax(-1) == full.argmax(-1)).mean())
     return report
 
