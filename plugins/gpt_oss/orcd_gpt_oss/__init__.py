@@ -23,3 +23,11 @@ def orcd_architectures():
 def orcd_synth_presets():
     from orcd_gpt_oss.synth import PRESETS
     return list(PRESETS)
+
+
+@hookimpl
+def orcd_output_parser(arch, tokenizer):
+    if arch != "gpt-oss":
+        return None
+    from orcd_gpt_oss.harmony import parser_factory
+    return parser_factory(tokenizer)
