@@ -111,11 +111,52 @@ def make_tiny(host) -> None:
     np.savez_compressed(OUT / "tiny_logits.npz", **arrays)
 
 
+TEACHER_TEXT_TOKENS = 256
+
+
+def make_reference(host) -> None:
+    """orcd's own float32 reference on the real Qwen (what the GPU path is held
+    to): top-1 and the top-2 margin at each of 256 teacher-forced positions, and
+    greedy continuations of the parity prompts with the margin of every step."""
+    from orcd.engine import Engine, GenerateRequest
+    from orcd.load import load_model
+    from orcd.ops.sampling import SamplingParams
+    from orcd.pull import pull
+
+    lm = load_model(pull("qwen2.5-coder-0.5b"), host=host, device="cpu", n_ctx=512)
+    text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    ids = lm.tokenizer.encode(text)[:TEACHER_TEXT_TOKENS]
+    b = lm.backend
+    cache = b.new_kv_cache(lm.hp.n_layer, lm.n_ctx, lm.hp.n_head_kv, lm.hp.head_dim)
+    logits = b.to_host(lm.model.forward(b.ops, b.ids(ids), b.positions(0, len(ids)), cache,
+                                        last_only=False))
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    teacher = {"ids": ids, "top1": logits.argmax(-1).tolist(),
+               "margin": (top2[:, 1] - top2[:, 0]).round(5).tolist()}
+    engine = Engine(lm)
+    prompts = json.loads((OUT / "qwen_greedy.json").read_text())["cases"]
+    greedy = []
+    for case in prompts:
+        res = engine.generate(GenerateRequest(case["prompt_ids"], N_GREEDY,
+                                              SamplingParams(temperature=0.0)))
+        seq = case["prompt_ids"] + res.token_ids
+        step = b.to_host(lm.model.forward(b.ops, b.ids(seq), b.positions(0, len(seq)),
+                                          b.new_kv_cache(lm.hp.n_layer, lm.n_ctx, lm.hp.n_head_kv,
+                                                         lm.hp.head_dim), last_only=False))
+        s = np.sort(step[len(case["prompt_ids"]) - 1:], axis=-1)[:, -2:]
+        greedy.append({"prompt_ids": case["prompt_ids"], "ids": res.token_ids,
+                       "margin": (s[:, 1] - s[:, 0]).round(5).tolist()})
+    (OUT / "qwen_reference.json").write_text(json.dumps(
+        {"source": "orcd CPU reference, float32 activations", "teacher": teacher,
+         "greedy": greedy}))
+    lm.close()
+
+
 def main() -> None:
     from orcd.plugins import PluginHost
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["qwen", "tiny"])
+    ap.add_argument("--only", choices=["qwen", "tiny", "reference"])
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     host = PluginHost()
@@ -123,6 +164,8 @@ def main() -> None:
         make_tiny(host)
     if args.only in (None, "qwen"):
         make_qwen(host)
+    if args.only in (None, "reference"):
+        make_reference(host)
 
 
 if __name__ == "__main__":
