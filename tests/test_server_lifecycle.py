@@ -187,6 +187,25 @@ def test_failed_residency_check_marks_the_worker_unhealthy(tiny_model):
         assert "orcd_residency_check_failures_total 1.0" in metrics
 
 
+def test_residency_is_checked_periodically_at_the_configured_interval(tiny_model):
+    import time
+    calls = []
+
+    def counted(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+        lm.backend.check_residency = lambda: calls.append(time.monotonic()) or True
+        return lm
+
+    with running_server(config(tiny_model("qwen2-tiny"), residency_interval_s=0.3),
+                        loader=counted) as s:
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 3, calls
+        assert all(b - a >= 0.29 for a, b in zip(calls, calls[1:])), calls
+        assert s.wait_status("healthy")["resident"] is True
+
+
 def test_narration_forms():
     import io
     import json

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
+    p.add_argument("--residency-check-sec", type=float, default=60.0, metavar="S",
+                   help="seconds between checks that every weight is still in device memory (default 60)")
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str):
@@ -75,6 +77,8 @@ def validate(args) -> dict:
         raise UsageError(f"--inference-timeout-sec must be positive, got {args.inference_timeout_sec}")
     if args.queue_size < 0:
         raise UsageError(f"--queue-size must be 0 or more, got {args.queue_size}")
+    if not args.residency_check_sec > 0:
+        raise UsageError(f"--residency-check-sec must be positive, got {args.residency_check_sec}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key must not be empty")
     if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
@@ -150,5 +154,5 @@ def run(args) -> int:
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
         kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
         callback_url=args.callback_url, api_key=args.api_key, log_prompts=args.log_prompts,
-        public_url=f"http://{url_host}:{args.port}")
+        residency_interval_s=args.residency_check_sec, public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)

@@ -32,7 +32,7 @@ from orcd.server.state import ServerConfig, ServerState
 from orcd.server.worker import Worker
 
 #: how often the inference thread, when idle, checks that the weights are resident
-RESIDENCY_INTERVAL_S = 30.0
+IDLE_REFRESH_S = 5.0   # how often an idle worker refreshes memory figures and maybe checks residency
 
 Loader = Callable[[ServerConfig, Callable[[float], None]], Any]
 
@@ -202,7 +202,7 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.chat_template = _chat_template(state)
         state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
                               narrator=narr, idle_task=lambda: _refresh_device_state(state),
-                              idle_interval=RESIDENCY_INTERVAL_S)
+                              idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s))
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
         state.worker.start()
@@ -258,7 +258,7 @@ def _refresh_device_state(state: ServerState) -> None:
     state.health_cache["vram_bytes_used"] = int(sum(usage.values()))
     check = getattr(backend, "check_residency", None)
     now = time.monotonic()
-    if check is None or now - state.last_residency_check < RESIDENCY_INTERVAL_S:
+    if check is None or now - state.last_residency_check < state.config.residency_interval_s:
         return
     state.last_residency_check = now
     if not check():
