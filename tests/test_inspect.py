@@ -185,3 +185,15 @@ def test_real_qwen(real_qwen, host):
     assert (kv["n_layer"], kv["n_head_kv"], kv["head_dim_k"], kv["head_dim_v"]) == (24, 2, 64, 64)
     assert f["vram"]["ctx"] == 32768
     assert f["vram"]["kv_cache_bytes"] == 2 * 32768 * 24 * 2 * (64 + 64)
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "phi3-tiny", "phi3-tiny-q4_0", "gpt-oss-tiny"])
+def test_synth_presets(preset, tiny_model, host):
+    path = tiny_model(preset)
+    with ModelFile.open(path) as mf:
+        f = describe(mf, ctx=128, host=host)
+    assert_matches_reader(f, path)
+    assert f["architecture"] == host.synth_presets[preset].arch
+    kv = f["vram"]["kv_layout"]
+    assert kv["source"].startswith("plugin")
+    assert f["vram"]["kv_cache_bytes"] == 128 * kv["bytes_per_token"] > 0
