@@ -104,3 +104,29 @@ def test_haiku_on_the_real_qwen(real_qwen, host):
         assert warm[0].token_ids == warm[1].token_ids
     finally:
         lm.close()
+
+
+def test_kv_cache_is_sized_per_request():
+    from orcd.engine import cache_size
+    assert cache_size(10, 4096) == 256
+    assert cache_size(257, 4096) == 512
+    assert cache_size(3000, 4096) == 4096
+    assert cache_size(5000, 4096) == 4096
+
+
+def test_a_request_gets_a_cache_for_its_own_length(tiny_model, host):
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=1024)
+    sizes = []
+    real = lm.backend.new_kv_cache
+
+    def spy(n_layer, n_ctx, *rest):
+        sizes.append(n_ctx)
+        return real(n_layer, n_ctx, *rest)
+
+    lm.backend.new_kv_cache = spy
+    engine = Engine(lm)
+    engine.generate(GenerateRequest([1, 2, 3], max_tokens=2))
+    engine.generate(GenerateRequest(list(range(1, 301)), max_tokens=2))
+    engine.generate(GenerateRequest([1, 2], max_tokens=1000))
+    lm.close()
+    assert sizes == [256, 512, 1024]

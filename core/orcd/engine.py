@@ -18,6 +18,16 @@ from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
 from orcd.ops.sampling import SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the attention scratch
+MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused
+
+
+def cache_size(n_tokens: int, n_ctx: int) -> int:
+    """KV positions to allocate for a request of ``n_tokens`` (prompt + max_tokens):
+    the next power of two, at least MIN_CACHE, at most the context length."""
+    size = MIN_CACHE
+    while size < n_tokens:
+        size *= 2
+    return min(size, n_ctx)
 
 
 @dataclass
@@ -113,10 +123,13 @@ class Engine:
         if bad:
             raise InvalidRequest(f"token id {bad[0]} outside the vocabulary", field="prompt")
 
-    def new_runner(self):
+    def new_runner(self, n_tokens: int | None = None):
+        """A runner with a KV cache for ``n_tokens`` positions (default: the whole
+        context). Sizing per request keeps a short request from needing the whole
+        context's cache: if that does not fit, only the large request gets VRAM_OOM."""
         b, hp = self.lm.backend, self.lm.hp
-        cache = b.new_kv_cache(hp.n_layer, self.lm.n_ctx, hp.n_head_kv, hp.head_dim,
-                               hp.get("head_dim_v"))
+        n = self.lm.n_ctx if n_tokens is None else cache_size(n_tokens, self.lm.n_ctx)
+        cache = b.new_kv_cache(hp.n_layer, n, hp.n_head_kv, hp.head_dim, hp.get("head_dim_v"))
         make = getattr(b, "make_runner", None)
         return make(self.lm.model, cache) if make else Runner(self.lm.model, b, cache)
 
@@ -124,7 +137,7 @@ class Engine:
                  on_token: Callable[[TokenEvent], None] = lambda ev: None) -> GenerateResult:
         self.check(req)
         t0 = time.perf_counter()
-        runner = self.new_runner()
+        runner = self.new_runner(len(req.prompt_ids) + req.max_tokens)
         seed = req.sampling.seed if req.sampling.seed is not None else 0
         rng = np.random.Generator(np.random.PCG64(seed))
         prompt = list(req.prompt_ids)
