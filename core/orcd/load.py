@@ -54,6 +54,18 @@ def quant_kind(mf: ModelFile, formats) -> str:
     return formats[top].name if top in formats else str(top)
 
 
+def check_vram(mf: ModelFile, hp: HParams, n_ctx: int, backend: Any) -> None:
+    """Fail fast, before any upload, when weights + the KV cache of the chosen
+    context + scratch exceed the device's free memory (GPU backends only)."""
+    device = getattr(backend, "device", None)
+    if device is None or not hasattr(device, "mem_info"):
+        return
+    from orcd.vram import check_fits, estimate_for_model
+    free, _total = device.mem_info()
+    need = estimate_for_model(mf, hp, n_ctx, flash_attention=True).total
+    check_fits(need, free, getattr(device, "index", 0), mf.path)
+
+
 def load_model(path: str | Path, *, host, device: str = "cpu", n_ctx: int | None = None,
                tokenizer_path: str | Path | None = None,
                progress: Callable[[float], None] | None = None, backend: Any = None,
@@ -82,6 +94,7 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
         from orcd.backend import create_backend
         backend = create_backend(device, **backend_options)
     try:
+        check_vram(mf, hp, n_ctx, backend)
         tensors = backend.load_weights(mf, host.formats, list(mf.tensors), progress)
         store = Weights(tensors)
         model = arch.build(hp, store, backend)
