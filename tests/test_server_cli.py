@@ -59,6 +59,7 @@ def tiny(tiny_model):
     (["--inference-timeout-sec", "0"], "--inference-timeout-sec must be positive"),
     (["--queue-size", "-1"], "--queue-size must be 0 or more"),
     (["--residency-check-sec", "0"], "--residency-check-sec must be positive"),
+    (["--tokenizer", "/no/such/tokenizer.json"], "--tokenizer /no/such/tokenizer.json: no such file"),
     (["--kv-cache-size-mb", "-5"], "--kv-cache-size-mb must be a positive integer"),
     (["--api-key", " "], "--api-key must not be empty"),
     (["--callback-url", "ftp://x"], "must be an http(s) URL"),

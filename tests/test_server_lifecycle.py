@@ -241,3 +241,16 @@ def test_broken_chat_template_fails_only_chat(tiny_model):
         done = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
         assert done.status_code == 200
         assert s.narration.wait_for(event="error", where="chat_template")
+
+
+def test_explicit_tokenizer_json_wins_and_health_says_hf_json(tiny_model, host, tmp_path):
+    from orcd.gguf_file import ModelFile
+    path = tiny_model("qwen2-tiny")
+    with ModelFile.open(path) as mf:
+        host.tokenizer(mf)._tok.save(str(tmp_path / "tok.json"))   # the same vocab, as JSON
+    with running_server(config(path, tokenizer_path=str(tmp_path / "tok.json"))) as s:
+        h = s.wait_status("healthy")
+        assert h["tokenizer_kind"] == "hf-json"
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": "m", "prompt": "Hello",
+                                                          "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200, r.text

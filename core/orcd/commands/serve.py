@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizer.json to use instead of the GGUF vocabulary")
     p.add_argument("--residency-check-sec", type=float, default=60.0, metavar="S",
                    help="seconds between checks that every weight is still in device memory (default 60)")
 
@@ -84,6 +86,8 @@ def validate(args) -> dict:
     if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
         raise UsageError(f"--callback-url {args.callback_url!r} must be an http(s) URL")
     model_ref, model_path = _model(args.model)
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
     device = "cpu" if args.device == "cpu" else _gpu(args.gpu_device or 0)
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
@@ -154,5 +158,5 @@ def run(args) -> int:
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
         kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
         callback_url=args.callback_url, api_key=args.api_key, log_prompts=args.log_prompts,
-        residency_interval_s=args.residency_check_sec, public_url=f"http://{url_host}:{args.port}")
+        residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer, public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)

@@ -35,6 +35,7 @@ class ServerConfig:
     log_prompts: bool = False
     shutdown_deadline_s: float = 5.0
     max_body_bytes: int = 1 << 20
+    tokenizer_path: str | None = None   # an explicit tokenizer.json (wins over the GGUF vocab)
     residency_interval_s: float = 60.0  # between checks that weights are still device memory
     public_url: str | None = None       # where this worker is reachable (for the callback)
 
