@@ -30,6 +30,8 @@ PLUGINS = {
     "phi3": ("orcd-plugin-phi3", "plugins/phi3", {"architectures": ["phi3"]}),
     "gpt_oss": ("orcd-plugin-gpt-oss", "plugins/gpt_oss", {"architectures": ["gpt-oss"]}),
     "tokenizers": ("orcd-plugin-tokenizers", "plugins/tokenizers", {"hooks": ["orcd_tokenizer"]}),
+    # the out-of-tree example: a third party's wheel installs next to the core the same way
+    "llama": ("orcd-plugin-llama", "examples/orcd-plugin-llama", {"architectures": ["llama"]}),
 }
 # Runs ``orcd plugins --json`` in-process while the CLI cannot import yet
 # (a subcommand module still being written); see _orcd_plugins_json.
@@ -67,7 +69,7 @@ def _clean_copy(dst: Path) -> Path:
 
 
 def _build_wheels(src: Path, out: Path) -> dict[str, Path]:
-    """Build all five wheels concurrently; distribution name -> wheel path."""
+    """Build all the wheels concurrently; distribution name -> wheel path."""
     folders = [CORE[1]] + [folder for _, folder, _ in PLUGINS.values()]
     procs = [subprocess.Popen([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                                "--no-build-isolation", "-w", str(out), str(src / f)],
