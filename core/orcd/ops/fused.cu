@@ -1,0 +1,173 @@
+// Fused decode GEMVs (one token): several projections of the same input in one
+// launch, with the RMSNorm of the input as a prologue and a SwiGLU or residual
+// epilogue. A decode step is latency-bound (hundreds of microsecond-sized
+// kernels), so every launch saved is ~2-4 us.
+//
+// Layout as matmul.cu's gemv_rows: a block of 4 warps; `split` warps share one
+// output row (block covers 4 / split rows); lane l of part s takes pieces
+// s * 32 + l, + 32 * split, ... of the row; warp butterfly, then the split
+// warps' partials summed in a fixed order: no atomics, bitwise reproducible.
+//
+// Up to three segments (weight, bias, output) follow each other along
+// blockIdx.x; a block serves one segment, so the runtime format switch is
+// uniform per block. Gated mode: the warps of a block split between the same
+// row of two weights (gate in segment 0, up in segment 1); one writes silu(gate) * up.
+//
+// RMSNorm prologue: y = (x / s * g) @ W.T is computed as (x * g) @ W.T / s --
+// each warp reduces sum(x^2) itself (n_in floats, L1 hits), so no barrier
+// stands between the weight loads and the start of the kernel.
+#include "simple.cuh"
+#include "kquants.cuh"
+#include "mxfp4.cuh"
+
+#define FG_THREADS 128
+#define FG_WARPS (FG_THREADS / 32)
+
+// sum_i v[i] * x[pos_i] (* g[pos_i] with NORM) over one dequantized piece.
+template <class F, bool NORM>
+__device__ __forceinline__ float dot_piece_g(const float* v, const float* __restrict__ xt,
+                                             const float* __restrict__ gt) {
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            float4 xv = __ldg((const float4*)(xt + r * F::STRIDE + i));
+            if (NORM) {
+                const float4 gv = __ldg((const float4*)(gt + r * F::STRIDE + i));
+                xv = make_float4(xv.x * gv.x, xv.y * gv.y, xv.z * gv.z, xv.w * gv.w);
+            }
+            const float* vv = v + r * F::RUN + i;
+            s = fmaf(vv[0], xv.x, s);
+            s = fmaf(vv[1], xv.y, s);
+            s = fmaf(vv[2], xv.z, s);
+            s = fmaf(vv[3], xv.w, s);
+        }
+    return s;
+}
+
+// This lane's share of row `wr` . x: pieces c0, c0 + stride, ...
+template <class F, bool NORM>
+__device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const float* __restrict__ x,
+                                           const float* __restrict__ g, int n_in, int c0, int stride) {
+    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    float acc = 0.f;
+#pragma unroll 2
+    for (int c = c0; c < n_pieces; c += stride) {
+        const int blk = c / F::PIECES, p = c % F::PIECES;
+        float v[F::RUNS * F::RUN];
+        F::load(wr + (long long)blk * F::BYTES, p, v);
+        const int pos = blk * F::QK + F::base(p);
+        acc += dot_piece_g<F, NORM>(v, x + pos, g + pos);
+    }
+    return acc;
+}
+
+// The format switch (GGML type ids); uniform per block.
+template <bool NORM>
+__device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x, const float* g, int n_in, int c0,
+                         int stride) {
+    switch (type) {
+        case 0: return row_dot_t<FmtF32, NORM>(wr, x, g, n_in, c0, stride);
+        case 1: return row_dot_t<FmtF16, NORM>(wr, x, g, n_in, c0, stride);
+        case 30: return row_dot_t<FmtBF16, NORM>(wr, x, g, n_in, c0, stride);
+        case 2: return row_dot_t<FmtQ4_0, NORM>(wr, x, g, n_in, c0, stride);
+        case 3: return row_dot_t<FmtQ4_1, NORM>(wr, x, g, n_in, c0, stride);
+        case 6: return row_dot_t<FmtQ5_0, NORM>(wr, x, g, n_in, c0, stride);
+        case 7: return row_dot_t<FmtQ5_1, NORM>(wr, x, g, n_in, c0, stride);
+        case 8: return row_dot_t<FmtQ8_0, NORM>(wr, x, g, n_in, c0, stride);
+        case 12: return row_dot_t<FmtQ4_K, NORM>(wr, x, g, n_in, c0, stride);
+        case 13: return row_dot_t<FmtQ5_K, NORM>(wr, x, g, n_in, c0, stride);
+        case 14: return row_dot_t<FmtQ6_K, NORM>(wr, x, g, n_in, c0, stride);
+        case 39: return row_dot_t<FmtMXFP4, NORM>(wr, x, g, n_in, c0, stride);
+    }
+    return __int_as_float(0x7FC00000);  // the host checks types; never silently zero
+}
+
+// 1 / sqrt(mean(x^2) + eps), the same on every lane (each warp computes it alone).
+__device__ __forceinline__ float warp_inv_rms(const float* __restrict__ x, int n_in, float eps) {
+    const int lane = threadIdx.x & 31;
+    float ss = 0.f;
+    for (int i = lane; i < n_in / 4; i += 32) {
+        const float4 v = __ldg((const float4*)x + i);
+        ss = fmaf(v.x, v.x, ss);
+        ss = fmaf(v.y, v.y, ss);
+        ss = fmaf(v.z, v.z, ss);
+        ss = fmaf(v.w, v.w, ss);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
+    return 1.f / sqrtf(ss / (float)n_in + eps);
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
+
+struct Seg {
+    const u8* w; long long row_bytes; int type; const float* bias; float* out; int n_out; int split;
+};
+
+#define SEG_ARGS(i) const u8 *w##i, long long rb##i, int type##i, const float *b##i, float *out##i, \
+    int n##i, int split##i, int blocks##i
+#define SEG(i) Seg{w##i, rb##i, type##i, b##i, out##i, n##i, split##i}
+
+template <bool NORM>
+__device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, int n_in,
+                                                const float* __restrict__ g, float eps,
+                                                const float* __restrict__ residual, int gated,
+                                                const Seg& s, int local_block, const Seg& up) {
+    __shared__ float partial[FG_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // gated: "virtual" rows alternate gate and up of one output row, so the two
+    // dots of a row run in parallel warps (split <= 2 keeps both in the block)
+    const int vrow = local_block * (FG_WARPS / s.split) + warp / s.split, part = warp % s.split;
+    const int row = gated ? vrow >> 1 : vrow;
+    const bool is_up = gated && (vrow & 1);
+    const int type = is_up ? up.type : s.type;
+    const u8* w = is_up ? up.w : s.w;
+    const long long row_bytes = is_up ? up.row_bytes : s.row_bytes;
+    float acc = 0.f;
+    if (row < s.n_out)
+        acc = row_dot<NORM>(type, w + (long long)row * row_bytes, x, g, n_in, part * 32 + lane, 32 * s.split);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
+    if (lane == 0) partial[warp] = acc;
+    const float inv = NORM ? warp_inv_rms(x, n_in, eps) : 1.f;
+    __syncthreads();
+    if (part != 0 || lane != 0 || row >= s.n_out || is_up) return;
+    float y = 0.f;
+    for (int k = 0; k < s.split; ++k) y += partial[warp + k];
+    if (NORM) y *= inv;
+    if (gated) {
+        float u = 0.f;
+        for (int k = 0; k < s.split; ++k) u += partial[warp + s.split + k];
+        if (NORM) u *= inv;
+        s.out[row] = silu_f(y) * u;
+        return;
+    }
+    if (s.bias) y += s.bias[row];
+    if (residual) y = residual[row] + y;
+    s.out[row] = y;
+}
+
+// x: [1, n_in]; g: the RMSNorm weight [n_in] or null; residual: [n_out0] or null
+// (one segment only). Plain mode: out_i[row] = (x @ w_i.T)[row] (+ b_i) (+ residual).
+// Gated mode (blocks1 == blocks2 == 0, split0 <= 2, blocks0 covering 2 * n0
+// virtual rows): out0 = silu(x @ w0.T) * (x @ w1.T).
+// grid blocks0 + blocks1 + blocks2, block FG_THREADS.
+// (No __launch_bounds__: with it ptxas spills this many-format kernel; without, 64
+// registers and no spills -- checked with -Xptxas -v for sm_90.)
+extern "C" __global__ void
+gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, float eps,
+           const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
+    // the segment of this block, field by field (no struct copies through local memory)
+    const int b = blockIdx.x;
+    const int i = b < blocks0 ? 0 : b < blocks0 + blocks1 ? 1 : 2;
+    const int local = i == 0 ? b : i == 1 ? b - blocks0 : b - blocks0 - blocks1;
+    (void)blocks2;
+#define PICK(f) (i == 0 ? f##0 : i == 1 ? f##1 : f##2)
+    const Seg s{PICK(w), PICK(rb), PICK(type), PICK(b), PICK(out), PICK(n), PICK(split)};
+#undef PICK
+    const Seg up = SEG(1);
+    if (g) gemv_fused_body<true>(x, n_in, g, eps, residual, gated, s, local, up);
+    else gemv_fused_body<false>(x, n_in, g, eps, residual, gated, s, local, up);
+}

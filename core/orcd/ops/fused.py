@@ -1,0 +1,142 @@
+"""Fused ops: what a decode step does in many small kernels, done in one.
+
+The references are compositions of the single ops (``linear`` is passed in, so
+the CPU backend's llama.cpp rounding mode applies to every product):
+
+    linear_multi(x, ws, bs, norm)   -> tuple(linear(rms_norm(x), w_i, b_i))
+    gated_linear(x, w_gate, w_up, norm) -> swiglu(linear(h, w_gate), linear(h, w_up))
+    linear_add(a, w, residual, b)   -> residual + linear(a, w, b)
+
+``norm`` is ``(weight, eps)`` of an RMSNorm applied to x first, or None. In
+``gated_linear``, ``w_up=None`` means w_gate holds both halves (Phi-3's fused
+gate_up): rows [0, n_ff) gate, [n_ff, 2 n_ff) up.
+
+On the GPU (fused.cu) each is one launch for a single token; more tokens use the
+separate kernels (prefill is GEMM-bound, not launch-bound).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from orcd.ops.activation import swiglu_ref
+from orcd.ops.matmul import linear_ref
+from orcd.ops.norm import rms_norm_ref
+
+
+def _normed(x, norm):
+    return x if norm is None else rms_norm_ref(x, norm[0], norm[1])
+
+
+def linear_multi_ref(x: np.ndarray, ws: Sequence, bs: Sequence | None = None, norm=None,
+                     linear: Callable = linear_ref) -> tuple:
+    # x: [T, n_in] -> ([T, n_out_i] for each weight)
+    h = _normed(x, norm)
+    bs = tuple(bs) if bs is not None else (None,) * len(ws)
+    return tuple(linear(h, w, b) for w, b in zip(ws, bs))
+
+
+def gated_linear_ref(x: np.ndarray, w_gate, w_up=None, norm=None,
+                     linear: Callable = linear_ref) -> np.ndarray:
+    # x: [T, n_in] -> [T, n_ff]
+    h = _normed(x, norm)
+    if w_up is None:
+        n_ff = w_gate.shape[0] // 2
+        gate_up = linear(h, w_gate)
+        return swiglu_ref(gate_up[:, :n_ff], gate_up[:, n_ff:])
+    return swiglu_ref(linear(h, w_gate), linear(h, w_up))
+
+
+def linear_add_ref(a: np.ndarray, w, residual: np.ndarray, b=None,
+                   linear: Callable = linear_ref) -> np.ndarray:
+    # a: [T, n_in], residual: [T, n_out]
+    return residual + linear(a, w, b)
+
+
+# -- CUDA ------------------------------------------------------------------------
+# Launcher for fused.cu. CUDA modules are imported lazily.
+
+FG_THREADS = 128
+FG_WARPS = 4
+MAX_SEGMENTS = 3
+TYPES = (0, 1, 30, 2, 3, 6, 7, 8, 12, 13, 14, 39)   # the formats fused.cu's switch knows
+
+
+def _kernel_source():
+    from importlib import resources
+
+    from orcd.cuda.nvrtc import KernelSource
+
+    quant = resources.files("orcd.quant")
+    headers = {h: (quant / h).read_text() for h in ("simple.cuh", "kquants.cuh", "mxfp4.cuh")}
+    return KernelSource("fused.cu", (resources.files("orcd.ops") / "fused.cu").read_text(), headers)
+
+
+def _u64(p) -> np.uint64:
+    return np.uint64(0 if p is None else int(p))
+
+
+class FusedKernels:
+    """One-token fused GEMVs. Only enqueue kernels: graph-capturable."""
+
+    def __init__(self, device, compiler, launcher) -> None:
+        self._fn = compiler.load(device, _kernel_source()).function("gemv_fused")
+        self._launch = launcher
+
+    @staticmethod
+    def supports(x, ws) -> bool:
+        """One token, at most three 2-D weights of known formats with whole pieces."""
+        from orcd.ops.matmul import MatmulKernels
+
+        if x.shape[0] != 1 or not 1 <= len(ws) <= MAX_SEGMENTS or x.shape[1] % 4:
+            return False
+        for w in ws:
+            if len(w.shape) != 2 or w.shape[1] != x.shape[1] or w.type_id not in TYPES:
+                return False
+            if x.shape[1] % MatmulKernels._pieces(w.type_id)[0]:
+                return False
+        return True
+
+    def linear_multi(self, x, ws, bs, outs, norm=None) -> None:
+        # outs[i]: [1, n_out_i] = rms_norm(x) @ ws[i].T + bs[i]
+        segs = [(w, b, o, w.shape[0]) for w, b, o in zip(ws, bs, outs)]
+        self._run(x, segs, norm, residual=None, gated=False)
+
+    def gated_linear(self, x, w_gate, w_up, out, norm=None) -> None:
+        # out: [1, n_ff] = silu(h @ w_gate.T) * (h @ w_up.T); w_up None: halves of w_gate
+        n_ff = out.shape[1]
+        up = (w_up.ptr, w_up) if w_up is not None else (w_gate.ptr + n_ff * w_gate.row_bytes, w_gate)
+        self._run(x, [(w_gate, None, out, n_ff)], norm, residual=None, gated=True, up=up)
+
+    def linear_add(self, a, w, residual, b, out) -> None:
+        # out: [1, n_out] = residual + a @ w.T + b
+        self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
+
+    def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
+        from orcd.ops.matmul import gemv_split
+
+        n_in = x.shape[1]
+        args, total = [], 0
+        for i in range(MAX_SEGMENTS):
+            if i < len(segs):
+                w, b, out, n_out = segs[i]
+                split = gemv_split(n_out)
+                rows = n_out
+                if gated:   # gate and up rows interleaved: 2 n_out warp rows, both in one block
+                    split, rows = min(split, 2), 2 * n_out
+                blocks = -(-rows // (FG_WARPS // split))
+                args += [_u64(w.ptr), np.int64(w.row_bytes), int(w.type_id), _u64(None if b is None else b.ptr),
+                         _u64(out.ptr), int(n_out), split, blocks]
+                total += blocks
+            elif i == 1 and up is not None:   # gated: segment 1 is the up weight, no blocks of its own
+                ptr, w = up
+                args += [_u64(ptr), np.int64(w.row_bytes), int(w.type_id), _u64(None), _u64(None),
+                         int(segs[0][3]), 1, 0]
+            else:
+                args += [_u64(None), np.int64(0), 0, _u64(None), _u64(None), 0, 1, 0]
+        g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)
+        self._launch(self._fn, total, FG_THREADS,
+                     [_u64(x.ptr), int(n_in), _u64(g), eps, _u64(None if residual is None else residual.ptr),
+                      int(gated), *args])

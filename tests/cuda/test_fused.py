@@ -1,0 +1,207 @@
+"""The fused decode kernels (orcd.ops.fused, attention's rope_kv_store) against
+float64 compositions of the single ops' references (marker ``cuda``).
+
+Fresh random blocks and activations for every check, the real Qwen's shapes
+(896 / 4864 / 151936) and its format mix, outputs poisoned with NaN first,
+relative error ‖out − ref‖ / ‖ref‖ (fp32 kernels: < 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from orcd.ops import attention, rope
+
+pytestmark = pytest.mark.cuda
+
+TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
+TOL = 1e-5
+
+
+class Gpu:
+    def __init__(self, kcache) -> None:
+        from orcd.cuda.device import CudaDevice
+        from orcd.cuda.launch import Launcher
+        from orcd.cuda.memory import DeviceAllocator
+        from orcd.cuda.nvrtc import KernelCompiler
+        from orcd.ops.attention import AttentionKernels
+        from orcd.ops.fused import FusedKernels
+
+        self.dev = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
+        self.alloc = DeviceAllocator(self.dev)
+        args = (self.dev, KernelCompiler(self.dev.info.arch, cache=kcache, cuda_headers=True),
+                Launcher(self.dev))
+        self.fused, self.attn = FusedKernels(*args), AttentionKernels(*args)
+
+    def put(self, arr: np.ndarray):
+        from orcd.cuda.memory import from_host
+        from orcd.cuda.tensor import DeviceTensor
+
+        arr = np.ascontiguousarray(arr)
+        buf = self.alloc.alloc(max(arr.nbytes, 1), "test")
+        from_host(self.dev, arr, buf.ptr)
+        return DeviceTensor(buf.ptr, arr.shape, arr.dtype)
+
+    def empty(self, shape):
+        return self.put(np.full(shape, np.nan, np.float32))
+
+    def get(self, t) -> np.ndarray:
+        from orcd.cuda.memory import to_host
+
+        return to_host(self.dev, t.ptr, t.nbytes).view(t.dtype).reshape(t.shape)
+
+    def weight(self, host, name, shape, rng):
+        """(QWeight of fresh random blocks, its float64 dequantization)."""
+        from orcd.cuda.tensor import QWeight
+
+        fmt = host.formats[TYPES[name]]
+        raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)
+        t = self.put(raw)
+        return QWeight(t.ptr, tuple(shape), fmt.type_id, fmt), fmt.dequantize_tensor(raw, shape).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory):
+    g = Gpu(tmp_path_factory.mktemp("kcache"))
+    yield g
+    g.alloc.free_all()
+    g.dev.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def rel(out, ref) -> float:
+    assert np.isfinite(out).all(), "an output was not written (NaN poison left)"
+    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def rms64(x, g, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+def silu64(x):
+    return x / (1 + np.exp(-x))
+
+
+# -- linear_multi -----------------------------------------------------------------------
+
+QKV_CASES = [  # (formats, n_outs, n_in): Qwen's q/k/v mix, gpt-oss' Q8_0, one of every format
+    (("Q5_0", "Q5_0", "Q8_0"), (896, 128, 128), 896),
+    (("Q5_0", "Q5_0", "Q5_0"), (896, 128, 128), 896),
+    (("Q8_0", "Q8_0", "Q8_0"), (4096, 512, 512), 2880),
+    (("Q8_0",), (151936,), 896),
+    *[((name,), (4864,), 896) for name in TYPES if not name.endswith("_K")],
+    *[((name,), (896,), 4864) for name in TYPES if name not in ("F32",)],
+]
+
+
+@pytest.mark.parametrize("names,n_outs,n_in", QKV_CASES,
+                         ids=[f"{'-'.join(c[0])}-{c[2]}x{'+'.join(map(str, c[1]))}" for c in QKV_CASES])
+def test_linear_multi(gpu, host, rng, names, n_outs, n_in):
+    x, g = randn(rng, 1, n_in, scale=2), randn(rng, n_in)
+    ws = [gpu.weight(host, n, (o, n_in), rng) for n, o in zip(names, n_outs)]
+    bs = [randn(rng, o) for o in n_outs]
+    for norm, with_bias in ((None, True), ((g, 1e-6), False)):
+        outs = [gpu.empty((1, o)) for o in n_outs]
+        dnorm = None if norm is None else (gpu.put(g), 1e-6)
+        gpu.fused.linear_multi(gpu.put(x), [w for w, _ in ws],
+                               [gpu.put(b) if with_bias else None for b in bs], outs, dnorm)
+        h = x.astype(np.float64) if norm is None else rms64(x, g, 1e-6)
+        for out, (_, w64), b in zip(outs, ws, bs):
+            ref = h @ w64.T + (b if with_bias else 0)
+            assert rel(gpu.get(out), ref) < TOL
+
+
+def test_linear_multi_is_deterministic(gpu, host, rng):
+    x, g = gpu.put(randn(rng, 1, 896)), gpu.put(randn(rng, 896))
+    w, _ = gpu.weight(host, "Q5_0", (4864, 896), rng)
+    got = []
+    for _ in range(3):
+        out = gpu.empty((1, 4864))
+        gpu.fused.linear_multi(x, [w], [None], [out], (g, 1e-6))
+        got.append(gpu.get(out).tobytes())
+    assert got[0] == got[1] == got[2]
+
+
+# -- gated_linear -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gate,up,n_ff,n_in", [("Q5_0", "Q5_0", 4864, 896), ("Q4_K", "Q6_K", 512, 1024),
+                                               ("MXFP4", "Q8_0", 2880, 2880), ("F16", "BF16", 640, 256)])
+def test_gated_linear(gpu, host, rng, gate, up, n_ff, n_in):
+    x, g = randn(rng, 1, n_in, scale=2), randn(rng, n_in)
+    (wg, g64), (wu, u64) = gpu.weight(host, gate, (n_ff, n_in), rng), gpu.weight(host, up, (n_ff, n_in), rng)
+    for norm in (None, (g, 1e-5)):
+        out = gpu.empty((1, n_ff))
+        gpu.fused.gated_linear(gpu.put(x), wg, wu, out, None if norm is None else (gpu.put(g), 1e-5))
+        h = x.astype(np.float64) if norm is None else rms64(x, g, 1e-5)
+        assert rel(gpu.get(out), silu64(h @ g64.T) * (h @ u64.T)) < TOL
+
+
+@pytest.mark.parametrize("name,n_ff,n_in", [("Q4_K", 8192, 3072), ("Q4_0", 512, 256)])
+def test_gated_linear_fused_gate_up_weight(gpu, host, rng, name, n_ff, n_in):
+    # Phi-3's ffn_up: rows [0, n_ff) gate, [n_ff, 2 n_ff) up, one tensor
+    x, g = randn(rng, 1, n_in), randn(rng, n_in)
+    w, w64 = gpu.weight(host, name, (2 * n_ff, n_in), rng)
+    out = gpu.empty((1, n_ff))
+    gpu.fused.gated_linear(gpu.put(x), w, None, out, (gpu.put(g), 1e-5))
+    y = rms64(x, g, 1e-5) @ w64.T
+    assert rel(gpu.get(out), silu64(y[:, :n_ff]) * y[:, n_ff:]) < TOL
+
+
+# -- linear_add ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,n_out,n_in", [("Q5_0", 896, 896), ("Q6_K", 896, 4864), ("Q4_K", 896, 4864),
+                                             ("Q8_0", 2880, 4096)])
+def test_linear_add(gpu, host, rng, name, n_out, n_in):
+    a, res, b = randn(rng, 1, n_in), randn(rng, 1, n_out, scale=3), randn(rng, n_out)
+    w, w64 = gpu.weight(host, name, (n_out, n_in), rng)
+    for bias in (None, b):
+        out = gpu.empty((1, n_out))
+        gpu.fused.linear_add(gpu.put(a), w, gpu.put(res), None if bias is None else gpu.put(bias), out)
+        ref = res + a.astype(np.float64) @ w64.T + (0 if bias is None else bias)
+        assert rel(gpu.get(out), ref) < TOL
+
+
+# -- rope + KV store ------------------------------------------------------------------------
+
+ROPES = {
+    "qwen": (rope.RopeConfig(n_rot=64, head_dim=64, base=1e6, neox=True), 14, 2),
+    "partial-longrope": (rope.RopeConfig(n_rot=32, head_dim=96, base=1e4, neox=True, attn_factor=1.19,
+                                         freq_factors=tuple(np.linspace(1.0, 8.0, 16).tolist())), 4, 4),
+    "normal": (rope.RopeConfig(n_rot=128, head_dim=128, base=1e4, neox=False), 8, 2),
+    "yarn": (rope.RopeConfig(n_rot=64, head_dim=64, base=150000.0, neox=True, freq_scale=1 / 32,
+                             ext_factor=1.0, n_ctx_orig=4096), 64, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+@pytest.mark.parametrize("T", [1, 7])
+def test_rope_kv_store(gpu, rng, name, T):
+    cfg, n_head, n_kv = ROPES[name]
+    hd, n_ctx = cfg.head_dim, 1024
+    cos, sin = rope.RopeTable.host_arrays(cfg, n_ctx)
+    table = rope.RopeTable(cfg, n_ctx, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    pos = np.sort(rng.choice(n_ctx, T, replace=False)).astype(np.int32)
+    q, k, v = randn(rng, T, n_head * hd), randn(rng, T, n_kv * hd), randn(rng, T, n_kv * hd)
+    k_cache = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
+    v_cache = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
+    dk, dv, q_out = gpu.put(k_cache), gpu.put(v_cache), gpu.empty(q.shape)
+    gpu.attn.rope_kv_store(gpu.put(q), gpu.put(k), gpu.put(v), dk, dv, gpu.put(pos), table, q_out)
+    assert rel(gpu.get(q_out), rope.rope_ref(q, pos, cfg)) < TOL
+    attention.kv_store_ref(k_cache, v_cache, rope.rope_ref(k, pos, cfg), v, pos)
+    got_k = gpu.get(dk).astype(np.float32)
+    assert np.array_equal(gpu.get(dv).view(np.uint16), v_cache.view(np.uint16))
+    assert np.array_equal(np.delete(got_k, pos, 0), np.delete(k_cache, pos, 0).astype(np.float32))
+    assert rel(got_k[pos], k_cache[pos].astype(np.float64)) < 1e-3  # fp16 rounding of fp32 rope
