@@ -194,6 +194,14 @@ def test_attention_sinks_and_window(gpu, rng, T, p0, n_ctx):
     assert rel(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("n_head,n_kv,hd", [(4, 4, 96), (8, 2, 128), (2, 1, 256), (16, 1, 64)])
+@pytest.mark.parametrize("p", [0, 63, 64, 777])
+def test_decode_attention_head_shapes(gpu, rng, n_head, n_kv, hd, p):
+    # the GQA-group decode kernel: MHA, groups of 4 and 16, head_dim up to 256, split edges
+    out, ref = _attend(gpu, rng, 1024, n_head, n_kv, hd, np.array([p], np.int32))
+    assert rel(out, ref) < 1e-4
+
+
 def test_decode_attention_is_deterministic(gpu, rng):
     n_ctx, n_head, n_kv, hd = 2048, 14, 2, 64
     dk = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))

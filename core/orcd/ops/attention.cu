@@ -60,6 +60,53 @@ extern "C" __global__ void kv_store(__half* __restrict__ kc, __half* __restrict_
     if (i < n_v) vc[row * n_v + i] = __float2half_rn(v[(size_t)t * n_v + i]);
 }
 
+// Element i of one head's RoPE (as rope.cu's rope_f32): xr the head's row, c/s
+// the cos/sin row of its position.
+__device__ __forceinline__ float rope_elem(const float* __restrict__ xr, int i, int n_rot, int neox,
+                                           const float* __restrict__ c, const float* __restrict__ s) {
+    const int half = n_rot / 2;
+    if (i >= n_rot) return xr[i];
+    if (neox) {  // pairs (j, j + half)
+        const int j = i < half ? i : i - half;
+        const float a = xr[j], b = xr[j + half];
+        return i < half ? a * c[j] - b * s[j] : a * s[j] + b * c[j];
+    }
+    const int j = i >> 1;  // pairs (2j, 2j + 1)
+    const float a = xr[2 * j], b = xr[2 * j + 1];
+    return (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
+}
+
+// RoPE on q and k, then k and v into the fp16 cache at rows pos[t]: what
+// rope(q), rope(k) and kv_store do in three launches. q, q_out: [T, n_head * hd];
+// k: [T, n_kv * hd]; v: [T, n_kv * hd_v]; cos_t, sin_t: [n_pos, n_rot / 2].
+// grid (n_head + n_kv, T), block: any (threads stride over the head).
+extern "C" __global__ void rope_kv_store(const float* __restrict__ q, float* __restrict__ q_out,
+                                        const float* __restrict__ k, const float* __restrict__ v,
+                                        __half* __restrict__ kc, __half* __restrict__ vc,
+                                        const int* __restrict__ pos, const float* __restrict__ cos_t,
+                                        const float* __restrict__ sin_t, int n_head, int n_kv, int hd,
+                                        int hd_v, int n_rot, int neox, int n_pos) {
+    const int t = blockIdx.y, h = blockIdx.x;
+    const int p = pos[t];
+    const int pc = p < 0 ? 0 : (p >= n_pos ? n_pos - 1 : p);  // the host checks positions
+    const float* c = cos_t + (size_t)pc * (n_rot / 2);
+    const float* s = sin_t + (size_t)pc * (n_rot / 2);
+    if (h < n_head) {
+        const size_t base = ((size_t)t * n_head + h) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x)
+            q_out[base + i] = rope_elem(q + base, i, n_rot, neox, c, s);
+        return;
+    }
+    const int kvh = h - n_head;
+    const float* kr = k + ((size_t)t * n_kv + kvh) * hd;
+    __half* kd = kc + ((size_t)p * n_kv + kvh) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        kd[i] = __float2half_rn(rope_elem(kr, i, n_rot, neox, c, s));
+    const float* vr = v + ((size_t)t * n_kv + kvh) * hd_v;
+    __half* vd = vc + ((size_t)p * n_kv + kvh) * hd_v;
+    for (int i = threadIdx.x; i < hd_v; i += blockDim.x) vd[i] = __float2half_rn(vr[i]);
+}
+
 // q: [T, n_head * hd]; kc: [n_ctx, n_kv, hd]; vc: [n_ctx, n_kv, hd_v]; pos: [T];
 // sinks: [n_head] or null; out: [T, n_head * hd_v] (n_splits == 1);
 // part: [T, n_head, n_splits, hd_v + 2] (n_splits > 1).
@@ -151,6 +198,97 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
         pp[d0] = o0;
         if (two_dims) pp[d0 + ATT_TILE] = o1;
         if (d0 == 0) { pp[hd_v] = m; pp[hd_v + 1] = l; }
+    }
+}
+
+// Decode (one query row): one block per (KV head, split) serves the whole GQA
+// group of query heads, so each K/V row is read once per group, not once per
+// query head. The block loads q, and its split's K and V rows into shared
+// memory up front (every global load in flight together, coalesced), then
+// scores, a per-head softmax and P.V from shared memory, and writes the same
+// partials as attn_fwd (o unnormalised, m, l) for attn_combine.
+// q: [1, n_head * hd]; part: [1, n_head, n_splits, hd + 2]; n keys <= keys_per_split.
+// Dynamic shared memory: q [G][hd] f32, p [G][kps] f32, K [kps][hd + 2] f16
+// (rows padded: conflict-free per-key reads), V [kps][hd] f16.
+// grid (n_kv, n_splits), block DEC_THREADS.
+#define DEC_THREADS 256
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+            const int* __restrict__ pos, float* __restrict__ part, int n_head, int n_kv, int hd,
+            float scale, int window, int kps, int n_splits) {
+    extern __shared__ float smem[];
+    const int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    const int G = n_head / n_kv, hd2 = hd / 2;
+    const int p = pos[0];
+    const int lo = max(first_key(p, window), split * kps);
+    const int hi = min(p + 1, (split + 1) * kps);  // exclusive
+    if (lo >= hi) return;  // attn_combine skips this split
+    const int n = hi - lo;
+    float* qs = smem;                                   // [G][hd]
+    float* ps = qs + G * hd;                            // [G][kps]
+    __half2* ks = (__half2*)(ps + G * kps);             // [kps][hd2 + 1]
+    __half2* vs = ks + kps * (hd2 + 1);                 // [kps][hd2]
+
+    const float* qg = q + (size_t)kvh * G * hd;         // heads kvh * G .. + G - 1
+    for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = qg[i];
+    const __half2* k2 = (const __half2*)kc;
+    const __half2* v2 = (const __half2*)vc;
+    for (int i = tid; i < n * hd2; i += DEC_THREADS) {
+        const int j = i / hd2, d = i - j * hd2;
+        const size_t src = ((size_t)(lo + j) * n_kv + kvh) * hd2 + d;
+        ks[j * (hd2 + 1) + d] = k2[src];
+        vs[j * hd2 + d] = v2[src];
+    }
+    __syncthreads();
+
+    for (int i = tid; i < G * n; i += DEC_THREADS) {     // scores, key index fastest
+        const int g = i / n, j = i - g * n;
+        const __half2* kr = ks + j * (hd2 + 1);
+        const float* qh = qs + g * hd;
+        float dot = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < hd2; ++d) {
+            const float2 kf = __half22float2(kr[d]);
+            dot += qh[2 * d] * kf.x + qh[2 * d + 1] * kf.y;
+        }
+        ps[g * kps + j] = dot * scale;
+    }
+    __syncthreads();
+
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int g = warp; g < G; g += DEC_THREADS / 32) {   // softmax pieces, one warp per head
+        float* pg = ps + g * kps;
+        float m = NEG_INF;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, pg[j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            const float e = expf(pg[j] - m);
+            pg[j] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            float* pp = part + ((size_t)(kvh * G + g) * n_splits + split) * (hd + 2);
+            pp[hd] = m;
+            pp[hd + 1] = l;
+        }
+    }
+    __syncthreads();
+
+    for (int i = tid; i < G * hd2; i += DEC_THREADS) {   // P.V, two dims per thread
+        const int g = i / hd2, d = i - g * hd2;
+        const float* pg = ps + g * kps;
+        float o0 = 0.f, o1 = 0.f;
+#pragma unroll 4
+        for (int j = 0; j < n; ++j) {
+            const float2 vf = __half22float2(vs[j * hd2 + d]);
+            o0 += pg[j] * vf.x;
+            o1 += pg[j] * vf.y;
+        }
+        float* pp = part + ((size_t)(kvh * G + g) * n_splits + split) * (hd + 2);
+        pp[2 * d] = o0;
+        pp[2 * d + 1] = o1;
     }
 }
 

@@ -63,8 +63,9 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
 # Launchers for attention.cu. Prefill (T > 1): one pass per (head, query row)
 # over its visible keys. Decode (T == 1): the keys are split into chunks of
 # DECODE_KEYS_PER_SPLIT over the whole context (a fixed grid, so the step is
-# graph-capturable); splits past the last key exit at once, and a second
-# kernel merges the rest in a fixed order.
+# graph-capturable); one block per (KV head, split) serves the GQA group from
+# shared memory (attn_decode), splits past the last key exit at once, and a
+# second kernel merges the rest in a fixed order.
 
 # Measured on an H200 (qwen2-0.5b shape, decode graph replay at position 600):
 # 256 keys per split 2.50 ms/step, 128 1.83, 64 1.55 -- each block's tile loop
@@ -72,6 +73,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
 DECODE_KEYS_PER_SPLIT = 64
 ATT_TILE = 128
 ATT_MAX_HD = 256
+DEC_THREADS = 256   # attn_decode: one block per (KV head, split) serves the query-head group
 
 
 def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
@@ -87,8 +89,10 @@ class AttentionKernels:
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", "attention.cu"))
         self._store = module.function("kv_store")
+        self._rope_store = module.function("rope_kv_store")
         self._fwd = module.function("attn_fwd")
         self._combine = module.function("attn_combine")
+        self._decode = module.function("attn_decode")
         self._launch = launcher
 
     def kv_store(self, k_cache, v_cache, k, v, pos) -> None:
@@ -100,6 +104,21 @@ class AttentionKernels:
                      [np.uint64(k_cache.ptr), np.uint64(v_cache.ptr), np.uint64(k.ptr),
                       np.uint64(v.ptr), np.uint64(pos.ptr), n_k, n_v])
 
+    def rope_kv_store(self, q, k, v, k_cache, v_cache, pos, table, q_out) -> None:
+        """q_out = rope(q); rope(k) and v into the caches at rows pos (one launch).
+        q, q_out: [T, n_head * hd]; k, v: [T, n_kv * hd(_v)] f32; table: a RopeTable."""
+        T = q.shape[0]
+        _, n_kv, hd = k_cache.shape
+        hd_v = v_cache.shape[2]
+        n_head = q.shape[1] // hd
+        cfg = table.cfg
+        threads = min(256, max(32, -(-max(hd, hd_v) // 32) * 32))
+        self._launch(self._rope_store, (n_head + n_kv, T), threads,
+                     [np.uint64(q.ptr), np.uint64(q_out.ptr), np.uint64(k.ptr), np.uint64(v.ptr),
+                      np.uint64(k_cache.ptr), np.uint64(v_cache.ptr), np.uint64(pos.ptr),
+                      np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), n_head, n_kv, hd, hd_v,
+                      cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])
+
     def attention(self, q, k_cache, v_cache, pos, scale: float, window: int, sinks, out,
                   empty) -> None:
         """out [T, n_head * hd_v] = attention of q [T, n_head * hd] over the cache;
@@ -110,6 +129,9 @@ class AttentionKernels:
         n_head = q.shape[1] // hd
         if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
             raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
+        if T == 1 and hd == hd_v:
+            self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty)
+            return
         kps, n_splits = split_plan(T, n_ctx)
         part = empty((T, n_head, n_splits, hd_v + 2)) if n_splits > 1 else None
         sink = np.uint64(0 if sinks is None else sinks.ptr)
@@ -122,3 +144,20 @@ class AttentionKernels:
             self._launch(self._combine, (n_head, T), 128,
                          [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr),
                           n_head, hd_v, int(window), kps, n_splits])
+
+    def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty) -> None:
+        # one query row: attn_decode per (KV head, split), then attn_combine (always)
+        n_ctx, n_kv, hd = k_cache.shape
+        n_head = q.shape[1] // hd
+        kps = DECODE_KEYS_PER_SPLIT
+        n_splits = -(-n_ctx // kps)
+        group = n_head // n_kv
+        part = empty((1, n_head, n_splits, hd + 2))
+        shared = 4 * group * (hd + kps) + 2 * kps * (2 * hd + 2)
+        self._launch(self._decode, (n_kv, n_splits), DEC_THREADS,
+                     [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
+                      np.uint64(pos.ptr), np.uint64(part.ptr), n_head, n_kv, hd, float(scale),
+                      int(window), kps, n_splits], shared=shared)
+        self._launch(self._combine, (n_head, 1), 128,
+                     [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
+                      np.uint64(out.ptr), n_head, hd, int(window), kps, n_splits])
