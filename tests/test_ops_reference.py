@@ -153,3 +153,36 @@ def test_moe_matches_dense_mixture():
                                                                  ex.up_w[e] @ x[t] + ex.up_b[e])
                         + ex.down_b[e]) for wi, e in zip(w, top))
         assert np.allclose(got[t], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_refs_are_the_compositions():
+    from orcd.ops import fused, matmul
+
+    g = rng()
+    x, gn = g.standard_normal((3, 64)).astype(np.float32), g.standard_normal(64).astype(np.float32)
+    w1, w2 = (g.standard_normal((n, 64)).astype(np.float32) for n in (48, 16))
+    b1 = g.standard_normal(48).astype(np.float32)
+    h = norm.rms_norm_ref(x, gn, 1e-6)
+    y1, y2 = fused.linear_multi_ref(x, (w1, w2), (b1, None), norm=(gn, 1e-6))
+    assert np.allclose(y1, h @ w1.T + b1, atol=1e-5) and np.allclose(y2, h @ w2.T, atol=1e-5)
+    wg = g.standard_normal((2 * 16, 64)).astype(np.float32)    # fused gate_up: gate rows first
+    both = fused.gated_linear_ref(x, wg, None, norm=(gn, 1e-6))
+    split = fused.gated_linear_ref(x, wg[:16], wg[16:], norm=(gn, 1e-6))
+    assert np.array_equal(both.shape, (3, 16)) and np.allclose(both, split, atol=1e-6)
+    assert np.allclose(split, activation.silu_ref(h @ wg[:16].T) * (h @ wg[16:].T), atol=1e-5)
+    res = g.standard_normal((3, 48)).astype(np.float32)
+    assert np.allclose(fused.linear_add_ref(x, w1, res, b1), res + matmul.linear_ref(x, w1, b1))
+
+
+def test_cpu_attention_rope_is_rope_then_attention():
+    from orcd.backend.cpu import CpuBackend
+
+    g = rng()
+    b = CpuBackend()
+    cfg = RopeConfig(n_rot=32, head_dim=32, base=1e4)
+    q, k, v = (g.standard_normal((5, n * 32)).astype(np.float32) for n in (4, 2, 2))
+    pos = np.arange(3, 8)
+    c1, c2 = (b.new_kv_cache(1, 16, 2, 32) for _ in range(2))
+    got = b.ops.attention(q, k, v, c1, 0, pos, 0.2, rope=cfg)
+    ref = b.ops.attention(rope.rope_ref(q, pos, cfg), rope.rope_ref(k, pos, cfg), v, c2, 0, pos, 0.2)
+    assert np.array_equal(got, ref) and np.array_equal(c1.k[0], c2.k[0])

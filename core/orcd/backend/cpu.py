@@ -14,7 +14,8 @@ import numpy as np
 from orcd.gguf_file import ModelFile
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KVCache
-from orcd.ops import activation, attention, llama_compat, matmul, moe, norm, rope, sampling
+from orcd.ops import activation, attention, fused, llama_compat, matmul, moe, norm, rope, sampling
+from orcd.ops.rope import rope_ref
 from orcd.quant import FormatTable
 
 ROUNDINGS = ("none", "ggml-cpu")
@@ -60,6 +61,16 @@ class CpuOps:
             x = llama_compat.round_activation(x, getattr(w, "type_id", None))
         return matmul.linear_ref(x, np.asarray(w), b)
 
+    # fused ops: compositions of the single ones (orcd.ops.fused), through self.linear
+    def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
+        return fused.linear_multi_ref(x, ws, bs, norm, linear=self.linear)
+
+    def gated_linear(self, x, w_gate, w_up=None, norm=None) -> np.ndarray:
+        return fused.gated_linear_ref(x, w_gate, w_up, norm, linear=self.linear)
+
+    def linear_add(self, a, w, residual, b=None) -> np.ndarray:
+        return fused.linear_add_ref(a, w, residual, b, linear=self.linear)
+
     def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
@@ -77,8 +88,11 @@ class CpuOps:
         return x[-1:]
 
     def attention(self, q, k, v, cache: KVCache, layer: int, pos, scale: float,
-                  window: int = 0, sinks=None) -> np.ndarray:
-        # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[-1]
+                  window: int = 0, sinks=None, rope=None) -> np.ndarray:
+        # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[-1];
+        # rope: a RopeConfig applied to q and k first
+        if rope is not None:
+            q, k = rope_ref(q, pos, rope), rope_ref(k, pos, rope)
         attention.kv_store_ref(cache.k[layer], cache.v[layer], k, v, pos)
         return attention.attention_ref(q, cache.k[layer], cache.v[layer], pos, scale, window,
                                        sinks, round_fp16=self.ggml_rounding)

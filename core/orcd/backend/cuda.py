@@ -4,11 +4,8 @@ Weights stay in their GGUF blocks in "weights" allocations (1-D tensors and
 biases as f32), the KV cache is fp16 in "kv_cache" allocations (one pooled
 cache: batch 1 serves one request at a time), activations are fp32 scratch.
 
-Scratch is two bump arenas used in turn: every ``attention`` call (once per
-layer) switches to the other arena and resets it. What crosses a layer
-boundary is only the residual stream, made in the previous period, so the
-arena being reset holds only dead tensors; memory is two layers' worth
-whatever the depth. ids and positions live in a separate small arena.
+Scratch is two bump arenas used in turn (orcd.backend.cuda_ops, with the op
+set); ids and positions live in a separate small arena.
 
 Decode (one token) is captured once as a CUDA graph per (model, cache) and
 replayed: the token id and position go host → device from pinned memory into
@@ -22,165 +19,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
+from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
+from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KVCache
 from orcd.ops import sampling
 
-SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
-
-
-class ScratchFull(Exception):
-    """An arena ran out; the runner grows the scratch and reruns the forward."""
-
-
-class Scratch:
-    """Two arenas over one "scratch" allocation, switched at each attention."""
-
-    def __init__(self, alloc, per_arena: int) -> None:
-        self.alloc, self.per_arena = alloc, per_arena
-        self.buf = alloc.alloc(2 * per_arena, "scratch")
-        self.arenas = [Arena(self.buf.ptr, per_arena), Arena(self.buf.ptr + per_arena, per_arena)]
-        self.cur = 0
-
-    def empty(self, shape, dtype=np.float32) -> DeviceTensor:
-        a = self.arenas[self.cur]
-        size = -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
-        if a.offset + size > a.capacity:
-            raise ScratchFull(a.offset + size)
-        return a.empty(shape, dtype)
-
-    def flip(self) -> None:
-        self.cur ^= 1
-        self.arenas[self.cur].reset()
-
-    def reset(self) -> None:
-        self.cur = 0
-        for a in self.arenas:
-            a.reset()
-
-    @property
-    def offset(self) -> int:  # with ``empty``, the Arena interface MatmulKernels' prefill uses
-        return self.arenas[self.cur].offset
-
-    @offset.setter
-    def offset(self, value: int) -> None:
-        self.arenas[self.cur].offset = value
-
-    def free(self) -> None:
-        if self.buf is not None:
-            self.alloc.free(self.buf)
-            self.buf = None
-
-
-class CudaOps:
-    """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch."""
-
-    def __init__(self, backend: "CudaBackend") -> None:
-        self.b = backend
-
-    def _empty(self, shape, dtype=np.float32) -> DeviceTensor:
-        return self.b.scratch.empty(shape, dtype)
-
-    def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
-        out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
-        self.b.mm.embed(table, ids, out)
-        return out
-
-    def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
-        out = self._empty((x.shape[0], w.shape[0]))               # [T, n_out]
-        self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
-        return out
-
-    def rms_norm(self, x, w, eps: float) -> DeviceTensor:
-        out = self._empty(x.shape)
-        self.b.norm.rms_norm(x, w, eps, out)
-        return out
-
-    def layer_norm(self, x, w, b, eps: float) -> DeviceTensor:
-        out = self._empty(x.shape)
-        self.b.norm.layer_norm(x, w, b, eps, out)
-        return out
-
-    def rope(self, x, pos, cfg) -> DeviceTensor:
-        out = self._empty(x.shape)
-        self.b.rope_k.rope(x, pos, self.b.rope_table(cfg), out)
-        return out
-
-    def _unary(self, fn, x) -> DeviceTensor:
-        out = self._empty(x.shape)
-        fn(x, out)
-        return out
-
-    def silu(self, x) -> DeviceTensor:
-        return self._unary(self.b.act.silu, x)
-
-    def gelu(self, x) -> DeviceTensor:
-        return self._unary(self.b.act.gelu, x)
-
-    def add(self, a, b) -> DeviceTensor:
-        out = self._empty(a.shape)
-        self.b.act.add(a, b, out)
-        return out
-
-    def swiglu(self, gate, up) -> DeviceTensor:
-        out = self._empty(gate.shape)
-        self.b.act.swiglu(gate, up, out)
-        return out
-
-    def swiglu_oai(self, gate, up, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
-        out = self._empty(gate.shape)
-        self.b.act.swiglu_oai(gate, up, out, alpha, limit)
-        return out
-
-    def split(self, x: DeviceTensor, sizes: Iterable[int]) -> list[DeviceTensor]:
-        # along the last axis: [T, sum(sizes)] -> [T, s] each; one row splits into views
-        T = x.shape[0]
-        out, off = [], 0
-        for s in sizes:
-            if T == 1 and (off * 4) % 16 == 0:
-                out.append(DeviceTensor(x.ptr + off * 4, (1, s), x.dtype))
-            else:
-                piece = self._empty((T, s))
-                self.b.act.split_copy(x, off, piece)
-                out.append(piece)
-            off += s
-        return out
-
-    def last_row(self, x: DeviceTensor) -> DeviceTensor:
-        return x.rows(x.shape[0] - 1, x.shape[0])
-
-    def attention(self, q, k, v, cache: KVCache, layer: int, pos, scale: float,
-                  window: int = 0, sinks=None) -> DeviceTensor:
-        # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[t]
-        self.b.scratch.flip()  # a layer boundary: the other arena's tensors are dead
-        kc, vc = cache.k[layer], cache.v[layer]
-        self.b.attn.kv_store(kc, vc, k, v, pos)
-        T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
-        out = self._empty((T, q.shape[1] // hd * hd_v))
-        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty)
-        return out
-
-    def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
-        # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
-        b = self.b
-        T, D = x.shape
-        logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
-        ids = self._empty((T, n_used), np.int32)
-        weights = self._empty((T, n_used))
-        b.moe_k.route(logits, n_used, ids, weights)
-        n_ff = ex.gate_w.shape[1]
-        gate, up = self._empty((T, n_used, n_ff)), self._empty((T, n_used, n_ff))
-        b.mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
-        b.mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
-        h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
-        y = self._empty((T, n_used, D))
-        b.mm.moe_linear(h.view(T * n_used, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
-        out = self._empty((T, D))
-        b.moe_k.weighted_sum(y, weights, out)
-        return out
-
 
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
@@ -225,6 +70,7 @@ class CudaBackend:
         from orcd.cuda.nvrtc import KernelCompiler
         from orcd.ops.activation import ActivationKernels
         from orcd.ops.attention import AttentionKernels
+        from orcd.ops.fused import FusedKernels
         from orcd.ops.matmul import MatmulKernels
         from orcd.ops.moe import MoeKernels
         from orcd.ops.norm import NormKernels
@@ -239,6 +85,7 @@ class CudaBackend:
         self.mm = MatmulKernels(*args)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
+        self.fused = FusedKernels(*args)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.scratch = Scratch(self.alloc, SCRATCH_START)

@@ -1,0 +1,215 @@
+"""The CUDA backend's op set (orcd.ops' contract on DeviceTensors) and its scratch.
+
+Scratch is two bump arenas used in turn: every ``attention`` call (once per
+layer) switches to the other arena and resets it. What crosses a layer
+boundary is only the residual stream, made in the previous period, so the
+arena being reset holds only dead tensors; memory is two layers' worth
+whatever the depth.
+
+A single decode token goes through the fused kernels (orcd.ops.fused: one
+launch for q/k/v, one for gate/up/SwiGLU, the residual add inside the output
+projections, RoPE and the KV store in one kernel); more tokens compose the
+single ops.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
+from orcd.kvcache import KVCache
+
+SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
+
+
+class ScratchFull(Exception):
+    """An arena ran out; the runner grows the scratch and reruns the forward."""
+
+
+class Scratch:
+    """Two arenas over one "scratch" allocation, switched at each attention."""
+
+    def __init__(self, alloc, per_arena: int) -> None:
+        self.alloc, self.per_arena = alloc, per_arena
+        self.buf = alloc.alloc(2 * per_arena, "scratch")
+        self.arenas = [Arena(self.buf.ptr, per_arena), Arena(self.buf.ptr + per_arena, per_arena)]
+        self.cur = 0
+
+    def empty(self, shape, dtype=np.float32) -> DeviceTensor:
+        a = self.arenas[self.cur]
+        size = -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+        if a.offset + size > a.capacity:
+            raise ScratchFull(a.offset + size)
+        return a.empty(shape, dtype)
+
+    def flip(self) -> None:
+        self.cur ^= 1
+        self.arenas[self.cur].reset()
+
+    def reset(self) -> None:
+        self.cur = 0
+        for a in self.arenas:
+            a.reset()
+
+    @property
+    def offset(self) -> int:  # with ``empty``, the Arena interface MatmulKernels' prefill uses
+        return self.arenas[self.cur].offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        self.arenas[self.cur].offset = value
+
+    def free(self) -> None:
+        if self.buf is not None:
+            self.alloc.free(self.buf)
+            self.buf = None
+
+
+class CudaOps:
+    """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch."""
+
+    def __init__(self, backend: "CudaBackend") -> None:
+        self.b = backend
+
+    def _empty(self, shape, dtype=np.float32) -> DeviceTensor:
+        return self.b.scratch.empty(shape, dtype)
+
+    def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
+        out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
+        self.b.mm.embed(table, ids, out)
+        return out
+
+    def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
+        out = self._empty((x.shape[0], w.shape[0]))               # [T, n_out]
+        self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
+        return out
+
+    # -- fused (orcd.ops.fused): one launch for one token, else the single ops ----------
+
+    def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
+        bs = tuple(bs) if bs is not None else (None,) * len(ws)
+        if self.b.fused.supports(x, ws):
+            outs = tuple(self._empty((1, w.shape[0])) for w in ws)   # [1, n_out_i] each
+            self.b.fused.linear_multi(x, ws, bs, outs, norm)
+            return outs
+        h = x if norm is None else self.rms_norm(x, *norm)
+        return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
+
+    def gated_linear(self, x, w_gate, w_up=None, norm=None) -> DeviceTensor:
+        n_ff = w_gate.shape[0] // 2 if w_up is None else w_gate.shape[0]
+        ws = (w_gate,) if w_up is None else (w_gate, w_up)
+        if self.b.fused.supports(x, ws):
+            out = self._empty((1, n_ff))                               # [1, n_ff]
+            self.b.fused.gated_linear(x, w_gate, w_up, out, norm)
+            return out
+        h = x if norm is None else self.rms_norm(x, *norm)
+        if w_up is None:
+            gate, up = self.split(self.linear(h, w_gate), (n_ff, n_ff))
+        else:
+            gate, up = self.linear(h, w_gate), self.linear(h, w_up)
+        return self.swiglu(gate, up)
+
+    def linear_add(self, a, w, residual, b=None) -> DeviceTensor:
+        if self.b.fused.supports(a, (w,)):
+            out = self._empty(residual.shape)                          # [1, n_out]
+            self.b.fused.linear_add(a, w, residual, b, out)
+            return out
+        return self.add(residual, self.linear(a, w, b))
+
+    def rms_norm(self, x, w, eps: float) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.norm.rms_norm(x, w, eps, out)
+        return out
+
+    def layer_norm(self, x, w, b, eps: float) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.norm.layer_norm(x, w, b, eps, out)
+        return out
+
+    def rope(self, x, pos, cfg) -> DeviceTensor:
+        out = self._empty(x.shape)
+        self.b.rope_k.rope(x, pos, self.b.rope_table(cfg), out)
+        return out
+
+    def _unary(self, fn, x) -> DeviceTensor:
+        out = self._empty(x.shape)
+        fn(x, out)
+        return out
+
+    def silu(self, x) -> DeviceTensor:
+        return self._unary(self.b.act.silu, x)
+
+    def gelu(self, x) -> DeviceTensor:
+        return self._unary(self.b.act.gelu, x)
+
+    def add(self, a, b) -> DeviceTensor:
+        out = self._empty(a.shape)
+        self.b.act.add(a, b, out)
+        return out
+
+    def swiglu(self, gate, up) -> DeviceTensor:
+        out = self._empty(gate.shape)
+        self.b.act.swiglu(gate, up, out)
+        return out
+
+    def swiglu_oai(self, gate, up, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+        out = self._empty(gate.shape)
+        self.b.act.swiglu_oai(gate, up, out, alpha, limit)
+        return out
+
+    def split(self, x: DeviceTensor, sizes: Iterable[int]) -> list[DeviceTensor]:
+        # along the last axis: [T, sum(sizes)] -> [T, s] each; one row splits into views
+        T = x.shape[0]
+        out, off = [], 0
+        for s in sizes:
+            if T == 1 and (off * 4) % 16 == 0:
+                out.append(DeviceTensor(x.ptr + off * 4, (1, s), x.dtype))
+            else:
+                piece = self._empty((T, s))
+                self.b.act.split_copy(x, off, piece)
+                out.append(piece)
+            off += s
+        return out
+
+    def last_row(self, x: DeviceTensor) -> DeviceTensor:
+        return x.rows(x.shape[0] - 1, x.shape[0])
+
+    def attention(self, q, k, v, cache: KVCache, layer: int, pos, scale: float,
+                  window: int = 0, sinks=None, rope=None) -> DeviceTensor:
+        # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[t];
+        # rope: RoPE on q and k first, fused with the store
+        self.b.scratch.flip()  # a layer boundary: the other arena's tensors are dead
+        kc, vc = cache.k[layer], cache.v[layer]
+        if rope is not None:
+            q_rot = self._empty(q.shape)
+            self.b.attn.rope_kv_store(q, k, v, kc, vc, pos, self.b.rope_table(rope), q_rot)
+            q = q_rot
+        else:
+            self.b.attn.kv_store(kc, vc, k, v, pos)
+        T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
+        out = self._empty((T, q.shape[1] // hd * hd_v))
+        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty)
+        return out
+
+    def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+        # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
+        b = self.b
+        T, D = x.shape
+        logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
+        ids = self._empty((T, n_used), np.int32)
+        weights = self._empty((T, n_used))
+        b.moe_k.route(logits, n_used, ids, weights)
+        n_ff = ex.gate_w.shape[1]
+        gate, up = self._empty((T, n_used, n_ff)), self._empty((T, n_used, n_ff))
+        b.mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
+        b.mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
+        h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
+        y = self._empty((T, n_used, D))
+        b.mm.moe_linear(h.view(T * n_used, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
+        out = self._empty((T, D))
+        b.moe_k.weighted_sum(y, weights, out)
+        return out
+
+
