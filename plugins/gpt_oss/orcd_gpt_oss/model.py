@@ -79,12 +79,11 @@ class GptOss:
         hp = self.hp
         x = ops.embed(self.tok_embd, ids)                            # x: [T, n_embd]
         for i, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L.attn_norm, hp.norm_eps)
-            q = ops.rope(ops.linear(h, L.wq, L.bq), pos, self.rope)  # [T, n_head*hd]
-            k = ops.rope(ops.linear(h, L.wk, L.bk), pos, self.rope)  # [T, n_kv*hd]
-            v = ops.linear(h, L.wv, L.bv)
-            a = ops.attention(q, k, v, cache, i, pos, self.scale, window=L.window, sinks=L.sinks)
-            x = ops.add(x, ops.linear(a, L.wo, L.bo))
+            q, k, v = ops.linear_multi(x, (L.wq, L.wk, L.wv), (L.bq, L.bk, L.bv),
+                                       norm=(L.attn_norm, hp.norm_eps))   # [T, n_head*hd], ...
+            a = ops.attention(q, k, v, cache, i, pos, self.scale, window=L.window, sinks=L.sinks,
+                              rope=self.rope)
+            x = ops.linear_add(a, L.wo, x, L.bo)
             h = ops.rms_norm(x, L.post_norm, hp.norm_eps)
             x = ops.add(x, ops.moe(h, L.experts, hp.n_expert_used, SWIGLU_ALPHA, SWIGLU_LIMIT))
         if last_only:

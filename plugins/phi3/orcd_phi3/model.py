@@ -51,14 +51,12 @@ class Phi3:
         hp = self.hp
         x = ops.embed(self.tok_embd, ids)                            # x: [T, n_embd]
         for i, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L.attn_norm, hp.norm_eps)
-            q, k, v = ops.split(ops.linear(h, L.wqkv), self.qkv_sizes)  # fused qkv, split after
-            q, k = ops.rope(q, pos, self.rope), ops.rope(k, pos, self.rope)
-            a = ops.attention(q, k, v, cache, i, pos, self.scale)
-            x = ops.add(x, ops.linear(a, L.wo))
-            h = ops.rms_norm(x, L.ffn_norm, hp.norm_eps)
-            gate, up = ops.split(ops.linear(h, L.w_gate_up), (hp.n_ff, hp.n_ff))  # [T, n_ff] each
-            x = ops.add(x, ops.linear(ops.swiglu(gate, up), L.w_down))
+            qkv, = ops.linear_multi(x, (L.wqkv,), norm=(L.attn_norm, hp.norm_eps))
+            q, k, v = ops.split(qkv, self.qkv_sizes)                      # fused qkv, split after
+            a = ops.attention(q, k, v, cache, i, pos, self.scale, rope=self.rope)
+            x = ops.linear_add(a, L.wo, x)
+            f = ops.gated_linear(x, L.w_gate_up, norm=(L.ffn_norm, hp.norm_eps))  # gate/up halves
+            x = ops.linear_add(f, L.w_down, x)
         if last_only:
             x = ops.last_row(x)
         return ops.linear(ops.rms_norm(x, self.out_norm, hp.norm_eps), self.output)

@@ -53,15 +53,12 @@ class Qwen2:
         hp = self.hp
         x = ops.embed(self.tok_embd, ids)                          # x: [T, n_embd]
         for i, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L.attn_norm, hp.norm_eps)
-            q = ops.rope(ops.linear(h, L.wq, L.bq), pos, self.rope)  # [T, n_head*hd]
-            k = ops.rope(ops.linear(h, L.wk, L.bk), pos, self.rope)  # [T, n_kv*hd]
-            v = ops.linear(h, L.wv, L.bv)
-            a = ops.attention(q, k, v, cache, i, pos, self.scale)
-            x = ops.add(x, ops.linear(a, L.wo))
-            h = ops.rms_norm(x, L.ffn_norm, hp.norm_eps)
-            f = ops.swiglu(ops.linear(h, L.w_gate), ops.linear(h, L.w_up))  # [T, n_ff]
-            x = ops.add(x, ops.linear(f, L.w_down))
+            q, k, v = ops.linear_multi(x, (L.wq, L.wk, L.wv), (L.bq, L.bk, L.bv),
+                                       norm=(L.attn_norm, hp.norm_eps))   # [T, n_head*hd], [T, n_kv*hd] x2
+            a = ops.attention(q, k, v, cache, i, pos, self.scale, rope=self.rope)
+            x = ops.linear_add(a, L.wo, x)                                # x + a @ wo.T
+            f = ops.gated_linear(x, L.w_gate, L.w_up, norm=(L.ffn_norm, hp.norm_eps))  # [T, n_ff]
+            x = ops.linear_add(f, L.w_down, x)
         if last_only:
             x = ops.last_row(x)
         return ops.linear(ops.rms_norm(x, self.out_norm, hp.norm_eps), self.output)  # [T, n_vocab]
