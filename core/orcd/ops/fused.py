@@ -139,4 +139,4 @@ class FusedKernels:
         g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)
         self._launch(self._fn, total, FG_THREADS,
                      [_u64(x.ptr), int(n_in), _u64(g), eps, _u64(None if residual is None else residual.ptr),
-                      int(gated), *args])
+                      int(gated), *args], shared=4 * n_in if norm is not None else 0)  # staged x * g
