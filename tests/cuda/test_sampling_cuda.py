@@ -162,7 +162,10 @@ def test_greedy_with_repetition_penalty_matches_the_reference(rig, n):
     r = rig(n)
     logits = fresh(n)
     prompt = np.random.default_rng().choice(n, 500)
-    prompt[:3] = np.argsort(-logits)[:3]      # the three best are penalised
+    prompt[:3] = np.argsort(-logits)[:3]      # the three best are penalised...
+    others = np.setdiff1d(np.arange(n), prompt)
+    best_other = logits[others].max()         # ...and sit just above the best unpenalised one
+    logits[prompt[:3]] = best_other + np.array([0.3, 0.2, 0.1], np.float32)
     r.sampler.reset(prompt)
     r.put(logits)
     p = SamplingParams(temperature=0.0, repetition_penalty=1.3)
