@@ -8,7 +8,7 @@
 #      when bench/peer/llama.cpp.tar.gz travelled;
 #   3. the full-size synthetic models are made with orcd synth;
 #   4. every cuda test runs, the real-Qwen and full-size ones included.
-# Extra arguments go to pytest.
+# Arguments go to pytest in place of the default tests/cuda.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIECES=${QWEN_PIECES:-/tmp/q}
@@ -36,4 +36,4 @@ for preset in ${FULL_SIZE_PRESETS:-qwen2-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-2
   [ -f "$WORK/$preset.gguf" ] || python3 -m orcd.cli synth "$preset" -o "$WORK/$preset.gguf"
 done
 export ORCD_FULL_SIZE_DIR="$WORK"
-exec python3 -m pytest -q -m cuda tests/cuda "$@"
+exec python3 -m pytest -q -m cuda "${@:-tests/cuda}"
