@@ -46,6 +46,11 @@ def build_peer() -> None:
     if PEER_BIN.exists():
         print(f"peer already built: {PEER_BIN}")
         return
+    marker = WORK / "peer-build.started"
+    if marker.exists():  # a second build in the same tree would race the first
+        print(f"peer build already under way; log: {BUILD_LOG}")
+        return
+    marker.touch()
     script = (f"set -e; cd {WORK}; tar xzf {PEER_SRC}; cd llama.cpp; "
               f"cmake -B build {' '.join(CMAKE_FLAGS)} >/dev/null; "
               f"ninja -C build -j{os.cpu_count()} llama-bench; echo BUILD_OK")
@@ -199,9 +204,8 @@ def run_all(models: list[str], out: Path) -> None:
     card = torch.cuda.get_device_name(0)
     bw = copy_bandwidth()
     print(f"{card}: copy bandwidth {bw / 1e9:,.0f} GB/s", flush=True)
-    peer_ok = wait_for_peer()
     rows = []
-    for name in models:
+    for name in models:  # orcd first: the peer may still be building meanwhile
         path = WORK / f"{name}.gguf"
         if not path.exists():
             t0 = time.perf_counter()
@@ -212,13 +216,15 @@ def run_all(models: list[str], out: Path) -> None:
             row["orcd"] = orcd_bench(path, host)
         except Exception as e:  # one failing engine must not hide the other's numbers
             print(f"orcd failed on {name}: {type(e).__name__}: {e}", flush=True)
-        if peer_ok:
-            try:
-                row["peer"] = peer_bench(path)
-            except Exception as e:
-                print(f"llama.cpp failed on {name}: {e}", flush=True)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if wait_for_peer():
+        for row in rows:
+            try:
+                row["peer"] = peer_bench(WORK / f"{row['model']}.gguf")
+            except Exception as e:
+                print(f"llama.cpp failed on {row['model']}: {e}", flush=True)
+            print(json.dumps(row), flush=True)
     md = table(rows, card, bw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
