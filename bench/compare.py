@@ -53,7 +53,7 @@ def build_peer() -> None:
     marker.touch()
     script = (f"set -e; cd {WORK}; tar xzf {PEER_SRC}; cd llama.cpp; "
               f"cmake -B build {' '.join(CMAKE_FLAGS)} >/dev/null; "
-              f"ninja -C build -j{os.cpu_count()} llama-bench; echo BUILD_OK")
+              f"ninja -C build -j{os.cpu_count()} llama-bench && echo BUILD_OK || echo BUILD_FAILED")
     with open(BUILD_LOG, "w") as log:
         subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
@@ -65,8 +65,9 @@ def wait_for_peer(timeout_s: float = 420) -> bool:
     while time.time() - t0 < timeout_s:
         if PEER_BIN.exists():
             return True
-        if BUILD_LOG.exists() and "error" in BUILD_LOG.read_text()[-4000:].lower():
-            print(BUILD_LOG.read_text()[-4000:])
+        tail = BUILD_LOG.read_text()[-4000:] if BUILD_LOG.exists() else ""
+        if "FAILED:" in tail or "BUILD_FAILED" in tail:   # ninja's and the script's failure marks
+            print(tail)
             return False
         time.sleep(5)
     return PEER_BIN.exists()
