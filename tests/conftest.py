@@ -5,28 +5,16 @@ GPU tests carry the ``cuda`` marker and are skipped when no GPU is usable.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import pytest
 
-
-@functools.lru_cache(maxsize=1)
-def _gpu_available() -> bool:
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        return False
-    err, = driver.cuInit(0)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        return False
-    err, n = driver.cuDeviceGetCount()
-    return err == driver.CUresult.CUDA_SUCCESS and n > 0
+from orcd.testing import gpu_available  # the same probe the plugin kit uses
 
 
 def pytest_collection_modifyitems(config, items):
-    if _gpu_available():
+    if gpu_available():
         return
     skip = pytest.mark.skip(reason="no usable NVIDIA GPU")
     for item in items:
