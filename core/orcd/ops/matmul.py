@@ -222,7 +222,11 @@ class MatmulKernels:
             try:
                 import cupy  # noqa: F401
                 import nvmath  # noqa: F401
-            except ImportError:
+            except ImportError as e:
+                # a slower path, not a silent one: say why once per kernel set
+                import warnings
+                warnings.warn(f"prefill GEMM without tensor cores ({e.name} is missing; "
+                              f"install orcd[cuda]): long prompts use GEMV slices", stacklevel=2)
                 self._gemm = False
             else:
                 from orcd.cuda.blas import Gemm
