@@ -130,3 +130,11 @@ def test_a_request_gets_a_cache_for_its_own_length(tiny_model, host):
     engine.generate(GenerateRequest([1, 2], max_tokens=1000))
     lm.close()
     assert sizes == [256, 512, 1024]
+
+
+def test_unseeded_request_draws_a_seed_that_reproduces_it(tiny):
+    a = tiny.generate(GenerateRequest([4, 5, 6], max_tokens=10, sampling=SamplingParams(1.0)))
+    b = tiny.generate(GenerateRequest([4, 5, 6], max_tokens=10, sampling=SamplingParams(1.0)))
+    assert a.seed is not None and b.seed is not None and a.seed != b.seed
+    again = tiny.generate(GenerateRequest([4, 5, 6], max_tokens=10, sampling=sampled(a.seed)))
+    assert again.token_ids == a.token_ids and again.seed == a.seed

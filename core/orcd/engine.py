@@ -8,7 +8,7 @@ Cancellation and the deadline are checked between tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,6 +55,7 @@ class GenerateResult:
     prompt_tokens: int
     ttft_ms: float
     decode_time_ms: float
+    seed: int | None = None   # the seed actually used (drawn when the request had none)
 
     @property
     def tokens_out(self) -> int:
@@ -107,6 +108,37 @@ class StopMatcher:
         return out
 
 
+class _Output:
+    """Token ids -> the text a client sees: whole UTF-8 only, stop strings held
+    back and cut, each released piece passed to ``on_token``."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], on_token: Callable[[TokenEvent], None]):
+        self.detok, self.stops, self.on_token = StreamDecoder(tokenizer), StopMatcher(stops), on_token
+        self.pieces: list[str] = []
+
+    def push(self, token_id: int, index: int) -> bool:
+        """Feed one generated token; True when a stop string matched."""
+        text, hit = self.stops.push(self.detok.feed(token_id))
+        self._emit(text, index, token_id)
+        return hit
+
+    def finish(self, ids: list[int]) -> bool:
+        """Release what the decoder and the matcher still hold; True on a late stop match."""
+        tail, hit = self.stops.push(self.detok.flush())
+        tail += "" if hit else self.stops.flush()
+        self._emit(tail, max(len(ids) - 1, 0), ids[-1] if ids else -1)
+        return hit
+
+    def _emit(self, text: str, index: int, token_id: int) -> None:
+        if text:
+            self.pieces.append(text)
+            self.on_token(TokenEvent(index, token_id, text))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 class Engine:
     def __init__(self, loaded) -> None:
         self.lm = loaded
@@ -137,51 +169,43 @@ class Engine:
                  on_token: Callable[[TokenEvent], None] = lambda ev: None) -> GenerateResult:
         self.check(req)
         t0 = time.perf_counter()
+        params = req.sampling
+        if params.seed is None:   # unseeded means a fresh seed, reported in the result
+            params = replace(params, seed=int(np.random.SeedSequence().entropy % 2**64))
+        rng = np.random.Generator(np.random.PCG64(params.seed))
         runner = self.new_runner(len(req.prompt_ids) + req.max_tokens)
-        seed = req.sampling.seed if req.sampling.seed is not None else 0
-        rng = np.random.Generator(np.random.PCG64(seed))
         prompt = list(req.prompt_ids)
+        logits = self._prefill(runner, prompt, req)
+        out = _Output(self.tokenizer, req.stop, on_token)
+        ids: list[int] = []
+        t_first = None
+        reason = "max_tokens"
+        while len(ids) < req.max_tokens:
+            tok = self.lm.backend.sample(logits, params, np.asarray(prompt + ids, dtype=np.int64), rng)
+            t_first = t_first or time.perf_counter()
+            if tok in self.tokenizer.eog_ids:
+                reason = "eog"
+                break
+            ids.append(tok)
+            if out.push(tok, len(ids) - 1):
+                reason = "stop_sequence"
+                break
+            if len(ids) < req.max_tokens:
+                self._interrupt(req)
+                logits = runner.forward([tok], len(prompt) + len(ids) - 1)
+        if reason != "stop_sequence" and out.finish(ids):
+            reason = "stop_sequence"
+        t_first = t_first or time.perf_counter()
+        return GenerateResult(reason, ids, out.text, len(prompt), (t_first - t0) * 1000,
+                              (time.perf_counter() - t_first) * 1000, seed=params.seed)
+
+    def _prefill(self, runner, prompt: list[int], req: GenerateRequest):
+        """Logits after the prompt, fed in chunks; cancellation is checked between them."""
         logits = None
         for start in range(0, len(prompt), PREFILL_CHUNK):
             self._interrupt(req)
             logits = runner.forward(prompt[start:start + PREFILL_CHUNK], start)
-        detok, stops = StreamDecoder(self.tokenizer), StopMatcher(req.stop)
-        out_ids: list[int] = []
-        emitted: list[str] = []
-        ttft = 0.0
-        t_first = t0
-        reason = "max_tokens"
-        while len(out_ids) < req.max_tokens:
-            seen = np.asarray(prompt + out_ids, dtype=np.int64)
-            tok = self.lm.backend.sample(logits, req.sampling, seen, rng)
-            if not out_ids:
-                t_first = time.perf_counter()
-                ttft = (t_first - t0) * 1000
-            if tok in self.tokenizer.eog_ids:
-                reason = "eog"
-                break
-            out_ids.append(tok)
-            text, hit = stops.push(detok.feed(tok))
-            if text:
-                emitted.append(text)
-                on_token(TokenEvent(len(out_ids) - 1, tok, text))
-            if hit:
-                reason = "stop_sequence"
-                break
-            if len(out_ids) == req.max_tokens:
-                break
-            self._interrupt(req)
-            logits = runner.forward([tok], len(prompt) + len(out_ids) - 1)
-        if reason != "stop_sequence":
-            tail, hit = stops.push(detok.flush())
-            tail += "" if hit else stops.flush()
-            if hit:
-                reason = "stop_sequence"
-            if tail:
-                emitted.append(tail)
-                on_token(TokenEvent(max(len(out_ids) - 1, 0), out_ids[-1] if out_ids else -1, tail))
-        return GenerateResult(reason, out_ids, "".join(emitted), len(prompt), ttft,
-                              (time.perf_counter() - t_first) * 1000)
+        return logits
 
     @staticmethod
     def _interrupt(req: GenerateRequest) -> None:
