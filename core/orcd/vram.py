@@ -30,11 +30,17 @@ def weight_bytes(tensor_bytes: Iterable[int]) -> int:
     return sum(align_up(int(n)) for n in tensor_bytes)
 
 
+def kv_bytes_per_token(n_layer: int, n_head_kv: int, head_dim: int, head_dim_v: int | None = None,
+                       elem_bytes: int = FP16_BYTES) -> int:
+    """K and V of one context position over all layers (fp16 by default)."""
+    return n_layer * n_head_kv * (head_dim + (head_dim_v or head_dim)) * elem_bytes
+
+
 def kv_cache_bytes(n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                    elem_bytes: int = FP16_BYTES) -> int:
     """K and V for every layer and position:
     n_layer × n_ctx × n_head_kv × head_dim × 2 (K, V) × 2 bytes (fp16)."""
-    return n_layer * n_ctx * n_head_kv * head_dim * 2 * elem_bytes
+    return n_ctx * kv_bytes_per_token(n_layer, n_head_kv, head_dim, elem_bytes=elem_bytes)
 
 
 def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int,

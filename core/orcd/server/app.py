@@ -55,8 +55,8 @@ def load_for_serving(config: ServerConfig, progress: Callable[[float], None]):
 def kv_budget_ctx(hp, n_ctx: int, kv_cache_mb: int) -> int:
     """The context that fits ``kv_cache_mb`` of fp16 K and V (both backends'
     cache type): 2 bytes × (head_dim + head_dim_v) × n_head_kv × n_layer a token."""
-    head_dim_v = hp.get("head_dim_v") or hp.head_dim
-    per_token = 2 * (hp.head_dim + head_dim_v) * hp.n_head_kv * hp.n_layer
+    from orcd.vram import kv_bytes_per_token
+    per_token = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, hp.get("head_dim_v"))
     fits = kv_cache_mb * (1 << 20) // per_token
     if fits < 16:
         raise InvalidRequest(f"--kv-cache-size-mb {kv_cache_mb} holds only {fits} tokens of "
