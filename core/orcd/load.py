@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,6 @@ class LoadedModel:
     quant_kind: str
     weight_bytes: int
     output_parser: Any = None
-    info: dict = field(default_factory=dict)
 
     def close(self) -> None:
         self.backend.close()
