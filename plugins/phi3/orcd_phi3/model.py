@@ -64,12 +64,13 @@ class Phi3:
 
 def _rope_factors(hp: HParams, w: Weights, backend):
     """LongRoPE: llama.cpp uses the long factors once the context exceeds the
-    original training context, else the short ones. The choice is per model
-    load (our context is fixed at load), so the factors are constants."""
+    original context (rope.scaling.original_context_length, else the training
+    context), else the short ones. Our context is fixed at load, so the factors
+    are constants of the model."""
     long_f = w.take_optional("rope_factors_long.weight")
     short_f = w.take_optional("rope_factors_short.weight")
-    use_long = hp.n_ctx_orig and hp.n_ctx > hp.n_ctx_orig
-    chosen = long_f if use_long else short_f
+    original = hp.n_ctx_orig or hp.n_ctx_train
+    chosen = long_f if hp.n_ctx > original else short_f
     if chosen is None:
         return None
     return tuple(float(f) for f in np.asarray(backend.to_host(chosen)).reshape(-1))
