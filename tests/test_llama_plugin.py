@@ -91,8 +91,8 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2, host, golden):
     from orcd.engine import Engine, GenerateRequest
     from orcd.ops.sampling import SamplingParams
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_parity_goldens import qwen_prompt_ids
+    from test_parity import golden_script
+    qwen_prompt_ids = golden_script().qwen_prompt_ids
 
     lm = load_model(smollm2, host=host, device="cpu", n_ctx=golden["n_ctx"],
                     activation_rounding="ggml-cpu")

@@ -19,6 +19,16 @@ GOLDEN = Path(__file__).parent / "golden" / "parity"
 TINY = ("qwen2-tiny", "phi3-tiny", "phi3-tiny-q4_0", "gpt-oss-tiny")
 
 
+def golden_script():
+    """scripts/make_parity_goldens.py, whose prompt rendering and oracle calls the tests reuse."""
+    import importlib.util
+    path = Path(__file__).parents[1] / "scripts" / "make_parity_goldens.py"
+    spec = importlib.util.spec_from_file_location("make_parity_goldens", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def all_logits(lm, ids: list[int]) -> np.ndarray:
     """Logits at every position of ``ids`` from an empty cache: [T, n_vocab]."""
     b = lm.backend
@@ -84,9 +94,7 @@ def qwen_cpu(real_qwen, host):
 
 @pytest.mark.slow
 def test_qwen_prompts_tokenize_as_golden(qwen_cpu, qwen_golden):
-    import sys
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from make_parity_goldens import qwen_prompt_ids
+    qwen_prompt_ids = golden_script().qwen_prompt_ids
     for case in qwen_golden["cases"]:
         assert qwen_prompt_ids(qwen_cpu.tokenizer, case["kind"], case["text"]) == case["prompt_ids"]
 
@@ -120,10 +128,8 @@ def test_qwen_last_logits_close(qwen_cpu, qwen_golden):
 @pytest.mark.parametrize("preset", TINY)
 def test_tiny_goldens_reproduce_with_live_llama_cpp(preset, tiny_model, tiny_golden):
     llama_cpp = pytest.importorskip("llama_cpp")
-    import sys
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from make_parity_goldens import llama, llama_logits
+    script = golden_script()
     assert llama_cpp is not None
-    llm = llama(tiny_model(preset, seed=0), 64)
-    got = llama_logits(llm, tiny_golden[f"{preset}/ids"].tolist())
+    llm = script.llama(tiny_model(preset, seed=0), 64)
+    got = script.llama_logits(llm, tiny_golden[f"{preset}/ids"].tolist())
     np.testing.assert_allclose(got, tiny_golden[f"{preset}/logits"], rtol=1e-6, atol=1e-6)
