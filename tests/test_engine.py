@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from orcd.engine import Engine, GenerateRequest, StopMatcher
@@ -138,3 +139,24 @@ def test_unseeded_request_draws_a_seed_that_reproduces_it(tiny):
     assert a.seed is not None and b.seed is not None and a.seed != b.seed
     again = tiny.generate(GenerateRequest([4, 5, 6], max_tokens=10, sampling=sampled(a.seed)))
     assert again.token_ids == a.token_ids and again.seed == a.seed
+
+
+def test_repetition_penalty_sees_prompt_and_every_output_id(tiny):
+    """Greedy with a strong penalty, against a loop that recomputes the penalty
+    from prompt + output ids at every step."""
+    from orcd.ops.sampling import apply_repetition_penalty
+    prompt, n = [7, 8, 9, 7], 12
+    got = tiny.generate(GenerateRequest(prompt, n, SamplingParams(temperature=0.0,
+                                                                  repetition_penalty=2.0)))
+    lm, want = tiny.lm, []
+    b = lm.backend
+    cache = b.new_kv_cache(lm.hp.n_layer, lm.n_ctx, lm.hp.n_head_kv, lm.hp.head_dim)
+    logits = lm.model.forward(b.ops, b.ids(prompt), b.positions(0, len(prompt)), cache)
+    for _ in range(len(got.token_ids)):
+        seen = np.array(prompt + want)
+        tok = int(np.argmax(apply_repetition_penalty(b.to_host(logits).reshape(-1), seen, 2.0)))
+        want.append(tok)
+        logits = lm.model.forward(b.ops, b.ids([tok]), b.positions(len(prompt) + len(want) - 1, 1),
+                                  cache)
+    assert got.token_ids == want
+    assert len(set(want)) > 1

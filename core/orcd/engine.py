@@ -178,14 +178,19 @@ class Engine:
         logits = self._prefill(runner, prompt, req)
         out = _Output(self.tokenizer, req.stop, on_token)
         ids: list[int] = []
+        # prompt + output ids for the repetition penalty, filled in place: each step
+        # passes a view instead of building a new array from two lists
+        seen = np.empty(len(prompt) + req.max_tokens, dtype=np.int64)
+        seen[:len(prompt)] = prompt
         t_first = None
         reason = "max_tokens"
         while len(ids) < req.max_tokens:
-            tok = self.lm.backend.sample(logits, params, np.asarray(prompt + ids, dtype=np.int64), rng)
+            tok = self.lm.backend.sample(logits, params, seen[:len(prompt) + len(ids)], rng)
             t_first = t_first or time.perf_counter()
             if tok in self.tokenizer.eog_ids:
                 reason = "eog"
                 break
+            seen[len(prompt) + len(ids)] = tok
             ids.append(tok)
             if out.push(tok, len(ids) - 1):
                 reason = "stop_sequence"
