@@ -8,82 +8,20 @@ relative error ‖out − ref‖ / ‖ref‖ (fp32 kernels: < 1e-5).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
+from gpu_rig import TYPES, randn, rel
 from orcd.ops import attention, rope
 
 pytestmark = pytest.mark.cuda
 
-TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
 TOL = 1e-5
 
 
-class Gpu:
-    def __init__(self, kcache) -> None:
-        from orcd.cuda.device import CudaDevice
-        from orcd.cuda.launch import Launcher
-        from orcd.cuda.memory import DeviceAllocator
-        from orcd.cuda.nvrtc import KernelCompiler
-        from orcd.ops.attention import AttentionKernels
-        from orcd.ops.fused import FusedKernels
-
-        self.dev = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
-        self.alloc = DeviceAllocator(self.dev)
-        args = (self.dev, KernelCompiler(self.dev.info.arch, cache=kcache, cuda_headers=True),
-                Launcher(self.dev))
-        self.fused, self.attn = FusedKernels(*args), AttentionKernels(*args)
-
-    def put(self, arr: np.ndarray):
-        from orcd.cuda.memory import from_host
-        from orcd.cuda.tensor import DeviceTensor
-
-        arr = np.ascontiguousarray(arr)
-        buf = self.alloc.alloc(max(arr.nbytes, 1), "test")
-        from_host(self.dev, arr, buf.ptr)
-        return DeviceTensor(buf.ptr, arr.shape, arr.dtype)
-
-    def empty(self, shape):
-        return self.put(np.full(shape, np.nan, np.float32))
-
-    def get(self, t) -> np.ndarray:
-        from orcd.cuda.memory import to_host
-
-        return to_host(self.dev, t.ptr, t.nbytes).view(t.dtype).reshape(t.shape)
-
-    def weight(self, host, name, shape, rng):
-        """(QWeight of fresh random blocks, its float64 dequantization)."""
-        from orcd.cuda.tensor import QWeight
-
-        fmt = host.formats[TYPES[name]]
-        raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)
-        t = self.put(raw)
-        return QWeight(t.ptr, tuple(shape), fmt.type_id, fmt), fmt.dequantize_tensor(raw, shape).astype(np.float64)
-
-
-@pytest.fixture(scope="module")
-def gpu(tmp_path_factory):
-    g = Gpu(tmp_path_factory.mktemp("kcache"))
-    yield g
-    g.alloc.free_all()
-    g.dev.close()
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
-def rel(out, ref) -> float:
-    assert np.isfinite(out).all(), "an output was not written (NaN poison left)"
-    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
-
-
-def randn(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+@pytest.fixture(autouse=True)
+def _free_after_each_test(scope):
+    """The rig lives for the session; what each test uploads goes back when it ends."""
 
 
 def rms64(x, g, eps):

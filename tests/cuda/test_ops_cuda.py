@@ -8,73 +8,18 @@ as the reference, so it is held to 1e-4).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
+from gpu_rig import randn, rel
 from orcd.ops import activation, attention, moe, norm, rope
 
 pytestmark = pytest.mark.cuda
 
 
-class Gpu:
-    """A device, an allocator and the kernel families, for one test module."""
-
-    def __init__(self, kcache) -> None:
-        from orcd.cuda.device import CudaDevice
-        from orcd.cuda.launch import Launcher
-        from orcd.cuda.memory import DeviceAllocator
-        from orcd.cuda.nvrtc import KernelCompiler
-
-        self.dev = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
-        self.alloc = DeviceAllocator(self.dev)
-        args = (self.dev, KernelCompiler(self.dev.info.arch, cache=kcache, cuda_headers=True),
-                Launcher(self.dev))
-        self.norm, self.rope = norm.NormKernels(*args), rope.RopeKernels(*args)
-        self.act, self.attn = activation.ActivationKernels(*args), attention.AttentionKernels(*args)
-        self.moe = moe.MoeKernels(*args)
-
-    def put(self, arr: np.ndarray):
-        from orcd.cuda.memory import from_host
-        from orcd.cuda.tensor import DeviceTensor
-
-        arr = np.ascontiguousarray(arr)
-        buf = self.alloc.alloc(max(arr.nbytes, 1), "test")
-        from_host(self.dev, arr, buf.ptr)
-        return DeviceTensor(buf.ptr, arr.shape, arr.dtype)
-
-    def empty(self, shape, dtype=np.float32):
-        """A poisoned output: NaN for floats, -1 for ints."""
-        fill = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
-        return self.put(fill)
-
-    def get(self, t) -> np.ndarray:
-        from orcd.cuda.memory import to_host
-
-        return to_host(self.dev, t.ptr, t.nbytes).view(t.dtype).reshape(t.shape)
-
-
-@pytest.fixture(scope="module")
-def gpu(tmp_path_factory):
-    g = Gpu(tmp_path_factory.mktemp("kcache"))
-    yield g
-    g.alloc.free_all()
-    g.dev.close()
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
-def rel(out: np.ndarray, ref: np.ndarray) -> float:
-    assert np.isfinite(out).all(), "an output was not written (NaN poison left)"
-    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
-
-
-def randn(rng, *shape, scale=1.0) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+@pytest.fixture(autouse=True)
+def _free_after_each_test(scope):
+    """The rig lives for the session; what each test uploads goes back when it ends."""
 
 
 # -- norms and element-wise ----------------------------------------------------------

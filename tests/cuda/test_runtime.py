@@ -6,7 +6,6 @@ Every comparison uses fresh random data, and outputs are poisoned first.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 
+from gpu_rig import upload
 from orcd.errors import CudaError, InvalidRequest, VramOom
 
 pytestmark = pytest.mark.cuda
@@ -37,17 +37,10 @@ extern "C" __global__ void big_shared(float* x) {
 """
 
 
-@pytest.fixture(scope="module")
-def dev():
-    from orcd.cuda.device import CudaDevice
-
-    d = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
-    yield d
-    d.close()
-
-
 @pytest.fixture
 def alloc(dev):
+    """Overrides conftest's session allocator: these tests read the ledger and
+    the device's free memory, so each gets an allocator of its own."""
     from orcd.cuda.memory import DeviceAllocator
 
     a = DeviceAllocator(dev)
@@ -56,19 +49,10 @@ def alloc(dev):
 
 
 @pytest.fixture(scope="module")
-def module(dev, tmp_path_factory):
-    from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+def module(dev, compiler):
+    from orcd.cuda.nvrtc import KernelSource
 
-    comp = KernelCompiler(dev.info.arch, cache=tmp_path_factory.mktemp("kcache"))
-    return comp.load(dev, KernelSource("runtime_test.cu", KERNELS))
-
-
-def put(dev, alloc, arr, purpose="test"):
-    from orcd.cuda.memory import from_host
-
-    buf = alloc.alloc(arr.nbytes, purpose)
-    from_host(dev, arr, buf.ptr)
-    return buf
+    return compiler.load(dev, KernelSource("runtime_test.cu", KERNELS))
 
 
 def get(dev, buf, dtype, count):
@@ -128,7 +112,7 @@ def test_budget_oom_leaves_the_worker_intact(dev):
 
     alloc = DeviceAllocator(dev, budget=64 << 20)
     weights = np.random.default_rng().integers(0, 256, 16 << 20, dtype=np.uint8)
-    w = put(dev, alloc, weights, "weights")
+    w = upload(dev, alloc, weights, "weights")
     free_before = dev.mem_info()[0]
     with pytest.raises(VramOom) as e:
         with alloc.transaction() as tx:
@@ -237,7 +221,7 @@ def test_launch_validation_errors_leave_the_context_usable(dev, alloc, module):
     launch = Launcher(dev, debug=False)
     add = module.function("add_scalar")
     x = np.random.default_rng().standard_normal(1000).astype(np.float32)
-    buf = put(dev, alloc, x)
+    buf = upload(dev, alloc, x)
     for grid, block, shared in [((0,), (128,), 0), ((8,), (2048,), 0), ((1,), (32, 32, 2), 0),
                                 ((8,), (128,), dev.info.max_shared_per_block_optin + 1)]:
         with pytest.raises(LaunchError):
@@ -255,7 +239,7 @@ def test_large_dynamic_shared_memory_opts_in(dev, alloc, module):
     launch = Launcher(dev)
     n = 1024
     x = np.random.default_rng().standard_normal(n).astype(np.float32)
-    buf = put(dev, alloc, x)
+    buf = upload(dev, alloc, x)
     launch(module.function("big_shared"), 1, n, [buf], shared=100 << 10)  # > 48 KiB
     np.testing.assert_array_equal(get(dev, buf, np.float32, n), x[::-1])
 
@@ -267,7 +251,7 @@ def test_debug_mode_synchronises_after_each_launch(dev, alloc, module, monkeypat
     monkeypatch.setenv("ORCD_CUDA_DEBUG", "1")
     launch = Launcher(dev)
     assert launch.debug
-    buf = put(dev, alloc, np.zeros(1 << 20, np.float32) + 1)
+    buf = upload(dev, alloc, np.zeros(1 << 20, np.float32) + 1)
     for _ in range(3):
         launch(module.function("scale"), 1 << 12, 256, [buf, 2.0, 1 << 20])
         cu("cuStreamQuery", dev.stream)  # raises CUDA_ERROR_NOT_READY unless the launch finished
@@ -305,7 +289,7 @@ def test_captured_graph_replays_like_eager_launches(dev, alloc, module):
     launch = Launcher(dev, debug=True)  # debug must not sync inside a capture
     n = 4097
     x = np.random.default_rng().standard_normal(n).astype(np.float32)
-    eager, graphed = put(dev, alloc, x), put(dev, alloc, x)
+    eager, graphed = upload(dev, alloc, x), upload(dev, alloc, x)
 
     def step(buf):
         launch(module.function("add_scalar"), (n + 255) // 256, 256, [buf, 1.25, n])
@@ -378,7 +362,7 @@ def test_gemm_matches_numpy(dev, alloc, backend, dtype, m, n, k):
     else:
         a_bits, b_bits = _bf16_bits(a32), _bf16_bits(b32)
         a_val, b_val = _bf16_value(a_bits).astype(np.float64), _bf16_value(b_bits).astype(np.float64)
-    A, B = put(dev, alloc, a_bits), put(dev, alloc, b_bits)
+    A, B = upload(dev, alloc, a_bits), upload(dev, alloc, b_bits)
     C = alloc.alloc(m * n * 2, "scratch")
     fill_bytes(dev, C.ptr, 0xFF, m * n * 2)  # NaN in both fp16 and bf16
     gemm = Gemm(dev, backend=backend)

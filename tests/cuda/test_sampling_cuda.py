@@ -11,8 +11,6 @@ ids are compared with the reference's probabilities, not its draws.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -24,25 +22,7 @@ VOCABS = (32000, 151936, 201088)
 NO_SEEN = np.zeros(0, dtype=np.int64)
 
 
-# -- fixtures -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dev():
-    from orcd.cuda.device import CudaDevice
-
-    d = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
-    yield d
-    d.close()
-
-
-@pytest.fixture(scope="module")
-def alloc(dev):
-    from orcd.cuda.memory import DeviceAllocator
-
-    a = DeviceAllocator(dev)
-    yield a
-    a.free_all()
-
+# -- fixtures (dev, alloc, compiler, launcher: conftest.py) ------------------------------
 
 class Rig:
     """A sampler for one vocabulary, a logits tensor and a poisoned out_id."""
@@ -51,8 +31,9 @@ class Rig:
         from orcd.cuda.tensor import DeviceTensor
 
         self.dev, self.sampler, self.n = dev, sampler, n
-        self.logits = DeviceTensor(alloc.alloc(4 * n, "test").ptr, (1, n), np.dtype(np.float32))
-        self.out = DeviceTensor(alloc.alloc(4, "test").ptr, (1,), np.dtype(np.int32))
+        self.bufs = [alloc.alloc(4 * n, "test"), alloc.alloc(4, "test")]
+        self.logits = DeviceTensor(self.bufs[0].ptr, (1, n), np.dtype(np.float32))
+        self.out = DeviceTensor(self.bufs[1].ptr, (1,), np.dtype(np.int32))
 
     def put(self, logits: np.ndarray) -> None:
         from orcd.cuda.memory import from_host
@@ -70,13 +51,9 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(dev, alloc, tmp_path_factory):
-    from orcd.cuda.launch import Launcher
-    from orcd.cuda.nvrtc import KernelCompiler
+def rig(dev, alloc, compiler, launcher):
     from orcd.ops.sampling import CudaSampler
 
-    compiler = KernelCompiler(dev.info.arch, cache=tmp_path_factory.mktemp("kcache"))
-    launcher = Launcher(dev)
     made: dict[int, Rig] = {}
 
     def get(n: int) -> Rig:
@@ -88,6 +65,8 @@ def rig(dev, alloc, tmp_path_factory):
     yield get
     for r in made.values():
         r.sampler.close()
+        for buf in r.bufs:   # the allocator lives for the session
+            alloc.free(buf)
 
 
 # -- the reference's view ---------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""Fixtures every CUDA test module shares: one device, allocator, kernel compiler
+and launcher for the whole session, and the ``gpu`` rig over them (gpu_rig.Gpu).
+
+Nothing CUDA is imported at import time: CI has no GPU, collects these modules
+and skips them (tests/conftest.py), and importing orcd must not touch CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from gpu_rig import Gpu
+
+
+@pytest.fixture(scope="session")
+def dev():
+    from orcd.cuda.device import CudaDevice
+
+    d = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def alloc(dev):
+    from orcd.cuda.memory import DeviceAllocator
+
+    a = DeviceAllocator(dev)
+    yield a
+    a.free_all()
+
+
+@pytest.fixture(scope="session")
+def compiler(dev, tmp_path_factory):
+    from orcd.cuda.nvrtc import KernelCompiler
+
+    return KernelCompiler(dev.info.arch, cache=tmp_path_factory.mktemp("kcache"), cuda_headers=True)
+
+
+@pytest.fixture(scope="session")
+def launcher(dev):
+    from orcd.cuda.launch import Launcher
+
+    return Launcher(dev)
+
+
+@pytest.fixture(scope="session")
+def gpu(dev, alloc, compiler, launcher):
+    return Gpu(dev, alloc, compiler, launcher)
+
+
+@pytest.fixture
+def scope(gpu):
+    """The rig, with what the test uploads through it freed when the test ends.
+    Module-scoped fixtures are set up before it, so their buffers stay."""
+    with gpu.scope():
+        yield gpu
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
