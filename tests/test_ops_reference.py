@@ -155,6 +155,41 @@ def test_moe_matches_dense_mixture():
         assert np.allclose(got[t], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("T,k,n_expert", [(1, 4, 32), (7, 4, 32), (300, 4, 32), (16, 2, 3)])
+def test_group_lists_each_experts_pairs_in_order(T, k, n_expert):
+    ids = np.stack([rng().choice(n_expert, k, replace=False) for _ in range(T)]).astype(np.int32)
+    order, slot_of, counts = moe.group_ref(ids, n_expert)
+    flat = ids.reshape(-1)
+    assert sorted(order.tolist()) == list(range(T * k))             # a permutation of the pairs
+    assert np.array_equal(slot_of[order], np.arange(T * k))         # slot_of inverts it
+    assert np.all(np.diff(flat[order]) >= 0)                        # grouped by expert, 0 first
+    for e in range(n_expert):                                       # each group in pair order
+        group = order[flat[order] == e]
+        assert np.all(np.diff(group) > 0) and counts[e] == len(group)
+
+
+def test_group_leaves_out_bad_ids():
+    ids = np.array([[0, 5], [-1, 2]], np.int32)
+    order, slot_of, counts = moe.group_ref(ids, 4)
+    assert order.tolist() == [0, 3] and slot_of.tolist() == [0, -1, -1, 1]
+    assert counts.tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [17, 0, 8], [1, 1, 1], [64, 0, 0], [3, 9, 16]])
+def test_tiles_cover_every_group_within_the_bound(counts):
+    counts = np.array(counts, np.int32)
+    n_tiles = moe.max_tiles(int(counts.sum()), len(counts), 8)
+    tiles = moe.tiles_ref(counts, 8, n_tiles)
+    used = tiles[tiles[:, 2] > 0]
+    assert len(used) == sum(-(-c // 8) for c in counts) <= n_tiles
+    assert np.all(used[:, 2] <= 8) and not tiles[len(used):].any()  # unused rows all zero
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for e, c in enumerate(counts):                                  # rows start..start+c, no gap
+        mine = used[used[:, 0] == e]
+        assert mine[:, 2].sum() == c
+        assert mine[:, 1].tolist() == list(range(starts[e], starts[e] + c, 8))
+
+
 def test_fused_refs_are_the_compositions():
     from orcd.ops import fused, matmul
 

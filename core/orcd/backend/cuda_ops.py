@@ -20,6 +20,8 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
+from orcd.ops.matmul import MOE_TILE
+from orcd.ops.moe import max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
 
@@ -195,21 +197,48 @@ class CudaOps:
 
     def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
         # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
-        b = self.b
         T, D = x.shape
         logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
         ids = self._empty((T, n_used), np.int32)
         weights = self._empty((T, n_used))
-        b.moe_k.route(logits, n_used, ids, weights)
-        n_ff = ex.gate_w.shape[1]
-        gate, up = self._empty((T, n_used, n_ff)), self._empty((T, n_used, n_ff))
-        b.mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
-        b.mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
-        h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
-        y = self._empty((T, n_used, D))
-        b.mm.moe_linear(h.view(T * n_used, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
+        self.b.moe_k.route(logits, n_used, ids, weights)
+        if T == 1:
+            y, slot_of = self._experts_per_pair(x, ex, ids, alpha, limit), None
+        else:
+            y, slot_of = self._experts_grouped(x, ex, ids, alpha, limit)
         out = self._empty((T, D))
-        b.moe_k.weighted_sum(y, weights, out)
+        self.b.moe_k.weighted_sum(y.view(T, n_used, D), weights, out, slot_of)
         return out
+
+    def _experts_per_pair(self, x, ex, ids, alpha, limit) -> DeviceTensor:
+        # decode: one GEMV per (token, slot) pair -> y: [T, k, D] in pair order
+        mm = self.b.mm
+        (T, k), n_ff = ids.shape, ex.gate_w.shape[1]
+        gate, up = self._empty((T, k, n_ff)), self._empty((T, k, n_ff))
+        mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
+        mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
+        h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
+        y = self._empty((T, k, x.shape[1]))
+        mm.moe_linear(h.view(T * k, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
+        return y
+
+    def _experts_grouped(self, x, ex, ids, alpha, limit) -> tuple[DeviceTensor, DeviceTensor]:
+        # prefill: pairs grouped by expert, each expert's weights read once per tile of
+        # MOE_TILE pairs -> (y: [T*k, D] in grouped order, slot_of: [T*k] each pair's row)
+        b, mm = self.b, self.b.mm
+        (T, k), (n_expert, n_ff, D) = ids.shape, ex.gate_w.shape
+        N = T * k
+        order, slot_of = self._empty((N,), np.int32), self._empty((N,), np.int32)
+        tiles = self._empty((max_tiles(N, n_expert, MOE_TILE), 3), np.int32)
+        b.moe_k.group(ids, n_expert, MOE_TILE, order, slot_of, tiles)
+        xg = self._empty((N, D))
+        b.moe_k.gather(x, order, k, xg)                          # [N, D] grouped rows
+        gate, up = self._empty((N, n_ff)), self._empty((N, n_ff))
+        mm.moe_gemm(xg, ex.gate_w, ex.gate_b, tiles, gate)
+        mm.moe_gemm(xg, ex.up_w, ex.up_b, tiles, up)
+        h = self.swiglu_oai(gate, up, alpha, limit)                # [N, n_ff]
+        y = self._empty((N, D))
+        mm.moe_gemm(h, ex.down_w, ex.down_b, tiles, y)
+        return y, slot_of
 
 

@@ -101,6 +101,25 @@ __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row
                     n_in, split);
 }
 
+// Prefill's grouped expert matmul: one tile of up to MOE_TILE pairs routed to
+// the same expert per blockIdx.y (tiles from moe.cu's moe_group). xg and out
+// hold one row per pair in grouped order, so a tile's rows are contiguous and
+// the expert's weight rows are dequantized once for all of them. Unused tiles
+// (rows 0) return at once: the grid is sized for the worst-case tile count.
+#define MOE_TILE 8
+template <class F>
+__device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row_bytes,
+                                         long long expert_bytes, const float* __restrict__ xg,
+                                         const int* __restrict__ tiles, const float* __restrict__ bias,
+                                         float* __restrict__ out, int n_out, int n_in, int split) {
+    const int* tl = tiles + 3 * blockIdx.y;
+    const int e = tl[0], start = tl[1], rows = tl[2];
+    if (rows == 0) return;  // uniform per block
+    gemv_rows<F, MOE_TILE>(w + (long long)e * expert_bytes, row_bytes, xg + (long long)start * n_in,
+                           rows, bias ? bias + (long long)e * n_out : nullptr,
+                           out + (long long)start * n_out, n_out, n_out, n_in, split);
+}
+
 // Embedding rows: one thread per piece of row ids[t] (blockIdx.y = t); an id
 // outside the table writes NaN.
 template <class F>
@@ -171,6 +190,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         int split) {                                                                                \
         moe_gemv<F>(w, row_bytes, expert_bytes, x, x_per_pair, ids, k, n_expert, bias, out, n_out, \
                     n_in, split);                                                                   \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_##NAME(                    \
+        const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
+        const float* bias, float* out, int n_out, int n_in, int split) {                            \
+        moe_gemm<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in, split);          \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
                                             int n_vocab, float* out, int D) {                       \

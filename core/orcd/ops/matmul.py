@@ -33,6 +33,7 @@ PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte lo
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
+MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
 WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
 SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
 MAX_GRID_Y = 65535
@@ -161,6 +162,32 @@ class MatmulKernels:
                          _ptr(x.ptr + 4 * x_row * n_in), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
+
+    def moe_gemm(self, xg, w, b, tiles, out) -> None:
+        """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for
+        every row i of each used tile (e, start, rows) of ``tiles`` ([n_tiles, 3]
+        int32 on the device, from MoeKernels.group). xg: [N, n_in], out: [N, n_out],
+        one row per (token, slot) pair in grouped order. Each tile reads its
+        expert's weight rows once for up to MOE_TILE pairs."""
+        if len(w.shape) != 3:
+            raise ValueError(f"moe_gemm weight must be [n_expert, n_out, n_in], got {w.shape}")
+        n_expert, n_out, n_in = w.shape
+        N = xg.shape[0]
+        self._check_tensor(xg, (N, n_in), "moe_gemm x")
+        self._check_tensor(out, (N, n_out), "moe_gemm out")
+        if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
+            raise ValueError(f"moe_gemm tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
+        if not 0 < tiles.shape[0] <= MAX_GRID_Y:
+            raise ValueError(f"moe_gemm: {tiles.shape[0]} tiles (at most {MAX_GRID_Y} per launch)")
+        if b is not None:
+            self._check_tensor(b, (n_expert, n_out), "moe_gemm bias")
+        self._check_row(w, n_in)
+        split = gemv_split(n_out)
+        self.launch(self._fn(f"moe_gemm_{CUDA_SUFFIX[w.type_id]}"),
+                    (-(-n_out // (GEMV_ROWS // split)), tiles.shape[0]), 32 * GEMV_ROWS,
+                    [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)),
+                     np.int64(w.fmt.tensor_bytes((n_out, n_in))), _ptr(xg.ptr), _ptr(tiles.ptr),
+                     _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
 
     def dequantize(self, w, out, row0: int = 0) -> None:
         """Rows [row0, row0 + out.shape[0]) of the QWeight w as float16 (or

@@ -37,25 +37,71 @@ def route_ref(logits: np.ndarray, n_used: int) -> tuple[np.ndarray, np.ndarray]:
     return order, (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def group_ref(ids: np.ndarray, n_expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids [T, k] -> (order [T*k], slot_of [T*k], counts [n_expert]).
+
+    ``order`` lists the (token, slot) pairs p = t * k + slot grouped by expert
+    (expert 0's first), each group in pair order; ``slot_of[p]`` is where pair p
+    sits in ``order`` (-1 for an id outside 0..n_expert-1, which joins no group).
+    Grouping is what lets prefill read each expert's weights once for all its
+    tokens instead of once per (token, expert) pair.
+    """
+    flat = ids.reshape(-1).astype(np.int64)
+    valid = (flat >= 0) & (flat < n_expert)
+    order = np.flatnonzero(valid)[np.argsort(flat[valid], kind="stable")].astype(np.int32)
+    slot_of = np.full(flat.shape, -1, np.int32)
+    slot_of[order] = np.arange(order.size, dtype=np.int32)
+    return order, slot_of, np.bincount(flat[valid], minlength=n_expert).astype(np.int32)
+
+
+def tiles_ref(counts: np.ndarray, tile: int, n_tiles: int) -> np.ndarray:
+    """Expert group sizes -> [n_tiles, 3] rows (expert, first row in order, rows):
+    each group cut into tiles of at most ``tile`` rows, unused rows (0, 0, 0)."""
+    out = np.zeros((n_tiles, 3), np.int32)
+    i, start = 0, 0
+    for e, n in enumerate(counts):
+        for s in range(0, int(n), tile):
+            out[i] = (e, start + s, min(tile, n - s))
+            i += 1
+        start += int(n)
+    return out
+
+
+def max_tiles(n_pairs: int, n_expert: int, tile: int) -> int:
+    """An upper bound on tiles_ref's used rows: sum_e ceil(n_e / tile)."""
+    return n_pairs // tile + min(n_expert, n_pairs)
+
+
 def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
             limit: float = 7.0, linear: Callable = linear_ref) -> np.ndarray:
     # x: [T, D] -> [T, D]; ``linear(x, w, b)`` is the backend's matmul
+    T, D = x.shape
     logits = linear(x, ex.router_w, ex.router_b)                 # [T, n_expert]
-    ids, weights = route_ref(logits, n_used)
+    ids, weights = route_ref(logits, n_used)                     # [T, k] each
+    order, _, counts = group_ref(ids, logits.shape[1])
+    y = np.empty((T * n_used, D), np.float32)                    # one row per (token, slot)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]                           # the pairs routed to e
+        start += n
+        xe = x[pairs // n_used]                                  # [n, D]
+        gate = linear(xe, ex.gate_w[e], ex.gate_b[e])            # [n, n_ff]
+        up = linear(xe, ex.up_w[e], ex.up_b[e])
+        y[pairs] = linear(swiglu_oai_ref(gate, up, alpha, limit), ex.down_w[e], ex.down_b[e])
+    y = y.reshape(T, n_used, D)
     out = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        xt = x[t:t + 1]                                          # [1, D]
-        for e, wgt in zip(ids[t], weights[t]):
-            gate = linear(xt, ex.gate_w[e], ex.gate_b[e])        # [1, n_ff]
-            up = linear(xt, ex.up_w[e], ex.up_b[e])
-            h = swiglu_oai_ref(gate, up, alpha, limit)
-            out[t] += wgt * linear(h, ex.down_w[e], ex.down_b[e])[0]
+    for slot in range(n_used):  # summed in choice order, as the kernel does
+        out += weights[:, slot:slot + 1] * y[:, slot]
     return out
 
 
 # -- CUDA ------------------------------------------------------------------------
-# Launchers for moe.cu. The expert matmuls are MatmulKernels.moe_linear; this
-# part routes (top-k + softmax on the device) and sums the chosen experts.
+# Launchers for moe.cu. The expert matmuls are MatmulKernels.moe_linear (one
+# GEMV per pair, decode) and MatmulKernels.moe_gemm (per expert tile, prefill);
+# this part routes (top-k + softmax on the device), groups pairs by expert and
+# sums the chosen experts.
 
 class MoeKernels:
     def __init__(self, device, compiler, launcher) -> None:
@@ -63,6 +109,8 @@ class MoeKernels:
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", "moe.cu"))
         self._route = module.function("moe_route")
+        self._group = module.function("moe_group")
+        self._gather = module.function("moe_gather")
         self._sum = module.function("moe_weighted_sum")
         self._launch = launcher
 
@@ -75,9 +123,29 @@ class MoeKernels:
                      [np.uint64(logits.ptr), np.uint64(ids.ptr), np.uint64(weights.ptr),
                       T, n_expert, n_used])
 
-    def weighted_sum(self, y, weights, out) -> None:
-        # y: [T, k, D], weights: [T, k] -> out: [T, D]
+    def group(self, ids, n_expert: int, tile: int, order, slot_of, tiles) -> None:
+        # ids: [T, k] int32 -> order, slot_of: [T*k] int32, tiles: [n_tiles, 3] int32 (group_ref, tiles_ref)
+        n = ids.numel
+        n_tiles = tiles.shape[0]
+        if order.shape != (n,) or slot_of.shape != (n,):
+            raise ValueError(f"moe group: order and slot_of must be [{n}], got {order.shape} {slot_of.shape}")
+        if n_tiles < max_tiles(n, n_expert, tile):
+            raise ValueError(f"moe group: {n_tiles} tiles cannot hold {n} pairs over {n_expert} experts")
+        self._launch(self._group, 1, 1024,
+                     [np.uint64(ids.ptr), n, n_expert, tile, n_tiles, np.uint64(order.ptr),
+                      np.uint64(slot_of.ptr), np.uint64(tiles.ptr)], shared=4 * (3 * n_expert + 1))
+
+    def gather(self, x, order, k: int, xg) -> None:
+        # x: [T, D], order: [N] -> xg: [N, D], row i = x[order[i] // k]
+        N, D = xg.shape
+        blocks = max(1, min(4096, -(-(N * D) // 256)))
+        self._launch(self._gather, blocks, 256,
+                     [np.uint64(x.ptr), np.uint64(order.ptr), k, N, D, np.uint64(xg.ptr)])
+
+    def weighted_sum(self, y, weights, out, slot_of=None) -> None:
+        # y: [T, k, D] (pair order, or grouped order through slot_of [T*k]), weights: [T, k] -> out: [T, D]
         T, k, D = y.shape
         blocks = max(1, min(4096, -(-(T * D) // 256)))
         self._launch(self._sum, blocks, 256,
-                     [np.uint64(y.ptr), np.uint64(weights.ptr), np.uint64(out.ptr), T, k, D])
+                     [np.uint64(y.ptr), np.uint64(weights.ptr),
+                      np.uint64(slot_of.ptr if slot_of is not None else 0), np.uint64(out.ptr), T, k, D])
