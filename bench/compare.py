@@ -3,14 +3,16 @@
 On the GPU machine (after scripts/gpu-test.sh has installed the project):
 
     python3 bench/compare.py build-peer      # start the llama.cpp build, detached (~5 min)
-    python3 bench/compare.py run [--models qwen2-0.5b,phi3-mini] [--out DIR]
+    python3 bench/compare.py run [--models qwen2-0.5b,phi3-mini] [--engines orcd,peer] [--out DIR]
 
 ``run`` waits for the peer build, synthesizes the models with orcd synth,
 measures the card's copy bandwidth, then for each model both engines, batch 1:
 decode tokens/s (128 after a 512-token prompt), prefill tokens/s (512),
 time to first token (128-token prompt), load time and peak VRAM. It prints one
 table (orcd, llama.cpp, orcd/llama.cpp, fraction of the bandwidth floor) and
-writes it as markdown to DIR/results.md for bench/RESULTS.md.
+writes it as markdown to DIR/results.md for bench/RESULTS.md. Rows are kept in
+$ORCD_BENCH_DIR/rows.json, so one run may be split over calls (``--engines orcd``,
+then ``--engines peer``) on the same card; a different card starts afresh.
 
 The peer source is the llama.cpp tree vendored in the llama-cpp-python sdist,
 pruned to bench/peer/llama.cpp.tar.gz (not in git; see bench/README.md).
@@ -33,6 +35,7 @@ WORK = Path(os.environ.get("ORCD_BENCH_DIR", "/tmp/orcd-bench"))
 PEER_SRC = ROOT / "bench" / "peer" / "llama.cpp.tar.gz"
 PEER_BIN = WORK / "llama.cpp" / "build" / "bin" / "llama-bench"
 BUILD_LOG = WORK / "peer-build.log"
+ROWS = WORK / "rows.json"        # measurements so far in this run, by model
 MODELS = ("qwen2-0.5b", "phi3-mini", "phi3-mini-q4_0", "gpt-oss-20b")
 CMAKE_FLAGS = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON",
                "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -195,7 +198,18 @@ def table(rows: list[dict], card: str, bw: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(models: list[str], out: Path) -> None:
+def load_rows(card: str) -> dict:
+    """Rows measured earlier in this run on this card (a run may span several
+    calls of the GPU machine: orcd in one, llama.cpp in the next)."""
+    saved = json.loads(ROWS.read_text()) if ROWS.exists() else {}
+    return saved.get("rows", {}) if saved.get("card") == card else {}
+
+
+def save_rows(card: str, bw: float, rows: dict) -> None:
+    ROWS.write_text(json.dumps({"card": card, "bandwidth": bw, "rows": rows}))
+
+
+def run_all(models: list[str], engines: list[str], out: Path) -> None:
     import torch
 
     from orcd.plugins import PluginHost
@@ -205,28 +219,32 @@ def run_all(models: list[str], out: Path) -> None:
     card = torch.cuda.get_device_name(0)
     bw = copy_bandwidth()
     print(f"{card}: copy bandwidth {bw / 1e9:,.0f} GB/s", flush=True)
-    rows = []
-    for name in models:  # orcd first: the peer may still be building meanwhile
+    rows = load_rows(card)
+    for name in models:
         path = WORK / f"{name}.gguf"
         if not path.exists():
             t0 = time.perf_counter()
             synthesize(host, name, path, seed=0)
             print(f"synthesized {name} in {time.perf_counter() - t0:.0f} s", flush=True)
-        row = {"model": name, "bytes_per_token": bytes_per_token(path, host), "orcd": {}, "peer": {}}
-        try:
-            row["orcd"] = orcd_bench(path, host)
-        except Exception as e:  # one failing engine must not hide the other's numbers
-            print(f"orcd failed on {name}: {type(e).__name__}: {e}", flush=True)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    if wait_for_peer():
-        for row in rows:
+        rows.setdefault(name, {"model": name, "bytes_per_token": bytes_per_token(path, host),
+                               "orcd": {}, "peer": {}})
+    if "orcd" in engines:  # orcd first: the peer may still be building meanwhile
+        for name in models:
             try:
-                row["peer"] = peer_bench(WORK / f"{row['model']}.gguf")
+                rows[name]["orcd"] = orcd_bench(WORK / f"{name}.gguf", host)
+            except Exception as e:  # one failing engine must not hide the other's numbers
+                print(f"orcd failed on {name}: {type(e).__name__}: {e}", flush=True)
+            save_rows(card, bw, rows)
+            print(json.dumps(rows[name]), flush=True)
+    if "peer" in engines and wait_for_peer():
+        for name in models:
+            try:
+                rows[name]["peer"] = peer_bench(WORK / f"{name}.gguf")
             except Exception as e:
-                print(f"llama.cpp failed on {row['model']}: {e}", flush=True)
-            print(json.dumps(row), flush=True)
-    md = table(rows, card, bw)
+                print(f"llama.cpp failed on {name}: {e}", flush=True)
+            save_rows(card, bw, rows)
+            print(json.dumps(rows[name]), flush=True)
+    md = table([rows[m] for m in models], card, bw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"card": card, "bandwidth": bw, "rows": rows}))
@@ -237,12 +255,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["build-peer", "run"])
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--engines", default="orcd,peer",
+                    help="measure these now; rows measured earlier on this card are kept")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
     if args.action == "build-peer":
         build_peer()
     else:
-        run_all([m for m in args.models.split(",") if m], Path(args.out))
+        run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out))
 
 
 if __name__ == "__main__":
