@@ -39,7 +39,9 @@ def experts(backend, host, rng):
         return QWeight(put(fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)),
                        shape, 39, fmt)
 
-    return Experts(dense(N_EXPERT, D), dense(N_EXPERT), mxfp4((N_EXPERT, N_FF, D)), dense(N_EXPERT, N_FF),
+    router = rng.standard_normal((N_EXPERT, D)).astype(np.float32)   # F32 in the file
+    router_w = QWeight(put(router), (N_EXPERT, D), 0, host.formats[0])
+    return Experts(router_w, dense(N_EXPERT), mxfp4((N_EXPERT, N_FF, D)), dense(N_EXPERT, N_FF),
                    mxfp4((N_EXPERT, N_FF, D)), dense(N_EXPERT, N_FF), mxfp4((N_EXPERT, D, N_FF)),
                    dense(N_EXPERT, D))
 
