@@ -1,6 +1,6 @@
 """Decode GEMV bandwidth: achieved GB/s of MatmulKernels.linear vs the card's copy bandwidth.
 
-    python3 bench/bench_gemv.py [--replays 15] [--out results.md]
+    python3 bench/bench_gemv.py [--replays 15] [--int8] [--out results.md]
 
 Bytes counted per GEMV: the weight's blocks + x + out (each read or written
 once). A GEMV of a few MB takes microseconds, far less than a Python launch,
@@ -23,6 +23,9 @@ import numpy as np
 # every format at a size big enough to show the kernel's own bandwidth.
 QWEN = [("Q8_0", 151936, 896, 1), ("Q8_0", 151936, 896, 8), ("Q5_0", 4864, 896, 1),
         ("Q4_K", 896, 4864, 1), ("Q6_K", 896, 4864, 1), ("Q5_0", 896, 896, 1)]
+# Phi-3-mini's qkv and gate/up (Q4_K_M), GPT-OSS's expert matrix and output (MXFP4, Q8_0)
+LARGER = [("Q4_K", 9216, 3072, 1), ("Q4_K", 16384, 3072, 1), ("Q6_K", 3072, 8192, 1),
+          ("Q4_0", 16384, 3072, 1), ("MXFP4", 2880, 2880, 1), ("Q8_0", 201088, 2880, 1)]
 BIG = [(name, 16384, 4096, 1) for name in
        ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")]
 
@@ -55,7 +58,7 @@ def copy_gbps(dev, alloc, timer, nbytes=1 << 30) -> float:
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
 
-def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays):
+def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=False):
     from orcd.cuda.graph import capture
     from orcd.cuda.memory import from_host
     from orcd.cuda.tensor import DeviceTensor, QWeight
@@ -74,6 +77,13 @@ def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays):
     from_host(dev, rng.standard_normal((T, n_in)).astype(np.float32), xb.ptr)
     x, out = DeviceTensor(xb.ptr, (T, n_in), np.float32), DeviceTensor(ob.ptr, (T, n_out), np.float32)
     launches = copies * max(1, 64 // copies)
+    arena = None
+    if int8:  # the GEMV alone: x quantized once, outside the timed graph
+        from orcd.cuda.tensor import Arena
+
+        qb = alloc.alloc(2 * T * n_in + 4096, "test")
+        arena = Arena(qb.ptr, qb.nbytes)
+        x = mk.quantize(x, arena)
 
     def record():
         for i in range(launches):
@@ -83,7 +93,7 @@ def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays):
         graph.replay()
         dev.synchronize()
         times = [timer.ms(graph.replay) for _ in range(replays)]
-    for buf in (*bufs, xb, ob):
+    for buf in (*bufs, xb, ob, *([qb] if int8 else [])):
         alloc.free(buf)
     us = statistics.median(times) * 1e3 / launches
     nbytes = raw.nbytes + 4 * T * (n_in + n_out)
@@ -94,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--out", help="also write the markdown table here")
+    ap.add_argument("--int8", action="store_true",
+                    help="also time the int8-activation (dp4a) GEMV of each integer format")
     args = ap.parse_args()
 
     from orcd.cuda.device import CudaDevice
@@ -105,19 +117,23 @@ def main() -> None:
 
     dev = CudaDevice(0)
     alloc = DeviceAllocator(dev)
-    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False))
+    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False), int8=True)
     timer, host = Timer(dev), PluginHost()
     ceiling = copy_gbps(dev, alloc, timer)
     card = dev.info.name
     lines = [f"Card: **{card}** ({dev.info.sm_count} SMs, L2 {dev.info.l2_bytes >> 20} MiB); "
              f"copy ceiling {ceiling:.0f} GB/s (1 GiB D2D, read + write).", "",
-             "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy | int8 us | int8 GB/s | fp32 / int8 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
-    for name, n_out, n_in, T in QWEN + BIG:
+    for name, n_out, n_in, T in QWEN + LARGER + BIG:
         us, gbps = bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, args.replays)
+        q8 = " | | |"
+        if args.int8 and name not in ("F32", "F16", "BF16"):
+            us8, gbps8 = bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, args.replays, True)
+            q8 = f" {us8:.2f} | {gbps8:.0f} | {us / us8:.2f}x |"
         line = (f"| {card} | {name} | {n_out} x {n_in} | {T} | {us:.2f} | {gbps:.0f} | "
-                f"{100 * gbps / ceiling:.0f}% |")
+                f"{100 * gbps / ceiling:.0f}% |{q8}")
         lines.append(line)
         print(line, flush=True)
     if args.out:

@@ -166,10 +166,10 @@ def peer_bench(path: Path) -> dict:
             "ttft_ms": 128 / median_ts(ttft) * 1000, "load_s": load_s, "vram_bytes": vram.peak}
 
 
-def orcd_bench(path: Path, host) -> dict:
+def orcd_bench(path: Path, host, **options) -> dict:
     from orcd.bench import run_bench
-    big = run_bench(path, host=host, device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3)
-    small = run_bench(path, host=host, device="cuda:0", prompt_tokens=128, gen_tokens=2, repeat=3)
+    big = run_bench(path, host=host, device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3, **options)
+    small = run_bench(path, host=host, device="cuda:0", prompt_tokens=128, gen_tokens=2, repeat=3, **options)
     return {"decode_tok_s": big.decode_tok_s, "prefill_tok_s": big.prefill_tok_s,
             "ttft_ms": small.ttft_ms, "load_s": big.load_s, "vram_bytes": big.vram_bytes}
 
@@ -181,8 +181,9 @@ METRICS = (("decode_tok_s", "decode tok/s (tg128 after 512)", True),
            ("vram_bytes", "peak VRAM MiB", False))
 
 
-def table(rows: list[dict], card: str, bw: float) -> str:
-    lines = [f"### {time.strftime('%Y-%m-%d')} — {card}, copy bandwidth {bw / 1e9:,.0f} GB/s",
+def table(rows: list[dict], card: str, bw: float, options: dict) -> str:
+    how = f", orcd with {options}" if options else ""
+    lines = [f"### {time.strftime('%Y-%m-%d')} — {card}, copy bandwidth {bw / 1e9:,.0f} GB/s{how}",
              "", "| model | metric | orcd | llama.cpp | orcd/llama.cpp | floor reached (orcd) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -209,7 +210,7 @@ def save_rows(card: str, bw: float, rows: dict) -> None:
     ROWS.write_text(json.dumps({"card": card, "bandwidth": bw, "rows": rows}))
 
 
-def run_all(models: list[str], engines: list[str], out: Path) -> None:
+def run_all(models: list[str], engines: list[str], out: Path, options: dict) -> None:
     import torch
 
     from orcd.plugins import PluginHost
@@ -231,7 +232,7 @@ def run_all(models: list[str], engines: list[str], out: Path) -> None:
     if "orcd" in engines:  # orcd first: the peer may still be building meanwhile
         for name in models:
             try:
-                rows[name]["orcd"] = orcd_bench(WORK / f"{name}.gguf", host)
+                rows[name]["orcd"] = orcd_bench(WORK / f"{name}.gguf", host, **options)
             except Exception as e:  # one failing engine must not hide the other's numbers
                 print(f"orcd failed on {name}: {type(e).__name__}: {e}", flush=True)
             save_rows(card, bw, rows)
@@ -244,7 +245,7 @@ def run_all(models: list[str], engines: list[str], out: Path) -> None:
                 print(f"llama.cpp failed on {name}: {e}", flush=True)
             save_rows(card, bw, rows)
             print(json.dumps(rows[name]), flush=True)
-    md = table([rows[m] for m in models], card, bw)
+    md = table([rows[m] for m in models], card, bw, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"card": card, "bandwidth": bw, "rows": rows}))
@@ -257,12 +258,14 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--engines", default="orcd,peer",
                     help="measure these now; rows measured earlier on this card are kept")
+    ap.add_argument("--int8", action="store_true", help="orcd with int8 activations (dp4a GEMVs)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
     if args.action == "build-peer":
         build_peer()
     else:
-        run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out))
+        run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out),
+                {"int8": True} if args.int8 else {})
 
 
 if __name__ == "__main__":

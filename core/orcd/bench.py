@@ -65,11 +65,12 @@ def time_generation(lm, prompt: list[int], n_gen: int) -> tuple[float, float, fl
 
 
 def run_bench(path, *, host, device: str, prompt_tokens: int = 512, gen_tokens: int = 128,
-              repeat: int = 3, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+              repeat: int = 3, progress: Callable[[str], None] = lambda s: None,
+              **backend_options) -> BenchResult:
     from orcd.load import load_model
 
     t0 = time.perf_counter()
-    lm = load_model(path, host=host, device=device, n_ctx=prompt_tokens + gen_tokens + 1)
+    lm = load_model(path, host=host, device=device, n_ctx=prompt_tokens + gen_tokens + 1, **backend_options)
     load_s = time.perf_counter() - t0
     try:
         prompt = prompt_ids(lm.hp.n_vocab, prompt_tokens)

@@ -169,3 +169,22 @@ def test_greedy_sample_is_the_argmax(pairs):
         assert tok == int(np.argmax(b.to_host(logits)))
         seen = np.append(seen, tok)
         logits = runner.forward([ids[i]], i)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_int8_decode_matches_its_cpu_twin(host, tiny_model, preset):
+    """int8 activations (dp4a GEMVs) against the CPU reference rounding the same way."""
+    from orcd.load import load_model
+
+    path = tiny_model(preset)
+    cpu = load_model(path, host=host, device="cpu", n_ctx=N_CTX, activation_rounding="int8")
+    gpu = load_model(path, host=host, device=GPU, n_ctx=N_CTX, int8=True)
+    try:
+        ids = prompt(cpu, seed=2)
+        ref = cpu_logits(cpu, ids)[3:]
+        got = decode_logits(gpu, ids, 4)
+        assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+        assert rel(got, ref) < 1e-2
+    finally:
+        cpu.close()
+        gpu.close()

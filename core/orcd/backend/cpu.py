@@ -18,7 +18,7 @@ from orcd.ops import activation, attention, fused, llama_compat, matmul, moe, no
 from orcd.ops.rope import rope_ref
 from orcd.quant import FormatTable
 
-ROUNDINGS = ("none", "ggml-cpu")
+ROUNDINGS = ("none", "ggml-cpu", "int8")
 
 
 class CpuWeight(np.ndarray):
@@ -40,7 +40,9 @@ class CpuOps:
     """The op set on numpy arrays (see orcd.ops for the contract).
 
     ``activation_rounding="ggml-cpu"`` rounds each matmul's input the way
-    llama.cpp's CPU backend does (orcd.ops.llama_compat), for exact parity."""
+    llama.cpp's CPU backend does (orcd.ops.llama_compat), for exact parity;
+    ``"int8"`` the way the CUDA backend's int8 GEMVs do (the twin GPU tests
+    compare with)."""
 
     embed = staticmethod(matmul.embed_ref)
     rms_norm = staticmethod(norm.rms_norm_ref)
@@ -54,11 +56,13 @@ class CpuOps:
     def __init__(self, activation_rounding: str = "none") -> None:
         if activation_rounding not in ROUNDINGS:
             raise InvalidRequest(f"activation_rounding must be one of {ROUNDINGS}")
-        self.ggml_rounding = activation_rounding == "ggml-cpu"
+        self.ggml_rounding = activation_rounding == "ggml-cpu"   # also llama.cpp's fp16 attention
+        self._round = {"none": None, "ggml-cpu": llama_compat.round_activation,
+                       "int8": llama_compat.round_int8}[activation_rounding]
 
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-        if self.ggml_rounding:
-            x = llama_compat.round_activation(x, getattr(w, "type_id", None))
+        if self._round is not None:
+            x = self._round(x, getattr(w, "type_id", None))
         return matmul.linear_ref(x, np.asarray(w), b)
 
     # fused ops: compositions of the single ones (orcd.ops.fused), through self.linear

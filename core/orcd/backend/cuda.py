@@ -46,7 +46,7 @@ class CudaRunner:
 
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
-                 kernel_cache=None, graphs: bool = True) -> None:
+                 kernel_cache=None, graphs: bool = True, int8: bool = False) -> None:
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -58,12 +58,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache)
+            self._setup(budget, debug, kernel_cache, int8)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8) -> None:
         from orcd.cuda.driver import cu, driver_module
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -82,7 +82,7 @@ class CudaBackend:
         self.launcher = Launcher(self.device, debug)
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
         args = (self.device, compiler, self.launcher)
-        self.mm = MatmulKernels(*args)
+        self.mm = MatmulKernels(*args, int8=int8)  # int8: dp4a decode GEMVs (MatmulKernels)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
         self.fused = FusedKernels(*args)

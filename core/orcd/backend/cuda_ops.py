@@ -20,7 +20,7 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
-from orcd.ops.matmul import MOE_TILE
+from orcd.ops.matmul import INT8_TYPES, MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
@@ -78,6 +78,13 @@ class CudaOps:
     def _empty(self, shape, dtype=np.float32) -> DeviceTensor:
         return self.b.scratch.empty(shape, dtype)
 
+    def _act(self, x: DeviceTensor, *ws: QWeight):
+        # x as the GEMVs of all of ws read it: quantized to int8 once when they all can
+        mm = self.b.mm
+        if mm.int8 and all(w.type_id in INT8_TYPES for w in ws):
+            return mm.quantize(x, self.b.scratch)
+        return x
+
     def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
         out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
         self.b.mm.embed(table, ids, out)
@@ -90,11 +97,24 @@ class CudaOps:
 
     # -- fused (orcd.ops.fused): one launch for one token, else the single ops ----------
 
+    def _fused_act(self, x, ws, norm):
+        # one token into a fused GEMV: (x, norm) as they are, or int8 activations
+        # (normed first when asked) when every weight is of an integer format
+        mm = self.b.mm
+        if not (mm.int8 and all(w.type_id in INT8_TYPES for w in ws)):
+            return x, norm
+        if norm is None:
+            return mm.quantize(x, self.b.scratch), None
+        xa = Q8Act(self._empty(x.shape, np.int8), self._empty((x.shape[0], x.shape[1] // 32)))
+        self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
+        return xa, None
+
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
         bs = tuple(bs) if bs is not None else (None,) * len(ws)
         if self.b.fused.supports(x, ws):
             outs = tuple(self._empty((1, w.shape[0])) for w in ws)   # [1, n_out_i] each
-            self.b.fused.linear_multi(x, ws, bs, outs, norm)
+            xa, norm = self._fused_act(x, ws, norm)
+            self.b.fused.linear_multi(xa, ws, bs, outs, norm)
             return outs
         h = x if norm is None else self.rms_norm(x, *norm)
         return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
@@ -104,7 +124,8 @@ class CudaOps:
         ws = (w_gate,) if w_up is None else (w_gate, w_up)
         if self.b.fused.supports(x, ws):
             out = self._empty((1, n_ff))                               # [1, n_ff]
-            self.b.fused.gated_linear(x, w_gate, w_up, out, norm)
+            xa, norm = self._fused_act(x, ws, norm)
+            self.b.fused.gated_linear(xa, w_gate, w_up, out, norm)
             return out
         h = x if norm is None else self.rms_norm(x, *norm)
         if w_up is None:
@@ -116,7 +137,7 @@ class CudaOps:
     def linear_add(self, a, w, residual, b=None) -> DeviceTensor:
         if self.b.fused.supports(a, (w,)):
             out = self._empty(residual.shape)                          # [1, n_out]
-            self.b.fused.linear_add(a, w, residual, b, out)
+            self.b.fused.linear_add(self._fused_act(a, (w,), None)[0], w, residual, b, out)
             return out
         return self.add(residual, self.linear(a, w, b))
 
@@ -215,11 +236,12 @@ class CudaOps:
         mm = self.b.mm
         (T, k), n_ff = ids.shape, ex.gate_w.shape[1]
         gate, up = self._empty((T, k, n_ff)), self._empty((T, k, n_ff))
-        mm.moe_linear(x, ex.gate_w, ex.gate_b, ids, gate)
-        mm.moe_linear(x, ex.up_w, ex.up_b, ids, up)
+        xa = self._act(x, ex.gate_w, ex.up_w)                       # gate and up read the same x
+        mm.moe_linear(xa, ex.gate_w, ex.gate_b, ids, gate)
+        mm.moe_linear(xa, ex.up_w, ex.up_b, ids, up)
         h = self.swiglu_oai(gate, up, alpha, limit)                # [T, k, n_ff]
         y = self._empty((T, k, x.shape[1]))
-        mm.moe_linear(h.view(T * k, n_ff), ex.down_w, ex.down_b, ids, y)  # one row per slot
+        mm.moe_linear(h.view(T * k, n_ff), ex.down_w, ex.down_b, ids, y, self.b.scratch)  # row per slot
         return y
 
     def _experts_grouped(self, x, ex, ids, alpha, limit) -> tuple[DeviceTensor, DeviceTensor]:
@@ -234,11 +256,12 @@ class CudaOps:
         xg = self._empty((N, D))
         b.moe_k.gather(x, order, k, xg)                          # [N, D] grouped rows
         gate, up = self._empty((N, n_ff)), self._empty((N, n_ff))
-        mm.moe_gemm(xg, ex.gate_w, ex.gate_b, tiles, gate)
-        mm.moe_gemm(xg, ex.up_w, ex.up_b, tiles, up)
+        xa = self._act(xg, ex.gate_w, ex.up_w)
+        mm.moe_gemm(xa, ex.gate_w, ex.gate_b, tiles, gate)
+        mm.moe_gemm(xa, ex.up_w, ex.up_b, tiles, up)
         h = self.swiglu_oai(gate, up, alpha, limit)                # [N, n_ff]
         y = self._empty((N, D))
-        mm.moe_gemm(h, ex.down_w, ex.down_b, tiles, y)
+        mm.moe_gemm(h, ex.down_w, ex.down_b, tiles, y, b.scratch)
         return y, slot_of
 
 

@@ -82,6 +82,37 @@ __device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x,
     return __int_as_float(0x7FC00000);  // the host checks types; never silently zero
 }
 
+// This lane's share of row `wr` . x with int8 activations (xq as ints, xd per 32;
+// integer formats only: F::dot8).
+template <class F>
+__device__ __forceinline__ float row_dot8_t(const u8* __restrict__ wr, const int* __restrict__ xq,
+                                            const float* __restrict__ xd, int n_in, int c0, int stride) {
+    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    float acc = 0.f;
+#pragma unroll 2
+    for (int c = c0; c < n_pieces; c += stride) {
+        const int blk = c / F::PIECES, p = c % F::PIECES;
+        acc += F::dot8(wr + (long long)blk * F::BYTES, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
+    }
+    return acc;
+}
+
+__device__ __forceinline__ float row_dot8(int type, const u8* wr, const int* xq, const float* xd, int n_in,
+                                          int c0, int stride) {
+    switch (type) {
+        case 2: return row_dot8_t<FmtQ4_0>(wr, xq, xd, n_in, c0, stride);
+        case 3: return row_dot8_t<FmtQ4_1>(wr, xq, xd, n_in, c0, stride);
+        case 6: return row_dot8_t<FmtQ5_0>(wr, xq, xd, n_in, c0, stride);
+        case 7: return row_dot8_t<FmtQ5_1>(wr, xq, xd, n_in, c0, stride);
+        case 8: return row_dot8_t<FmtQ8_0>(wr, xq, xd, n_in, c0, stride);
+        case 12: return row_dot8_t<FmtQ4_K>(wr, xq, xd, n_in, c0, stride);
+        case 13: return row_dot8_t<FmtQ5_K>(wr, xq, xd, n_in, c0, stride);
+        case 14: return row_dot8_t<FmtQ6_K>(wr, xq, xd, n_in, c0, stride);
+        case 39: return row_dot8_t<FmtMXFP4>(wr, xq, xd, n_in, c0, stride);
+    }
+    return __int_as_float(0x7FC00000);  // the host sends only integer formats here
+}
+
 // Stage x * g into shared memory xs [n_in] and return 1 / sqrt(mean(x^2) + eps),
 // the same on every thread (fixed-order block sum: deterministic).
 __device__ __forceinline__ float stage_norm(const float* __restrict__ x, const float* __restrict__ g,
@@ -116,11 +147,16 @@ struct Seg {
     int n##i, int split##i, int blocks##i
 #define SEG(i) Seg{w##i, rb##i, type##i, b##i, out##i, n##i, split##i}
 
-template <bool NORM>
-__device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, int n_in,
+// Activations: fp32 in global memory, fp32 normed (staged), or int8 (Q8: xq, xqd).
+enum { ACT_F32 = 0, ACT_NORM = 1, ACT_Q8 = 2 };
+
+template <int MODE>
+__device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, const int* __restrict__ xq,
+                                                const float* __restrict__ xqd, int n_in,
                                                 const float* __restrict__ g, float eps,
                                                 const float* __restrict__ residual, int gated,
                                                 const Seg& s, int local_block, const Seg& up) {
+    constexpr bool NORM = MODE == ACT_NORM;
     __shared__ float partial[FG_WARPS];
     extern __shared__ float4 xs4[];   // NORM: x * g [n_in], staged once per block
     float* xs = (float*)xs4;
@@ -136,8 +172,11 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, int
     const u8* w = is_up ? up.w : s.w;
     const long long row_bytes = is_up ? up.row_bytes : s.row_bytes;
     float acc = 0.f;
-    if (row < s.n_out)
-        acc = row_dot<NORM>(type, w + (long long)row * row_bytes, xd, n_in, part * 32 + lane, 32 * s.split);
+    if (row < s.n_out) {
+        const u8* wr = w + (long long)row * row_bytes;
+        acc = MODE == ACT_Q8 ? row_dot8(type, wr, xq, xqd, n_in, part * 32 + lane, 32 * s.split)
+                             : row_dot<NORM>(type, wr, xd, n_in, part * 32 + lane, 32 * s.split);
+    }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
     if (lane == 0) partial[warp] = acc;
@@ -165,18 +204,60 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, int
 // grid blocks0 + blocks1 + blocks2, block FG_THREADS.
 // (No __launch_bounds__: with it ptxas spills this many-format kernel; without, 64
 // registers and no spills -- checked with -Xptxas -v for sm_90.)
+// The segment of this block, field by field (no struct copies through local memory).
+#define BLOCK_SEGMENT                                                                              \
+    const int b = blockIdx.x;                                                                      \
+    const int i = b < blocks0 ? 0 : b < blocks0 + blocks1 ? 1 : 2;                                 \
+    const int local = i == 0 ? b : i == 1 ? b - blocks0 : b - blocks0 - blocks1;                   \
+    (void)blocks2;                                                                                 \
+    const Seg s{i == 0 ? w0 : i == 1 ? w1 : w2, i == 0 ? rb0 : i == 1 ? rb1 : rb2,                 \
+                i == 0 ? type0 : i == 1 ? type1 : type2, i == 0 ? b0 : i == 1 ? b1 : b2,           \
+                i == 0 ? out0 : i == 1 ? out1 : out2, i == 0 ? n0 : i == 1 ? n1 : n2,             \
+                i == 0 ? split0 : i == 1 ? split1 : split2};                                       \
+    const Seg up = SEG(1);
+
 extern "C" __global__ void
 gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, float eps,
            const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
-    // the segment of this block, field by field (no struct copies through local memory)
-    const int b = blockIdx.x;
-    const int i = b < blocks0 ? 0 : b < blocks0 + blocks1 ? 1 : 2;
-    const int local = i == 0 ? b : i == 1 ? b - blocks0 : b - blocks0 - blocks1;
-    (void)blocks2;
-#define PICK(f) (i == 0 ? f##0 : i == 1 ? f##1 : f##2)
-    const Seg s{PICK(w), PICK(rb), PICK(type), PICK(b), PICK(out), PICK(n), PICK(split)};
-#undef PICK
-    const Seg up = SEG(1);
-    if (g) gemv_fused_body<true>(x, n_in, g, eps, residual, gated, s, local, up);
-    else gemv_fused_body<false>(x, n_in, g, eps, residual, gated, s, local, up);
+    BLOCK_SEGMENT
+    if (g) gemv_fused_body<ACT_NORM>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
+    else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
+}
+
+// As gemv_fused on int8 activations (xq as ints, xqd per 32 values; any RMSNorm
+// was applied before quantizing, by rms_norm_q8): integer formats only.
+extern "C" __global__ void
+gemv_fused_q8(const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
+              const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
+    BLOCK_SEGMENT
+    gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
+}
+
+// y = x / sqrt(mean(x^2) + eps) * g for one row per block (FG_THREADS), quantized
+// per 32 values as quantize_q8 does -> xq [rows, n] int8, xqd [rows, n / 32].
+extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                                       int n, signed char* __restrict__ xq, float* __restrict__ xqd) {
+    __shared__ float red[FG_WARPS];
+    const float* xr = x + (long long)blockIdx.x * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += FG_THREADS) ss = fmaf(xr[i], xr[i], ss);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < FG_WARPS; ++w) total += red[w];
+    const float s = sqrtf(total / (float)n + eps);
+    for (int grp = threadIdx.x; grp < n / 32; grp += FG_THREADS) {
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) v[i] = xr[32 * grp + i] / s * __ldg(g + 32 * grp + i);
+        u32 q[8];
+        const float d = quantize_group(v, q);
+        uint4* o = (uint4*)(xq + (long long)blockIdx.x * n + 32 * grp);
+        o[0] = make_uint4(q[0], q[1], q[2], q[3]);
+        o[1] = make_uint4(q[4], q[5], q[6], q[7]);
+        xqd[(long long)blockIdx.x * (n / 32) + grp] = d;
+    }
 }

@@ -12,7 +12,9 @@ the CPU backend's llama.cpp rounding mode applies to every product):
 gate_up): rows [0, n_ff) gate, [n_ff, 2 n_ff) up.
 
 On the GPU (fused.cu) each is one launch for a single token; more tokens use the
-separate kernels (prefill is GEMM-bound, not launch-bound).
+separate kernels (prefill is GEMM-bound, not launch-bound). With int8 activations
+(integer formats) the input arrives quantized (matmul's Q8Act): normed and
+quantized by ``rms_norm_q8`` when there is a norm, and the GEMV dots with dp4a.
 """
 
 from __future__ import annotations
@@ -82,18 +84,30 @@ class FusedKernels:
     """One-token fused GEMVs. Only enqueue kernels: graph-capturable."""
 
     def __init__(self, device, compiler, launcher) -> None:
-        self._fn = compiler.load(device, _kernel_source()).function("gemv_fused")
+        module = compiler.load(device, _kernel_source())
+        self._fn, self._fn_q8 = module.function("gemv_fused"), module.function("gemv_fused_q8")
+        self._norm_q8 = module.function("rms_norm_q8")
         self._launch = launcher
+
+    def rms_norm_q8(self, x, g, eps: float, out) -> None:
+        # x: [T, n] -> out (Q8Act [T, n]): rms_norm(x) * g quantized per 32 values
+        T, n = x.shape
+        if tuple(out.shape) != (T, n) or n % 32:
+            raise ValueError(f"rms_norm_q8: x {x.shape} into {out.shape} (n a multiple of 32)")
+        self._launch(self._norm_q8, T, FG_THREADS, [_u64(x.ptr), _u64(g.ptr), float(eps), int(n),
+                                                    _u64(out.xq.ptr), _u64(out.xd.ptr)])
 
     @staticmethod
     def supports(x, ws) -> bool:
-        """One token, at most three 2-D weights of known formats with whole pieces."""
-        from orcd.ops.matmul import MatmulKernels
+        """One token, at most three 2-D weights of known formats with whole pieces
+        (integer formats only, for int8 activations)."""
+        from orcd.ops.matmul import INT8_TYPES, MatmulKernels, Q8Act
 
         if x.shape[0] != 1 or not 1 <= len(ws) <= MAX_SEGMENTS or x.shape[1] % 4:
             return False
+        types = INT8_TYPES if isinstance(x, Q8Act) else TYPES
         for w in ws:
-            if len(w.shape) != 2 or w.shape[1] != x.shape[1] or w.type_id not in TYPES:
+            if len(w.shape) != 2 or w.shape[1] != x.shape[1] or w.type_id not in types:
                 return False
             if x.shape[1] % MatmulKernels._pieces(w.type_id)[0]:
                 return False
@@ -115,7 +129,7 @@ class FusedKernels:
         self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
 
     def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
-        from orcd.ops.matmul import gemv_split
+        from orcd.ops.matmul import Q8Act, gemv_split
 
         n_in = x.shape[1]
         args, total = [], 0
@@ -136,6 +150,13 @@ class FusedKernels:
                          int(segs[0][3]), 1, 0]
             else:
                 args += [_u64(None), np.int64(0), 0, _u64(None), _u64(None), 0, 1, 0]
+        res = _u64(None if residual is None else residual.ptr)
+        if isinstance(x, Q8Act):
+            if norm is not None:
+                raise ValueError("fused GEMV: int8 activations come normed (rms_norm_q8)")
+            self._launch(self._fn_q8, total, FG_THREADS,
+                         [_u64(x.xq.ptr), _u64(x.xd.ptr), int(n_in), res, int(gated), *args])
+            return
         g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)
         self._launch(self._fn, total, FG_THREADS,
                      [_u64(x.ptr), int(n_in), _u64(g), eps, _u64(None if residual is None else residual.ptr),

@@ -44,6 +44,17 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
+def round_int8(x: np.ndarray, weight_type: int | None) -> np.ndarray:
+    """x as orcd's int8 GPU GEMVs see it for a ``weight_type`` weight: integer
+    formats' inputs quantized per 32 values (matmul.quantize_q8_ref), others as is."""
+    from orcd.ops.matmul import INT8_TYPES, quantize_q8_ref
+
+    if weight_type not in INT8_TYPES:
+        return x
+    q, d = quantize_q8_ref(x)
+    return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None]).reshape(x.shape).astype(np.float32)
+
+
 def round_activation(x: np.ndarray, weight_type: int | None) -> np.ndarray:
     """x [..., n_in] as ggml-cpu sees it when multiplying a ``weight_type`` weight."""
     if weight_type in Q8_0_TYPES:

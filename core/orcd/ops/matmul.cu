@@ -35,11 +35,42 @@ __device__ __forceinline__ float dot_piece(const float* v, const float* __restri
     return s;
 }
 
+// Activations as gemv_rows sees them: `piece` is called once per weight piece,
+// `dot(t)` then gives that piece's dot with token t's row.
+// ActF32: fp32 rows [nT, n_in]; the piece is dequantized once for all tokens.
+template <class F>
+struct ActF32 {
+    const float* __restrict__ x;
+    int n_in;
+    float v[F::RUNS * F::RUN];
+    int pos;
+    __device__ __forceinline__ void piece(const u8* blk, int b, int p) {
+        F::load(blk, p, v);
+        pos = b * F::QK + F::base(p);
+    }
+    __device__ __forceinline__ float dot(int t) const { return dot_piece<F>(v, x + (long long)t * n_in + pos); }
+};
+
+// ActQ8: int8 rows xq [nT, n_in] (read as ints) with per-32 scales xd [nT, n_in / 32]
+// (quantize_q8); integer formats only (F::INT8), the piece dotted with dp4a.
+template <class F>
+struct ActQ8 {
+    const int* __restrict__ xq;
+    const float* __restrict__ xd;
+    int n_in;
+    const u8* blk;
+    int b, p;
+    __device__ __forceinline__ void piece(const u8* blk_, int b_, int p_) { blk = blk_; b = b_; p = p_; }
+    __device__ __forceinline__ float dot(int t) const {
+        return F::dot8(blk, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
+                       xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
+    }
+};
+
 // out[t, row] = sum_k w[row, k] * x[t, k] (+ bias[row]) for t < nT <= TM.
-// w: rows of `row_bytes`; x: [nT, n_in]; out: [nT, out_stride].
-template <class F, int TM>
-__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long row_bytes,
-                                          const float* __restrict__ x, int nT,
+// w: rows of `row_bytes`; x: the activations A (ActF32 or ActQ8); out: [nT, out_stride].
+template <class F, int TM, class A>
+__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long row_bytes, A x, int nT,
                                           const float* __restrict__ bias, float* __restrict__ out,
                                           int out_stride, int n_out, int n_in, int split) {
     __shared__ float partial[GEMV_WARPS][TM];
@@ -54,12 +85,10 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
 #pragma unroll 2
         for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
             const int blk = c / F::PIECES, p = c % F::PIECES;
-            float v[F::RUNS * F::RUN];
-            F::load(wr + (long long)blk * F::BYTES, p, v);
-            const int pos = blk * F::QK + F::base(p);
+            x.piece(wr + (long long)blk * F::BYTES, blk, p);
 #pragma unroll
             for (int t = 0; t < TM; ++t)
-                if (t < nT) acc[t] += dot_piece<F>(v, x + (long long)t * n_in + pos);
+                if (t < nT) acc[t] += x.dot(t);
         }
     }
 #pragma unroll
@@ -77,12 +106,46 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
     }
 }
 
+template <class F>
+__device__ __forceinline__ ActF32<F> act_f32(const float* x, int n_in) {
+    ActF32<F> a;
+    a.x = x;
+    a.n_in = n_in;
+    return a;
+}
+
+template <class F>
+__device__ __forceinline__ ActQ8<F> act_q8(const int* xq, const float* xd, int n_in) {
+    ActQ8<F> a;
+    a.xq = xq;
+    a.xd = xd;
+    a.n_in = n_in;
+    return a;
+}
+
+// Row r of the activations, as a gemv_rows source (the MoE kernels index rows).
+template <class F>
+struct RowsF32 {
+    const float* x;
+    int n_in;
+    __device__ __forceinline__ ActF32<F> row(long long r) const { return act_f32<F>(x + r * n_in, n_in); }
+};
+template <class F>
+struct RowsQ8 {
+    const int* xq;
+    const float* xd;
+    int n_in;
+    __device__ __forceinline__ ActQ8<F> row(long long r) const {
+        return act_q8<F>(xq + r * (n_in / 4), xd + r * (n_in / 32), n_in);
+    }
+};
+
 // One (token, slot) pair per blockIdx.y: expert e = ids[pair] picks the weight
 // [n_out, n_in] at w + e * expert_bytes and the bias row e; x is per token
 // ([T, n_in]) or per pair ([T * k, n_in]). An id outside 0..n_expert-1 writes NaN.
-template <class F>
+template <class F, class X>
 __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row_bytes,
-                                         long long expert_bytes, const float* __restrict__ x,
+                                         long long expert_bytes, X x,
                                          int x_per_pair, const int* __restrict__ ids, int k,
                                          int n_expert, const float* __restrict__ bias,
                                          float* __restrict__ out, int n_out, int n_in, int split) {
@@ -95,10 +158,9 @@ __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row
             out_p[row] = __int_as_float(0x7FC00000);
         return;
     }
-    const float* x_p = x + (long long)(x_per_pair ? pair : pair / k) * n_in;
     const float* b_p = bias ? bias + (long long)e * n_out : nullptr;
-    gemv_rows<F, 1>(w + (long long)e * expert_bytes, row_bytes, x_p, 1, b_p, out_p, n_out, n_out,
-                    n_in, split);
+    gemv_rows<F, 1>(w + (long long)e * expert_bytes, row_bytes, x.row(x_per_pair ? pair : pair / k), 1,
+                    b_p, out_p, n_out, n_out, n_in, split);
 }
 
 // Prefill's grouped expert matmul: one tile of up to MOE_TILE pairs routed to
@@ -107,18 +169,19 @@ __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row
 // the expert's weight rows are dequantized once for all of them. Unused tiles
 // (rows 0) return at once: the grid is sized for the worst-case tile count.
 #define MOE_TILE 8
-template <class F>
+template <class F, class X>
 __device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row_bytes,
-                                         long long expert_bytes, const float* __restrict__ xg,
+                                         long long expert_bytes, X xg,
                                          const int* __restrict__ tiles, const float* __restrict__ bias,
                                          float* __restrict__ out, int n_out, int n_in, int split) {
     const int* tl = tiles + 3 * blockIdx.y;
     const int e = tl[0], start = tl[1], rows = tl[2];
     if (rows == 0) return;  // uniform per block
-    gemv_rows<F, MOE_TILE>(w + (long long)e * expert_bytes, row_bytes, xg + (long long)start * n_in,
+    gemv_rows<F, MOE_TILE>(w + (long long)e * expert_bytes, row_bytes, xg.row(start),
                            rows, bias ? bias + (long long)e * n_out : nullptr,
                            out + (long long)start * n_out, n_out, n_out, n_in, split);
 }
+
 
 // Embedding rows: one thread per piece of row ids[t] (blockIdx.y = t); an id
 // outside the table writes NaN.
@@ -177,7 +240,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 
 #define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
     float* out, int n_out, int n_in, int split
-#define GEMV_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, x, nT, bias, out, n_out, n_out, n_in, split)
+#define GEMV_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_f32<F>(x, n_in), nT, bias, out, n_out, n_out, n_in, split)
+#define GEMV_Q8_ARGS const u8* w, long long row_bytes, const int* xq, const float* xd, int nT, \
+    const float* bias, float* out, int n_out, int n_in, int split
+#define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, out, n_out, n_out, \
+                                             n_in, split)
 
 #define FORMAT_KERNELS(NAME, F)                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
@@ -188,13 +255,14 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         const u8* w, long long row_bytes, long long expert_bytes, const float* x, int x_per_pair,  \
         const int* ids, int k, int n_expert, const float* bias, float* out, int n_out, int n_in,   \
         int split) {                                                                                \
-        moe_gemv<F>(w, row_bytes, expert_bytes, x, x_per_pair, ids, k, n_expert, bias, out, n_out, \
-                    n_in, split);                                                                   \
+        moe_gemv<F>(w, row_bytes, expert_bytes, RowsF32<F>{x, n_in}, x_per_pair, ids, k, n_expert, bias, \
+                    out, n_out, n_in, split);                                                       \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_##NAME(                    \
         const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
         const float* bias, float* out, int n_out, int n_in, int split) {                            \
-        moe_gemm<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in, split);          \
+        moe_gemm<F>(w, row_bytes, expert_bytes, RowsF32<F>{xg, n_in}, tiles, bias, out, n_out, n_in,   \
+                    split);                                                                         \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
                                             int n_vocab, float* out, int D) {                       \
@@ -209,6 +277,26 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         dequant_rows<F, true>(w, row_bytes, row0, n_rows, n_in, out);                               \
     }
 
+// The int8-activation variants of the GEMV kernels, for the integer formats.
+#define INT8_KERNELS(NAME, F)                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
+        const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
+        int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \
+        int n_out, int n_in, int split) {                                                           \
+        moe_gemv<F>(w, row_bytes, expert_bytes, RowsQ8<F>{xq, xd, n_in}, x_per_pair, ids, k, n_expert, \
+                    bias, out, n_out, n_in, split);                                                 \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_q8_##NAME(                 \
+        const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
+        const int* tiles, const float* bias, float* out, int n_out, int n_in, int split) {          \
+        moe_gemm<F>(w, row_bytes, expert_bytes, RowsQ8<F>{xq, xd, n_in}, tiles, bias, out, n_out,  \
+                    n_in, split);                                                                   \
+    }
+
 FORMAT_KERNELS(f32, FmtF32)
 FORMAT_KERNELS(f16, FmtF16)
 FORMAT_KERNELS(bf16, FmtBF16)
@@ -221,6 +309,37 @@ FORMAT_KERNELS(q4_k, FmtQ4_K)
 FORMAT_KERNELS(q5_k, FmtQ5_K)
 FORMAT_KERNELS(q6_k, FmtQ6_K)
 FORMAT_KERNELS(mxfp4, FmtMXFP4)
+INT8_KERNELS(q4_0, FmtQ4_0)
+INT8_KERNELS(q4_1, FmtQ4_1)
+INT8_KERNELS(q5_0, FmtQ5_0)
+INT8_KERNELS(q5_1, FmtQ5_1)
+INT8_KERNELS(q8_0, FmtQ8_0)
+INT8_KERNELS(q4_k, FmtQ4_K)
+INT8_KERNELS(q5_k, FmtQ5_K)
+INT8_KERNELS(q6_k, FmtQ6_K)
+INT8_KERNELS(mxfp4, FmtMXFP4)
+
+// x [n_groups * 32] fp32 -> xq int8 and xd [n_groups]: per 32 values xd = amax / 127,
+// xq = rint(x / xd) (0 where xd = 0), as matmul.py's quantize_q8_ref. One thread
+// per group (rows of a multiple of 32 values flatten into groups); grid-stride.
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, long long n_groups,
+                                       signed char* __restrict__ xq, float* __restrict__ xd) {
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups;
+         g += (long long)gridDim.x * blockDim.x) {
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float4 f = __ldg((const float4*)(x + g * 32) + i);
+            v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+        }
+        u32 w[8];
+        const float d = quantize_group(v, w);
+        uint4* o = (uint4*)(xq + g * 32);
+        o[0] = make_uint4(w[0], w[1], w[2], w[3]);
+        o[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        xd[g] = d;
+    }
+}
 
 // -- prefill glue around the GEMM ------------------------------------------------------
 

@@ -6,6 +6,9 @@ the CUDA kernels read the GGUF blocks and dequantize in registers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 
@@ -14,6 +17,16 @@ def linear_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.
     # w @ x.T runs several times faster than x @ w.T on the BLAS we test with
     y = np.ascontiguousarray((w @ x.T).T)
     return y if b is None else y + b
+
+
+def quantize_q8_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., n] float32 -> (q int8 [..., n], d float32 [..., n / 32]): per 32
+    values d = amax / 127 and q = round-half-even(x / d), q = 0 where d = 0.
+    The int8 decode GEMVs (matmul.cu's quantize_q8) see exactly these values."""
+    g = np.ascontiguousarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.rint(np.divide(g, d, out=np.zeros_like(g), where=d > 0))
+    return q.astype(np.int8).reshape(x.shape), d[..., 0]
 
 
 def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -30,6 +43,7 @@ def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 CUDA_SUFFIX = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1",
                8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 39: "mxfp4"}
 PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte load) at a time
+INT8_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14, 39})  # formats with dp4a kernels (int8 activations)
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
@@ -70,6 +84,22 @@ def _kernel_source():
     return KernelSource("matmul.cu", (resources.files("orcd.ops") / "matmul.cu").read_text(), headers)
 
 
+@dataclass(frozen=True)
+class Q8Act:
+    """Activations quantized for the int8 GEMVs (quantize_q8_ref's values):
+    xq int8 [T, n] and xd float32 [T, n / 32], DeviceTensors."""
+
+    xq: Any
+    xd: Any
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.xq.shape
+
+    def rows(self, start: int, stop: int) -> "Q8Act":
+        return Q8Act(self.xq.rows(start, stop), self.xd.rows(start, stop))
+
+
 class MatmulKernels:
     """Quantized linear layers, embedding lookup and expert GEMV on the GPU.
 
@@ -80,16 +110,22 @@ class MatmulKernels:
     cuBLASLt GEMM through ``orcd.cuda.blas.Gemm`` (nvmath; not graph-captured).
     """
 
-    def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None) -> None:
+    def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
+                 int8: bool = False) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
-        prefill GEMM's operand type; ``scratch`` an optional default Arena."""
+        prefill GEMM's operand type; ``scratch`` an optional default Arena.
+        ``int8``: the GEMVs of integer formats quantize their activations to int8
+        per 32 values (quantize_q8) and dot them with dp4a -- about 3x fewer
+        instructions per weight value, at the activation rounding llama.cpp's
+        GPU GEMVs also make."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         self.device, self.launch = device, launcher
         self.module = compiler.load(device, _kernel_source())
         self.gemm_dtype = gemm_dtype
         self.scratch = scratch
+        self.int8 = int8
         self._gemm = None
         self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
 
@@ -101,10 +137,12 @@ class MatmulKernels:
         Larger T: fp16 tiles + tensor-core GEMM with scratch from ``scratch`` (or
         the default arena), else GEMV over 8-token slices."""
         T, n_in = self._check_linear(x, w, b, out)
-        if T <= GEMV_MAX_T:
-            self._gemv(x, w, b, out)
-            return
         arena = scratch if scratch is not None else self.scratch
+        if T <= GEMV_MAX_T:
+            self._gemv(self.activations(x, w, arena), w, b, out)
+            return
+        if isinstance(x, Q8Act):
+            raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")
         if arena is not None and self._gemm_ready():
             self.last_prefill = "gemm"
             self._prefill(x, w, b, out, arena)
@@ -113,6 +151,29 @@ class MatmulKernels:
         for s in range(0, T, GEMV_MAX_T):
             e = min(T, s + GEMV_MAX_T)
             self._gemv(x.rows(s, e), w, b, out.rows(s, e))
+
+    def quantize(self, x, arena) -> Q8Act:
+        """x float32 [T, n] (n a multiple of 32) -> its int8 activations, in ``arena``."""
+        T, n = x.shape
+        if n % 32 or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"quantize: x must be float32 [T, 32k], got {x.dtype} {x.shape}")
+        q = Q8Act(arena.empty((T, n), np.int8), arena.empty((T, n // 32), np.float32))
+        groups = T * n // 32
+        self.launch(self._fn("quantize_q8"), max(1, min(1024, -(-groups // 128))), 128,
+                    [_ptr(x.ptr), np.int64(groups), _ptr(q.xq.ptr), _ptr(q.xd.ptr)])
+        return q
+
+    def activations(self, x, w, arena):
+        """What a decode GEMV of ``w`` reads: x as is, or (int8 on, an integer
+        format, scratch at hand) its int8 activations. Quantize once with this
+        when several weights read the same x."""
+        if isinstance(x, Q8Act):
+            if w.type_id not in INT8_TYPES:
+                raise ValueError(f"int8 activations given for a {w.fmt.name} weight")
+            return x
+        if self.int8 and w.type_id in INT8_TYPES and arena is not None:
+            return self.quantize(x, arena)
+        return x
 
     def embed(self, table, ids, out) -> None:
         """out[T, D] = dequantized rows ids[T] (int32, read on the device) of the
@@ -130,7 +191,7 @@ class MatmulKernels:
                         [_ptr(table.ptr), np.int64(table.row_bytes), _ptr(ids.ptr + 4 * s),
                          n_vocab, _ptr(out.ptr + 4 * s * D), D])
 
-    def moe_linear(self, x, w, b, expert_ids, out) -> None:
+    def moe_linear(self, x, w, b, expert_ids, out, scratch=None) -> None:
         """out[T, k, n_out] = x_t(,slot) @ w[e].T (+ b[e]) with e = expert_ids[t, slot]
         (int32 on the device; an id outside 0..n_expert-1 gives NaN). w: QWeight
         [n_expert, n_out, n_in]; b: [n_expert, n_out] or None; x: [T, n_in] (one
@@ -141,15 +202,17 @@ class MatmulKernels:
         if len(expert_ids.shape) != 2 or np.dtype(expert_ids.dtype) != np.int32:
             raise ValueError(f"expert_ids must be int32 [T, k], got {expert_ids.dtype} {expert_ids.shape}")
         T, k = expert_ids.shape
-        if x.shape not in ((T, n_in), (T * k, n_in)) or np.dtype(x.dtype) != np.float32:
+        if tuple(x.shape) not in ((T, n_in), (T * k, n_in)) or not self._is_act(x):
             raise ValueError(f"moe_linear x must be float32 [{T}, {n_in}] or [{T * k}, {n_in}], "
-                             f"got {x.dtype} {x.shape}")
+                             f"got {getattr(x, 'dtype', 'int8')} {x.shape}")
         per_pair = x.shape[0] == T * k and k > 1
         self._check_tensor(out, (T, k, n_out), "moe_linear out")
         if b is not None:
             self._check_tensor(b, (n_expert, n_out), "moe_linear bias")
         self._check_row(w, n_in)
-        kernel = self._fn(f"moe_gemv_{CUDA_SUFFIX[w.type_id]}")
+        x = self.activations(x, w, scratch if scratch is not None else self.scratch)
+        q8 = isinstance(x, Q8Act)
+        kernel = self._fn(f"moe_gemv_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}")
         split = gemv_split(n_out)
         grid_x = -(-n_out // (GEMV_ROWS // split))
         step = MAX_GRID_Y // k * k   # whole tokens per launch
@@ -159,11 +222,11 @@ class MatmulKernels:
             x_row = s if per_pair else s // k
             self.launch(kernel, (grid_x, e - s), 32 * GEMV_ROWS,
                         [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)), np.int64(expert_bytes),
-                         _ptr(x.ptr + 4 * x_row * n_in), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
+                         *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
 
-    def moe_gemm(self, xg, w, b, tiles, out) -> None:
+    def moe_gemm(self, xg, w, b, tiles, out, scratch=None) -> None:
         """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for
         every row i of each used tile (e, start, rows) of ``tiles`` ([n_tiles, 3]
         int32 on the device, from MoeKernels.group). xg: [N, n_in], out: [N, n_out],
@@ -173,7 +236,8 @@ class MatmulKernels:
             raise ValueError(f"moe_gemm weight must be [n_expert, n_out, n_in], got {w.shape}")
         n_expert, n_out, n_in = w.shape
         N = xg.shape[0]
-        self._check_tensor(xg, (N, n_in), "moe_gemm x")
+        if tuple(xg.shape) != (N, n_in) or not self._is_act(xg):
+            raise ValueError(f"moe_gemm x must be float32 [{N}, {n_in}], got {xg.shape}")
         self._check_tensor(out, (N, n_out), "moe_gemm out")
         if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
             raise ValueError(f"moe_gemm tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
@@ -183,10 +247,12 @@ class MatmulKernels:
             self._check_tensor(b, (n_expert, n_out), "moe_gemm bias")
         self._check_row(w, n_in)
         split = gemv_split(n_out)
-        self.launch(self._fn(f"moe_gemm_{CUDA_SUFFIX[w.type_id]}"),
+        xg = self.activations(xg, w, scratch if scratch is not None else self.scratch)
+        q8 = isinstance(xg, Q8Act)
+        self.launch(self._fn(f"moe_gemm_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}"),
                     (-(-n_out // (GEMV_ROWS // split)), tiles.shape[0]), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)),
-                     np.int64(w.fmt.tensor_bytes((n_out, n_in))), _ptr(xg.ptr), _ptr(tiles.ptr),
+                     np.int64(w.fmt.tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
 
     def dequantize(self, w, out, row0: int = 0) -> None:
@@ -206,10 +272,24 @@ class MatmulKernels:
         n_out = w.shape[0]
         tm = next(m for m in GEMV_TM if m >= T)
         split = gemv_split(n_out)
-        self.launch(self._fn(f"gemv_{CUDA_SUFFIX[w.type_id]}_t{tm}"),
+        q8 = isinstance(x, Q8Act)
+        self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}_t{tm}"),
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
-                    [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    @staticmethod
+    def _act_args(x, row: int) -> list:
+        """Kernel arguments for activations from row ``row`` on: one fp32 pointer,
+        or the int8 values and their scales."""
+        n = x.shape[1]
+        if isinstance(x, Q8Act):
+            return [_ptr(x.xq.ptr + row * n), _ptr(x.xd.ptr + 4 * row * (n // 32))]
+        return [_ptr(x.ptr + 4 * row * n)]
+
+    @staticmethod
+    def _is_act(x) -> bool:
+        return isinstance(x, Q8Act) or np.dtype(x.dtype) == np.float32
 
     def _prefill(self, x, w, b, out, arena) -> None:
         # x16 [T, n_in]; per tile: w16 [rows, n_in] -> y16 [T, rows] -> out[:, r0:r0+rows] (+ b)
@@ -302,7 +382,8 @@ class MatmulKernels:
         if len(x.shape) != 2 or x.shape[1] != n_in:
             raise ValueError(f"linear x must be [T, {n_in}], got {x.shape}")
         T = x.shape[0]
-        self._check_tensor(x, (T, n_in), "linear x")
+        if not isinstance(x, Q8Act):
+            self._check_tensor(x, (T, n_in), "linear x")
         self._check_tensor(out, (T, n_out), "linear out")
         if b is not None:
             self._check_tensor(b, (n_out,), "linear bias")

@@ -34,7 +34,42 @@ __device__ __forceinline__ void scale_min_k4(const uint4& h, int j, float& dl, f
 
 template <bool FIVE>
 struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
+    static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = FIVE ? 176 : 144, PIECES = 8, RUNS = 2, RUN = 16, STRIDE = 32;
+    // piece p: 16 values of sub-block j (low nibbles) and of j + 1 (high), at
+    // 16 * (p & 1) within each: x words 8j + 4(p & 1) + w and 8(j + 1) + ...
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const uint4 h = ld128(b);
+        const int j = 2 * (p >> 1);
+        float dl0, ml0, dl1, ml1;
+        scale_min_k4(h, j, dl0, ml0);
+        scale_min_k4(h, j + 1, dl1, ml1);
+        const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
+        const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
+        u32 qh[4] = {0, 0, 0, 0};
+        if (FIVE) {
+            const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));
+            qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
+        }
+        const int* x0 = xq + 8 * j + 4 * (p & 1);
+        const int* x1 = x0 + 8;
+        int s0 = 0, s1 = 0, n0 = 0, n1 = 0;   // sum q * xq and sum xq, per sub-block
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            u32 lo = LOW_NIBBLES(qs[w]), hi = HIGH_NIBBLES(qs[w]);
+            if (FIVE) {
+                lo |= (qh[w] & 0x01010101u) << 4;
+                hi |= ((qh[w] >> 1) & 0x01010101u) << 4;
+            }
+            const int a = ldx(x0, w), c = ldx(x1, w);
+            s0 = dot4(lo, a, s0);
+            n0 = dot4(ONES, a, n0);
+            s1 = dot4(hi, c, s1);
+            n1 = dot4(ONES, c, n1);
+        }
+        return __ldg(xd + j) * (dl0 * (float)s0 - ml0 * (float)n0) +
+               __ldg(xd + j + 1) * (dl1 * (float)s1 - ml1 * (float)n1);
+    }
     __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
     __device__ static void load(const u8* b, int p, float* v) {
         const uint4 h = ld128(b);
@@ -68,7 +103,39 @@ typedef FmtAffineK<false> FmtQ4_K;
 typedef FmtAffineK<true> FmtQ5_K;
 
 struct FmtQ6_K {  // [ql 128][qh 64][scales int8 x 16][d f16]: x = (d * sc) * (q - 32)
+    static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = 210, PIECES = 8, RUNS = 4, RUN = 8, STRIDE = 32;
+    // piece p: 8 values at l of each of the four 32-groups of half h: group g is
+    // x words 32h + 8g + l / 4 (+1) and scale xd[4h + g]
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int h = p >> 2, l = 8 * (p & 3);
+        const u8* qa = b + 64 * h + l;
+        const u8* qb = qa + 32;
+        const u8* qhp = b + 128 + 32 * h + l;
+        const int s = 8 * h + (l >> 4);
+        const float d = f16_to_f32(ld16(b + 208));
+        int sq[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            const u32 a = ld32_a2(qa + 4 * w), c = ld32_a2(qb + 4 * w), hi = ld32_a2(qhp + 4 * w);
+            const u32 q[4] = {LOW_NIBBLES(a) | ((hi & 0x03030303u) << 4),
+                              LOW_NIBBLES(c) | (((hi >> 2) & 0x03030303u) << 4),
+                              HIGH_NIBBLES(a) | (((hi >> 4) & 0x03030303u) << 4),
+                              HIGH_NIBBLES(c) | (((hi >> 6) & 0x03030303u) << 4)};
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+                const int x = ldx(xq, 32 * h + 8 * g + l / 4 + w);
+                sq[g] = dot4(q[g], x, sq[g]);
+                sx[g] = dot4(ONES, x, sx[g]);
+            }
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+            acc += (d * (float)(signed char)__ldg(b + 192 + s + 2 * g)) * __ldg(xd + 4 * h + g) *
+                   (float)(sq[g] - 32 * sx[g]);
+        return acc;
+    }
     __device__ static int base(int p) { return 128 * (p >> 2) + 8 * (p & 3); }
     __device__ static void load(const u8* b, int p, float* v) {
         const int h = p >> 2, l = 8 * (p & 3);

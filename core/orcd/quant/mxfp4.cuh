@@ -27,8 +27,28 @@ __device__ __forceinline__ void e2m1x4(u32 n4, float d, float* v) {
     }
 }
 
+// Four E2M1 codes (bits 0..3 of bytes 0..3 of n4) as signed bytes of the doubled
+// values: magnitudes from the positive table, negatives from the negated one,
+// picked per byte by bit 3 (a byte mask 0xFF where the code is negative).
+__device__ __forceinline__ u32 e2m1x4_i8(u32 n4) {
+    const u32 idx = n4 & 0x07070707u;
+    const u32 t = idx | (idx >> 4);
+    const u32 sel = (t & 0xFFu) | ((t >> 8) & 0xFF00u);
+    const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);   //  0  1  2  3  4  6  8  12
+    const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);   // -0 -1 -2 -3 -4 -6 -8 -12
+    const u32 mask = ((n4 >> 3) & 0x01010101u) * 0xFFu;
+    return (pos & ~mask) | (neg & mask);
+}
+
 struct FmtMXFP4 {
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 17, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const u32 qs = ld32_a1(b + 1 + 4 * p);
+        const int s = dot4(e2m1x4_i8(HIGH_NIBBLES(qs)), ldx(xq, 4 + p),
+                           dot4(e2m1x4_i8(LOW_NIBBLES(qs)), ldx(xq, p), 0));
+        return e8m0_half(__ldg(b)) * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
+    }
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = e8m0_half(__ldg(b));

@@ -11,6 +11,15 @@
 //          the matching activations load as float4)
 //   load(block, p, v)   dequantize piece p of the block at `block` into v
 //
+// Integer formats (INT8 = true) also take activations quantized per 32 values
+// (ops/matmul.cu's quantize_q8: x = xd[g] * xq[i], xq int8, rintf(x / xd) with
+// xd = amax / 127) and dot a piece with them in integer math (dp4a):
+//   dot8(block, p, xq, xd) = sum over piece p of value_i * x_i
+// with xq the block's first 4 activations as one int (xq + blk * QK / 4) and
+// xd its first 32-group's scale (xd + blk * QK / 32). Per value that is about
+// a quarter of an instruction instead of an unpack, a convert and an fp32 FMA,
+// and 1 byte of activation instead of 4.
+//
 // Loads are as wide as the block layout allows: 16 bytes for the plain floats
 // (a "block" is 8 values), 4 bytes for Q4_1/Q5_1 (4-byte aligned blocks), 2
 // bytes for Q4_0/Q5_0/Q8_0 (18/22/34-byte blocks are only 2-byte aligned).
@@ -52,11 +61,37 @@ __device__ __forceinline__ float byte_float(u32 w, int k) {
     return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + k));
 }
 #define LOW_NIBBLES(w) ((w) & 0x0F0F0F0Fu)
+#define ONES 0x01010101
+
+// Signed 8-bit dot of four byte lanes plus c (dp4a); a <= 127 per lane here.
+__device__ __forceinline__ int dot4(u32 a, int b, int c) { return __dp4a((int)a, b, c); }
+__device__ __forceinline__ int ldx(const int* __restrict__ xq, int i) { return __ldg(xq + i); }
+
+// One group of 32 activations -> 8 ints of int8 (q = rint(v / d)) and the scale
+// d = amax / 127 (q = 0 where d = 0): matmul.py's quantize_q8_ref, bit for bit.
+__device__ __forceinline__ float quantize_group(const float* v, u32* q) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    const float d = amax / 127.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 packed = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int qv = d > 0.f ? (int)rintf(v[4 * i + j] / d) : 0;
+            packed |= ((u32)qv & 0xFFu) << (8 * j);
+        }
+        q[i] = packed;
+    }
+    return d;
+}
 #define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
 
 // -- plain floats: a "block" is 8 consecutive values, one piece -------------------
 
 struct FmtF32 {
+    static constexpr bool INT8 = false;
     static constexpr int QK = 8, BYTES = 32, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
     __device__ static int base(int) { return 0; }
     __device__ static void load(const u8* b, int, float* v) {
@@ -69,6 +104,7 @@ struct FmtF32 {
 
 template <bool BF16>
 struct FmtHalf {
+    static constexpr bool INT8 = false;
     static constexpr int QK = 8, BYTES = 16, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
     __device__ static int base(int) { return 0; }
     __device__ static void load(const u8* b, int, float* v) {
@@ -109,8 +145,26 @@ __device__ __forceinline__ void piece_quants(u32 qs, u32 qh, int p, float* f) {
     }
 }
 
+// Integer sums of a legacy piece: (sum q * xq, sum xq) over its 8 values, q from
+// the low/high nibbles of qs (+ fifth bits from qh when FIFTH).
+template <bool FIFTH>
+__device__ __forceinline__ int2 piece_dot8(u32 qs, u32 qh, int p, const int* __restrict__ xq) {
+    u32 lo = LOW_NIBBLES(qs), hi = HIGH_NIBBLES(qs);
+    if (FIFTH) {
+        lo |= spread_bits4((qh >> (4 * p)) & 0xFu);
+        hi |= spread_bits4((qh >> (16 + 4 * p)) & 0xFu);
+    }
+    const int x0 = ldx(xq, p), x1 = ldx(xq, 4 + p);
+    return make_int2(dot4(hi, x1, dot4(lo, x0, 0)), dot4(ONES, x1, dot4(ONES, x0, 0)));
+}
+
 struct FmtQ4_0 {  // [d f16][qs 16]: x = d * (q - 8)
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 18, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int2 s = piece_dot8<false>(ld32_a2(b + 2 + 4 * p), 0, p, xq);
+        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)(s.x - 8 * s.y);
+    }
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));
@@ -122,7 +176,13 @@ struct FmtQ4_0 {  // [d f16][qs 16]: x = d * (q - 8)
 };
 
 struct FmtQ4_1 {  // [d f16][m f16][qs 16]: x = d * q + m
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 20, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const u32 dm = ld32(b);
+        const int2 s = piece_dot8<false>(ld32(b + 4 + 4 * p), 0, p, xq);
+        return __ldg(xd) * (f16_to_f32((u16)(dm & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(dm >> 16)) * (float)s.y);
+    }
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const u32 dm = ld32(b);
@@ -135,7 +195,12 @@ struct FmtQ4_1 {  // [d f16][m f16][qs 16]: x = d * q + m
 };
 
 struct FmtQ5_0 {  // [d f16][qh 4][qs 16]: x = d * (q - 16)
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 22, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int2 s = piece_dot8<true>(ld32_a2(b + 6 + 4 * p), ld32_a2(b + 2), p, xq);
+        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)(s.x - 16 * s.y);
+    }
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));
@@ -147,7 +212,13 @@ struct FmtQ5_0 {  // [d f16][qh 4][qs 16]: x = d * (q - 16)
 };
 
 struct FmtQ5_1 {  // [d f16][m f16][qh 4][qs 16]: x = d * q + m
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 24, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const u32 dm = ld32(b);
+        const int2 s = piece_dot8<true>(ld32(b + 8 + 4 * p), ld32(b + 4), p, xq);
+        return __ldg(xd) * (f16_to_f32((u16)(dm & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(dm >> 16)) * (float)s.y);
+    }
     __device__ static int base(int p) { return 4 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const u32 dm = ld32(b);
@@ -160,7 +231,13 @@ struct FmtQ5_1 {  // [d f16][m f16][qh 4][qs 16]: x = d * q + m
 };
 
 struct FmtQ8_0 {  // [d f16][qs int8 x 32]: x = d * q; piece p = values 8p..8p+7
+    static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 34, PIECES = 4, RUNS = 1, RUN = 8, STRIDE = 0;
+    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const u8* qs = b + 2 + 8 * p;
+        const int s = dot4(ld32_a2(qs + 4), ldx(xq, 2 * p + 1), dot4(ld32_a2(qs), ldx(xq, 2 * p), 0));
+        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)s;
+    }
     __device__ static int base(int p) { return 8 * p; }
     __device__ static void load(const u8* b, int p, float* v) {
         const float d = f16_to_f32(ld16(b));

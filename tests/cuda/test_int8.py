@@ -1,0 +1,194 @@
+"""The int8-activation GEMVs (dp4a) on a real device (marker ``cuda``).
+
+quantize_q8 against quantize_q8_ref bit for bit; every integer format's GEMV,
+per-pair expert GEMV and grouped expert matmul against a float64 reference on
+the same int8 activations (so the only difference left is fp32 summation
+order); bitwise repeatability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_rig import rel
+
+from orcd.ops import moe
+from orcd.ops.matmul import INT8_TYPES, MOE_TILE, Q8Act, quantize_q8_ref
+
+pytestmark = pytest.mark.cuda
+
+INT8_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
+SHAPES = [(896, 896), (4864, 896), (896, 4864), (2880, 2880)]   # Qwen's projections, GPT-OSS's experts
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _free_after_each_test(scope):
+    yield
+
+
+@pytest.fixture(scope="module")
+def mk8(gpu):
+    from orcd.ops.matmul import MatmulKernels
+
+    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8=True)
+
+
+def q8_ref(x: np.ndarray) -> np.ndarray:
+    """The activations the int8 kernels multiply by, in float64."""
+    q, d = quantize_q8_ref(x)
+    return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
+def test_int8_types_are_the_integer_formats(host):
+    assert {t for t, f in host.formats.items() if t not in (0, 1, 30)} == set(INT8_TYPES)
+
+
+@pytest.mark.parametrize("T,n", [(1, 896), (3, 4864), (8, 2880), (64, 3072)])
+def test_quantize_matches_reference_bitwise(gpu, mk8, rng, T, n):
+    x = (rng.standard_normal((T, n)) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[0, :32] = 0.0                                       # a zero group: scale 0, values 0
+    x[-1, -32:] = rng.standard_normal(32).astype(np.float32) * 1e-30  # tiny, but not zero
+    got = mk8.quantize(gpu.put(x), gpu.arena)
+    q, d = quantize_q8_ref(x)
+    assert np.array_equal(gpu.get(got.xq), q)
+    assert np.array_equal(gpu.get(got.xd), d)
+    gpu.arena.reset()
+
+
+@pytest.mark.parametrize("name", INT8_NAMES)
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_int8_gemv_matches_reference(gpu, mk8, rng, host, name, n_out, n_in, T):
+    if name.endswith("_K") and n_in % 256:
+        pytest.skip("K-quants need rows of 256k values")
+    w, w_ref = gpu.weight(host, name, (n_out, n_in), rng)
+    x = rng.standard_normal((T, n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    out = gpu.empty((T, n_out))
+    mk8.linear(gpu.put(x), w, gpu.put(b), out, scratch=gpu.arena)
+    got = gpu.get(out)
+    ref = q8_ref(x) @ w_ref.T + b
+    assert rel(got, ref) < TOL
+    for t in range(T):
+        assert rel(got[t], ref[t]) < TOL
+    gpu.arena.reset()
+    mk8.linear(gpu.put(x), w, gpu.put(b), out, scratch=gpu.arena)
+    assert np.array_equal(gpu.get(out), got)                # same inputs, same bits
+    gpu.arena.reset()
+
+
+def test_int8_off_or_float_weight_keeps_fp32_activations(gpu, mk8, rng, host):
+    from orcd.ops.matmul import MatmulKernels
+
+    w16, w16_ref = gpu.weight(host, "F16", (256, 896), rng)
+    x = rng.standard_normal((1, 896)).astype(np.float32)
+    assert mk8.activations(gpu.put(x), w16, gpu.arena).dtype == np.float32
+    out = gpu.empty((1, 256))
+    mk8.linear(gpu.put(x), w16, None, out, scratch=gpu.arena)
+    assert rel(gpu.get(out), x.astype(np.float64) @ w16_ref.T) < TOL
+    w4, w4_ref = gpu.weight(host, "Q4_K", (256, 1024), rng)
+    x4 = rng.standard_normal((1, 1024)).astype(np.float32)
+    plain = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher)          # int8 off (the default)
+    out4 = gpu.empty((1, 256))
+    plain.linear(gpu.put(x4), w4, None, out4, scratch=gpu.arena)
+    assert rel(gpu.get(out4), x4.astype(np.float64) @ w4_ref.T) < TOL  # unrounded x
+    with pytest.raises(ValueError, match="int8 activations given"):
+        mk8.linear(mk8.quantize(gpu.put(x), gpu.arena), w16, None, out)
+    gpu.arena.reset()
+
+
+@pytest.mark.parametrize("name,n_out,n_in", [("MXFP4", 2880, 2880), ("Q4_K", 512, 1024), ("Q8_0", 640, 896)])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_int8_moe_linear_matches_reference(gpu, mk8, rng, host, name, n_out, n_in, per_slot):
+    n_expert, T, k = 32, 3, 4
+    w, w_ref = gpu.weight(host, name, (n_expert, n_out, n_in), rng)
+    b = rng.standard_normal((n_expert, n_out)).astype(np.float32)
+    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(T)]).astype(np.int32)
+    x = rng.standard_normal((T * k if per_slot else T, n_in)).astype(np.float32)
+    out = gpu.empty((T, k, n_out))
+    mk8.moe_linear(gpu.put(x), w, gpu.put(b), gpu.put(ids), out, gpu.arena)
+    got, xr = gpu.get(out), q8_ref(x)
+    for t in range(T):
+        for s in range(k):
+            ref = w_ref[ids[t, s]] @ xr[t * k + s if per_slot else t] + b[ids[t, s]]
+            assert rel(got[t, s], ref) < TOL
+    gpu.arena.reset()
+
+
+@pytest.mark.parametrize("T", [5, 200])
+def test_int8_moe_gemm_matches_reference(gpu, mk8, rng, host, T):
+    n_expert, k, n_out, n_in = 32, 4, 576, 2880
+    w, w_ref = gpu.weight(host, "MXFP4", (n_expert, n_out, n_in), rng)
+    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(T)]).astype(np.int32)
+    order, _, counts = moe.group_ref(ids, n_expert)
+    n_tiles = moe.max_tiles(T * k, n_expert, MOE_TILE)
+    xg = rng.standard_normal((T * k, n_in)).astype(np.float32)
+    out = gpu.empty((T * k, n_out))
+    xa = mk8.quantize(gpu.put(xg), gpu.arena)
+    assert isinstance(xa, Q8Act)
+    mk8.moe_gemm(xa, w, None, gpu.put(moe.tiles_ref(counts, MOE_TILE, n_tiles)), out)
+    e_of = ids.reshape(-1)[order]
+    ref = np.einsum("noi,ni->no", w_ref[e_of], q8_ref(xg))
+    assert rel(gpu.get(out), ref) < TOL
+    gpu.arena.reset()
+
+
+def test_rms_norm_q8_matches_reference(gpu, mk8, rng):
+    from orcd.ops.norm import rms_norm_ref
+
+    x = rng.standard_normal((3, 3072)).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, 3072).astype(np.float32)
+    xa = Q8Act(gpu.empty((3, 3072), np.int8), gpu.empty((3, 96)))
+    gpu.fused.rms_norm_q8(gpu.put(x), gpu.put(g), 1e-5, xa)
+    q, d = quantize_q8_ref(rms_norm_ref(x, g, 1e-5))
+    got_q = gpu.get(xa.xq).astype(np.int32)
+    # the block's sum of squares runs in another order than numpy's: a value on a
+    # rounding boundary may land one step away, nothing more
+    assert np.abs(got_q - q).max() <= 1 and (got_q != q).mean() < 1e-3
+    assert np.allclose(gpu.get(xa.xd), d, rtol=1e-6)
+
+
+def fused_case(gpu, host, rng, names, n_in, n_outs):
+    ws = [gpu.weight(host, name, (n, n_in), rng) for name, n in zip(names, n_outs)]
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    return ws, x
+
+
+@pytest.mark.parametrize("names,n_in,n_outs", [(("Q5_0", "Q5_0", "Q8_0"), 896, (896, 128, 128)),
+                                               (("Q4_K",), 3072, (9216,)),
+                                               (("MXFP4", "MXFP4", "MXFP4"), 2880, (4096, 512, 512))])
+def test_int8_fused_linear_multi(gpu, mk8, rng, host, names, n_in, n_outs):
+    ws, x = fused_case(gpu, host, rng, names, n_in, n_outs)
+    bs = [rng.standard_normal(n).astype(np.float32) for n in n_outs]
+    xa = mk8.quantize(gpu.put(x), gpu.arena)
+    outs = [gpu.empty((1, n)) for n in n_outs]
+    gpu.fused.linear_multi(xa, [w for w, _ in ws], [gpu.put(b) for b in bs], outs)
+    xr = q8_ref(x)
+    for (_, w_ref), b, out in zip(ws, bs, outs):
+        assert rel(gpu.get(out), xr @ w_ref.T + b) < TOL
+    gpu.arena.reset()
+
+
+@pytest.mark.parametrize("name,n_ff,n_in,fused_halves", [("Q4_K", 8192, 3072, True), ("Q5_0", 4864, 896, False)])
+def test_int8_fused_gated_and_add(gpu, mk8, rng, host, name, n_ff, n_in, fused_halves):
+    from orcd.ops.activation import swiglu_ref
+
+    rows = 2 * n_ff if fused_halves else n_ff
+    wg, wg_ref = gpu.weight(host, name, (rows, n_in), rng)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    wu, wu_ref = (None, None) if fused_halves else gpu.weight(host, name, (n_ff, n_in), rng)
+    xa = mk8.quantize(gpu.put(x), gpu.arena)
+    out = gpu.empty((1, n_ff))
+    gpu.fused.gated_linear(xa, wg, wu, out)
+    xr = q8_ref(x)
+    gate, up = (np.split(xr @ wg_ref.T, 2, axis=1) if fused_halves else (xr @ wg_ref.T, xr @ wu_ref.T))
+    h = gpu.get(out)
+    assert rel(h, swiglu_ref(gate, up)) < 1e-4
+    wd, wd_ref = gpu.weight(host, "Q6_K" if n_ff % 256 == 0 else name, (n_in, n_ff), rng)
+    res = rng.standard_normal((1, n_in)).astype(np.float32)
+    ha = mk8.quantize(gpu.put(h), gpu.arena)
+    out2 = gpu.empty((1, n_in))
+    gpu.fused.linear_add(ha, wd, gpu.put(res), None, out2)
+    assert rel(gpu.get(out2), res + q8_ref(h) @ wd_ref.T) < TOL
+    gpu.arena.reset()
