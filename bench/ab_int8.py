@@ -1,9 +1,9 @@
-"""Decode and prefill with and without int8 activations, same card, same run.
+"""Decode and prefill by int8-activation mode (off, auto, all), same card, same run.
 
     python3 bench/ab_int8.py MODEL.gguf [MODEL.gguf ...]
 
-Each model is loaded twice (int8 off, on) through orcd.bench.run_bench
-(512-token prompt, 128 greedy tokens, median of 3) and printed as one table row.
+Each model is loaded once per mode through orcd.bench.run_bench (512-token
+prompt, 128 greedy tokens, median of 3) and printed as one table row.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ def main() -> None:
     from orcd.plugins import PluginHost
 
     host = PluginHost()
-    print("| model | decode tok/s fp32 x | decode tok/s int8 x | int8 / fp32 | prefill fp32 | prefill int8 |")
-    print("|---|---|---|---|---|---|")
+    modes = ("off", "auto", "all")
+    print("| model | " + " | ".join(f"decode tok/s {m}" for m in modes) + " | "
+          + " | ".join(f"prefill tok/s {m}" for m in modes) + " |")
+    print("|---" * (1 + 2 * len(modes)) + "|")
     for path in sys.argv[1:]:
         res = [run_bench(path, host=host, device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3,
-                         int8=flag) for flag in (False, True)]
-        print(f"| {Path(path).stem} | {res[0].decode_tok_s:.1f} | {res[1].decode_tok_s:.1f} | "
-              f"{res[1].decode_tok_s / res[0].decode_tok_s:.2f} | {res[0].prefill_tok_s:.0f} | "
-              f"{res[1].prefill_tok_s:.0f} |", flush=True)
+                         int8=mode) for mode in modes]
+        print(f"| {Path(path).stem} | " + " | ".join(f"{r.decode_tok_s:.1f}" for r in res) + " | "
+              + " | ".join(f"{r.prefill_tok_s:.0f}" for r in res) + " |", flush=True)
 
 
 if __name__ == "__main__":

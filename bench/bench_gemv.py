@@ -117,7 +117,7 @@ def main() -> None:
 
     dev = CudaDevice(0)
     alloc = DeviceAllocator(dev)
-    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False), int8=True)
+    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False), int8="all")
     timer, host = Timer(dev), PluginHost()
     ceiling = copy_gbps(dev, alloc, timer)
     card = dev.info.name

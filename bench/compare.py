@@ -258,14 +258,15 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--engines", default="orcd,peer",
                     help="measure these now; rows measured earlier on this card are kept")
-    ap.add_argument("--int8", action="store_true", help="orcd with int8 activations (dp4a GEMVs)")
+    ap.add_argument("--int8", choices=("off", "auto", "all"),
+                    help="orcd's int8-activation mode (default: the backend's, auto)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
     if args.action == "build-peer":
         build_peer()
     else:
         run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out),
-                {"int8": True} if args.int8 else {})
+                {"int8": args.int8} if args.int8 else {})
 
 
 if __name__ == "__main__":

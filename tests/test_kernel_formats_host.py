@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orcd.ops.matmul import quantize_q8_ref
+from orcd.ops.matmul import INT8_TYPES, quantize_q8_ref
 from orcd.quant.mxfp4 import KVALUES
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
@@ -75,6 +75,7 @@ def run_driver(exe: Path, fmt, blocks: np.ndarray,
     raw = out.stdout
     qk, nbytes, pieces, per, int8 = (int(v) for v in np.frombuffer(raw, np.int32, 5))
     assert (qk, nbytes) == (cuda_qk(fmt), fmt.block_bytes * cuda_qk(fmt) // fmt.block_elems)
+    assert bool(int8) == (fmt.type_id in INT8_TYPES), f"{fmt.name}: F::INT8 disagrees with matmul.INT8_TYPES"
     n = len(blocks) // nbytes
     positions = np.frombuffer(raw, np.int32, pieces * per, 20).reshape(pieces, per)
     at = 20 + 4 * pieces * per

@@ -178,13 +178,18 @@ def test_int8_decode_matches_its_cpu_twin(host, tiny_model, preset):
 
     path = tiny_model(preset)
     cpu = load_model(path, host=host, device="cpu", n_ctx=N_CTX, activation_rounding="int8")
-    gpu = load_model(path, host=host, device=GPU, n_ctx=N_CTX, int8=True)
+    gpu = load_model(path, host=host, device=GPU, n_ctx=N_CTX, int8="all")
     try:
         ids = prompt(cpu, seed=2)
         ref = cpu_logits(cpu, ids)[3:]
         got = decode_logits(gpu, ids, 4)
-        assert np.array_equal(got.argmax(-1), ref.argmax(-1))
         assert rel(got, ref) < 1e-2
+        # int8 rounding amplifies last-bit differences (a value on a rounding boundary
+        # moves a whole step): the choice may differ only where the reference has a
+        # near-tie, within 1% of its logit range
+        for t in np.flatnonzero(got.argmax(-1) != ref.argmax(-1)):
+            gap = ref[t].max() - ref[t, got[t].argmax()]
+            assert gap < 1e-2 * (ref[t].max() - ref[t].min()), f"position {t}: gap {gap}"
     finally:
         cpu.close()
         gpu.close()

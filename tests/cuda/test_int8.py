@@ -13,7 +13,7 @@ import pytest
 from gpu_rig import rel
 
 from orcd.ops import moe
-from orcd.ops.matmul import INT8_TYPES, MOE_TILE, Q8Act, quantize_q8_ref
+from orcd.ops.matmul import MOE_TILE, Q8Act, quantize_q8_ref
 
 pytestmark = pytest.mark.cuda
 
@@ -31,7 +31,7 @@ def _free_after_each_test(scope):
 def mk8(gpu):
     from orcd.ops.matmul import MatmulKernels
 
-    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8=True)
+    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
 
 
 def q8_ref(x: np.ndarray) -> np.ndarray:
@@ -40,8 +40,17 @@ def q8_ref(x: np.ndarray) -> np.ndarray:
     return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None].astype(np.float64)).reshape(x.shape)
 
 
-def test_int8_types_are_the_integer_formats(host):
-    assert {t for t, f in host.formats.items() if t not in (0, 1, 30)} == set(INT8_TYPES)
+def test_auto_takes_int8_only_where_it_pays(gpu, rng, host):
+    from orcd.ops.matmul import MatmulKernels
+
+    auto = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher)          # int8="auto", the default
+    big_q4k, _ = gpu.weight(host, "Q4_K", (2048, 3072), rng)            # 6.3M values
+    small_q4k, _ = gpu.weight(host, "Q4_K", (256, 1024), rng)
+    big_q8, _ = gpu.weight(host, "Q8_0", (2048, 3072), rng)
+    assert auto.use_int8(big_q4k) and not auto.use_int8(small_q4k) and not auto.use_int8(big_q8)
+    assert not auto.use_int8(big_q4k, big_q8)                           # all weights of the input must take it
+    with pytest.raises(ValueError, match="int8 must be one of"):
+        MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8=True)
 
 
 @pytest.mark.parametrize("T,n", [(1, 896), (3, 4864), (8, 2880), (64, 3072)])
@@ -89,7 +98,7 @@ def test_int8_off_or_float_weight_keeps_fp32_activations(gpu, mk8, rng, host):
     assert rel(gpu.get(out), x.astype(np.float64) @ w16_ref.T) < TOL
     w4, w4_ref = gpu.weight(host, "Q4_K", (256, 1024), rng)
     x4 = rng.standard_normal((1, 1024)).astype(np.float32)
-    plain = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher)          # int8 off (the default)
+    plain = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="off")
     out4 = gpu.empty((1, 256))
     plain.linear(gpu.put(x4), w4, None, out4, scratch=gpu.arena)
     assert rel(gpu.get(out4), x4.astype(np.float64) @ w4_ref.T) < TOL  # unrounded x

@@ -46,7 +46,7 @@ class CudaRunner:
 
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
-                 kernel_cache=None, graphs: bool = True, int8: bool = False) -> None:
+                 kernel_cache=None, graphs: bool = True, int8: str = "auto") -> None:
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -82,7 +82,7 @@ class CudaBackend:
         self.launcher = Launcher(self.device, debug)
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
         args = (self.device, compiler, self.launcher)
-        self.mm = MatmulKernels(*args, int8=int8)  # int8: dp4a decode GEMVs (MatmulKernels)
+        self.mm = MatmulKernels(*args, int8=int8)  # int8 "off" / "auto" / "all": dp4a decode GEMVs
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
         self.fused = FusedKernels(*args)

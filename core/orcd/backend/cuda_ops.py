@@ -20,7 +20,7 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
-from orcd.ops.matmul import INT8_TYPES, MOE_TILE, Q8Act
+from orcd.ops.matmul import MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
@@ -81,9 +81,7 @@ class CudaOps:
     def _act(self, x: DeviceTensor, *ws: QWeight):
         # x as the GEMVs of all of ws read it: quantized to int8 once when they all can
         mm = self.b.mm
-        if mm.int8 and all(w.type_id in INT8_TYPES for w in ws):
-            return mm.quantize(x, self.b.scratch)
-        return x
+        return mm.quantize(x, self.b.scratch) if mm.use_int8(*ws) else x
 
     def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
         out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
@@ -101,7 +99,7 @@ class CudaOps:
         # one token into a fused GEMV: (x, norm) as they are, or int8 activations
         # (normed first when asked) when every weight is of an integer format
         mm = self.b.mm
-        if not (mm.int8 and all(w.type_id in INT8_TYPES for w in ws)):
+        if not mm.use_int8(*ws):
             return x, norm
         if norm is None:
             return mm.quantize(x, self.b.scratch), None

@@ -44,6 +44,13 @@ CUDA_SUFFIX = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 
                8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 39: "mxfp4"}
 PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte load) at a time
 INT8_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14, 39})  # formats with dp4a kernels (int8 activations)
+# int8="auto" (the default): where the measured gain pays for the extra quantize launch.
+# H100, bench/RESULTS.md: Q4_K/Q5_K GEMVs 1.4-1.9x faster with int8 activations; the
+# legacy formats and MXFP4 1.1-1.25x, Q6_K 0.96x -- and end to end Qwen2.5-0.5B (small,
+# launch-bound matrices) lost 27%, Phi-3 Q4_K_M gained 19%.
+INT8_AUTO_TYPES = frozenset({12, 13})
+INT8_AUTO_MIN_VALUES = 1 << 22   # weight values the GEMVs of one input read, at least
+INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
@@ -111,21 +118,24 @@ class MatmulKernels:
     """
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
-                 int8: bool = False) -> None:
+                 int8: str = "auto") -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
-        ``int8``: the GEMVs of integer formats quantize their activations to int8
-        per 32 values (quantize_q8) and dot them with dp4a -- about 3x fewer
-        instructions per weight value, at the activation rounding llama.cpp's
-        GPU GEMVs also make."""
+        ``int8``: where the decode GEMVs quantize their activations to int8 per 32
+        values (quantize_q8) and dot them with dp4a (fewer instructions per weight
+        value, the activation rounding llama.cpp's GPU GEMVs also make): "off",
+        "all" integer formats, or "auto" (INT8_AUTO_TYPES, large matrices)."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         self.device, self.launch = device, launcher
         self.module = compiler.load(device, _kernel_source())
         self.gemm_dtype = gemm_dtype
         self.scratch = scratch
-        self.int8 = int8
+        if int8 not in INT8_MODES:
+            raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
+        self.int8_types = {"off": frozenset(), "auto": INT8_AUTO_TYPES, "all": INT8_TYPES}[int8]
+        self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
         self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
 
@@ -163,15 +173,19 @@ class MatmulKernels:
                     [_ptr(x.ptr), np.int64(groups), _ptr(q.xq.ptr), _ptr(q.xd.ptr)])
         return q
 
+    def use_int8(self, *ws) -> bool:
+        """Whether one input's GEMVs over the weights ws take int8 activations."""
+        values = sum(int(np.prod(w.shape[-2:])) for w in ws)
+        return all(w.type_id in self.int8_types for w in ws) and values >= self.int8_min_values
+
     def activations(self, x, w, arena):
-        """What a decode GEMV of ``w`` reads: x as is, or (int8 on, an integer
-        format, scratch at hand) its int8 activations. Quantize once with this
-        when several weights read the same x."""
+        """What a decode GEMV of ``w`` reads: x as is, or (``use_int8``, scratch
+        at hand) its int8 activations. Given int8 activations, checks them."""
         if isinstance(x, Q8Act):
             if w.type_id not in INT8_TYPES:
                 raise ValueError(f"int8 activations given for a {w.fmt.name} weight")
             return x
-        if self.int8 and w.type_id in INT8_TYPES and arena is not None:
+        if arena is not None and self.use_int8(w):
             return self.quantize(x, arena)
         return x
 
