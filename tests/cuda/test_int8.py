@@ -44,11 +44,12 @@ def test_auto_takes_int8_only_where_it_pays(gpu, rng, host):
     from orcd.ops.matmul import MatmulKernels
 
     auto = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher)          # int8="auto", the default
-    big_q4k, _ = gpu.weight(host, "Q4_K", (2048, 3072), rng)            # 6.3M values
-    small_q4k, _ = gpu.weight(host, "Q4_K", (256, 1024), rng)
-    big_q8, _ = gpu.weight(host, "Q8_0", (2048, 3072), rng)
-    assert auto.use_int8(big_q4k) and not auto.use_int8(small_q4k) and not auto.use_int8(big_q8)
-    assert not auto.use_int8(big_q4k, big_q8)                           # all weights of the input must take it
+    big_q4k, _ = gpu.weight(host, "Q4_K", (6144, 3072), rng)            # 18.9M values
+    small_q4k, _ = gpu.weight(host, "Q4_K", (1024, 3072), rng)
+    big_f16, _ = gpu.weight(host, "F16", (6144, 3072), rng)
+    assert auto.use_int8(big_q4k) and not auto.use_int8(small_q4k) and not auto.use_int8(big_f16)
+    assert auto.use_int8(small_q4k, small_q4k, small_q4k, small_q4k, small_q4k, small_q4k)  # one input, 18.9M
+    assert not auto.use_int8(big_q4k, big_f16)                          # all weights of the input must take it
     with pytest.raises(ValueError, match="int8 must be one of"):
         MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8=True)
 

@@ -45,11 +45,11 @@ CUDA_SUFFIX = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 
 PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte load) at a time
 INT8_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14, 39})  # formats with dp4a kernels (int8 activations)
 # int8="auto" (the default): where the measured gain pays for the extra quantize launch.
-# H100, bench/RESULTS.md: Q4_K/Q5_K GEMVs 1.4-1.9x faster with int8 activations; the
-# legacy formats and MXFP4 1.1-1.25x, Q6_K 0.96x -- and end to end Qwen2.5-0.5B (small,
-# launch-bound matrices) lost 27%, Phi-3 Q4_K_M gained 19%.
-INT8_AUTO_TYPES = frozenset({12, 13})
-INT8_AUTO_MIN_VALUES = 1 << 22   # weight values the GEMVs of one input read, at least
+# H100, bench/RESULTS.md: per GEMV, Q4_K/Q5_K 1.4-1.9x faster with int8 activations, the
+# other formats 0.96-1.25x; end to end, Phi-3-mini (matrices of 9-50M values) gained up
+# to 35%, Qwen2.5-0.5B (<= 8.7M, launch-bound) lost up to 34%: so by size, not by format.
+INT8_AUTO_TYPES = INT8_TYPES
+INT8_AUTO_MIN_VALUES = 1 << 24   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
