@@ -320,3 +320,187 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
         y[d] = o / denom;
     }
 }
+
+// -- prefill on the tensor cores -----------------------------------------------------
+// attn_prefill_tc: one block of 4 warps per (tile of PF_BQ query rows, head); the
+// block walks the keys its rows may see in tiles of PF_BK, flash-attention style:
+// S = Q K^T and O += P V on the tensor cores (WMMA 16x16x16, fp16 operands, fp32
+// accumulation), an online softmax in fp32 between them. Each K/V tile is read
+// once per 64 query rows instead of once per row (attn_fwd). Q is rounded to fp16
+// and the probabilities too (as llama.cpp's flash attention); scores, softmax
+// statistics and O stay fp32. Warp w owns query rows 16w..16w+15 of the tile.
+// Positions are read per row from device memory, so any causal chunk works.
+#include <mma.h>
+
+#define PF_BQ 64
+#define PF_BK 64
+#define PF_THREADS 128
+
+// Dynamic shared memory layout (bytes) for head dims hd, hd_v; every region
+// 128-byte aligned, row strides padded so 16-row fragments stay 32-byte aligned.
+struct PfLayout {
+    int ldq, ldv, lds, ldp, ldo;             // leading dimensions (elements)
+    int q, k, v, s, p, o, m, l, a, pos, total;  // byte offsets
+    __device__ __host__ PfLayout(int hd, int hd_v) {
+        ldq = hd + 8; ldv = hd_v + 8; lds = PF_BK + 4; ldp = PF_BK + 8; ldo = hd_v + 4;
+        int at = 0;
+        auto take = [&](int bytes) { const int here = at; at += (bytes + 127) / 128 * 128; return here; };
+        q = take(PF_BQ * ldq * 2); k = take(PF_BK * ldq * 2); v = take(PF_BK * ldv * 2);
+        s = take(PF_BQ * lds * 4); p = take(PF_BQ * ldp * 2); o = take(PF_BQ * ldo * 4);
+        m = take(PF_BQ * 4); l = take(PF_BQ * 4); a = take(PF_BQ * 4); pos = take(PF_BQ * 4);
+        total = at;
+    }
+};
+
+// Copy rows [j0, j0 + PF_BK) of one KV head of a cache (row stride `stride`
+// halves, width w, a multiple of 8) into shared memory (ld halves); rows at or
+// past `end` are zero.
+__device__ __forceinline__ void load_kv_tile(__half* dst, int ld, const __half* __restrict__ src,
+                                             size_t stride, int w, int j0, int end) {
+    const int per_row = w / 8;
+    for (int i = threadIdx.x; i < PF_BK * per_row; i += PF_THREADS) {
+        const int r = i / per_row, c = (i % per_row) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (j0 + r < end) val = *reinterpret_cast<const uint4*>(src + (size_t)(j0 + r) * stride + c);
+        *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+    }
+}
+
+// q: [T, n_head * hd] fp32; caches as attn_fwd; out: [T, n_head * hd_v].
+// grid (ceil(T / PF_BQ), n_head), block PF_THREADS, dynamic shared PfLayout(hd, hd_v).total.
+// hd and hd_v multiples of 16.
+extern "C" __global__ void __launch_bounds__(PF_THREADS)
+attn_prefill_tc(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+                const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out,
+                int T, int n_head, int n_kv, int hd, int hd_v, float scale, int window) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char pf_smem[];
+    const PfLayout L(hd, hd_v);
+    __half* Qs = (__half*)(pf_smem + L.q);
+    __half* Ks = (__half*)(pf_smem + L.k);
+    __half* Vs = (__half*)(pf_smem + L.v);
+    float* Ss = (float*)(pf_smem + L.s);
+    __half* Ps = (__half*)(pf_smem + L.p);
+    float* Os = (float*)(pf_smem + L.o);
+    float* m_s = (float*)(pf_smem + L.m);
+    float* l_s = (float*)(pf_smem + L.l);
+    float* a_s = (float*)(pf_smem + L.a);
+    int* pos_s = (int*)(pf_smem + L.pos);
+    __shared__ int range[2];
+
+    const int t0 = blockIdx.x * PF_BQ, h = blockIdx.y, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int kvh = h / (n_head / n_kv);
+    const int rows = min(PF_BQ, T - t0);
+
+    for (int i = tid; i < PF_BQ * hd; i += PF_THREADS) {
+        const int r = i / hd, d = i % hd;
+        Qs[r * L.ldq + d] = __float2half_rn(r < rows ? q[((size_t)(t0 + r) * n_head + h) * hd + d] : 0.f);
+    }
+    for (int i = tid; i < PF_BQ * L.ldo; i += PF_THREADS) Os[i] = 0.f;
+    for (int r = tid; r < PF_BQ; r += PF_THREADS) {
+        pos_s[r] = r < rows ? pos[t0 + r] : -1;
+        m_s[r] = NEG_INF;
+        l_s[r] = 0.f;
+    }
+    __syncthreads();
+    if (tid == 0) {  // the keys any row of the tile sees: [lo, hi)
+        int lo = 1 << 30, hi = 0;
+        for (int r = 0; r < rows; ++r) {
+            lo = min(lo, first_key(pos_s[r], window));
+            hi = max(hi, pos_s[r] + 1);
+        }
+        range[0] = lo;
+        range[1] = hi;
+    }
+    __syncthreads();
+    const int lo = range[0], hi = range[1];
+    const size_t k_stride = (size_t)n_kv * hd, v_stride = (size_t)n_kv * hd_v;
+    const int r0 = 16 * warp;   // this warp's first row
+
+    for (int j0 = lo; j0 < hi; j0 += PF_BK) {
+        load_kv_tile(Ks, L.ldq, kc + (size_t)kvh * hd, k_stride, hd, j0, hi);
+        load_kv_tile(Vs, L.ldv, vc + (size_t)kvh * hd_v, v_stride, hd_v, j0, hi);
+        __syncthreads();
+
+        // S[r0.., :] = Q[r0.., :] K^T
+        for (int kb = 0; kb < PF_BK / 16; ++kb) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+                wmma::load_matrix_sync(a, Qs + r0 * L.ldq + d0, L.ldq);
+                wmma::load_matrix_sync(b, Ks + kb * 16 * L.ldq + d0, L.ldq);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(Ss + r0 * L.lds + kb * 16, acc, L.lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // online softmax of this warp's rows; P (fp16) and the rescale factor per row
+        for (int r = r0; r < r0 + 16; ++r) {
+            const int p = pos_s[r];
+            float s[2], e[2];
+            float mx = NEG_INF;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int j = j0 + lane + 32 * u;
+                const bool vis = p >= 0 && j <= p && j >= first_key(p, window);
+                s[u] = vis ? Ss[r * L.lds + lane + 32 * u] * scale : NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+            mx = warp_max(mx);
+            const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
+            const bool any = m_new != NEG_INF;
+            const float alpha = any ? expf(m_old - m_new) : 1.f;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                e[u] = (any && s[u] != NEG_INF) ? expf(s[u] - m_new) : 0.f;
+                Ps[r * L.ldp + lane + 32 * u] = __float2half_rn(e[u]);
+            }
+            const float sum = warp_sum(e[0] + e[1]);
+            if (lane == 0) {
+                m_s[r] = m_new;
+                l_s[r] = l_s[r] * alpha + sum;
+                a_s[r] = alpha;
+            }
+        }
+        __syncwarp();
+        for (int i = lane; i < 16 * hd_v; i += 32) {
+            const int r = r0 + i / hd_v, d = i % hd_v;
+            Os[r * L.ldo + d] *= a_s[r];
+        }
+        __syncwarp();
+
+        // O[r0.., :] += P[r0.., :] V
+        for (int db = 0; db < hd_v; db += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, Os + r0 * L.ldo + db, L.ldo, wmma::mem_row_major);
+            for (int kb = 0; kb < PF_BK; kb += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+                wmma::load_matrix_sync(a, Ps + r0 * L.ldp + kb, L.ldp);
+                wmma::load_matrix_sync(b, Vs + kb * L.ldv + db, L.ldv);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(Os + r0 * L.ldo + db, acc, L.ldo, wmma::mem_row_major);
+        }
+        __syncthreads();  // Ks / Vs are rewritten by the next tile
+    }
+
+    // normalise (with the sink's share of the denominator) and write this warp's rows
+    for (int i = lane; i < 16 * hd_v; i += 32) {
+        const int r = r0 + i / hd_v, d = i % hd_v;
+        if (pos_s[r] < 0) continue;
+        const float m = m_s[r], l = l_s[r];
+        float f;
+        if (sinks) {
+            const float sk = sinks[h], mm = fmaxf(m, sk);
+            f = expf(m - mm) / (l * expf(m - mm) + expf(sk - mm));
+        } else {
+            f = 1.f / l;
+        }
+        out[((size_t)(t0 + r) * n_head + h) * hd_v + d] = Os[r * L.ldo + d] * f;
+    }
+}
