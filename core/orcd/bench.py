@@ -76,6 +76,7 @@ def run_bench(path, *, host, device: str, prompt_tokens: int = 512, gen_tokens: 
         prompt = prompt_ids(lm.hp.n_vocab, prompt_tokens)
         progress("warm-up")
         time_generation(lm, prompt[:8], 4)  # compiles kernels, captures graphs
+        time_generation(lm, prompt, 1)      # plans the prefill GEMMs for this prompt length
         runs = []
         for r in range(repeat):
             progress(f"run {r + 1}/{repeat}")
