@@ -4,7 +4,13 @@
 weight as GGUF stores it, row-major ``[n_out, n_in]``), accumulating in fp32
 and writing ``c`` in the input dtype, on the worker's stream.
 
-backend="nvmath" (default): cuBLASLt through nvmath-python's ``Matmul``; one
+backend="cublaslt" (default): cuBLASLt called directly through nvmath-python's
+low-level bindings (orcd/cuda/cublaslt.py): per call one ``cublasLtMatmul`` on
+the raw pointers, the descriptor, layouts and algorithm planned once per shape,
+a 32 MiB workspace allocated once per ``Gemm``. If those bindings cannot be
+imported, a warning says why and the ``Gemm`` uses backend "nvmath".
+
+backend="nvmath": cuBLASLt through nvmath-python's ``Matmul``; one
 planned ``Matmul`` per (m, n, k, dtype), its operands reset to new pointers on
 each call, the result written in place into ``c`` (beta = 0, so ``c`` is never
 read). nvmath needs array objects, so the pointers are wrapped as cupy arrays
@@ -17,23 +23,35 @@ no tensor cores: a correctness fallback, far slower than cuBLASLt.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
     from orcd.cuda.device import CudaDevice
+    from orcd.cuda.memory import Allocator
 
+BACKENDS = ("cublaslt", "nvmath", "simt")
 DTYPES = ("float16", "bfloat16")
 SIMT_TILE = 16
 
 
 class Gemm:
-    def __init__(self, device: "CudaDevice", backend: str = "nvmath", compiler=None, launcher=None):
-        if backend not in ("nvmath", "simt"):
-            raise ValueError(f"unknown GEMM backend {backend!r}")
-        self.device, self.backend = device, backend
+    """``allocator`` (cublaslt only) holds the workspace; by default a private
+    ``DeviceAllocator`` on ``device``. ``lt`` is the cuBLASLt planner (orcd.cuda.cublaslt.LtGemm)
+    when the backend is cublaslt, else None."""
+
+    def __init__(self, device: "CudaDevice", backend: str = "cublaslt", compiler=None, launcher=None,
+                 allocator: "Allocator | None" = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown GEMM backend {backend!r}: expected one of {BACKENDS}")
+        self.device = device
         self._plans: dict[tuple, Any] = {}
+        self.lt = None
+        if backend == "cublaslt":
+            backend = self._init_lt(allocator)
+        self.backend = backend
         if backend == "simt":
             self._init_simt(compiler, launcher)
 
@@ -44,12 +62,29 @@ class Gemm:
         if min(m, n, k) <= 0:
             raise ValueError(f"GEMM sizes must be positive, got m={m} n={n} k={k}")
         self.device.make_current()
-        if self.backend == "nvmath":
+        if self.lt is not None:
+            self.lt(int(a), int(b), int(c), m, n, k, dtype, self.device.stream_handle)
+        elif self.backend == "nvmath":
             self._nvmath(int(a), int(b), int(c), m, n, k, dtype)
         else:
             self._simt(int(a), int(b), int(c), m, n, k, dtype)
 
-    # -- cuBLASLt through nvmath-python --------------------------------------
+    # -- cuBLASLt directly, through nvmath-python's raw bindings ----------------
+
+    def _init_lt(self, allocator) -> str:
+        """Build the cuBLASLt planner; the backend's name, "nvmath" if the bindings are missing."""
+        from orcd.cuda import cublaslt
+
+        try:
+            lt = cublaslt.bindings()
+        except ImportError as e:
+            # a slower path, not a silent one (Python shows a warning once per call site)
+            warnings.warn(f"GEMM backend cublaslt unavailable ({e}): using backend nvmath", stacklevel=3)
+            return "nvmath"
+        self.lt = cublaslt.LtGemm(self.device, lt, allocator)
+        return "cublaslt"
+
+    # -- cuBLASLt through nvmath-python's Matmul --------------------------------
 
     def _wrap(self, ptr: int, shape: tuple[int, int], dtype: str):
         import cupy
@@ -107,6 +142,10 @@ class Gemm:
                      [np.uint64(a), np.uint64(b), np.uint64(c), m, n, k])
 
     def close(self) -> None:
+        if self.lt is not None:
+            self.device.synchronize()  # the workspace may still be in use by enqueued GEMMs
+            self.lt.close()
+            self.lt = None
         for mm in self._plans.values():
             mm.free()
         self._plans.clear()
