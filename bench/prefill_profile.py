@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--gemm", default="cublaslt", help="the prefill GEMM's backend (cublaslt, nvmath)")
     ap.add_argument("--host", action="store_true", help="also cProfile one prefill (host functions by own time)")
     args = ap.parse_args()
 
@@ -32,7 +33,7 @@ def main() -> None:
     from orcd.load import load_model
     from orcd.plugins import PluginHost
 
-    lm = load_model(args.model, host=PluginHost(), device="cuda:0", n_ctx=args.tokens + 1)
+    lm = load_model(args.model, host=PluginHost(), device="cuda:0", n_ctx=args.tokens + 1, gemm=args.gemm)
     ids = prompt_ids(lm.hp.n_vocab, args.tokens)
 
     def prefill() -> float:
@@ -53,7 +54,7 @@ def main() -> None:
             rec[0] += ev.time_range.elapsed_us() / 1e3     # a kernel event: its run on the device
             rec[1] += 1
     busy = sum(v[0] for v in by_name.values())
-    print(f"{args.model}: prefill of {args.tokens} tokens, wall {wall * 1e3:.1f} ms "
+    print(f"{args.model} (GEMM {args.gemm}): prefill of {args.tokens} tokens, wall {wall * 1e3:.1f} ms "
           f"({args.tokens / wall:,.0f} tok/s), GPU busy {busy:.1f} ms, "
           f"{sum(v[1] for v in by_name.values())} kernels")
     print("| kernel | calls | ms | share of busy |\n|---|---|---|---|")

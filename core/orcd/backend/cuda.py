@@ -46,7 +46,8 @@ class CudaRunner:
 
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
-                 kernel_cache=None, graphs: bool = True, int8: str = "auto") -> None:
+                 kernel_cache=None, graphs: bool = True, int8: str = "auto",
+                 gemm: str = "cublaslt") -> None:
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -58,12 +59,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8)
+            self._setup(budget, debug, kernel_cache, int8, gemm)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm) -> None:
         from orcd.cuda.driver import cu, driver_module
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -82,7 +83,8 @@ class CudaBackend:
         self.launcher = Launcher(self.device, debug)
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
         args = (self.device, compiler, self.launcher)
-        self.mm = MatmulKernels(*args, int8=int8)  # int8 "off" / "auto" / "all": dp4a decode GEMVs
+        # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend
+        self.mm = MatmulKernels(*args, int8=int8, gemm=gemm, allocator=self.alloc)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
         self.fused = FusedKernels(*args)

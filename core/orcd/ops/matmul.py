@@ -118,14 +118,16 @@ class MatmulKernels:
     """
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
-                 int8: str = "auto") -> None:
+                 int8: str = "auto", gemm: str = "cublaslt", allocator=None) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
         ``int8``: where the decode GEMVs quantize their activations to int8 per 32
         values (quantize_q8) and dot them with dp4a (fewer instructions per weight
         value, the activation rounding llama.cpp's GPU GEMVs also make): "off",
-        "all" integer formats, or "auto" (INT8_AUTO_TYPES, large matrices)."""
+        "all" integer formats, or "auto" (INT8_AUTO_TYPES, large matrices).
+        ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
+        "nvmath" or "simt"); ``allocator`` holds its workspace."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         self.device, self.launch = device, launcher
@@ -137,6 +139,7 @@ class MatmulKernels:
         self.int8_types = {"off": frozenset(), "auto": INT8_AUTO_TYPES, "all": INT8_TYPES}[int8]
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
+        self._gemm_backend, self._allocator = gemm, allocator
         self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
 
     # -- public ops --------------------------------------------------------------------
@@ -341,8 +344,9 @@ class MatmulKernels:
     def _gemm_ready(self) -> bool:
         if self._gemm is None:
             try:
-                import cupy  # noqa: F401
                 import nvmath  # noqa: F401
+                if self._gemm_backend == "nvmath":
+                    import cupy  # noqa: F401
             except ImportError as e:
                 # a slower path, not a silent one: say why once per kernel set
                 import warnings
@@ -352,8 +356,14 @@ class MatmulKernels:
             else:
                 from orcd.cuda.blas import Gemm
 
-                self._gemm = Gemm(self.device)
+                self._gemm = Gemm(self.device, self._gemm_backend, allocator=self._allocator)
         return self._gemm is not False
+
+    def close(self) -> None:
+        """Release the prefill GEMM's handle, plans and workspace (if it was made)."""
+        if self._gemm:
+            self._gemm.close()
+        self._gemm = None
 
     # -- checks and helpers ------------------------------------------------------------
 
