@@ -322,35 +322,38 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
 }
 
 // -- prefill on the tensor cores -----------------------------------------------------
-// attn_prefill_tc: one block of 4 warps per (tile of PF_BQ query rows, head); the
-// block walks the keys its rows may see in tiles of PF_BK, flash-attention style:
-// S = Q K^T and O += P V on the tensor cores (WMMA 16x16x16, fp16 operands, fp32
-// accumulation), an online softmax in fp32 between them. Each K/V tile is read
-// once per 64 query rows instead of once per row (attn_fwd). Q is rounded to fp16
-// and the probabilities too (as llama.cpp's flash attention); scores, softmax
-// statistics and O stay fp32. Warp w owns query rows 16w..16w+15 of the tile.
+// attn_prefill_tc_v<HDV>: one block of 4 warps per (tile of PF_BQ = 64 query rows,
+// head); warp w owns rows 16w..16w+15 and walks the keys they may see in tiles of
+// PF_BK = 64 held in shared memory, flash-attention style: S = Q K^T and
+// O += P V with mma.sync m16n8k16 (fp16 operands, fp32 accumulation), the online
+// softmax in fp32 in registers between them. Each K/V tile is read once per 64
+// rows instead of once per row (attn_fwd). Q is rounded to fp16, and P (as
+// llama.cpp's flash attention does); scores, statistics and O stay fp32.
+// Register layouts are PTX's for mma.m16n8k16 (g = lane / 4, c = lane % 4):
+//   A (16x16): {(g, 2c..2c+1), (g+8, 2c..), (g, 8+2c..), (g+8, 8+2c..)}
+//   B (16x8):  {(k 2c..2c+1, n g), (k 8+2c.., n g)}      C (16x8): (g, 2c..), (g+8, 2c..)
+// so the S accumulators of two adjacent 8-key tiles are exactly P's A fragment.
 // Positions are read per row from device memory, so any causal chunk works.
-#include <mma.h>
-
 #define PF_BQ 64
 #define PF_BK 64
 #define PF_THREADS 128
 
-// Dynamic shared memory layout (bytes) for head dims hd, hd_v; every region
-// 128-byte aligned, row strides padded so 16-row fragments stay 32-byte aligned.
-struct PfLayout {
-    int ldq, ldv, lds, ldp, ldo;             // leading dimensions (elements)
-    int q, k, v, s, p, o, m, l, a, pos, total;  // byte offsets
-    __device__ __host__ PfLayout(int hd, int hd_v) {
-        ldq = hd + 8; ldv = hd_v + 8; lds = PF_BK + 4; ldp = PF_BK + 8; ldo = hd_v + 4;
-        int at = 0;
-        auto take = [&](int bytes) { const int here = at; at += (bytes + 127) / 128 * 128; return here; };
-        q = take(PF_BQ * ldq * 2); k = take(PF_BK * ldq * 2); v = take(PF_BK * ldv * 2);
-        s = take(PF_BQ * lds * 4); p = take(PF_BQ * ldp * 2); o = take(PF_BQ * ldo * 4);
-        m = take(PF_BQ * 4); l = take(PF_BQ * 4); a = take(PF_BQ * 4); pos = take(PF_BQ * 4);
-        total = at;
-    }
-};
+typedef unsigned int u32;
+
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ u32 half2_bits(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const u32*>(&h);
+}
+__device__ __forceinline__ u32 ld_pair(const __half* p) { return *reinterpret_cast<const u32*>(p); }
+__device__ __forceinline__ u32 two_halves(const __half* lo, const __half* hi) {
+    return (u32)__half_as_ushort(*lo) | ((u32)__half_as_ushort(*hi) << 16);
+}
 
 // Copy rows [j0, j0 + PF_BK) of one KV head of a cache (row stride `stride`
 // halves, width w, a multiple of 8) into shared memory (ld halves); rows at or
@@ -366,43 +369,29 @@ __device__ __forceinline__ void load_kv_tile(__half* dst, int ld, const __half* 
     }
 }
 
-// q: [T, n_head * hd] fp32; caches as attn_fwd; out: [T, n_head * hd_v].
-// grid (ceil(T / PF_BQ), n_head), block PF_THREADS, dynamic shared PfLayout(hd, hd_v).total.
-// hd and hd_v multiples of 16.
-extern "C" __global__ void __launch_bounds__(PF_THREADS)
-attn_prefill_tc(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
-                const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out,
-                int T, int n_head, int n_kv, int hd, int hd_v, float scale, int window) {
-    using namespace nvcuda;
-    extern __shared__ __align__(128) unsigned char pf_smem[];
-    const PfLayout L(hd, hd_v);
-    __half* Qs = (__half*)(pf_smem + L.q);
-    __half* Ks = (__half*)(pf_smem + L.k);
-    __half* Vs = (__half*)(pf_smem + L.v);
-    float* Ss = (float*)(pf_smem + L.s);
-    __half* Ps = (__half*)(pf_smem + L.p);
-    float* Os = (float*)(pf_smem + L.o);
-    float* m_s = (float*)(pf_smem + L.m);
-    float* l_s = (float*)(pf_smem + L.l);
-    float* a_s = (float*)(pf_smem + L.a);
-    int* pos_s = (int*)(pf_smem + L.pos);
+// Dynamic shared memory: Q and K tiles [64][hd + 8], V tile [64][HDV + 8] (halves).
+template <int HDV>
+__device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __half* __restrict__ kc,
+                                           const __half* __restrict__ vc, const int* __restrict__ pos,
+                                           const float* __restrict__ sinks, float* __restrict__ out,
+                                           int T, int n_head, int n_kv, int hd, float scale, int window) {
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    __shared__ int pos_s[PF_BQ];
     __shared__ int range[2];
+    const int ldq = hd + 8, ldv = HDV + 8;
+    __half* Qs = (__half*)pf_smem;
+    __half* Ks = Qs + PF_BQ * ldq;
+    __half* Vs = Ks + PF_BK * ldq;
 
     const int t0 = blockIdx.x * PF_BQ, h = blockIdx.y, tid = threadIdx.x;
-    const int lane = tid & 31, warp = tid >> 5;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int kvh = h / (n_head / n_kv);
     const int rows = min(PF_BQ, T - t0);
-
     for (int i = tid; i < PF_BQ * hd; i += PF_THREADS) {
         const int r = i / hd, d = i % hd;
-        Qs[r * L.ldq + d] = __float2half_rn(r < rows ? q[((size_t)(t0 + r) * n_head + h) * hd + d] : 0.f);
+        Qs[r * ldq + d] = __float2half_rn(r < rows ? q[((size_t)(t0 + r) * n_head + h) * hd + d] : 0.f);
     }
-    for (int i = tid; i < PF_BQ * L.ldo; i += PF_THREADS) Os[i] = 0.f;
-    for (int r = tid; r < PF_BQ; r += PF_THREADS) {
-        pos_s[r] = r < rows ? pos[t0 + r] : -1;
-        m_s[r] = NEG_INF;
-        l_s[r] = 0.f;
-    }
+    for (int r = tid; r < PF_BQ; r += PF_THREADS) pos_s[r] = r < rows ? pos[t0 + r] : -1;
     __syncthreads();
     if (tid == 0) {  // the keys any row of the tile sees: [lo, hi)
         int lo = 1 << 30, hi = 0;
@@ -415,92 +404,121 @@ attn_prefill_tc(const float* __restrict__ q, const __half* __restrict__ kc, cons
     }
     __syncthreads();
     const int lo = range[0], hi = range[1];
-    const size_t k_stride = (size_t)n_kv * hd, v_stride = (size_t)n_kv * hd_v;
-    const int r0 = 16 * warp;   // this warp's first row
+    const int ra = 16 * warp + g, rb = ra + 8;          // this thread's two rows
+    const int pa = pos_s[ra], pb = pos_s[rb];
+    float o[HDV / 8][4];
+#pragma unroll
+    for (int n = 0; n < HDV / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float ma = NEG_INF, mb = NEG_INF, la = 0.f, lb = 0.f;
 
     for (int j0 = lo; j0 < hi; j0 += PF_BK) {
-        load_kv_tile(Ks, L.ldq, kc + (size_t)kvh * hd, k_stride, hd, j0, hi);
-        load_kv_tile(Vs, L.ldv, vc + (size_t)kvh * hd_v, v_stride, hd_v, j0, hi);
+        load_kv_tile(Ks, ldq, kc + (size_t)kvh * hd, (size_t)n_kv * hd, hd, j0, hi);
+        load_kv_tile(Vs, ldv, vc + (size_t)kvh * HDV, (size_t)n_kv * HDV, HDV, j0, hi);
         __syncthreads();
 
-        // S[r0.., :] = Q[r0.., :] K^T
-        for (int kb = 0; kb < PF_BK / 16; ++kb) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
-            for (int d0 = 0; d0 < hd; d0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-                wmma::load_matrix_sync(a, Qs + r0 * L.ldq + d0, L.ldq);
-                wmma::load_matrix_sync(b, Ks + kb * 16 * L.ldq + d0, L.ldq);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(Ss + r0 * L.lds + kb * 16, acc, L.lds, wmma::mem_row_major);
-        }
-        __syncwarp();
-
-        // online softmax of this warp's rows; P (fp16) and the rescale factor per row
-        for (int r = r0; r < r0 + 16; ++r) {
-            const int p = pos_s[r];
-            float s[2], e[2];
-            float mx = NEG_INF;
+        float s[PF_BK / 8][4];
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int j = j0 + lane + 32 * u;
-                const bool vis = p >= 0 && j <= p && j >= first_key(p, window);
-                s[u] = vis ? Ss[r * L.lds + lane + 32 * u] * scale : NEG_INF;
-                mx = fmaxf(mx, s[u]);
-            }
-            mx = warp_max(mx);
-            const float m_old = m_s[r], m_new = fmaxf(m_old, mx);
-            const bool any = m_new != NEG_INF;
-            const float alpha = any ? expf(m_old - m_new) : 1.f;
+        for (int n = 0; n < PF_BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+            const u32 a[4] = {ld_pair(Qs + ra * ldq + d0 + 2 * c), ld_pair(Qs + rb * ldq + d0 + 2 * c),
+                              ld_pair(Qs + ra * ldq + d0 + 8 + 2 * c), ld_pair(Qs + rb * ldq + d0 + 8 + 2 * c)};
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                e[u] = (any && s[u] != NEG_INF) ? expf(s[u] - m_new) : 0.f;
-                Ps[r * L.ldp + lane + 32 * u] = __float2half_rn(e[u]);
-            }
-            const float sum = warp_sum(e[0] + e[1]);
-            if (lane == 0) {
-                m_s[r] = m_new;
-                l_s[r] = l_s[r] * alpha + sum;
-                a_s[r] = alpha;
+            for (int n = 0; n < PF_BK / 8; ++n) {
+                const __half* kr = Ks + (n * 8 + g) * ldq + d0 + 2 * c;
+                const u32 b[2] = {ld_pair(kr), ld_pair(kr + 8)};
+                mma_16816(s[n], a, b);
             }
         }
-        __syncwarp();
-        for (int i = lane; i < 16 * hd_v; i += 32) {
-            const int r = r0 + i / hd_v, d = i % hd_v;
-            Os[r * L.ldo + d] *= a_s[r];
-        }
-        __syncwarp();
-
-        // O[r0.., :] += P[r0.., :] V
-        for (int db = 0; db < hd_v; db += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, Os + r0 * L.ldo + db, L.ldo, wmma::mem_row_major);
-            for (int kb = 0; kb < PF_BK; kb += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
-                wmma::load_matrix_sync(a, Ps + r0 * L.ldp + kb, L.ldp);
-                wmma::load_matrix_sync(b, Vs + kb * L.ldv + db, L.ldv);
-                wmma::mma_sync(acc, a, b, acc);
+        // mask and scale; the rows' maxima over the 4 threads that share them
+        float mxa = NEG_INF, mxb = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < PF_BK / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + n * 8 + 2 * c + (e & 1), p = e < 2 ? pa : pb;
+                const bool vis = p >= 0 && key <= p && key >= first_key(p, window);
+                s[n][e] = vis ? s[n][e] * scale : NEG_INF;
+                if (e < 2) mxa = fmaxf(mxa, s[n][e]); else mxb = fmaxf(mxb, s[n][e]);
             }
-            wmma::store_matrix_sync(Os + r0 * L.ldo + db, acc, L.ldo, wmma::mem_row_major);
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xFFFFFFFFu, mxa, off));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xFFFFFFFFu, mxb, off));
+        }
+        const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+        const float alpha_a = na == NEG_INF ? 1.f : expf(ma - na);
+        const float alpha_b = nb == NEG_INF ? 1.f : expf(mb - nb);
+        float suma = 0.f, sumb = 0.f;
+#pragma unroll
+        for (int n = 0; n < PF_BK / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float m = e < 2 ? na : nb;
+                s[n][e] = s[n][e] == NEG_INF ? 0.f : expf(s[n][e] - m);
+                if (e < 2) suma += s[n][e]; else sumb += s[n][e];
+            }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            suma += __shfl_xor_sync(0xFFFFFFFFu, suma, off);
+            sumb += __shfl_xor_sync(0xFFFFFFFFu, sumb, off);
+        }
+        la = la * alpha_a + suma;
+        lb = lb * alpha_b + sumb;
+        ma = na;
+        mb = nb;
+#pragma unroll
+        for (int n = 0; n < HDV / 8; ++n) {
+            o[n][0] *= alpha_a; o[n][1] *= alpha_a;
+            o[n][2] *= alpha_b; o[n][3] *= alpha_b;
+        }
+        // O += P V: P's A fragment for keys 16kt.. is the S accumulators of tiles 2kt, 2kt+1
+#pragma unroll
+        for (int kt = 0; kt < PF_BK / 16; ++kt) {
+            const u32 a[4] = {half2_bits(s[2 * kt][0], s[2 * kt][1]), half2_bits(s[2 * kt][2], s[2 * kt][3]),
+                              half2_bits(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                              half2_bits(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+            const __half* v0 = Vs + (16 * kt + 2 * c) * ldv + g;
+#pragma unroll
+            for (int n = 0; n < HDV / 8; ++n) {
+                const __half* vn = v0 + 8 * n;
+                const u32 b[2] = {two_halves(vn, vn + ldv), two_halves(vn + 8 * ldv, vn + 9 * ldv)};
+                mma_16816(o[n], a, b);
+            }
         }
         __syncthreads();  // Ks / Vs are rewritten by the next tile
     }
 
-    // normalise (with the sink's share of the denominator) and write this warp's rows
-    for (int i = lane; i < 16 * hd_v; i += 32) {
-        const int r = r0 + i / hd_v, d = i % hd_v;
-        if (pos_s[r] < 0) continue;
-        const float m = m_s[r], l = l_s[r];
-        float f;
+    // normalise (with the sink's share of the denominator) and write the two rows
+    const float sk = sinks ? sinks[h] : 0.f;
+#pragma unroll
+    for (int half_row = 0; half_row < 2; ++half_row) {
+        const int r = half_row ? rb : ra, p = half_row ? pb : pa;
+        if (p < 0) continue;
+        const float m = half_row ? mb : ma, l = half_row ? lb : la;
+        float f = 1.f / l;
         if (sinks) {
-            const float sk = sinks[h], mm = fmaxf(m, sk);
+            const float mm = fmaxf(m, sk);
             f = expf(m - mm) / (l * expf(m - mm) + expf(sk - mm));
-        } else {
-            f = 1.f / l;
         }
-        out[((size_t)(t0 + r) * n_head + h) * hd_v + d] = Os[r * L.ldo + d] * f;
+        float* y = out + ((size_t)(t0 + r) * n_head + h) * HDV;
+#pragma unroll
+        for (int n = 0; n < HDV / 8; ++n) {
+            y[8 * n + 2 * c] = o[n][2 * half_row] * f;
+            y[8 * n + 2 * c + 1] = o[n][2 * half_row + 1] * f;
+        }
     }
 }
+
+// q: [T, n_head * hd] fp32; caches as attn_fwd; out: [T, n_head * HDV]. hd a
+// multiple of 16. grid (ceil(T / 64), n_head), block PF_THREADS, dynamic shared
+// 2 * (128 * (hd + 8) + 64 * (HDV + 8)) bytes.
+#define PREFILL_TC(HDV)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_tc_v##HDV(                      \
+        const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,       \
+        const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out, int T,    \
+        int n_head, int n_kv, int hd, float scale, int window) {                                         \
+        prefill_tc<HDV>(q, kc, vc, pos, sinks, out, T, n_head, n_kv, hd, scale, window);                 \
+    }
+PREFILL_TC(64)
+PREFILL_TC(96)
+PREFILL_TC(128)

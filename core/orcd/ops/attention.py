@@ -61,8 +61,8 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
 
 # -- CUDA ------------------------------------------------------------------------
 # Launchers for attention.cu. Prefill (T > 1): attn_prefill_tc, tiles of 64
-# query rows per head on the tensor cores (head dims multiples of 16; else
-# attn_fwd, one pass per (head, query row)). Decode (T == 1): the keys are split into chunks of
+# query rows per head on the tensor cores (value head dims 64 / 96 / 128, key
+# head dims multiples of 16; else attn_fwd, one pass per (head, query row)). Decode (T == 1): the keys are split into chunks of
 # DECODE_KEYS_PER_SPLIT over the whole context (a fixed grid, so the step is
 # graph-capturable); one block per (KV head, split) serves the GQA group from
 # shared memory (attn_decode), splits past the last key exit at once, and a
@@ -75,18 +75,14 @@ DECODE_KEYS_PER_SPLIT = 64
 ATT_TILE = 128
 ATT_MAX_HD = 256
 DEC_THREADS = 256   # attn_decode: one block per (KV head, split) serves the query-head group
-PF_BQ, PF_BK, PF_THREADS = 64, 64, 128   # attn_prefill_tc: query rows per block, keys per tile
+PF_BQ, PF_THREADS = 64, 128      # attn_prefill_tc: query rows and threads per block
+PF_HEAD_DIMS = (64, 96, 128)      # value head dims with an attn_prefill_tc_v<N> instantiation
 
 
 def prefill_smem_bytes(hd: int, hd_v: int) -> int:
-    """attn_prefill_tc's dynamic shared memory: attention.cu's PfLayout(hd, hd_v).total."""
-    def region(nbytes: int) -> int:
-        return -(-nbytes // 128) * 128
-
-    ldq, ldv, lds, ldp, ldo = hd + 8, hd_v + 8, PF_BK + 4, PF_BK + 8, hd_v + 4
-    return (region(PF_BQ * ldq * 2) + region(PF_BK * ldq * 2) + region(PF_BK * ldv * 2)
-            + region(PF_BQ * lds * 4) + region(PF_BQ * ldp * 2) + region(PF_BQ * ldo * 4)
-            + 4 * region(PF_BQ * 4))
+    """attn_prefill_tc's dynamic shared memory: Q and K tiles [64, hd + 8] and a V
+    tile [64, hd_v + 8], fp16."""
+    return 2 * (2 * PF_BQ * (hd + 8) + PF_BQ * (hd_v + 8))
 
 
 def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
@@ -104,7 +100,7 @@ class AttentionKernels:
         self._store = module.function("kv_store")
         self._rope_store = module.function("rope_kv_store")
         self._fwd = module.function("attn_fwd")
-        self._prefill_tc = module.function("attn_prefill_tc")
+        self._prefill_tc = {v: module.function(f"attn_prefill_tc_v{v}") for v in PF_HEAD_DIMS}
         self._combine = module.function("attn_combine")
         self._decode = module.function("attn_decode")
         self._launch = launcher
@@ -146,11 +142,11 @@ class AttentionKernels:
         if T == 1 and hd == hd_v:
             self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty)
             return
-        if T > 1 and hd % 16 == 0 and hd_v % 16 == 0:   # tiles of 64 rows on the tensor cores
-            self._launch(self._prefill_tc, (-(-T // PF_BQ), n_head), PF_THREADS,
+        if T > 1 and hd % 16 == 0 and hd_v in PF_HEAD_DIMS:   # 64-row tiles on the tensor cores
+            self._launch(self._prefill_tc[hd_v], (-(-T // PF_BQ), n_head), PF_THREADS,
                          [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
                           np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
-                          np.uint64(out.ptr), T, n_head, n_kv, hd, hd_v, float(scale), int(window)],
+                          np.uint64(out.ptr), T, n_head, n_kv, hd, float(scale), int(window)],
                          shared=prefill_smem_bytes(hd, hd_v))
             return
         kps, n_splits = split_plan(T, n_ctx)
