@@ -40,10 +40,10 @@ def upload(dev, alloc, arr: np.ndarray, purpose: str = "test"):
     return buf
 
 
-def _kernels(module: str, cls: str) -> cached_property:
-    """A rig attribute that builds ``module.cls(dev, compiler, launcher)`` on first access."""
+def _kernels(module: str, cls: str, **options) -> cached_property:
+    """A rig attribute that builds ``module.cls(dev, compiler, launcher, **options)`` on first access."""
     def build(self):
-        return getattr(importlib.import_module(module), cls)(self.dev, self.compiler, self.launcher)
+        return getattr(importlib.import_module(module), cls)(self.dev, self.compiler, self.launcher, **options)
 
     return cached_property(build)
 
@@ -58,7 +58,9 @@ class Gpu:
 
     # -- kernel families, each compiled on first access ----------------------------------
 
-    mm = _kernels("orcd.ops.matmul", "MatmulKernels")  # no default scratch: pass scratch=gpu.arena
+    # the fp32-activation kernels (int8 ones: tests/cuda/test_int8.py); no default
+    # scratch: pass scratch=gpu.arena
+    mm = _kernels("orcd.ops.matmul", "MatmulKernels", int8="off")
     norm = _kernels("orcd.ops.norm", "NormKernels")
     rope = _kernels("orcd.ops.rope", "RopeKernels")
     act = _kernels("orcd.ops.activation", "ActivationKernels")
