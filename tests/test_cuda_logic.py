@@ -260,12 +260,22 @@ def test_invalid_launches_name_the_problem(grid, block, shared, needle):
 
 def test_pack_args_types_and_bytes():
     buf = DeviceBuffer(0xDEAD0000, 10, "scratch")
-    values, addrs = pack_args([buf, np.uint64(0x1234), 7, -1.5, np.int64(1 << 40), np.float16(2.0)])
-    assert [v.dtype for v in values] == [np.uint64, np.uint64, np.int32, np.float32, np.int64, np.float16]
+    keep, addrs = pack_args([buf, np.uint64(0x1234), 7, -1.5, np.int64(1 << 40), np.float16(2.0),
+                             np.uint8(200), np.int32(-3)])
     assert ctypes.c_uint64.from_address(int(addrs[0])).value == 0xDEAD0000
+    assert ctypes.c_uint64.from_address(int(addrs[1])).value == 0x1234
     assert ctypes.c_int32.from_address(int(addrs[2])).value == 7
     assert ctypes.c_float.from_address(int(addrs[3])).value == -1.5
     assert ctypes.c_int64.from_address(int(addrs[4])).value == 1 << 40
+    assert np.frombuffer(ctypes.string_at(int(addrs[5]), 2), np.float16)[0] == 2.0
+    assert ctypes.c_uint8.from_address(int(addrs[6])).value == 200
+    assert ctypes.c_int32.from_address(int(addrs[7])).value == -3
+    # each value at an address aligned to its size, inside the one buffer kept alive
+    sizes = [8, 8, 4, 4, 8, 2, 1, 4]
+    assert all(int(a) % s == 0 for a, s in zip(addrs, sizes))
+    base = keep.ctypes.data
+    assert all(base <= int(a) and int(a) + s <= base + keep.nbytes for a, s in zip(addrs, sizes))
+    assert pack_arg(np.float16(2.0)).dtype == np.float16 and pack_arg(7).dtype == np.int32
 
 
 @pytest.mark.parametrize("bad", [True, 1 << 31, "x", None])

@@ -13,6 +13,7 @@ is reported at the kernel that caused it. Arguments are packed by type:
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -68,30 +69,61 @@ def validate_launch(name: str, grid: Dim3, block: Dim3, shared: int,
                           f"memory exceed the device's {info.max_shared_per_block_optin}")
 
 
-def pack_arg(a: Any) -> np.ndarray:
-    """One kernel argument as a 1-element array whose bytes are its value."""
-    from orcd.cuda.memory import DeviceBuffer
+_NUMPY_CODES = {("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q", ("i", 1): "b",
+                ("i", 2): "h", ("i", 4): "i", ("i", 8): "q", ("f", 2): "e", ("f", 4): "f", ("f", 8): "d"}
+_SIZES = {c: struct.calcsize(c) for c in "BHIQbhiqefd"}
+_DEVICE_BUFFER: list = []   # orcd.cuda.memory.DeviceBuffer, imported on first use
 
-    if isinstance(a, DeviceBuffer):
-        return np.array([a.ptr], dtype=np.uint64)
-    if isinstance(a, (bool, np.bool_)):
-        raise LaunchError(f"ambiguous bool kernel argument {a!r}: pass np.int32 or np.uint8")
-    if isinstance(a, np.generic):
-        return np.array([a], dtype=a.dtype)
-    if isinstance(a, int):
+
+def arg_code(a: Any) -> tuple[str, Any]:
+    """(struct format code, value) of one kernel argument."""
+    if type(a) is np.uint64:          # pointers: most arguments
+        return "Q", int(a)
+    if type(a) is int:
         if not -(1 << 31) <= a < (1 << 31):
             raise LaunchError(f"int argument {a} does not fit int32: pass np.int64 or np.uint64")
-        return np.array([a], dtype=np.int32)
-    if isinstance(a, float):
-        return np.array([a], dtype=np.float32)
+        return "i", a
+    if type(a) is float:
+        return "f", a
+    if isinstance(a, np.generic) and not isinstance(a, np.bool_):
+        code = _NUMPY_CODES.get((a.dtype.kind, a.dtype.itemsize))
+        if code is not None:
+            return code, a.item()
+    if not _DEVICE_BUFFER:
+        from orcd.cuda.memory import DeviceBuffer
+        _DEVICE_BUFFER.append(DeviceBuffer)
+    if isinstance(a, _DEVICE_BUFFER[0]):
+        return "Q", a.ptr
+    if isinstance(a, (bool, np.bool_)):
+        raise LaunchError(f"ambiguous bool kernel argument {a!r}: pass np.int32 or np.uint8")
     raise LaunchError(f"unsupported kernel argument {a!r} of type {type(a).__name__}")
 
 
-def pack_args(args: Sequence[Any]) -> tuple[list[np.ndarray], np.ndarray]:
-    """(values kept alive, array of their addresses) for cuLaunchKernel's kernelParams."""
-    values = [pack_arg(a) for a in args]
-    addresses = np.array([v.ctypes.data for v in values], dtype=np.uint64)
-    return values, addresses
+def pack_arg(a: Any) -> np.ndarray:
+    """One kernel argument as a 1-element array whose bytes are its value."""
+    code, value = arg_code(a)
+    return np.frombuffer(struct.pack(code, value), dtype=np.dtype(code)).copy()
+
+
+def pack_args(args: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(one buffer holding every value, naturally aligned, kept alive by the caller;
+    the array of their addresses) for cuLaunchKernel's kernelParams. One struct
+    pack per launch: a prefill launches ~1,000 kernels from Python."""
+    fmt, values, offsets = ["="], [], []
+    at = 0
+    for a in args:
+        code, value = arg_code(a)
+        size = _SIZES[code]
+        pad = -at % size
+        if pad:
+            fmt.append(f"{pad}x")
+            at += pad
+        fmt.append(code)
+        values.append(value)
+        offsets.append(at)
+        at += size
+    buf = np.frombuffer(struct.pack("".join(fmt), *values) or bytes(8), dtype=np.uint8)
+    return buf, np.array(offsets, dtype=np.uint64) + np.uint64(buf.ctypes.data)
 
 
 class Kernel:
@@ -107,6 +139,7 @@ class Kernel:
             static_shared=int(cu("cuFuncGetAttribute", a.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, handle)),
             num_regs=int(cu("cuFuncGetAttribute", a.CU_FUNC_ATTRIBUTE_NUM_REGS, handle)))
         self._dynamic_limit = DEFAULT_SHARED_LIMIT
+        self.checked: dict[tuple, tuple[Dim3, Dim3]] = {}   # launch configuration -> (grid, block)
 
     def allow_shared(self, nbytes: int) -> None:
         """Opt in to more than 48 KiB of dynamic shared memory (once per size)."""
@@ -132,9 +165,15 @@ class Launcher:
                  args: Sequence[Any], shared: int = 0) -> None:
         from orcd.cuda.driver import cu
 
-        g, b = dim3(grid, f"{kernel.name}: grid"), dim3(block, f"{kernel.name}: block")
-        validate_launch(kernel.name, g, b, shared, self.device.info, kernel.attrs)
-        kernel.allow_shared(shared)
+        key = (grid if isinstance(grid, (int, np.integer)) else tuple(grid),
+               block if isinstance(block, (int, np.integer)) else tuple(block), shared)
+        checked = kernel.checked.get(key)   # a configuration is validated once per kernel
+        if checked is None:
+            g, b = dim3(grid, f"{kernel.name}: grid"), dim3(block, f"{kernel.name}: block")
+            validate_launch(kernel.name, g, b, shared, self.device.info, kernel.attrs)
+            kernel.allow_shared(shared)
+            checked = kernel.checked[key] = (g, b)
+        g, b = checked
         _keep, addresses = pack_args(args)  # _keep holds the values until the launch returns
         self.device.make_current()
         stream = self.device.stream
