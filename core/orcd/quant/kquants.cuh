@@ -32,71 +32,72 @@ __device__ __forceinline__ void scale_min_k4(const uint4& h, int j, float& dl, f
     ml = dmin * (float)m;
 }
 
+// Piece p of a Q4_K / Q5_K block: the quants of sub-block j = 2 (p >> 1) (lo, low
+// nibbles) and j + 1 (hi, high nibbles) four bytes a word, at 16 (p & 1) within
+// each, with their scales dl and mins ml.
+struct AffineKPiece {
+    float dl0, ml0, dl1, ml1;
+    u32 lo[4], hi[4];
+};
+
+template <bool FIVE>
+__device__ __forceinline__ AffineKPiece affine_k_piece(const u8* b, int p) {
+    AffineKPiece r;
+    const uint4 h = ld128(b);
+    const int j = 2 * (p >> 1);
+    scale_min_k4(h, j, r.dl0, r.ml0);
+    scale_min_k4(h, j + 1, r.dl1, r.ml1);
+    const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
+    const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
+    u32 qh[4] = {0, 0, 0, 0};
+    if (FIVE) {
+        const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));   // qh[l] for this piece's 16 l
+        qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
+    }
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        r.lo[w] = LOW_NIBBLES(qs[w]);
+        r.hi[w] = HIGH_NIBBLES(qs[w]);
+        if (FIVE) {
+            r.lo[w] |= (qh[w] & 0x01010101u) << 4;
+            r.hi[w] |= ((qh[w] >> 1) & 0x01010101u) << 4;
+        }
+    }
+    return r;
+}
+
 template <bool FIVE>
 struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
     static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = FIVE ? 176 : 144, PIECES = 8, RUNS = 2, RUN = 16, STRIDE = 32;
-    // piece p: 16 values of sub-block j (low nibbles) and of j + 1 (high), at
-    // 16 * (p & 1) within each: x words 8j + 4(p & 1) + w and 8(j + 1) + ...
+    __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
+    __device__ static void load(const u8* b, int p, float* v) {
+        const AffineKPiece k = affine_k_piece<FIVE>(b, p);
+#pragma unroll
+        for (int w = 0; w < 4; ++w)   // 4 bytes of qs at a time, as 2^23 + q
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                v[4 * w + i] = k.dl0 * (byte_float(k.lo[w], i) - MAGIC) - k.ml0;
+                v[16 + 4 * w + i] = k.dl1 * (byte_float(k.hi[w], i) - MAGIC) - k.ml1;
+            }
+    }
+    // x words 8j + 4(p & 1) + w (sub-block j) and 8 further on (j + 1)
     __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const uint4 h = ld128(b);
+        const AffineKPiece k = affine_k_piece<FIVE>(b, p);
         const int j = 2 * (p >> 1);
-        float dl0, ml0, dl1, ml1;
-        scale_min_k4(h, j, dl0, ml0);
-        scale_min_k4(h, j + 1, dl1, ml1);
-        const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
-        const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
-        u32 qh[4] = {0, 0, 0, 0};
-        if (FIVE) {
-            const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));
-            qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
-        }
         const int* x0 = xq + 8 * j + 4 * (p & 1);
         const int* x1 = x0 + 8;
         int s0 = 0, s1 = 0, n0 = 0, n1 = 0;   // sum q * xq and sum xq, per sub-block
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            u32 lo = LOW_NIBBLES(qs[w]), hi = HIGH_NIBBLES(qs[w]);
-            if (FIVE) {
-                lo |= (qh[w] & 0x01010101u) << 4;
-                hi |= ((qh[w] >> 1) & 0x01010101u) << 4;
-            }
             const int a = ldx(x0, w), c = ldx(x1, w);
-            s0 = dot4(lo, a, s0);
+            s0 = dot4(k.lo[w], a, s0);
             n0 = dot4(ONES, a, n0);
-            s1 = dot4(hi, c, s1);
+            s1 = dot4(k.hi[w], c, s1);
             n1 = dot4(ONES, c, n1);
         }
-        return __ldg(xd + j) * (dl0 * (float)s0 - ml0 * (float)n0) +
-               __ldg(xd + j + 1) * (dl1 * (float)s1 - ml1 * (float)n1);
-    }
-    __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const uint4 h = ld128(b);
-        const int j = 2 * (p >> 1);          // sub-blocks j (low nibbles) and j + 1 (high)
-        float dl0, ml0, dl1, ml1;
-        scale_min_k4(h, j, dl0, ml0);
-        scale_min_k4(h, j + 1, dl1, ml1);
-        const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
-        const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
-        u32 qh[4] = {0, 0, 0, 0};
-        if (FIVE) {
-            const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));   // qh[l] for this piece's 16 l
-            qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
-        }
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {   // 4 bytes of qs at a time, as 2^23 + q
-            u32 lo = LOW_NIBBLES(qs[w]), hi = HIGH_NIBBLES(qs[w]);
-            if (FIVE) {
-                lo |= (qh[w] & 0x01010101u) << 4;
-                hi |= ((qh[w] >> 1) & 0x01010101u) << 4;
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                v[4 * w + i] = dl0 * (byte_float(lo, i) - MAGIC) - ml0;
-                v[16 + 4 * w + i] = dl1 * (byte_float(hi, i) - MAGIC) - ml1;
-            }
-        }
+        return __ldg(xd + j) * (k.dl0 * (float)s0 - k.ml0 * (float)n0) +
+               __ldg(xd + j + 1) * (k.dl1 * (float)s1 - k.ml1 * (float)n1);
     }
 };
 typedef FmtAffineK<false> FmtQ4_K;
