@@ -23,10 +23,6 @@ from orcd.kvcache import KVCache
 from orcd.ops.matmul import MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
-# (token, expert) pairs from which a prefill's experts run as dense per-expert GEMMs
-# on the tensor cores instead of moe_gemm's fp32 tiles (one host sync per layer and
-# ~4 launches per expert matrix pay off once the tiles' arithmetic dominates).
-MOE_DENSE_MIN_PAIRS = 512
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
 
 
@@ -257,8 +253,6 @@ class CudaOps:
         b.moe_k.group(ids, n_expert, MOE_TILE, order, slot_of, tiles)
         xg = self._empty((N, D))
         b.moe_k.gather(x, order, k, xg)                          # [N, D] grouped rows
-        if N >= MOE_DENSE_MIN_PAIRS:
-            return self._experts_dense(xg, ex, tiles, alpha, limit), slot_of
         gate, up = self._empty((N, n_ff)), self._empty((N, n_ff))
         xa = self._act(xg, ex.gate_w, ex.up_w)
         mm.moe_gemm(xa, ex.gate_w, ex.gate_b, tiles, gate)
@@ -267,30 +261,5 @@ class CudaOps:
         y = self._empty((N, D))
         mm.moe_gemm(h, ex.down_w, ex.down_b, tiles, y, b.scratch)
         return y, slot_of
-
-    def _experts_dense(self, xg, ex, tiles, alpha, limit) -> DeviceTensor:
-        # long prefill: each expert's group of rows through the dense prefill path
-        # (fp16 weight tiles + tensor-core GEMM), one expert at a time; the group
-        # sizes cross to the host once (prefill is not graph-captured)
-        from orcd.cuda.memory import to_host
-
-        N, D = xg.shape
-        n_expert, n_ff = ex.gate_w.shape[:2]
-        t = to_host(self.b.device, tiles.ptr, tiles.nbytes).view(np.int32).reshape(tiles.shape)
-        counts = np.bincount(t[:, 0], weights=t[:, 2], minlength=n_expert).astype(int)
-        h, y = self._empty((N, n_ff)), self._empty((N, D))
-        mm, start = self.b.mm, 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = xg.rows(start, start + n)                       # [n, D] the pairs routed to e
-            gate, up = self._empty((n, n_ff)), self._empty((n, n_ff))
-            mm.linear(rows, ex.gate_w.slice0(e), ex.gate_b.rows(e, e + 1).view(n_ff), gate, self.b.scratch)
-            mm.linear(rows, ex.up_w.slice0(e), ex.up_b.rows(e, e + 1).view(n_ff), up, self.b.scratch)
-            self.b.act.swiglu_oai(gate, up, h.rows(start, start + n), alpha, limit)
-            mm.linear(h.rows(start, start + n), ex.down_w.slice0(e), ex.down_b.rows(e, e + 1).view(D),
-                      y.rows(start, start + n), self.b.scratch)
-            start += n
-        return y
 
 
