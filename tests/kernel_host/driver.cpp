@@ -25,10 +25,12 @@
 #include <cmath>
 #include <vector>
 
-// n bytes, 16-byte aligned like a device tensor (the alignment the loads rely on).
+// n bytes, 16-byte aligned like a device tensor (the alignment the loads rely on),
+// with 16 bytes of slack: ld32_a1 may read the word after a row's last byte, as a
+// device allocation's page allows.
 struct Buffer {
     std::vector<uint4> words;
-    explicit Buffer(size_t n) : words((n + 15) / 16) {}
+    explicit Buffer(size_t n) : words((n + 15) / 16 + 1) {}
     u8* bytes() { return reinterpret_cast<u8*>(words.data()); }
 };
 

@@ -25,6 +25,12 @@ inline int2 make_int2(int x, int y) { return {x, y}; }
 inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
+// funnel shift right: the low 32 bits of (hi:lo) >> (shift & 31).
+inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned int shift) {
+    const unsigned long long v = ((unsigned long long)hi << 32) | lo;
+    return (unsigned int)(v >> (shift & 31));
+}
+
 // A read-only load. memcpy keeps the host build free of aliasing assumptions;
 // the alignment check keeps it honest about what the GPU would accept.
 template <class T>

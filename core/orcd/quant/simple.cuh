@@ -47,8 +47,13 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 __device__ __forceinline__ u16 ld16(const u8* p) { return __ldg((const unsigned short*)p); }
 __device__ __forceinline__ u32 ld32(const u8* p) { return __ldg((const unsigned int*)p); }
 __device__ __forceinline__ u32 ld32_a2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
+// Four bytes at any address (MXFP4's 17-byte blocks): the two aligned words that
+// hold them and one funnel shift, instead of four byte loads. The second word may
+// reach up to 3 bytes past the last block; device allocations are whole pages.
 __device__ __forceinline__ u32 ld32_a1(const u8* p) {
-    return (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8) | ((u32)__ldg(p + 2) << 16) | ((u32)__ldg(p + 3) << 24);
+    const unsigned long long a = (unsigned long long)p;
+    const u32* w = (const u32*)(a & ~3ull);
+    return __funnelshift_r(__ldg(w), __ldg(w + 1), (u32)(a & 3) * 8);
 }
 __device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
 __device__ __forceinline__ u32 byte_of(u32 w, int k) { return (w >> (8 * k)) & 0xFFu; }
