@@ -41,3 +41,23 @@ def test_compiles_for_sm90(src, tmp_path):
                           "-o", str(tmp_path / "out.ptx")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "out.ptx").stat().st_size > 0
+
+
+def _quoted_includes(text: str, headers: dict[str, str], seen: set[str]) -> set[str]:
+    for name in re.findall(r'#include\s+"([^"]+)"', text):
+        if name not in seen:
+            seen.add(name)
+            _quoted_includes(headers.get(name, ""), headers, seen)
+    return seen
+
+
+def test_kernel_sources_bring_every_header_they_include():
+    # NVRTC sees only the headers a KernelSource carries: what each .cu includes,
+    # directly or through another header, must be among them
+    from orcd.ops import fused, matmul
+
+    own = {p.name: p.read_text() for p in ROOT.glob("quant/*.cuh")}
+    carried = {"matmul.cu": matmul._kernel_source().headers, "fused.cu": fused._kernel_source().headers}
+    for src in SOURCES:
+        needed = _quoted_includes(src.read_text(), own, set())
+        assert needed <= set(carried.get(src.name, {})), f"{src.name} needs {sorted(needed)}"

@@ -24,26 +24,6 @@
 #define FG_THREADS 128
 #define FG_WARPS (FG_THREADS / 32)
 
-// sum_i v[i] * x[pos_i] over one dequantized piece; x in global memory, or
-// (SMEM) the block's staged x * g in shared memory.
-template <class F, bool SMEM>
-__device__ __forceinline__ float dot_piece_g(const float* v, const float* __restrict__ xt) {
-    float s = 0.f;
-#pragma unroll
-    for (int r = 0; r < F::RUNS; ++r)
-#pragma unroll
-        for (int i = 0; i < F::RUN; i += 4) {
-            const float4* p4 = (const float4*)(xt + r * F::STRIDE + i);
-            const float4 xv = SMEM ? *p4 : __ldg(p4);
-            const float* vv = v + r * F::RUN + i;
-            s = fmaf(vv[0], xv.x, s);
-            s = fmaf(vv[1], xv.y, s);
-            s = fmaf(vv[2], xv.z, s);
-            s = fmaf(vv[3], xv.w, s);
-        }
-    return s;
-}
-
 // This lane's share of row `wr` . x: pieces c0, c0 + stride, ...
 template <class F, bool NORM>
 __device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const float* __restrict__ x,
@@ -56,7 +36,7 @@ __device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const floa
         float v[F::RUNS * F::RUN];
         F::load(wr + (long long)blk * F::BYTES, p, v);
         const int pos = blk * F::QK + F::base(p);
-        acc += dot_piece_g<F, NORM>(v, x + pos);
+        acc += dot_piece<F, NORM>(v, x + pos);
     }
     return acc;
 }

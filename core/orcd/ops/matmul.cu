@@ -18,23 +18,6 @@
 #define GEMV_THREADS 128
 #define GEMV_WARPS (GEMV_THREADS / 32)
 
-template <class F>
-__device__ __forceinline__ float dot_piece(const float* v, const float* __restrict__ xt) {
-    float s = 0.f;
-#pragma unroll
-    for (int r = 0; r < F::RUNS; ++r)
-#pragma unroll
-        for (int i = 0; i < F::RUN; i += 4) {
-            const float4 xv = __ldg((const float4*)(xt + r * F::STRIDE + i));
-            const float* vv = v + r * F::RUN + i;
-            s = fmaf(vv[0], xv.x, s);
-            s = fmaf(vv[1], xv.y, s);
-            s = fmaf(vv[2], xv.z, s);
-            s = fmaf(vv[3], xv.w, s);
-        }
-    return s;
-}
-
 // Activations as gemv_rows sees them: `piece` is called once per weight piece,
 // `dot(t)` then gives that piece's dot with token t's row.
 // ActF32: fp32 rows [nT, n_in]; the piece is dequantized once for all tokens.

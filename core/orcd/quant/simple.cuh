@@ -93,6 +93,27 @@ __device__ __forceinline__ float quantize_group(const float* v, u32* q) {
 }
 #define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
 
+// sum_i v[i] * x[pos_i] over one dequantized piece v (RUNS x RUN values) and the
+// fp32 activations at its positions: xt points at the piece's first position, in
+// global memory (read-only loads) or, with SMEM, in shared memory.
+template <class F, bool SMEM = false>
+__device__ __forceinline__ float dot_piece(const float* v, const float* __restrict__ xt) {
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            const float4* p4 = (const float4*)(xt + r * F::STRIDE + i);
+            const float4 xv = SMEM ? *p4 : __ldg(p4);
+            const float* vv = v + r * F::RUN + i;
+            s = fmaf(vv[0], xv.x, s);
+            s = fmaf(vv[1], xv.y, s);
+            s = fmaf(vv[2], xv.z, s);
+            s = fmaf(vv[3], xv.w, s);
+        }
+    return s;
+}
+
 // -- plain floats: a "block" is 8 consecutive values, one piece -------------------
 
 struct FmtF32 {
