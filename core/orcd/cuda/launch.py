@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEBUG_ENV = "ORCD_CUDA_DEBUG"
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory allowed without opting in
+MAX_CHECKED = 4096                 # launch configurations remembered as valid, per kernel
 
 Dim3 = tuple[int, int, int]
 
@@ -172,6 +173,8 @@ class Launcher:
             g, b = dim3(grid, f"{kernel.name}: grid"), dim3(block, f"{kernel.name}: block")
             validate_launch(kernel.name, g, b, shared, self.device.info, kernel.attrs)
             kernel.allow_shared(shared)
+            if len(kernel.checked) >= MAX_CHECKED:   # prompts of every length: keep it bounded
+                kernel.checked.clear()
             checked = kernel.checked[key] = (g, b)
         g, b = checked
         _keep, addresses = pack_args(args)  # _keep holds the values until the launch returns
