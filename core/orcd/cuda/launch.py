@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from orcd.cuda.memory import DeviceBuffer   # a plain dataclass module: no CUDA at import
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,7 +74,6 @@ def validate_launch(name: str, grid: Dim3, block: Dim3, shared: int,
 _NUMPY_CODES = {("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q", ("i", 1): "b",
                 ("i", 2): "h", ("i", 4): "i", ("i", 8): "q", ("f", 2): "e", ("f", 4): "f", ("f", 8): "d"}
 _SIZES = {c: struct.calcsize(c) for c in "BHIQbhiqefd"}
-_DEVICE_BUFFER: list = []   # orcd.cuda.memory.DeviceBuffer, imported on first use
 
 
 def arg_code(a: Any) -> tuple[str, Any]:
@@ -90,10 +90,7 @@ def arg_code(a: Any) -> tuple[str, Any]:
         code = _NUMPY_CODES.get((a.dtype.kind, a.dtype.itemsize))
         if code is not None:
             return code, a.item()
-    if not _DEVICE_BUFFER:
-        from orcd.cuda.memory import DeviceBuffer
-        _DEVICE_BUFFER.append(DeviceBuffer)
-    if isinstance(a, _DEVICE_BUFFER[0]):
+    if isinstance(a, DeviceBuffer):
         return "Q", a.ptr
     if isinstance(a, (bool, np.bool_)):
         raise LaunchError(f"ambiguous bool kernel argument {a!r}: pass np.int32 or np.uint8")
