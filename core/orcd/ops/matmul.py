@@ -48,7 +48,6 @@ INT8_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14, 39})  # formats with dp4a ker
 # H100, bench/RESULTS.md: per GEMV, Q4_K/Q5_K 1.4-1.9x faster with int8 activations, the
 # other formats 0.96-1.25x; end to end, Phi-3-mini (matrices of 9-50M values) gained up
 # to 35%, Qwen2.5-0.5B (<= 8.7M, launch-bound) lost up to 34%: so by size, not by format.
-INT8_AUTO_TYPES = INT8_TYPES
 INT8_AUTO_MIN_VALUES = 1 << 24   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
@@ -103,9 +102,6 @@ class Q8Act:
     def shape(self) -> tuple[int, int]:
         return self.xq.shape
 
-    def rows(self, start: int, stop: int) -> "Q8Act":
-        return Q8Act(self.xq.rows(start, stop), self.xd.rows(start, stop))
-
 
 class MatmulKernels:
     """Quantized linear layers, embedding lookup and expert GEMV on the GPU.
@@ -125,7 +121,8 @@ class MatmulKernels:
         ``int8``: where the decode GEMVs quantize their activations to int8 per 32
         values (quantize_q8) and dot them with dp4a (fewer instructions per weight
         value, the activation rounding llama.cpp's GPU GEMVs also make): "off",
-        "all" integer formats, or "auto" (INT8_AUTO_TYPES, large matrices).
+        "all" integer formats, or "auto" (integer formats, where one input's
+        weights hold >= INT8_AUTO_MIN_VALUES values).
         ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
         "nvmath" or "simt"); ``allocator`` holds its workspace."""
         if gemm_dtype not in ("float16", "bfloat16"):
@@ -136,7 +133,7 @@ class MatmulKernels:
         self.scratch = scratch
         if int8 not in INT8_MODES:
             raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
-        self.int8_types = {"off": frozenset(), "auto": INT8_AUTO_TYPES, "all": INT8_TYPES}[int8]
+        self.int8_types = frozenset() if int8 == "off" else INT8_TYPES
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
         self._gemm_backend, self._allocator = gemm, allocator
