@@ -103,7 +103,7 @@ class CudaOps:
             return x, norm
         if norm is None:
             return mm.quantize(x, self.b.scratch), None
-        xa = Q8Act(self._empty(x.shape, np.int8), self._empty((x.shape[0], x.shape[1] // 32)))
+        xa = Q8Act.empty(self.b.scratch, *x.shape)
         self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
         return xa, None
 

@@ -102,6 +102,11 @@ class Q8Act:
     def shape(self) -> tuple[int, int]:
         return self.xq.shape
 
+    @staticmethod
+    def empty(arena, T: int, n: int) -> "Q8Act":
+        """Room for T rows of n activations in ``arena``."""
+        return Q8Act(arena.empty((T, n), np.int8), arena.empty((T, n // 32), np.float32))
+
 
 class MatmulKernels:
     """Quantized linear layers, embedding lookup and expert GEMV on the GPU.
@@ -167,7 +172,7 @@ class MatmulKernels:
         T, n = x.shape
         if n % 32 or np.dtype(x.dtype) != np.float32:
             raise ValueError(f"quantize: x must be float32 [T, 32k], got {x.dtype} {x.shape}")
-        q = Q8Act(arena.empty((T, n), np.int8), arena.empty((T, n // 32), np.float32))
+        q = Q8Act.empty(arena, T, n)
         groups = T * n // 32
         self.launch(self._fn("quantize_q8"), max(1, min(1024, -(-groups // 128))), 128,
                     [_ptr(x.ptr), np.int64(groups), _ptr(q.xq.ptr), _ptr(q.xd.ptr)])
