@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from orcd.detok import StreamDecoder
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
-from orcd.ops.sampling import SamplingParams
+from orcd.ops.sampling import Sampled, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the attention scratch
 MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused
@@ -30,6 +30,20 @@ def cache_size(n_tokens: int, n_ctx: int) -> int:
     return min(size, n_ctx)
 
 
+class TokenConstraint(Protocol):
+    """Which ids may come next (a grammar; orcd.grammar's matcher is one).
+    The engine asks ``allowed()`` before each draw, on the CPU while the
+    device still runs the forward it just queued, and reports each id it keeps
+    (end-of-generation ids are never reported)."""
+
+    def allowed(self) -> np.ndarray | None:
+        """int32 bitmask words over the model's vocabulary (bit i % 32 of word
+        i // 32 set = id i allowed), or None for no restriction this step."""
+
+    def accept(self, token_id: int) -> None:
+        """The id was drawn and kept."""
+
+
 @dataclass
 class GenerateRequest:
     prompt_ids: Sequence[int]
@@ -38,6 +52,7 @@ class GenerateRequest:
     stop: Sequence[str] = ()
     cancelled: Callable[[], bool] = lambda: False
     deadline: float | None = None      # time.monotonic() after which to give up
+    constraint: TokenConstraint | None = None   # e.g. a JSON schema's grammar
 
 
 @dataclass
@@ -45,6 +60,9 @@ class TokenEvent:
     index: int       # 0-based position in the output
     token_id: int
     text: str        # complete UTF-8 text released by this token (may be "")
+    # with SamplingParams.logprobs: one per token this piece's text came from
+    # (the tokens since the previous event), in order
+    logprobs: list[Sampled] = field(default_factory=list)
 
 
 @dataclass
@@ -115,9 +133,12 @@ class _Output:
     def __init__(self, tokenizer, stops: Sequence[str], on_token: Callable[[TokenEvent], None]):
         self.detok, self.stops, self.on_token = StreamDecoder(tokenizer), StopMatcher(stops), on_token
         self.pieces: list[str] = []
+        self.logprobs: list[Sampled] = []   # the tokens not yet released with an event
 
-    def push(self, token_id: int, index: int) -> bool:
+    def push(self, token_id: int, index: int, sampled: Sampled | None = None) -> bool:
         """Feed one generated token; True when a stop string matched."""
+        if sampled is not None and sampled.logprob is not None:
+            self.logprobs.append(sampled)
         text, hit = self.stops.push(self.detok.feed(token_id))
         self._emit(text, index, token_id)
         return hit
@@ -132,7 +153,8 @@ class _Output:
     def _emit(self, text: str, index: int, token_id: int) -> None:
         if text:
             self.pieces.append(text)
-            self.on_token(TokenEvent(index, token_id, text))
+            self.on_token(TokenEvent(index, token_id, text, self.logprobs))
+            self.logprobs = []
 
     @property
     def text(self) -> str:
@@ -185,14 +207,18 @@ class Engine:
         t_first = None
         reason = "max_tokens"
         while len(ids) < req.max_tokens:
-            tok = self.lm.backend.sample(logits, params, seen[:len(prompt) + len(ids)], rng)
+            step = self._sample(logits, params, seen[:len(prompt) + len(ids)], len(prompt),
+                                rng, req.constraint)
+            tok = step.id
             t_first = t_first or time.perf_counter()
             if tok in self.tokenizer.eog_ids:
                 reason = "eog"
                 break
+            if req.constraint is not None:
+                req.constraint.accept(tok)
             seen[len(prompt) + len(ids)] = tok
             ids.append(tok)
-            if out.push(tok, len(ids) - 1):
+            if out.push(tok, len(ids) - 1, step):
                 reason = "stop_sequence"
                 break
             if len(ids) < req.max_tokens:
@@ -203,6 +229,14 @@ class Engine:
         t_first = t_first or time.perf_counter()
         return GenerateResult(reason, ids, out.text, len(prompt), (t_first - t0) * 1000,
                               (time.perf_counter() - t_first) * 1000, seed=params.seed)
+
+    def _sample(self, logits, params: SamplingParams, seen: np.ndarray, n_prompt: int, rng,
+                constraint: TokenConstraint | None) -> Sampled:
+        # the mask is computed here, after the forward was queued: on the GPU the
+        # two overlap, and sample_step is the first call that waits for the device
+        allowed = constraint.allowed() if constraint is not None else None
+        return self.lm.backend.sample_step(logits, params, seen, rng, n_prompt=n_prompt,
+                                           allowed=allowed)
 
     def _prefill(self, runner, prompt: list[int], req: GenerateRequest):
         """Logits after the prompt, fed in chunks; cancellation is checked between them."""

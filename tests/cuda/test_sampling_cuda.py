@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref
+from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref, transform
 
 pytestmark = pytest.mark.cuda
 
@@ -80,9 +80,8 @@ class ProbeRng:
 
 
 def ref_x(logits, p: SamplingParams, seen=NO_SEEN) -> np.ndarray:
-    """The reference's logits after temperature and penalty."""
-    scaled = logits if p.greedy else logits / np.float32(p.temperature)
-    return apply_repetition_penalty(scaled, seen, p.repetition_penalty)
+    """The reference's logits after the penalty and temperature."""
+    return transform(logits, p, seen)
 
 
 def ref_kept(logits, p: SamplingParams, seen=NO_SEEN) -> np.ndarray:

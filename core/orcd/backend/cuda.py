@@ -276,13 +276,20 @@ class CudaBackend:
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        """The device sampler when orcd.ops.sampling has one (only the id crosses
-        to the host; its draw is seeded by params.seed, not ``rng``), else sample_ref."""
+        return self.sample_step(logits, params, seen, rng).id
+
+    def sample_step(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
+                    rng: np.random.Generator, *, n_prompt: int | None = None,
+                    allowed: np.ndarray | None = None) -> sampling.Sampled:
+        """The device sampler when orcd.ops.sampling has one (only the id, and
+        the top-N logprobs when asked, cross to the host; its draw is seeded by
+        params.seed, not ``rng``), else the reference step."""
         if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
             self.sampler = DeviceSampling(self, logits.numel)
         if self.sampler is not None and self.sampler.n_vocab == logits.numel:
-            return self.sampler(logits, params, seen)
-        return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+            return self.sampler(logits, params, seen, n_prompt, allowed)
+        return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
+                                    n_prompt, allowed)
 
     def synchronize(self) -> None:
         self.device.synchronize()
@@ -320,11 +327,12 @@ class CudaBackend:
 
 
 class DeviceSampling:
-    """orcd.ops.sampling.CudaSampler behind the engine's ``sample(logits, params,
-    seen, rng)``: the seen mask lives on the device and the sampler marks each
-    chosen id, so a request's consecutive calls (seen growing by the last
-    chosen id) need no host traffic but the id itself; any other ``seen``
-    re-uploads the mask, and only when a repetition penalty needs it."""
+    """orcd.ops.sampling.CudaSampler behind the engine's ``sample_step(logits,
+    params, seen, rng, n_prompt, allowed)``: the seen mask and the output counts
+    live on the device and the sampler marks each chosen id, so a request's
+    consecutive calls (seen growing by the last chosen id) need no host traffic
+    but the id itself (and a grammar's bitmask); any other ``seen`` re-uploads
+    mask and counts, and only when a penalty needs them."""
 
     def __init__(self, backend: CudaBackend, n_vocab: int) -> None:
         self.b, self.n_vocab = backend, n_vocab
@@ -333,7 +341,8 @@ class DeviceSampling:
         self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
         self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
 
-    def __call__(self, logits, params: sampling.SamplingParams, seen) -> int:
+    def __call__(self, logits, params: sampling.SamplingParams, seen, n_prompt=None,
+                 allowed=None) -> sampling.Sampled:
         from orcd.cuda.memory import to_host
 
         seen = np.asarray(seen, dtype=np.int64).reshape(-1)
@@ -343,13 +352,18 @@ class DeviceSampling:
         self.step = self.step + 1 if follows else 0
         if not follows:
             self.mask_ok = False
-        if params.repetition_penalty != 1.0 and not self.mask_ok:
-            self.kernels.reset(seen)
+        if (params.repetition_penalty != 1.0 or params.counts_output) and not self.mask_ok:
+            self.kernels.reset(seen, n_prompt)
             self.mask_ok = True
-        self.kernels.sample(logits.view(-1), params, self.step, self.out_id)
-        self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
+        self.kernels.sample(logits.view(-1), params, self.step, self.out_id, allowed)
+        if params.logprobs is not None:
+            got = self.kernels.logprobs()
+            self.last = got.id
+        else:
+            self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
+            got = sampling.Sampled(self.last)
         self.seen = seen
-        return self.last
+        return got
 
     def close(self) -> None:
         self.kernels.close()
