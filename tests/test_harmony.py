@@ -14,6 +14,8 @@ import pytest
 from orcd.chat import ChatTemplate
 from orcd.server.state import ServerConfig
 from orcd.server.testing import running_server
+from orcd.ops.sampling import Sampled
+from orcd.toolcalls import ToolCall
 from orcd_gpt_oss.harmony import MAX_HEADER, SPECIALS, HarmonyParser, parser_factory
 
 THINK_THEN_ANSWER = ("<|channel|>analysis<|message|>User asks 2+2. Easy: 4.<|end|>"
@@ -30,8 +32,13 @@ TRANSCRIPTS = [THINK_THEN_ANSWER, PREAMBLE, TOOL_CALL, TOOL_IN_ROLE,
 
 
 def merged(pieces):
+    """Text pieces of one channel joined; a call as ("tool_call", (name, arguments, raw))."""
     out = []
     for ch, t in pieces:
+        if ch == "tool_call":
+            assert isinstance(t, ToolCall)
+            out.append((ch, (t.name, t.arguments, t.raw)))
+            continue
         assert ch in ("content", "reasoning") and isinstance(t, str)
         if t:
             out = out[:-1] + [(ch, out[-1][1] + t)] if out and out[-1][0] == ch else out + [(ch, t)]
@@ -78,12 +85,30 @@ def test_a_special_token_split_across_feeds_is_held_back_not_shown():
     assert p.finish() == []
 
 
-def test_tool_call_passes_through_verbatim_as_content():
+def test_function_calls_become_tool_calls_with_their_text_kept():
     assert parse(TOOL_CALL) == [
         ("reasoning", "Need weather."),
-        ("content", "<|start|>assistant<|channel|>commentary to=functions.get_weather "
-                    "<|constrain|>json<|message|>{\"city\": \"Paris\"}")]
-    assert parse(TOOL_IN_ROLE) == [("content", TOOL_IN_ROLE)]
+        ("tool_call", ("get_weather", '{"city": "Paris"}',
+                       "<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                       "<|constrain|>json<|message|>{\"city\": \"Paris\"}"))]
+    assert parse(TOOL_IN_ROLE) == [("tool_call", ("lookup", '{"q": 1}', TOOL_IN_ROLE))]
+
+
+@pytest.mark.parametrize("text", [
+    "<|channel|>commentary to=browser.search<|message|>{\"q\": 1}<|call|>",   # a built-in tool
+    "<|channel|>commentary to=functions.f<|message|>not json<|call|>",
+    "<|channel|>commentary to=functions.f<|message|>[1, 2]<|call|>",           # no object
+    "<|start|>user to=functions.f<|channel|>commentary<|message|>{}<|call|>",  # not the assistant
+])
+def test_other_recipients_and_bad_arguments_pass_through_verbatim(text):
+    assert parse(text) == [("content", text)]
+
+
+def test_a_call_ends_at_the_next_message_too():
+    text = ("<|channel|>commentary to=functions.a<|message|>{}"
+            "<|start|>assistant<|channel|>final<|message|>done")
+    assert parse(text) == [("tool_call", ("a", "{}", "<|channel|>commentary to=functions.a"
+                                                     "<|message|>{}")), ("content", "done")]
 
 
 def test_constrain_without_recipient_is_still_the_channel():
@@ -233,8 +258,9 @@ def scripted(gpt_oss_srv, monkeypatch):
         tok = lm.tokenizer
         ids = tok.encode(text, add_special=False) + [tok.special_tokens["<|return|>"]]
         assert tok.decode(ids[:-1]) == text
-        monkeypatch.setattr(lm.backend, "sample",
-                            lambda logits, params, seen, rng: ids[len(seen) - n_prompt])
+        monkeypatch.setattr(lm.backend, "sample_step",
+                            lambda logits, params, seen, rng, **kw:
+                            Sampled(ids[len(seen) - n_prompt]))
     return script
 
 

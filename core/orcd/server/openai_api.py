@@ -51,7 +51,9 @@ class OutputSplitter:
         return [] if self.parser is None else self._fields(self.parser.finish())
 
     def _fields(self, pieces) -> list[tuple[str, str]]:
-        return [(self.FIELDS.get(ch, "content"), t) for ch, t in pieces if t]
+        # a parsed tool call shows as the text the model wrote
+        return [(self.FIELDS.get(ch, "content"), t.raw if ch == "tool_call" else t)
+                for ch, t in pieces if t]
 
 
 def router(state: ServerState) -> APIRouter:
