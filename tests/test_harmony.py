@@ -196,7 +196,7 @@ def raw_completion(srv, seed: int, n: int) -> str:
     tok = srv.state.loaded.tokenizer
     ids = ChatTemplate.for_tokenizer(tok).prompt_ids(tok, HI)
     r = httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "m", "prompt": ids, "max_tokens": n, "temperature": 1.0,
+                   json={"model": "gpt-oss-tiny", "prompt": ids, "max_tokens": n, "temperature": 1.0,
                          "seed": seed}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
@@ -207,7 +207,7 @@ def test_chat_is_the_parsed_raw_output_streamed_or_not(gpt_oss_srv, seed):
     """The random tiny model's output is malformed harmony at best: never a 500,
     and the message is exactly what the parser makes of the raw generation."""
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    kw = dict(model="m", messages=HI, temperature=1.0, seed=seed, max_tokens=24)
+    kw = dict(model="gpt-oss-tiny", messages=HI, temperature=1.0, seed=seed, max_tokens=24)
     raw = raw_completion(gpt_oss_srv, seed, 24)
     want = {"content": "", "reasoning": ""}
     for channel, text in parse(raw):
@@ -235,7 +235,7 @@ def test_chat_is_the_parsed_raw_output_streamed_or_not(gpt_oss_srv, seed):
 
 
 def test_raw_stream_frames_are_json_and_end_with_done(gpt_oss_srv):
-    body = {"model": "m", "messages": HI, "max_tokens": 16, "stream": True, "temperature": 1.0,
+    body = {"model": "gpt-oss-tiny", "messages": HI, "max_tokens": 16, "stream": True, "temperature": 1.0,
             "seed": 5}
     with httpx.stream("POST", f"{gpt_oss_srv.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
@@ -277,7 +277,7 @@ def stream_fields(client, **kw) -> list[tuple[str, str]]:
 def test_served_harmony_splits_reasoning_from_content(gpt_oss_srv, scripted):
     scripted(THINK_THEN_ANSWER)
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    kw = dict(model="m", messages=HI, max_tokens=200)
+    kw = dict(model="gpt-oss-tiny", messages=HI, max_tokens=200)
     msg = c.chat.completions.create(**kw).choices[0].message
     assert msg.content == "2 + 2 = **4**."
     assert msg.reasoning_content == "User asks 2+2. Easy: 4."
@@ -291,7 +291,7 @@ def test_served_harmony_splits_reasoning_from_content(gpt_oss_srv, scripted):
 def test_served_tool_call_comes_back_as_content(gpt_oss_srv, scripted):
     scripted(TOOL_CALL)
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    msg = c.chat.completions.create(model="m", messages=HI, max_tokens=200).choices[0].message
+    msg = c.chat.completions.create(model="gpt-oss-tiny", messages=HI, max_tokens=200).choices[0].message
     assert msg.reasoning_content == "Need weather."
     assert msg.content.endswith("to=functions.get_weather <|constrain|>json<|message|>"
                                 "{\"city\": \"Paris\"}")

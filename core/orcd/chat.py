@@ -81,8 +81,10 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template does not compile: {e}") from e
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> ChatTemplate:
-        return cls(getattr(tokenizer, "chat_template", None),
+    def for_tokenizer(cls, tokenizer, source: str | None = None) -> ChatTemplate:
+        """The tokenizer's template, or ``source`` instead (``--chat-template``),
+        with the tokenizer's BOS and EOS text."""
+        return cls(source or getattr(tokenizer, "chat_template", None),
                    bos_token=_token_text(tokenizer, getattr(tokenizer, "bos_id", None)),
                    eos_token=_token_text(tokenizer, getattr(tokenizer, "eos_id", None)))
 

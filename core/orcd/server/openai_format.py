@@ -60,6 +60,67 @@ def finish_reason(stop_reason: str, calls: int) -> str:
     return "tool_calls" if calls else "stop"
 
 
+class ChatAnswer:
+    """One chat answer built from token events, for the stream (each piece a
+    chunk's delta with the logprobs of the tokens it came from) and for the
+    whole message (the same pieces merged), so the two always agree."""
+
+    def __init__(self, splitter: OutputSplitter, logprobs: Logprobs | None) -> None:
+        self.splitter, self.lp = splitter, logprobs
+        self.pending: list[dict] = []      # logprob entries not yet sent with a delta
+        self.calls: list[dict] = []        # the message's tool_calls
+        self.text = {"content": [], "reasoning_content": []}
+        self.logprobs: list[dict] = []     # every entry, for the whole message
+
+    def token(self, ev) -> list[tuple[dict, list | None]]:
+        if self.lp is not None:
+            entries = self.lp.chat(ev.logprobs)
+            self.pending += entries
+            self.logprobs += entries
+        return self._deltas(self.splitter.feed(ev.text))
+
+    def finish(self) -> list[tuple[dict, list | None]]:
+        return self._deltas(self.splitter.finish())
+
+    def leftover_logprobs(self) -> list | None:
+        """Entries of tokens whose text no delta carried (sent with the last chunk)."""
+        out, self.pending = self.pending, []
+        return out or None
+
+    def _deltas(self, pieces) -> list[tuple[dict, list | None]]:
+        out: list[dict] = []
+        for name, t in pieces:
+            if isinstance(t, ToolCall):
+                i = len(self.calls)
+                self.calls.append(tool_call_json(t))
+                out.append({"tool_calls": [{"index": i, "id": t.id, "type": "function",
+                                            "function": {"name": t.name, "arguments": ""}}]})
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": t.arguments}}]})
+            else:
+                self.text[name].append(t)
+                out.append({name: t})
+        pairs: list[tuple[dict, list | None]] = [(d, None) for d in out]
+        if pairs and self.pending:
+            pairs[0] = (out[0], self.leftover_logprobs())
+        return pairs
+
+    def message(self) -> dict[str, Any]:
+        content = "".join(self.text["content"])
+        msg: dict[str, Any] = {"role": "assistant",
+                               "content": content or (None if self.calls else "")}
+        if self.text["reasoning_content"]:
+            msg["reasoning_content"] = "".join(self.text["reasoning_content"])
+        if self.calls:
+            msg["tool_calls"] = self.calls
+        return msg
+
+    def all_logprobs(self) -> dict | None:
+        return {"content": self.logprobs, "refusal": None} if self.lp is not None else None
+
+    def finish_reason(self, stop_reason: str) -> str:
+        return finish_reason(stop_reason, len(self.calls))
+
+
 class Logprobs:
     """Sampled steps → OpenAI logprobs, in the token strings of one tokenizer."""
 

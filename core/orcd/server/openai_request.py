@@ -31,7 +31,7 @@ def check_model(requested: str | None, served: list[str]) -> None:
 def check_refused(req, kind: str) -> None:
     """Parameters orcd cannot honour: a 400 instead of an answer the client did
     not ask for."""
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise InvalidRequest("n > 1 needs batching, which this worker does not do yet; "
                              "send n requests", field="n")
     if kind == "completion":
