@@ -259,7 +259,7 @@ def scripted(gpt_oss_srv, monkeypatch):
         ids = tok.encode(text, add_special=False) + [tok.special_tokens["<|return|>"]]
         assert tok.decode(ids[:-1]) == text
         monkeypatch.setattr(lm.backend, "sample_step",
-                            lambda logits, params, seen, rng, **kw:
+                            lambda logits, params, seen, rng, n_prompt=n_prompt, **kw:
                             Sampled(ids[len(seen) - n_prompt]))
     return script
 
@@ -286,6 +286,51 @@ def test_served_harmony_splits_reasoning_from_content(gpt_oss_srv, scripted):
     assert names == sorted(names, key=lambda f: f != "reasoning_content")   # thinking first
     assert "".join(t for f, t in fields if f == "reasoning_content") == msg.reasoning_content
     assert "".join(t for f, t in fields if f == "content") == msg.content
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}]
+
+
+def test_served_tool_call_is_a_tool_call_when_tools_were_given(gpt_oss_srv, scripted):
+    scripted(TOOL_CALL)
+    c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
+    kw = dict(model="gpt-oss-tiny", messages=HI, max_tokens=200, tools=WEATHER)
+    r = c.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert msg.reasoning_content == "Need weather."
+    [call] = msg.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather",
+                                                                         {"city": "Paris"})
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+
+def test_forced_harmony_call_grammar_gives_a_parseable_call(gpt_oss_srv):
+    pytest.importorskip("llguidance")
+    from orcd.ops.sampling import allowed_ids
+    state = gpt_oss_srv.state
+    tok, n_vocab = state.loaded.tokenizer, state.loaded.hp.n_vocab
+    m = state.grammars.lark(HarmonyParser.call_grammar(WEATHER, "get_weather", tok),
+                            field="tool_choice")
+    rng, ids = random.Random(0), []
+    while len(ids) < 60:
+        ok = [int(i) for i in allowed_ids(m.allowed(), n_vocab).nonzero()[0]]
+        if set(ok) <= tok.eog_ids:
+            break
+        pick = ok[0] if len(ok) == 1 else rng.choice([i for i in ok if i not in tok.eog_ids])
+        m.accept(pick)
+        ids.append(pick)
+    assert ok == [tok.special_tokens["<|call|>"]]   # the end the engine stops on: complete
+    p = HarmonyParser()
+    pieces = merged(p.feed(tok.decode(ids)) + p.finish())
+    [(kind, (name, args, _))] = pieces
+    assert kind == "tool_call" and name == "get_weather"
+    assert json.loads(args)["city"] in ("Paris", "Oslo")
 
 
 def test_served_tool_call_comes_back_as_content(gpt_oss_srv, scripted):
