@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a tokenizer.json to use instead of the GGUF vocabulary")
     p.add_argument("--residency-check-sec", type=float, default=60.0, metavar="S",
                    help="seconds between checks that every weight is still in device memory (default 60)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name /v1 lists and answers to; requests naming another "
+                        "get 404 (default: --model as given)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's")
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str):
@@ -98,10 +103,32 @@ def validate(args) -> dict:
     model_ref, model_path = _model(args.model)
     if args.tokenizer is not None and not Path(args.tokenizer).is_file():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name must not be empty")
+    chat_template = _chat_template(args.chat_template)
     device = "cpu" if args.device == "cpu" else _gpu(args.gpu_device or 0)
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
-            "device": device, "api_key": api_key}
+            "device": device, "api_key": api_key, "chat_template": chat_template}
+
+
+def _chat_template(path: str | None) -> str | None:
+    """--chat-template FILE: its text, checked to compile (as vLLM refuses a bad one at start)."""
+    if path is None:
+        return None
+    from orcd.chat import ChatTemplate, TemplateError
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--chat-template {path}: {e}") from None
+    if not source.strip():
+        raise UsageError(f"--chat-template {path}: the file is empty")
+    try:
+        ChatTemplate(source)
+    except TemplateError as e:
+        raise UsageError(f"--chat-template {path}: {e.message}") from None
+    return source
 
 
 def _api_key(args) -> str | None:
@@ -202,5 +229,7 @@ def run(args) -> int:
         kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
         callback_url=args.callback_url, api_key=checked["api_key"], log_prompts=args.log_prompts,
         body_timeout_s=args.body_timeout_sec, max_connections=args.max_connections,
-        residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer, public_url=f"http://{url_host}:{args.port}")
+        residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer,
+        served_model_name=args.served_model_name, chat_template=checked["chat_template"],
+        public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)
