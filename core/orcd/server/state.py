@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class ServerState:
         self.last_residency_check = float("-inf")
         self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="orcd-prep")
         self._grammars: Any = None
+        self._grammars_lock = threading.Lock()
 
     # -- cached state for /health (no device calls on the request path) --------
     def can_take_work(self) -> bool:
@@ -167,9 +169,10 @@ class ServerState:
     @property
     def grammars(self):
         """The model's grammar compiler (orcd.grammar.Grammars), made on first use."""
-        if self._grammars is None:
-            from orcd.grammar import Grammars
-            self._grammars = Grammars(self.loaded.tokenizer, self.loaded.hp.n_vocab)
+        with self._grammars_lock:   # the prep threads may ask at once
+            if self._grammars is None:
+                from orcd.grammar import Grammars
+                self._grammars = Grammars(self.loaded.tokenizer, self.loaded.hp.n_vocab)
         return self._grammars
 
     def plan(self, job_id: str, prompt_ids: list[int], *, max_tokens: int | None,
