@@ -156,7 +156,7 @@ class CudaSampler:
 
     def set_params(self, params: SamplingParams, step: int) -> None:
         """Write the parameter struct the kernels read (ordered on the stream)."""
-        from orcd.cuda.driver import cu
+        from orcd.cuda.memory import from_host_async
 
         a = self._args_host
         a["temperature"], a["penalty"] = params.temperature, params.repetition_penalty
@@ -164,9 +164,7 @@ class CudaSampler:
         a["top_k"] = params.top_k if 0 < params.top_k < self.n_vocab else 0
         a["step"] = int(step)
         a["seed"] = (params.seed or 0) & 0xFFFFFFFFFFFFFFFF
-        self.device.make_current()
-        # pageable source: the driver stages it before returning, so reuse is safe
-        cu("cuMemcpyHtoDAsync", self._buf["args"].ptr, a.ctypes.data, a.nbytes, self.device.stream)
+        from_host_async(self.device, a, self._buf["args"].ptr)
 
     def launch(self, logits, out_id) -> None:
         """Enqueue the two kernels; graph-capturable (reads params from the device)."""
