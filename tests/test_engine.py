@@ -160,3 +160,34 @@ def test_repetition_penalty_sees_prompt_and_every_output_id(tiny):
                                   cache)
     assert got.token_ids == want
     assert len(set(want)) > 1
+
+
+class _SlowPrefill:
+    """The model with a sleep per prompt token fed, counting the tokens fed."""
+
+    def __init__(self, model, per_token: float) -> None:
+        self.model, self.per_token, self.fed = model, per_token, 0
+
+    def forward(self, ops, ids, positions, cache):
+        self.fed += len(ids)
+        time.sleep(self.per_token * len(ids))
+        return self.model.forward(ops, ids, positions, cache)
+
+
+def test_deadline_is_enforced_inside_prefill(tiny_model, host):
+    """A long prompt overruns the deadline by at most one of the backend's chunks
+    (the CPU reference states a small one), not by the whole prompt."""
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=1024)
+    try:
+        chunk = lm.backend.prefill_chunk
+        assert chunk <= 64
+        slow = lm.model = _SlowPrefill(lm.model, per_token=0.002)   # 1 ms a token
+        prompt = [i % 500 + 1 for i in range(505)]
+        t0 = time.monotonic()
+        with pytest.raises(InferenceTimeout):
+            Engine(lm).generate(GenerateRequest(prompt, max_tokens=4,
+                                                deadline=t0 + 0.1))
+        # by the deadline ~50 tokens were fed; one more chunk may start before the check
+        assert slow.fed <= 0.1 / 0.002 + 2 * chunk < len(prompt), slow.fed
+    finally:
+        lm.close()

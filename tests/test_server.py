@@ -218,7 +218,8 @@ def test_invalid_json_bodies(srv, raw):
 
 def test_ten_megabyte_body_is_refused(srv):
     body = b'{"job_id": "big", "prompt": "' + b"x" * (10 << 20) + b'"}'
-    r = httpx.post(f"{srv.url}/execute", content=body, timeout=60)
+    r = httpx.post(f"{srv.url}/execute", content=body, timeout=60,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "INVALID_REQUEST"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -112,6 +113,24 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
     raise AssertionError("the worker did not become healthy")
 
 
+def signal_mid_stream(proc: subprocess.Popen, url: str, signals: list, max_tokens: int):
+    """Once a stream runs, send ``signals`` 0.3 s apart: (exit code, events, stderr)."""
+    try:
+        wait_healthy(proc, url)
+        st = SSEStream(f"{url}/execute", {"job_id": "sig", "prompt": "Hello", "temperature": 0,
+                                          "max_tokens": max_tokens})
+        st.wait_for("token")
+        for i, sig in enumerate(signals):
+            time.sleep(0.3 if i else 0)
+            proc.send_signal(sig)
+        rc = proc.wait(30)
+        events = st.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, events, proc.stderr.read()
+
+
 def narration(stderr: str) -> list[dict]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
@@ -119,18 +138,7 @@ def narration(stderr: str) -> list[dict]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_the_running_job_and_exits_0(tiny, sig):
     proc, url = start(["--model", tiny, "--ctx-size", "4096"])
-    try:
-        wait_healthy(proc, url)
-        st = SSEStream(f"{url}/execute", {"job_id": "sig", "prompt": "Hello", "temperature": 0,
-                                          "max_tokens": 400})
-        st.wait_for("token")
-        proc.send_signal(sig)
-        rc = proc.wait(30)
-        events = st.join()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.stderr.read()
+    rc, events, err = signal_mid_stream(proc, url, [sig], max_tokens=400)
     assert rc == 0, err
     # finished within the 5 s deadline or was cancelled then: either way, one terminal event
     assert [k for k, _ in events if k in ("end", "error")] == [events[-1][0]]
@@ -147,3 +155,46 @@ def test_load_failure_exits_1(tmp_path):
     rc = proc.wait(60)
     err = proc.stderr.read()
     assert rc == 1 and "MODEL_LOAD_FAILED" in err and "Traceback" not in err
+
+
+def parsed(argv: list[str]):
+    p = argparse.ArgumentParser(prog="orcd serve")
+    serve.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_api_key_from_the_environment_or_a_file(tiny, tmp_path, monkeypatch, capsys):
+    base = ["--model", tiny, "--device", "cpu", "--port", str(free_port())]
+    monkeypatch.delenv("ORCD_API_KEY", raising=False)
+    assert serve.validate(parsed(base))["api_key"] is None
+    monkeypatch.setenv("ORCD_API_KEY", "from-env")
+    assert serve.validate(parsed(base))["api_key"] == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert serve.validate(parsed([*base, "--api-key-file", str(key_file)]))["api_key"] == "from-file"
+    assert serve.validate(parsed([*base, "--api-key", "flag"]))["api_key"] == "flag"
+    for extra, message in ((["--api-key-file", str(tmp_path / "none")], "No such file"),
+                           (["--api-key", "a", "--api-key-file", str(key_file)], "not both"),
+                           (["--max-connections", "0"], "--max-connections must be 1"),
+                           (["--body-timeout-sec", "0"], "--body-timeout-sec must be positive")):
+        rc, err = run_serve([*base, *extra], capsys)
+        assert rc == 1 and message in err, err
+
+
+def test_second_sigterm_still_ends_every_stream(tiny):
+    """The second signal cancels the running job at once: its stream ends with a
+    retriable error event, and the worker still exits in order (0). Bound beyond
+    loopback without a key, the worker warns at start."""
+    port = free_port()
+    proc = subprocess.Popen([*ORCD, "serve", "--model", tiny, "--ctx-size", "4096", "--device",
+                             "cpu", "--host", "0.0.0.0", "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "ORCD_API_KEY"})
+    rc, events, err = signal_mid_stream(proc, f"http://127.0.0.1:{port}",
+                                        [signal.SIGTERM, signal.SIGTERM], max_tokens=2000)
+    assert rc == 0, err
+    assert events[-1][0] == "error", events[-3:]
+    assert events[-1][1]["code"] == "CANCELLED" and events[-1][1]["retriable"] is True
+    assert "warning: listening on 0.0.0.0 without an API key" in err
+    phases = [e.get("phase") for e in narration(err) if e["event"] == "shutdown"]
+    assert phases[0] == "begin" and "cancel" in phases and phases[-1] == "done"

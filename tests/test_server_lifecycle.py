@@ -114,6 +114,7 @@ def test_shutdown_cancels_a_job_that_outlives_the_deadline(tiny_model):
         assert late.status_code == 503 and late.json()["code"] == "UNAVAILABLE"
         events = st.join()
         assert events[-1][0] == "error" and events[-1][1]["code"] == "CANCELLED"
+        assert events[-1][1]["retriable"] is True   # another worker can run it
         assert s.wait_exit(15)
         phases = [e["phase"] for e in s.narration.events() if e["event"] == "shutdown"]
         assert phases == ["begin", "cancel", "done"]

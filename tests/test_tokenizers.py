@@ -253,3 +253,32 @@ def test_broken_gguf_vocab_fails_loading():
         build(read_vocab(meta))
     meta["tokenizer.ggml.model"] = "bert"
     assert build(read_vocab(meta)) is None  # not ours: the host reports no backend
+
+
+def test_encoding_lets_other_threads_run(host, tiny_model):
+    """A long encode must not hold the GIL (the server encodes on a thread while its
+    event loop answers /health): another thread keeps ticking meanwhile."""
+    import threading
+    import time
+    with ModelFile.open(tiny_model("qwen2-tiny")) as mf:
+        tok = host.tokenizer(mf)
+    text = "hello world, this is some text. " * 8000
+    done, ticks = threading.Event(), []
+
+    def tick():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=tick)
+    t.start()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        tok.encode(text, parse_special=True)
+        tok.encode(text, parse_special=False)
+    elapsed = time.perf_counter() - t0
+    done.set()
+    t.join()
+    during = [x for x in ticks if t0 < x < t0 + elapsed]
+    # holding the GIL, the ticker would get a handful of turns; free, one every ~1 ms
+    assert len(during) > elapsed / 0.001 / 10, (len(during), elapsed)

@@ -6,13 +6,20 @@ sandbox (templates come from model files, i.e. untrusted input), ``trim_blocks``
 and ``lstrip_blocks``, the ``loopcontrols`` extension, and the globals templates
 rely on: ``raise_exception``, ``strftime_now`` and a ``tojson`` filter that
 keeps non-ASCII text as is.
+
+Text in messages is text: special-token text a user writes (``<|im_start|>``)
+is encoded as plain characters, and only the template's own markup becomes
+control tokens (``SpecialTextGuard``). llama-server and vLLM parse special
+text everywhere in the rendered prompt, which lets a message forge turns; orcd
+keeps their tokenization for every prompt that holds no such text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
@@ -27,6 +34,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+#: template variables orcd sets itself; chat_template_kwargs may not replace them
+RESERVED_VARIABLES = ("messages", "bos_token", "eos_token", "add_generation_prompt")
 
 
 class TemplateError(InvalidRequest):
@@ -76,30 +87,159 @@ class ChatTemplate:
                    eos_token=_token_text(tokenizer, getattr(tokenizer, "eos_id", None)))
 
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-               **kwargs: Any) -> str:
-        """messages -> prompt text. ``kwargs`` reach the template as variables
-        (e.g. ``tools``, ``reasoning_effort``)."""
+               variables: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+        """messages -> prompt text. ``variables`` (a client's chat_template_kwargs)
+        and ``kwargs`` reach the template as variables (e.g. ``tools``,
+        ``reasoning_effort``); none may replace RESERVED_VARIABLES."""
+        context = {**(variables or {}), **kwargs}
+        for name in RESERVED_VARIABLES:
+            if name in context:
+                raise InvalidRequest(f"chat_template_kwargs: {name!r} is set by the server",
+                                     field=f"chat_template_kwargs.{name}")
+        context.update(messages=list(messages), bos_token=self.bos_token,
+                       eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
         try:
-            return self.template.render(messages=list(messages), bos_token=self.bos_token,
-                                        eos_token=self.eos_token,
-                                        add_generation_prompt=add_generation_prompt, **kwargs)
+            return self.template.render(context)
         except TemplateError:
             raise
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"chat template failed: {e}", field="messages") from e
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise TemplateError(f"chat template failed on these messages: "
-                                f"{type(e).__name__}: {e}", field="messages") from e
+        except jinja2.UndefinedError as e:
+            raise TemplateError("the model's chat template needs a field these messages do not "
+                                f"have ({e})", field="messages") from e
+        except Exception as e:   # the template is model data run on client data: a 400
+            raise TemplateError("the model's chat template cannot render these messages "
+                                "(a field has a type or value it does not expect)",
+                                field="messages") from e
 
     def prompt_ids(self, tokenizer, messages: Sequence[dict], **kwargs: Any) -> list[int]:
-        """Render and tokenize. Special-token text in the rendering is parsed as
-        special tokens; a BOS the template already wrote is not added twice
-        (llama.cpp strips it the same way)."""
-        text = self.render(messages, **kwargs)
+        """Render and tokenize. The template's special-token text becomes special
+        tokens, the messages' stays text (SpecialTextGuard); a BOS the template
+        already wrote is not added twice (llama.cpp strips it the same way).
+        ``variables``: a client's chat_template_kwargs; ``max_chars``: the most
+        characters of rendered prompt to tokenize."""
+        guard = self.guard(tokenizer)
+        variables = kwargs.pop("variables", None)
+        max_chars = kwargs.pop("max_chars", None)
+        masked, originals = guard.mask({"messages": list(messages),
+                                        "variables": variables or {}, "kwargs": kwargs})
+        text = self.render(masked["messages"], variables=masked["variables"], **masked["kwargs"])
         add_bos = bool(getattr(tokenizer, "add_bos", False))
         if add_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token):]
-        return tokenizer.encode(text, add_special=True, parse_special=True)
+        if max_chars is not None and len(text) > max_chars:   # before the costly part
+            raise InvalidRequest(f"the rendered chat prompt has {len(text)} characters; at "
+                                 f"most {max_chars} are accepted", field="messages")
+        return guard.encode(text, originals)
+
+    def guard(self, tokenizer) -> SpecialTextGuard:
+        """The tokenizer's guard, built once (it probes each control token)."""
+        cached = getattr(self, "_guard", None)
+        if cached is None or cached.tok is not tokenizer:
+            cached = self._guard = SpecialTextGuard(tokenizer)
+        return cached
+
+
+class SpecialTextGuard:
+    """Encodes a rendered chat so that only the template's special-token text
+    becomes control tokens.
+
+    ``mask`` replaces control-token text in every string a client sent with a
+    placeholder (U+FDD0, k, U+FDD1; those two characters are masked too, so a
+    client cannot forge one). The rendered prompt then holds control-token text
+    only where the template wrote it. ``encode`` splits it there, as the
+    tokenizer itself does, and encodes each piece between with special parsing
+    off, placeholders put back: a piece is tokenized exactly as llama.cpp
+    tokenizes the text between two special tokens, and a prompt without
+    placeholders goes through one plain ``encode`` call.
+    """
+
+    OPEN, CLOSE = "\ufdd0", "\ufdd1"   # Unicode noncharacters: never in real text
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        specials = getattr(tokenizer, "special_tokens", None) or {}
+        # control tokens: their text is a token only when special text is parsed
+        self.control = {t: i for t, i in specials.items() if t and tokenizer.encode(
+            t, add_special=False, parse_special=False) != [i]}
+        by_length = sorted(self.control, key=len, reverse=True)
+        self.split_re = _literals(by_length) if by_length else None
+        self.mask_re = _literals([*by_length, self.OPEN, self.CLOSE])
+        self.restore_re = re.compile(f"{self.OPEN}(\\d+){self.CLOSE}")
+        self._strips: dict[str, bool] = {}   # filled once per token; then only read
+
+    def mask(self, value: Any) -> tuple[Any, list[str]]:
+        """``value`` with control-token text in every string (keys included)
+        replaced by placeholders, and the texts they stand for."""
+        originals: list[str] = []
+
+        def placeholder(m: re.Match) -> str:
+            originals.append(m.group(0))
+            return f"{self.OPEN}{len(originals) - 1}{self.CLOSE}"
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                return self.mask_re.sub(placeholder, v)
+            if isinstance(v, dict):
+                return {walk(k): walk(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [walk(x) for x in v]
+            return v
+
+        return walk(value), originals
+
+    def encode(self, text: str, originals: Sequence[str] = ()) -> list[int]:
+        if self.OPEN not in text:
+            return self.tok.encode(text, add_special=True, parse_special=True)
+        return self.encode_split(text, originals)
+
+    def encode_split(self, text: str, originals: Sequence[str] = ()) -> list[int]:
+        """``text`` split at control-token text, the pieces encoded as plain text
+        (placeholders restored), BOS/EOS added as ``encode(add_special=True)`` does."""
+        tok = self.tok
+        ids = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
+        pos = 0
+        for m in self.split_re.finditer(text) if self.split_re is not None else ():
+            if m.start() < pos:   # inside whitespace a stripping token swallowed
+                continue
+            ids += self._plain(text[pos:m.start()], originals)
+            ids.append(self.control[m.group(0)])
+            pos = m.end()
+            if self._rstrips(m.group(0)):
+                pos = _SPACE.match(text, pos).end()
+        ids += self._plain(text[pos:], originals)
+        if getattr(tok, "add_eos", False) and tok.eos_id is not None:
+            ids.append(tok.eos_id)
+        return ids
+
+    def _plain(self, piece: str, originals: Sequence[str]) -> list[int]:
+        if not piece:
+            return []
+        text = self.restore_re.sub(lambda m: _original(originals, m), piece)
+        return self.tok.encode(text, add_special=False, parse_special=False)
+
+    def _rstrips(self, special: str) -> bool:
+        """Whether the tokenizer swallows the whitespace after this token when it
+        parses special text (llama.cpp's RSTRIP attribute, e.g. Phi-3's)."""
+        if special not in self._strips:
+            enc = self.tok.encode
+            self._strips[special] = (enc(special + " a", add_special=False, parse_special=True)
+                                     == enc(special + "a", add_special=False, parse_special=True))
+        return self._strips[special]
+
+
+def _literals(texts: list[str]) -> re.Pattern:
+    """Leftmost-longest match of any of ``texts`` (longest first). The lookahead on
+    their first characters lets the scan skip other positions at C speed: the
+    scan holds the GIL, and prompts can be long."""
+    first = "".join(sorted({re.escape(t[0]) for t in texts}))
+    return re.compile(f"(?=[{first}])(?:{'|'.join(map(re.escape, texts))})")
+
+
+_SPACE = re.compile(r"[ \t\n\v\f\r]*")   # what a stripping token swallows (C isspace)
+
+
+def _original(originals: Sequence[str], m: re.Match) -> str:
+    k = int(m.group(1))
+    return originals[k] if k < len(originals) else ""   # a placeholder the template made up
 
 
 def _token_text(tokenizer, token_id: int | None) -> str:

@@ -2,7 +2,9 @@
 
 One request at a time (batch 1). The server runs ``Engine.generate`` on its
 worker thread and receives each complete text piece through ``on_token``.
-Cancellation and the deadline are checked between tokens.
+Cancellation and the deadline are checked between tokens and between prefill
+chunks; a backend states its chunk (``prefill_chunk``) so that one chunk is a
+short time on it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from orcd.detok import StreamDecoder
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
 from orcd.ops.sampling import SamplingParams
 
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the attention scratch
+PREFILL_CHUNK = 512  # prompt tokens per forward (unless the backend states its own)
 MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused
 
 
@@ -205,11 +207,13 @@ class Engine:
                               (time.perf_counter() - t_first) * 1000, seed=params.seed)
 
     def _prefill(self, runner, prompt: list[int], req: GenerateRequest):
-        """Logits after the prompt, fed in chunks; cancellation is checked between them."""
+        """Logits after the prompt, fed in chunks; cancellation and the deadline are
+        checked between them, so a job overruns its deadline by at most one chunk."""
+        chunk = getattr(self.lm.backend, "prefill_chunk", PREFILL_CHUNK)
         logits = None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        for start in range(0, len(prompt), chunk):
             self._interrupt(req)
-            logits = runner.forward(prompt[start:start + PREFILL_CHUNK], start)
+            logits = runner.forward(prompt[start:start + chunk], start)
         return logits
 
     @staticmethod

@@ -104,6 +104,9 @@ class CpuOps:
 
 class CpuBackend:
     name = "cpu-reference"
+    #: prompt tokens per prefill forward: small, because the engine checks cancellation
+    #: and the inference deadline only between forwards (a 0.5B model: ~0.5 s a chunk)
+    prefill_chunk = 64
 
     def __init__(self, activation_rounding: str = "none") -> None:
         self.ops = CpuOps(activation_rounding)

@@ -43,7 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="jobs that may wait behind the running one (default 16)")
     p.add_argument("--callback-url", metavar="URL", help="POST worker details here when ready")
     p.add_argument("--api-key", metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(visible in ps: prefer ORCD_API_KEY or --api-key-file)")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="read the API key from the first line of this file")
+    p.add_argument("--body-timeout-sec", type=float, default=30.0, metavar="S",
+                   help="a request body must arrive within this (default 30; then 408)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="HTTP requests in progress at once; more get 503 (default 256)")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="a tokenizer.json to use instead of the GGUF vocabulary")
@@ -81,8 +88,11 @@ def validate(args) -> dict:
         raise UsageError(f"--queue-size must be 0 or more, got {args.queue_size}")
     if not args.residency_check_sec > 0:
         raise UsageError(f"--residency-check-sec must be positive, got {args.residency_check_sec}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("--api-key must not be empty")
+    api_key = _api_key(args)
+    if not args.body_timeout_sec > 0:
+        raise UsageError(f"--body-timeout-sec must be positive, got {args.body_timeout_sec}")
+    if args.max_connections < 1:
+        raise UsageError(f"--max-connections must be 1 or more, got {args.max_connections}")
     if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
         raise UsageError(f"--callback-url {args.callback_url!r} must be an http(s) URL")
     model_ref, model_path = _model(args.model)
@@ -91,7 +101,39 @@ def validate(args) -> dict:
     device = "cpu" if args.device == "cpu" else _gpu(args.gpu_device or 0)
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
-            "device": device}
+            "device": device, "api_key": api_key}
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else --api-key-file, else $ORCD_API_KEY (the last two keep the
+    key out of the process list)."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file {args.api_key_file}: {e}") from None
+        if not key:
+            raise UsageError(f"--api-key-file {args.api_key_file}: the file holds no key")
+        return key
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise UsageError("--api-key must not be empty")
+        return args.api_key
+    env = os.environ.get("ORCD_API_KEY")
+    if env is not None and not env.strip():
+        raise UsageError("ORCD_API_KEY is set but empty")
+    return env.strip() if env else None
+
+
+def _warn_if_exposed(host: str, api_key: str | None) -> None:
+    from orcd.server.gate import is_loopback
+    if api_key is None and not is_loopback(host):
+        print(f"orcd serve: warning: listening on {host} without an API key: anyone who "
+              f"can reach this address can run and stop jobs (set ORCD_API_KEY or "
+              f"--api-key-file)", file=sys.stderr)
 
 
 def _positive(args, attr: str, flag: str, allow_none: bool = False) -> None:
@@ -151,12 +193,14 @@ def run(args) -> int:
         return 1
     from orcd.server.runner import serve
     from orcd.server.state import ServerConfig
+    _warn_if_exposed(args.host, checked["api_key"])
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     config = ServerConfig(
         model_path=checked["model_path"], model_ref=checked["model_ref"],
         worker_id=checked["worker_id"], device=checked["device"], ctx_size=args.ctx_size,
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
         kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
-        callback_url=args.callback_url, api_key=args.api_key, log_prompts=args.log_prompts,
+        callback_url=args.callback_url, api_key=checked["api_key"], log_prompts=args.log_prompts,
+        body_timeout_s=args.body_timeout_sec, max_connections=args.max_connections,
         residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer, public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)

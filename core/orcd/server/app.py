@@ -11,7 +11,8 @@ within ``shutdown_deadline_s`` and is then cancelled, the model is freed.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ctypes
+import ctypes.util
 import json
 import threading
 import time
@@ -20,16 +21,19 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orcd.errors import InvalidRequest, OrcdError, Unauthorized, Unavailable
-from orcd.server.http import error_response, read_body
+from orcd.errors import InternalError, InvalidRequest, OrcdError
+from orcd.server.gate import Gate
+from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFound,
+                              error_response, read_body)
 from orcd.server.narration import LoadProgress, Narrator
 from orcd.server.openai_api import router as openai_router
 from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
-from orcd.server.state import ServerConfig, ServerState
-from orcd.server.worker import Worker
+from orcd.server.state import Planned, ServerConfig, ServerState
+from orcd.server.worker import ShutdownCancelled, Worker
 
 #: how often the inference thread, when idle, checks that the weights are resident
 IDLE_REFRESH_S = 5.0   # how often an idle worker refreshes memory figures and maybe checks residency
@@ -65,34 +69,6 @@ def kv_budget_ctx(hp, n_ctx: int, kv_cache_mb: int) -> int:
     return min(n_ctx, fits)
 
 
-class Gate:
-    """Pure ASGI middleware (it must not buffer SSE): bearer auth and the
-    loading gate for every endpoint but /health."""
-
-    def __init__(self, app, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        err = self._refuse(scope)
-        if err is not None:
-            return await error_response(err, scope["path"])(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-    def _refuse(self, scope) -> OrcdError | None:
-        key = self.state.config.api_key
-        if key:
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                       key.encode()):
-                return Unauthorized("missing or wrong bearer token")
-        if self.state.status == "loading":   # SIGTERM still stops a loading worker
-            return Unavailable("the model is loading")
-        return None
-
-
 def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
                loader: Loader = load_for_serving) -> FastAPI:
     narrator = narrator or Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
@@ -118,11 +94,32 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
 
     @app.exception_handler(OrcdError)
     async def _orcd_error(request: Request, err: OrcdError):
+        if isinstance(err, (ClientGone, BodyTimeout)):   # one line, never a traceback
+            narrator.event("client_dropped", path=request.url.path, reason=err.message)
         return error_response(err, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        where = f"{request.method} {request.url.path}"
+        err = (NotFound(f"no such endpoint: {where}") if exc.status_code == 404 else
+               MethodNotAllowed(f"method not allowed: {where}") if exc.status_code == 405 else
+               InvalidRequest(str(exc.detail)))
+        err.http_status = exc.status_code
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):   # a bug: still the API's shape
+        narrator.event("error", where=request.url.path, code="INTERNAL",
+                       message=f"{type(exc).__name__}: {exc}")
+        return error_response(InternalError("internal error (see the worker's log)"),
+                              request.url.path)
 
     @app.get("/health")
     async def health():
-        return state.health()
+        # 200 only when a job sent now would be taken; the same body either way
+        ok = state.can_take_work()
+        return JSONResponse(state.health(), status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics():
@@ -130,21 +127,16 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
 
     @app.post("/execute")
     async def execute(request: Request):
-        req: ExecuteRequest = parse(ExecuteRequest, await read_body(request,
-                                                                   config.max_body_bytes))
-        state.require_ready()
-        sampling = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                                  seed=req.seed)
-        ids = await state.encode(req.prompt)
-        stream = state.submit(req.job_id, ids, max_tokens=req.max_tokens, sampling=sampling,
-                              stop=req.stop, prompt_text=req.prompt)
-        return SSEResponse(_execute_frames(stream, config.model_ref, sampling.seed),
+        body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+        planned = await state.off_loop(_prepare_execute, state, body)
+        stream = state.submit(planned)
+        return SSEResponse(_execute_frames(stream, config.model_ref, planned.sampling.seed),
                            on_disconnect=stream.cancel)
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request):
-        req: CancelRequest = parse(CancelRequest, await read_body(request, config.max_body_bytes))
+        body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+        req: CancelRequest = await state.off_loop(parse, CancelRequest, body)
         if state.worker is None:
             state.require_ready()
         status = state.worker.cancel(req.job_id)
@@ -158,6 +150,18 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
 
     app.include_router(openai_router(state))
     return app
+
+
+def _prepare_execute(state: ServerState, body: bytes) -> Planned:
+    """Body → planned job: the CPU work of /execute, on a prep thread."""
+    req: ExecuteRequest = parse(ExecuteRequest, body)
+    state.require_ready()
+    sampling = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                              seed=req.seed)
+    ids = state.encode(req.prompt)   # special-token text parsed, as llama-server's /completion
+    return state.plan(req.job_id, ids, max_tokens=req.max_tokens, sampling=sampling,
+                      stop=req.stop, prompt_text=req.prompt)
 
 
 async def _execute_frames(stream, model: str, seed: int):
@@ -233,7 +237,9 @@ def _chat_template(state: ServerState):
     requests (with its error), not the worker."""
     from orcd.chat import ChatTemplate, TemplateError
     try:
-        return ChatTemplate.for_tokenizer(state.loaded.tokenizer)
+        template = ChatTemplate.for_tokenizer(state.loaded.tokenizer)
+        template.guard(state.loaded.tokenizer)   # built now: it probes every control token
+        return template
     except TemplateError as e:
         state.narrator.event("error", where="chat_template", message=e.message)
         return e
@@ -252,6 +258,7 @@ def _model_facts(state: ServerState) -> dict[str, Any]:
 def _refresh_device_state(state: ServerState) -> None:
     """On the inference thread between jobs: memory by purpose and, where the
     backend offers one, the residency check. /health reads only the cache."""
+    _trim_heap()
     backend = state.loaded.backend
     usage = dict(backend.memory_usage() or {})
     state.metrics.set_memory(usage)
@@ -266,6 +273,24 @@ def _refresh_device_state(state: ServerState) -> None:
         state.health_cache["resident"] = False
         state.status = "unhealthy"
         state.narrator.event("residency_check_failed")
+
+
+def _load_libc():
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None   # glibc only
+
+
+_LIBC = _load_libc()
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc keeps it per thread arena: after a
+    flood of large request bodies RSS would otherwise stay at its peak)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _callback(state: ServerState) -> None:
@@ -296,18 +321,29 @@ def begin_shutdown(state: ServerState, reason: str) -> None:
 async def _drain(state: ServerState) -> None:
     worker, deadline = state.worker, state.config.shutdown_deadline_s
     if worker is not None:
-        worker.cancel_queued()   # only the running job is allowed to finish
+        worker.cancel_queued(ShutdownCancelled)   # only the running job may finish
         finished = await asyncio.to_thread(worker.wait_idle, deadline)
         if not finished:
             state.narrator.event("shutdown", phase="cancel", job_id=worker.running_job_id,
                                  deadline_s=deadline)
-            worker.cancel_all()
+            worker.cancel_all(ShutdownCancelled)
             await asyncio.to_thread(worker.wait_idle, 5.0)
     await asyncio.sleep(0.05)   # let the last SSE frames go out before connections close
     state.request_exit()
 
 
+def hurry_shutdown(state: ServerState) -> None:
+    """A second signal: cancel every job now. Their streams still end with an
+    error event (retriable: another worker can run them); then the drain exits."""
+    worker = state.worker
+    state.narrator.event("shutdown", phase="cancel", reason="second signal",
+                         job_id=worker.running_job_id if worker else None)
+    if worker is not None:
+        worker.cancel_all(ShutdownCancelled)
+
+
 def _free(state: ServerState) -> None:
+    state.prep.shutdown(wait=False, cancel_futures=True)
     if state.worker is not None:
         state.worker.stop()
     if state.loaded is not None:

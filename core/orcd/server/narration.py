@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 EVENTS = ("startup", "model_load_start", "model_load_progress", "model_load_complete", "ready",
-          "execute_start", "execute_end", "error", "shutdown", "residency_check_failed")
+          "execute_start", "execute_end", "error", "shutdown", "residency_check_failed",
+          "client_dropped", "client_refused", "warning")
 
 
 class Narrator:

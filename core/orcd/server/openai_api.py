@@ -24,7 +24,7 @@ from orcd.errors import InvalidRequest, OrcdError
 from orcd.server.http import openai_error, read_body
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
-from orcd.server.state import JobStream, ServerState
+from orcd.server.state import JobStream, Planned, ServerState
 
 FINISH = {"eog": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 FINGERPRINT = f"orcd-{__version__}"
@@ -70,13 +70,9 @@ def router(state: ServerState) -> APIRouter:
 
     @r.post("/completions")
     async def completions(request: Request):
-        req: CompletionRequest = parse(CompletionRequest,
-                                       await read_body(request, cfg.max_body_bytes))
-        state.require_ready()
-        if req.echo:
-            raise InvalidRequest("echo is not supported", field="echo")
-        ids = await _completion_prompt(state, req.prompt)
-        stream = _submit(state, "cmpl", ids, req, req.max_tokens)
+        body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+        req, planned = await state.off_loop(_prepare_completion, state, body)
+        stream = state.submit(planned)
         meta = _meta(stream, "text_completion", cfg.model_ref)
         if req.stream:
             include = _include_usage(req, meta)
@@ -96,21 +92,9 @@ def router(state: ServerState) -> APIRouter:
 
     @r.post("/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = parse(ChatCompletionRequest,
-                                           await read_body(request, cfg.max_body_bytes))
-        state.require_ready()
-        messages = normalize_messages(req.messages)
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.tools is not None:
-            kwargs["tools"] = req.tools
-        if req.reasoning_effort is not None:
-            kwargs["reasoning_effort"] = req.reasoning_effort
-        if isinstance(state.chat_template, OrcdError):
-            raise state.chat_template
-        ids = state.chat_template.prompt_ids(state.loaded.tokenizer, messages,
-                                             add_generation_prompt=True, **kwargs)
-        stream = _submit(state, "chatcmpl", ids, req,
-                               req.max_completion_tokens or req.max_tokens)
+        body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+        req, planned = await state.off_loop(_prepare_chat, state, body)
+        stream = state.submit(planned)
         meta = _meta(stream, "chat.completion.chunk" if req.stream else "chat.completion",
                      cfg.model_ref)
         splitter = OutputSplitter(state.loaded.output_parser)
@@ -141,18 +125,60 @@ def router(state: ServerState) -> APIRouter:
     return r
 
 
-async def _completion_prompt(state: ServerState, prompt) -> list[int]:
+# -- request → planned job (CPU work: on the prep threads, never the event loop) --
+
+def _prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, Planned]:
+    req: CompletionRequest = parse(CompletionRequest, body)
+    state.require_ready()
+    if req.echo:
+        raise InvalidRequest("echo is not supported", field="echo")
+    ids = _completion_prompt(state, req.prompt)
+    return req, _plan(state, "cmpl", ids, req, req.max_tokens)
+
+
+def _completion_prompt(state: ServerState, prompt) -> list[int]:
     if isinstance(prompt, str):
         text = prompt
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)   # token ids, as OpenAI allows
-    elif len(prompt) == 1 and isinstance(prompt[0], str):
+    elif all(type(p) is int for p in prompt):
+        return list(prompt)   # token ids, as OpenAI allows (the engine checks each)
+    elif len(prompt) == 1:
         text = prompt[0]
     else:
         raise InvalidRequest("prompt must be one string or one list of token ids", field="prompt")
     if not text:
         raise InvalidRequest("prompt must not be empty", field="prompt")
-    return await state.encode(text)
+    state.check_prompt_chars(len(text), "prompt")
+    return state.encode(text)
+
+
+def _prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, Planned]:
+    req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
+    state.require_ready()
+    ids = _chat_prompt_ids(state, req)
+    return req, _plan(state, "chatcmpl", ids, req, req.max_completion_tokens or req.max_tokens)
+
+
+def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    """Render the model's template and tokenize; message text stays text (chat.py)."""
+    messages = normalize_messages(req.messages)
+    state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+    variables = dict(req.chat_template_kwargs or {})
+    # llama-server lets chat_template_kwargs set add_generation_prompt (continue a turn)
+    generation_prompt = variables.pop("add_generation_prompt", True)
+    if not isinstance(generation_prompt, bool):
+        raise InvalidRequest("chat_template_kwargs.add_generation_prompt must be a boolean",
+                             field="chat_template_kwargs.add_generation_prompt")
+    extra: dict[str, Any] = {}
+    if req.tools is not None:
+        extra["tools"] = req.tools
+    if req.reasoning_effort is not None:
+        extra["reasoning_effort"] = req.reasoning_effort
+    if isinstance(state.chat_template, OrcdError):
+        raise state.chat_template
+    return state.chat_template.prompt_ids(state.loaded.tokenizer, messages,
+                                          add_generation_prompt=generation_prompt,
+                                          variables=variables,
+                                          max_chars=state.prompt_char_limit, **extra)
 
 
 async def _watched(request: Request, stream: JobStream):
@@ -170,14 +196,13 @@ async def _watched(request: Request, stream: JobStream):
         watcher.cancel()
 
 
-def _submit(state: ServerState, prefix: str, ids: list[int], req, max_tokens: int | None):
+def _plan(state: ServerState, prefix: str, ids: list[int], req,
+          max_tokens: int | None) -> Planned:
     sampling = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                               seed=req.seed)
-    job_id = f"{prefix}-{uuid.uuid4().hex}"
-    stream = state.submit(job_id, ids, max_tokens=max_tokens, sampling=sampling,
-                          stop=req.stops(), prompt_text=None)
-    return stream
+    return state.plan(f"{prefix}-{uuid.uuid4().hex}", ids, max_tokens=max_tokens,
+                      sampling=sampling, stop=req.stops(), prompt_text=None)
 
 
 def _include_usage(req, meta: dict) -> bool:

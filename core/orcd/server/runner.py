@@ -4,17 +4,20 @@ uvicorn's own signal handling stops accepting connections at once and, after
 shutting down, re-raises the signal (so the exit status would not be 0). The
 worker instead treats SIGTERM / SIGINT like POST /shutdown: new work gets 503,
 the running job may finish within the deadline and is then cancelled, the
-model is freed, and ``serve`` returns 0. A second signal forces the exit.
+model is freed, and ``serve`` returns 0. A second signal cancels the running
+job at once (its stream still ends with an ``error`` event, retriable) and the
+same orderly exit follows; only a third forces the exit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
 import uvicorn
 
-from orcd.server.app import begin_shutdown, create_app
+from orcd.server.app import begin_shutdown, create_app, hurry_shutdown
 from orcd.server.state import ServerConfig, ServerState
 
 
@@ -23,21 +26,26 @@ class WorkerServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.signals: list[int] = []
+        self.hurried = False
 
     def handle_exit(self, sig: int, frame) -> None:
         # Runs inside a signal handler: only record; the event loop acts on it in on_tick.
         # Not appended to uvicorn's _captured_signals, so nothing is re-raised afterwards.
         self.signals.append(sig)
-        if len(self.signals) > 1:
+        if len(self.signals) > 2:
             self.force_exit = self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.signals and self.state.shutdown_task is None:
             begin_shutdown(self.state, signal.Signals(self.signals[0]).name)
+        if len(self.signals) == 2 and not self.hurried:
+            self.hurried = True
+            hurry_shutdown(self.state)
         return bool(await super().on_tick(counter))
 
 
 def build_server(config: ServerConfig, host: str, port: int, **app_options) -> WorkerServer:
+    config = dataclasses.replace(config, bind_host=host)
     app = create_app(config, **app_options)
     state: ServerState = app.state.orcd
     uv = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -48,6 +56,7 @@ def build_server(config: ServerConfig, host: str, port: int, **app_options) -> W
 
 
 def serve(config: ServerConfig, host: str, port: int) -> int:
+    _raise_open_file_limit(config.max_connections + 256)
     server = build_server(config, host, port)
     server.run()
     err = server.state.load_error
@@ -57,3 +66,16 @@ def serve(config: ServerConfig, host: str, port: int) -> int:
         print(f"orcd serve: error [{code}]: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _raise_open_file_limit(want: int) -> None:
+    """Every connection is a file descriptor: lift the soft limit (often 1024)
+    toward the hard one so --max-connections, not EMFILE, is what refuses."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            top = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    except (ImportError, ValueError, OSError):   # not POSIX, or not allowed: keep the limit
+        pass

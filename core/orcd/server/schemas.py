@@ -5,7 +5,7 @@ are ignored, so newer clients keep working)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -15,7 +15,11 @@ MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS_LIMIT = 2048
 MAX_STOPS = 4
 MAX_STOP_TOKENS = 32
+MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_STOP_TOKENS)
+MAX_JSON_DEPTH = 64      # deeper bodies are refused before anything walks them
 UINT64_MAX = 2**64 - 1
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 def _check_stops(v: list[str]) -> list[str]:
@@ -23,6 +27,8 @@ def _check_stops(v: list[str]) -> list[str]:
         raise ValueError(f"at most {MAX_STOPS} stop strings")
     if any(s == "" for s in v):
         raise ValueError("stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in v):
+        raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
     return v
 
 
@@ -37,7 +43,7 @@ class ExecuteRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)          # upper bound (vocab size) checked by the app
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
     @field_validator("stop")
@@ -102,9 +108,19 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Any   # one string, a list of strings, or a list of token ids (see below)
     max_tokens: Optional[int] = Field(default=16, ge=1)   # OpenAI's default for completions
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        # checked by hand: pydantic's lax ints would take [true, false] as token ids
+        if isinstance(v, str) or (isinstance(v, list) and v and (
+                all(isinstance(p, str) for p in v)
+                or all(type(p) is int for p in v))):
+            return v
+        raise ValueError("prompt must be a string, a list of strings or a list of token ids")
 
 
 class ChatCompletionRequest(_OpenAIBase):
@@ -116,11 +132,16 @@ class ChatCompletionRequest(_OpenAIBase):
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
-    """Bytes -> a validated model, or InvalidRequest naming the first bad field."""
+    """Bytes -> a validated model, or InvalidRequest naming the first bad field.
+    CPU work for a large body: call it off the event loop."""
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:   # nested beyond the parser's own stack
+        raise InvalidRequest(f"the body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(obj, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:
@@ -131,6 +152,23 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         where = f"{field}: " if field else ""
         kind = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         raise InvalidRequest(f"{where}{kind}", field=field) from None
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), walked without recursion;
+    stops counting once past MAX_JSON_DEPTH."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            d += 1
+            if d > deepest:
+                deepest = d
+                if d > MAX_JSON_DEPTH:
+                    return d
+            stack.extend((v, d) for v in (x.values() if isinstance(x, dict) else x)
+                         if isinstance(v, (dict, list)))
+    return deepest
 
 
 __all__ = ["ExecuteRequest", "CancelRequest", "CompletionRequest", "ChatCompletionRequest",

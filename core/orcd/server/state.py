@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -15,8 +16,16 @@ from orcd.errors import InvalidRequest, Unavailable
 from orcd.ops.sampling import SamplingParams
 from orcd.server.metrics import Metrics
 from orcd.server.narration import Narrator
-from orcd.server.schemas import MAX_STOP_TOKENS
+from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
 from orcd.server.worker import Job, Worker
+
+#: /v1 prompts may have this many characters per token of context (at least
+#: MAX_PROMPT_CHARS): checked before tokenizing, which costs time and memory
+#: in proportion to the text
+CHARS_PER_CONTEXT_TOKEN = 8
+#: threads that parse, render and tokenize requests (off the event loop; bounded,
+#: so a flood of large bodies queues here instead of holding memory in parallel)
+PREP_THREADS = 2
 
 
 @dataclass
@@ -38,6 +47,9 @@ class ServerConfig:
     tokenizer_path: str | None = None   # an explicit tokenizer.json (wins over the GGUF vocab)
     residency_interval_s: float = 60.0  # between checks that weights are still device memory
     public_url: str | None = None       # where this worker is reachable (for the callback)
+    bind_host: str = "127.0.0.1"        # on loopback, only loopback Host names are answered
+    body_timeout_s: float = 30.0        # the whole request body must arrive within this
+    max_connections: int = 256          # HTTP requests in progress at once (beyond: 503)
 
     @property
     def health_device(self) -> str:
@@ -64,8 +76,13 @@ class ServerState:
         self.request_exit: Callable[[], None] = lambda: None   # set by whoever runs uvicorn
         self.shutdown_task: asyncio.Task | None = None
         self.last_residency_check = float("-inf")
+        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="orcd-prep")
 
     # -- cached state for /health (no device calls on the request path) --------
+    def can_take_work(self) -> bool:
+        """/health answers 200 only then (503 while loading, unhealthy or draining)."""
+        return self.status == "healthy" and self.accepting and self.worker is not None
+
     def health(self) -> dict[str, Any]:
         cfg = self.config
         out = {"status": self.status, "model": cfg.model_ref, "resident": False,
@@ -89,11 +106,28 @@ class ServerState:
             raise Unavailable(f"the worker is {self.status}")
 
     # -- requests → jobs ----------------------------------------------------------
-    async def encode(self, text: str) -> list[int]:
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work (JSON parsing, templating, tokenizing) on the prep threads:
+        the event loop never waits on it, so /health and running streams stay live."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
+    @property
+    def prompt_char_limit(self) -> int:
+        return max(MAX_PROMPT_CHARS, CHARS_PER_CONTEXT_TOKEN * self.loaded.n_ctx)
+
+    def check_prompt_chars(self, n_chars: int, field: str) -> None:
+        """Refuse a prompt too long for any context before tokenizing it."""
+        limit = self.prompt_char_limit
+        if n_chars > limit:
+            raise InvalidRequest(f"the prompt has {n_chars} characters; at most {limit} are "
+                                 f"accepted ({CHARS_PER_CONTEXT_TOKEN} per token of the "
+                                 f"{self.loaded.n_ctx}-token context)", field=field)
+
+    def encode(self, text: str) -> list[int]:
         """Raw prompt text → ids, special-token text parsed as the special token
-        (as llama-server's /completion). Off the event loop: 32k chars take a while."""
+        (as llama-server's /completion). CPU work: call it through ``off_loop``."""
         tok = self.loaded.tokenizer
-        return await asyncio.to_thread(tok.encode, text, add_special=True, parse_special=True)
+        return tok.encode(text, add_special=True, parse_special=True)
 
     def sampling(self, *, temperature: float, top_p: float, top_k: int, min_p: float,
                  repetition_penalty: float, seed: int | None) -> SamplingParams:
@@ -122,20 +156,36 @@ class ServerState:
                                  field="max_tokens")
         return requested
 
-    def submit(self, job_id: str, prompt_ids: list[int], *, max_tokens: int | None,
-               sampling: SamplingParams, stop: Sequence[str], prompt_text: str | None
-               ) -> JobStream:
-        """Validate against the model, then queue. Raises InvalidRequest (400),
-        DuplicateJob (409) or Unavailable (503) before any event is sent."""
+    def plan(self, job_id: str, prompt_ids: list[int], *, max_tokens: int | None,
+             sampling: SamplingParams, stop: Sequence[str], prompt_text: str | None) -> Planned:
+        """Validate a job against the model (CPU work: through ``off_loop``).
+        Raises InvalidRequest (400) or Unavailable (503)."""
         self.require_ready()
         self.check_stops(stop)
         n = self.max_tokens(max_tokens, len(prompt_ids))
         self.engine.check(GenerateRequest(prompt_ids, n, sampling, stop))
-        stream = JobStream(job_id, asyncio.get_running_loop(), self.worker)
-        job = Job(job_id, prompt_ids, n, sampling, stream.sink, stop,
-                  timeout_s=self.config.inference_timeout_s, prompt_text=prompt_text)
+        return Planned(job_id, prompt_ids, n, sampling, list(stop), prompt_text)
+
+    def submit(self, p: Planned) -> JobStream:
+        """Queue a planned job (on the event loop). Raises DuplicateJob (409) or
+        Unavailable (503) before any event is sent."""
+        self.require_ready()
+        stream = JobStream(p.job_id, asyncio.get_running_loop(), self.worker)
+        job = Job(p.job_id, p.prompt_ids, p.max_tokens, p.sampling, stream.sink, p.stop,
+                  timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text)
         self.worker.submit(job)
         return stream
+
+
+@dataclass
+class Planned:
+    """A validated job, ready to queue."""
+    job_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    prompt_text: str | None
 
 
 class JobStream:

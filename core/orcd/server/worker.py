@@ -28,6 +28,11 @@ from orcd.ops.sampling import SamplingParams
 Sink = Callable[[str, Any], None]
 
 
+class ShutdownCancelled(Cancelled):
+    """Cancelled because the worker is shutting down: another worker can run it."""
+    retriable = True
+
+
 @dataclass
 class Job:
     job_id: str
@@ -39,6 +44,7 @@ class Job:
     timeout_s: float = 300.0
     prompt_text: str | None = None   # only for narration with --log-prompts
     cancel_flag: threading.Event = field(default_factory=threading.Event)
+    cancel_as: type[Cancelled] = Cancelled   # the error a cancelled job ends with
 
     def request(self) -> GenerateRequest:
         # the deadline starts when the job starts running, not while it waits
@@ -95,13 +101,16 @@ class Worker:
             self._cv.notify_all()
             return ahead
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, why: type[Cancelled] = Cancelled) -> str:
         """Cancel a queued or running job: "cancelled" (was queued, now gone),
-        "cancelling" (running; it stops at the next token) or "unknown"."""
+        "cancelling" (running; it stops at the next token) or "unknown". The job
+        ends with a ``why`` error (ShutdownCancelled: retriable)."""
         with self._cv:
             job = self._jobs.get(job_id)
             if job is None:
                 return "unknown"
+            if not job.cancel_flag.is_set():
+                job.cancel_as = why
             job.cancel_flag.set()
             if job is self._running:
                 return "cancelling"
@@ -109,20 +118,20 @@ class Worker:
             del self._jobs[job_id]
             self.metrics.queue_depth.set(len(self._queue))
             self._cv.notify_all()
-        self._finish(job, Cancelled("the request was cancelled while queued"))
+        self._finish(job, job.cancel_as(_cancel_message(job.cancel_as, "while queued")))
         return "cancelled"
 
-    def cancel_queued(self) -> None:
+    def cancel_queued(self, why: type[Cancelled] = Cancelled) -> None:
         with self._cv:
             ids = [job.job_id for job in self._queue]
         for job_id in ids:
-            self.cancel(job_id)
+            self.cancel(job_id, why)
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, why: type[Cancelled] = Cancelled) -> None:
         with self._cv:
             ids = list(self._jobs)
         for job_id in ids:
-            self.cancel(job_id)
+            self.cancel(job_id, why)
 
     @property
     def running_job_id(self) -> str | None:
@@ -143,7 +152,7 @@ class Worker:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self.cancel_all()
+        self.cancel_all(ShutdownCancelled)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -177,7 +186,7 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         if job.cancel_flag.is_set():
-            self._finish(job, Cancelled("the request was cancelled"))
+            self._finish(job, job.cancel_as(_cancel_message(job.cancel_as)))
             return
         self.narrator.event("execute_start", job_id=job.job_id, prompt=job.prompt_text,
                             prompt_tokens=len(job.prompt_ids), max_tokens=job.max_tokens,
@@ -194,6 +203,8 @@ class Worker:
 
         try:
             result = self.engine.generate(job.request(), on_token)
+        except Cancelled:
+            self._finish(job, job.cancel_as(_cancel_message(job.cancel_as)))
         except OrcdError as e:
             self._finish(job, e)
         except Exception as e:  # an engine bug becomes an INTERNAL error event, never a hang
@@ -218,3 +229,9 @@ class Worker:
             if outcome == "error":
                 self.narrator.event("error", job_id=job.job_id, **err.to_dict())
             job.sink("error", err)
+
+
+def _cancel_message(why: type[Cancelled], when: str = "") -> str:
+    what = ("the worker is shutting down; the request was cancelled"
+            if issubclass(why, ShutdownCancelled) else "the request was cancelled")
+    return f"{what} {when}".rstrip()

@@ -96,6 +96,12 @@ def _rstrip_re(texts: tuple[str, ...]) -> re.Pattern | None:
     return re.compile(f"({alts})[ \t\n\v\f\r]+")
 
 
+def _encode_one(tok: HFTok, text: str, add_special_tokens: bool) -> list[int]:
+    # encode_batch releases the GIL while it works (encode holds it: a 1 MB prompt
+    # would freeze the server's event loop for a second); the ids are the same
+    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+
 class HFBackedTokenizer:
     def __init__(self, tok: HFTok, info: TokenizerInfo, piece_bytes: Callable[[], list[bytes]]):
         self._tok = tok
@@ -138,8 +144,8 @@ class HFBackedTokenizer:
             text = rstrip.sub(r"\1", text)
         tok = self._tok if parse_special else self._plain()
         if self._info.hf_post_process:
-            return tok.encode(text, add_special_tokens=add_special).ids
-        ids = tok.encode(text, add_special_tokens=False).ids
+            return _encode_one(tok, text, add_special)
+        ids = _encode_one(tok, text, False)
         if add_special:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
