@@ -1,6 +1,8 @@
 """Shared fixtures: the plugin host, tiny synthetic models, the real Qwen file.
 
-GPU tests carry the ``cuda`` marker and are skipped when no GPU is usable.
+GPU tests carry the ``cuda`` marker. Without a usable GPU they are skipped, except
+those also marked ``sim``: they run on the CUDA simulator (orcd.cudasim) where a C++
+compiler is present (tests/cuda/conftest.py hands them simulated fixtures).
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from orcd import cudasim
 from orcd.testing import gpu_available  # the same probe the plugin kit uses
 
 
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
+    simulate = cudasim.available()
     skip = pytest.mark.skip(reason="no usable NVIDIA GPU")
     for item in items:
-        if "cuda" in item.keywords:
+        runs_simulated = simulate and "sim" in item.keywords and "gpu_only" not in item.keywords
+        if "cuda" in item.keywords and not runs_simulated:
             item.add_marker(skip)
 
 

@@ -1,7 +1,7 @@
 """The CUDA format structs (core/orcd/quant/*.cuh) built as host C++ and checked
 against the numpy references, so CI without a GPU still tests the device code.
 
-tests/kernel_host/shim.h stands in for the CUDA builtins; driver.cpp runs every
+core/orcd/cudasim/builtins.h (the simulator's per-thread builtins) stands in for the CUDA ones; driver.cpp runs every
 piece of every block through ``F::load`` (and ``F::dot8`` for the INT8 formats).
 ``load`` must give exactly the numpy dequantizer's values (equal as floats; only
 the sign of MXFP4's zero differs): the structs follow ggml's float expressions in
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "kernel_host" / "driver.cpp"
 QUANT = ROOT / "core" / "orcd" / "quant"
+BUILTINS = ROOT / "core" / "orcd" / "cudasim"
 
 # GGML type ids of every format with device code; the plain floats are read 8 values
 # to a "block" by the kernels (matmul.PLAIN_TYPES), the rest a whole ggml block.
@@ -46,7 +47,7 @@ DOT_RTOL = 1e-5     # dot8's error, relative to sum |w * x| of the piece
 def driver(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("kernel_host") / "driver"
     build = subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas",
-                            "-ffp-contract=off", f"-I{QUANT}", "-o", str(exe), str(DRIVER)],
+                            "-ffp-contract=off", f"-I{QUANT}", f"-I{BUILTINS}", "-o", str(exe), str(DRIVER)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     return exe
@@ -191,7 +192,7 @@ def test_q8_0_with_minus_128(driver, host):
 
 
 def test_shim_half_conversions(driver, host):
-    """shim.h's f16/bf16 conversions against numpy: every bit pattern to float32, and
+    """builtins.h's f16/bf16 conversions against numpy: every bit pattern to float32, and
     float32 to half with round-to-nearest-even through ties, subnormals and overflow."""
     rng = np.random.default_rng(3)
     bits = np.arange(1 << 16, dtype=np.uint32)

@@ -113,6 +113,24 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
     raise AssertionError("the worker did not become healthy")
 
 
+def signal_mid_stream(proc: subprocess.Popen, url: str, signals: list, max_tokens: int):
+    """Once a stream runs, send ``signals`` 0.3 s apart: (exit code, events, stderr)."""
+    try:
+        wait_healthy(proc, url)
+        st = SSEStream(f"{url}/execute", {"job_id": "sig", "prompt": "Hello", "temperature": 0,
+                                          "max_tokens": max_tokens})
+        st.wait_for("token")
+        for i, sig in enumerate(signals):
+            time.sleep(0.3 if i else 0)
+            proc.send_signal(sig)
+        rc = proc.wait(30)
+        events = st.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, events, proc.stderr.read()
+
+
 def narration(stderr: str) -> list[dict]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
@@ -120,18 +138,7 @@ def narration(stderr: str) -> list[dict]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_the_running_job_and_exits_0(tiny, sig):
     proc, url = start(["--model", tiny, "--ctx-size", "4096"])
-    try:
-        wait_healthy(proc, url)
-        st = SSEStream(f"{url}/execute", {"job_id": "sig", "prompt": "Hello", "temperature": 0,
-                                          "max_tokens": 400})
-        st.wait_for("token")
-        proc.send_signal(sig)
-        rc = proc.wait(30)
-        events = st.join()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.stderr.read()
+    rc, events, err = signal_mid_stream(proc, url, [sig], max_tokens=400)
     assert rc == 0, err
     # finished within the 5 s deadline or was cancelled then: either way, one terminal event
     assert [k for k, _ in events if k in ("end", "error")] == [events[-1][0]]
@@ -183,21 +190,8 @@ def test_second_sigterm_still_ends_every_stream(tiny):
                              "cpu", "--host", "0.0.0.0", "--port", str(port)],
                             stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "ORCD_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url)
-        st = SSEStream(f"{url}/execute", {"job_id": "two", "prompt": "Hello",
-                                          "temperature": 0, "max_tokens": 2000})
-        st.wait_for("token")
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-        events = st.join()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.stderr.read()
+    rc, events, err = signal_mid_stream(proc, f"http://127.0.0.1:{port}",
+                                        [signal.SIGTERM, signal.SIGTERM], max_tokens=2000)
     assert rc == 0, err
     assert events[-1][0] == "error", events[-3:]
     assert events[-1][1]["code"] == "CANCELLED" and events[-1][1]["retriable"] is True

@@ -19,7 +19,7 @@ import pytest
 from orcd.chat import ChatTemplate
 from orcd.server.app import load_for_serving
 from orcd.server.testing import SSEStream, running_server
-from test_server import LONG, config, paced
+from test_server import LONG, _idle_worker, config, paced  # noqa: F401 (autouse)
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
@@ -56,15 +56,6 @@ def srv(tiny_model):
     cfg = config(tiny_model("qwen2-tiny"), max_connections=4, body_timeout_s=1.0)
     with running_server(cfg, loader=slow_encode(0.0)) as s:
         yield s
-
-
-@pytest.fixture(autouse=True)
-def _idle(request):
-    yield
-    if "srv" in request.fixturenames:
-        s = request.getfixturevalue("srv")
-        s.state.worker.cancel_all()
-        assert s.state.worker.wait_idle(10)
 
 
 class LogRecords(logging.Handler):

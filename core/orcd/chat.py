@@ -164,8 +164,8 @@ class SpecialTextGuard:
         self.control = {t: i for t, i in specials.items() if t and tokenizer.encode(
             t, add_special=False, parse_special=False) != [i]}
         by_length = sorted(self.control, key=len, reverse=True)
-        self.split_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
-        self.mask_re = re.compile("|".join(map(re.escape, [*by_length, self.OPEN, self.CLOSE])))
+        self.split_re = _literals(by_length) if by_length else None
+        self.mask_re = _literals([*by_length, self.OPEN, self.CLOSE])
         self.restore_re = re.compile(f"{self.OPEN}(\\d+){self.CLOSE}")
         self._strips: dict[str, bool] = {}   # filled once per token; then only read
 
@@ -227,6 +227,14 @@ class SpecialTextGuard:
             self._strips[special] = (enc(special + " a", add_special=False, parse_special=True)
                                      == enc(special + "a", add_special=False, parse_special=True))
         return self._strips[special]
+
+
+def _literals(texts: list[str]) -> re.Pattern:
+    """Leftmost-longest match of any of ``texts`` (longest first). The lookahead on
+    their first characters lets the scan skip other positions at C speed: the
+    scan holds the GIL, and prompts can be long."""
+    first = "".join(sorted({re.escape(t[0]) for t in texts}))
+    return re.compile(f"(?=[{first}])(?:{'|'.join(map(re.escape, texts))})")
 
 
 _SPACE = re.compile(r"[ \t\n\v\f\r]*")   # what a stripping token swallows (C isspace)

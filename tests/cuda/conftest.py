@@ -1,6 +1,10 @@
 """Fixtures every CUDA test module shares: one device, allocator, kernel compiler
 and launcher for the whole session, and the ``gpu`` rig over them (gpu_rig.Gpu).
 
+Without a GPU the same fixtures come from the CUDA simulator (orcd.cudasim): the
+tests also marked ``sim`` run there (tests/conftest.py skips the others), so CI runs
+the real kernel sources through the real launchers on the CPU.
+
 Nothing CUDA is imported at import time: CI has no GPU, collects these modules
 and skips them (tests/conftest.py), and importing orcd must not touch CUDA.
 """
@@ -14,9 +18,23 @@ import pytest
 
 from gpu_rig import Gpu
 
+from orcd.testing import gpu_available
+
+SIMULATED = not gpu_available()   # decided once: the whole session is on the GPU or on the simulator
+
+
+@pytest.fixture(scope="session")
+def simulated() -> bool:
+    return SIMULATED
+
 
 @pytest.fixture(scope="session")
 def dev():
+    if SIMULATED:
+        from orcd.cudasim import SimDevice
+
+        yield SimDevice()
+        return
     from orcd.cuda.device import CudaDevice
 
     d = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
@@ -26,22 +44,35 @@ def dev():
 
 @pytest.fixture(scope="session")
 def alloc(dev):
-    from orcd.cuda.memory import DeviceAllocator
+    if SIMULATED:
+        from orcd.cudasim import SimAllocator as Allocator
+    else:
+        from orcd.cuda.memory import DeviceAllocator
 
-    a = DeviceAllocator(dev)
+        def Allocator():
+            return DeviceAllocator(dev)
+    a = Allocator()
     yield a
     a.free_all()
 
 
 @pytest.fixture(scope="session")
 def compiler(dev, tmp_path_factory):
+    if SIMULATED:
+        from orcd.cudasim import SimCompiler
+
+        return SimCompiler()   # the on-disk cache: its key covers every input
     from orcd.cuda.nvrtc import KernelCompiler
 
     return KernelCompiler(dev.info.arch, cache=tmp_path_factory.mktemp("kcache"), cuda_headers=True)
 
 
 @pytest.fixture(scope="session")
-def launcher(dev):
+def launcher(dev, alloc):
+    if SIMULATED:
+        from orcd.cudasim import SimLauncher
+
+        return SimLauncher(after=alloc.check)
     from orcd.cuda.launch import Launcher
 
     return Launcher(dev)

@@ -15,9 +15,21 @@ from functools import cached_property
 
 import numpy as np
 
+from orcd.testing import gpu_available
+
+# Without a GPU the tests marked ``sim`` run on the CUDA simulator (orcd.cudasim),
+# which runs kernels thousands of times slower: they take their small shapes.
+SIMULATED = not gpu_available()
+
+
+def sized(full, small):
+    """``full`` on a GPU, ``small`` on the simulator (test parameters)."""
+    return small if SIMULATED else full
+
+
 TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
          "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
-ARENA_BYTES = 256 << 20
+ARENA_BYTES = sized(256 << 20, 32 << 20)
 
 
 def rel(out: np.ndarray, ref: np.ndarray) -> float:
@@ -59,8 +71,9 @@ class Gpu:
     # -- kernel families, each compiled on first access ----------------------------------
 
     # the fp32-activation kernels (int8 ones: tests/cuda/test_int8.py); no default
-    # scratch: pass scratch=gpu.arena
-    mm = _kernels("orcd.ops.matmul", "MatmulKernels", int8="off")
+    # scratch: pass scratch=gpu.arena. The simulator has no cuBLASLt: its prefill GEMM
+    # is the SIMT kernel (gemm_simt.cu), which it runs like any other.
+    mm = _kernels("orcd.ops.matmul", "MatmulKernels", int8="off", gemm="simt" if SIMULATED else "cublaslt")
     norm = _kernels("orcd.ops.norm", "NormKernels")
     rope = _kernels("orcd.ops.rope", "RopeKernels")
     act = _kernels("orcd.ops.activation", "ActivationKernels")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_rig import TYPES, randn, rel
+from gpu_rig import TYPES, randn, rel, sized
 from orcd.ops import attention, rope
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 TOL = 1e-5
 
@@ -39,7 +39,7 @@ QKV_CASES = [  # (formats, n_outs, n_in): Qwen's q/k/v mix, gpt-oss' Q8_0, one o
     (("Q5_0", "Q5_0", "Q8_0"), (896, 128, 128), 896),
     (("Q5_0", "Q5_0", "Q5_0"), (896, 128, 128), 896),
     (("Q8_0", "Q8_0", "Q8_0"), (4096, 512, 512), 2880),
-    (("Q8_0",), (151936,), 896),
+    *sized([(("Q8_0",), (151936,), 896)], []),
     *[((name,), (4864,), 896) for name in TYPES if not name.endswith("_K")],
     *[((name,), (896,), 4864) for name in TYPES if name not in ("F32",)],
 ]
@@ -87,7 +87,8 @@ def test_gated_linear(gpu, host, rng, gate, up, n_ff, n_in):
         assert rel(gpu.get(out), silu64(h @ g64.T) * (h @ u64.T)) < TOL
 
 
-@pytest.mark.parametrize("name,n_ff,n_in", [("Q4_K", 8192, 3072), ("Q4_0", 512, 256)])
+@pytest.mark.parametrize("name,n_ff,n_in", sized([("Q4_K", 8192, 3072), ("Q4_0", 512, 256)],
+                                                 [("Q4_K", 512, 768), ("Q4_0", 512, 256)]))
 def test_gated_linear_fused_gate_up_weight(gpu, host, rng, name, n_ff, n_in):
     # Phi-3's ffn_up: rows [0, n_ff) gate, [n_ff, 2 n_ff) up, one tensor
     x, g = randn(rng, 1, n_in), randn(rng, n_in)

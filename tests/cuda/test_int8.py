@@ -15,7 +15,7 @@ from gpu_rig import rel
 from orcd.ops import moe
 from orcd.ops.matmul import MOE_TILE, Q8Act, quantize_q8_ref
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 INT8_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (2880, 2880)]   # Qwen's projections, GPT-OSS's experts

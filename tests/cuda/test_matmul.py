@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_rig import TYPES, rel
+from gpu_rig import TYPES, rel, sized
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 # Qwen2.5-0.5B's projections: q/o 896x896, gate/up 4864x896, down 896x4864 (n_out, n_in).
-SHAPES = [(896, 896), (4864, 896), (896, 4864)]
+SHAPES = sized([(896, 896), (4864, 896), (896, 4864)], [(96, 256), (160, 512)])
 GEMV_TOL = 1e-5      # fp32 dequant + fp32 accumulation
 GEMM_TOL = 1e-2      # fp16 operands on the tensor cores
 
@@ -44,7 +44,7 @@ def test_linear_every_format(gpu, host, name, shape):
     n_out, n_in = shape
     b_host = rng.standard_normal(n_out).astype(np.float32)
     b = gpu.put(b_host)
-    for T in (1, 3, 8, 17, 64):
+    for T in sized((1, 3, 8, 17, 64), (1, 3, 17)):
         x_host = rng.standard_normal((T, n_in)).astype(np.float32)
         x = gpu.put(x_host)
         bias = b if T in (3, 17) else None
@@ -62,6 +62,7 @@ def test_linear_every_format(gpu, host, name, shape):
             assert np.array_equal(gpu.get(out), first), f"{name} T={T} not deterministic"
 
 
+@pytest.mark.gpu_only   # 136M values: minutes on the simulator
 def test_output_projection_q8_0(gpu, host):
     # Qwen's 151936 x 896 output matrix: one weight upload, decode and prefill T.
     rng = np.random.default_rng()
@@ -87,16 +88,18 @@ def test_prefill_without_scratch_falls_back_to_gemv(gpu, host):
 def test_bfloat16_prefill(gpu, host):
     from orcd.ops.matmul import MatmulKernels
 
-    mk16 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm_dtype="bfloat16")
+    mk16 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm_dtype="bfloat16", gemm=gpu.mm._gemm_backend)
     rng = np.random.default_rng()
-    w, w_ref = gpu.weight(host, "Q6_K", (896, 4864), rng)
-    x_host = (rng.standard_normal((33, 4864)) * 3e4).astype(np.float32)  # outputs ~1e5: past fp16
-    out = gpu.empty((33, 896))
+    n_out, n_in = sized((896, 4864), (64, 512))
+    w, w_ref = gpu.weight(host, "Q6_K", (n_out, n_in), rng)
+    x_host = (rng.standard_normal((33, n_in)) * 3e4).astype(np.float32)  # outputs ~1e5: past fp16
+    out = gpu.empty((33, n_out))
     mk16.linear(gpu.put(x_host), w, None, out, scratch=gpu.arena)
     assert mk16.last_prefill == "gemm"
     assert rel(gpu.get(out), x_host.astype(np.float64) @ w_ref.T) < GEMM_TOL
 
 
+@pytest.mark.gpu_only
 def test_gemv_replays_in_a_cuda_graph(gpu, host):
     from orcd.cuda.graph import capture
 

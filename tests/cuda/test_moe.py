@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_rig import rel
+from gpu_rig import rel, sized
 
 from orcd.ops import moe
 from orcd.ops.matmul import MOE_TILE
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 GEMV_TOL = 1e-5
 
@@ -65,10 +65,10 @@ def test_group_marks_bad_ids_and_weighted_sum_gives_nan(gpu, rng):
     assert np.isnan(gpu.get(out)).all()                  # each token has one bad pair
 
 
-@pytest.mark.parametrize("name,n_out,n_in", [("MXFP4", 2880, 2880), ("MXFP4", 576, 2880),
+@pytest.mark.parametrize("name,n_out,n_in", [*sized([("MXFP4", 2880, 2880)], []), ("MXFP4", 576, 2880),
                                              ("Q8_0", 640, 896), ("Q4_K", 512, 1024),
                                              ("F16", 256, 896)])
-@pytest.mark.parametrize("T", [3, 100])
+@pytest.mark.parametrize("T", sized([3, 100], [3, 40]))
 def test_moe_gemm_matches_per_pair_reference(gpu, rng, host, name, n_out, n_in, T):
     n_expert, k = (32, 4) if name == "MXFP4" else (8, 2)
     w, w_ref = gpu.weight(host, name, (n_expert, n_out, n_in), rng)
@@ -129,6 +129,7 @@ def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
     return moe.Experts(*(p[0] for p in parts)), moe.Experts(*(p[1] for p in parts))
 
 
+@pytest.mark.gpu_only   # the whole CudaBackend
 @pytest.mark.parametrize("T", [2, 8, 9, 300])
 def test_grouped_moe_matches_per_pair_and_reference(backend, host, T):
     rng = np.random.default_rng()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_rig import randn, rel
+from gpu_rig import randn, rel, sized
 from orcd.ops import activation, attention, moe, norm, rope
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +118,8 @@ def _attend(gpu, rng, n_ctx, n_head, n_kv, hd, pos, window=0, sinks=False, hd_v=
 PREFILL_TOL = 3e-3
 
 
-@pytest.mark.parametrize("n_head,n_kv,hd", [(14, 2, 64), (4, 4, 96), (8, 2, 128), (32, 32, 96)])
+@pytest.mark.parametrize("n_head,n_kv,hd", sized([(14, 2, 64), (4, 4, 96), (8, 2, 128), (32, 32, 96)],
+                                                [(14, 2, 64), (4, 4, 96), (8, 2, 128)]))
 def test_prefill_attention(gpu, rng, n_head, n_kv, hd):
     # a first chunk; a second that attends to earlier keys too; one of many tiles (rows and keys)
     for start, T, n_ctx in ((0, 16, 512), (300, 37, 512), (0, 200, 512), (100, 130, 1024)):
@@ -144,7 +145,7 @@ def test_decode_attention_split(gpu, rng, n_ctx, p):
 
 
 @pytest.mark.parametrize("T,p0,n_ctx", [(1, 600, 1024), (1, 90, 1024), (24, 0, 64), (20, 130, 512),
-                                        (300, 50, 512)])
+                                        *sized([(300, 50, 512)], [])])
 def test_attention_sinks_and_window(gpu, rng, T, p0, n_ctx):
     # GPT-OSS shape: 64 heads over 8 KV heads, head_dim 64, window 128, learned sinks
     pos = np.arange(p0, p0 + T, dtype=np.int32)

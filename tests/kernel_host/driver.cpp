@@ -17,7 +17,7 @@
 //
 // writes f32_to_f16 and f32_to_bf16 of the M floats (uint16 each), then
 // f16_to_f32 and bf16_to_f32 of all 65536 bit patterns (float32 each).
-#include "shim.h"
+#include "builtins.h"
 
 #include "kquants.cuh"
 #include "mxfp4.cuh"

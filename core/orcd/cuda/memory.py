@@ -192,6 +192,8 @@ def to_host(device: "CudaDevice", ptr: int, nbytes: int) -> "np.ndarray":
 
     from orcd.cuda.driver import cu
 
+    if getattr(device, "simulated", False):   # orcd.cudasim: device memory is host memory
+        return device.to_host(ptr, nbytes)
     out = np.empty(nbytes, dtype=np.uint8)
     device.make_current()
     cu("cuMemcpyDtoHAsync", out.ctypes.data, int(ptr), nbytes, device.stream)
@@ -206,13 +208,29 @@ def from_host(device: "CudaDevice", src: "np.ndarray", ptr: int) -> None:
     from orcd.cuda.driver import cu
 
     src = np.ascontiguousarray(src)
+    if getattr(device, "simulated", False):
+        return device.from_host(src, ptr)
     device.make_current()
     cu("cuMemcpyHtoDAsync", int(ptr), src.ctypes.data, src.nbytes, device.stream)
     cu("cuStreamSynchronize", device.stream)
 
 
+def from_host_async(device: "CudaDevice", src: "np.ndarray", ptr: int) -> None:
+    """Copy a small pageable host array to ``ptr``, ordered on the stream, without
+    waiting: the driver stages a pageable source before returning, so the caller may
+    reuse it at once (kernel parameters written before each graph replay)."""
+    if getattr(device, "simulated", False):
+        return device.from_host(src, ptr)
+    from orcd.cuda.driver import cu
+
+    device.make_current()
+    cu("cuMemcpyHtoDAsync", int(ptr), src.ctypes.data, src.nbytes, device.stream)
+
+
 def fill_bytes(device: "CudaDevice", ptr: int, value: int, nbytes: int) -> None:
     """Set ``nbytes`` at ``ptr`` to the byte ``value`` (stream-ordered, async)."""
+    if getattr(device, "simulated", False):
+        return device.fill_bytes(ptr, value, nbytes)
     from orcd.cuda.driver import cu
 
     device.make_current()

@@ -341,10 +341,14 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
 typedef unsigned int u32;
 
 __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
+#ifdef __CUDACC__
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    orcd_sim::mma_m16n8k16(c, a, b);   // the CUDA simulator's stand-in (no PTX on the host)
+#endif
 }
 __device__ __forceinline__ u32 half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);

@@ -132,7 +132,7 @@ class MatmulKernels:
         "nvmath" or "simt"); ``allocator`` holds its workspace."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
-        self.device, self.launch = device, launcher
+        self.device, self.launch, self.compiler = device, launcher, compiler
         self.module = compiler.load(device, _kernel_source())
         self.gemm_dtype = gemm_dtype
         self.scratch = scratch
@@ -346,7 +346,8 @@ class MatmulKernels:
     def _gemm_ready(self) -> bool:
         if self._gemm is None:
             try:
-                import nvmath  # noqa: F401
+                if self._gemm_backend != "simt":
+                    import nvmath  # noqa: F401
                 if self._gemm_backend == "nvmath":
                     import cupy  # noqa: F401
             except ImportError as e:
@@ -358,7 +359,8 @@ class MatmulKernels:
             else:
                 from orcd.cuda.blas import Gemm
 
-                self._gemm = Gemm(self.device, self._gemm_backend, allocator=self._allocator)
+                self._gemm = Gemm(self.device, self._gemm_backend, self.compiler, self.launch,
+                                  allocator=self._allocator)
         return self._gemm is not False
 
     def close(self) -> None:

@@ -298,7 +298,7 @@ class CudaSampler:
                    allowed: np.ndarray | None = None) -> None:
         """Write the parameter struct the kernels read (ordered on the stream),
         the bitmask when there is one and the dense bias when it changed."""
-        from orcd.cuda.driver import cu
+        from orcd.cuda.memory import from_host_async
 
         if tuple(params.logit_bias) != self._bias:
             self._upload_bias(params.logit_bias)
@@ -313,15 +313,12 @@ class CudaSampler:
                       | (USE_COUNTS if params.counts_output else 0))
         a["n_top"] = min(params.logprobs or 0, MAX_TOP_LOGPROBS)
         a["seed"] = (params.seed or 0) & 0xFFFFFFFFFFFFFFFF
-        self.device.make_current()
-        # pageable sources: the driver stages them before returning, so reuse is safe
         if allowed is not None:
             if allowed.size != self._mask_host.size:
                 raise ValueError(f"allowed must hold {self._mask_host.size} int32 words")
             self._mask_host[:] = allowed
-            cu("cuMemcpyHtoDAsync", self._buf["allowed"].ptr, self._mask_host.ctypes.data,
-               self._mask_host.nbytes, self.device.stream)
-        cu("cuMemcpyHtoDAsync", self._buf["args"].ptr, a.ctypes.data, a.nbytes, self.device.stream)
+            from_host_async(self.device, self._mask_host, self._buf["allowed"].ptr)
+        from_host_async(self.device, a, self._buf["args"].ptr)
 
     def launch(self, logits, out_id, logprobs: bool = False) -> None:
         """Enqueue the kernels; graph-capturable (reads params from the device)."""

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orcd.errors import InvalidRequest, OrcdError
+from orcd.errors import InternalError, InvalidRequest, OrcdError
 from orcd.server.gate import Gate
 from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFound,
                               error_response, read_body)
@@ -106,6 +106,13 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
                InvalidRequest(str(exc.detail)))
         err.http_status = exc.status_code
         return error_response(err, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):   # a bug: still the API's shape
+        narrator.event("error", where=request.url.path, code="INTERNAL",
+                       message=f"{type(exc).__name__}: {exc}")
+        return error_response(InternalError("internal error (see the worker's log)"),
+                              request.url.path)
 
     @app.get("/health")
     async def health():

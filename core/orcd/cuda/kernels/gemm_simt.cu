@@ -2,10 +2,12 @@
 // fp16 or bf16 in, fp32 accumulate, same dtype out. 16x16 output tile per
 // block, k walked in 16-wide slabs through shared memory. Correct, not fast:
 // the fast path is cuBLASLt (orcd.cuda.blas, backend "nvmath").
-// No headers: the half conversions are single PTX instructions.
+// No headers: the half conversions are single PTX instructions (the CUDA simulator,
+// which has no PTX, brings its own).
 
 #define TILE 16
 
+#ifdef __CUDACC__
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
@@ -18,6 +20,7 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
 __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
     unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
+#endif
 
 template <bool BF16>
 __device__ void gemm_tile(const unsigned short* __restrict__ a, const unsigned short* __restrict__ b,

@@ -1,4 +1,4 @@
-// Host stand-ins for the CUDA builtins that core/orcd/quant/*.cuh use, so the
+// Host stand-ins for the per-thread CUDA builtins that core/orcd/quant/*.cuh use, so the
 // format structs compile as plain C++ and can be checked against the numpy
 // dequantizers on a machine without a GPU (tests/test_kernel_formats_host.py).
 //
@@ -33,13 +33,17 @@ inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned i
 
 // A read-only load. memcpy keeps the host build free of aliasing assumptions;
 // the alignment check keeps it honest about what the GPU would accept.
+// What a fault the GPU would take does here: abort, or (in the simulator, which
+// defines it) record the fault and fail the launch once the block has run.
+#ifndef ORCD_SIM_FAULT
+#define ORCD_SIM_FAULT(msg) (std::fputs(msg, stderr), std::abort())
+#endif
+
+// A read-only load. memcpy keeps the host build free of aliasing assumptions;
+// the alignment check keeps it honest about what the GPU would accept.
 template <class T>
 inline T __ldg(const T* p) {
-    if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
-        std::fprintf(stderr, "misaligned %zu-byte load at address %% 16 = %u\n", sizeof(T),
-                     (unsigned)(reinterpret_cast<uintptr_t>(p) % 16));
-        std::abort();
-    }
+    if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) ORCD_SIM_FAULT("misaligned read-only load\n");
     T v;
     std::memcpy(&v, p, sizeof v);
     return v;
