@@ -1,8 +1,8 @@
 // Runs the device format structs of core/orcd/quant/*.cuh on the host.
 //
-//   driver NAME < blocks [xq int8 x N*QK, xd float32 x N*QK/32] > result
+//   driver SUFFIX < blocks [xq int8 x N*QK, xd float32 x N*QK/32] > result
 //
-// reads N blocks of format NAME (and, for INT8 formats, q8 activations for the
+// reads N blocks of the format with kernel suffix SUFFIX (and, for INT8 formats, q8 activations for the
 // same N*QK values; N follows from the input's size) and writes, little-endian:
 //   int32 [5]             QK, BYTES, PIECES, RUNS * RUN, INT8
 //   int32 [PIECES, RUNS * RUN]  where each piece's values sit in a block
@@ -19,8 +19,7 @@
 // f16_to_f32 and bf16_to_f32 of all 65536 bit patterns (float32 each).
 #include "builtins.h"
 
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "formats.cuh"   // generated from the format table (the test writes it)
 
 #include <cmath>
 #include <vector>
@@ -113,14 +112,12 @@ static int halves(const std::vector<u8>& in) {
     return 0;
 }
 
+#define ENTRY(NAME, F, TYPE_ID) {#NAME, run<F>},
 static const struct {
-    const char* name;
+    const char* name;   // the kernel-name suffix
     int (*run)(const std::vector<u8>&);
-} FORMATS[] = {
-    {"F32", run<FmtF32>},   {"F16", run<FmtF16>},   {"BF16", run<FmtBF16>}, {"Q4_0", run<FmtQ4_0>},
-    {"Q4_1", run<FmtQ4_1>}, {"Q5_0", run<FmtQ5_0>}, {"Q5_1", run<FmtQ5_1>}, {"Q8_0", run<FmtQ8_0>},
-    {"Q4_K", run<FmtQ4_K>}, {"Q5_K", run<FmtQ5_K>}, {"Q6_K", run<FmtQ6_K>}, {"MXFP4", run<FmtMXFP4>},
-};
+} FORMATS[] = {ORCD_FORMATS(ENTRY)};
+#undef ENTRY
 
 int main(int argc, char** argv) {
     if (argc == 2 && !std::strcmp(argv[1], "halves")) return halves(read_all());
@@ -128,6 +125,6 @@ int main(int argc, char** argv) {
     if (argc == 2)
         for (const auto& f : FORMATS)
             if (!std::strcmp(f.name, argv[1])) return f.run(read_all());
-    std::fprintf(stderr, "usage: driver NAME|q8|halves < input > output\n");
+    std::fprintf(stderr, "usage: driver SUFFIX|q8|halves < input > output\n");
     return 2;
 }

@@ -47,7 +47,9 @@ class CudaRunner:
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt") -> None:
+                 gemm: str = "cublaslt", formats=None) -> None:
+        """``formats``: the format table the weight kernels are made for (default: the
+        built-in formats; ``load_weights`` switches to the table it is given)."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -59,12 +61,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats) -> None:
         from orcd.cuda.driver import cu, driver_module
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -84,10 +86,11 @@ class CudaBackend:
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
         args = (self.device, compiler, self.launcher)
         # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend
-        self.mm = MatmulKernels(*args, int8=int8, gemm=gemm, allocator=self.alloc)
+        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc)
+        self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
-        self.fused = FusedKernels(*args)
+        self.fused = FusedKernels(*args, formats=formats)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.scratch = Scratch(self.alloc, SCRATCH_START)
@@ -108,9 +111,11 @@ class CudaBackend:
 
     def load_weights(self, mf, formats, names: Iterable[str],
                      progress: Callable[[float], None] | None = None) -> dict:
-        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32."""
+        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32.
+        The weight kernels are those of ``formats``, compiled here for the file's types."""
         from orcd.cuda.upload import Uploader
 
+        self._use_formats(formats)
         out, items = {}, []
         with self.alloc.transaction() as tx:
             for n in names:
@@ -127,7 +132,20 @@ class CudaBackend:
                     out[n] = QWeight(buf.ptr, tuple(t.shape), t.type_id, fmt)
             with Uploader(self.device) as up:
                 up.upload_many(items, progress)
+        self.mm.prepare(t.type_id for t in out.values() if isinstance(t, QWeight))
         return out
+
+    def _use_formats(self, formats) -> None:
+        """Rebuild the weight kernels when ``formats`` has device rows they lack (a plugin's)."""
+        from orcd.ops.fused import FusedKernels
+        from orcd.ops.matmul import MatmulKernels
+        from orcd.quant.device import with_device
+
+        rows = {f.type_id: f for f in with_device(formats)}
+        if rows != self.mm.formats:
+            self.mm.close()
+            self.mm = MatmulKernels(*self._kernel_args, formats=rows.values(), **self._mm_options)
+            self.fused = FusedKernels(*self._kernel_args, formats=rows.values())
 
     def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                      head_dim_v: int | None = None) -> KVCache:

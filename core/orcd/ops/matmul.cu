@@ -11,9 +11,8 @@
 // T <= TM tokens. Sums: warp butterfly, then the split warps' partials added
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
-#include "simple.cuh"
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "base.cuh"
+#include "formats.cuh"
 
 #define GEMV_THREADS 128
 #define GEMV_WARPS (GEMV_THREADS / 32)
@@ -229,7 +228,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 #define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, out, n_out, n_out, \
                                              n_in, split)
 
-#define FORMAT_KERNELS(NAME, F)                                                                     \
+#define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
@@ -261,7 +260,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     }
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
-#define INT8_KERNELS(NAME, F)                                                                       \
+#define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
@@ -280,27 +279,9 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                     n_in, split);                                                                   \
     }
 
-FORMAT_KERNELS(f32, FmtF32)
-FORMAT_KERNELS(f16, FmtF16)
-FORMAT_KERNELS(bf16, FmtBF16)
-FORMAT_KERNELS(q4_0, FmtQ4_0)
-FORMAT_KERNELS(q4_1, FmtQ4_1)
-FORMAT_KERNELS(q5_0, FmtQ5_0)
-FORMAT_KERNELS(q5_1, FmtQ5_1)
-FORMAT_KERNELS(q8_0, FmtQ8_0)
-FORMAT_KERNELS(q4_k, FmtQ4_K)
-FORMAT_KERNELS(q5_k, FmtQ5_K)
-FORMAT_KERNELS(q6_k, FmtQ6_K)
-FORMAT_KERNELS(mxfp4, FmtMXFP4)
-INT8_KERNELS(q4_0, FmtQ4_0)
-INT8_KERNELS(q4_1, FmtQ4_1)
-INT8_KERNELS(q5_0, FmtQ5_0)
-INT8_KERNELS(q5_1, FmtQ5_1)
-INT8_KERNELS(q8_0, FmtQ8_0)
-INT8_KERNELS(q4_k, FmtQ4_K)
-INT8_KERNELS(q5_k, FmtQ5_K)
-INT8_KERNELS(q6_k, FmtQ6_K)
-INT8_KERNELS(mxfp4, FmtMXFP4)
+// one set per format of the table (formats.cuh, generated: orcd.quant.device)
+ORCD_FORMATS(FORMAT_KERNELS)
+ORCD_INT8_FORMATS(INT8_KERNELS)
 
 // x [n_groups * 32] fp32 -> xq int8 and xd [n_groups]: per 32 values xd = amax / 127,
 // xq = rint(x / xd) (0 where xd = 0), as matmul.py's quantize_q8_ref. One thread

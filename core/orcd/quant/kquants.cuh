@@ -9,7 +9,7 @@
 // Q6_K (210 bytes, so rows are only 2-byte aligned): piece p = half h = p >> 2,
 // l = 8 * (p & 3) .. +8 of its four 32-value groups.
 #pragma once
-#include "simple.cuh"
+#include "base.cuh"
 
 // Byte k (0..15) of a 16-byte header held in registers (k may be a run-time value).
 __device__ __forceinline__ u32 byte_at(const uint4& h, int k) {

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from orcd.quant.format import QuantFormat
+from orcd.quant.format import DeviceFormat, QuantFormat
 from orcd.quant.simple import (blockwise_dequantizer, blockwise_quantizer, f16_at, f16_bytes,
                                f16_ceil, random_bytes, random_sign, uniform_int_power)
 
@@ -207,11 +207,16 @@ def _random_q6_k(n_blocks: int, rng: np.random.Generator, std: float) -> np.ndar
     return blocks.reshape(-1)
 
 
+HEADERS = (("orcd.quant", "base.cuh"), ("orcd.quant", "kquants.cuh"))
+
+
 def _row(type_id, name, nbytes, dq, q, rnd) -> QuantFormat:
+    # device: eight pieces of 32 values per 256-value block, int8 activations
     return QuantFormat(type_id, name, QK_K, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, QK_K, nbytes),
                        quantize=blockwise_quantizer(q, name, QK_K, nbytes),
-                       cuda="kquants", random_blocks=rnd)
+                       device=DeviceFormat(f"Fmt{name}", name.lower(), HEADERS, qk=QK_K, pieces=8, int8=True),
+                       random_blocks=rnd)
 
 
 FORMATS: tuple[QuantFormat, ...] = (

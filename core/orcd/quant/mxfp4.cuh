@@ -6,7 +6,7 @@
 // low nibbles, 16+4p.. from the high). x = kvalue[q] * 2^(e - 128) with the
 // E2M1 values doubled (0 1 2 3 4 6 8 12) and bit 3 of the nibble the sign.
 #pragma once
-#include "simple.cuh"
+#include "base.cuh"
 
 // GGML_E8M0_TO_FP32_HALF: e < 2 gives the float32 subnormals 2^-128, 2^-127.
 __device__ __forceinline__ float e8m0_half(u32 e) {
