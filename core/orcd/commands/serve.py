@@ -22,7 +22,8 @@ HELP = "serve one model over HTTP (/execute SSE, /health, /metrics, OpenAI-compa
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH|NAME",
-                   help="GGUF file or pulled model name (default: the default pulled model)")
+                   help="GGUF file or pulled model name (default: orcd pull's default, "
+                        "qwen2.5-coder-0.5b)")
     p.add_argument("--worker-id", metavar="UUID", help="this worker's id (default: a new UUID4)")
     add_device_argument(p, gpu_device_alias=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
