@@ -16,15 +16,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from orcd.testing import gpu_available
+from test_server_cli import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -118,41 +117,25 @@ def test_gpu_set_up_on_a_machine_without_a_gpu(tmp_path, model_available):
     run_examples(venv, tmp_path, then_on_cpu=False)   # the CPU runs: the next test
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cpu_set_up_and_every_example(tmp_path, model_available):
     venv, serve = set_up(tmp_path / "venv", setup_commands()[1])
     assert serve == ["orcd", "serve", "--device", "cpu"]
     port = free_port()
-    proc = subprocess.Popen([*serve, "--port", str(port)], cwd=tmp_path, env=venv.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "serve.log", "w") as log:   # the narration, read on failure
+        proc = subprocess.Popen([*serve, "--port", str(port)], cwd=tmp_path, env=venv.env,
+                                stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
-        _wait_healthy(port, proc)
+        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=300)
         curls = [c.replace("localhost:8080", f"localhost:{port}")
                  for c in code_lines(README) if c.startswith("curl ")]
         execute, chat = (venv.sh(c, cwd=tmp_path, timeout=600) for c in curls)
         assert execute.returncode == 0 and "event: end" in execute.stdout, execute.stdout[-2000:]
         answer = json.loads(chat.stdout)["choices"][0]["message"]["content"]
         assert chat.returncode == 0 and answer.strip()
+    except AssertionError as e:
+        log = (tmp_path / "serve.log").read_text()[-3000:]
+        raise AssertionError(f"{e}\n--- orcd serve's stderr ---\n{log}") from None
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     run_examples(venv, tmp_path)
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "healthy":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("orcd serve --device cpu did not become healthy")

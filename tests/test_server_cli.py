@@ -133,7 +133,7 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the worker exited"
         try:
             if httpx.get(f"{url}/health", timeout=2).json()["status"] == "healthy":
                 return
