@@ -69,18 +69,22 @@ def cuda_qk(fmt) -> int:
 
 def run_driver(exe: Path, fmt, blocks: np.ndarray,
                xq: np.ndarray | None = None, xd: np.ndarray | None = None) -> Result:
-    """Run the host build of ``fmt``'s struct on raw ``blocks`` (and q8 activations)."""
-    payload = np.ascontiguousarray(blocks, np.uint8).tobytes()
+    """Run the host build of ``fmt``'s struct on raw ``blocks`` (and q8 activations),
+    given to it as one row in the format's VRAM layout (QuantFormat.to_vram)."""
+    qk = cuda_qk(fmt)
+    nbytes = fmt.block_bytes * qk // fmt.block_elems        # bytes of one device block
+    n = len(blocks) // nbytes
+    row = fmt.to_vram(blocks, n * qk)
+    payload = row.tobytes()
     if xq is not None:
         payload += np.ascontiguousarray(xq, np.int8).tobytes() + np.ascontiguousarray(xd, np.float32).tobytes()
-    out = subprocess.run([str(exe), fmt.device.suffix], input=payload, capture_output=True)
+    out = subprocess.run([str(exe), fmt.device.suffix, str(n), str(row.nbytes)], input=payload, capture_output=True)
     assert out.returncode == 0, out.stderr.decode()
     raw = out.stdout
-    qk, nbytes, pieces, per, int8 = (int(v) for v in np.frombuffer(raw, np.int32, 5))
-    assert (qk, nbytes) == (cuda_qk(fmt), fmt.block_bytes * cuda_qk(fmt) // fmt.block_elems)
+    got_qk, got_bytes, pieces, per, int8 = (int(v) for v in np.frombuffer(raw, np.int32, 5))
+    assert (got_qk, got_bytes) == (qk, nbytes)
     assert bool(int8) == fmt.device.int8, f"{fmt.name}: F::INT8 disagrees with the row's DeviceFormat.int8"
     assert pieces == fmt.device.pieces, f"{fmt.name}: F::PIECES disagrees with the row"
-    n = len(blocks) // nbytes
     positions = np.frombuffer(raw, np.int32, pieces * per, 20).reshape(pieces, per)
     at = 20 + 4 * pieces * per
     values = np.frombuffer(raw, np.float32, n * qk, at).reshape(n, qk)

@@ -27,13 +27,13 @@
 template <class F, bool NORM>
 __device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const float* __restrict__ x,
                                            int n_in, int c0, int stride) {
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc = 0.f;
 #pragma unroll 2
     for (int c = c0; c < n_pieces; c += stride) {
         const int blk = c / F::PIECES, p = c % F::PIECES;
         float v[F::RUNS * F::RUN];
-        F::load(wr + (long long)blk * F::BYTES, p, v);
+        F::load(wr, nb, blk, p, v);
         const int pos = blk * F::QK + F::base(p);
         acc += dot_piece<F, NORM>(v, x + pos);
     }
@@ -56,12 +56,12 @@ __device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x,
 template <class F>
 __device__ __forceinline__ float row_dot8_t(const u8* __restrict__ wr, const int* __restrict__ xq,
                                             const float* __restrict__ xd, int n_in, int c0, int stride) {
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc = 0.f;
 #pragma unroll 2
     for (int c = c0; c < n_pieces; c += stride) {
         const int blk = c / F::PIECES, p = c % F::PIECES;
-        acc += F::dot8(wr + (long long)blk * F::BYTES, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
+        acc += F::dot8(wr, nb, blk, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
     }
     return acc;
 }

@@ -127,14 +127,14 @@ class FusedKernels:
         self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
 
     def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
-        from orcd.ops.matmul import Q8Act, gemv_split
+        from orcd.ops.matmul import Q8Act, gemv_split, row_pieces
 
         n_in = x.shape[1]
         args, total = [], 0
         for i in range(MAX_SEGMENTS):
             if i < len(segs):
                 w, b, out, n_out = segs[i]
-                split = gemv_split(n_out)
+                split = gemv_split(n_out, row_pieces(w))
                 rows = n_out
                 if gated:   # gate and up rows interleaved: 2 n_out warp rows, both in one block
                     split, rows = min(split, 2), 2 * n_out

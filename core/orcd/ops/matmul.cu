@@ -1,8 +1,8 @@
 // Quantized matmul family: GEMV for decode, weight dequantization to fp16/bf16
 // scratch for the prefill GEMM, embedding lookup, and the per-token expert
-// GEMV of a mixture of experts. Weights stay in their GGUF blocks; each thread
-// dequantizes one piece of a block into registers (the format structs of
-// quant/{simple,kquants,mxfp4}.cuh). Activations and accumulation are fp32.
+// GEMV of a mixture of experts. Weights stay quantized, in their format's VRAM
+// layout (base.cuh); each thread dequantizes one piece of a block into registers
+// (the format structs the generated formats.cuh brings). Accumulation is fp32.
 //
 // GEMV layout: a block of 4 warps; `split` (1, 2 or 4) warps share one output
 // row, so a block covers 4 / split rows. Within a row, lane l of part s takes
@@ -26,8 +26,8 @@ struct ActF32 {
     int n_in;
     float v[F::RUNS * F::RUN];
     int pos;
-    __device__ __forceinline__ void piece(const u8* blk, int b, int p) {
-        F::load(blk, p, v);
+    __device__ __forceinline__ void piece(const u8* row, int nb, int b, int p) {
+        F::load(row, nb, b, p, v);
         pos = b * F::QK + F::base(p);
     }
     __device__ __forceinline__ float dot(int t) const { return dot_piece<F>(v, x + (long long)t * n_in + pos); }
@@ -40,11 +40,13 @@ struct ActQ8 {
     const int* __restrict__ xq;
     const float* __restrict__ xd;
     int n_in;
-    const u8* blk;
-    int b, p;
-    __device__ __forceinline__ void piece(const u8* blk_, int b_, int p_) { blk = blk_; b = b_; p = p_; }
+    const u8* row;
+    int nb, b, p;
+    __device__ __forceinline__ void piece(const u8* row_, int nb_, int b_, int p_) {
+        row = row_; nb = nb_; b = b_; p = p_;
+    }
     __device__ __forceinline__ float dot(int t) const {
-        return F::dot8(blk, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
+        return F::dot8(row, nb, b, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
                        xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
     }
 };
@@ -58,7 +60,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
     __shared__ float partial[GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc[TM];
 #pragma unroll
     for (int t = 0; t < TM; ++t) acc[t] = 0.f;
@@ -67,7 +69,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
 #pragma unroll 2
         for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
             const int blk = c / F::PIECES, p = c % F::PIECES;
-            x.piece(wr + (long long)blk * F::BYTES, blk, p);
+            x.piece(wr, nb, blk, p);
 #pragma unroll
             for (int t = 0; t < TM; ++t)
                 if (t < nT) acc[t] += x.dot(t);
@@ -177,7 +179,7 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
     const int id = ids[t], blk = c / F::PIECES, p = c % F::PIECES;
     float v[F::RUNS * F::RUN];
     if (id >= 0 && id < n_vocab) {
-        F::load(table + (long long)id * row_bytes + (long long)blk * F::BYTES, p, v);
+        F::load(table + (long long)id * row_bytes, D / F::QK, blk, p, v);
     } else {
 #pragma unroll
         for (int i = 0; i < F::RUNS * F::RUN; ++i) v[i] = __int_as_float(0x7FC00000);
@@ -203,7 +205,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     const int r_local = (int)(c / per_row), k = (int)(c % per_row);
     const int blk = k / F::PIECES, p = k % F::PIECES;
     float v[F::RUNS * F::RUN];
-    F::load(w + (long long)(row0 + r_local) * row_bytes + (long long)blk * F::BYTES, p, v);
+    F::load(w + (long long)(row0 + r_local) * row_bytes, n_in / F::QK, blk, p, v);
     u16* o = out + (long long)r_local * n_in + blk * F::QK + F::base(p);
 #pragma unroll
     for (int r = 0; r < F::RUNS; ++r)

@@ -57,10 +57,20 @@ SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
 MAX_GRID_Y = 65535
 
 
-def gemv_split(n_out: int) -> int:
-    """Warps that share one output row: few rows -> more warps per row, so the
-    grid still fills the GPU (896 rows x 4 warps vs 151936 rows x 1)."""
-    return 1 if n_out >= 8192 else 2 if n_out >= 2048 else 4
+def gemv_split(n_out: int, pieces: int) -> int:
+    """Warps that share one output row of ``pieces`` pieces: few rows -> more warps
+    per row, so the grid still fills the GPU (896 rows x 4 warps vs 151936 rows x 1),
+    but never a warp past the row's last 32 pieces (it would have nothing to do)."""
+    split = 1 if n_out >= 8192 else 2 if n_out >= 2048 else 4
+    while split > 1 and 32 * (split - 1) >= pieces:
+        split //= 2
+    return split
+
+
+def row_pieces(w) -> int:
+    """Pieces in one row of w (a thread takes one at a time)."""
+    qk, pieces = device_block(w)
+    return w.shape[-1] // qk * pieces
 
 
 def prefill_chunk_rows(n_out: int, n_in: int) -> int:
@@ -246,15 +256,15 @@ class MatmulKernels:
         x = self.activations(x, w, scratch if scratch is not None else self.scratch)
         q8 = isinstance(x, Q8Act)
         kernel = self._fn(f"moe_gemv_{'q8_' if q8 else ''}", w)
-        split = gemv_split(n_out)
+        split = gemv_split(n_out, row_pieces(w))
         grid_x = -(-n_out // (GEMV_ROWS // split))
         step = MAX_GRID_Y // k * k   # whole tokens per launch
-        expert_bytes = w.fmt.tensor_bytes((n_out, n_in))
+        expert_bytes = w.fmt.vram_tensor_bytes((n_out, n_in))
         for s in range(0, T * k, step):
             e = min(T * k, s + step)
             x_row = s if per_pair else s // k
             self.launch(kernel, (grid_x, e - s), 32 * GEMV_ROWS,
-                        [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)), np.int64(expert_bytes),
+                        [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(expert_bytes),
                          *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
@@ -279,13 +289,13 @@ class MatmulKernels:
         if b is not None:
             self._check_tensor(b, (n_expert, n_out), "moe_gemm bias")
         self._check_row(w, n_in)
-        split = gemv_split(n_out)
+        split = gemv_split(n_out, row_pieces(w))
         xg = self.activations(xg, w, scratch if scratch is not None else self.scratch)
         q8 = isinstance(xg, Q8Act)
         self.launch(self._fn(f"moe_gemm_{'q8_' if q8 else ''}", w),
                     (-(-n_out // (GEMV_ROWS // split)), tiles.shape[0]), 32 * GEMV_ROWS,
-                    [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)),
-                     np.int64(w.fmt.tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
+                    [_ptr(w.ptr), np.int64(w.row_bytes),
+                     np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
 
     def dequantize(self, w, out, row0: int = 0) -> None:
@@ -304,7 +314,7 @@ class MatmulKernels:
         T, n_in = x.shape
         n_out = w.shape[0]
         tm = next(m for m in GEMV_TM if m >= T)
-        split = gemv_split(n_out)
+        split = gemv_split(n_out, row_pieces(w))
         q8 = isinstance(x, Q8Act)
         self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}", w, f"_t{tm}"),
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,

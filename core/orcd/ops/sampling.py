@@ -161,6 +161,8 @@ class CudaSampler:
     be finite or -inf.
     """
 
+    SOURCE = "sampling.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+
     def __init__(self, device, compiler, launcher, n_vocab: int, allocator=None) -> None:
         from orcd.cuda.memory import DeviceAllocator
         from orcd.cuda.nvrtc import KernelSource
@@ -170,7 +172,7 @@ class CudaSampler:
         self.device, self.launcher, self.n_vocab = device, launcher, int(n_vocab)
         self.n_pad = -(-self.n_vocab // _PAD) * _PAD
         self.n_part = self.n_pad // _PREP_TILE
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "sampling.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._prepare = module.function("sample_prepare")
         self._select = module.function("sample_select")
         self._alloc = allocator if allocator is not None else DeviceAllocator(device)

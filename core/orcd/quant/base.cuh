@@ -8,25 +8,28 @@
 // Every format is a struct with the same shape, which the kernels in
 // ops/matmul.cu are templated on:
 //
-//   QK     values per block            BYTES  bytes per block
+//   QK     values per block            BYTES  bytes per GGUF block
 //   PIECES pieces per block (one thread dequantizes one piece into registers)
 //   RUNS x RUN values per piece: value v[r * RUN + i] sits at position
 //          base(p) + r * STRIDE + i of the block (RUN is a multiple of 4, so
 //          the matching activations load as float4)
-//   load(block, p, v)   dequantize piece p of the block at `block` into v
+//   load(row, nb, b, p, v)   dequantize piece p of block b of a row of nb blocks
+//
+// `row` points at one row in the format's VRAM layout (its row's DeviceFormat.planes,
+// orcd/quant/format.py): either the GGUF blocks as stored, or the row's planes one
+// after the other -- plane k holds byte range k of every block, padded to 16 bytes
+// (plane_at). That keeps every quant load 16-byte aligned (128-bit loads) whatever
+// the GGUF block size (MXFP4 17 bytes, Q4_0 18, Q6_K 210) and the scales apart.
 //
 // Integer formats (INT8 = true) also take activations quantized per 32 values
 // (ops/matmul.cu's quantize_q8: x = xd[g] * xq[i], xq int8, rintf(x / xd) with
 // xd = amax / 127) and dot a piece with them in integer math (dp4a):
-//   dot8(block, p, xq, xd) = sum over piece p of value_i * x_i
-// with xq the block's first 4 activations as one int (xq + blk * QK / 4) and
-// xd its first 32-group's scale (xd + blk * QK / 32). Per value that is about
-// a quarter of an instruction instead of an unpack, a convert and an fp32 FMA,
-// and 1 byte of activation instead of 4.
+//   dot8(row, nb, b, p, xq, xd) = sum over piece p of value_i * x_i
+// with xq the block's first 4 activations as one int (xq + b * QK / 4; 16-byte
+// aligned) and xd its first 32-group's scale (xd + b * QK / 32). Per value that
+// is about a quarter of an instruction instead of an unpack, a convert and an
+// fp32 FMA, and 1 byte of activation instead of 4.
 //
-// Loads are as wide as the block layout allows: 16 bytes for the plain floats
-// (a "block" is 8 values), 4 bytes for Q4_1/Q5_1 (4-byte aligned blocks), 2
-// bytes for Q4_0/Q5_0/Q8_0 (18/22/34-byte blocks are only 2-byte aligned).
 // The float expressions follow ggml's order (d * q + m, d * (q - 8), ...).
 #pragma once
 
@@ -60,6 +63,12 @@ __device__ __forceinline__ u32 ld32_a1(const u8* p) {
     return __funnelshift_r(__ldg(w), __ldg(w + 1), (u32)(a & 3) * 8);
 }
 __device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ uint2 ld64(const u8* p) { return __ldg((const uint2*)p); }
+__device__ __forceinline__ uint4 ldx128(const int* __restrict__ xq) { return __ldg((const uint4*)xq); }
+
+// Byte offset of a plane in a VRAM row: the planes before it hold `before` bytes
+// per block, each plane padded to 16 bytes (orcd/quant/format.py's to_vram).
+__device__ __forceinline__ int plane_pad(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ u32 byte_of(u32 w, int k) { return (w >> (8 * k)) & 0xFFu; }
 
 // 2^23 + byte k of w, exactly, in one byte permute: small integers become floats
@@ -71,6 +80,13 @@ __device__ __forceinline__ float byte_float(u32 w, int k) {
 }
 #define LOW_NIBBLES(w) ((w) & 0x0F0F0F0Fu)
 #define ONES 0x01010101
+
+// The 8 int8 activation words of 32 values (16-byte aligned).
+__device__ __forceinline__ void x_words(const int* __restrict__ xq, int* x) {
+    const uint4 a = ldx128(xq), c = ldx128(xq + 4);
+    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
+    x[4] = (int)c.x; x[5] = (int)c.y; x[6] = (int)c.z; x[7] = (int)c.w;
+}
 
 // Signed 8-bit dot of four byte lanes plus c (dp4a); a <= 127 per lane here.
 __device__ __forceinline__ int dot4(u32 a, int b, int c) { return __dp4a((int)a, b, c); }

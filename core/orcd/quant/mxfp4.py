@@ -68,6 +68,6 @@ FORMATS: tuple[QuantFormat, ...] = (
                 dequantize=blockwise_dequantizer(_dq_mxfp4, "MXFP4", 32, 17),
                 quantize=blockwise_quantizer(_q_mxfp4, "MXFP4", 32, 17),
                 device=DeviceFormat("FmtMXFP4", "mxfp4", (("orcd.quant", "base.cuh"), ("orcd.quant", "mxfp4.cuh")),
-                                    qk=32, pieces=4, int8=True),
+                                    qk=32, pieces=1, int8=True, planes=((1, 17), (0, 1))),
                 random_blocks=_random_mxfp4),
 )

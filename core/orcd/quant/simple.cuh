@@ -4,14 +4,15 @@
 #pragma once
 #include "base.cuh"
 
-// -- plain floats: a "block" is 8 consecutive values, one piece -------------------
+// -- plain floats: a "block" is 8 consecutive values, one piece; rows as stored ----
 
 struct FmtF32 {
     static constexpr bool INT8 = false;
     static constexpr int QK = 8, BYTES = 32, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
     __device__ static int base(int) { return 0; }
-    __device__ static void load(const u8* b, int, float* v) {
-        uint4 a = ld128(b), c = ld128(b + 16);
+    __device__ static void load(const u8* row, int, int b, int, float* v) {
+        const u8* p = row + BYTES * b;
+        uint4 a = ld128(p), c = ld128(p + 16);
         u32 w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
@@ -23,8 +24,8 @@ struct FmtHalf {
     static constexpr bool INT8 = false;
     static constexpr int QK = 8, BYTES = 16, PIECES = 1, RUNS = 1, RUN = 8, STRIDE = 0;
     __device__ static int base(int) { return 0; }
-    __device__ static void load(const u8* b, int, float* v) {
-        uint4 a = ld128(b);
+    __device__ static void load(const u8* row, int, int b, int, float* v) {
+        uint4 a = ld128(row + BYTES * b);
         u32 w[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -37,130 +38,163 @@ struct FmtHalf {
 typedef FmtHalf<false> FmtF16;
 typedef FmtHalf<true> FmtBF16;
 
-// -- legacy quants: piece p = qs bytes 4p..4p+3, i.e. values 4p..4p+3 (low
-// nibbles) and 16+4p..16+4p+3 (high nibbles); Q8_0's piece is 8 int8 values.
+// -- ggml's 32-value quants, planar in VRAM: a row is its qs plane (16 bytes a block;
+// Q8_0: 32), then Q5_*'s qh plane (4 bytes a block), then the d (or d, m) plane. One
+// piece is one block: value i < 16 is the low nibble of qs byte i, 16 + i its high
+// nibble (RUNS 2 x RUN 16); a lane reads its quants with one 16-byte load.
 
 // Four fifth bits (bit 0..3 of b) moved to bit 4 of bytes 0..3.
 __device__ __forceinline__ u32 spread_bits4(u32 b) {
     return ((b & 1u) | ((b & 2u) << 7) | ((b & 4u) << 14) | ((b & 8u) << 21)) << 4;
 }
 
-// The 8 values of a legacy piece as 2^23 + q: q[i] from low nibbles, q[4 + i] high.
-// qh (optional, Q5_*): bit j is the fifth bit of value j.
+// A block's 32 quants, a byte each: lo[w] = values 4w..4w+3, hi[w] = 16+4w..16+4w+3,
+// with the fifth bits of qh (bit j: value j) when FIFTH.
+struct Nibbles {
+    u32 lo[4], hi[4];
+};
+
 template <bool FIFTH>
-__device__ __forceinline__ void piece_quants(u32 qs, u32 qh, int p, float* f) {
-    u32 lo = LOW_NIBBLES(qs), hi = HIGH_NIBBLES(qs);
-    if (FIFTH) {
-        lo |= spread_bits4((qh >> (4 * p)) & 0xFu);
-        hi |= spread_bits4((qh >> (16 + 4 * p)) & 0xFu);
-    }
+__device__ __forceinline__ Nibbles nibbles(uint4 qs4, u32 qh) {
+    const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
+    Nibbles n;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[i] = byte_float(lo, i);
-        f[4 + i] = byte_float(hi, i);
+    for (int w = 0; w < 4; ++w) {
+        n.lo[w] = LOW_NIBBLES(qs[w]);
+        n.hi[w] = HIGH_NIBBLES(qs[w]);
+        if (FIFTH) {
+            n.lo[w] |= spread_bits4((qh >> (4 * w)) & 0xFu);
+            n.hi[w] |= spread_bits4((qh >> (16 + 4 * w)) & 0xFu);
+        }
     }
+    return n;
 }
 
-// Integer sums of a legacy piece: (sum q * xq, sum xq) over its 8 values, q from
-// the low/high nibbles of qs (+ fifth bits from qh when FIFTH).
-template <bool FIFTH>
-__device__ __forceinline__ int2 piece_dot8(u32 qs, u32 qh, int p, const int* __restrict__ xq) {
-    u32 lo = LOW_NIBBLES(qs), hi = HIGH_NIBBLES(qs);
-    if (FIFTH) {
-        lo |= spread_bits4((qh >> (4 * p)) & 0xFu);
-        hi |= spread_bits4((qh >> (16 + 4 * p)) & 0xFu);
+// (sum q * xq, sum xq) over the block's 32 values.
+__device__ __forceinline__ int2 nibbles_dot8(const Nibbles& n, const int* __restrict__ xq) {
+    int x[8];
+    x_words(xq, x);
+    int s = 0, sx = 0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        s = dot4(n.lo[w], x[w], s);
+        s = dot4(n.hi[w], x[4 + w], s);
+        sx = dot4(ONES, x[w], sx);
+        sx = dot4(ONES, x[4 + w], sx);
     }
-    const int x0 = ldx(xq, p), x1 = ldx(xq, 4 + p);
-    return make_int2(dot4(hi, x1, dot4(lo, x0, 0)), dot4(ONES, x1, dot4(ONES, x0, 0)));
+    return make_int2(s, sx);
 }
 
-struct FmtQ4_0 {  // [d f16][qs 16]: x = d * (q - 8)
-    static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 18, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const int2 s = piece_dot8<false>(ld32_a2(b + 2 + 4 * p), 0, p, xq);
-        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)(s.x - 8 * s.y);
-    }
-    __device__ static int base(int p) { return 4 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const float d = f16_to_f32(ld16(b));
-        float f[8];
-        piece_quants<false>(ld32_a2(b + 2 + 4 * p), 0, p, f);
+// v[i] = value(2^23 + q_i) for the block's 32 values, in position order.
+template <class Value>
+__device__ __forceinline__ void nibbles_load(const Nibbles& n, float* v, Value value) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - (MAGIC + 8.0f));
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[4 * w + i] = value(byte_float(n.lo[w], i));
+            v[16 + 4 * w + i] = value(byte_float(n.hi[w], i));
+        }
+}
+
+// Planes of a row of nb blocks: qs (16 a block) at 0, then for Q5_* qh (4 a block),
+// then the scales.
+__device__ __forceinline__ uint4 qs16(const u8* row, int b) { return ld128(row + 16 * b); }
+__device__ __forceinline__ u32 qh_word(const u8* row, int nb, int b) { return ld32(row + 16 * nb + 4 * b); }
+
+struct FmtQ4_0 {  // planes: qs [16], d f16 [2]: x = d * (q - 8)
+    static constexpr bool INT8 = true;
+    static constexpr int QK = 32, BYTES = 18, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
+    __device__ static int base(int) { return 0; }
+    __device__ static float scale(const u8* row, int nb, int b) { return f16_to_f32(ld16(row + 16 * nb + 2 * b)); }
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const float d = scale(row, nb, b);
+        nibbles_load(nibbles<false>(qs16(row, b), 0), v, [d](float f) { return d * (f - (MAGIC + 8.0f)); });
+    }
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const int2 s = nibbles_dot8(nibbles<false>(qs16(row, b), 0), xq);
+        return scale(row, nb, b) * __ldg(xd) * (float)(s.x - 8 * s.y);
     }
 };
 
-struct FmtQ4_1 {  // [d f16][m f16][qs 16]: x = d * q + m
+struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
     static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 20, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const u32 dm = ld32(b);
-        const int2 s = piece_dot8<false>(ld32(b + 4 + 4 * p), 0, p, xq);
+    static constexpr int QK = 32, BYTES = 20, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
+    __device__ static int base(int) { return 0; }
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const u32 dm = ld32(row + 16 * nb + 4 * b);
+        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
+        nibbles_load(nibbles<false>(qs16(row, b), 0), v, [d, m](float f) { return d * (f - MAGIC) + m; });
+    }
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const u32 dm = ld32(row + 16 * nb + 4 * b);
+        const int2 s = nibbles_dot8(nibbles<false>(qs16(row, b), 0), xq);
         return __ldg(xd) * (f16_to_f32((u16)(dm & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(dm >> 16)) * (float)s.y);
     }
-    __device__ static int base(int p) { return 4 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const u32 dm = ld32(b);
-        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
-        float f[8];
-        piece_quants<false>(ld32(b + 4 + 4 * p), 0, p, f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - MAGIC) + m;
+};
+
+struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
+    static constexpr bool INT8 = true;
+    static constexpr int QK = 32, BYTES = 22, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
+    __device__ static int base(int) { return 0; }
+    __device__ static float scale(const u8* row, int nb, int b) {
+        return f16_to_f32(ld16(row + 16 * nb + plane_pad(4 * nb) + 2 * b));
+    }
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const float d = scale(row, nb, b);
+        nibbles_load(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), v,
+                     [d](float f) { return d * (f - (MAGIC + 16.0f)); });
+    }
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const int2 s = nibbles_dot8(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), xq);
+        return scale(row, nb, b) * __ldg(xd) * (float)(s.x - 16 * s.y);
     }
 };
 
-struct FmtQ5_0 {  // [d f16][qh 4][qs 16]: x = d * (q - 16)
+struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
     static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 22, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const int2 s = piece_dot8<true>(ld32_a2(b + 6 + 4 * p), ld32_a2(b + 2), p, xq);
-        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)(s.x - 16 * s.y);
+    static constexpr int QK = 32, BYTES = 24, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
+    __device__ static int base(int) { return 0; }
+    __device__ static u32 dm(const u8* row, int nb, int b) { return ld32(row + 16 * nb + plane_pad(4 * nb) + 4 * b); }
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const u32 w = dm(row, nb, b);
+        const float d = f16_to_f32((u16)(w & 0xFFFFu)), m = f16_to_f32((u16)(w >> 16));
+        nibbles_load(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), v,
+                     [d, m](float f) { return d * (f - MAGIC) + m; });
     }
-    __device__ static int base(int p) { return 4 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const float d = f16_to_f32(ld16(b));
-        float f[8];
-        piece_quants<true>(ld32_a2(b + 6 + 4 * p), ld32_a2(b + 2), p, f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - (MAGIC + 16.0f));
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const u32 w = dm(row, nb, b);
+        const int2 s = nibbles_dot8(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), xq);
+        return __ldg(xd) * (f16_to_f32((u16)(w & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(w >> 16)) * (float)s.y);
     }
 };
 
-struct FmtQ5_1 {  // [d f16][m f16][qh 4][qs 16]: x = d * q + m
+struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
     static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 24, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const u32 dm = ld32(b);
-        const int2 s = piece_dot8<true>(ld32(b + 8 + 4 * p), ld32(b + 4), p, xq);
-        return __ldg(xd) * (f16_to_f32((u16)(dm & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(dm >> 16)) * (float)s.y);
-    }
-    __device__ static int base(int p) { return 4 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const u32 dm = ld32(b);
-        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
-        float f[8];
-        piece_quants<true>(ld32(b + 8 + 4 * p), ld32(b + 4), p, f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = d * (f[i] - MAGIC) + m;
-    }
-};
-
-struct FmtQ8_0 {  // [d f16][qs int8 x 32]: x = d * q; piece p = values 8p..8p+7
-    static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 34, PIECES = 4, RUNS = 1, RUN = 8, STRIDE = 0;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const u8* qs = b + 2 + 8 * p;
-        const int s = dot4(ld32_a2(qs + 4), ldx(xq, 2 * p + 1), dot4(ld32_a2(qs), ldx(xq, 2 * p), 0));
-        return f16_to_f32(ld16(b)) * __ldg(xd) * (float)s;
-    }
-    __device__ static int base(int p) { return 8 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const float d = f16_to_f32(ld16(b));
-        const u8* qs = b + 2 + 8 * p;
+    static constexpr int QK = 32, BYTES = 34, PIECES = 1, RUNS = 1, RUN = 32, STRIDE = 0;
+    __device__ static int base(int) { return 0; }
+    __device__ static float scale(const u8* row, int nb, int b) { return f16_to_f32(ld16(row + 32 * nb + 2 * b)); }
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const float d = scale(row, nb, b);
+        const uint4 a = ld128(row + 32 * b), c = ld128(row + 32 * b + 16);
+        const u32 w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
         // int8 q: byte ^ 0x80 = q + 128, so 2^23 + 128 + q
-        const u32 w[2] = {ld32_a2(qs) ^ 0x80808080u, ld32_a2(qs + 4) ^ 0x80808080u};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = (byte_float(w[i / 4], i % 4) - (MAGIC + 128.0f)) * d;
+        for (int i = 0; i < 32; ++i) v[i] = (byte_float(w[i / 4] ^ 0x80808080u, i % 4) - (MAGIC + 128.0f)) * d;
+    }
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const uint4 a = ld128(row + 32 * b), c = ld128(row + 32 * b + 16);
+        const u32 w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        int x[8];
+        x_words(xq, x);
+        int s = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s = dot4(w[i], x[i], s);
+        return scale(row, nb, b) * __ldg(xd) * (float)s;
     }
 };
