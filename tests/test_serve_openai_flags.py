@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import socket
 import uuid
 
 import openai
 import pytest
 
+from orcd import cli
 from orcd.commands import serve
 from orcd.server.state import ServerConfig
 from orcd.server.testing import running_server
@@ -17,9 +17,15 @@ TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
 
 
 def parsed(argv):
-    p = argparse.ArgumentParser(prog="orcd serve")
-    serve.add_arguments(p)
-    return p.parse_args(argv)
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def run(argv) -> int:
+    """``orcd serve ARGV`` through the CLI's entry point (its exit-code rule)."""
+    try:
+        return cli.main(["serve", *argv])
+    except SystemExit as e:
+        return e.code
 
 
 def free_port() -> int:
@@ -48,13 +54,13 @@ def test_a_bad_chat_template_file_is_one_line_and_exit_1(base, tmp_path, capsys,
     path = tmp_path / "t.jinja"
     if content is not None:
         path.write_text(content)
-    rc = serve.run(parsed([*base, "--port", str(free_port()), "--chat-template", str(path)]))
+    rc = run([*base, "--port", str(free_port()), "--chat-template", str(path)])
     err = capsys.readouterr().err
     assert rc == 1 and message in err and "Traceback" not in err
 
 
 def test_an_empty_served_name_is_refused(base, capsys):
-    assert serve.run(parsed([*base, "--served-model-name", " "])) == 1
+    assert run([*base, "--served-model-name", " "]) == 1
     assert "--served-model-name must not be empty" in capsys.readouterr().err
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ class BenchResult:
     decode_tok_s: float
     ttft_ms: float
     vram_bytes: int
+    phases: dict = field(default_factory=dict)   # load_model's start-up phases, seconds
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +85,6 @@ def run_bench(path, *, host, device: str, prompt_tokens: int = 512, gen_tokens: 
         pre, first, dec = (statistics.median(x) for x in zip(*runs))
         vram = sum(lm.backend.memory_usage().values())
         return BenchResult(str(path), lm.backend.name, prompt_tokens, gen_tokens, load_s,
-                           prompt_tokens / pre, (gen_tokens - 1) / dec, first * 1000, vram)
+                           prompt_tokens / pre, (gen_tokens - 1) / dec, first * 1000, vram, lm.phases)
     finally:
         lm.close()

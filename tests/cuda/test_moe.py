@@ -119,7 +119,8 @@ def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
     def mxfp4(shape):
         fmt = host.formats[39]
         raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)
-        return QWeight(put(raw), shape, 39, fmt), fmt.dequantize_tensor(raw, shape).astype(np.float32)
+        return QWeight(put(fmt.to_vram(raw, shape[-1])), shape, 39, fmt), \
+            fmt.dequantize_tensor(raw, shape).astype(np.float32)
 
     f32 = host.formats[0]                                        # the router is an F32 tensor in the file
     router = (rng.standard_normal((n_expert, D)) * 0.5).astype(np.float32)  # spread logits: no near-ties

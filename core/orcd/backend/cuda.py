@@ -27,6 +27,23 @@ from orcd.ops import sampling
 
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
 
+
+def kernel_sources(formats, type_ids=None) -> list:
+    """Every kernel source the backend loads for weights of ``type_ids`` (None:
+    every format of ``formats`` with device code; () : none of the per-format
+    modules): what start-up compiles in parallel (KernelCompiler.prefetch) and what
+    orcd.cuda.aot builds ahead of time."""
+    from orcd.cuda.nvrtc import KernelSource
+    from orcd.ops import activation, attention, fused, matmul, moe, norm, rope, sampling
+    from orcd.quant.device import with_device
+
+    rows = with_device(formats)
+    fixed = [KernelSource.from_package("orcd.ops", k.SOURCE) for k in
+             (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
+              moe.MoeKernels, sampling.CudaSampler)]
+    per_format = [matmul._kernel_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
+    return [*fixed, matmul._kernel_source(), fused._kernel_source(rows), *per_format]
+
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
     a single token through the backend's captured decode graph."""
@@ -47,7 +64,9 @@ class CudaRunner:
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt") -> None:
+                 gemm: str = "cublaslt", formats=None) -> None:
+        """``formats``: the format table the weight kernels are made for (default: the
+        built-in formats; ``load_weights`` switches to the table it is given)."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -59,12 +78,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats) -> None:
         from orcd.cuda.driver import cu, driver_module
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -81,13 +100,20 @@ class CudaBackend:
         self.cuda_runtime_version = f"{v // 1000}.{v % 1000 // 10}"
         self.alloc = DeviceAllocator(self.device, budget)
         self.launcher = Launcher(self.device, debug)
+        from orcd.quant.builtin import builtin_table
+
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
+        self.compiler = compiler
+        # every source compiles at once (a cold cache pays the longest compile, not the sum);
+        # the constructors below each wait for their own
+        compiler.prefetch(kernel_sources(formats if formats is not None else builtin_table(), type_ids=()))
         args = (self.device, compiler, self.launcher)
         # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend
-        self.mm = MatmulKernels(*args, int8=int8, gemm=gemm, allocator=self.alloc)
+        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc)
+        self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
-        self.fused = FusedKernels(*args)
+        self.fused = FusedKernels(*args, formats=formats)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.scratch = Scratch(self.alloc, SCRATCH_START)
@@ -108,9 +134,13 @@ class CudaBackend:
 
     def load_weights(self, mf, formats, names: Iterable[str],
                      progress: Callable[[float], None] | None = None) -> dict:
-        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32."""
+        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32.
+        The weight kernels are those of ``formats``, compiled here for the file's types."""
         from orcd.cuda.upload import Uploader
 
+        self._use_formats(formats)
+        types = {mf.tensors[n].type_id for n in names if len(mf.tensors[n].shape) > 1}
+        self.compiler.prefetch(kernel_sources(formats, types))   # compiled while the weights upload
         out, items = {}, []
         with self.alloc.transaction() as tx:
             for n in names:
@@ -121,13 +151,27 @@ class CudaBackend:
                     buf = tx.alloc(vals.nbytes, "weights")
                     items.append((vals, buf.ptr))
                     out[n] = DeviceTensor(buf.ptr, tuple(t.shape), np.dtype(np.float32))
-                else:
-                    buf = tx.alloc(t.n_bytes, "weights")
-                    items.append((t.data, buf.ptr))
-                    out[n] = QWeight(buf.ptr, tuple(t.shape), t.type_id, fmt)
+                else:   # quantized, in the format's VRAM layout (made while staging)
+                    w = QWeight(0, tuple(t.shape), t.type_id, fmt)
+                    buf = tx.alloc(w.nbytes, "weights")
+                    items.append((t.data, buf.ptr, fmt, t.shape[-1]))
+                    out[n] = QWeight(buf.ptr, w.shape, t.type_id, fmt)
             with Uploader(self.device) as up:
                 up.upload_many(items, progress)
+        self.mm.prepare(t.type_id for t in out.values() if isinstance(t, QWeight))
         return out
+
+    def _use_formats(self, formats) -> None:
+        """Rebuild the weight kernels when ``formats`` has device rows they lack (a plugin's)."""
+        from orcd.ops.fused import FusedKernels
+        from orcd.ops.matmul import MatmulKernels
+        from orcd.quant.device import with_device
+
+        rows = {f.type_id: f for f in with_device(formats)}
+        if rows != self.mm.formats:
+            self.mm.close()
+            self.mm = MatmulKernels(*self._kernel_args, formats=rows.values(), **self._mm_options)
+            self.fused = FusedKernels(*self._kernel_args, formats=rows.values())
 
     def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                      head_dim_v: int | None = None) -> KVCache:

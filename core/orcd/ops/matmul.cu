@@ -1,8 +1,8 @@
 // Quantized matmul family: GEMV for decode, weight dequantization to fp16/bf16
 // scratch for the prefill GEMM, embedding lookup, and the per-token expert
-// GEMV of a mixture of experts. Weights stay in their GGUF blocks; each thread
-// dequantizes one piece of a block into registers (the format structs of
-// quant/{simple,kquants,mxfp4}.cuh). Activations and accumulation are fp32.
+// GEMV of a mixture of experts. Weights stay quantized, in their format's VRAM
+// layout (base.cuh); each thread dequantizes one piece of a block into registers
+// (the format structs the generated formats.cuh brings). Accumulation is fp32.
 //
 // GEMV layout: a block of 4 warps; `split` (1, 2 or 4) warps share one output
 // row, so a block covers 4 / split rows. Within a row, lane l of part s takes
@@ -11,9 +11,8 @@
 // T <= TM tokens. Sums: warp butterfly, then the split warps' partials added
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
-#include "simple.cuh"
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "base.cuh"
+#include "formats.cuh"
 
 #define GEMV_THREADS 128
 #define GEMV_WARPS (GEMV_THREADS / 32)
@@ -27,8 +26,8 @@ struct ActF32 {
     int n_in;
     float v[F::RUNS * F::RUN];
     int pos;
-    __device__ __forceinline__ void piece(const u8* blk, int b, int p) {
-        F::load(blk, p, v);
+    __device__ __forceinline__ void piece(const u8* row, int nb, int b, int p) {
+        F::load(row, nb, b, p, v);
         pos = b * F::QK + F::base(p);
     }
     __device__ __forceinline__ float dot(int t) const { return dot_piece<F>(v, x + (long long)t * n_in + pos); }
@@ -41,11 +40,13 @@ struct ActQ8 {
     const int* __restrict__ xq;
     const float* __restrict__ xd;
     int n_in;
-    const u8* blk;
-    int b, p;
-    __device__ __forceinline__ void piece(const u8* blk_, int b_, int p_) { blk = blk_; b = b_; p = p_; }
+    const u8* row;
+    int nb, b, p;
+    __device__ __forceinline__ void piece(const u8* row_, int nb_, int b_, int p_) {
+        row = row_; nb = nb_; b = b_; p = p_;
+    }
     __device__ __forceinline__ float dot(int t) const {
-        return F::dot8(blk, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
+        return F::dot8(row, nb, b, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
                        xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
     }
 };
@@ -59,7 +60,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
     __shared__ float partial[GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc[TM];
 #pragma unroll
     for (int t = 0; t < TM; ++t) acc[t] = 0.f;
@@ -68,7 +69,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
 #pragma unroll 2
         for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
             const int blk = c / F::PIECES, p = c % F::PIECES;
-            x.piece(wr + (long long)blk * F::BYTES, blk, p);
+            x.piece(wr, nb, blk, p);
 #pragma unroll
             for (int t = 0; t < TM; ++t)
                 if (t < nT) acc[t] += x.dot(t);
@@ -178,7 +179,7 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
     const int id = ids[t], blk = c / F::PIECES, p = c % F::PIECES;
     float v[F::RUNS * F::RUN];
     if (id >= 0 && id < n_vocab) {
-        F::load(table + (long long)id * row_bytes + (long long)blk * F::BYTES, p, v);
+        F::load(table + (long long)id * row_bytes, D / F::QK, blk, p, v);
     } else {
 #pragma unroll
         for (int i = 0; i < F::RUNS * F::RUN; ++i) v[i] = __int_as_float(0x7FC00000);
@@ -204,7 +205,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     const int r_local = (int)(c / per_row), k = (int)(c % per_row);
     const int blk = k / F::PIECES, p = k % F::PIECES;
     float v[F::RUNS * F::RUN];
-    F::load(w + (long long)(row0 + r_local) * row_bytes + (long long)blk * F::BYTES, p, v);
+    F::load(w + (long long)(row0 + r_local) * row_bytes, n_in / F::QK, blk, p, v);
     u16* o = out + (long long)r_local * n_in + blk * F::QK + F::base(p);
 #pragma unroll
     for (int r = 0; r < F::RUNS; ++r)
@@ -229,7 +230,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 #define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, out, n_out, n_out, \
                                              n_in, split)
 
-#define FORMAT_KERNELS(NAME, F)                                                                     \
+#define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
@@ -261,7 +262,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     }
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
-#define INT8_KERNELS(NAME, F)                                                                       \
+#define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
@@ -280,27 +281,9 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                     n_in, split);                                                                   \
     }
 
-FORMAT_KERNELS(f32, FmtF32)
-FORMAT_KERNELS(f16, FmtF16)
-FORMAT_KERNELS(bf16, FmtBF16)
-FORMAT_KERNELS(q4_0, FmtQ4_0)
-FORMAT_KERNELS(q4_1, FmtQ4_1)
-FORMAT_KERNELS(q5_0, FmtQ5_0)
-FORMAT_KERNELS(q5_1, FmtQ5_1)
-FORMAT_KERNELS(q8_0, FmtQ8_0)
-FORMAT_KERNELS(q4_k, FmtQ4_K)
-FORMAT_KERNELS(q5_k, FmtQ5_K)
-FORMAT_KERNELS(q6_k, FmtQ6_K)
-FORMAT_KERNELS(mxfp4, FmtMXFP4)
-INT8_KERNELS(q4_0, FmtQ4_0)
-INT8_KERNELS(q4_1, FmtQ4_1)
-INT8_KERNELS(q5_0, FmtQ5_0)
-INT8_KERNELS(q5_1, FmtQ5_1)
-INT8_KERNELS(q8_0, FmtQ8_0)
-INT8_KERNELS(q4_k, FmtQ4_K)
-INT8_KERNELS(q5_k, FmtQ5_K)
-INT8_KERNELS(q6_k, FmtQ6_K)
-INT8_KERNELS(mxfp4, FmtMXFP4)
+// one set per format of the table (formats.cuh, generated: orcd.quant.device)
+ORCD_FORMATS(FORMAT_KERNELS)
+ORCD_INT8_FORMATS(INT8_KERNELS)
 
 // x [n_groups * 32] fp32 -> xq int8 and xd [n_groups]: per 32 values xd = amax / 127,
 // xq = rint(x / xd) (0 where xd = 0), as matmul.py's quantize_q8_ref. One thread

@@ -104,10 +104,12 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
 # sums the chosen experts.
 
 class MoeKernels:
+
+    SOURCE = "moe.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
         from orcd.cuda.nvrtc import KernelSource
 
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "moe.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._route = module.function("moe_route")
         self._group = module.function("moe_group")
         self._gather = module.function("moe_gather")

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from orcd.quant.format import QuantFormat
+from orcd.quant.format import DeviceFormat, QuantFormat
 from orcd.quant.simple import (blockwise_dequantizer, blockwise_quantizer, f16_at, f16_bytes,
                                f16_ceil, random_bytes, random_sign, uniform_int_power)
 
@@ -207,11 +207,17 @@ def _random_q6_k(n_blocks: int, rng: np.random.Generator, std: float) -> np.ndar
     return blocks.reshape(-1)
 
 
-def _row(type_id, name, nbytes, dq, q, rnd) -> QuantFormat:
+HEADERS = (("orcd.quant", "base.cuh"), ("orcd.quant", "kquants.cuh"))
+
+
+def _row(type_id, name, nbytes, dq, q, rnd, planes=()) -> QuantFormat:
+    # device: eight pieces of 32 values per 256-value block, int8 activations
     return QuantFormat(type_id, name, QK_K, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, QK_K, nbytes),
                        quantize=blockwise_quantizer(q, name, QK_K, nbytes),
-                       cuda="kquants", random_blocks=rnd)
+                       device=DeviceFormat(f"Fmt{name}", name.lower(), HEADERS, qk=QK_K, pieces=8, int8=True,
+                                           planes=planes),
+                       random_blocks=rnd)
 
 
 FORMATS: tuple[QuantFormat, ...] = (
@@ -219,5 +225,7 @@ FORMATS: tuple[QuantFormat, ...] = (
          lambda n, rng, std: _random_affine_k(n, rng, std, 144, 16)),
     _row(13, "Q5_K", 176, _dq_q5_k, _q_q5_k,
          lambda n, rng, std: _random_affine_k(n, rng, std, 176, 32)),
-    _row(14, "Q6_K", 210, _dq_q6_k, _q_q6_k, _random_q6_k),
+    # Q4_K/Q5_K blocks are 16-byte multiples: rows as stored. Q6_K's 210 bytes are not:
+    # planar in VRAM (ql, qh, scales, d)
+    _row(14, "Q6_K", 210, _dq_q6_k, _q_q6_k, _random_q6_k, ((0, 128), (128, 192), (192, 208), (208, 210))),
 )

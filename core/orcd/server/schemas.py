@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orcd.errors import InvalidRequest
 
 MAX_PROMPT_CHARS = 32_768
-MAX_TOKENS_LIMIT = 2048
 MAX_STOPS = 4
 MAX_STOP_TOKENS = 32
 MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_STOP_TOKENS)
@@ -38,12 +37,13 @@ class ExecuteRequest(BaseModel):
 
     job_id: str = Field(min_length=1, max_length=256)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)          # upper bound (vocab size) checked by the app
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
+    max_tokens: Optional[int] = Field(default=None, ge=1)  # at most --max-tokens-out (the app)
+    # sampling: None (unset) = the model file's recommendation, else llama-server's default
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)   # upper bound (vocab size) checked by the app
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
@@ -74,17 +74,18 @@ class _OpenAIBase(BaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    # sampling: None (unset) = the model file's recommendation, else llama-server's default
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     n: Optional[int] = Field(default=1, ge=1)     # > 1: a 400 (openai_request.check_refused)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
     # llama-server extensions
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     # OpenAI's (orcd.ops.sampling says where each applies)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
