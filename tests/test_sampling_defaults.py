@@ -23,7 +23,8 @@ RECOMMENDED = {"general.sampling.temp": 0.5, "general.sampling.top_k": 7,
 
 
 def values(p: SamplingParams) -> dict:
-    return {k: v for k, v in dataclasses.asdict(p).items() if k != "seed"}
+    """The fields a request may leave to the defaults (not the seed, the OpenAI extras)."""
+    return {k: v for k, v in dataclasses.asdict(p).items() if k in LLAMA_SERVER}
 
 
 def test_llama_server_defaults_where_the_file_recommends_nothing():
@@ -61,14 +62,14 @@ def srv(recommending_model):
 
 @pytest.fixture
 def submitted(srv, monkeypatch) -> list[SamplingParams]:
-    """The sampling of every job the server queues."""
-    seen, submit = [], srv.state.submit
+    """The sampling of every job the server plans (then queues)."""
+    seen, plan = [], srv.state.plan
 
     def spy(*args, **kwargs):
         seen.append(kwargs["sampling"])
-        return submit(*args, **kwargs)
+        return plan(*args, **kwargs)
 
-    monkeypatch.setattr(srv.state, "submit", spy)
+    monkeypatch.setattr(srv.state, "plan", spy)
     return seen
 
 

@@ -43,7 +43,7 @@ class ExecuteRequest(BaseModel):
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=0)   # upper bound (vocab size) checked by the app
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=2.0)  # 0 divides by 0
     stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
@@ -85,7 +85,7 @@ class _OpenAIBase(BaseModel):
     # llama-server extensions
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=2.0)  # 0 divides by 0
     # OpenAI's (orcd.ops.sampling says where each applies)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
