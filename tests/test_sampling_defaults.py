@@ -64,9 +64,9 @@ def submitted(srv, monkeypatch) -> list[SamplingParams]:
     """The sampling of every job the server queues."""
     seen, submit = [], srv.state.submit
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["sampling"])
-        return submit(*args, **kwargs)
+    def spy(planned):
+        seen.append(planned.sampling)
+        return submit(planned)
 
     monkeypatch.setattr(srv.state, "submit", spy)
     return seen

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 

@@ -43,10 +43,13 @@ def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # int8 support all come from the format table (QuantFormat.device; orcd.quant.device
 # generates matmul.cu's per-format instantiations from it).
 # int8="auto" (the default): where the measured gain pays for the extra quantize launch.
-# H100, bench/RESULTS.md: per GEMV, Q4_K/Q5_K 1.4-1.9x faster with int8 activations, the
-# other formats 0.96-1.25x; end to end, Phi-3-mini (matrices of 9-50M values) gained up
-# to 35%, Qwen2.5-0.5B (<= 8.7M, launch-bound) lost up to 34%: so by size, not by format.
-INT8_AUTO_MIN_VALUES = 1 << 24   # weight values the GEMVs of one input read, at least
+# H200, bench/RESULTS.md ("Planar VRAM layouts"): with 16-byte quant loads and 32-value
+# pieces the int8 GEMVs are 1.05-5.5x faster than the fp32 ones at every size (Q5_0
+# 4864 x 896: 3.5 vs 6.8 us; 896 x 896: 2.3 vs 2.8 us); below a few million values the
+# quantize launch (and the single-block rms_norm_q8) costs about what they gain, so
+# the rule stays by size, lowered from 16M to 8M values: Qwen2.5-0.5B's gate/up (8.7M)
+# and every GPT-OSS and Phi-3 projection take int8, Qwen's small q/k/v, o and down not.
+INT8_AUTO_MIN_VALUES = 1 << 23   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
