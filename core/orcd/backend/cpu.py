@@ -83,6 +83,9 @@ class CpuOps:
     def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
+    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None):
+        return moe.moe_add_ref(x, experts, n_used, alpha, limit, norm, linear=self.linear)
+
     @staticmethod
     def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
