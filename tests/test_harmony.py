@@ -14,9 +14,9 @@ import pytest
 from orcd.chat import ChatTemplate
 from orcd.server.state import ServerConfig
 from orcd.server.testing import running_server
-from orcd.ops.sampling import Sampled
 from orcd.toolcalls import ToolCall
 from orcd_gpt_oss.harmony import MAX_HEADER, SPECIALS, HarmonyParser, parser_factory
+from scripted import scripted_steps
 
 THINK_THEN_ANSWER = ("<|channel|>analysis<|message|>User asks 2+2. Easy: 4.<|end|>"
                      "<|start|>assistant<|channel|>final<|message|>2 + 2 = **4**.")
@@ -252,15 +252,12 @@ def scripted(gpt_oss_srv, monkeypatch):
     """``scripted(text)``: the served model now generates ``text`` (as tokens), then
     ``<|return|>``, whatever the sampling, so the server sees real harmony output."""
     lm = gpt_oss_srv.state.loaded
-    n_prompt = len(ChatTemplate.for_tokenizer(lm.tokenizer).prompt_ids(lm.tokenizer, HI))
 
     def script(text: str) -> None:
         tok = lm.tokenizer
         ids = tok.encode(text, add_special=False) + [tok.special_tokens["<|return|>"]]
         assert tok.decode(ids[:-1]) == text
-        monkeypatch.setattr(lm.backend, "sample_step",
-                            lambda logits, params, seen, rng, n_prompt=n_prompt, **kw:
-                            Sampled(ids[len(seen) - n_prompt]))
+        monkeypatch.setattr(lm.backend, "sample_step", scripted_steps(ids))
     return script
 
 

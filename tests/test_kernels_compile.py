@@ -99,9 +99,10 @@ def test_every_kernel_the_launchers_name_exists(ptx):
         wanted = {f"gemv_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_{s}", f"moe_gemm_{s}", f"embed_{s}",
                                                         f"dequant_f16_{s}", f"dequant_bf16_{s}"}
         if fmt.device.int8:
-            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}"}
+            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}",
+                                                                f"moe_gate_up_q8_{s}", f"moe_down_sum_q8_{s}"}
         assert wanted <= matmul, sorted(wanted - matmul)
     assert {"quantize_q8", "to_half", "from_half"} <= matmul
     assert {f"attn_prefill_tc_v{v}" for v in PF_HEAD_DIMS} <= entries("attention.cu")
-    assert {"moe_route", "moe_group", "moe_gather", "moe_weighted_sum"} <= entries("moe.cu")
+    assert {"moe_route", "moe_group", "moe_gather", "moe_weighted_sum", "moe_norm_route_q8"} <= entries("moe.cu")
     assert {"gemv_fused", "gemv_fused_q8", "rms_norm_q8"} <= entries("fused.cu")

@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from orcd.ops.sampling import Sampled
 from orcd.server.state import ServerConfig
 from orcd.server.testing import running_server
+from scripted import scripted_steps
 
 pytest.importorskip("llguidance")
 
@@ -65,10 +65,9 @@ def scripted(srv, monkeypatch):
 
     def script(text: str) -> None:
         ids = tok.encode(text, add_special=False, parse_special=True) + [tok.eos_id]
-        def step(logits, params, seen, rng, n_prompt=None, allowed=None):
-            return Sampled(ids[len(seen) - n_prompt])
-        monkeypatch.setattr(lm.backend, "sample_step", step)
+        monkeypatch.setattr(lm.backend, "sample_step", scripted_steps(ids))
     return script
+
 
 
 # -- names -------------------------------------------------------------------------------

@@ -62,14 +62,14 @@ def srv(recommending_model):
 
 @pytest.fixture
 def submitted(srv, monkeypatch) -> list[SamplingParams]:
-    """The sampling of every job the server plans (then queues)."""
-    seen, plan = [], srv.state.plan
+    """The sampling of every job the server queues."""
+    seen, submit = [], srv.state.submit
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["sampling"])
-        return plan(*args, **kwargs)
+    def spy(planned):
+        seen.append(planned.sampling)
+        return submit(planned)
 
-    monkeypatch.setattr(srv.state, "plan", spy)
+    monkeypatch.setattr(srv.state, "submit", spy)
     return seen
 
 

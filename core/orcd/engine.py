@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -92,6 +92,70 @@ class Runner:
     def forward(self, ids: Sequence[int], start: int):
         b = self.backend
         return self.model.forward(b.ops, b.ids(ids), b.positions(start, len(ids)), self.cache)
+
+
+def decode_tokens(backend, runner, logits, params: SamplingParams, seen: Callable[[int], np.ndarray],
+                  rng: np.random.Generator, n_prompt: int, max_tokens: int,
+                  interrupt: Callable[[], None] = lambda: None) -> Iterator[int]:
+    """The sampled ids of a request, at most ``max_tokens``, one at a time, after its
+    prefill ``logits``.
+
+    ``seen(k)``: prompt + the first k output ids (for the repetition penalty; the
+    caller fills it as ids arrive). ``interrupt()`` raises to stop (cancel,
+    deadline) and is called before each decode step is queued. The caller stops
+    pulling when it is done (end of generation, stop string, max_tokens).
+
+    Where the backend can sample on the device into the next step's input
+    (CudaBackend.sample_to_device), step k+1 and its sampling are queued before
+    id k is read on the host: the GPU runs while the host detokenizes, matches
+    stop strings and streams (a step may run past the end, its id unused).
+    Elsewhere each step waits for the id before it."""
+    pending = None
+    if hasattr(runner, "forward_pending") and hasattr(backend, "sample_to_device"):
+        pending = backend.sample_to_device(logits, params, seen(0))
+    if pending is None:
+        for k in range(1, max_tokens + 1):
+            tok = backend.sample(logits, params, seen(k - 1), rng)
+            yield tok
+            if k < max_tokens:
+                interrupt()
+                logits = runner.forward([tok], n_prompt + k - 1)
+        return
+    k = 0
+    while k < max_tokens:
+        nxt = None
+        if k + 1 < max_tokens:       # queue step k+1 on id k, still on the device
+            interrupt()
+            nxt = backend.sample_to_device(runner.forward_pending(n_prompt + k), params, chained=True)
+        yield pending.result()
+        pending, k = nxt, k + 1
+
+
+def decode_steps(backend, runner, logits, params: SamplingParams,
+                 seen: Callable[[int], np.ndarray], rng: np.random.Generator, n_prompt: int,
+                 max_tokens: int, interrupt: Callable[[], None] = lambda: None,
+                 constraint: TokenConstraint | None = None) -> Iterator[Sampled]:
+    """``decode_tokens`` for requests that need the host between draws (a
+    grammar, logprobs, output-count penalties): one step at a time, each a
+    ``Sampled`` from ``backend.sample_step``. The caller reports each kept id to
+    ``constraint`` before pulling the next; its mask for step k+1 is computed
+    after that step's forward is queued, so on the GPU the two overlap."""
+    for k in range(1, max_tokens + 1):
+        allowed = constraint.allowed() if constraint is not None else None
+        step = backend.sample_step(logits, params, seen(k - 1), rng, n_prompt=n_prompt,
+                                   allowed=allowed)
+        yield step
+        if k < max_tokens:
+            interrupt()
+            logits = runner.forward([step.id], n_prompt + k - 1)
+
+
+def _as_sampled(tokens: Iterator[int]) -> Iterator[Sampled]:
+    try:
+        for tok in tokens:
+            yield Sampled(tok)
+    finally:
+        tokens.close()
 
 
 class StopMatcher:
@@ -208,9 +272,11 @@ class Engine:
         seen[:len(prompt)] = prompt
         t_first = None
         reason = "max_tokens"
-        while len(ids) < req.max_tokens:
-            step = self._sample(logits, params, seen[:len(prompt) + len(ids)], len(prompt),
-                                rng, req.constraint)
+        args = (self.lm.backend, runner, logits, params, lambda k: seen[:len(prompt) + k], rng,
+                len(prompt), req.max_tokens, lambda: self._interrupt(req))
+        steps = (decode_steps(*args, req.constraint) if self._host_steps(req, params)
+                 else _as_sampled(decode_tokens(*args)))
+        for step in steps:
             tok = step.id
             t_first = t_first or time.perf_counter()
             if tok in self.tokenizer.eog_ids:
@@ -223,22 +289,19 @@ class Engine:
             if out.push(tok, len(ids) - 1, step):
                 reason = "stop_sequence"
                 break
-            if len(ids) < req.max_tokens:
-                self._interrupt(req)
-                logits = runner.forward([tok], len(prompt) + len(ids) - 1)
+        steps.close()
         if reason != "stop_sequence" and out.finish(ids):
             reason = "stop_sequence"
         t_first = t_first or time.perf_counter()
         return GenerateResult(reason, ids, out.text, len(prompt), (t_first - t0) * 1000,
                               (time.perf_counter() - t_first) * 1000, seed=params.seed)
 
-    def _sample(self, logits, params: SamplingParams, seen: np.ndarray, n_prompt: int, rng,
-                constraint: TokenConstraint | None) -> Sampled:
-        # the mask is computed here, after the forward was queued: on the GPU the
-        # two overlap, and sample_step is the first call that waits for the device
-        allowed = constraint.allowed() if constraint is not None else None
-        return self.lm.backend.sample_step(logits, params, seen, rng, n_prompt=n_prompt,
-                                           allowed=allowed)
+    @staticmethod
+    def _host_steps(req: GenerateRequest, params: SamplingParams) -> bool:
+        """Whether each step needs the host between draws: a grammar's mask
+        depends on the id before, logprobs are read per step, and frequency /
+        presence penalties count the output with the prompt split known."""
+        return req.constraint is not None or params.logprobs is not None or params.counts_output
 
     def _prefill(self, runner, prompt: list[int], req: GenerateRequest):
         """Logits after the prompt, fed in chunks; cancellation and the deadline are

@@ -83,6 +83,9 @@ class CpuOps:
     def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
+    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None):
+        return moe.moe_add_ref(x, experts, n_used, alpha, limit, norm, linear=self.linear)
+
     @staticmethod
     def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
@@ -148,7 +151,7 @@ class CpuBackend:
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+        return self.sample_step(logits, params, seen, rng).id
 
     def sample_step(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                     rng: np.random.Generator, *, n_prompt: int | None = None,

@@ -9,17 +9,19 @@ set); ids and positions live in a separate small arena.
 
 Decode (one token) is captured once as a CUDA graph per (model, cache) and
 replayed: the token id and position go host → device from pinned memory into
-fixed buffers the graph reads; every kernel reads positions from there.
+fixed buffers the graph reads; every kernel reads positions from there. The
+device sampler can write its id straight into that buffer (``sample_to_device``)
+so the next step is queued before the host has read the id (cuda_steps.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable, Iterable
 
 import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
+from orcd.backend.cuda_steps import DeviceSampling, PendingToken, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KVCache
@@ -60,6 +62,13 @@ class CudaRunner:
             return self.backend.decode_step(self.model, self.cache, int(ids[0]), start)
         return self.backend.eager(self.model, self.cache, list(ids), start)
 
+    def forward_pending(self, start: int) -> DeviceTensor:
+        """The decode step at ``start`` on the token the last ``sample_to_device``
+        left on the device (queued before that token reaches the host)."""
+        if not 0 <= start < self.cache.n_ctx:
+            raise InvalidRequest(f"position {start} outside the context of {self.cache.n_ctx}")
+        return self.backend.decode_step(self.model, self.cache, None, start)
+
 
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
@@ -73,7 +82,7 @@ class CudaBackend:
         self.name = f"cuda:{index}"
         self.sm = self.device.info.arch
         self.graphs = graphs
-        self._pinned = self._event = None
+        self.steps = None
         self.scratch = self._graph = self._kv = None
         self._kv_bufs: list = []
         self._rope: dict = {}
@@ -84,7 +93,7 @@ class CudaBackend:
             raise
 
     def _setup(self, budget, debug, kernel_cache, int8, gemm, formats) -> None:
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.cuda.driver import cu
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
         from orcd.cuda.nvrtc import KernelCompiler
@@ -124,10 +133,7 @@ class CudaBackend:
         self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
         self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
         self.device.make_current()
-        self._pinned = int(cu("cuMemHostAlloc", 8, 0))
-        self._pinned_view = np.ctypeslib.as_array((ctypes.c_int32 * 2).from_address(self._pinned))
-        self._event = cu("cuEventCreate", driver_module().CUevent_flags.CU_EVENT_DISABLE_TIMING)
-        cu("cuEventRecord", self._event, self.device.stream)
+        self.steps = StepIO(self.device, self.step_ids, self.step_pos)
         self.ops = CudaOps(self)
 
     # -- weights and cache -------------------------------------------------------
@@ -240,14 +246,11 @@ class CudaBackend:
             except ScratchFull as e:
                 self._grow_scratch(e.args[0])
 
-    def decode_step(self, model, cache: KVCache, token: int, pos: int) -> DeviceTensor:
-        from orcd.cuda.driver import cu
-
+    def decode_step(self, model, cache: KVCache, token: int | None, pos: int) -> DeviceTensor:
+        """One token through the captured graph; ``token`` None: the id the sampler
+        left in step_ids (sample_to_device)."""
         self.device.make_current()
-        cu("cuEventSynchronize", self._event)       # the previous step's copy has read the buffer
-        self._pinned_view[0], self._pinned_view[1] = token, pos
-        cu("cuMemcpyHtoDAsync", self.step_ids.ptr, self._pinned, 8, self.device.stream)
-        cu("cuEventRecord", self._event, self.device.stream)
+        self.steps.write_inputs(token, pos)
         g = self._graph
         if self.graphs and g is not None and g[0] is model and g[1] is cache:
             g[2].replay()
@@ -318,6 +321,11 @@ class CudaBackend:
         raw = to_host(self.device, x.ptr, x.nbytes)
         return raw.view(x.dtype).reshape(x.shape).astype(np.float32)
 
+    def _device_sampler(self, logits) -> DeviceSampling | None:
+        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
+            self.sampler = DeviceSampling(self, logits.numel)
+        return self.sampler if self.sampler is not None and self.sampler.n_vocab == logits.numel else None
+
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
         return self.sample_step(logits, params, seen, rng).id
@@ -328,12 +336,23 @@ class CudaBackend:
         """The device sampler when orcd.ops.sampling has one (only the id, and
         the top-N logprobs when asked, cross to the host; its draw is seeded by
         params.seed, not ``rng``), else the reference step."""
-        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
-            self.sampler = DeviceSampling(self, logits.numel)
-        if self.sampler is not None and self.sampler.n_vocab == logits.numel:
-            return self.sampler(logits, params, seen, n_prompt, allowed)
+        sampler = self._device_sampler(logits)
+        if sampler is not None:
+            return sampler(logits, params, seen, n_prompt, allowed)
         return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
                                     n_prompt, allowed)
+
+    def sample_to_device(self, logits, params: sampling.SamplingParams, seen=None,
+                         chained: bool = False) -> PendingToken | None:
+        """Sample the next id into the decode step's input (step_ids), where the next
+        ``CudaRunner.forward_pending`` reads it, and start its copy to the host; no
+        wait. ``chained``: it follows the last id sampled here (``seen`` unused).
+        None when there is no device sampler for these logits."""
+        sampler = self._device_sampler(logits)
+        if sampler is None:
+            return None
+        sampler.enqueue(logits, params, seen, self.step_ids, chained=chained)
+        return self.steps.read_output(self.step_ids)
 
     def synchronize(self) -> None:
         self.device.synchronize()
@@ -350,64 +369,17 @@ class CudaBackend:
         return not check_pointers(self.device, ptrs)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
-
         if getattr(self, "device", None) is None:
             return
         self.device.synchronize()
         self._drop_graph()
-        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None)):
+        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None), getattr(self, "compiler", None)):
             if hasattr(obj, "close"):
                 obj.close()
         if hasattr(self, "alloc"):
             self.alloc.free_all()
         self._kv, self._kv_bufs, self._rope = None, [], {}
-        if self._event is not None:
-            cu("cuEventDestroy", self._event)
-        if self._pinned is not None:
-            cu("cuMemFreeHost", self._pinned)
+        if getattr(self, "steps", None) is not None:
+            self.steps.close()
         self.device.close()
         self.device = None
-
-
-class DeviceSampling:
-    """orcd.ops.sampling.CudaSampler behind the engine's ``sample_step(logits,
-    params, seen, rng, n_prompt, allowed)``: the seen mask and the output counts
-    live on the device and the sampler marks each chosen id, so a request's
-    consecutive calls (seen growing by the last chosen id) need no host traffic
-    but the id itself (and a grammar's bitmask); any other ``seen`` re-uploads
-    mask and counts, and only when a penalty needs them."""
-
-    def __init__(self, backend: CudaBackend, n_vocab: int) -> None:
-        self.b, self.n_vocab = backend, n_vocab
-        self.kernels = sampling.CudaSampler(*backend._kernel_args, n_vocab, allocator=backend.alloc)
-        self.out = backend.alloc.alloc(4, "workspace")
-        self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
-        self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
-
-    def __call__(self, logits, params: sampling.SamplingParams, seen, n_prompt=None,
-                 allowed=None) -> sampling.Sampled:
-        from orcd.cuda.memory import to_host
-
-        seen = np.asarray(seen, dtype=np.int64).reshape(-1)
-        prev = self.seen
-        follows = (prev is not None and len(seen) == len(prev) + 1 and seen[-1] == self.last
-                   and np.array_equal(seen[:-1], prev))
-        self.step = self.step + 1 if follows else 0
-        if not follows:
-            self.mask_ok = False
-        if (params.repetition_penalty != 1.0 or params.counts_output) and not self.mask_ok:
-            self.kernels.reset(seen, n_prompt)
-            self.mask_ok = True
-        self.kernels.sample(logits.view(-1), params, self.step, self.out_id, allowed)
-        if params.logprobs is not None:
-            got = self.kernels.logprobs()
-            self.last = got.id
-        else:
-            self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
-            got = sampling.Sampled(self.last)
-        self.seen = seen
-        return got
-
-    def close(self) -> None:
-        self.kernels.close()

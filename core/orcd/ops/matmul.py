@@ -43,15 +43,19 @@ def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # int8 support all come from the format table (QuantFormat.device; orcd.quant.device
 # generates matmul.cu's per-format instantiations from it).
 # int8="auto" (the default): where the measured gain pays for the extra quantize launch.
-# H100, bench/RESULTS.md: per GEMV, Q4_K/Q5_K 1.4-1.9x faster with int8 activations, the
-# other formats 0.96-1.25x; end to end, Phi-3-mini (matrices of 9-50M values) gained up
-# to 35%, Qwen2.5-0.5B (<= 8.7M, launch-bound) lost up to 34%: so by size, not by format.
-INT8_AUTO_MIN_VALUES = 1 << 24   # weight values the GEMVs of one input read, at least
+# H200, bench/RESULTS.md ("Planar VRAM layouts"): with 16-byte quant loads and 32-value
+# pieces the int8 GEMVs are 1.05-5.5x faster than the fp32 ones at every size (Q5_0
+# 4864 x 896: 3.5 vs 6.8 us; 896 x 896: 2.3 vs 2.8 us); below a few million values the
+# quantize launch (and the single-block rms_norm_q8) costs about what they gain, so
+# the rule stays by size, lowered from 16M to 8M values: Qwen2.5-0.5B's gate/up (8.7M)
+# and every GPT-OSS and Phi-3 projection take int8, Qwen's small q/k/v, o and down not.
+INT8_AUTO_MIN_VALUES = 1 << 23   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
+MOE_MAX_K = 8               # experts per token the fused down kernel sums (matmul.cu's MOE_MAX_K)
 WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
 SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
 MAX_GRID_Y = 65535
@@ -297,6 +301,40 @@ class MatmulKernels:
                     [_ptr(w.ptr), np.int64(w.row_bytes),
                      np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    def moe_gate_up_q8(self, xa: "Q8Act", ex, ids, alpha: float, limit: float, h: "Q8Act") -> None:
+        """h[t * k + s] = swiglu_oai(x_t . gate[e] + bg[e], x_t . up[e] + bu[e]) for e =
+        ids[t, s], quantized per 32 values into h (Q8Act [T * k, n_ff]); x as int8
+        activations xa [T, D]. One launch for every chosen expert's gate, up and SwiGLU."""
+        n_expert, n_ff, D = ex.gate_w.shape
+        T, k = ids.shape
+        if ex.up_w.shape != ex.gate_w.shape or ex.up_w.type_id != ex.gate_w.type_id or n_ff % 32:
+            raise ValueError(f"moe gate/up: gate {ex.gate_w.shape}, up {ex.up_w.shape} (n_ff a multiple of 32)")
+        if tuple(xa.shape) != (T, D) or tuple(h.shape) != (T * k, n_ff) or not int8_capable(ex.gate_w):
+            raise ValueError(f"moe gate/up: x {xa.shape}, h {h.shape} for ids {ids.shape}")
+        w = ex.gate_w
+        self._check_row(w, D)
+        self.launch(self._fn("moe_gate_up_q8_", w), (n_ff // 32, T * k), 256,
+                    [_ptr(w.ptr), _ptr(ex.up_w.ptr), np.int64(w.row_bytes),
+                     np.int64(w.fmt.vram_tensor_bytes((n_ff, D))), _ptr(xa.xq.ptr), _ptr(xa.xd.ptr),
+                     _ptr(ids.ptr), k, n_expert, _ptr(ex.gate_b.ptr), _ptr(ex.up_b.ptr), float(alpha),
+                     float(limit), _ptr(h.xq.ptr), _ptr(h.xd.ptr), n_ff, D])
+
+    def moe_down_sum_q8(self, h: "Q8Act", w, b, ids, weights, residual, out) -> None:
+        """out[t] = residual[t] + sum_s weights[t, s] * (h[t * k + s] . w[e].T + b[e]), e =
+        ids[t, s], in choice order: the experts' down projections, their weighted sum
+        and the residual add in one launch. w: QWeight [n_expert, D, n_ff]."""
+        n_expert, D, n_ff = w.shape
+        T, k = ids.shape
+        if not 0 < k <= MOE_MAX_K or tuple(h.shape) != (T * k, n_ff) or not int8_capable(w):
+            raise ValueError(f"moe down: h {h.shape} for ids {ids.shape} (k <= {MOE_MAX_K}), {w.fmt.name}")
+        self._check_tensor(residual, (T, D), "moe down residual")
+        self._check_tensor(out, (T, D), "moe down out")
+        self._check_row(w, n_ff)
+        self.launch(self._fn("moe_down_sum_q8_", w), (-(-D // 8), T), 256,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((D, n_ff))),
+                     _ptr(h.xq.ptr), _ptr(h.xd.ptr), _ptr(ids.ptr), _ptr(weights.ptr), k, n_expert,
+                     _ptr(b.ptr), _ptr(residual.ptr), _ptr(out.ptr), D, n_ff])
 
     def dequantize(self, w, out, row0: int = 0) -> None:
         """Rows [row0, row0 + out.shape[0]) of the QWeight w as float16 (or

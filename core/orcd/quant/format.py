@@ -47,6 +47,11 @@ class DeviceFormat:
     whose blocks are 17 or 18 bytes (MXFP4, Q4_0) gets its quants 16-byte
     aligned for 128-bit loads and its scales apart. The GGUF stays the file
     format; the layout is made while uploading (``to_vram``).
+
+    ``block_to_vram`` (with its inverse ``block_from_vram``) may first rewrite
+    each block, uint8 [n, block_bytes] -> [n, vram_block_bytes], exactly and
+    reversibly (Q4_K's packed 6-bit scales unpacked to a byte each, so the
+    kernels need no bit surgery); the planes then cut the rewritten block.
     """
 
     struct: str
@@ -56,6 +61,9 @@ class DeviceFormat:
     pieces: int
     int8: bool = False
     planes: tuple[tuple[int, int], ...] = ()
+    block_to_vram: Callable[[np.ndarray], np.ndarray] | None = None
+    block_from_vram: Callable[[np.ndarray], np.ndarray] | None = None
+    vram_block_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,13 +91,16 @@ class QuantFormat:
     random_blocks: RandomBlocks | None = None
 
     def __post_init__(self) -> None:
+        size = self.vram_block_bytes
         for lo, hi in self.device.planes if self.device else ():
-            if not 0 <= lo < hi <= self.block_bytes:
-                raise ValueError(f"{self.name}: plane ({lo}, {hi}) outside its {self.block_bytes}-byte block")
+            if not 0 <= lo < hi <= size:
+                raise ValueError(f"{self.name}: plane ({lo}, {hi}) outside its {size}-byte block")
         if self.device and self.device.planes:
             covered = sorted(b for lo, hi in self.device.planes for b in range(lo, hi))
-            if covered != list(range(self.block_bytes)):
+            if covered != list(range(size)):
                 raise ValueError(f"{self.name}: the planes must cover each block's bytes once")
+        if self.device and (self.device.block_to_vram is None) != (self.device.block_from_vram is None):
+            raise ValueError(f"{self.name}: a block rewrite needs its inverse")
 
     def row_bytes(self, n_elems: int) -> int:
         """Bytes of one row of ``n_elems`` values (must be whole blocks)."""
@@ -114,6 +125,12 @@ class QuantFormat:
     @property
     def planar(self) -> bool:
         return bool(self.device and self.device.planes)
+
+    @property
+    def vram_block_bytes(self) -> int:
+        """Bytes of one block as the planes cut it (after any block rewrite)."""
+        d = self.device
+        return d.vram_block_bytes if d is not None and d.vram_block_bytes else self.block_bytes
 
     def vram_row_bytes(self, n_elems: int) -> int:
         """Bytes of one row in VRAM: its planes, each padded to 16; as stored if not planar."""
@@ -141,7 +158,10 @@ class QuantFormat:
             dst[:] = raw.reshape(rows, rb)
             return dst.reshape(-1)
         nb = n_elems // self.block_elems
-        blocks = raw.reshape(rows, nb, self.block_bytes)
+        blocks = raw.reshape(rows * nb, self.block_bytes)
+        if self.device.block_to_vram is not None:
+            blocks = self.device.block_to_vram(blocks)
+        blocks = blocks.reshape(rows, nb, self.vram_block_bytes)
         at = 0
         for lo, hi in self.device.planes:
             width = nb * (hi - lo)
@@ -159,12 +179,14 @@ class QuantFormat:
             return planar.copy()
         nb = n_elems // self.block_elems
         src = planar.reshape(rows, vb)
-        out = np.empty((rows, nb, self.block_bytes), np.uint8)
+        out = np.empty((rows, nb, self.vram_block_bytes), np.uint8)
         at = 0
         for lo, hi in self.device.planes:
             width = nb * (hi - lo)
             out[:, :, lo:hi] = src[:, at:at + width].reshape(rows, nb, hi - lo)
             at += _pad(width)
+        if self.device.block_from_vram is not None:
+            return self.device.block_from_vram(out.reshape(rows * nb, -1)).reshape(-1)
         return out.reshape(-1)
 
 

@@ -1,11 +1,11 @@
 // Device dequantizers for ggml's K-quants (Q4_K, Q5_K, Q6_K); blocks as in
 // kquants.py, format structs shaped as described in base.cuh.
 //
-// Q4_K / Q5_K (144 / 176 bytes: 16-byte aligned, so VRAM rows are the GGUF
-// blocks as stored): piece p = 16 bytes of qs at 16 * p of the qs area, i.e.
-// values 16 * (p & 1) + k of sub-blocks 2 * (p >> 1) (low nibbles) and
-// 2 * (p >> 1) + 1 (high nibbles). A piece is two or three 16-byte loads: the
-// 16-byte header (d, dmin, 12 scale bytes), Q5_K's matching 16 qh bytes, and the qs.
+// Q4_K / Q5_K are planar in VRAM with their 6-bit scales unpacked to bytes
+// (kquants.py's scales_unpacked): piece p = 16 bytes of qs at 16 * p of the
+// block's qs, i.e. values 16 * (p & 1) + k of sub-blocks 2 * (p >> 1) (low
+// nibbles) and 2 * (p >> 1) + 1 (high nibbles): one 16-byte load of quants (and
+// Q5_K's 16 qh bytes), two 2-byte loads of scales and mins, one 4-byte d, dmin.
 // Q6_K (210 bytes, only 2-byte aligned as stored) is planar in VRAM: a row is its
 // ql plane (128 bytes a block), qh (64), scales (16) and d (2) planes. Piece p =
 // half h = p >> 2, l = 8 * (p & 3) .. +8 of its four 32-value groups: three
@@ -19,21 +19,6 @@ __device__ __forceinline__ u32 byte_at(const uint4& h, int k) {
     return byte_of(w, k & 3);
 }
 
-// ggml's get_scale_min_k4 on the header (scales at bytes 4..15): dl = d * sc_j, ml = dmin * m_j.
-__device__ __forceinline__ void scale_min_k4(const uint4& h, int j, float& dl, float& ml) {
-    const float d = f16_to_f32((u16)(h.x & 0xFFFFu)), dmin = f16_to_f32((u16)(h.x >> 16));
-    u32 sc, m;
-    if (j < 4) {
-        sc = byte_at(h, 4 + j) & 63;
-        m = byte_at(h, 8 + j) & 63;
-    } else {
-        sc = (byte_at(h, 8 + j) & 15) | ((byte_at(h, j) >> 6) << 4);
-        m = (byte_at(h, 8 + j) >> 4) | ((byte_at(h, 4 + j) >> 6) << 4);
-    }
-    dl = d * (float)sc;
-    ml = dmin * (float)m;
-}
-
 // Piece p of a Q4_K / Q5_K block: the quants of sub-block j = 2 (p >> 1) (lo, low
 // nibbles) and j + 1 (hi, high nibbles) four bytes a word, at 16 (p & 1) within
 // each, with their scales dl and mins ml.
@@ -42,18 +27,27 @@ struct AffineKPiece {
     u32 lo[4], hi[4];
 };
 
+// The planes of a Q4_K / Q5_K row of nb blocks (kquants.py: scales unpacked, then
+// planar): qs (128 a block), Q5_K's qh (32), the scales sc[8] then mins m[8] (16),
+// and d, dmin (4). dl = d * sc_j and ml = dmin * m_j as ggml's get_scale_min_k4
+// gives them, from byte loads.
 template <bool FIVE>
-__device__ __forceinline__ AffineKPiece affine_k_piece(const u8* b, int p) {
+__device__ __forceinline__ AffineKPiece affine_k_piece(const u8* row, int nb, int b, int p) {
     AffineKPiece r;
-    const uint4 h = ld128(b);
     const int j = 2 * (p >> 1);
-    scale_min_k4(h, j, r.dl0, r.ml0);
-    scale_min_k4(h, j + 1, r.dl1, r.ml1);
-    const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
+    const u8* scm = row + (FIVE ? 160 : 128) * nb + 16 * b;
+    const u32 dm = ld32(row + (FIVE ? 176 : 144) * nb + 4 * b);
+    const float d = f16_to_f32((u16)(dm & 0xFFFFu)), dmin = f16_to_f32((u16)(dm >> 16));
+    const u32 sc = ld16(scm + j), m = ld16(scm + 8 + j);      // sub-blocks j (low byte) and j + 1
+    r.dl0 = d * (float)(sc & 0xFFu);
+    r.dl1 = d * (float)(sc >> 8);
+    r.ml0 = dmin * (float)(m & 0xFFu);
+    r.ml1 = dmin * (float)(m >> 8);
+    const uint4 qs4 = ld128(row + 128 * b + 16 * p);
     const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
     u32 qh[4] = {0, 0, 0, 0};
     if (FIVE) {
-        const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));   // qh[l] for this piece's 16 l
+        const uint4 qh4 = ld128(row + 128 * nb + 32 * b + 16 * (p & 1));   // qh[l] for this piece's 16 l
         qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
     }
 #pragma unroll
@@ -73,8 +67,8 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
     static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = FIVE ? 176 : 144, PIECES = 8, RUNS = 2, RUN = 16, STRIDE = 32;
     __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
-    __device__ static void load(const u8* row, int, int blk, int p, float* v) {
-        const AffineKPiece k = affine_k_piece<FIVE>(row + BYTES * blk, p);
+    __device__ static void load(const u8* row, int nb, int blk, int p, float* v) {
+        const AffineKPiece k = affine_k_piece<FIVE>(row, nb, blk, p);
 #pragma unroll
         for (int w = 0; w < 4; ++w)   // 4 bytes of qs at a time, as 2^23 + q
 #pragma unroll
@@ -84,9 +78,9 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
             }
     }
     // x words 8j + 4(p & 1) + w (sub-block j) and 8 further on (j + 1)
-    __device__ static float dot8(const u8* row, int, int blk, int p, const int* __restrict__ xq,
+    __device__ static float dot8(const u8* row, int nb, int blk, int p, const int* __restrict__ xq,
                                  const float* __restrict__ xd) {
-        const AffineKPiece k = affine_k_piece<FIVE>(row + BYTES * blk, p);
+        const AffineKPiece k = affine_k_piece<FIVE>(row, nb, blk, p);
         const int j = 2 * (p >> 1);
         const int* x0 = xq + 8 * j + 4 * (p & 1);
         const int* x1 = x0 + 8;

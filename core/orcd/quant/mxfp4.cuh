@@ -29,17 +29,23 @@ __device__ __forceinline__ void e2m1x4(u32 n4, float d, float* v) {
     }
 }
 
-// Four E2M1 codes (bits 0..3 of bytes 0..3 of n4) as signed bytes of the doubled
-// values: magnitudes from the positive table, negatives from the negated one,
-// picked per byte by bit 3 (a byte mask 0xFF where the code is negative).
-__device__ __forceinline__ u32 e2m1x4_i8(u32 n4) {
-    const u32 idx = n4 & 0x07070707u;
-    const u32 t = idx | (idx >> 4);
-    const u32 sel = (t & 0xFFu) | ((t >> 8) & 0xFF00u);
-    const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);   //  0  1  2  3  4  6  8  12
-    const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);   // -0 -1 -2 -3 -4 -6 -8 -12
-    const u32 mask = ((n4 >> 3) & 0x01010101u) * 0xFFu;
-    return (pos & ~mask) | (neg & mask);
+// The eight E2M1 codes of one qs word as signed bytes of the doubled values:
+// .x = the low nibbles' (values 4w..4w+3), .y = the high nibbles' (16+4w..).
+// A 16-entry table in four words, looked up with __byte_perm's 3-bit indices:
+// the low and high halves of the table, then bit 3 of each code picks between
+// them, then the bytes are put in value order (three permutes per four codes
+// instead of a mask-and-negate per code).
+__device__ __forceinline__ int2 e2m1x8_i8(u32 q4) {
+    const u32 T0 = 0x03020100u, T1 = 0x0C080604u;   //  0  1  2  3  4  6  8  12
+    const u32 T2 = 0xFDFEFF00u, T3 = 0xF4F8FAFCu;   // -0 -1 -2 -3 -4 -6 -8 -12
+    const u32 pick = 0x32103210u | ((q4 & 0x88888888u) >> 1);
+    u32 t[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const u32 s = q4 >> (16 * i);
+        t[i] = __byte_perm(__byte_perm(T0, T1, s), __byte_perm(T2, T3, s), pick >> (16 * i));
+    }
+    return make_int2((int)__byte_perm(t[0], t[1], 0x6420), (int)__byte_perm(t[0], t[1], 0x7531));
 }
 
 struct FmtMXFP4 {  // planes: qs [16], e [1]
@@ -56,8 +62,9 @@ struct FmtMXFP4 {  // planes: qs [16], e [1]
         int s = 0;
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            s = dot4(e2m1x4_i8(LOW_NIBBLES(qs[w])), x[w], s);
-            s = dot4(e2m1x4_i8(HIGH_NIBBLES(qs[w])), x[4 + w], s);
+            const int2 v = e2m1x8_i8(qs[w]);
+            s = dot4((u32)v.x, x[w], s);
+            s = dot4((u32)v.y, x[4 + w], s);
         }
         return scale(row, nb, b) * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
     }
