@@ -185,8 +185,8 @@ def test_upload_jobs_rebuild_the_vram_layout(host):
         f.to_vram(src[off:off + n], n_elems, out=staging)
         dst[dst_off:dst_off + dst_n] = staging[:dst_n]
     np.testing.assert_array_equal(dst, fmt.to_vram(raw, n_in))
-    q4k = host.formats.by_name["Q4_K"]                 # rows as stored: plain byte chunks
-    assert all(j[6] is None for j in _jobs((np.zeros(144 * 10, np.uint8), 0, q4k, 256), chunk=1000))
+    f16 = host.formats.by_name["F16"]                  # rows as stored: plain byte chunks
+    assert all(j[6] is None for j in _jobs((np.zeros(2 * 896 * 10, np.uint8), 0, f16, 896), chunk=1000))
 
 
 def test_milestones_emit_each_step_once_in_order():

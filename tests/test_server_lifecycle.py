@@ -255,3 +255,23 @@ def test_explicit_tokenizer_json_wins_and_health_says_hf_json(tiny_model, host, 
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello",
                                                           "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200, r.text
+
+
+def test_load_progress_is_a_bar_on_a_terminal_and_events_elsewhere():
+    import io
+
+    from orcd.server.narration import LoadProgress, Narrator
+
+    tty = io.StringIO()
+    bar = LoadProgress(Narrator(worker_id="w", model_ref="m", gpu_device="cpu", stream=tty, readable=True))
+    for f in (0.0, 0.3, 0.3, 0.75, 1.0):
+        bar(f)
+    bar.finish()
+    out = tty.getvalue()
+    assert out.count("\r") == 4 and out.endswith("100%\n")     # redrawn in place, once per change
+    assert "model_load_progress" not in out
+    log = io.StringIO()
+    events = LoadProgress(Narrator(worker_id="w", model_ref="m", gpu_device="cpu", stream=log, readable=False))
+    for f in (0.0, 0.3, 0.75, 1.0):
+        events(f)
+    assert [line.count("model_load_progress") for line in log.getvalue().splitlines()] == [1] * 5

@@ -1,11 +1,14 @@
-"""A GGUF model file: validated, memory-mapped, read through gguf-py's reader.
+"""A GGUF model file: validated, memory-mapped, decoded lazily.
 
-``ModelFile.open(path)`` first walks the header itself (``_check_header``):
-every length, count, type id and tensor bound is checked against the file size
-before gguf's ``GGUFReader`` sees the file, because the reader trusts the
-header (a huge array length makes it loop without end, a short file makes it
-fail deep inside numpy). Every problem is a ``ModelLoadFailed`` naming the file
-and the problem; no traceback or out-of-bounds read reaches the user.
+``ModelFile.open(path)`` walks the header once (``_walk``): every length, count,
+type id and tensor bound is checked against the file size, and the walk records
+where each metadata value and each tensor lies. Values are decoded on first
+access (``Metadata``); a 150k-token vocabulary is skipped at C-loop speed by the
+walk and decoded only when a tokenizer asks for it. (gguf-py's GGUFReader parsed
+every array element into numpy views up front: ~2.5 s for the real Qwen file's
+vocabulary on the GPU machine, most of a warm start; it stays the tests' oracle.)
+Every problem is a ``ModelLoadFailed`` naming the file and the problem; no
+traceback or out-of-bounds read reaches the user.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from orcd.errors import ModelLoadFailed
 
@@ -38,6 +41,12 @@ _SCALAR_BYTES = {
 }
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_SCALAR_DTYPE = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.BOOL: "<u1",
+    GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
 
 
 @dataclass(frozen=True)
@@ -66,26 +75,61 @@ def type_name(type_id: int) -> str:
         return f"type{type_id}"
 
 
+def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
+    """The value of type ``vtype`` at ``pos`` (already bounds-checked by the walk), as
+    gguf-py's ``contents()`` gives it: Python scalars, str, lists; and the next offset."""
+    if vtype in _SCALAR_DTYPE:
+        n = _SCALAR_BYTES[vtype]
+        v = np.frombuffer(buf, _SCALAR_DTYPE[vtype], 1, pos)[0].item()
+        return (bool(v) if vtype == GGUFValueType.BOOL else v), pos + n
+    if vtype == GGUFValueType.STRING:
+        n = _U64.unpack_from(buf, pos)[0]
+        return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
+    itype = _U32.unpack_from(buf, pos)[0]
+    count = _U64.unpack_from(buf, pos + 4)[0]
+    pos += 12
+    if itype in _SCALAR_DTYPE:
+        arr = np.frombuffer(buf, _SCALAR_DTYPE[itype], count, pos)
+        values = arr.astype(bool).tolist() if itype == GGUFValueType.BOOL else arr.tolist()
+        return values, pos + count * _SCALAR_BYTES[itype]
+    if itype == GGUFValueType.STRING:   # a vocabulary: keep the loop tight
+        out, unpack = [], _U64.unpack_from
+        for _ in range(count):
+            n = unpack(buf, pos)[0]
+            out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"))
+            pos += 8 + n
+        return out, pos
+    out = []
+    for _ in range(count):
+        v, pos = _read_value(buf, pos, itype)
+        out.append(v)
+    return out, pos
+
+
+@dataclass(frozen=True)
+class _Field:
+    """Where a metadata value lies: its type and the offset of its bytes."""
+
+    vtype: int
+    pos: int
+
+
 class Metadata(Mapping[str, Any]):
-    """GGUF key/value pairs, decoded to Python values on first access.
+    """GGUF key/value pairs, decoded to Python values on first access."""
 
-    The reader's bookkeeping keys (``GGUF.version`` ...) are hidden."""
-
-    def __init__(self, fields: Mapping[str, Any], source: str = "model") -> None:
-        self._fields = fields
+    def __init__(self, fields: Mapping[str, _Field], buf, source: str = "model") -> None:
+        self._fields, self._buf = fields, buf
         self._source = source
         self._cache: dict[str, Any] = {}
 
-    def _field(self, key: str) -> Any:
-        if key.startswith("GGUF.") or key not in self._fields:
-            raise KeyError(key)
+    def _field(self, key: str) -> _Field:
         return self._fields[key]
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._cache:
             field = self._field(key)
             try:
-                self._cache[key] = field.contents()
+                self._cache[key] = _read_value(self._buf, field.pos, field.vtype)[0]
             except UnicodeDecodeError:
                 raise ModelLoadFailed(f"{self._source}: metadata key {key!r} holds a string "
                                       f"that is not valid UTF-8") from None
@@ -93,47 +137,44 @@ class Metadata(Mapping[str, Any]):
 
     def __contains__(self, key: object) -> bool:
         # Mapping's default would decode the value (a 150k-token list) just to test membership.
-        return isinstance(key, str) and not key.startswith("GGUF.") and key in self._fields
+        return isinstance(key, str) and key in self._fields
 
     def __iter__(self) -> Iterator[str]:
-        return (k for k in self._fields if not k.startswith("GGUF."))
+        return iter(self._fields)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._fields)
 
     def array_len(self, key: str) -> int:
         """Length of an array-valued key without decoding it."""
         field = self._field(key)
-        if not field.types or field.types[0] != GGUFValueType.ARRAY:
+        if field.vtype != GGUFValueType.ARRAY:
             raise ModelLoadFailed(f"{self._source}: metadata key {key!r} is not an array")
-        return len(field.data)
+        return _U64.unpack_from(self._buf, field.pos + 4)[0]
 
 
 class ModelFile:
-    def __init__(self, path: Path, reader: "_FastReader") -> None:
+    def __init__(self, path: Path, buf: mmap.mmap, layout: "_Layout") -> None:
         self.path = path
-        self._reader = reader
-        self.metadata = Metadata(reader.fields, source=str(path))
-        self.size = path.stat().st_size
-        self.alignment = int(reader.alignment)
-        raw = reader.plain  # uint8 view of the whole file
+        self._buf = buf
+        raw = np.frombuffer(buf, dtype=np.uint8)   # the whole file; tensor data are views of it
+        self.metadata = Metadata(layout.fields, raw, source=str(path))
+        self.size = raw.size
+        self.alignment = layout.alignment
         self.tensors: dict[str, TensorInfo] = {}
-        for t in reader.tensors:
-            offset, n_bytes = int(t.data_offset), int(t.n_bytes)
-            self.tensors[t.name] = TensorInfo(
-                name=t.name, type_id=int(t.tensor_type),
-                shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-                offset=offset, n_bytes=n_bytes, data=raw[offset:offset + n_bytes])
+        for name, type_id, ne, offset, n_bytes in layout.tensors:
+            self.tensors[name] = TensorInfo(name=name, type_id=type_id, shape=tuple(reversed(ne)),
+                                            offset=offset, n_bytes=n_bytes, data=raw[offset:offset + n_bytes])
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelFile":
         path = Path(path)
-        _check_header(path)
+        buf, size = _map(path)
         try:
-            reader = _FastReader(path, "r")
-        except Exception as e:  # the header check should have caught it; never a traceback
-            raise ModelLoadFailed(f"{path}: not a valid GGUF file: {type(e).__name__}: {e}") from None
-        return cls(path, reader)
+            layout = _walk(_Cursor(buf, size))
+        except _Bad as e:
+            raise ModelLoadFailed(f"{path}: {e}") from None
+        return cls(path, buf, layout)
 
     @property
     def arch(self) -> str:
@@ -161,34 +202,14 @@ class ModelFile:
         # Dropping the references unmaps the file once no tensor view is alive;
         # closing the mmap under a live view would crash the process.
         self.tensors.clear()
-        self._reader = None
+        self.metadata = Metadata({}, None, source=str(self.path))
+        self._buf = None
 
     def __enter__(self) -> "ModelFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _FastReader(GGUFReader):
-    """GGUFReader reading through a plain ndarray view of its memmap.
-
-    The stock ``_get`` slices the ``np.memmap`` subclass, whose per-slice
-    bookkeeping dominates parsing a 150k-token vocabulary (~5x slower)."""
-
-    @property
-    def plain(self) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
-        return plain
-
-    def _get(self, offset: int, dtype: Any, count: int = 1,
-             override_order: Any = None) -> np.ndarray:
-        dt, count = np.dtype(dtype), int(count)
-        arr = self.plain[offset:offset + dt.itemsize * count].view(dt)[:count]
-        order = self.byte_order if override_order is None else override_order
-        return arr.view(arr.dtype.newbyteorder(order))
 
 
 # -- the header check ---------------------------------------------------------
@@ -238,7 +259,18 @@ class _Cursor:
         self.pos = pos
 
 
-def _check_header(path: Path) -> None:
+@dataclass
+class _Layout:
+    """What the walk found: metadata fields by key, tensors as (name, type id, ne,
+    absolute offset, bytes), and the data alignment."""
+
+    fields: dict[str, _Field]
+    tensors: list[tuple[str, int, list[int], int, int]]
+    alignment: int
+
+
+def _map(path: Path) -> tuple[mmap.mmap, int]:
+    """The file mapped read-only, or a ModelLoadFailed saying why not."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -252,17 +284,16 @@ def _check_header(path: Path) -> None:
     if st.st_size == 0:
         raise ModelLoadFailed(f"{path}: file is empty (0 bytes), not a GGUF model")
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _walk(_Cursor(buf, st.st_size))
-    except _Bad as e:
-        raise ModelLoadFailed(f"{path}: {e}") from None
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), st.st_size
     except (OSError, ValueError) as e:  # permission denied, unmappable file
         msg = getattr(e, "strerror", None) or str(e)
         raise ModelLoadFailed(f"{path}: cannot read the model file: {msg}") from None
 
 
-def _walk(c: _Cursor) -> None:
-    """Check the whole header of a GGUF v2/v3 file against the file size."""
+def _walk(c: _Cursor) -> _Layout:
+    """Check the whole header of a GGUF v2/v3 file against the file size; return where
+    everything lies."""
     if c.size < 4 or c.buf[:4] != b"GGUF":
         raise _Bad(f"not a GGUF file: bad magic {bytes(c.buf[:4])!r} (expected b'GGUF')")
     c.pos = 4
@@ -280,10 +311,12 @@ def _walk(c: _Cursor) -> None:
     if n_kv * MIN_KV_BYTES > c.size - c.pos:
         raise _Bad(f"file is truncated: {n_kv} metadata entries cannot fit in the "
                    f"{c.size - c.pos} bytes after the header")
-    alignment = _walk_metadata(c, n_kv)
-    tensors = _walk_tensor_infos(c, n_tensors)
+    fields: dict[str, _Field] = {}
+    alignment = _walk_metadata(c, n_kv, fields)
+    infos = _walk_tensor_infos(c, n_tensors)
     data_start = -(-c.pos // alignment) * alignment
-    for name, rel_offset, n_bytes in tensors:
+    tensors = []
+    for name, type_id, ne, rel_offset, n_bytes in infos:
         if rel_offset % alignment:
             raise _Bad(f"tensor {name!r} data offset {rel_offset} is not a multiple of "
                        f"the alignment {alignment}")
@@ -291,6 +324,8 @@ def _walk(c: _Cursor) -> None:
         if end > c.size:
             raise _Bad(f"tensor {name!r} data [{start}, {end}) lies past the end of the file "
                        f"({c.size} bytes): the file is truncated or corrupt")
+        tensors.append((name, type_id, ne, start, n_bytes))
+    return _Layout(fields, tensors, alignment)
 
 
 def _decode(raw: bytes, what: str) -> str:
@@ -300,16 +335,16 @@ def _decode(raw: bytes, what: str) -> str:
         raise _Bad(f"{what} is not valid UTF-8: {raw[:40]!r}") from None
 
 
-def _walk_metadata(c: _Cursor, n_kv: int) -> int:
-    """Skip every key/value pair; return the data alignment."""
+def _walk_metadata(c: _Cursor, n_kv: int, fields: dict[str, _Field]) -> int:
+    """Check every key/value pair, recording where each value lies in ``fields``;
+    return the data alignment."""
     alignment = DEFAULT_ALIGNMENT
-    seen: set[str] = set()
     for i in range(n_kv):
         key = _decode(c.string(f"the key of metadata entry {i}"), f"the key of metadata entry {i}")
-        if key in seen:
+        if key in fields:
             raise _Bad(f"duplicate metadata key {key!r}")
-        seen.add(key)
         vtype = c.u32(f"the value type of metadata key {key!r}")
+        fields[key] = _Field(vtype, c.pos)
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32:
                 raise _Bad(f"general.alignment must be a uint32, not value type {vtype}")
@@ -349,9 +384,9 @@ def _skip_value(c: _Cursor, vtype: int, what: str, depth: int) -> None:
         raise _Bad(f"{what} has unknown value type {vtype}")
 
 
-def _walk_tensor_infos(c: _Cursor, n_tensors: int) -> list[tuple[str, int, int]]:
-    """Check every tensor description; return (name, relative offset, n_bytes)."""
-    out: list[tuple[str, int, int]] = []
+def _walk_tensor_infos(c: _Cursor, n_tensors: int) -> list[tuple[str, int, list[int], int, int]]:
+    """Check every tensor description; return (name, type id, ne, relative offset, n_bytes)."""
+    out: list[tuple[str, int, list[int], int, int]] = []
     seen: set[str] = set()
     for i in range(n_tensors):
         name = _decode(c.string(f"the name of tensor {i}"), f"the name of tensor {i}")
@@ -364,7 +399,7 @@ def _walk_tensor_infos(c: _Cursor, n_tensors: int) -> list[tuple[str, int, int]]
         ne = [c.u64(f"dimension {d} of tensor {name!r}") for d in range(n_dims)]
         type_id = c.u32(f"the type of tensor {name!r}")
         rel_offset = c.u64(f"the data offset of tensor {name!r}")
-        out.append((name, rel_offset, _tensor_bytes(name, ne, type_id, c.size)))
+        out.append((name, type_id, ne, rel_offset, _tensor_bytes(name, ne, type_id, c.size)))
     return out
 
 

@@ -58,16 +58,36 @@ class Narrator:
 
 class LoadProgress:
     """Turns a 0..1 load-progress callback into model_load_progress events at
-    every 25 % step (0, 25, 50, 75, 100), each at most once."""
+    every 25 % step (0, 25, 50, 75, 100), each at most once. On a terminal
+    (a readable narrator) it draws one bar, redrawn in place, instead."""
+
+    BAR = 30
 
     def __init__(self, narrator: Narrator, step: int = 25) -> None:
         self.narrator, self.step, self.next = narrator, step, 0
+        self._shown = -1
 
     def __call__(self, fraction: float) -> None:
         percent = int(max(0.0, min(1.0, fraction)) * 100)
+        if self.narrator.readable:
+            self._draw(percent)
+            return
         while self.next <= percent:
             self.narrator.event("model_load_progress", percent=self.next)
             self.next += self.step
+
+    def _draw(self, percent: int) -> None:
+        if percent == self._shown:
+            return
+        self._shown = percent
+        done = self.BAR * percent // 100
+        line = f"\rloading weights [{'=' * done}{' ' * (self.BAR - done)}] {percent:3d}%"
+        with self.narrator._lock:
+            try:
+                self.narrator.stream.write(line + ("\n" if percent == 100 else ""))
+                self.narrator.stream.flush()
+            except (OSError, ValueError):
+                pass
 
     def finish(self) -> None:
         self(1.0)
