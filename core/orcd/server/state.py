@@ -49,6 +49,7 @@ class ServerConfig:
     public_url: str | None = None       # where this worker is reachable (for the callback)
     bind_host: str = "127.0.0.1"        # on loopback, only loopback Host names are answered
     body_timeout_s: float = 30.0        # the whole request body must arrive within this
+    header_timeout_s: float = 10.0      # the request line and headers must arrive within this
     max_connections: int = 256          # HTTP requests in progress at once (beyond: 503)
 
     @property
