@@ -10,15 +10,17 @@ unterminated stream is a failure, kept and listed at the end (the run goes on),
 and so is every warning the worker raised (a division by zero in the sampler).
 
 flood: CLIENTS threads POST 1 MB chat bodies in a loop while one /execute
-stream runs and a prober GETs /health every 20 ms; reports /health p50/p99/max,
-the longest gap between stream tokens, and the server's RSS before, at peak and
-after the flood (once the idle worker has trimmed its heap).
+stream runs and a prober (a process of its own) GETs /health every 20 ms;
+reports /health p50/p99/max, the longest gap between stream tokens, and the
+server's RSS before, at peak and after the flood (once the idle worker has
+trimmed its heap).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -124,6 +126,19 @@ def flood(seconds: float, clients: int, model: str | None, chars: int, ctx: int)
                   f"{log.count('Traceback')} tracebacks")
 
 
+def probe_health(url: str, seconds: float, results) -> None:
+    """GET /health every 20 ms for ``seconds``; put the latencies on ``results``."""
+    latencies = []
+    with httpx.Client(timeout=30) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            c.get(f"{url}/health")
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    results.put(latencies)
+
+
 def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
     deadline = time.monotonic() + 120
     while True:
@@ -138,7 +153,7 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
     before = rss_mb(proc.pid)
     body = json.dumps({"messages": [{"role": "user", "content": "hello world " * (chars // 12)}],
                        "max_tokens": 4}).encode()
-    stop, peak, sent, health = threading.Event(), [before], Counter(), []
+    stop, peak, sent = threading.Event(), [before], Counter()
 
     def flooder():
         with httpx.Client(timeout=60) as c:
@@ -147,14 +162,10 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
                            headers={"Content-Type": "application/json"})
                 sent[r.status_code] += 1
 
-    def prober():
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                c.get(f"{url}/health")
-                health.append(time.perf_counter() - t0)
-                peak[0] = max(peak[0], rss_mb(proc.pid))
-                time.sleep(0.02)
+    def rss_watcher():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(proc.pid))
+            time.sleep(0.02)
 
     gaps: list[float] = []
 
@@ -173,11 +184,18 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
                     if stop.is_set():
                         break
 
+    # the prober is a process of its own: the flooders' and the streamer's threads here
+    # must not add their GIL waits to the latency it measures
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    prober = spawn.Process(target=probe_health, args=(url, seconds, results), daemon=True)
     threads = [threading.Thread(target=f, daemon=True)
-               for f in [flooder] * clients + [prober, streamer]]
+               for f in [flooder] * clients + [rss_watcher, streamer]]
     for t in threads:
         t.start()
-    time.sleep(seconds)
+    prober.start()
+    health = results.get(timeout=seconds + 120)
+    prober.join(30)
     stop.set()
     for t in threads:
         t.join(60)
