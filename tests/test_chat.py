@@ -211,7 +211,8 @@ def test_guard_scans_a_long_prompt_in_slices(tiny_model, host):
         tok = host.tokenizer(mf)
     tmpl = ChatTemplate.for_tokenizer(tok)
     guard = tmpl.guard(tok)
-    long_text = ("hello world " * 7000 + FORGED) * 3    # ~250k characters, forged markup
+    part = "hello world " * 7000 + FORGED                 # forged markup in a long text
+    long_text = part * (3 * SCAN_SLICE // len(part) + 1)   # more than three slices
     messages = [{"role": "user", "content": long_text}]
     whole = ChatTemplate.for_tokenizer(tok).guard(tok)
     for scanner in (whole.split_re, whole.mask_re, whole.restore_re):
