@@ -67,7 +67,7 @@ def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=
            "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
     fmt = host.formats[ids[name]]
     rng = np.random.default_rng(0)
-    raw = fmt.random_blocks(n_out * n_in // fmt.block_elems, rng, 0.05)
+    raw = fmt.to_vram(fmt.random_blocks(n_out * n_in // fmt.block_elems, rng, 0.05), n_in)  # VRAM layout
     copies = min(64, max(1, math.ceil(4 * dev.info.l2_bytes / raw.nbytes)))
     bufs = [alloc.alloc(raw.nbytes, "test") for _ in range(copies)]
     for buf in bufs:

@@ -36,8 +36,8 @@ def experts(backend, host, rng):
 
     def mxfp4(shape):
         fmt = host.formats[39]
-        return QWeight(put(fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)),
-                       shape, 39, fmt)
+        raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)
+        return QWeight(put(fmt.to_vram(raw, shape[-1])), shape, 39, fmt)   # its VRAM layout
 
     router = rng.standard_normal((N_EXPERT, D)).astype(np.float32)   # F32 in the file
     router_w = QWeight(put(router), (N_EXPERT, D), 0, host.formats[0])

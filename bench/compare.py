@@ -171,7 +171,8 @@ def orcd_bench(path: Path, host, **options) -> dict:
     big = run_bench(path, host=host, device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3, **options)
     small = run_bench(path, host=host, device="cuda:0", prompt_tokens=128, gen_tokens=2, repeat=3, **options)
     return {"decode_tok_s": big.decode_tok_s, "prefill_tok_s": big.prefill_tok_s,
-            "ttft_ms": small.ttft_ms, "load_s": big.load_s, "vram_bytes": big.vram_bytes}
+            "ttft_ms": small.ttft_ms, "load_s": big.load_s, "vram_bytes": big.vram_bytes,
+            "phases": big.phases}
 
 
 METRICS = (("decode_tok_s", "decode tok/s (tg128 after 512)", True),

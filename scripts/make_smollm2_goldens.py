@@ -1,7 +1,7 @@
 """Make the SmolLM2 parity goldens: llama.cpp's (llama-cpp-python, CPU, no
 flash attention) greedy continuations and last-position top logits for the
 real SmolLM2-135M-Instruct Q4_1 file, which orcd serves through the
-out-of-tree plugin examples/orcd-plugin-llama.
+llama plugin, plugins/llama.
 
     python scripts/make_smollm2_goldens.py
 

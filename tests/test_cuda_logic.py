@@ -17,9 +17,9 @@ from orcd.cuda import driver
 from orcd.cuda.device import DeviceInfo
 from orcd.cuda.launch import KernelAttrs, LaunchError, dim3, pack_arg, pack_args, validate_launch
 from orcd.cuda.memory import Allocator, DeviceBuffer, VramLedger, align_up
-from orcd.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options, cubin_path
+from orcd.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options, cubin_path, key_options
 from orcd.cuda.residency import classify
-from orcd.cuda.upload import Milestones, plan_chunks
+from orcd.cuda.upload import Milestones, _jobs, plan_chunks, plan_rows
 from orcd.errors import CudaError, VramOom
 
 
@@ -165,6 +165,30 @@ def test_chunk_size_must_be_positive():
         list(plan_chunks(10, 0))
 
 
+def test_plan_rows_moves_whole_rows_within_the_chunk():
+    pieces = list(plan_rows(10, 100, 112, 350))       # 3 rows a chunk (the larger side: 112 bytes)
+    assert [(so, sn, do, dn) for so, sn, do, dn in pieces] == [
+        (0, 300, 0, 336), (300, 300, 336, 336), (600, 300, 672, 336), (900, 100, 1008, 112)]
+    assert list(plan_rows(2, 1000, 1008, 10)) == [(0, 1000, 0, 1008), (1000, 1000, 1008, 1008)]  # row > chunk
+
+
+def test_upload_jobs_rebuild_the_vram_layout(host):
+    # what the copy threads do with each job, on host memory: the result is to_vram's
+    fmt = host.formats.by_name["MXFP4"]
+    rows, n_in = 7, 2880
+    raw = fmt.random_blocks(rows * n_in // 32, np.random.default_rng(0), 0.05)
+    dst = np.zeros(rows * fmt.vram_row_bytes(n_in), np.uint8)
+    staging = np.zeros(4096, np.uint8)
+    jobs = _jobs((raw, 0, fmt, n_in), chunk=4096)
+    assert len(jobs) > 1 and all(dst_n <= 4096 for *_, dst_n, _, _ in jobs)
+    for src, _, off, n, dst_off, dst_n, f, n_elems in jobs:
+        f.to_vram(src[off:off + n], n_elems, out=staging)
+        dst[dst_off:dst_off + dst_n] = staging[:dst_n]
+    np.testing.assert_array_equal(dst, fmt.to_vram(raw, n_in))
+    f16 = host.formats.by_name["F16"]                  # rows as stored: plain byte chunks
+    assert all(j[6] is None for j in _jobs((np.zeros(2 * 896 * 10, np.uint8), 0, f16, 896), chunk=1000))
+
+
 def test_milestones_emit_each_step_once_in_order():
     seen = []
     m = Milestones(seen.append)
@@ -201,6 +225,68 @@ def test_cache_key_has_no_ambiguous_concatenation():
     a = KernelSource("k.cu", "ab", {"c": "d"})
     b = KernelSource("k.cu", "a", {"bc": "d"})
     assert cache_key(a, [], "sm_90", (13, 0)) != cache_key(b, [], "sm_90", (13, 0))
+
+
+def test_key_ignores_the_toolkit_include_path():
+    # the path differs per machine; a cubin built ahead of time must still match
+    a = compile_options("sm_90", ["--include-path=/usr/local/cuda/include"])
+    b = compile_options("sm_90", ["--include-path=/opt/venv/nvidia/cu13/include"])
+    assert key_options(a) == key_options(b) and key_options(a) != key_options(compile_options("sm_90"))
+
+
+@pytest.fixture
+def fake_nvrtc(monkeypatch):
+    """KernelCompiler without NVRTC: a compile is recorded and returns the source's bytes."""
+    import threading
+
+    from orcd.cuda import nvrtc
+
+    compiled, gate = [], threading.Event()
+    gate.set()
+
+    def compile_(src, opts):
+        gate.wait(5)
+        compiled.append(src.name)
+        return src.source.encode()
+
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setattr(nvrtc, "_compile", compile_)
+    return compiled, gate
+
+
+def test_shipped_cubins_are_used_without_compiling(tmp_path, fake_nvrtc):
+    from orcd.cuda.nvrtc import KernelCompiler
+
+    compiled, _ = fake_nvrtc
+    shipped = tmp_path / "aot"
+    builder = KernelCompiler("sm_90", cache=shipped, shipped=None)   # as orcd.cuda.aot builds them
+    builder.cubin(SRC)
+    assert compiled == ["k.cu"]
+    worker = KernelCompiler("sm_90", cache=tmp_path / "user", shipped=shipped)
+    assert worker.cubin(SRC) == SRC.source.encode() and compiled == ["k.cu"] and worker.hits == 1
+    other = KernelSource("k.cu", SRC.source + "\n", SRC.headers)    # not shipped: compiled
+    worker.cubin(other)
+    assert compiled == ["k.cu", "k.cu"] and worker.misses == 1
+
+
+def test_prefetch_compiles_once_and_cubin_waits_for_it(tmp_path, fake_nvrtc):
+    from orcd.cuda.nvrtc import KernelCompiler
+
+    compiled, gate = fake_nvrtc
+    gate.clear()                                     # hold the compiles until cubin() is waiting
+    comp = KernelCompiler("sm_90", cache=tmp_path, shipped=None)
+    b = KernelSource("b.cu", "// b", {})
+    jobs = comp.prefetch([SRC, b, SRC])
+    assert len(jobs) == 2                            # the repeated source is one compile
+    assert comp.prefetch([SRC]) == []                # already in flight
+    import threading
+    threading.Timer(0.2, gate.set).start()
+    assert comp.cubin(b) == b"// b"                  # waits for the prefetch, no second compile
+    for j in jobs:
+        j.result()
+    comp.close()
+    assert sorted(compiled) == ["b.cu", "k.cu"] and comp.misses == 2
+    assert comp.prefetch([SRC, b]) == []             # now cached on disk
 
 
 def test_compile_options_put_the_architecture_first():

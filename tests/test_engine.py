@@ -191,3 +191,62 @@ def test_deadline_is_enforced_inside_prefill(tiny_model, host):
         assert slow.fed <= 0.1 / 0.002 + 2 * chunk < len(prompt), slow.fed
     finally:
         lm.close()
+
+
+# -- decode_tokens: the pipelined decode loop ---------------------------------------------
+
+class _Pending:
+    def __init__(self, log, k, tok):
+        self.log, self.k, self.tok = log, k, tok
+
+    def result(self):
+        self.log.append(("read", self.k))
+        return self.tok
+
+
+class _DeviceBackend:
+    """Records the order of queued steps, samples and host reads (what CudaBackend does
+    with the GPU): sample k is the k-th id; the next step reads it on the device."""
+
+    def __init__(self):
+        self.log, self.k = [], 0
+
+    def sample_to_device(self, logits, params, seen=None, chained=False):
+        self.log.append(("sample", self.k, chained))
+        p = _Pending(self.log, self.k, 100 + self.k)
+        self.k += 1
+        return p
+
+
+class _DeviceRunner:
+    def __init__(self, log):
+        self.log = log
+
+    def forward_pending(self, pos):
+        self.log.append(("step", pos))
+        return "logits"
+
+
+def test_decode_tokens_queues_the_next_step_before_reading_the_id():
+    from orcd.engine import decode_tokens
+
+    b = _DeviceBackend()
+    checks = []
+    got = list(decode_tokens(b, _DeviceRunner(b.log), "prefill", SamplingParams(), lambda k: [], None,
+                             n_prompt=10, max_tokens=3, interrupt=lambda: checks.append(1)))
+    assert got == [100, 101, 102]
+    assert b.log == [("sample", 0, False),
+                     ("step", 10), ("sample", 1, True), ("read", 0),     # step 1 queued before id 0 is read
+                     ("step", 11), ("sample", 2, True), ("read", 1),
+                     ("read", 2)]                                          # no step past max_tokens
+    assert len(checks) == 2                                                # before each queued step
+
+
+def test_decode_tokens_stops_when_the_caller_stops():
+    from orcd.engine import decode_tokens
+
+    b = _DeviceBackend()
+    tokens = decode_tokens(b, _DeviceRunner(b.log), "prefill", SamplingParams(), lambda k: [], None, 10, 100)
+    assert next(tokens) == 100
+    tokens.close()          # an end-of-generation id: one step ran past it, nothing more is queued
+    assert [e for e in b.log if e[0] == "step"] == [("step", 10)]

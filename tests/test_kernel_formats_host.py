@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orcd.ops.matmul import INT8_TYPES, quantize_q8_ref
+from orcd.ops.matmul import quantize_q8_ref
+from orcd.quant.builtin import FORMATS
+from orcd.quant.device import HEADER, formats_header, header_texts, with_device
 from orcd.quant.mxfp4 import KVALUES
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
@@ -32,22 +34,22 @@ DRIVER = ROOT / "tests" / "kernel_host" / "driver.cpp"
 QUANT = ROOT / "core" / "orcd" / "quant"
 BUILTINS = ROOT / "core" / "orcd" / "cudasim"
 
-# GGML type ids of every format with device code; the plain floats are read 8 values
-# to a "block" by the kernels (matmul.PLAIN_TYPES), the rest a whole ggml block.
-TYPE_IDS = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7,
-            "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
-PLAIN_IDS = (0, 1, 30)
-PLAIN_QK = 8
-INT8_NAMES = [name for name, type_id in TYPE_IDS.items() if type_id not in PLAIN_IDS]
+# every built-in format with device code, by name; the plain floats are read 8
+# values to a "block" by the kernels (their DeviceFormat.qk), the rest a whole block
+TYPE_IDS = {f.name: f.type_id for f in with_device(FORMATS)}
+INT8_NAMES = [f.name for f in with_device(FORMATS) if f.device.int8]
 N_BLOCKS = 400
 DOT_RTOL = 1e-5     # dot8's error, relative to sum |w * x| of the piece
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    exe = tmp_path_factory.mktemp("kernel_host") / "driver"
+    d = tmp_path_factory.mktemp("kernel_host")
+    for name, text in {**header_texts(FORMATS), HEADER: formats_header(FORMATS)}.items():
+        (d / name).write_text(text)
+    exe = d / "driver"
     build = subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas",
-                            "-ffp-contract=off", f"-I{QUANT}", f"-I{BUILTINS}", "-o", str(exe), str(DRIVER)],
+                            "-ffp-contract=off", f"-I{d}", f"-I{BUILTINS}", "-o", str(exe), str(DRIVER)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     return exe
@@ -62,22 +64,27 @@ class Result:
 
 def cuda_qk(fmt) -> int:
     """Values per block of the device struct (the plain floats are read 8 at a time)."""
-    return PLAIN_QK if fmt.type_id in PLAIN_IDS else fmt.block_elems
+    return fmt.device.qk
 
 
 def run_driver(exe: Path, fmt, blocks: np.ndarray,
                xq: np.ndarray | None = None, xd: np.ndarray | None = None) -> Result:
-    """Run the host build of ``fmt``'s struct on raw ``blocks`` (and q8 activations)."""
-    payload = np.ascontiguousarray(blocks, np.uint8).tobytes()
+    """Run the host build of ``fmt``'s struct on raw ``blocks`` (and q8 activations),
+    given to it as one row in the format's VRAM layout (QuantFormat.to_vram)."""
+    qk = cuda_qk(fmt)
+    nbytes = fmt.block_bytes * qk // fmt.block_elems        # bytes of one device block
+    n = len(blocks) // nbytes
+    row = fmt.to_vram(blocks, n * qk)
+    payload = row.tobytes()
     if xq is not None:
         payload += np.ascontiguousarray(xq, np.int8).tobytes() + np.ascontiguousarray(xd, np.float32).tobytes()
-    out = subprocess.run([str(exe), fmt.name], input=payload, capture_output=True)
+    out = subprocess.run([str(exe), fmt.device.suffix, str(n), str(row.nbytes)], input=payload, capture_output=True)
     assert out.returncode == 0, out.stderr.decode()
     raw = out.stdout
-    qk, nbytes, pieces, per, int8 = (int(v) for v in np.frombuffer(raw, np.int32, 5))
-    assert (qk, nbytes) == (cuda_qk(fmt), fmt.block_bytes * cuda_qk(fmt) // fmt.block_elems)
-    assert bool(int8) == (fmt.type_id in INT8_TYPES), f"{fmt.name}: F::INT8 disagrees with matmul.INT8_TYPES"
-    n = len(blocks) // nbytes
+    got_qk, got_bytes, pieces, per, int8 = (int(v) for v in np.frombuffer(raw, np.int32, 5))
+    assert (got_qk, got_bytes) == (qk, nbytes)
+    assert bool(int8) == fmt.device.int8, f"{fmt.name}: F::INT8 disagrees with the row's DeviceFormat.int8"
+    assert pieces == fmt.device.pieces, f"{fmt.name}: F::PIECES disagrees with the row"
     positions = np.frombuffer(raw, np.int32, pieces * per, 20).reshape(pieces, per)
     at = 20 + 4 * pieces * per
     values = np.frombuffer(raw, np.float32, n * qk, at).reshape(n, qk)

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from orcd.quant.builtin import FORMATS
+from orcd.quant.device import HEADER, formats_header, with_device
+
 ROOT = Path(__file__).resolve().parent.parent / "core" / "orcd"
 SOURCES = sorted([*ROOT.glob("ops/*.cu"), *ROOT.glob("cuda/kernels/*.cu")])
-OWN_HEADERS = {p.name for p in ROOT.glob("quant/*.cuh")}
+OWN_HEADERS = {p.name for p in ROOT.glob("quant/*.cuh")} | {HEADER}   # formats.cuh is generated
 TOOLKIT_HEADERS = {"cuda_fp16.h"}   # what the GPU machine's NVRTC headers are known to provide
 NVCC = shutil.which("nvcc")
 
@@ -40,12 +43,13 @@ def ptx(tmp_path_factory):
     if NVCC is None:
         pytest.skip("no nvcc on this machine")
     out_dir, done = tmp_path_factory.mktemp("ptx"), {}
+    (out_dir / HEADER).write_text(formats_header(FORMATS))   # the built-in table's dispatch
 
     def compile_(src: Path):
         if src not in done:
             out = out_dir / (src.stem + ".ptx")
             res = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-ptx", "-I", str(ROOT / "quant"),
-                                  str(src), "-o", str(out)], capture_output=True, text=True)
+                                  "-I", str(out_dir), str(src), "-o", str(out)], capture_output=True, text=True)
             done[src] = (res.returncode, res.stderr, out.read_text() if res.returncode == 0 else "")
         return done[src]
 
@@ -73,7 +77,8 @@ def test_kernel_sources_bring_every_header_they_include():
     from orcd.ops import fused, matmul
 
     own = {p.name: p.read_text() for p in ROOT.glob("quant/*.cuh")}
-    carried = {"matmul.cu": matmul._kernel_source().headers, "fused.cu": fused._kernel_source().headers}
+    own[HEADER] = formats_header(FORMATS)
+    carried = {"matmul.cu": matmul._kernel_source(FORMATS).headers, "fused.cu": fused._kernel_source(FORMATS).headers}
     for src in SOURCES:
         needed = _quoted_includes(src.read_text(), own, set())
         assert needed <= set(carried.get(src.name, {})), f"{src.name} needs {sorted(needed)}"
@@ -83,19 +88,21 @@ def test_every_kernel_the_launchers_name_exists(ptx):
     # the launchers build kernel names from tables (format suffixes, GEMV token
     # counts, head dims); a name missing from the module fails only on the GPU
     from orcd.ops.attention import PF_HEAD_DIMS
-    from orcd.ops.matmul import CUDA_SUFFIX, GEMV_TM, INT8_TYPES
+    from orcd.ops.matmul import GEMV_TM
 
     def entries(name: str) -> set[str]:
         return set(re.findall(r"\.entry\s+(\w+)\(", ptx(ROOT / "ops" / name)[2]))
 
     matmul = entries("matmul.cu")
-    for type_id, s in CUDA_SUFFIX.items():
+    for fmt in with_device(FORMATS):
+        s = fmt.device.suffix
         wanted = {f"gemv_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_{s}", f"moe_gemm_{s}", f"embed_{s}",
                                                         f"dequant_f16_{s}", f"dequant_bf16_{s}"}
-        if type_id in INT8_TYPES:
-            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}"}
+        if fmt.device.int8:
+            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}",
+                                                                f"moe_gate_up_q8_{s}", f"moe_down_sum_q8_{s}"}
         assert wanted <= matmul, sorted(wanted - matmul)
     assert {"quantize_q8", "to_half", "from_half"} <= matmul
     assert {f"attn_prefill_tc_v{v}" for v in PF_HEAD_DIMS} <= entries("attention.cu")
-    assert {"moe_route", "moe_group", "moe_gather", "moe_weighted_sum"} <= entries("moe.cu")
+    assert {"moe_route", "moe_group", "moe_gather", "moe_weighted_sum", "moe_norm_route_q8"} <= entries("moe.cu")
     assert {"gemv_fused", "gemv_fused_q8", "rms_norm_q8"} <= entries("fused.cu")

@@ -1,5 +1,5 @@
-"""The out-of-tree llama plugin (examples/orcd-plugin-llama) as a third party
-ships it: found through its entry point, public API only, its own kit tests
+"""The llama plugin (plugins/llama, written as a third party would write it):
+found through its entry point, public API only, its own kit tests
 green, and the real SmolLM2-135M-Instruct Q4_1 identical to llama.cpp and
 served over HTTP. Goldens: scripts/make_smollm2_goldens.py."""
 
@@ -19,7 +19,7 @@ from orcd import testing
 from orcd.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "orcd-plugin-llama"
+EXAMPLE = ROOT / "plugins" / "llama"
 GOLDEN = ROOT / "tests" / "golden" / "smollm2" / "greedy.json"
 
 # Prompts whose 32 greedy tokens are identical to llama.cpp's. The others agree

@@ -30,9 +30,10 @@ PLUGINS = {
     "phi3": ("orcd-plugin-phi3", "plugins/phi3", {"architectures": ["phi3"]}),
     "gpt_oss": ("orcd-plugin-gpt-oss", "plugins/gpt_oss", {"architectures": ["gpt-oss"]}),
     "tokenizers": ("orcd-plugin-tokenizers", "plugins/tokenizers", {"hooks": ["orcd_tokenizer"]}),
-    # the out-of-tree example: a third party's wheel installs next to the core the same way
-    "llama": ("orcd-plugin-llama", "examples/orcd-plugin-llama", {"architectures": ["llama"]}),
+    "llama": ("orcd-plugin-llama", "plugins/llama", {"architectures": ["llama"]}),
 }
+#: model plugin -> its tiny synth preset, served right after the plugin is installed alone
+TINY = {"qwen": "qwen2-tiny", "phi3": "phi3-tiny", "gpt_oss": "gpt-oss-tiny", "llama": "llama-tiny"}
 # Runs ``orcd plugins --json`` in-process while the CLI cannot import yet
 # (a subcommand module still being written); see _orcd_plugins_json.
 PLUGINS_JSON = ("import argparse, sys; from orcd.commands import plugins; "
@@ -110,9 +111,14 @@ def _orcd_plugins_json(venv: Path, cwd: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(_check(r).stdout)}
 
 
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("packaging")
+    return _build_wheels(_clean_copy(tmp / "src"), tmp / "wheels")
+
+
 @pytest.mark.slow
-def test_wheels_build_and_each_plugin_installs_next_to_the_core(tmp_path):
-    wheels = _build_wheels(_clean_copy(tmp_path / "src"), tmp_path / "wheels")
+def test_wheels_build_and_each_plugin_installs_next_to_the_core(wheels, tmp_path):
     assert set(wheels) == {CORE[0]} | {dist for dist, _, _ in PLUGINS.values()}
 
     with zipfile.ZipFile(wheels["orcd"]) as z:
@@ -125,7 +131,7 @@ def test_wheels_build_and_each_plugin_installs_next_to_the_core(tmp_path):
 
     venv = tmp_path / "venv"
     pip = _fresh_venv(venv)
-    install = [*pip, "install", "--find-links", tmp_path / "wheels"]
+    install = [*pip, "install", "--find-links", wheels["orcd"].parent]
     _check(_run([*install, wheels["orcd"]], tmp_path, timeout=600))
     where = _check(_run([venv / "bin" / "python", "-c", "import orcd; print(orcd.__file__)"], tmp_path))
     assert where.stdout.startswith(str(venv)), f"the venv sees another orcd: {where.stdout}"
@@ -134,16 +140,42 @@ def test_wheels_build_and_each_plugin_installs_next_to_the_core(tmp_path):
     for name, (dist, _, provides) in PLUGINS.items():  # each on its own next to the core
         _check(_run([*install, wheels[dist]], tmp_path))
         rows = _orcd_plugins_json(venv, tmp_path)
-        assert set(rows) == {"builtin", name}, f"{dist} alone next to the core"
+        # a model plugin brings the tokenizer plugin it needs, and nothing else
+        assert set(rows) == {"builtin", name, "tokenizers"}, f"{dist} alone next to the core"
         assert rows[name]["version"] == wheels[dist].name.split("-")[1]
         for what, items in provides.items():
             assert rows[name]["provides"][what] == items
-        _check(_run([*pip, "uninstall", "-y", dist], tmp_path))
+        if name in TINY:  # `pip install orcd-plugin-NAME` alone serves its models
+            _serves(venv, TINY[name], tmp_path)
+        _check(_run([*pip, "uninstall", "-y", *{dist, "orcd-plugin-tokenizers"}], tmp_path))
 
     _check(_run([*install, *(wheels[dist] for dist, _, _ in PLUGINS.values())], tmp_path))
     rows = _orcd_plugins_json(venv, tmp_path)  # and all together, without conflicts
     assert set(rows) == {"builtin", *PLUGINS}
     assert len(rows["builtin"]["provides"]["quant_formats"]) == 12
+
+
+def _serves(venv: Path, preset: str, tmp: Path) -> None:
+    model = tmp / f"{preset}.gguf"
+    _check(_run([venv / "bin" / "orcd", "synth", preset, "-o", model], tmp))
+    _check(_run([venv / "bin" / "orcd", "generate", "--model", model, "--device", "cpu",
+                 "--prompt", "Hello", "--max-tokens", "3", "--quiet"], tmp))
+
+
+@pytest.mark.slow
+def test_license_and_readmes_are_package_metadata(wheels):
+    """SPDX license expressions (PEP 639), the LICENSE file in the core's wheel,
+    each distribution's README as its long description."""
+    for dist, whl in wheels.items():
+        with zipfile.ZipFile(whl) as z:
+            names = z.namelist()
+            meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        head, _, body = meta.partition("\n\n")
+        assert "License-Expression: MIT" in head and "\nLicense:" not in head, dist
+        assert "Description-Content-Type: text/markdown" in head, dist
+        assert body.startswith(f"# {dist}"), f"{dist}: its README is not its description"
+        if dist == "orcd":
+            assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def test_readme_and_ci_run_the_same_test_command():

@@ -15,6 +15,8 @@ import pytest
 from orcd import cli, hookimpl, testing
 from orcd.errors import ModelLoadFailed
 
+from test_cli import fake_cuda_package
+
 llama = pytest.importorskip("orcd_llama")
 
 ARCH = "kitllama"
@@ -114,11 +116,17 @@ def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
                         "--no-build-isolation", "--target", str(site), str(root)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # as generated, and again where cuda-bindings is installed but no driver is
+    # (cuInit raises, as cuda-bindings 13.5 with cuda-pathfinder 1.9 does)
+    fake_cuda = fake_cuda_package(tmp_path / "fake_cuda")
+    for path in (str(site), os.pathsep.join([str(fake_cuda), str(site)])):
+        env["PYTHONPATH"] = path
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "tests"], cwd=root, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:]
+        assert "3 passed" in r.stdout
     env["PYTHONPATH"] = str(site)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                       cwd=root, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert "3 passed" in r.stdout
     r = subprocess.run([sys.executable, "-m", "orcd.cli", "plugins"], capture_output=True,
                        text=True, env=env, timeout=120)
     assert "orcd_toy_arch" in r.stdout and "architectures: toy_arch" in r.stdout, r.stdout

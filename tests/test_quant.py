@@ -260,3 +260,46 @@ def test_real_qwen_tensors_dequantize_bit_exactly(real_qwen):
         ours = FORMATS[name].dequantize(raw)
         assert_bits_equal(ours, gguf_dequantize(name, raw), f"{t.name} ({name})")
         assert np.isfinite(ours).all()
+
+
+# -- the VRAM layout (DeviceFormat.planes) ----------------------------------------------
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "F16"])
+def test_vram_layout_round_trips_and_aligns_planes(host, name):
+    fmt = host.formats.by_name[name]
+    rng = np.random.default_rng(3)
+    n_in = 2880 if fmt.block_elems == 32 else 3072 if fmt.block_elems == 256 else 896
+    rows = 5
+    raw = fmt.random_blocks(rows * n_in // fmt.block_elems, rng, 0.05)
+    vram = fmt.to_vram(raw, n_in)
+    assert vram.size == rows * fmt.vram_row_bytes(n_in)
+    assert fmt.vram_row_bytes(n_in) % 16 == 0 or not fmt.planar
+    np.testing.assert_array_equal(fmt.from_vram(vram, n_in), raw)
+    if fmt.planar:   # plane k of row r holds byte range k of each of its (rewritten) blocks, in order
+        nb, (lo, hi) = n_in // fmt.block_elems, fmt.device.planes[0]
+        blocks = raw.reshape(-1, fmt.block_bytes)
+        if fmt.device.block_to_vram is not None:
+            blocks = fmt.device.block_to_vram(blocks)
+        first = vram.reshape(rows, -1)[2, :nb * (hi - lo)].reshape(nb, hi - lo)
+        np.testing.assert_array_equal(first, blocks.reshape(rows, nb, -1)[2, :, lo:hi])
+    out = np.full(vram.size + 7, 0xEE, np.uint8)   # into a staging buffer, as the uploader does
+    fmt.to_vram(raw, n_in, out=out)
+    np.testing.assert_array_equal(out[:vram.size], vram)
+
+
+def test_planes_must_cover_the_block():
+    from orcd.quant.format import DeviceFormat, QuantFormat
+
+    dev = DeviceFormat("FmtX", "x", (("orcd.quant", "base.cuh"),), qk=32, pieces=1, planes=((2, 18), (0, 1)))
+    with pytest.raises(ValueError, match="cover"):
+        QuantFormat(99, "X", 32, 18, dequantize=lambda raw: raw, device=dev)
+
+
+def test_q4_k_scale_rewrite_is_exact(host):
+    # every bit of the 12 packed scale bytes is some sc or m bit: unpacking loses nothing
+    from orcd.quant.kquants import scales_packed, scales_unpacked
+
+    blocks = np.random.default_rng(4).integers(0, 256, (500, 144), dtype=np.uint8)
+    wide = scales_unpacked(blocks)
+    assert wide.shape == (500, 148) and wide[:, 4:20].max() < 64
+    np.testing.assert_array_equal(scales_packed(wide), blocks)

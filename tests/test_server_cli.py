@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from orcd import cli
 from orcd.commands import serve
 from orcd.server.testing import SSEStream
 
@@ -22,13 +23,16 @@ ORCD = [sys.executable, "-m", "orcd.cli"]
 
 
 def run_serve(argv: list[str], capsys) -> tuple[int, str]:
-    p = argparse.ArgumentParser(prog="orcd serve")
-    serve.add_arguments(p)
+    """``orcd serve ARGV`` through the CLI's entry point (its exit-code rule)."""
     try:
-        rc = serve.run(p.parse_args(argv))
+        rc = cli.main(["serve", *argv])
     except SystemExit as e:
         rc = e.code
     return rc, capsys.readouterr().err
+
+
+def parsed(argv: list[str]) -> argparse.Namespace:
+    return cli.build_parser().parse_args(["serve", *argv])
 
 
 def free_port() -> int:
@@ -56,7 +60,10 @@ def tiny(tiny_model):
     (["--port", "70000"], "outside 1024-65535"),
     (["--port", "http"], "invalid int value"),
     (["--ctx-size", "0"], "--ctx-size must be a positive integer"),
-    (["--max-tokens-out", "4096"], "above the limit 2048"),
+    (["--max-tokens-out", "0"], "--max-tokens-out must be a positive integer"),
+    (["--ctx-size", "64", "--max-tokens-out", "64"], "leaves no room for a prompt in --ctx-size 64"),
+    (["--max-tokens-out", "4096"], "in the model's context length 4096; use at most 4095"),
+    (["--device", "tpu"], "'tpu' is not cpu, cuda or cuda:N"),
     (["--inference-timeout-sec", "0"], "--inference-timeout-sec must be positive"),
     (["--queue-size", "-1"], "--queue-size must be 0 or more"),
     (["--residency-check-sec", "0"], "--residency-check-sec must be positive"),
@@ -87,10 +94,34 @@ def test_port_in_use(tiny, capsys):
     assert rc == 1 and f"cannot listen on 127.0.0.1:{port}" in err
 
 
+def test_max_tokens_out_is_bounded_by_the_context_not_2048(tiny):
+    args = parsed(["--model", tiny, "--device", "cpu", "--port", str(free_port()),
+                   "--max-tokens-out", "4000"])
+    assert serve.validate(args)["device"] == "cpu"
+    assert parsed(["--model", tiny]).max_tokens_out is None   # default: the context
+
+
 @pytest.mark.skipif(_cuda_present(), reason="a GPU is present")
 def test_missing_gpu_is_a_clear_error(tiny, capsys):
+    rc, err = run_serve(["--model", tiny], capsys)   # --device cuda:0 by default
+    assert rc == 1 and "--device cuda:0: no usable NVIDIA GPU" in err and "--device cpu" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(_cuda_present(), reason="a GPU is present")
+def test_gpu_device_is_a_deprecated_alias(tiny, capsys):
     rc, err = run_serve(["--model", tiny, "--gpu-device", "0"], capsys)
-    assert rc == 1 and "--gpu-device 0" in err and "--device cpu" in err
+    assert rc == 1 and "--gpu-device is deprecated; use --device cuda:0" in err
+    assert "--device cuda:0: no usable NVIDIA GPU" in err
+
+
+def test_gpu_device_maps_to_cuda_n(monkeypatch, capsys):
+    from orcd.commands import _options
+    monkeypatch.setattr(_options, "check_device", lambda device: device)
+    assert _options.device_from_args(parsed(["--gpu-device", "3"])) == "cuda:3"
+    assert "deprecated" in capsys.readouterr().err
+    assert _options.device_from_args(parsed(["--device", "cuda:2"])) == "cuda:2"
+    assert _options.device_from_args(parsed([])) == "cuda:0"
 
 
 def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
@@ -103,7 +134,7 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the worker exited"
         try:
             if httpx.get(f"{url}/health", timeout=2).json()["status"] == "healthy":
                 return

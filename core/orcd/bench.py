@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ class BenchResult:
     decode_tok_s: float
     ttft_ms: float
     vram_bytes: int
+    phases: dict = field(default_factory=dict)   # load_model's start-up phases, seconds
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,8 +42,10 @@ def prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
 
 
 def time_generation(lm, prompt: list[int], n_gen: int) -> tuple[float, float, float]:
-    """(prefill seconds, time to first token seconds, decode seconds) for one run."""
-    from orcd.engine import Engine
+    """(prefill seconds, time to first token seconds, decode seconds) for one run,
+    decoding as the engine does (orcd.engine.decode_tokens: on the GPU the next step
+    is queued before the last id reaches the host)."""
+    from orcd.engine import Engine, decode_tokens
     from orcd.ops.sampling import SamplingParams
 
     backend = lm.backend
@@ -54,13 +57,14 @@ def time_generation(lm, prompt: list[int], n_gen: int) -> tuple[float, float, fl
     logits = runner.forward(prompt, 0)
     _sync(backend)
     t_prefill = time.perf_counter() - t0
-    tok = backend.sample(logits, greedy, seen, rng)
+    tokens = decode_tokens(backend, runner, logits, greedy, lambda k: seen, rng, len(prompt), n_gen)
+    next(tokens)
     t_first = time.perf_counter() - t0
     t1 = time.perf_counter()
-    for i in range(n_gen - 1):
-        logits = runner.forward([tok], len(prompt) + i)
-        tok = backend.sample(logits, greedy, seen, rng)
+    for _ in range(n_gen - 1):
+        next(tokens)
     _sync(backend)
+    tokens.close()
     return t_prefill, t_first, time.perf_counter() - t1
 
 
@@ -84,6 +88,6 @@ def run_bench(path, *, host, device: str, prompt_tokens: int = 512, gen_tokens: 
         pre, first, dec = (statistics.median(x) for x in zip(*runs))
         vram = sum(lm.backend.memory_usage().values())
         return BenchResult(str(path), lm.backend.name, prompt_tokens, gen_tokens, load_s,
-                           prompt_tokens / pre, (gen_tokens - 1) / dec, first * 1000, vram)
+                           prompt_tokens / pre, (gen_tokens - 1) / dec, first * 1000, vram, lm.phases)
     finally:
         lm.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -74,6 +74,43 @@ class Runner:
     def forward(self, ids: Sequence[int], start: int):
         b = self.backend
         return self.model.forward(b.ops, b.ids(ids), b.positions(start, len(ids)), self.cache)
+
+
+def decode_tokens(backend, runner, logits, params: SamplingParams, seen: Callable[[int], np.ndarray],
+                  rng: np.random.Generator, n_prompt: int, max_tokens: int,
+                  interrupt: Callable[[], None] = lambda: None) -> Iterator[int]:
+    """The sampled ids of a request, at most ``max_tokens``, one at a time, after its
+    prefill ``logits``.
+
+    ``seen(k)``: prompt + the first k output ids (for the repetition penalty; the
+    caller fills it as ids arrive). ``interrupt()`` raises to stop (cancel,
+    deadline) and is called before each decode step is queued. The caller stops
+    pulling when it is done (end of generation, stop string, max_tokens).
+
+    Where the backend can sample on the device into the next step's input
+    (CudaBackend.sample_to_device), step k+1 and its sampling are queued before
+    id k is read on the host: the GPU runs while the host detokenizes, matches
+    stop strings and streams (a step may run past the end, its id unused).
+    Elsewhere each step waits for the id before it."""
+    pending = None
+    if hasattr(runner, "forward_pending") and hasattr(backend, "sample_to_device"):
+        pending = backend.sample_to_device(logits, params, seen(0))
+    if pending is None:
+        for k in range(1, max_tokens + 1):
+            tok = backend.sample(logits, params, seen(k - 1), rng)
+            yield tok
+            if k < max_tokens:
+                interrupt()
+                logits = runner.forward([tok], n_prompt + k - 1)
+        return
+    k = 0
+    while k < max_tokens:
+        nxt = None
+        if k + 1 < max_tokens:       # queue step k+1 on id k, still on the device
+            interrupt()
+            nxt = backend.sample_to_device(runner.forward_pending(n_prompt + k), params, chained=True)
+        yield pending.result()
+        pending, k = nxt, k + 1
 
 
 class StopMatcher:
@@ -186,8 +223,9 @@ class Engine:
         seen[:len(prompt)] = prompt
         t_first = None
         reason = "max_tokens"
-        while len(ids) < req.max_tokens:
-            tok = self.lm.backend.sample(logits, params, seen[:len(prompt) + len(ids)], rng)
+        tokens = decode_tokens(self.lm.backend, runner, logits, params, lambda k: seen[:len(prompt) + k], rng,
+                               len(prompt), req.max_tokens, lambda: self._interrupt(req))
+        for tok in tokens:
             t_first = t_first or time.perf_counter()
             if tok in self.tokenizer.eog_ids:
                 reason = "eog"
@@ -197,9 +235,7 @@ class Engine:
             if out.push(tok, len(ids) - 1):
                 reason = "stop_sequence"
                 break
-            if len(ids) < req.max_tokens:
-                self._interrupt(req)
-                logits = runner.forward([tok], len(prompt) + len(ids) - 1)
+        tokens.close()
         if reason != "stop_sequence" and out.finish(ids):
             reason = "stop_sequence"
         t_first = t_first or time.perf_counter()

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ class LoadedModel:
     quant_kind: str
     weight_bytes: int
     output_parser: Any = None
+    phases: dict[str, float] = field(default_factory=dict)   # seconds per start-up phase, in order
 
     def close(self) -> None:
         self.backend.close()
@@ -65,19 +67,38 @@ def check_vram(mf: ModelFile, hp: HParams, n_ctx: int, backend: Any) -> None:
     check_fits(need, free, getattr(device, "index", 0), mf.path)
 
 
+class Phases(dict):
+    """Seconds per start-up phase: ``with phases("upload"): ...``."""
+
+    def __call__(self, name: str):
+        phases = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - self.t0, 4)
+        return _Timer()
+
+
 def load_model(path: str | Path, *, host, device: str = "cpu", n_ctx: int | None = None,
                tokenizer_path: str | Path | None = None,
                progress: Callable[[float], None] | None = None, backend: Any = None,
                **backend_options) -> LoadedModel:
-    mf = ModelFile.open(path)
+    phases = Phases()
+    with phases("open"):
+        mf = ModelFile.open(path)
     try:
-        return _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_options)
+        lm = _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_options, phases)
     except BaseException:
         mf.close()
         raise
+    lm.phases = dict(phases)
+    return lm
 
 
-def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_options):
+def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_options, phases):
     src = str(mf.path)
     arch = host.architecture(mf.arch, source=src)
     hp = arch.read_hparams(mf.metadata, mf.vocab_size(), source=src)
@@ -88,15 +109,19 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
     if n_ctx <= 0:
         raise ModelLoadFailed(f"{src}: context size must be positive, got {n_ctx}")
     hp["n_ctx"] = n_ctx  # the runtime context, e.g. for Phi-3's long/short rope factors
-    tokenizer = host.tokenizer(mf, Path(tokenizer_path) if tokenizer_path else None)
+    with phases("tokenizer"):
+        tokenizer = host.tokenizer(mf, Path(tokenizer_path) if tokenizer_path else None)
     if backend is None:
         from orcd.backend import create_backend
-        backend = create_backend(device, **backend_options)
+        with phases("backend"):   # device, context, the format-free kernels (compiled in parallel)
+            backend = create_backend(device, **backend_options)
     try:
         check_vram(mf, hp, n_ctx, backend)
-        tensors = backend.load_weights(mf, host.formats, list(mf.tensors), progress)
-        store = Weights(tensors)
-        model = arch.build(hp, store, backend)
+        with phases("weights"):   # upload, and the weight formats' kernels compiled meanwhile
+            tensors = backend.load_weights(mf, host.formats, list(mf.tensors), progress)
+        with phases("build"):
+            store = Weights(tensors)
+            model = arch.build(hp, store, backend)
         left = store.unconsumed()
         if left:
             raise ModelLoadFailed(f"{src}: the {arch.name} model did not use tensors "

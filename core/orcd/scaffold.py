@@ -26,8 +26,10 @@ build-backend = "setuptools.build_meta"
 name = "orcd-plugin-{dist}"
 version = "0.1.0"
 description = "orcd model plugin: {arch}"
+readme = "README.md"
 requires-python = ">=3.10"
-dependencies = ["orcd>={orcd_version}"]
+# the tokenizer backend every GGUF model (and orcd.testing) needs
+dependencies = ["orcd>={orcd_version}", "orcd-plugin-tokenizers>=0.1"]
 
 [project.optional-dependencies]
 test = ["pytest"]

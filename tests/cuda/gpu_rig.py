@@ -129,7 +129,7 @@ class Gpu:
         fmt = host.formats[TYPES[type_name]]
         shape = tuple(shape)
         raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, std)
-        t = self.put(raw)
+        t = self.put(fmt.to_vram(raw, shape[-1]))      # the format's VRAM layout, as the backend uploads
         ref = fmt.dequantize_tensor(raw, shape).astype(np.float64)
         return QWeight(t.ptr, shape, fmt.type_id, fmt), ref
 

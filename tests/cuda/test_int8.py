@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_rig import rel
+from gpu_rig import rel, sized
 
 from orcd.ops import moe
 from orcd.ops.matmul import MOE_TILE, Q8Act, quantize_q8_ref
@@ -18,7 +18,8 @@ from orcd.ops.matmul import MOE_TILE, Q8Act, quantize_q8_ref
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 INT8_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
-SHAPES = [(896, 896), (4864, 896), (896, 4864), (2880, 2880)]   # Qwen's projections, GPT-OSS's experts
+SHAPES = sized([(896, 896), (4864, 896), (896, 4864), (2880, 2880)],   # Qwen's projections, GPT-OSS's experts
+               [(96, 512), (160, 768)])
 TOL = 1e-5
 
 
@@ -108,7 +109,8 @@ def test_int8_off_or_float_weight_keeps_fp32_activations(gpu, mk8, rng, host):
     gpu.arena.reset()
 
 
-@pytest.mark.parametrize("name,n_out,n_in", [("MXFP4", 2880, 2880), ("Q4_K", 512, 1024), ("Q8_0", 640, 896)])
+@pytest.mark.parametrize("name,n_out,n_in", [sized(("MXFP4", 2880, 2880), ("MXFP4", 96, 512)), ("Q4_K", 512, 1024),
+                                             ("Q8_0", 640, 896)])
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_int8_moe_linear_matches_reference(gpu, mk8, rng, host, name, n_out, n_in, per_slot):
     n_expert, T, k = 32, 3, 4
@@ -126,9 +128,9 @@ def test_int8_moe_linear_matches_reference(gpu, mk8, rng, host, name, n_out, n_i
     gpu.arena.reset()
 
 
-@pytest.mark.parametrize("T", [5, 200])
+@pytest.mark.parametrize("T", sized([5, 200], [5, 40]))
 def test_int8_moe_gemm_matches_reference(gpu, mk8, rng, host, T):
-    n_expert, k, n_out, n_in = 32, 4, 576, 2880
+    n_expert, k, n_out, n_in = sized((32, 4, 576, 2880), (32, 4, 96, 512))
     w, w_ref = gpu.weight(host, "MXFP4", (n_expert, n_out, n_in), rng)
     ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(T)]).astype(np.int32)
     order, _, counts = moe.group_ref(ids, n_expert)
@@ -166,8 +168,8 @@ def fused_case(gpu, host, rng, names, n_in, n_outs):
 
 
 @pytest.mark.parametrize("names,n_in,n_outs", [(("Q5_0", "Q5_0", "Q8_0"), 896, (896, 128, 128)),
-                                               (("Q4_K",), 3072, (9216,)),
-                                               (("MXFP4", "MXFP4", "MXFP4"), 2880, (4096, 512, 512))])
+                                               (("Q4_K",), 3072, sized((9216,), (512,))),
+                                               (("MXFP4", "MXFP4", "MXFP4"), 2880, sized((4096, 512, 512), (256, 64, 64)))])
 def test_int8_fused_linear_multi(gpu, mk8, rng, host, names, n_in, n_outs):
     ws, x = fused_case(gpu, host, rng, names, n_in, n_outs)
     bs = [rng.standard_normal(n).astype(np.float32) for n in n_outs]
@@ -180,7 +182,8 @@ def test_int8_fused_linear_multi(gpu, mk8, rng, host, names, n_in, n_outs):
     gpu.arena.reset()
 
 
-@pytest.mark.parametrize("name,n_ff,n_in,fused_halves", [("Q4_K", 8192, 3072, True), ("Q5_0", 4864, 896, False)])
+@pytest.mark.parametrize("name,n_ff,n_in,fused_halves", sized([("Q4_K", 8192, 3072, True), ("Q5_0", 4864, 896, False)],
+                                                              [("Q4_K", 512, 768, True), ("Q5_0", 320, 896, False)]))
 def test_int8_fused_gated_and_add(gpu, mk8, rng, host, name, n_ff, n_in, fused_halves):
     from orcd.ops.activation import swiglu_ref
 

@@ -1,9 +1,11 @@
-"""Prefill's grouped mixture of experts on a real device (marker ``cuda``).
+"""Mixtures of experts on a real device (marker ``cuda``; ``sim``: also on the simulator).
 
 The grouping kernel against group_ref / tiles_ref exactly (poisoned outputs,
 skewed and uniform routings), the grouped expert matmul against a float64
-per-pair reference for several formats, and the whole grouped MoE op against
-both the per-pair decode path (same device, same routing) and moe_ref.
+per-pair reference for several formats, the whole grouped MoE op against
+both the per-pair decode path (same device, same routing) and moe_ref, and the
+three-kernel decode MoE block (norm + router + top-k, gate/up/SwiGLU, down +
+weighted sum + residual) against a float64 reference on the same int8 roundings.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import numpy as np
 import pytest
 from gpu_rig import rel, sized
 
+from orcd.ops import activation as activation_ref
 from orcd.ops import moe
 from orcd.ops.matmul import MOE_TILE
+from orcd.ops.norm import rms_norm_ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
@@ -119,7 +123,8 @@ def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
     def mxfp4(shape):
         fmt = host.formats[39]
         raw = fmt.random_blocks(int(np.prod(shape)) // fmt.block_elems, rng, 0.05)
-        return QWeight(put(raw), shape, 39, fmt), fmt.dequantize_tensor(raw, shape).astype(np.float32)
+        return QWeight(put(fmt.to_vram(raw, shape[-1])), shape, 39, fmt), \
+            fmt.dequantize_tensor(raw, shape).astype(np.float32)
 
     f32 = host.formats[0]                                        # the router is an F32 tensor in the file
     router = (rng.standard_normal((n_expert, D)) * 0.5).astype(np.float32)  # spread logits: no near-ties
@@ -152,3 +157,58 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T):
     assert rel(grouped, per_pair.astype(np.float64)) < GEMV_TOL
     if T <= 8:  # the router is a GEMV in fp32; beyond 8 tokens an fp16 GEMM (near-ties may flip)
         assert rel(grouped, moe.moe_ref(x_host, ex_ref, k).astype(np.float64)) < 1e-4
+
+
+# -- one decode token's MoE block in three kernels (ops.moe_add on the GPU) ---------------
+
+def _q8_linear(x, w, b=None):
+    """x @ w.T (+ b) on x as the int8 GEMVs see it (quantize_q8_ref), float64."""
+    from orcd.ops.matmul import quantize_q8_ref
+
+    q, d = quantize_q8_ref(x)
+    xr = (q.reshape(*x.shape[:-1], -1, 32) * d[..., None]).reshape(x.shape).astype(np.float64)
+    return xr @ w.T.astype(np.float64) + (0 if b is None else b)
+
+
+@pytest.mark.parametrize("name", ["MXFP4", "Q4_0", "Q8_0"])
+def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
+    from orcd.cuda.tensor import QWeight
+    from orcd.ops.matmul import MatmulKernels, Q8Act, quantize_q8_ref
+
+    mk8 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
+    E, D, n_ff, k, eps = sized((32, 2880, 2880, 4, 1e-5), (8, 256, 96, 4, 1e-5))
+    router = (rng.standard_normal((E, D)) * 0.5).astype(np.float32)      # spread logits: no near-ties
+    rw = QWeight(gpu.put(router).ptr, (E, D), 0, host.formats[0])
+    gw, uw, dw = (gpu.weight(host, name, s, rng) for s in ((E, n_ff, D), (E, n_ff, D), (E, D, n_ff)))
+    rb, gb, ub, db = (rng.standard_normal(s).astype(np.float32) for s in ((E,), (E, n_ff), (E, n_ff), (E, D)))
+    ex = moe.Experts(rw, gpu.put(rb), gw[0], gpu.put(gb), uw[0], gpu.put(ub), dw[0], gpu.put(db))
+    x = (rng.standard_normal((1, D)) * 2).astype(np.float32)
+    g = rng.standard_normal(D).astype(np.float32)
+    xd = gpu.put(x)
+    ids, weights = gpu.empty((1, k), np.int32), gpu.empty((1, k))
+    xa = Q8Act(gpu.empty((1, D), np.int8), gpu.empty((1, D // 32)))
+    gpu.moe.norm_route_q8(xd, gpu.put(g), eps, rw, ex.router_b, ids, weights, xa)
+    h_ref = rms_norm_ref(x, g, eps)
+    want_ids, want_w = moe.route_ref(h_ref @ router.T + rb, k)
+    np.testing.assert_array_equal(gpu.get(ids), want_ids)
+    np.testing.assert_allclose(gpu.get(weights), want_w, rtol=1e-4, atol=1e-6)
+    q, d = quantize_q8_ref(h_ref)
+    assert np.mean(gpu.get(xa.xq) == q) > 0.999 and rel(gpu.get(xa.xd), d) < 1e-5   # ulps of the norm
+    h = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
+    mk8.moe_gate_up_q8(xa, ex, ids, 1.702, 7.0, h)
+    out = gpu.empty((1, D))
+    mk8.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, xd, out)
+    # the reference on the same int8 roundings (x and h quantized per 32), in float64
+    e_ids = gpu.get(ids)[0]
+    xq = (gpu.get(xa.xq).astype(np.float64).reshape(1, -1, 32) * gpu.get(xa.xd)[..., None]).reshape(1, D)
+    y = np.zeros(D)
+    for s, e in enumerate(e_ids):
+        gate = xq @ gw[1][e].T + gb[e]
+        up = xq @ uw[1][e].T + ub[e]
+        hh = activation_ref.swiglu_oai_ref(gate.astype(np.float32), up.astype(np.float32))
+        y += gpu.get(weights)[0, s] * (_q8_linear(hh, dw[1][e]) + db[e])[0]
+    assert rel(gpu.get(out)[0] - x[0], y) < 1e-4
+    bad = gpu.put(np.array([[0, E, 1, 2]], np.int32))   # an id outside the table gives NaN
+    mk8.moe_gate_up_q8(xa, ex, bad, 1.702, 7.0, h)
+    mk8.moe_down_sum_q8(h, ex.down_w, ex.down_b, bad, weights, xd, out)
+    assert np.isnan(gpu.get(out)).all()

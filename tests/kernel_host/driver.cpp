@@ -1,9 +1,10 @@
 // Runs the device format structs of core/orcd/quant/*.cuh on the host.
 //
-//   driver NAME < blocks [xq int8 x N*QK, xd float32 x N*QK/32] > result
+//   driver SUFFIX N ROW_BYTES < row [xq int8 x N*QK, xd float32 x N*QK/32] > result
 //
-// reads N blocks of format NAME (and, for INT8 formats, q8 activations for the
-// same N*QK values; N follows from the input's size) and writes, little-endian:
+// reads one row of N blocks of the format with kernel suffix SUFFIX, in its VRAM
+// layout (ROW_BYTES bytes: QuantFormat.to_vram), and, for INT8 formats, q8
+// activations for the same N*QK values, and writes, little-endian:
 //   int32 [5]             QK, BYTES, PIECES, RUNS * RUN, INT8
 //   int32 [PIECES, RUNS * RUN]  where each piece's values sit in a block
 //   float32 [N, QK]       every block dequantized with F::load (NaN where no piece wrote)
@@ -19,8 +20,7 @@
 // f16_to_f32 and bf16_to_f32 of all 65536 bit patterns (float32 each).
 #include "builtins.h"
 
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "formats.cuh"   // generated from the format table (the test writes it)
 
 #include <cmath>
 #include <vector>
@@ -44,20 +44,19 @@ template <class T>
 static void write(const T* p, size_t count) { std::fwrite(p, sizeof(T), count, stdout); }
 
 template <class F>
-static int run(const std::vector<u8>& in) {
+static int run(const std::vector<u8>& in, long n, size_t row_bytes) {
     constexpr int PER = F::RUNS * F::RUN;
-    constexpr size_t PER_BLOCK = F::BYTES + (F::INT8 ? F::QK + F::QK / 32 * 4 : 0);
-    if (in.size() % PER_BLOCK) {
-        std::fprintf(stderr, "%zu input bytes is not a whole number of %zu-byte blocks\n", in.size(), PER_BLOCK);
+    const size_t want = row_bytes + (F::INT8 ? n * (F::QK + F::QK / 32 * 4) : 0);
+    if (in.size() != want) {
+        std::fprintf(stderr, "%zu input bytes, expected %zu for a row of %ld blocks\n", in.size(), want, n);
         return 1;
     }
-    const long n = in.size() / PER_BLOCK;
-    Buffer blocks(n * F::BYTES), xq(n * F::QK);
+    Buffer row(row_bytes), xq(n * F::QK);
     std::vector<float> xd(n * F::QK / 32);
-    std::memcpy(blocks.bytes(), in.data(), n * F::BYTES);
+    std::memcpy(row.bytes(), in.data(), row_bytes);
     if (F::INT8) {
-        std::memcpy(xq.bytes(), in.data() + n * F::BYTES, n * F::QK);
-        std::memcpy(xd.data(), in.data() + n * (F::BYTES + F::QK), xd.size() * 4);
+        std::memcpy(xq.bytes(), in.data() + row_bytes, n * F::QK);
+        std::memcpy(xd.data(), in.data() + row_bytes + n * F::QK, xd.size() * 4);
     }
     const int header[5] = {F::QK, F::BYTES, F::PIECES, PER, F::INT8};
     int pos[F::PIECES][PER];
@@ -71,7 +70,7 @@ static int run(const std::vector<u8>& in) {
     for (long b = 0; b < n; ++b)
         for (int p = 0; p < F::PIECES; ++p) {
             float v[PER];
-            F::load(blocks.bytes() + b * F::BYTES, p, v);
+            F::load(row.bytes(), (int)n, (int)b, p, v);
             for (int k = 0; k < PER; ++k) values[b * F::QK + pos[p][k]] = v[k];
         }
     write(values.data(), values.size());
@@ -80,7 +79,7 @@ static int run(const std::vector<u8>& in) {
         std::vector<float> dots(n * F::PIECES);  // dots: [n, PIECES]
         for (long b = 0; b < n; ++b)
             for (int p = 0; p < F::PIECES; ++p)
-                dots[b * F::PIECES + p] = F::dot8(blocks.bytes() + b * F::BYTES, p,
+                dots[b * F::PIECES + p] = F::dot8(row.bytes(), (int)n, (int)b, p,
                                                   reinterpret_cast<const int*>(xq.bytes() + b * F::QK),
                                                   xd.data() + b * F::QK / 32);
         write(dots.data(), dots.size());
@@ -113,21 +112,19 @@ static int halves(const std::vector<u8>& in) {
     return 0;
 }
 
+#define ENTRY(NAME, F, TYPE_ID) {#NAME, run<F>},
 static const struct {
-    const char* name;
-    int (*run)(const std::vector<u8>&);
-} FORMATS[] = {
-    {"F32", run<FmtF32>},   {"F16", run<FmtF16>},   {"BF16", run<FmtBF16>}, {"Q4_0", run<FmtQ4_0>},
-    {"Q4_1", run<FmtQ4_1>}, {"Q5_0", run<FmtQ5_0>}, {"Q5_1", run<FmtQ5_1>}, {"Q8_0", run<FmtQ8_0>},
-    {"Q4_K", run<FmtQ4_K>}, {"Q5_K", run<FmtQ5_K>}, {"Q6_K", run<FmtQ6_K>}, {"MXFP4", run<FmtMXFP4>},
-};
+    const char* name;   // the kernel-name suffix
+    int (*run)(const std::vector<u8>&, long, size_t);
+} FORMATS[] = {ORCD_FORMATS(ENTRY)};
+#undef ENTRY
 
 int main(int argc, char** argv) {
     if (argc == 2 && !std::strcmp(argv[1], "halves")) return halves(read_all());
     if (argc == 2 && !std::strcmp(argv[1], "q8")) return q8(read_all());
-    if (argc == 2)
+    if (argc == 4)
         for (const auto& f : FORMATS)
-            if (!std::strcmp(f.name, argv[1])) return f.run(read_all());
-    std::fprintf(stderr, "usage: driver NAME|q8|halves < input > output\n");
+            if (!std::strcmp(f.name, argv[1])) return f.run(read_all(), std::atol(argv[2]), std::atol(argv[3]));
+    std::fprintf(stderr, "usage: driver SUFFIX N ROW_BYTES|q8|halves < input > output\n");
     return 2;
 }

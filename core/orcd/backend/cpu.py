@@ -22,17 +22,22 @@ ROUNDINGS = ("none", "ggml-cpu", "int8")
 
 
 class CpuWeight(np.ndarray):
-    """A dequantized weight that remembers its GGML type (views keep it)."""
+    """A dequantized weight that remembers its format (views keep it): the
+    activation roundings depend on it."""
 
-    type_id: int | None = None
+    fmt = None   # the QuantFormat row
 
     def __array_finalize__(self, obj) -> None:
-        self.type_id = getattr(obj, "type_id", None)
+        self.fmt = getattr(obj, "fmt", None)
+
+    @property
+    def type_id(self) -> int | None:
+        return None if self.fmt is None else self.fmt.type_id
 
 
-def as_weight(values: np.ndarray, type_id: int) -> CpuWeight:
+def as_weight(values: np.ndarray, fmt) -> CpuWeight:
     w = values.view(CpuWeight)
-    w.type_id = type_id
+    w.fmt = fmt
     return w
 
 
@@ -62,7 +67,7 @@ class CpuOps:
 
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
         if self._round is not None:
-            x = self._round(x, getattr(w, "type_id", None))
+            x = self._round(x, getattr(w, "fmt", None))
         return matmul.linear_ref(x, np.asarray(w), b)
 
     # fused ops: compositions of the single ones (orcd.ops.fused), through self.linear
@@ -77,6 +82,9 @@ class CpuOps:
 
     def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
+
+    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None):
+        return moe.moe_add_ref(x, experts, n_used, alpha, limit, norm, linear=self.linear)
 
     @staticmethod
     def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,7 +126,8 @@ class CpuBackend:
         done, out = 0, {}
         for n in names:
             t = mf.tensors[n]
-            out[n] = as_weight(formats[t.type_id].dequantize_tensor(t.data, t.shape), t.type_id)
+            fmt = formats[t.type_id]
+            out[n] = as_weight(fmt.dequantize_tensor(t.data, t.shape), fmt)
             done += t.n_bytes
             if progress is not None:
                 progress(done / total)

@@ -9,23 +9,42 @@ set); ids and positions live in a separate small arena.
 
 Decode (one token) is captured once as a CUDA graph per (model, cache) and
 replayed: the token id and position go host → device from pinned memory into
-fixed buffers the graph reads; every kernel reads positions from there.
+fixed buffers the graph reads; every kernel reads positions from there. The
+device sampler can write its id straight into that buffer (``sample_to_device``)
+so the next step is queued before the host has read the id (cuda_steps.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable, Iterable
 
 import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
+from orcd.backend.cuda_steps import DeviceSampling, PendingToken, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KVCache
 from orcd.ops import sampling
 
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
+
+
+def kernel_sources(formats, type_ids=None) -> list:
+    """Every kernel source the backend loads for weights of ``type_ids`` (None:
+    every format of ``formats`` with device code; () : none of the per-format
+    modules): what start-up compiles in parallel (KernelCompiler.prefetch) and what
+    orcd.cuda.aot builds ahead of time."""
+    from orcd.cuda.nvrtc import KernelSource
+    from orcd.ops import activation, attention, fused, matmul, moe, norm, rope, sampling
+    from orcd.quant.device import with_device
+
+    rows = with_device(formats)
+    fixed = [KernelSource.from_package("orcd.ops", k.SOURCE) for k in
+             (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
+              moe.MoeKernels, sampling.CudaSampler)]
+    per_format = [matmul._kernel_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
+    return [*fixed, matmul._kernel_source(), fused._kernel_source(rows), *per_format]
 
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
@@ -43,29 +62,38 @@ class CudaRunner:
             return self.backend.decode_step(self.model, self.cache, int(ids[0]), start)
         return self.backend.eager(self.model, self.cache, list(ids), start)
 
+    def forward_pending(self, start: int) -> DeviceTensor:
+        """The decode step at ``start`` on the token the last ``sample_to_device``
+        left on the device (queued before that token reaches the host)."""
+        if not 0 <= start < self.cache.n_ctx:
+            raise InvalidRequest(f"position {start} outside the context of {self.cache.n_ctx}")
+        return self.backend.decode_step(self.model, self.cache, None, start)
+
 
 class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt") -> None:
+                 gemm: str = "cublaslt", formats=None) -> None:
+        """``formats``: the format table the weight kernels are made for (default: the
+        built-in formats; ``load_weights`` switches to the table it is given)."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
         self.name = f"cuda:{index}"
         self.sm = self.device.info.arch
         self.graphs = graphs
-        self._pinned = self._event = None
+        self.steps = None
         self.scratch = self._graph = self._kv = None
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm) -> None:
-        from orcd.cuda.driver import cu, driver_module
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats) -> None:
+        from orcd.cuda.driver import cu
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
         from orcd.cuda.nvrtc import KernelCompiler
@@ -81,13 +109,20 @@ class CudaBackend:
         self.cuda_runtime_version = f"{v // 1000}.{v % 1000 // 10}"
         self.alloc = DeviceAllocator(self.device, budget)
         self.launcher = Launcher(self.device, debug)
+        from orcd.quant.builtin import builtin_table
+
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)
+        self.compiler = compiler
+        # every source compiles at once (a cold cache pays the longest compile, not the sum);
+        # the constructors below each wait for their own
+        compiler.prefetch(kernel_sources(formats if formats is not None else builtin_table(), type_ids=()))
         args = (self.device, compiler, self.launcher)
         # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend
-        self.mm = MatmulKernels(*args, int8=int8, gemm=gemm, allocator=self.alloc)
+        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc)
+        self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
-        self.fused = FusedKernels(*args)
+        self.fused = FusedKernels(*args, formats=formats)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.scratch = Scratch(self.alloc, SCRATCH_START)
@@ -98,19 +133,20 @@ class CudaBackend:
         self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
         self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
         self.device.make_current()
-        self._pinned = int(cu("cuMemHostAlloc", 8, 0))
-        self._pinned_view = np.ctypeslib.as_array((ctypes.c_int32 * 2).from_address(self._pinned))
-        self._event = cu("cuEventCreate", driver_module().CUevent_flags.CU_EVENT_DISABLE_TIMING)
-        cu("cuEventRecord", self._event, self.device.stream)
+        self.steps = StepIO(self.device, self.step_ids, self.step_pos)
         self.ops = CudaOps(self)
 
     # -- weights and cache -------------------------------------------------------
 
     def load_weights(self, mf, formats, names: Iterable[str],
                      progress: Callable[[float], None] | None = None) -> dict:
-        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32."""
+        """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32.
+        The weight kernels are those of ``formats``, compiled here for the file's types."""
         from orcd.cuda.upload import Uploader
 
+        self._use_formats(formats)
+        types = {mf.tensors[n].type_id for n in names if len(mf.tensors[n].shape) > 1}
+        self.compiler.prefetch(kernel_sources(formats, types))   # compiled while the weights upload
         out, items = {}, []
         with self.alloc.transaction() as tx:
             for n in names:
@@ -121,13 +157,27 @@ class CudaBackend:
                     buf = tx.alloc(vals.nbytes, "weights")
                     items.append((vals, buf.ptr))
                     out[n] = DeviceTensor(buf.ptr, tuple(t.shape), np.dtype(np.float32))
-                else:
-                    buf = tx.alloc(t.n_bytes, "weights")
-                    items.append((t.data, buf.ptr))
-                    out[n] = QWeight(buf.ptr, tuple(t.shape), t.type_id, fmt)
+                else:   # quantized, in the format's VRAM layout (made while staging)
+                    w = QWeight(0, tuple(t.shape), t.type_id, fmt)
+                    buf = tx.alloc(w.nbytes, "weights")
+                    items.append((t.data, buf.ptr, fmt, t.shape[-1]))
+                    out[n] = QWeight(buf.ptr, w.shape, t.type_id, fmt)
             with Uploader(self.device) as up:
                 up.upload_many(items, progress)
+        self.mm.prepare(t.type_id for t in out.values() if isinstance(t, QWeight))
         return out
+
+    def _use_formats(self, formats) -> None:
+        """Rebuild the weight kernels when ``formats`` has device rows they lack (a plugin's)."""
+        from orcd.ops.fused import FusedKernels
+        from orcd.ops.matmul import MatmulKernels
+        from orcd.quant.device import with_device
+
+        rows = {f.type_id: f for f in with_device(formats)}
+        if rows != self.mm.formats:
+            self.mm.close()
+            self.mm = MatmulKernels(*self._kernel_args, formats=rows.values(), **self._mm_options)
+            self.fused = FusedKernels(*self._kernel_args, formats=rows.values())
 
     def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                      head_dim_v: int | None = None) -> KVCache:
@@ -196,14 +246,11 @@ class CudaBackend:
             except ScratchFull as e:
                 self._grow_scratch(e.args[0])
 
-    def decode_step(self, model, cache: KVCache, token: int, pos: int) -> DeviceTensor:
-        from orcd.cuda.driver import cu
-
+    def decode_step(self, model, cache: KVCache, token: int | None, pos: int) -> DeviceTensor:
+        """One token through the captured graph; ``token`` None: the id the sampler
+        left in step_ids (sample_to_device)."""
         self.device.make_current()
-        cu("cuEventSynchronize", self._event)       # the previous step's copy has read the buffer
-        self._pinned_view[0], self._pinned_view[1] = token, pos
-        cu("cuMemcpyHtoDAsync", self.step_ids.ptr, self._pinned, 8, self.device.stream)
-        cu("cuEventRecord", self._event, self.device.stream)
+        self.steps.write_inputs(token, pos)
         g = self._graph
         if self.graphs and g is not None and g[0] is model and g[1] is cache:
             g[2].replay()
@@ -274,15 +321,31 @@ class CudaBackend:
         raw = to_host(self.device, x.ptr, x.nbytes)
         return raw.view(x.dtype).reshape(x.shape).astype(np.float32)
 
+    def _device_sampler(self, logits) -> DeviceSampling | None:
+        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
+            self.sampler = DeviceSampling(self, logits.numel)
+        return self.sampler if self.sampler is not None and self.sampler.n_vocab == logits.numel else None
+
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
         """The device sampler when orcd.ops.sampling has one (only the id crosses
         to the host; its draw is seeded by params.seed, not ``rng``), else sample_ref."""
-        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
-            self.sampler = DeviceSampling(self, logits.numel)
-        if self.sampler is not None and self.sampler.n_vocab == logits.numel:
-            return self.sampler(logits, params, seen)
+        sampler = self._device_sampler(logits)
+        if sampler is not None:
+            return sampler(logits, params, seen)
         return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+
+    def sample_to_device(self, logits, params: sampling.SamplingParams, seen=None,
+                         chained: bool = False) -> PendingToken | None:
+        """Sample the next id into the decode step's input (step_ids), where the next
+        ``CudaRunner.forward_pending`` reads it, and start its copy to the host; no
+        wait. ``chained``: it follows the last id sampled here (``seen`` unused).
+        None when there is no device sampler for these logits."""
+        sampler = self._device_sampler(logits)
+        if sampler is None:
+            return None
+        sampler.enqueue(logits, params, seen, self.step_ids, chained=chained)
+        return self.steps.read_output(self.step_ids)
 
     def synchronize(self) -> None:
         self.device.synchronize()
@@ -299,57 +362,17 @@ class CudaBackend:
         return not check_pointers(self.device, ptrs)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
-
         if getattr(self, "device", None) is None:
             return
         self.device.synchronize()
         self._drop_graph()
-        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None)):
+        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None), getattr(self, "compiler", None)):
             if hasattr(obj, "close"):
                 obj.close()
         if hasattr(self, "alloc"):
             self.alloc.free_all()
         self._kv, self._kv_bufs, self._rope = None, [], {}
-        if self._event is not None:
-            cu("cuEventDestroy", self._event)
-        if self._pinned is not None:
-            cu("cuMemFreeHost", self._pinned)
+        if getattr(self, "steps", None) is not None:
+            self.steps.close()
         self.device.close()
         self.device = None
-
-
-class DeviceSampling:
-    """orcd.ops.sampling.CudaSampler behind the engine's ``sample(logits, params,
-    seen, rng)``: the seen mask lives on the device and the sampler marks each
-    chosen id, so a request's consecutive calls (seen growing by the last
-    chosen id) need no host traffic but the id itself; any other ``seen``
-    re-uploads the mask, and only when a repetition penalty needs it."""
-
-    def __init__(self, backend: CudaBackend, n_vocab: int) -> None:
-        self.b, self.n_vocab = backend, n_vocab
-        self.kernels = sampling.CudaSampler(*backend._kernel_args, n_vocab, allocator=backend.alloc)
-        self.out = backend.alloc.alloc(4, "workspace")
-        self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
-        self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
-
-    def __call__(self, logits, params: sampling.SamplingParams, seen) -> int:
-        from orcd.cuda.memory import to_host
-
-        seen = np.asarray(seen, dtype=np.int64).reshape(-1)
-        prev = self.seen
-        follows = (prev is not None and len(seen) == len(prev) + 1 and seen[-1] == self.last
-                   and np.array_equal(seen[:-1], prev))
-        self.step = self.step + 1 if follows else 0
-        if not follows:
-            self.mask_ok = False
-        if params.repetition_penalty != 1.0 and not self.mask_ok:
-            self.kernels.reset(seen)
-            self.mask_ok = True
-        self.kernels.sample(logits.view(-1), params, self.step, self.out_id)
-        self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
-        self.seen = seen
-        return self.last
-
-    def close(self) -> None:
-        self.kernels.close()

@@ -214,6 +214,31 @@ class CudaOps:
         self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty)
         return out
 
+    def moe_add(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
+        # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
+        # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
+        T, D = x.shape
+        if T != 1 or norm is None or not self._moe_fused(ex, n_used):
+            h = x if norm is None else self.rms_norm(x, *norm)
+            return self.add(x, self.moe(h, ex, n_used, alpha, limit))
+        n_ff = ex.gate_w.shape[1]
+        ids, weights = self._empty((T, n_used), np.int32), self._empty((T, n_used))
+        xa = Q8Act.empty(self.b.scratch, T, D)
+        self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
+        h = Q8Act.empty(self.b.scratch, T * n_used, n_ff)
+        self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
+        out = self._empty((T, D))
+        self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
+        return out
+
+    def _moe_fused(self, ex, n_used: int) -> bool:
+        from orcd.ops.matmul import MOE_MAX_K, int8_capable
+
+        ws = (ex.gate_w, ex.up_w, ex.down_w)
+        return (not self.b.mm.int8_off and all(int8_capable(w) for w in ws) and ex.router_w.type_id == 0
+                and n_used <= MOE_MAX_K and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
+                and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
+
     def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
         # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
         T, D = x.shape

@@ -2,8 +2,8 @@
 
 Arguments are validated up front (UUID form, readable model file, port range
 and availability, device present) so a bad invocation is one clear line and
-exit code 1, never a traceback or a half-started server. The model loads
-after HTTP is up; /health says "loading" meanwhile.
+exit code 1 (the CLI's rule, orcd.cli), never a traceback or a half-started
+server. The model loads after HTTP is up; /health says "loading" meanwhile.
 """
 
 from __future__ import annotations
@@ -12,41 +12,40 @@ import argparse
 import os
 import socket
 import sys
-import types
 import uuid
 from pathlib import Path
+
+from orcd.commands._options import UsageError, add_device_argument, device_from_args
 
 NAME = "serve"
 HELP = "serve one model over HTTP (/execute SSE, /health, /metrics, OpenAI-compatible /v1)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.error = types.MethodType(_usage_error, p)   # exit 1, not argparse's 2
     p.add_argument("--model", metavar="PATH|NAME",
-                   help="GGUF file or pulled model name (default: the default pulled model)")
+                   help="GGUF file or pulled model name (default: orcd pull's default, "
+                        "qwen2.5-coder-0.5b)")
     p.add_argument("--worker-id", metavar="UUID", help="this worker's id (default: a new UUID4)")
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu-device", type=int, default=None, metavar="N",
-                     help="CUDA device index (default 0)")
-    dev.add_argument("--device", choices=["cpu"],
-                     help="run on the numpy reference backend instead of a GPU (slow)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, metavar="P", help="port, 1024-65535 (default 8080)")
+    add_device_argument(p, gpu_device_alias=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8080, metavar="P", help="port, 1024-65535")
     p.add_argument("--ctx-size", type=int, metavar="N", help="context length (default: the model's)")
-    p.add_argument("--max-tokens-out", type=int, default=2048, metavar="N",
-                   help="most tokens one request may generate (default 2048)")
+    p.add_argument("--max-tokens-out", type=int, default=None, metavar="N",
+                   help="most tokens one request may generate; at most the context length "
+                        "(default: the context length)")
     p.add_argument("--inference-timeout-sec", type=float, default=300.0, metavar="S",
-                   help="a job running longer fails with INFERENCE_TIMEOUT (default 300)")
+                   help="a job running longer fails with INFERENCE_TIMEOUT")
     p.add_argument("--kv-cache-size-mb", type=int, metavar="N",
-                   help="cap the KV cache; the context shrinks to what fits")
+                   help="cap the KV cache; the context shrinks to what fits (default: no cap)")
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
-                   help="jobs that may wait behind the running one (default 16)")
-    p.add_argument("--callback-url", metavar="URL", help="POST worker details here when ready")
+                   help="jobs that may wait behind the running one")
+    p.add_argument("--callback-url", metavar="URL",
+                   help="POST worker details here when ready (default: none)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                        "(visible in ps: prefer ORCD_API_KEY or --api-key-file)")
+                        "(default: none; visible in ps: prefer ORCD_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", metavar="PATH",
-                   help="read the API key from the first line of this file")
+                   help="read the API key from the first line of this file (default: none)")
     p.add_argument("--body-timeout-sec", type=float, default=30.0, metavar="S",
                    help="a request body must arrive within this (default 30; then 408)")
     p.add_argument("--header-timeout-sec", type=float, default=10.0, metavar="S",
@@ -58,18 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is closed")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="a tokenizer.json to use instead of the GGUF vocabulary")
+                   help="a tokenizer.json to use instead of the GGUF vocabulary (default: the GGUF's)")
     p.add_argument("--residency-check-sec", type=float, default=60.0, metavar="S",
-                   help="seconds between checks that every weight is still in device memory (default 60)")
-
-
-def _usage_error(parser: argparse.ArgumentParser, message: str):
-    parser.print_usage(sys.stderr)
-    parser.exit(1, f"{parser.prog}: error: {message}\n")
-
-
-class UsageError(Exception):
-    """A bad argument: printed as one line, exit code 1."""
+                   help="seconds between checks that every weight is still in device memory")
 
 
 def validate(args) -> dict:
@@ -83,10 +73,8 @@ def validate(args) -> dict:
     if not 1024 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is outside 1024-65535")
     _positive(args, "ctx_size", "--ctx-size", allow_none=True)
-    _positive(args, "max_tokens_out", "--max-tokens-out")
+    _positive(args, "max_tokens_out", "--max-tokens-out", allow_none=True)
     _positive(args, "kv_cache_size_mb", "--kv-cache-size-mb", allow_none=True)
-    if args.max_tokens_out > 2048:
-        raise UsageError(f"--max-tokens-out {args.max_tokens_out} is above the limit 2048")
     if not args.inference_timeout_sec > 0:
         raise UsageError(f"--inference-timeout-sec must be positive, got {args.inference_timeout_sec}")
     if args.queue_size < 0:
@@ -103,9 +91,10 @@ def validate(args) -> dict:
     if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
         raise UsageError(f"--callback-url {args.callback_url!r} must be an http(s) URL")
     model_ref, model_path = _model(args.model)
+    _max_tokens_within_context(args, model_path)
     if args.tokenizer is not None and not Path(args.tokenizer).is_file():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
-    device = "cpu" if args.device == "cpu" else _gpu(args.gpu_device or 0)
+    device = device_from_args(args, "orcd serve")
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
             "device": device, "api_key": api_key}
@@ -167,19 +156,27 @@ def _model(name: str | None) -> tuple[str, Path]:
     return model_ref, path
 
 
-def _gpu(index: int) -> str:
-    if index < 0:
-        raise UsageError(f"--gpu-device must be 0 or more, got {index}")
+def _max_tokens_within_context(args, model_path: Path) -> None:
+    """--max-tokens-out must leave room for a prompt in the context (--ctx-size,
+    else the model's own context length, read from the GGUF header)."""
+    if args.max_tokens_out is None:
+        return
+    ctx, where = args.ctx_size, "--ctx-size"
+    if ctx is None:
+        ctx, where = _model_context(model_path), "the model's context length"
+    if ctx is not None and args.max_tokens_out >= ctx:
+        raise UsageError(f"--max-tokens-out {args.max_tokens_out} leaves no room for a prompt "
+                         f"in {where} {ctx}; use at most {ctx - 1}")
+
+
+def _model_context(path: Path) -> int | None:
+    from orcd.errors import OrcdError
+    from orcd.gguf_file import ModelFile
     try:
-        from orcd.cuda.device import device_info
-        device_info(index)
-    except ImportError as e:
-        raise UsageError(f"--gpu-device {index}: the CUDA runtime is not installed ({e}); "
-                         f"install orcd[cuda] or use --device cpu") from None
-    except Exception as e:  # OrcdError from the driver, or no driver at all
-        message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-        raise UsageError(f"--gpu-device {index}: {message} (or use --device cpu)") from None
-    return f"cuda:{index}"
+        with ModelFile.open(path) as mf:
+            return int(mf.metadata[f"{mf.arch}.context_length"])
+    except (OrcdError, KeyError, TypeError, ValueError):
+        return None  # a broken file fails the load later, with its own message
 
 
 def _port_free(host: str, port: int) -> None:
@@ -193,11 +190,7 @@ def _port_free(host: str, port: int) -> None:
 
 
 def run(args) -> int:
-    try:
-        checked = validate(args)
-    except UsageError as e:
-        print(f"orcd serve: error: {e}", file=sys.stderr)
-        return 1
+    checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
     from orcd.server.runner import serve
     from orcd.server.state import ServerConfig
     _warn_if_exposed(args.host, checked["api_key"])

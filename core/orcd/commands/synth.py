@@ -12,7 +12,7 @@ HELP = "write a synthetic GGUF with a real model's shapes, quant types and vocab
 
 def add_arguments(p) -> None:
     p.add_argument("preset", nargs="?", help="preset name (see --list)")
-    p.add_argument("-o", "--output", help="GGUF file to write")
+    p.add_argument("-o", "--output", help="GGUF file to write (no default: required with a preset)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
 

@@ -7,6 +7,13 @@ every byte that can change the result. Core kernels ship as package data in
 A cubin is compiled for the device's real architecture (``sm_90`` on
 H100/H200) and cached under ``<orcd cache>/kernels/`` keyed by sha256 of
 source, headers, options, architecture and the NVRTC version.
+
+Start-up does not wait on compiles it can avoid: cubins built ahead of time for
+the common architectures ship inside the package (``orcd/cuda/aot``, made by
+``python -m orcd.cuda.aot`` when the wheel is built) under the same keys, and
+``prefetch`` compiles what is missing on a pool of threads while the weights
+upload (NVRTC releases the GIL), so a first start costs the longest compile,
+not their sum.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -73,6 +82,18 @@ def cuda_include_dir() -> str | None:
 def compile_options(arch: str, options: Sequence[str] = ()) -> list[str]:
     """The full option list: real architecture first, defaults, the caller's."""
     return [f"--gpu-architecture={arch}", *DEFAULT_OPTIONS, *options]
+
+
+def key_options(options: Sequence[str]) -> list[str]:
+    """The options as the cache key sees them: a toolkit include path is this
+    machine's path, so it counts as "the toolkit headers" (their content is the
+    NVRTC version's, which the key holds), and a shipped cubin's key matches."""
+    return ["--include-path=<cuda-toolkit>" if o.startswith("--include-path=") else o for o in options]
+
+
+def shipped_dir() -> Path:
+    """The cubins built ahead of time that ship in the package (may be absent)."""
+    return Path(str(resources.files("orcd.cuda"))) / "aot"
 
 
 def cache_key(src: KernelSource, options: Sequence[str], arch: str,
@@ -156,11 +177,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class KernelCompiler:
     """Compiles for one architecture and caches cubins on disk.
 
-    ``hits`` and ``misses`` count cache lookups (tests and /metrics read them)."""
+    ``hits`` and ``misses`` count cache lookups (tests and /metrics read them);
+    ``shipped`` is a read-only directory of cubins built ahead of time under the
+    same keys (default: the package's, shipped_dir(); None: none)."""
 
-    def __init__(self, arch: str, cache: Path | None = None, cuda_headers: bool = False) -> None:
+    def __init__(self, arch: str, cache: Path | None = None, cuda_headers: bool = False,
+                 shipped: Path | None | str = "package") -> None:
         self.arch = arch
         self.cache = kernel_cache_dir() if cache is None else Path(cache)
+        self.shipped = shipped_dir() if shipped == "package" else shipped
         self.version = nvrtc_version()
         # Toolkit headers come by include path, which the cache key sees only
         # as a path: the NVRTC version in the key stands for their content.
@@ -173,18 +198,68 @@ class KernelCompiler:
             self.base_options.append(f"--include-path={inc}")
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def cubin(self, src: KernelSource, options: Sequence[str] = ()) -> bytes:
+        opts, key = self._key(src, options)
+        found = self._cached(src, key)
+        if found is not None:
+            with self._lock:
+                self.hits += 1
+            return found
+        with self._lock:
+            job = self._inflight.get(key)
+        if job is not None:      # a prefetch is compiling it: wait for that one
+            return job.result()
+        with self._lock:
+            self.misses += 1
+        return self._compile_and_store(src, opts, key)
+
+    def prefetch(self, sources: Sequence[KernelSource], threads: int | None = None) -> list[Future]:
+        """Compile the sources that are not cached yet, in parallel, without waiting;
+        ``cubin`` of one of them waits for its compile. Returns the compiles started."""
+        started = []
+        for src in sources:
+            opts, key = self._key(src, ())
+            with self._lock:
+                if key in self._inflight or self._cached(src, key) is not None:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(threads or min(16, os.cpu_count() or 4),
+                                                    thread_name_prefix="orcd-nvrtc")
+                self.misses += 1
+                job = self._inflight[key] = self._pool.submit(self._compile_and_store, src, opts, key)
+            started.append(job)
+        return started
+
+    def _key(self, src: KernelSource, options: Sequence[str]) -> tuple[list[str], str]:
         opts = compile_options(self.arch, [*self.base_options, *options])
-        key = cache_key(src, opts, self.arch, self.version)
-        path = cubin_path(self.cache, src, key, self.arch)
-        if path.is_file():
-            self.hits += 1
-            return path.read_bytes()
-        self.misses += 1
-        data = _compile(src, opts)
-        _write_atomic(path, data)
-        return data
+        return opts, cache_key(src, key_options(opts), self.arch, self.version)
+
+    def _cached(self, src: KernelSource, key: str) -> bytes | None:
+        for root in (self.cache, self.shipped):
+            if root is not None:
+                path = cubin_path(Path(root), src, key, self.arch)
+                if path.is_file():
+                    return path.read_bytes()
+        return None
+
+    def _compile_and_store(self, src: KernelSource, opts: list[str], key: str) -> bytes:
+        try:
+            data = _compile(src, opts)
+            _write_atomic(cubin_path(self.cache, src, key, self.arch), data)
+            return data
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def close(self) -> None:
+        """Finish the compiles under way and stop the pool."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def load(self, device, src: KernelSource, options: Sequence[str] = ()) -> "Module":
         return Module(device, self.cubin(src, options), src.name)

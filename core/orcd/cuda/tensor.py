@@ -55,6 +55,9 @@ class DeviceTensor:
 
 @dataclass(frozen=True)
 class QWeight:
+    """A weight in its format's VRAM layout (QuantFormat.to_vram: the GGUF blocks
+    as stored, or planar rows); ``row_bytes`` and ``nbytes`` are VRAM sizes."""
+
     ptr: int
     shape: tuple[int, ...]      # numpy order: a linear weight is (n_out, n_in)
     type_id: int
@@ -62,16 +65,11 @@ class QWeight:
 
     @property
     def row_bytes(self) -> int:
-        return self.fmt.row_bytes(self.shape[-1])
+        return self.fmt.vram_row_bytes(self.shape[-1])
 
     @property
     def nbytes(self) -> int:
-        return self.fmt.tensor_bytes(self.shape)
-
-    def slice0(self, i: int) -> "QWeight":
-        """Index the first axis (e.g. one expert of a [n_expert, n_out, n_in] weight)."""
-        inner = self.shape[1:]
-        return QWeight(self.ptr + i * self.fmt.tensor_bytes(inner), inner, self.type_id, self.fmt)
+        return self.fmt.vram_tensor_bytes(self.shape)
 
 
 class Arena:

@@ -4,7 +4,9 @@ Two (or more) pinned staging buffers take turns: while the copy engine moves
 chunk i from one staging buffer to the device (``cuMemcpyHtoDAsync`` on the
 worker's stream), the CPU reads chunk i+1 from the file into the other. An
 event per staging buffer says when its last copy finished and it may be
-refilled. Bytes are copied as they are: weights keep their GGUF block format.
+refilled. Bytes are copied as they are, or, for a weight whose format has a
+planar VRAM layout (QuantFormat.planes), rearranged row by row into it while
+being staged: such a weight moves in chunks of whole rows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ def plan_chunks(nbytes: int, chunk: int) -> Iterator[tuple[int, int]]:
         raise ValueError(f"chunk size must be positive, got {chunk}")
     for off in range(0, nbytes, chunk):
         yield off, min(chunk, nbytes - off)
+
+
+def plan_rows(n_rows: int, src_row: int, dst_row: int, chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """(src offset, src size, dst offset, dst size) pieces of whole rows, each at most
+    ``chunk`` bytes on both sides (a row larger than a chunk goes alone)."""
+    per = max(1, chunk // max(src_row, dst_row))
+    for r in range(0, n_rows, per):
+        n = min(per, n_rows - r)
+        yield r * src_row, n * src_row, r * dst_row, n * dst_row
+
+
+def _jobs(item, chunk: int) -> list[tuple]:
+    """(src, dst, src_off, src_n, dst_off, dst_n, fmt, n_elems) chunks of one item:
+    (src bytes, dst address) as is, or (src, dst, fmt, n_elems) into fmt's VRAM layout."""
+    src, dst, *layout = item
+    if layout and layout[0].planar:
+        fmt, n_elems = layout
+        rows = src.nbytes // fmt.row_bytes(n_elems)
+        return [(src, dst, so, sn, do, dn, fmt, n_elems)
+                for so, sn, do, dn in plan_rows(rows, fmt.row_bytes(n_elems), fmt.vram_row_bytes(n_elems), chunk)]
+    return [(src, dst, off, n, off, n, None, 0) for off, n in plan_chunks(src.nbytes, chunk)]
 
 
 class Milestones:
@@ -103,16 +126,16 @@ class Uploader:
         """Copy ``src`` (bytes) to device address ``dst``; waits until done."""
         self.upload_many([(src, dst)], progress)
 
-    def upload_many(self, items: Iterable[tuple[np.ndarray, int]],
-                    progress: Progress | None = None) -> int:
-        """Copy every (host bytes, device address) pair; progress runs 0 → 1
-        over the total bytes (called from the copy threads, one at a time);
-        returns the bytes copied."""
+    def upload_many(self, items: Iterable[tuple], progress: Progress | None = None) -> int:
+        """Copy every (host bytes, device address) pair, or (host bytes, device
+        address, format, values per row) into that format's VRAM layout; progress
+        runs 0 → 1 over the total bytes (called from the copy threads, one at a
+        time); returns the host bytes copied."""
         from orcd.cuda.driver import cu
 
-        items = [(np.asarray(s).reshape(-1).view(np.uint8), int(d)) for s, d in items]
-        jobs = [(src, dst, off, n) for src, dst in items for off, n in plan_chunks(src.nbytes, self.chunk)]
-        report = _Tally(sum(s.nbytes for s, _ in items), progress)
+        items = [(np.asarray(s).reshape(-1).view(np.uint8), int(d), *rest) for s, d, *rest in items]
+        jobs = [job for item in items for job in _jobs(item, self.chunk)]
+        report = _Tally(sum(it[0].nbytes for it in items), progress)
         if progress:
             progress(0.0)
         t = self.copy_threads
@@ -137,11 +160,14 @@ class Uploader:
 
         self.device.make_current()
         stream = self.device.stream
-        for i, (src, dst, off, n) in enumerate(jobs):
+        for i, (src, dst, off, n, dst_off, dst_n, fmt, n_elems) in enumerate(jobs):
             slot = slots[i % len(slots)]
             cu("cuEventSynchronize", self._events[slot])  # its previous copy is done
-            self._views[slot][:n] = src[off:off + n]         # the file read
-            cu("cuMemcpyHtoDAsync", dst + off, self._staging[slot], n, stream)
+            if fmt is None:
+                self._views[slot][:n] = src[off:off + n]     # the file read
+            else:                                            # the file read, into the planes
+                fmt.to_vram(src[off:off + n], n_elems, out=self._views[slot])
+            cu("cuMemcpyHtoDAsync", dst + dst_off, self._staging[slot], dst_n, stream)
             cu("cuEventRecord", self._events[slot], stream)
             report.add(n)
 

@@ -53,17 +53,16 @@ inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 
-// prmt.b32 default mode: byte i of the result is byte (s >> 4i) & 7 of the
-// 8-byte value y:x (x = bytes 0..3); with bit 3 of that nibble set it is
-// instead the sign of the selected byte, replicated.
+// CUDA's __byte_perm: byte i of the result is byte (s >> 4i) & 7 of the 8-byte
+// value y:x (x = bytes 0..3). Only the low 3 bits of each selector nibble count
+// (the CUDA math API's definition, which llama.cpp's table lookups rely on too);
+// PTX prmt's sign-replicate mode is not what the intrinsic exposes.
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
     const uint64_t xy = (uint64_t)y << 32 | x;
     unsigned int r = 0;
     for (int i = 0; i < 4; ++i) {
-        const unsigned int sel = (s >> (4 * i)) & 0xFu;
-        unsigned int byte = (unsigned int)(xy >> (8 * (sel & 7u))) & 0xFFu;
-        if (sel & 8u) byte = (byte & 0x80u) ? 0xFFu : 0u;
-        r |= byte << (8 * i);
+        const unsigned int sel = (s >> (4 * i)) & 7u;
+        r |= ((unsigned int)(xy >> (8 * sel)) & 0xFFu) << (8 * i);
     }
     return r;
 }

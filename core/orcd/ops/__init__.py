@@ -12,7 +12,7 @@ same names and arguments, so a model forward is written once:
     attention(q, k, v, cache, layer, pos, scale, window=0, sinks=None, rope=None)
                                            -> stores k, v at pos and attends; ``rope`` (a
                                               RopeConfig) rotates q and k first
-    add(a, b), mul(a, b), silu(x), gelu(x), swiglu(gate, up), swiglu_oai(gate, up, alpha, limit)
+    add(a, b), silu(x), gelu(x), swiglu(gate, up), swiglu_oai(gate, up, alpha, limit)
     moe(x, experts, n_used)                -> mixture of experts output [T, D]
     last_row(x)                            -> x[-1:]
 
@@ -23,4 +23,5 @@ are compositions of the ops above). ``norm=(w, eps)`` RMS-normalises x first:
     gated_linear(x, w_gate, w_up=None, norm=None)   -> swiglu(x @ w_gate.T, x @ w_up.T);
                                        w_up None: w_gate's rows [0, n_ff) gate, [n_ff, 2 n_ff) up
     linear_add(a, w, residual, b=None)               -> residual + a @ w.T (+ b)
+    moe_add(x, experts, n_used, alpha, limit, norm=None) -> x + moe(rms_norm(x)) (three kernels)
 """

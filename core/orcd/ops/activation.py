@@ -40,10 +40,12 @@ def _ew_grid(n: int) -> int:
 
 
 class ActivationKernels:
+
+    SOURCE = "activation.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
         from orcd.cuda.nvrtc import KernelSource
 
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "activation.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._fn = {n: module.function(n) for n in
                     ("add_f32", "silu_f32", "gelu_f32", "swiglu_f32", "swiglu_oai_f32",
                      "split_copy_f32")}

@@ -93,10 +93,12 @@ def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
 
 
 class AttentionKernels:
+
+    SOURCE = "attention.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
         from orcd.cuda.nvrtc import KernelSource
 
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "attention.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._store = module.function("kv_store")
         self._rope_store = module.function("rope_kv_store")
         self._fwd = module.function("attn_fwd")

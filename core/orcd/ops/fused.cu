@@ -17,9 +17,8 @@
 // x * g staged once per block in shared memory (n_in floats, dynamic) while the
 // block sums x^2 -- measured: a per-warp norm with g loaded beside x in every
 // dot tripled the gated GEMV's L1 traffic (12-15 us instead of ~5 on H200).
-#include "simple.cuh"
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "base.cuh"
+#include "formats.cuh"
 
 #define FG_THREADS 128
 #define FG_WARPS (FG_THREADS / 32)
@@ -28,37 +27,27 @@
 template <class F, bool NORM>
 __device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const float* __restrict__ x,
                                            int n_in, int c0, int stride) {
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc = 0.f;
 #pragma unroll 2
     for (int c = c0; c < n_pieces; c += stride) {
         const int blk = c / F::PIECES, p = c % F::PIECES;
         float v[F::RUNS * F::RUN];
-        F::load(wr + (long long)blk * F::BYTES, p, v);
+        F::load(wr, nb, blk, p, v);
         const int pos = blk * F::QK + F::base(p);
         acc += dot_piece<F, NORM>(v, x + pos);
     }
     return acc;
 }
 
-// The format switch (GGML type ids); uniform per block.
+// The format switch (GGML type ids, from the generated formats.cuh); uniform per block.
 template <bool NORM>
 __device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x, int n_in, int c0,
                                          int stride) {
-    switch (type) {
-        case 0: return row_dot_t<FmtF32, NORM>(wr, x, n_in, c0, stride);
-        case 1: return row_dot_t<FmtF16, NORM>(wr, x, n_in, c0, stride);
-        case 30: return row_dot_t<FmtBF16, NORM>(wr, x, n_in, c0, stride);
-        case 2: return row_dot_t<FmtQ4_0, NORM>(wr, x, n_in, c0, stride);
-        case 3: return row_dot_t<FmtQ4_1, NORM>(wr, x, n_in, c0, stride);
-        case 6: return row_dot_t<FmtQ5_0, NORM>(wr, x, n_in, c0, stride);
-        case 7: return row_dot_t<FmtQ5_1, NORM>(wr, x, n_in, c0, stride);
-        case 8: return row_dot_t<FmtQ8_0, NORM>(wr, x, n_in, c0, stride);
-        case 12: return row_dot_t<FmtQ4_K, NORM>(wr, x, n_in, c0, stride);
-        case 13: return row_dot_t<FmtQ5_K, NORM>(wr, x, n_in, c0, stride);
-        case 14: return row_dot_t<FmtQ6_K, NORM>(wr, x, n_in, c0, stride);
-        case 39: return row_dot_t<FmtMXFP4, NORM>(wr, x, n_in, c0, stride);
-    }
+#define ROW_DOT_CASE(NAME, F, TYPE_ID) \
+    case TYPE_ID: return row_dot_t<F, NORM>(wr, x, n_in, c0, stride);
+    switch (type) { ORCD_FORMATS(ROW_DOT_CASE) }
+#undef ROW_DOT_CASE
     return __int_as_float(0x7FC00000);  // the host checks types; never silently zero
 }
 
@@ -67,29 +56,22 @@ __device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x,
 template <class F>
 __device__ __forceinline__ float row_dot8_t(const u8* __restrict__ wr, const int* __restrict__ xq,
                                             const float* __restrict__ xd, int n_in, int c0, int stride) {
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc = 0.f;
 #pragma unroll 2
     for (int c = c0; c < n_pieces; c += stride) {
         const int blk = c / F::PIECES, p = c % F::PIECES;
-        acc += F::dot8(wr + (long long)blk * F::BYTES, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
+        acc += F::dot8(wr, nb, blk, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
     }
     return acc;
 }
 
 __device__ __forceinline__ float row_dot8(int type, const u8* wr, const int* xq, const float* xd, int n_in,
                                           int c0, int stride) {
-    switch (type) {
-        case 2: return row_dot8_t<FmtQ4_0>(wr, xq, xd, n_in, c0, stride);
-        case 3: return row_dot8_t<FmtQ4_1>(wr, xq, xd, n_in, c0, stride);
-        case 6: return row_dot8_t<FmtQ5_0>(wr, xq, xd, n_in, c0, stride);
-        case 7: return row_dot8_t<FmtQ5_1>(wr, xq, xd, n_in, c0, stride);
-        case 8: return row_dot8_t<FmtQ8_0>(wr, xq, xd, n_in, c0, stride);
-        case 12: return row_dot8_t<FmtQ4_K>(wr, xq, xd, n_in, c0, stride);
-        case 13: return row_dot8_t<FmtQ5_K>(wr, xq, xd, n_in, c0, stride);
-        case 14: return row_dot8_t<FmtQ6_K>(wr, xq, xd, n_in, c0, stride);
-        case 39: return row_dot8_t<FmtMXFP4>(wr, xq, xd, n_in, c0, stride);
-    }
+#define ROW_DOT8_CASE(NAME, F, TYPE_ID) \
+    case TYPE_ID: return row_dot8_t<F>(wr, xq, xd, n_in, c0, stride);
+    switch (type) { ORCD_INT8_FORMATS(ROW_DOT8_CASE) }
+#undef ROW_DOT8_CASE
     return __int_as_float(0x7FC00000);  // the host sends only integer formats here
 }
 

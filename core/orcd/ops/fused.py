@@ -63,17 +63,13 @@ def linear_add_ref(a: np.ndarray, w, residual: np.ndarray, b=None,
 FG_THREADS = 128
 FG_WARPS = 4
 MAX_SEGMENTS = 3
-TYPES = (0, 1, 30, 2, 3, 6, 7, 8, 12, 13, 14, 39)   # the formats fused.cu's switch knows
 
 
-def _kernel_source():
-    from importlib import resources
+def _kernel_source(formats):
+    """fused.cu with its format switch over ``formats`` (the generated formats.cuh)."""
+    from orcd.quant.device import kernel_source
 
-    from orcd.cuda.nvrtc import KernelSource
-
-    quant = resources.files("orcd.quant")
-    headers = {h: (quant / h).read_text() for h in ("simple.cuh", "kquants.cuh", "mxfp4.cuh")}
-    return KernelSource("fused.cu", (resources.files("orcd.ops") / "fused.cu").read_text(), headers)
+    return kernel_source("orcd.ops", "fused.cu", formats)
 
 
 def _u64(p) -> np.uint64:
@@ -83,8 +79,12 @@ def _u64(p) -> np.uint64:
 class FusedKernels:
     """One-token fused GEMVs. Only enqueue kernels: graph-capturable."""
 
-    def __init__(self, device, compiler, launcher) -> None:
-        module = compiler.load(device, _kernel_source())
+    def __init__(self, device, compiler, launcher, formats=None) -> None:
+        from orcd.quant.builtin import builtin_table
+        from orcd.quant.device import with_device
+
+        self.formats = {f.type_id: f for f in with_device(builtin_table() if formats is None else formats)}
+        module = compiler.load(device, _kernel_source(self.formats.values()))
         self._fn, self._fn_q8 = module.function("gemv_fused"), module.function("gemv_fused_q8")
         self._norm_q8 = module.function("rms_norm_q8")
         self._launch = launcher
@@ -97,19 +97,17 @@ class FusedKernels:
         self._launch(self._norm_q8, T, FG_THREADS, [_u64(x.ptr), _u64(g.ptr), float(eps), int(n),
                                                     _u64(out.xq.ptr), _u64(out.xd.ptr)])
 
-    @staticmethod
-    def supports(x, ws) -> bool:
-        """One token, at most three 2-D weights of known formats with whole pieces
-        (integer formats only, for int8 activations)."""
-        from orcd.ops.matmul import INT8_TYPES, MatmulKernels, Q8Act
+    def supports(self, x, ws) -> bool:
+        """One token, at most three 2-D weights of formats this module knows with whole
+        pieces (integer formats only, for int8 activations)."""
+        from orcd.ops.matmul import Q8Act, device_block, int8_capable
 
         if x.shape[0] != 1 or not 1 <= len(ws) <= MAX_SEGMENTS or x.shape[1] % 4:
             return False
-        types = INT8_TYPES if isinstance(x, Q8Act) else TYPES
         for w in ws:
-            if len(w.shape) != 2 or w.shape[1] != x.shape[1] or w.type_id not in types:
+            if len(w.shape) != 2 or w.shape[1] != x.shape[1] or self.formats.get(w.type_id) != w.fmt:
                 return False
-            if x.shape[1] % MatmulKernels._pieces(w.type_id)[0]:
+            if (isinstance(x, Q8Act) and not int8_capable(w)) or x.shape[1] % device_block(w)[0]:
                 return False
         return True
 
@@ -129,14 +127,14 @@ class FusedKernels:
         self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
 
     def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
-        from orcd.ops.matmul import Q8Act, gemv_split
+        from orcd.ops.matmul import Q8Act, gemv_split, row_pieces
 
         n_in = x.shape[1]
         args, total = [], 0
         for i in range(MAX_SEGMENTS):
             if i < len(segs):
                 w, b, out, n_out = segs[i]
-                split = gemv_split(n_out)
+                split = gemv_split(n_out, row_pieces(w))
                 rows = n_out
                 if gated:   # gate and up rows interleaved: 2 n_out warp rows, both in one block
                     split, rows = min(split, 2), 2 * n_out

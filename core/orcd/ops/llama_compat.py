@@ -44,19 +44,21 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
-def round_int8(x: np.ndarray, weight_type: int | None) -> np.ndarray:
-    """x as orcd's int8 GPU GEMVs see it for a ``weight_type`` weight: integer
-    formats' inputs quantized per 32 values (matmul.quantize_q8_ref), others as is."""
-    from orcd.ops.matmul import INT8_TYPES, quantize_q8_ref
+def round_int8(x: np.ndarray, fmt) -> np.ndarray:
+    """x as orcd's int8 GPU GEMVs see it for a weight of format ``fmt`` (a
+    QuantFormat or None): the inputs of formats with int8 kernels quantized per 32
+    values (matmul.quantize_q8_ref), others as is."""
+    from orcd.ops.matmul import quantize_q8_ref
 
-    if weight_type not in INT8_TYPES:
+    if fmt is None or fmt.device is None or not fmt.device.int8:
         return x
     q, d = quantize_q8_ref(x)
     return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None]).reshape(x.shape).astype(np.float32)
 
 
-def round_activation(x: np.ndarray, weight_type: int | None) -> np.ndarray:
-    """x [..., n_in] as ggml-cpu sees it when multiplying a ``weight_type`` weight."""
+def round_activation(x: np.ndarray, fmt) -> np.ndarray:
+    """x [..., n_in] as ggml-cpu sees it when multiplying a weight of format ``fmt``."""
+    weight_type = None if fmt is None else fmt.type_id
     if weight_type in Q8_0_TYPES:
         return round_q8_0(x)
     if weight_type in Q8_K_TYPES:

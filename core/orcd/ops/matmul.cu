@@ -1,8 +1,8 @@
 // Quantized matmul family: GEMV for decode, weight dequantization to fp16/bf16
 // scratch for the prefill GEMM, embedding lookup, and the per-token expert
-// GEMV of a mixture of experts. Weights stay in their GGUF blocks; each thread
-// dequantizes one piece of a block into registers (the format structs of
-// quant/{simple,kquants,mxfp4}.cuh). Activations and accumulation are fp32.
+// GEMV of a mixture of experts. Weights stay quantized, in their format's VRAM
+// layout (base.cuh); each thread dequantizes one piece of a block into registers
+// (the format structs the generated formats.cuh brings). Accumulation is fp32.
 //
 // GEMV layout: a block of 4 warps; `split` (1, 2 or 4) warps share one output
 // row, so a block covers 4 / split rows. Within a row, lane l of part s takes
@@ -11,9 +11,8 @@
 // T <= TM tokens. Sums: warp butterfly, then the split warps' partials added
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
-#include "simple.cuh"
-#include "kquants.cuh"
-#include "mxfp4.cuh"
+#include "base.cuh"
+#include "formats.cuh"
 
 #define GEMV_THREADS 128
 #define GEMV_WARPS (GEMV_THREADS / 32)
@@ -27,8 +26,8 @@ struct ActF32 {
     int n_in;
     float v[F::RUNS * F::RUN];
     int pos;
-    __device__ __forceinline__ void piece(const u8* blk, int b, int p) {
-        F::load(blk, p, v);
+    __device__ __forceinline__ void piece(const u8* row, int nb, int b, int p) {
+        F::load(row, nb, b, p, v);
         pos = b * F::QK + F::base(p);
     }
     __device__ __forceinline__ float dot(int t) const { return dot_piece<F>(v, x + (long long)t * n_in + pos); }
@@ -41,11 +40,13 @@ struct ActQ8 {
     const int* __restrict__ xq;
     const float* __restrict__ xd;
     int n_in;
-    const u8* blk;
-    int b, p;
-    __device__ __forceinline__ void piece(const u8* blk_, int b_, int p_) { blk = blk_; b = b_; p = p_; }
+    const u8* row;
+    int nb, b, p;
+    __device__ __forceinline__ void piece(const u8* row_, int nb_, int b_, int p_) {
+        row = row_; nb = nb_; b = b_; p = p_;
+    }
     __device__ __forceinline__ float dot(int t) const {
-        return F::dot8(blk, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
+        return F::dot8(row, nb, b, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
                        xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
     }
 };
@@ -59,7 +60,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
     __shared__ float partial[GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
-    const int n_pieces = (n_in / F::QK) * F::PIECES;
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc[TM];
 #pragma unroll
     for (int t = 0; t < TM; ++t) acc[t] = 0.f;
@@ -68,7 +69,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long ro
 #pragma unroll 2
         for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
             const int blk = c / F::PIECES, p = c % F::PIECES;
-            x.piece(wr + (long long)blk * F::BYTES, blk, p);
+            x.piece(wr, nb, blk, p);
 #pragma unroll
             for (int t = 0; t < TM; ++t)
                 if (t < nT) acc[t] += x.dot(t);
@@ -166,6 +167,131 @@ __device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row
 }
 
 
+// -- one token's experts in two kernels (decode, int8 activations) -------------------
+// With moe.cu's moe_norm_route_q8 these are a MoE block: gate, up and the clamped
+// SwiGLU of every chosen expert, its output quantized to int8 for the down GEMV;
+// then down, the experts' weighted sum and the residual add. Each weight byte is
+// read once; no atomics: every output is summed in a fixed order.
+
+// silu(min(gate, limit)) * (clamp(up, -limit, limit) + 1): GPT-OSS's SwiGLU (swiglu_oai_ref)
+__device__ __forceinline__ float swiglu_oai(float gate, float up, float alpha, float limit) {
+    const float g = fminf(gate, limit);
+    const float u = fminf(fmaxf(up, -limit), limit);
+    return g / (1.f + expf(-alpha * g)) * (u + 1.f);
+}
+
+// Warp sum of each of N partial sums (all lanes get them).
+template <int N>
+__device__ __forceinline__ void warp_sums(float* acc) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xFFFFFFFFu, acc[j], off);
+}
+
+#define MOE_H_ROWS 32      // h rows per block: one int8 group, quantized by the block itself
+#define MOE_WARPS 8        // 256 threads; a warp takes 4 rows of gate and of up
+#define MOE_MAX_K 8        // experts per token the down kernel sums
+
+// Block (blockIdx.x, pair = blockIdx.y): h rows 32 bx .. +31 of pair p = t * k + slot,
+// h = swiglu(x_t . wg[e] + bg[e], x_t . wu[e] + bu[e]) with e = ids[p], quantized per
+// 32 into hq [T * k, n_ff] int8 and hd [T * k, n_ff / 32]; an id outside
+// 0..n_expert-1 gives hd = NaN (the down kernel's sum for that token is NaN).
+template <class F>
+__device__ __forceinline__ void moe_gate_up_q8(const u8* __restrict__ wg, const u8* __restrict__ wu,
+                                               long long row_bytes, long long expert_bytes,
+                                               const int* __restrict__ xq, const float* __restrict__ xd,
+                                               const int* __restrict__ ids, int k, int n_expert,
+                                               const float* __restrict__ bg, const float* __restrict__ bu,
+                                               float alpha, float limit, signed char* __restrict__ hq,
+                                               float* __restrict__ hd, int n_ff, int n_in) {
+    __shared__ float h[MOE_H_ROWS];
+    const int pair = blockIdx.y, r0 = blockIdx.x * MOE_H_ROWS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int e = ids[pair];
+    const bool ok = e >= 0 && e < n_expert;   // uniform per block
+    const int row = r0 + 4 * warp;            // this warp's 4 rows
+    if (ok) {
+        float acc[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+        const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
+        const int* xrow = xq + (long long)(pair / k) * (n_in / 4);
+        const float* drow = xd + (long long)(pair / k) * (n_in / 32);
+        const u8* g = wg + e * expert_bytes + (long long)row * row_bytes;
+        const u8* u = wu + e * expert_bytes + (long long)row * row_bytes;
+        for (int c = lane; c < n_pieces; c += 32) {
+            const int blk = c / F::PIECES, p = c % F::PIECES;
+            const int* xb = xrow + blk * (F::QK / 4);
+            const float* db = drow + blk * (F::QK / 32);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                acc[i] += F::dot8(g + i * row_bytes, nb, blk, p, xb, db);
+                acc[4 + i] += F::dot8(u + i * row_bytes, nb, blk, p, xb, db);
+            }
+        }
+        warp_sums<8>(acc);
+        if (lane < 4) {
+            const float* bge = bg + (long long)e * n_ff;
+            const float* bue = bu + (long long)e * n_ff;
+            const float gate = lane == 0 ? acc[0] : lane == 1 ? acc[1] : lane == 2 ? acc[2] : acc[3];
+            const float up = lane == 0 ? acc[4] : lane == 1 ? acc[5] : lane == 2 ? acc[6] : acc[7];
+            h[4 * warp + lane] = swiglu_oai(gate + bge[row + lane], up + bue[row + lane], alpha, limit);
+        }
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const float v = ok ? h[lane] : 0.f;
+    float amax = fabsf(v);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, off));
+    const float d = amax / 127.f;
+    hq[(long long)pair * n_ff + r0 + lane] = (signed char)(d > 0.f ? (int)rintf(v / d) : 0);
+    if (lane == 0) hd[(long long)pair * (n_ff / 32) + blockIdx.x] = ok ? d : __int_as_float(0x7FC00000);
+}
+
+// Row r = blockIdx.x * MOE_WARPS + warp of token t = blockIdx.y:
+// out[t, r] = residual[t, r] + sum_j weights[t, j] * (h_{t,j} . wd[e_j][r] + bd[e_j][r]),
+// summed over the k <= MOE_MAX_K chosen experts in choice order (as moe_ref).
+template <class F>
+__device__ __forceinline__ void moe_down_sum_q8(const u8* __restrict__ w, long long row_bytes,
+                                                long long expert_bytes, const int* __restrict__ hq,
+                                                const float* __restrict__ hd, const int* __restrict__ ids,
+                                                const float* __restrict__ weights, int k, int n_expert,
+                                                const float* __restrict__ bias, const float* __restrict__ residual,
+                                                float* __restrict__ out, int D, int n_ff) {
+    const int t = blockIdx.y, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * MOE_WARPS + (threadIdx.x >> 5);
+    if (r >= D) return;   // whole warps: no barrier below
+    const int* id = ids + (long long)t * k;
+    bool ok = true;
+    for (int j = 0; j < k; ++j) ok &= id[j] >= 0 && id[j] < n_expert;
+    float acc[MOE_MAX_K];
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_K; ++j) acc[j] = 0.f;
+    if (ok) {
+        const int nb = n_ff / F::QK, n_pieces = nb * F::PIECES;
+        for (int c = lane; c < n_pieces; c += 32) {
+            const int blk = c / F::PIECES, p = c % F::PIECES;
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_K; ++j)
+                if (j < k) {
+                    const long long pj = (long long)t * k + j;
+                    acc[j] += F::dot8(w + id[j] * expert_bytes + (long long)r * row_bytes, nb, blk, p,
+                                      hq + pj * (n_ff / 4) + blk * (F::QK / 4),
+                                      hd + pj * (n_ff / 32) + blk * (F::QK / 32));
+                }
+        }
+    }
+    warp_sums<MOE_MAX_K>(acc);
+    if (lane != 0) return;
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_K; ++j)
+        if (j < k) m += weights[(long long)t * k + j] * (acc[j] + (ok ? bias[(long long)id[j] * D + r] : 0.f));
+    out[(long long)t * D + r] = ok ? residual[(long long)t * D + r] + m : __int_as_float(0x7FC00000);
+}
+
 // Embedding rows: one thread per piece of row ids[t] (blockIdx.y = t); an id
 // outside the table writes NaN.
 template <class F>
@@ -178,7 +304,7 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
     const int id = ids[t], blk = c / F::PIECES, p = c % F::PIECES;
     float v[F::RUNS * F::RUN];
     if (id >= 0 && id < n_vocab) {
-        F::load(table + (long long)id * row_bytes + (long long)blk * F::BYTES, p, v);
+        F::load(table + (long long)id * row_bytes, D / F::QK, blk, p, v);
     } else {
 #pragma unroll
         for (int i = 0; i < F::RUNS * F::RUN; ++i) v[i] = __int_as_float(0x7FC00000);
@@ -204,7 +330,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     const int r_local = (int)(c / per_row), k = (int)(c % per_row);
     const int blk = k / F::PIECES, p = k % F::PIECES;
     float v[F::RUNS * F::RUN];
-    F::load(w + (long long)(row0 + r_local) * row_bytes + (long long)blk * F::BYTES, p, v);
+    F::load(w + (long long)(row0 + r_local) * row_bytes, n_in / F::QK, blk, p, v);
     u16* o = out + (long long)r_local * n_in + blk * F::QK + F::base(p);
 #pragma unroll
     for (int r = 0; r < F::RUNS; ++r)
@@ -229,7 +355,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 #define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, out, n_out, n_out, \
                                              n_in, split)
 
-#define FORMAT_KERNELS(NAME, F)                                                                     \
+#define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
@@ -261,7 +387,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     }
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
-#define INT8_KERNELS(NAME, F)                                                                       \
+#define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 1); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
@@ -273,6 +399,20 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         moe_gemv<F>(w, row_bytes, expert_bytes, RowsQ8<F>{xq, xd, n_in}, x_per_pair, ids, k, n_expert, \
                     bias, out, n_out, n_in, split);                                                 \
     }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_##NAME(                       \
+        const u8* wg, const u8* wu, long long row_bytes, long long expert_bytes, const int* xq,     \
+        const float* xd, const int* ids, int k, int n_expert, const float* bg, const float* bu,     \
+        float alpha, float limit, signed char* hq, float* hd, int n_ff, int n_in) {                 \
+        moe_gate_up_q8<F>(wg, wu, row_bytes, expert_bytes, xq, xd, ids, k, n_expert, bg, bu, alpha, \
+                          limit, hq, hd, n_ff, n_in);                                               \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_sum_q8_##NAME(                      \
+        const u8* w, long long row_bytes, long long expert_bytes, const int* hq, const float* hd,   \
+        const int* ids, const float* weights, int k, int n_expert, const float* bias,               \
+        const float* residual, float* out, int D, int n_ff) {                                       \
+        moe_down_sum_q8<F>(w, row_bytes, expert_bytes, hq, hd, ids, weights, k, n_expert, bias,     \
+                           residual, out, D, n_ff);                                                 \
+    }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         const int* tiles, const float* bias, float* out, int n_out, int n_in, int split) {          \
@@ -280,27 +420,9 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                     n_in, split);                                                                   \
     }
 
-FORMAT_KERNELS(f32, FmtF32)
-FORMAT_KERNELS(f16, FmtF16)
-FORMAT_KERNELS(bf16, FmtBF16)
-FORMAT_KERNELS(q4_0, FmtQ4_0)
-FORMAT_KERNELS(q4_1, FmtQ4_1)
-FORMAT_KERNELS(q5_0, FmtQ5_0)
-FORMAT_KERNELS(q5_1, FmtQ5_1)
-FORMAT_KERNELS(q8_0, FmtQ8_0)
-FORMAT_KERNELS(q4_k, FmtQ4_K)
-FORMAT_KERNELS(q5_k, FmtQ5_K)
-FORMAT_KERNELS(q6_k, FmtQ6_K)
-FORMAT_KERNELS(mxfp4, FmtMXFP4)
-INT8_KERNELS(q4_0, FmtQ4_0)
-INT8_KERNELS(q4_1, FmtQ4_1)
-INT8_KERNELS(q5_0, FmtQ5_0)
-INT8_KERNELS(q5_1, FmtQ5_1)
-INT8_KERNELS(q8_0, FmtQ8_0)
-INT8_KERNELS(q4_k, FmtQ4_K)
-INT8_KERNELS(q5_k, FmtQ5_K)
-INT8_KERNELS(q6_k, FmtQ6_K)
-INT8_KERNELS(mxfp4, FmtMXFP4)
+// one set per format of the table (formats.cuh, generated: orcd.quant.device)
+ORCD_FORMATS(FORMAT_KERNELS)
+ORCD_INT8_FORMATS(INT8_KERNELS)
 
 // x [n_groups * 32] fp32 -> xq int8 and xd [n_groups]: per 32 values xd = amax / 127,
 // xq = rint(x / xd) (0 where xd = 0), as matmul.py's quantize_q8_ref. One thread

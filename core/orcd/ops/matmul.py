@@ -39,30 +39,42 @@ def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # modules are imported lazily, so importing orcd.ops never touches CUDA.
 # ======================================================================================
 
-#: GGML type id -> kernel-name suffix in matmul.cu.
-CUDA_SUFFIX = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1",
-               8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 39: "mxfp4"}
-PLAIN_TYPES = (0, 1, 30)    # the kernels read these 8 values (one 16/32-byte load) at a time
-INT8_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14, 39})  # formats with dp4a kernels (int8 activations)
+# Which formats there are, their kernel-name suffixes, values per device block and
+# int8 support all come from the format table (QuantFormat.device; orcd.quant.device
+# generates matmul.cu's per-format instantiations from it).
 # int8="auto" (the default): where the measured gain pays for the extra quantize launch.
-# H100, bench/RESULTS.md: per GEMV, Q4_K/Q5_K 1.4-1.9x faster with int8 activations, the
-# other formats 0.96-1.25x; end to end, Phi-3-mini (matrices of 9-50M values) gained up
-# to 35%, Qwen2.5-0.5B (<= 8.7M, launch-bound) lost up to 34%: so by size, not by format.
-INT8_AUTO_MIN_VALUES = 1 << 24   # weight values the GEMVs of one input read, at least
+# H200, bench/RESULTS.md ("Planar VRAM layouts"): with 16-byte quant loads and 32-value
+# pieces the int8 GEMVs are 1.05-5.5x faster than the fp32 ones at every size (Q5_0
+# 4864 x 896: 3.5 vs 6.8 us; 896 x 896: 2.3 vs 2.8 us); below a few million values the
+# quantize launch (and the single-block rms_norm_q8) costs about what they gain, so
+# the rule stays by size, lowered from 16M to 8M values: Qwen2.5-0.5B's gate/up (8.7M)
+# and every GPT-OSS and Phi-3 projection take int8, Qwen's small q/k/v, o and down not.
+INT8_AUTO_MIN_VALUES = 1 << 23   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
+MOE_MAX_K = 8               # experts per token the fused down kernel sums (matmul.cu's MOE_MAX_K)
 WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
 SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
 MAX_GRID_Y = 65535
 
 
-def gemv_split(n_out: int) -> int:
-    """Warps that share one output row: few rows -> more warps per row, so the
-    grid still fills the GPU (896 rows x 4 warps vs 151936 rows x 1)."""
-    return 1 if n_out >= 8192 else 2 if n_out >= 2048 else 4
+def gemv_split(n_out: int, pieces: int) -> int:
+    """Warps that share one output row of ``pieces`` pieces: few rows -> more warps
+    per row, so the grid still fills the GPU (896 rows x 4 warps vs 151936 rows x 1),
+    but never a warp past the row's last 32 pieces (it would have nothing to do)."""
+    split = 1 if n_out >= 8192 else 2 if n_out >= 2048 else 4
+    while split > 1 and 32 * (split - 1) >= pieces:
+        split //= 2
+    return split
+
+
+def row_pieces(w) -> int:
+    """Pieces in one row of w (a thread takes one at a time)."""
+    qk, pieces = device_block(w)
+    return w.shape[-1] // qk * pieces
 
 
 def prefill_chunk_rows(n_out: int, n_in: int) -> int:
@@ -80,14 +92,22 @@ def prefill_scratch_bytes(T: int, n_out: int, n_in: int) -> int:
     return aligned(2 * T * n_in) + aligned(2 * rows * n_in) + aligned(2 * T * rows)
 
 
-def _kernel_source():
-    from importlib import resources
+def _kernel_source(formats=()):
+    """matmul.cu with the kernels of ``formats`` (none: only the format-free ones,
+    quantize_q8 and the prefill glue)."""
+    from orcd.quant.device import kernel_source
 
-    from orcd.cuda.nvrtc import KernelSource
+    return kernel_source("orcd.ops", "matmul.cu", formats)
 
-    quant = resources.files("orcd.quant")
-    headers = {h: (quant / h).read_text() for h in ("simple.cuh", "kquants.cuh", "mxfp4.cuh")}
-    return KernelSource("matmul.cu", (resources.files("orcd.ops") / "matmul.cu").read_text(), headers)
+
+def int8_capable(w) -> bool:
+    """Whether w's format has dp4a kernels (int8 activations)."""
+    return w.fmt.device is not None and w.fmt.device.int8
+
+
+def device_block(w) -> tuple[int, int]:
+    """(values per kernel block, pieces per block) of w's format, as its device struct."""
+    return w.fmt.device.qk, w.fmt.device.pieces
 
 
 @dataclass(frozen=True)
@@ -119,7 +139,7 @@ class MatmulKernels:
     """
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
-                 int8: str = "auto", gemm: str = "cublaslt", allocator=None) -> None:
+                 int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
@@ -129,16 +149,24 @@ class MatmulKernels:
         "all" integer formats, or "auto" (integer formats, where one input's
         weights hold >= INT8_AUTO_MIN_VALUES values).
         ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
-        "nvmath" or "simt"); ``allocator`` holds its workspace."""
+        "nvmath" or "simt"); ``allocator`` holds its workspace. ``formats``: the
+        format table whose rows get kernels (default: the built-in formats); each
+        format's kernels are a module of their own, compiled at first use or by
+        ``prepare``, so a model compiles only the formats it holds."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
+        from orcd.quant.builtin import builtin_table
+        from orcd.quant.device import with_device
+
         self.device, self.launch, self.compiler = device, launcher, compiler
-        self.module = compiler.load(device, _kernel_source())
+        self.formats = {f.type_id: f for f in with_device(builtin_table() if formats is None else formats)}
+        self.module = compiler.load(device, _kernel_source())   # format-free kernels
+        self._modules: dict[int, object] = {}
         self.gemm_dtype = gemm_dtype
         self.scratch = scratch
         if int8 not in INT8_MODES:
             raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
-        self.int8_types = frozenset() if int8 == "off" else INT8_TYPES
+        self.int8_off = int8 == "off"
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
         self._gemm_backend, self._allocator = gemm, allocator
@@ -181,13 +209,13 @@ class MatmulKernels:
     def use_int8(self, *ws) -> bool:
         """Whether one input's GEMVs over the weights ws take int8 activations."""
         values = sum(int(np.prod(w.shape[-2:])) for w in ws)
-        return all(w.type_id in self.int8_types for w in ws) and values >= self.int8_min_values
+        return not self.int8_off and all(int8_capable(w) for w in ws) and values >= self.int8_min_values
 
     def activations(self, x, w, arena):
         """What a decode GEMV of ``w`` reads: x as is, or (``use_int8``, scratch
         at hand) its int8 activations. Given int8 activations, checks them."""
         if isinstance(x, Q8Act):
-            if w.type_id not in INT8_TYPES:
+            if not int8_capable(w):
                 raise ValueError(f"int8 activations given for a {w.fmt.name} weight")
             return x
         if arena is not None and self.use_int8(w):
@@ -201,8 +229,8 @@ class MatmulKernels:
         T = self._check_vector(ids, np.int32, "ids")
         self._check_tensor(out, (T, D), "embed out")
         self._check_row(table, D)
-        qk, pieces = self._pieces(table.type_id)
-        kernel = self._fn(f"embed_{CUDA_SUFFIX[table.type_id]}")
+        qk, pieces = device_block(table)
+        kernel = self._fn("embed_", table)
         n = D // qk * pieces
         for s in range(0, T, MAX_GRID_Y):
             e = min(T, s + MAX_GRID_Y)
@@ -231,16 +259,16 @@ class MatmulKernels:
         self._check_row(w, n_in)
         x = self.activations(x, w, scratch if scratch is not None else self.scratch)
         q8 = isinstance(x, Q8Act)
-        kernel = self._fn(f"moe_gemv_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}")
-        split = gemv_split(n_out)
+        kernel = self._fn(f"moe_gemv_{'q8_' if q8 else ''}", w)
+        split = gemv_split(n_out, row_pieces(w))
         grid_x = -(-n_out // (GEMV_ROWS // split))
         step = MAX_GRID_Y // k * k   # whole tokens per launch
-        expert_bytes = w.fmt.tensor_bytes((n_out, n_in))
+        expert_bytes = w.fmt.vram_tensor_bytes((n_out, n_in))
         for s in range(0, T * k, step):
             e = min(T * k, s + step)
             x_row = s if per_pair else s // k
             self.launch(kernel, (grid_x, e - s), 32 * GEMV_ROWS,
-                        [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)), np.int64(expert_bytes),
+                        [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(expert_bytes),
                          *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
@@ -265,14 +293,48 @@ class MatmulKernels:
         if b is not None:
             self._check_tensor(b, (n_expert, n_out), "moe_gemm bias")
         self._check_row(w, n_in)
-        split = gemv_split(n_out)
+        split = gemv_split(n_out, row_pieces(w))
         xg = self.activations(xg, w, scratch if scratch is not None else self.scratch)
         q8 = isinstance(xg, Q8Act)
-        self.launch(self._fn(f"moe_gemm_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}"),
+        self.launch(self._fn(f"moe_gemm_{'q8_' if q8 else ''}", w),
                     (-(-n_out // (GEMV_ROWS // split)), tiles.shape[0]), 32 * GEMV_ROWS,
-                    [_ptr(w.ptr), np.int64(w.fmt.row_bytes(n_in)),
-                     np.int64(w.fmt.tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
+                    [_ptr(w.ptr), np.int64(w.row_bytes),
+                     np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    def moe_gate_up_q8(self, xa: "Q8Act", ex, ids, alpha: float, limit: float, h: "Q8Act") -> None:
+        """h[t * k + s] = swiglu_oai(x_t . gate[e] + bg[e], x_t . up[e] + bu[e]) for e =
+        ids[t, s], quantized per 32 values into h (Q8Act [T * k, n_ff]); x as int8
+        activations xa [T, D]. One launch for every chosen expert's gate, up and SwiGLU."""
+        n_expert, n_ff, D = ex.gate_w.shape
+        T, k = ids.shape
+        if ex.up_w.shape != ex.gate_w.shape or ex.up_w.type_id != ex.gate_w.type_id or n_ff % 32:
+            raise ValueError(f"moe gate/up: gate {ex.gate_w.shape}, up {ex.up_w.shape} (n_ff a multiple of 32)")
+        if tuple(xa.shape) != (T, D) or tuple(h.shape) != (T * k, n_ff) or not int8_capable(ex.gate_w):
+            raise ValueError(f"moe gate/up: x {xa.shape}, h {h.shape} for ids {ids.shape}")
+        w = ex.gate_w
+        self._check_row(w, D)
+        self.launch(self._fn("moe_gate_up_q8_", w), (n_ff // 32, T * k), 256,
+                    [_ptr(w.ptr), _ptr(ex.up_w.ptr), np.int64(w.row_bytes),
+                     np.int64(w.fmt.vram_tensor_bytes((n_ff, D))), _ptr(xa.xq.ptr), _ptr(xa.xd.ptr),
+                     _ptr(ids.ptr), k, n_expert, _ptr(ex.gate_b.ptr), _ptr(ex.up_b.ptr), float(alpha),
+                     float(limit), _ptr(h.xq.ptr), _ptr(h.xd.ptr), n_ff, D])
+
+    def moe_down_sum_q8(self, h: "Q8Act", w, b, ids, weights, residual, out) -> None:
+        """out[t] = residual[t] + sum_s weights[t, s] * (h[t * k + s] . w[e].T + b[e]), e =
+        ids[t, s], in choice order: the experts' down projections, their weighted sum
+        and the residual add in one launch. w: QWeight [n_expert, D, n_ff]."""
+        n_expert, D, n_ff = w.shape
+        T, k = ids.shape
+        if not 0 < k <= MOE_MAX_K or tuple(h.shape) != (T * k, n_ff) or not int8_capable(w):
+            raise ValueError(f"moe down: h {h.shape} for ids {ids.shape} (k <= {MOE_MAX_K}), {w.fmt.name}")
+        self._check_tensor(residual, (T, D), "moe down residual")
+        self._check_tensor(out, (T, D), "moe down out")
+        self._check_row(w, n_ff)
+        self.launch(self._fn("moe_down_sum_q8_", w), (-(-D // 8), T), 256,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((D, n_ff))),
+                     _ptr(h.xq.ptr), _ptr(h.xd.ptr), _ptr(ids.ptr), _ptr(weights.ptr), k, n_expert,
+                     _ptr(b.ptr), _ptr(residual.ptr), _ptr(out.ptr), D, n_ff])
 
     def dequantize(self, w, out, row0: int = 0) -> None:
         """Rows [row0, row0 + out.shape[0]) of the QWeight w as float16 (or
@@ -290,9 +352,9 @@ class MatmulKernels:
         T, n_in = x.shape
         n_out = w.shape[0]
         tm = next(m for m in GEMV_TM if m >= T)
-        split = gemv_split(n_out)
+        split = gemv_split(n_out, row_pieces(w))
         q8 = isinstance(x, Q8Act)
-        self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}{CUDA_SUFFIX[w.type_id]}_t{tm}"),
+        self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}", w, f"_t{tm}"),
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
@@ -337,10 +399,9 @@ class MatmulKernels:
     def _dequant(self, w, row0: int, rows: int, dst: int, bf16: bool) -> None:
         n_in = w.shape[-1]
         self._check_row(w, n_in)
-        qk, pieces = self._pieces(w.type_id)
+        qk, pieces = device_block(w)
         n = rows * (n_in // qk) * pieces
-        name = f"dequant_{'bf16' if bf16 else 'f16'}_{CUDA_SUFFIX[w.type_id]}"
-        self.launch(self._fn(name), -(-n // 256), 256,
+        self.launch(self._fn(f"dequant_{'bf16' if bf16 else 'f16'}_", w), -(-n // 256), 256,
                     [_ptr(w.ptr), np.int64(w.row_bytes), row0, rows, n_in, _ptr(dst)])
 
     def _gemm_ready(self) -> bool:
@@ -371,20 +432,28 @@ class MatmulKernels:
 
     # -- checks and helpers ------------------------------------------------------------
 
-    def _fn(self, name: str):
-        return self.module.function(name)
+    def _fn(self, prefix: str, w=None, tail: str = ""):
+        """The kernel ``prefix`` (format-free) or ``prefix + suffix + tail`` of w's format."""
+        if w is None:
+            return self.module.function(prefix)
+        return self._format_module(w.fmt).function(f"{prefix}{w.fmt.device.suffix}{tail}")
 
-    @staticmethod
-    def _pieces(type_id: int) -> tuple[int, int]:
-        """(values per kernel block, pieces per block) as in the format structs."""
-        if type_id in PLAIN_TYPES:
-            return 8, 1
-        return (256, 8) if type_id in (12, 13, 14) else (32, 4)
+    def _format_module(self, fmt):
+        mod = self._modules.get(fmt.type_id)
+        if mod is None:
+            mod = self._modules[fmt.type_id] = self.compiler.load(self.device, _kernel_source([fmt]))
+        return mod
+
+    def prepare(self, type_ids) -> None:
+        """Compile the kernels of these formats now (a model's, before its first forward)."""
+        for t in sorted(set(type_ids)):
+            if t in self.formats:
+                self._format_module(self.formats[t])
 
     def _check_row(self, w, n_in: int) -> None:
-        if w.type_id not in CUDA_SUFFIX:
+        if self.formats.get(w.type_id) != w.fmt:
             raise ValueError(f"no CUDA matmul kernel for tensor type {w.fmt.name} ({w.type_id})")
-        qk, _ = self._pieces(w.type_id)
+        qk, _ = device_block(w)
         if n_in % qk:
             raise ValueError(f"{w.fmt.name} rows of {n_in} values: the kernels need a multiple of {qk}")
 

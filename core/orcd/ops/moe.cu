@@ -121,3 +121,69 @@ extern "C" __global__ void moe_weighted_sum(const float* __restrict__ y, const f
         out[i] = s;
     }
 }
+
+// -- one token's MoE block in three kernels (decode) -----------------------------------
+// moe_norm_route_q8: RMSNorm of the residual, the router, top-k and softmax, and the
+// normed input quantized to int8 per 32 values for the expert GEMVs -- one block per
+// token, in the order moe_ref computes them (matmul.cu's moe_gate_up_q8 and
+// moe_down_sum_q8 are the other two). Quantized as quantize_q8_ref: d = amax / 127,
+// q = rint(h / d), 0 where d = 0.
+// x: [T, D] residual stream, g: [D] the norm weight, rw: [E, D] and rb: [E] the router
+// (F32) -> ids, weights: [T, k]; xq: [T, D] int8, xd: [T, D / 32].
+// grid T, block 1024 (32 warps), dynamic shared memory 4 * (D + E) bytes.
+extern "C" __global__ void __launch_bounds__(1024)
+moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                  const float* __restrict__ rw, const float* __restrict__ rb, int D, int E, int k,
+                  int* __restrict__ ids, float* __restrict__ weights, signed char* __restrict__ xq,
+                  float* __restrict__ xd) {
+    extern __shared__ float moe_sh[];
+    float* h = moe_sh;          // [D] the normed input
+    float* logits = moe_sh + D; // [E]
+    __shared__ float red[32];
+    const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const float* xr = x + (long long)t * D;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < n_warps; ++w) total += red[w];   // the same fixed order on every thread
+    const float s = sqrtf(total / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = xr[i] / s * g[i];
+    __syncthreads();
+    for (int grp = warp; grp < D / 32; grp += n_warps) {   // a warp per 32-value group
+        const float v = h[32 * grp + lane];
+        float amax = fabsf(v);
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+        const float d = amax / 127.f;
+        xq[(long long)t * D + 32 * grp + lane] = (signed char)(d > 0.f ? (int)rintf(v / d) : 0);
+        if (lane == 0) xd[(long long)t * (D / 32) + grp] = d;
+    }
+    for (int e = warp; e < E; e += n_warps) {               // a warp per router row
+        const float* r = rw + (long long)e * D;
+        float acc = 0.f;
+        for (int i = lane; i < D; i += 32) acc = fmaf(r[i], h[i], acc);
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+        if (lane == 0) logits[e] = acc + rb[e];
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    int* ir = ids + (long long)t * k;
+    float* wr = weights + (long long)t * k;
+    for (int r = 0; r < k; ++r) {   // as moe_route: strict '>' in expert order, ties to the lower id
+        int best = -1;
+        float bv = 0.f;
+        for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int q = 0; q < r; ++q) taken |= ir[q] == e;
+            if (!taken && (best < 0 || logits[e] > bv)) { best = e; bv = logits[e]; }
+        }
+        ir[r] = best;
+        wr[r] = bv;
+    }
+    const float mx = wr[0];
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) { wr[r] = expf(wr[r] - mx); sum += wr[r]; }
+    for (int r = 0; r < k; ++r) wr[r] /= sum;
+}

@@ -72,6 +72,17 @@ def max_tiles(n_pairs: int, n_expert: int, tile: int) -> int:
     return n_pairs // tile + min(n_expert, n_pairs)
 
 
+def moe_add_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702, limit: float = 7.0,
+                norm=None, linear: Callable = linear_ref) -> np.ndarray:
+    """x + moe(rms_norm(x)): a transformer's MoE block with its residual (``norm`` =
+    (weight, eps), or None for no norm). One decode token runs it on the GPU as three
+    kernels: norm + router + top-k, expert gate/up/SwiGLU, expert down + sum + residual."""
+    from orcd.ops.norm import rms_norm_ref
+
+    h = x if norm is None else rms_norm_ref(x, norm[0], norm[1])
+    return x + moe_ref(h, ex, n_used, alpha, limit, linear)
+
+
 def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
             limit: float = 7.0, linear: Callable = linear_ref) -> np.ndarray:
     # x: [T, D] -> [T, D]; ``linear(x, w, b)`` is the backend's matmul
@@ -104,14 +115,17 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
 # sums the chosen experts.
 
 class MoeKernels:
+
+    SOURCE = "moe.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
         from orcd.cuda.nvrtc import KernelSource
 
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "moe.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._route = module.function("moe_route")
         self._group = module.function("moe_group")
         self._gather = module.function("moe_gather")
         self._sum = module.function("moe_weighted_sum")
+        self._norm_route = module.function("moe_norm_route_q8")
         self._launch = launcher
 
     def route(self, logits, n_used: int, ids, weights) -> None:
@@ -122,6 +136,20 @@ class MoeKernels:
         self._launch(self._route, -(-T // 128), 128,
                      [np.uint64(logits.ptr), np.uint64(ids.ptr), np.uint64(weights.ptr),
                       T, n_expert, n_used])
+
+    def norm_route_q8(self, x, g, eps: float, router_w, router_b, ids, weights, xa) -> None:
+        """x [T, D] -> rms_norm(x) * g quantized per 32 values into xa (matmul.Q8Act [T, D]),
+        and its top-k experts ids [T, k] int32 with softmax weights [T, k] from the
+        router (router_w an F32 QWeight [E, D], router_b [E])."""
+        T, D = x.shape
+        E = router_w.shape[0]
+        k = ids.shape[1]
+        if router_w.type_id != 0 or tuple(router_w.shape) != (E, D) or D % 32 or not 0 < k <= E:
+            raise ValueError(f"moe norm_route: router {router_w.fmt.name} {router_w.shape}, D {D}, k {k}")
+        self._launch(self._norm_route, T, 1024,
+                     [np.uint64(x.ptr), np.uint64(g.ptr), float(eps), np.uint64(router_w.ptr),
+                      np.uint64(router_b.ptr), D, E, k, np.uint64(ids.ptr), np.uint64(weights.ptr),
+                      np.uint64(xa.xq.ptr), np.uint64(xa.xd.ptr)], shared=4 * (D + E))
 
     def group(self, ids, n_expert: int, tile: int, order, slot_of, tiles) -> None:
         # ids: [T, k] int32 -> order, slot_of: [T*k] int32, tiles: [n_tiles, 3] int32 (group_ref, tiles_ref)

@@ -7,13 +7,21 @@ Temperature 0 is argmax (after the repetition penalty).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
+
+from orcd.errors import ModelLoadFailed
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """The filters one request samples with, every value explicit. The field
+    defaults are the neutral ones (each filter off); what a request that leaves
+    a field unset gets is ``request_defaults(metadata)``, applied by ``resolve``."""
+
     temperature: float = 1.0
     top_k: int = 0              # 0 = off
     top_p: float = 1.0          # 1 = off
@@ -24,6 +32,44 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @classmethod
+    def resolve(cls, defaults: Mapping[str, Any], seed: int | None = None,
+                **requested: Any) -> "SamplingParams":
+        """The request's values where given (not None), else ``defaults``'."""
+        values = {f.name: defaults[f.name] for f in fields(cls) if f.name in defaults}
+        values.update({k: v for k, v in requested.items() if v is not None})
+        return replace(cls(), **values, seed=seed)
+
+
+#: llama-server's defaults for a field a request leaves unset, when the model
+#: file recommends nothing (llama.cpp common_params_sampling).
+LLAMA_SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0})
+#: The GGUF keys with which a model file recommends its sampling (llama.cpp's
+#: ``general.sampling.*``), and the range a value must lie in to be used.
+GGUF_SAMPLING_KEYS: Mapping[str, tuple[str, type, float, float]] = MappingProxyType({
+    "temperature": ("general.sampling.temp", float, 0.0, 2.0),
+    "top_k": ("general.sampling.top_k", int, 0, 2**31 - 1),
+    "top_p": ("general.sampling.top_p", float, 0.0, 1.0),
+    "min_p": ("general.sampling.min_p", float, 0.0, 1.0),
+    "repetition_penalty": ("general.sampling.penalty_repeat", float, 0.0, 2.0),
+})
+
+
+def request_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What an unset field of a request means for this model: the value the
+    GGUF recommends (``general.sampling.*``, where present and in range),
+    else llama-server's default."""
+    out = dict(LLAMA_SERVER_DEFAULTS)
+    for name, (key, cast, lo, hi) in GGUF_SAMPLING_KEYS.items():
+        try:
+            value = cast(metadata[key])
+        except (KeyError, TypeError, ValueError, ModelLoadFailed):
+            continue  # absent or not a number: llama-server's default stands
+        if lo <= value <= hi:
+            out[name] = value
+    return out
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -115,6 +161,8 @@ class CudaSampler:
     be finite or -inf.
     """
 
+    SOURCE = "sampling.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+
     def __init__(self, device, compiler, launcher, n_vocab: int, allocator=None) -> None:
         from orcd.cuda.memory import DeviceAllocator
         from orcd.cuda.nvrtc import KernelSource
@@ -124,7 +172,7 @@ class CudaSampler:
         self.device, self.launcher, self.n_vocab = device, launcher, int(n_vocab)
         self.n_pad = -(-self.n_vocab // _PAD) * _PAD
         self.n_part = self.n_pad // _PREP_TILE
-        module = compiler.load(device, KernelSource.from_package("orcd.ops", "sampling.cu"))
+        module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._prepare = module.function("sample_prepare")
         self._select = module.function("sample_select")
         self._alloc = allocator if allocator is not None else DeviceAllocator(device)

@@ -1,35 +1,22 @@
-// Device dequantizers for ggml's K-quants (Q4_K, Q5_K, Q6_K); layouts as in
-// kquants.py, format structs shaped as described in simple.cuh.
+// Device dequantizers for ggml's K-quants (Q4_K, Q5_K, Q6_K); blocks as in
+// kquants.py, format structs shaped as described in base.cuh.
 //
-// Q4_K / Q5_K (144 / 176 bytes, 16-byte aligned rows): piece p = 16 bytes of
-// qs at 16 * p of the qs area, i.e. values 16 * (p & 1) + k of sub-blocks
-// 2 * (p >> 1) (low nibbles) and 2 * (p >> 1) + 1 (high nibbles). A piece is
-// two or three 16-byte loads: the 16-byte header (d, dmin, 12 scale bytes),
-// Q5_K's matching 16 qh bytes, and the qs.
-// Q6_K (210 bytes, so rows are only 2-byte aligned): piece p = half h = p >> 2,
-// l = 8 * (p & 3) .. +8 of its four 32-value groups.
+// Q4_K / Q5_K are planar in VRAM with their 6-bit scales unpacked to bytes
+// (kquants.py's scales_unpacked): piece p = 16 bytes of qs at 16 * p of the
+// block's qs, i.e. values 16 * (p & 1) + k of sub-blocks 2 * (p >> 1) (low
+// nibbles) and 2 * (p >> 1) + 1 (high nibbles): one 16-byte load of quants (and
+// Q5_K's 16 qh bytes), two 2-byte loads of scales and mins, one 4-byte d, dmin.
+// Q6_K (210 bytes, only 2-byte aligned as stored) is planar in VRAM: a row is its
+// ql plane (128 bytes a block), qh (64), scales (16) and d (2) planes. Piece p =
+// half h = p >> 2, l = 8 * (p & 3) .. +8 of its four 32-value groups: three
+// 8-byte loads of quants and one 16-byte load of the block's scales.
 #pragma once
-#include "simple.cuh"
+#include "base.cuh"
 
 // Byte k (0..15) of a 16-byte header held in registers (k may be a run-time value).
 __device__ __forceinline__ u32 byte_at(const uint4& h, int k) {
     const u32 w = k < 4 ? h.x : k < 8 ? h.y : k < 12 ? h.z : h.w;
     return byte_of(w, k & 3);
-}
-
-// ggml's get_scale_min_k4 on the header (scales at bytes 4..15): dl = d * sc_j, ml = dmin * m_j.
-__device__ __forceinline__ void scale_min_k4(const uint4& h, int j, float& dl, float& ml) {
-    const float d = f16_to_f32((u16)(h.x & 0xFFFFu)), dmin = f16_to_f32((u16)(h.x >> 16));
-    u32 sc, m;
-    if (j < 4) {
-        sc = byte_at(h, 4 + j) & 63;
-        m = byte_at(h, 8 + j) & 63;
-    } else {
-        sc = (byte_at(h, 8 + j) & 15) | ((byte_at(h, j) >> 6) << 4);
-        m = (byte_at(h, 8 + j) >> 4) | ((byte_at(h, 4 + j) >> 6) << 4);
-    }
-    dl = d * (float)sc;
-    ml = dmin * (float)m;
 }
 
 // Piece p of a Q4_K / Q5_K block: the quants of sub-block j = 2 (p >> 1) (lo, low
@@ -40,18 +27,27 @@ struct AffineKPiece {
     u32 lo[4], hi[4];
 };
 
+// The planes of a Q4_K / Q5_K row of nb blocks (kquants.py: scales unpacked, then
+// planar): qs (128 a block), Q5_K's qh (32), the scales sc[8] then mins m[8] (16),
+// and d, dmin (4). dl = d * sc_j and ml = dmin * m_j as ggml's get_scale_min_k4
+// gives them, from byte loads.
 template <bool FIVE>
-__device__ __forceinline__ AffineKPiece affine_k_piece(const u8* b, int p) {
+__device__ __forceinline__ AffineKPiece affine_k_piece(const u8* row, int nb, int b, int p) {
     AffineKPiece r;
-    const uint4 h = ld128(b);
     const int j = 2 * (p >> 1);
-    scale_min_k4(h, j, r.dl0, r.ml0);
-    scale_min_k4(h, j + 1, r.dl1, r.ml1);
-    const uint4 qs4 = ld128(b + (FIVE ? 48 : 16) + 16 * p);
+    const u8* scm = row + (FIVE ? 160 : 128) * nb + 16 * b;
+    const u32 dm = ld32(row + (FIVE ? 176 : 144) * nb + 4 * b);
+    const float d = f16_to_f32((u16)(dm & 0xFFFFu)), dmin = f16_to_f32((u16)(dm >> 16));
+    const u32 sc = ld16(scm + j), m = ld16(scm + 8 + j);      // sub-blocks j (low byte) and j + 1
+    r.dl0 = d * (float)(sc & 0xFFu);
+    r.dl1 = d * (float)(sc >> 8);
+    r.ml0 = dmin * (float)(m & 0xFFu);
+    r.ml1 = dmin * (float)(m >> 8);
+    const uint4 qs4 = ld128(row + 128 * b + 16 * p);
     const u32 qs[4] = {qs4.x, qs4.y, qs4.z, qs4.w};
     u32 qh[4] = {0, 0, 0, 0};
     if (FIVE) {
-        const uint4 qh4 = ld128(b + 16 + 16 * (p & 1));   // qh[l] for this piece's 16 l
+        const uint4 qh4 = ld128(row + 128 * nb + 32 * b + 16 * (p & 1));   // qh[l] for this piece's 16 l
         qh[0] = qh4.x >> j; qh[1] = qh4.y >> j; qh[2] = qh4.z >> j; qh[3] = qh4.w >> j;
     }
 #pragma unroll
@@ -71,8 +67,8 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
     static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = FIVE ? 176 : 144, PIECES = 8, RUNS = 2, RUN = 16, STRIDE = 32;
     __device__ static int base(int p) { return 64 * (p >> 1) + 16 * (p & 1); }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const AffineKPiece k = affine_k_piece<FIVE>(b, p);
+    __device__ static void load(const u8* row, int nb, int blk, int p, float* v) {
+        const AffineKPiece k = affine_k_piece<FIVE>(row, nb, blk, p);
 #pragma unroll
         for (int w = 0; w < 4; ++w)   // 4 bytes of qs at a time, as 2^23 + q
 #pragma unroll
@@ -82,8 +78,9 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
             }
     }
     // x words 8j + 4(p & 1) + w (sub-block j) and 8 further on (j + 1)
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const AffineKPiece k = affine_k_piece<FIVE>(b, p);
+    __device__ static float dot8(const u8* row, int nb, int blk, int p, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const AffineKPiece k = affine_k_piece<FIVE>(row, nb, blk, p);
         const int j = 2 * (p >> 1);
         const int* x0 = xq + 8 * j + 4 * (p & 1);
         const int* x1 = x0 + 8;
@@ -103,67 +100,69 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
 typedef FmtAffineK<false> FmtQ4_K;
 typedef FmtAffineK<true> FmtQ5_K;
 
-struct FmtQ6_K {  // [ql 128][qh 64][scales int8 x 16][d f16]: x = (d * sc) * (q - 32)
+// Q6_K's planes in a row of nb blocks (ql 128, qh 64, scales 16, d 2 bytes a block).
+struct Q6KPiece {
+    u32 q[2][4];   // [w][g]: 4 quants 0..63 of group g at l + 4w, a byte each
+    float d;
+    uint4 sc;      // the block's 16 int8 scales
+};
+
+__device__ __forceinline__ Q6KPiece q6k_piece(const u8* row, int nb, int blk, int p) {
+    const int h = p >> 2, l = 8 * (p & 3);
+    const u8* ql = row + 128 * blk + 64 * h + l;                 // groups 0 (low nibbles) and 2 (high)
+    const uint2 a = ld64(ql), c = ld64(ql + 32);                  // c: groups 1 and 3
+    const uint2 hi = ld64(row + 128 * nb + 64 * blk + 32 * h + l);  // top two bits of group g at 2g
+    Q6KPiece r;
+    const u32 aw[2] = {a.x, a.y}, cw[2] = {c.x, c.y}, hw[2] = {hi.x, hi.y};
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+        r.q[w][0] = LOW_NIBBLES(aw[w]) | ((hw[w] & 0x03030303u) << 4);
+        r.q[w][1] = LOW_NIBBLES(cw[w]) | (((hw[w] >> 2) & 0x03030303u) << 4);
+        r.q[w][2] = HIGH_NIBBLES(aw[w]) | (((hw[w] >> 4) & 0x03030303u) << 4);
+        r.q[w][3] = HIGH_NIBBLES(cw[w]) | (((hw[w] >> 6) & 0x03030303u) << 4);
+    }
+    r.sc = ld128(row + 192 * nb + 16 * blk);
+    r.d = f16_to_f32(ld16(row + 208 * nb + 2 * blk));
+    return r;
+}
+
+// Scale of group g of piece p: byte 8h + (l >> 4) + 2g of the block's scales.
+__device__ __forceinline__ float q6k_scale(const Q6KPiece& k, int p, int g) {
+    return k.d * (float)(signed char)byte_at(k.sc, 8 * (p >> 2) + ((8 * (p & 3)) >> 4) + 2 * g);
+}
+
+struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x = (d * sc) * (q - 32)
     static constexpr bool INT8 = true;
     static constexpr int QK = 256, BYTES = 210, PIECES = 8, RUNS = 4, RUN = 8, STRIDE = 32;
     // piece p: 8 values at l of each of the four 32-groups of half h: group g is
     // x words 32h + 8g + l / 4 (+1) and scale xd[4h + g]
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+    __device__ static float dot8(const u8* row, int nb, int blk, int p, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
         const int h = p >> 2, l = 8 * (p & 3);
-        const u8* qa = b + 64 * h + l;
-        const u8* qb = qa + 32;
-        const u8* qhp = b + 128 + 32 * h + l;
-        const int s = 8 * h + (l >> 4);
-        const float d = f16_to_f32(ld16(b + 208));
+        const Q6KPiece k = q6k_piece(row, nb, blk, p);
         int sq[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int w = 0; w < 2; ++w) {
-            const u32 a = ld32_a2(qa + 4 * w), c = ld32_a2(qb + 4 * w), hi = ld32_a2(qhp + 4 * w);
-            const u32 q[4] = {LOW_NIBBLES(a) | ((hi & 0x03030303u) << 4),
-                              LOW_NIBBLES(c) | (((hi >> 2) & 0x03030303u) << 4),
-                              HIGH_NIBBLES(a) | (((hi >> 4) & 0x03030303u) << 4),
-                              HIGH_NIBBLES(c) | (((hi >> 6) & 0x03030303u) << 4)};
-#pragma unroll
-            for (int g = 0; g < 4; ++g) {
-                const int x = ldx(xq, 32 * h + 8 * g + l / 4 + w);
-                sq[g] = dot4(q[g], x, sq[g]);
-                sx[g] = dot4(ONES, x, sx[g]);
-            }
+        for (int g = 0; g < 4; ++g) {
+            const uint2 x = __ldg((const uint2*)(xq + 32 * h + 8 * g + l / 4));
+            sq[g] = dot4(k.q[1][g], (int)x.y, dot4(k.q[0][g], (int)x.x, 0));
+            sx[g] = dot4(ONES, (int)x.y, dot4(ONES, (int)x.x, 0));
         }
         float acc = 0.f;
 #pragma unroll
-        for (int g = 0; g < 4; ++g)
-            acc += (d * (float)(signed char)__ldg(b + 192 + s + 2 * g)) * __ldg(xd + 4 * h + g) *
-                   (float)(sq[g] - 32 * sx[g]);
+        for (int g = 0; g < 4; ++g) acc += q6k_scale(k, p, g) * __ldg(xd + 4 * h + g) * (float)(sq[g] - 32 * sx[g]);
         return acc;
     }
     __device__ static int base(int p) { return 128 * (p >> 2) + 8 * (p & 3); }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const int h = p >> 2, l = 8 * (p & 3);
-        const u8* qa = b + 64 * h + l;        // groups 0 (low nibbles) and 2 (high)
-        const u8* qb = qa + 32;               // groups 1 and 3
-        const u8* qhp = b + 128 + 32 * h + l; // top two bits of group g at 2g
-        const u32 a[2] = {ld32_a2(qa), ld32_a2(qa + 4)};
-        const u32 c[2] = {ld32_a2(qb), ld32_a2(qb + 4)};
-        const u32 hi[2] = {ld32_a2(qhp), ld32_a2(qhp + 4)};
-        const float d = f16_to_f32(ld16(b + 208));
-        const int s = 8 * h + (l >> 4);       // scale of group g is s + 2g
+    __device__ static void load(const u8* row, int nb, int blk, int p, float* v) {
+        const Q6KPiece k = q6k_piece(row, nb, blk, p);
         float dl[4];
 #pragma unroll
-        for (int g = 0; g < 4; ++g) dl[g] = d * (float)(signed char)__ldg(b + 192 + s + 2 * g);
+        for (int g = 0; g < 4; ++g) dl[g] = q6k_scale(k, p, g);
 #pragma unroll
-        for (int w = 0; w < 2; ++w) {   // 4 values of each group at a time, as 2^23 + q
-            const u32 q0 = LOW_NIBBLES(a[w]) | ((hi[w] & 0x03030303u) << 4);
-            const u32 q1 = LOW_NIBBLES(c[w]) | (((hi[w] >> 2) & 0x03030303u) << 4);
-            const u32 q2 = HIGH_NIBBLES(a[w]) | (((hi[w] >> 4) & 0x03030303u) << 4);
-            const u32 q3 = HIGH_NIBBLES(c[w]) | (((hi[w] >> 6) & 0x03030303u) << 4);
+        for (int w = 0; w < 2; ++w)   // 4 values of each group at a time, as 2^23 + q
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                v[4 * w + i] = dl[0] * (byte_float(q0, i) - (MAGIC + 32.0f));
-                v[8 + 4 * w + i] = dl[1] * (byte_float(q1, i) - (MAGIC + 32.0f));
-                v[16 + 4 * w + i] = dl[2] * (byte_float(q2, i) - (MAGIC + 32.0f));
-                v[24 + 4 * w + i] = dl[3] * (byte_float(q3, i) - (MAGIC + 32.0f));
-            }
-        }
+            for (int g = 0; g < 4; ++g)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[8 * g + 4 * w + i] = dl[g] * (byte_float(k.q[w][g], i) - (MAGIC + 32.0f));
     }
 };

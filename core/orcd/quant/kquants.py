@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from orcd.quant.format import QuantFormat
+from orcd.quant.format import DeviceFormat, QuantFormat
 from orcd.quant.simple import (blockwise_dequantizer, blockwise_quantizer, f16_at, f16_bytes,
                                f16_ceil, random_bytes, random_sign, uniform_int_power)
 
@@ -207,17 +207,44 @@ def _random_q6_k(n_blocks: int, rng: np.random.Generator, std: float) -> np.ndar
     return blocks.reshape(-1)
 
 
-def _row(type_id, name, nbytes, dq, q, rnd) -> QuantFormat:
+HEADERS = (("orcd.quant", "base.cuh"), ("orcd.quant", "kquants.cuh"))
+
+
+def scales_unpacked(blocks: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K blocks [n, B] -> [n, B + 4]: the 12 bytes of packed 6-bit scales and
+    mins as 8 + 8 bytes ([d dmin][sc 8][m 8][rest]), so a GPU thread reads its
+    sub-block's scale and min with a byte load instead of unpacking bits."""
+    sc, m = unpack_scale_min(blocks[:, 4:16])
+    return np.concatenate([blocks[:, :4], sc, m, blocks[:, 16:]], axis=1)
+
+
+def scales_packed(blocks: np.ndarray) -> np.ndarray:
+    """The inverse of ``scales_unpacked`` (exact: the 12 bytes hold nothing else)."""
+    return np.concatenate([blocks[:, :4], pack_scale_min(blocks[:, 4:12], blocks[:, 12:20]), blocks[:, 20:]],
+                          axis=1)
+
+
+def _row(type_id, name, nbytes, dq, q, rnd, planes=(), affine=False) -> QuantFormat:
+    # device: eight pieces of 32 values per 256-value block, int8 activations
+    rewrite = dict(block_to_vram=scales_unpacked, block_from_vram=scales_packed,
+                   vram_block_bytes=nbytes + 4) if affine else {}
     return QuantFormat(type_id, name, QK_K, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, QK_K, nbytes),
                        quantize=blockwise_quantizer(q, name, QK_K, nbytes),
-                       cuda="kquants", random_blocks=rnd)
+                       device=DeviceFormat(f"Fmt{name}", name.lower(), HEADERS, qk=QK_K, pieces=8, int8=True,
+                                           planes=planes, **rewrite),
+                       random_blocks=rnd)
 
 
 FORMATS: tuple[QuantFormat, ...] = (
+    # Q4_K / Q5_K in VRAM: scales unpacked (scales_unpacked: [d dmin][sc 8][m 8][qh][qs]),
+    # then planar: qs, (qh,) sc + m, d + dmin
     _row(12, "Q4_K", 144, _dq_q4_k, _q_q4_k,
-         lambda n, rng, std: _random_affine_k(n, rng, std, 144, 16)),
+         lambda n, rng, std: _random_affine_k(n, rng, std, 144, 16),
+         planes=((20, 148), (4, 20), (0, 4)), affine=True),
     _row(13, "Q5_K", 176, _dq_q5_k, _q_q5_k,
-         lambda n, rng, std: _random_affine_k(n, rng, std, 176, 32)),
-    _row(14, "Q6_K", 210, _dq_q6_k, _q_q6_k, _random_q6_k),
+         lambda n, rng, std: _random_affine_k(n, rng, std, 176, 32),
+         planes=((52, 180), (20, 52), (4, 20), (0, 4)), affine=True),
+    # Q6_K's 210-byte blocks are not 16-byte multiples: planar (ql, qh, scales, d)
+    _row(14, "Q6_K", 210, _dq_q6_k, _q_q6_k, _random_q6_k, ((0, 128), (128, 192), (192, 208), (208, 210))),
 )

@@ -1,12 +1,14 @@
-// Device dequantizer for MXFP4 (GGML type 39); layout as in mxfp4.py, format
-// struct shaped as described in simple.cuh.
+// Device dequantizer for MXFP4 (GGML type 39); block as in mxfp4.py, format
+// struct shaped as described in base.cuh.
 //
-// [e uint8][qs 16], 17 bytes, so rows are only byte aligned: a piece is the
-// scale byte and 4 qs bytes read a byte at a time (values 4p..4p+3 from the
-// low nibbles, 16+4p.. from the high). x = kvalue[q] * 2^(e - 128) with the
-// E2M1 values doubled (0 1 2 3 4 6 8 12) and bit 3 of the nibble the sign.
+// A GGUF block is [e uint8][qs 16], 17 bytes, so GGUF rows are only byte
+// aligned; in VRAM a row is planar: its qs plane (16 bytes a block, one 16-byte
+// load per block) then its e plane (a byte a block). One piece is one block:
+// values 0..15 from the low nibbles, 16..31 from the high. x = kvalue[q] *
+// 2^(e - 128) with the E2M1 values doubled (0 1 2 3 4 6 8 12) and bit 3 of the
+// nibble the sign.
 #pragma once
-#include "simple.cuh"
+#include "base.cuh"
 
 // GGML_E8M0_TO_FP32_HALF: e < 2 gives the float32 subnormals 2^-128, 2^-127.
 __device__ __forceinline__ float e8m0_half(u32 e) {
@@ -27,33 +29,53 @@ __device__ __forceinline__ void e2m1x4(u32 n4, float d, float* v) {
     }
 }
 
-// Four E2M1 codes (bits 0..3 of bytes 0..3 of n4) as signed bytes of the doubled
-// values: magnitudes from the positive table, negatives from the negated one,
-// picked per byte by bit 3 (a byte mask 0xFF where the code is negative).
-__device__ __forceinline__ u32 e2m1x4_i8(u32 n4) {
-    const u32 idx = n4 & 0x07070707u;
-    const u32 t = idx | (idx >> 4);
-    const u32 sel = (t & 0xFFu) | ((t >> 8) & 0xFF00u);
-    const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);   //  0  1  2  3  4  6  8  12
-    const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);   // -0 -1 -2 -3 -4 -6 -8 -12
-    const u32 mask = ((n4 >> 3) & 0x01010101u) * 0xFFu;
-    return (pos & ~mask) | (neg & mask);
+// The eight E2M1 codes of one qs word as signed bytes of the doubled values:
+// .x = the low nibbles' (values 4w..4w+3), .y = the high nibbles' (16+4w..).
+// A 16-entry table in four words, looked up with __byte_perm's 3-bit indices:
+// the low and high halves of the table, then bit 3 of each code picks between
+// them, then the bytes are put in value order (three permutes per four codes
+// instead of a mask-and-negate per code).
+__device__ __forceinline__ int2 e2m1x8_i8(u32 q4) {
+    const u32 T0 = 0x03020100u, T1 = 0x0C080604u;   //  0  1  2  3  4  6  8  12
+    const u32 T2 = 0xFDFEFF00u, T3 = 0xF4F8FAFCu;   // -0 -1 -2 -3 -4 -6 -8 -12
+    const u32 pick = 0x32103210u | ((q4 & 0x88888888u) >> 1);
+    u32 t[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const u32 s = q4 >> (16 * i);
+        t[i] = __byte_perm(__byte_perm(T0, T1, s), __byte_perm(T2, T3, s), pick >> (16 * i));
+    }
+    return make_int2((int)__byte_perm(t[0], t[1], 0x6420), (int)__byte_perm(t[0], t[1], 0x7531));
 }
 
-struct FmtMXFP4 {
+struct FmtMXFP4 {  // planes: qs [16], e [1]
     static constexpr bool INT8 = true;
-    static constexpr int QK = 32, BYTES = 17, PIECES = 4, RUNS = 2, RUN = 4, STRIDE = 16;
-    __device__ static float dot8(const u8* b, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const u32 qs = ld32_a1(b + 1 + 4 * p);
-        const int s = dot4(e2m1x4_i8(HIGH_NIBBLES(qs)), ldx(xq, 4 + p),
-                           dot4(e2m1x4_i8(LOW_NIBBLES(qs)), ldx(xq, p), 0));
-        return e8m0_half(__ldg(b)) * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
+    static constexpr int QK = 32, BYTES = 17, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
+    __device__ static int base(int) { return 0; }
+    __device__ static float scale(const u8* row, int nb, int b) { return e8m0_half(__ldg(row + 16 * nb + b)); }
+    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
+                                 const float* __restrict__ xd) {
+        const uint4 q4 = ld128(row + 16 * b);
+        const u32 qs[4] = {q4.x, q4.y, q4.z, q4.w};
+        int x[8];
+        x_words(xq, x);
+        int s = 0;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const int2 v = e2m1x8_i8(qs[w]);
+            s = dot4((u32)v.x, x[w], s);
+            s = dot4((u32)v.y, x[4 + w], s);
+        }
+        return scale(row, nb, b) * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
     }
-    __device__ static int base(int p) { return 4 * p; }
-    __device__ static void load(const u8* b, int p, float* v) {
-        const float d = e8m0_half(__ldg(b));
-        const u32 qs = ld32_a1(b + 1 + 4 * p);
-        e2m1x4(LOW_NIBBLES(qs), d, v);
-        e2m1x4(HIGH_NIBBLES(qs), d, v + 4);
+    __device__ static void load(const u8* row, int nb, int b, int, float* v) {
+        const float d = scale(row, nb, b);
+        const uint4 q4 = ld128(row + 16 * b);
+        const u32 qs[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            e2m1x4(LOW_NIBBLES(qs[w]), d, v + 4 * w);
+            e2m1x4(HIGH_NIBBLES(qs[w]), d, v + 16 + 4 * w);
+        }
     }
 };

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from orcd.quant.format import QuantFormat
+from orcd.quant.format import DeviceFormat, QuantFormat
 from orcd.quant.simple import (blockwise_dequantizer, blockwise_quantizer, nibbles, pack_nibbles,
                                random_bytes)
 
@@ -67,5 +67,7 @@ FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat(39, "MXFP4", 32, 17,
                 dequantize=blockwise_dequantizer(_dq_mxfp4, "MXFP4", 32, 17),
                 quantize=blockwise_quantizer(_q_mxfp4, "MXFP4", 32, 17),
-                cuda="mxfp4", random_blocks=_random_mxfp4),
+                device=DeviceFormat("FmtMXFP4", "mxfp4", (("orcd.quant", "base.cuh"), ("orcd.quant", "mxfp4.cuh")),
+                                    qk=32, pieces=1, int8=True, planes=((1, 17), (0, 1))),
+                random_blocks=_random_mxfp4),
 )

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from orcd.quant.format import QuantFormat
+from orcd.quant.format import DeviceFormat, QuantFormat
 
 # Values per chunk of blocks processed at once: whole-array numpy ops, but
 # temporaries small enough to stay in cache and not double the peak memory.
@@ -299,25 +299,39 @@ def _mean_square_centred(levels: int) -> float:
     return (levels * levels - 1) / 12 + 0.25
 
 
-def _row(type_id, name, elems, nbytes, dq, q, rnd) -> QuantFormat:
+HEADERS = (("orcd.quant", "base.cuh"), ("orcd.quant", "simple.cuh"))
+
+
+def _plain(struct: str, suffix: str) -> DeviceFormat:
+    # the kernels read plain floats 8 values (one or two 16-byte loads) at a time
+    return DeviceFormat(struct, suffix, HEADERS, qk=8, pieces=1)
+
+
+def _row(type_id, name, elems, nbytes, dq, q, rnd, planes) -> QuantFormat:
+    # ggml's 32-value blocks: one piece of 32 values, int8 activations (dp4a); planar
+    # in VRAM (quants 16-byte aligned, scales apart: 18-34-byte blocks are not)
     return QuantFormat(type_id, name, elems, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, elems, nbytes),
                        quantize=blockwise_quantizer(q, name, elems, nbytes),
-                       cuda="simple", random_blocks=rnd)
+                       device=DeviceFormat(f"Fmt{name}", name.lower(), HEADERS, qk=32, pieces=1, int8=True,
+                                           planes=planes),
+                       random_blocks=rnd)
 
 
 FORMATS: tuple[QuantFormat, ...] = (
-    QuantFormat(0, "F32", 1, 4, _dequantize_f32, _quantize_f32, "simple", _random_f32),
-    QuantFormat(1, "F16", 1, 2, _dequantize_f16, _quantize_f16, "simple", _random_f16),
-    QuantFormat(30, "BF16", 1, 2, _dequantize_bf16, _quantize_bf16, "simple", _random_bf16),
+    QuantFormat(0, "F32", 1, 4, _dequantize_f32, _quantize_f32, _plain("FmtF32", "f32"), _random_f32),
+    QuantFormat(1, "F16", 1, 2, _dequantize_f16, _quantize_f16, _plain("FmtF16", "f16"), _random_f16),
+    QuantFormat(30, "BF16", 1, 2, _dequantize_bf16, _quantize_bf16, _plain("FmtBF16", "bf16"), _random_bf16),
+    # planes: qs first, then qh (Q5_*), then d (and m): byte ranges of the GGUF block
     _row(2, "Q4_0", 32, 18, _dq_q4_0, _q_q4_0,
-         lambda n, rng, std: _random_symmetric(n, rng, std, 18, _mean_square_centred(16))),
+         lambda n, rng, std: _random_symmetric(n, rng, std, 18, _mean_square_centred(16)), ((2, 18), (0, 2))),
     _row(3, "Q4_1", 32, 20, _dq_q4_1, _q_q4_1,
-         lambda n, rng, std: _random_affine(n, rng, std, 20, 16)),
+         lambda n, rng, std: _random_affine(n, rng, std, 20, 16), ((4, 20), (0, 4))),
     _row(6, "Q5_0", 32, 22, _dq_q5_0, _q_q5_0,
-         lambda n, rng, std: _random_symmetric(n, rng, std, 22, _mean_square_centred(32))),
+         lambda n, rng, std: _random_symmetric(n, rng, std, 22, _mean_square_centred(32)),
+         ((6, 22), (2, 6), (0, 2))),
     _row(7, "Q5_1", 32, 24, _dq_q5_1, _q_q5_1,
-         lambda n, rng, std: _random_affine(n, rng, std, 24, 32)),
+         lambda n, rng, std: _random_affine(n, rng, std, 24, 32), ((8, 24), (4, 8), (0, 4))),
     _row(8, "Q8_0", 32, 34, _dq_q8_0, _q_q8_0,
-         lambda n, rng, std: _random_symmetric(n, rng, std, 34, _mean_square_centred(256))),
+         lambda n, rng, std: _random_symmetric(n, rng, std, 34, _mean_square_centred(256)), ((2, 34), (0, 2))),
 )

@@ -223,7 +223,7 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         return
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
                weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
-               arch=lm.arch.name)
+               arch=lm.arch.name, phases=getattr(lm, "phases", {}))
     if state.status != "loading":   # the first residency check already failed
         return
     state.status = "healthy"

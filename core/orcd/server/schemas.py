@@ -13,7 +13,6 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from orcd.errors import InvalidRequest
 
 MAX_PROMPT_CHARS = 32_768
-MAX_TOKENS_LIMIT = 2048
 MAX_STOPS = 4
 MAX_STOP_TOKENS = 32
 MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_STOP_TOKENS)
@@ -47,12 +46,13 @@ class ExecuteRequest(BaseModel):
 
     job_id: str = Field(min_length=1, max_length=256)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: Temperature = 1.0
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)          # upper bound (vocab size) checked by the app
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: RepetitionPenalty = 1.0
+    max_tokens: Optional[int] = Field(default=None, ge=1)  # at most --max-tokens-out (the app)
+    # sampling: None (unset) = the model file's recommendation, else llama-server's default
+    temperature: Optional[Temperature] = None
+    top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)   # upper bound (vocab size) checked by the app
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[RepetitionPenalty] = None
     stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
@@ -83,17 +83,18 @@ class _OpenAIBase(BaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Temperature = 1.0
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    # sampling: None (unset) = the model file's recommendation, else llama-server's default
+    temperature: Optional[Temperature] = None
+    top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
     # llama-server extensions
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: RepetitionPenalty = 1.0
+    top_k: Optional[int] = Field(default=None, ge=0)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[RepetitionPenalty] = None
 
     # accepted at their neutral values only: orcd does not implement them
     frequency_penalty: float = 0.0

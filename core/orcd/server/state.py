@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcd.engine import GenerateRequest
 from orcd.errors import InvalidRequest, Unavailable
-from orcd.ops.sampling import SamplingParams
+from orcd.ops.sampling import SamplingParams, request_defaults
 from orcd.server.metrics import Metrics
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
@@ -42,7 +42,7 @@ class ServerConfig:
     worker_id: str
     device: str = "cpu"                 # "cpu" or "cuda:N"
     ctx_size: int | None = None
-    max_tokens_out: int = 2048
+    max_tokens_out: int | None = None   # most tokens a request may generate; None: the context
     inference_timeout_s: float = 300.0
     kv_cache_mb: int | None = None
     queue_size: int = 16
@@ -138,16 +138,20 @@ class ServerState:
         tok = self.loaded.tokenizer
         return tok.encode(text, add_special=True, parse_special=True)
 
-    def sampling(self, *, temperature: float, top_p: float, top_k: int, min_p: float,
-                 repetition_penalty: float, seed: int | None) -> SamplingParams:
+    def sampling(self, *, temperature: float | None, top_p: float | None, top_k: int | None,
+                 min_p: float | None, repetition_penalty: float | None,
+                 seed: int | None) -> SamplingParams:
+        """The request's sampling; a field it left unset (None) takes the
+        model file's recommendation, else llama-server's default."""
         vocab = self.loaded.hp.n_vocab
-        if top_k > vocab:
+        if top_k is not None and top_k > vocab:
             raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab}",
                                  field="top_k")
         if seed is None:
             seed = secrets.randbits(64)   # reported back, so the run can be reproduced
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+        return SamplingParams.resolve(request_defaults(self.loaded.file.metadata), seed=seed,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_p=min_p, repetition_penalty=repetition_penalty)
 
     def check_stops(self, stops: Sequence[str]) -> None:
         tok = self.loaded.tokenizer
@@ -157,7 +161,7 @@ class ServerState:
                                      field="stop")
 
     def max_tokens(self, requested: int | None, n_prompt: int) -> int:
-        cap = self.config.max_tokens_out
+        cap = self.config.max_tokens_out or self.loaded.n_ctx
         if requested is None:   # as much as fits, up to the operator's cap
             return max(1, min(cap, self.loaded.n_ctx - n_prompt))
         if requested > cap:

@@ -3,7 +3,7 @@
     x = embed(ids)
     per layer:  h = rms_norm(x);  q, k, v = linear + bias;  NeoX YaRN rope on q, k
                 x += linear(attention(q, k, v, sinks, window if the layer is even), wo) + bo
-                x += moe(rms_norm(x, post_attention_norm))   # top-4 of 32, clamped SwiGLU
+                x += moe(rms_norm(x, post_attention_norm))   # top-4 of 32, clamped SwiGLU (ops.moe_add)
     logits = linear(rms_norm(x), output)
 
 Even layers use the 128-token sliding window, odd layers full attention.
@@ -84,8 +84,8 @@ class GptOss:
             a = ops.attention(q, k, v, cache, i, pos, self.scale, window=L.window, sinks=L.sinks,
                               rope=self.rope)
             x = ops.linear_add(a, L.wo, x, L.bo)
-            h = ops.rms_norm(x, L.post_norm, hp.norm_eps)
-            x = ops.add(x, ops.moe(h, L.experts, hp.n_expert_used, SWIGLU_ALPHA, SWIGLU_LIMIT))
+            x = ops.moe_add(x, L.experts, hp.n_expert_used, SWIGLU_ALPHA, SWIGLU_LIMIT,
+                            norm=(L.post_norm, hp.norm_eps))          # x + moe(rms_norm(x))
         if last_only:
             x = ops.last_row(x)
         return ops.linear(ops.rms_norm(x, self.out_norm, hp.norm_eps), self.output)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One measurement session on a lent GPU machine, in two calls of under 10 minutes
+# that follow each other while the machine is warm (docs/gpu-testing.md):
+#
+#   bash bench/gpu_session.sh one   # install; start the llama.cpp build (niced) and the
+#                                   # synthetic models in the background; the GPU kernel
+#                                   # tests; orcd's rows of the small models
+#   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
+#
+# carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
+# `timeout`, waits poll files (never a process list that can match itself), and logs
+# go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+WORK=${ORCD_BENCH_DIR:-/tmp/orcd-bench}
+OUT=${OUT:-$WORK/out}
+SMALL=qwen2-0.5b,phi3-mini,phi3-mini-q4_0
+mkdir -p "$WORK" "$OUT"
+export PYTHONPATH=${ORCD_GPU_SITE:-/tmp/site}${PYTHONPATH:+:$PYTHONPATH}
+
+synth_all() {   # each model written under another name first: compare.py must not see half a file
+  for preset in qwen2-0.5b phi3-mini phi3-mini-q4_0 gpt-oss-20b; do
+    [ -f "$WORK/$preset.gguf" ] || { python3 -m orcd.cli synth "$preset" -o "$WORK/$preset.part.gguf" \
+        && mv "$WORK/$preset.part.gguf" "$WORK/$preset.gguf"; }
+  done
+  touch "$WORK/synth.done"
+}
+
+wait_for() {   # wait_for FILE SECONDS
+  for _ in $(seq 1 "$2"); do [ -f "$1" ] && return 0; sleep 1; done
+  echo "timed out waiting for $1"; return 1
+}
+
+case "${1:-}" in
+one)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
+  nice -n 19 python3 bench/compare.py build-peer
+  (setsid bash -c "$(declare -f synth_all); WORK=$WORK synth_all" > "$OUT/synth.log" 2>&1 &)
+  timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_matmul.py tests/cuda/test_int8.py \
+      tests/cuda/test_fused.py tests/cuda/test_moe.py tests/cuda/test_ops_cuda.py tests/cuda/test_backend.py \
+      tests/cuda/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -8
+  wait_for "$WORK/phi3-mini-q4_0.gguf" 180 || exit 1
+  timeout 300 python3 bench/compare.py run --engines orcd --models $SMALL --out "$OUT" 2>&1 \
+      | tee "$OUT/orcd-small.log" | grep -v '^{' | tail -20
+  ;;
+two)
+  wait_for "$WORK/synth.done" 240 || exit 1
+  timeout 200 python3 bench/compare.py run --engines orcd --models gpt-oss-20b --out "$OUT" 2>&1 \
+      | tee "$OUT/orcd-gptoss.log" | grep -v '^{' | tail -6
+  timeout 330 python3 bench/compare.py run --engines peer --out "$OUT" 2>&1 | tee "$OUT/peer.log" | tail -32
+  cp "$WORK/rows.json" "$OUT/" 2>/dev/null
+  ;;
+*)
+  echo "usage: bench/gpu_session.sh one|two"; exit 2 ;;
+esac

@@ -1,0 +1,143 @@
+"""The host side of decode steps on the GPU: their inputs and outputs, and the
+device sampler behind the engine's ``sample``.
+
+A decode step is one CUDA graph that reads its token id and position from two
+device ints (``step_ids``, ``step_pos``). ``StepIO`` fills them from a ring of
+pinned slots and copies sampled ids back into the same ring, each copy fenced
+by an event, so nothing on the critical path waits for the GPU: the engine can
+queue step k+1 (whose token the sampler left in ``step_ids``) before it reads
+token k on the host, and detokenizing, stop strings and SSE overlap the GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from orcd.cuda.tensor import DeviceTensor
+from orcd.ops import sampling
+
+SLOTS = 2          # steps in flight: the one running and the one queued behind it
+SLOT_INTS = 4      # per slot: token in, position in, sampled id out, padding
+
+
+class PendingToken:
+    """A sampled id on its way to the host; ``result()`` waits for it."""
+
+    def __init__(self, io: "StepIO", slot: int) -> None:
+        self.io, self.slot = io, slot
+
+    def result(self) -> int:
+        from orcd.cuda.driver import cu
+
+        cu("cuEventSynchronize", self.io.out_events[self.slot])
+        return int(self.io.view[self.slot, 2])
+
+
+class StepIO:
+    """Pinned slots and events for decode-step inputs and sampled ids."""
+
+    def __init__(self, device, step_ids: DeviceTensor, step_pos: DeviceTensor) -> None:
+        from orcd.cuda.driver import cu, driver_module
+
+        if step_pos.ptr != step_ids.ptr + 4:
+            raise ValueError("step_pos must follow step_ids: one 8-byte copy fills both")
+        self.device, self.step_ids, self.step_pos = device, step_ids, step_pos
+        self.pinned, self.in_events, self.out_events = None, [], []
+        flags = driver_module().CUevent_flags.CU_EVENT_DISABLE_TIMING
+        device.make_current()
+        self.pinned = int(cu("cuMemHostAlloc", 4 * SLOT_INTS * SLOTS, 0))
+        self.view = np.ctypeslib.as_array((ctypes.c_int32 * (SLOT_INTS * SLOTS)).from_address(self.pinned))
+        self.view = self.view.reshape(SLOTS, SLOT_INTS)
+        for events in (self.in_events, self.out_events):
+            for _ in range(SLOTS):
+                ev = cu("cuEventCreate", flags)
+                cu("cuEventRecord", ev, device.stream)   # "done": the slot is free
+                events.append(ev)
+        self._in = self._out = 0
+
+    def _slot_ptr(self, slot: int, index: int) -> int:
+        return self.pinned + 4 * (SLOT_INTS * slot + index)
+
+    def write_inputs(self, token: int | None, pos: int) -> None:
+        """Queue the copy of the next step's inputs: the position, and the token id
+        unless it is None (the sampler left it in step_ids on the device)."""
+        from orcd.cuda.driver import cu
+
+        slot, self._in = self._in, (self._in + 1) % SLOTS
+        cu("cuEventSynchronize", self.in_events[slot])      # its copy two steps ago has read it
+        self.view[slot, 0], self.view[slot, 1] = -1 if token is None else token, pos
+        stream = self.device.stream
+        if token is None:
+            cu("cuMemcpyHtoDAsync", self.step_pos.ptr, self._slot_ptr(slot, 1), 4, stream)
+        else:
+            cu("cuMemcpyHtoDAsync", self.step_ids.ptr, self._slot_ptr(slot, 0), 8, stream)
+        cu("cuEventRecord", self.in_events[slot], stream)
+
+    def read_output(self, src: DeviceTensor) -> PendingToken:
+        """Queue the copy of a sampled id (int32 on the device) to the host."""
+        from orcd.cuda.driver import cu
+
+        slot, self._out = self._out, (self._out + 1) % SLOTS
+        cu("cuEventSynchronize", self.out_events[slot])     # its last id has been read
+        stream = self.device.stream
+        cu("cuMemcpyDtoHAsync", self._slot_ptr(slot, 2), src.ptr, 4, stream)
+        cu("cuEventRecord", self.out_events[slot], stream)
+        return PendingToken(self, slot)
+
+    def close(self) -> None:
+        from orcd.cuda.driver import cu
+
+        for ev in self.in_events + self.out_events:
+            cu("cuEventDestroy", ev)
+        self.in_events, self.out_events = [], []
+        if self.pinned is not None:
+            cu("cuMemFreeHost", self.pinned)
+            self.pinned = None
+
+
+class DeviceSampling:
+    """orcd.ops.sampling.CudaSampler behind the engine's ``sample(logits, params,
+    seen, rng)``: the seen mask lives on the device and the sampler marks each
+    chosen id, so a request's consecutive calls (seen growing by the last
+    chosen id) need no host traffic but the id itself; any other ``seen``
+    re-uploads the mask, and only when a repetition penalty needs it.
+    ``enqueue(..., chained=True)`` samples the token that follows the last one
+    sampled without the host having read it (the mask on the device is current)."""
+
+    def __init__(self, backend, n_vocab: int) -> None:
+        self.b, self.n_vocab = backend, n_vocab
+        self.kernels = sampling.CudaSampler(*backend._kernel_args, n_vocab, allocator=backend.alloc)
+        self.out = backend.alloc.alloc(4, "workspace")
+        self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
+        self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
+
+    def enqueue(self, logits, params: sampling.SamplingParams, seen, out_id, chained: bool = False) -> None:
+        """Queue the sampling of the next id into ``out_id`` (int32 on the device)."""
+        if chained:                   # the id before is the last one this sampler chose
+            self.step += 1
+            self.seen = None
+        else:
+            seen = np.asarray(seen, dtype=np.int64).reshape(-1)
+            prev = self.seen
+            follows = (prev is not None and len(seen) == len(prev) + 1 and seen[-1] == self.last
+                       and np.array_equal(seen[:-1], prev))
+            self.step = self.step + 1 if follows else 0
+            if not follows:
+                self.mask_ok = False
+            if params.repetition_penalty != 1.0 and not self.mask_ok:
+                self.kernels.reset(seen)
+                self.mask_ok = True
+            self.seen = seen
+        self.kernels.sample(logits.view(-1), params, self.step, out_id)
+
+    def __call__(self, logits, params: sampling.SamplingParams, seen) -> int:
+        from orcd.cuda.memory import to_host
+
+        self.enqueue(logits, params, seen, self.out_id)
+        self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
+        return self.last
+
+    def close(self) -> None:
+        self.kernels.close()

@@ -1,0 +1,72 @@
+"""What the subcommands share: the one device flag, its check, and UsageError.
+
+Every subcommand that runs a model takes ``--device cuda:N|cpu`` (default
+``cuda:0``). A GPU device is checked before anything loads, so a machine
+without a usable GPU gets one line that says to use ``--device cpu``, never a
+traceback from deep inside the driver bindings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+DEFAULT_DEVICE = "cuda:0"
+DEVICE_HELP = ("cuda:N for GPU N, or cpu for the numpy reference backend "
+               "(slow; for machines without a GPU)")
+
+
+class UsageError(Exception):
+    """A bad argument or an unusable device: one line on stderr, exit code 1."""
+
+
+def parse_device(text: str) -> str:
+    """``cpu``, ``cuda`` (GPU 0) or ``cuda:N`` → its canonical spelling (argparse type)."""
+    t = text.strip().lower()
+    if t == "cpu":
+        return "cpu"
+    if t == "cuda":
+        return DEFAULT_DEVICE
+    m = re.fullmatch(r"cuda:(\d+)", t)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    return f"cuda:{int(m.group(1))}"
+
+
+def add_device_argument(p: argparse.ArgumentParser, *, gpu_device_alias: bool = False) -> None:
+    """``--device`` (and, for ``serve``, the deprecated ``--gpu-device N``)."""
+    group = p.add_mutually_exclusive_group() if gpu_device_alias else p
+    group.add_argument("--device", type=parse_device, default=None, metavar="cuda:N|cpu",
+                       help=f"{DEVICE_HELP} (default: {DEFAULT_DEVICE})")
+    if gpu_device_alias:
+        group.add_argument("--gpu-device", type=int, default=None, metavar="N",
+                           help="deprecated alias of --device cuda:N (default: unset)")
+
+
+def device_from_args(args: argparse.Namespace, prog: str = "orcd") -> str:
+    """The device the arguments ask for, checked: a GPU must be usable."""
+    device = getattr(args, "device", None)
+    alias = getattr(args, "gpu_device", None)
+    if alias is not None:
+        if alias < 0:
+            raise UsageError(f"--gpu-device must be 0 or more, got {alias}")
+        print(f"{prog}: warning: --gpu-device is deprecated; use --device cuda:{alias}",
+              file=sys.stderr)
+        device = f"cuda:{alias}"
+    return check_device(device or DEFAULT_DEVICE)
+
+
+def check_device(device: str) -> str:
+    """``device`` if it can run here; else UsageError saying what to do instead."""
+    if device == "cpu":
+        return device
+    index = int(device.split(":")[1])
+    try:
+        from orcd.cuda.device import device_info
+        device_info(index)
+    except Exception as e:  # noqa: BLE001 - no bindings, no driver library, no device: one line
+        reason = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        raise UsageError(f"--device {device}: no usable NVIDIA GPU ({reason.rstrip('.')}); "
+                         f"use --device cpu for the numpy reference backend") from None
+    return device

@@ -1,0 +1,136 @@
+// What every device format struct and every kernel that reads weights share:
+// the integer types, aligned read-only loads, half conversions, byte tricks, the
+// int8 activation quantizer and the fp32 piece dot. The format structs live in
+// simple.cuh (plain floats, ggml's 32-value quants), kquants.cuh and mxfp4.cuh,
+// or in a plugin's header; the kernels see them through the generated
+// formats.cuh (orcd.quant.device).
+//
+// Every format is a struct with the same shape, which the kernels in
+// ops/matmul.cu are templated on:
+//
+//   QK     values per block            BYTES  bytes per GGUF block
+//   PIECES pieces per block (one thread dequantizes one piece into registers)
+//   RUNS x RUN values per piece: value v[r * RUN + i] sits at position
+//          base(p) + r * STRIDE + i of the block (RUN is a multiple of 4, so
+//          the matching activations load as float4)
+//   load(row, nb, b, p, v)   dequantize piece p of block b of a row of nb blocks
+//
+// `row` points at one row in the format's VRAM layout (its row's DeviceFormat.planes,
+// orcd/quant/format.py): either the GGUF blocks as stored, or the row's planes one
+// after the other -- plane k holds byte range k of every block, padded to 16 bytes
+// (plane_at). That keeps every quant load 16-byte aligned (128-bit loads) whatever
+// the GGUF block size (MXFP4 17 bytes, Q4_0 18, Q6_K 210) and the scales apart.
+//
+// Integer formats (INT8 = true) also take activations quantized per 32 values
+// (ops/matmul.cu's quantize_q8: x = xd[g] * xq[i], xq int8, rintf(x / xd) with
+// xd = amax / 127) and dot a piece with them in integer math (dp4a):
+//   dot8(row, nb, b, p, xq, xd) = sum over piece p of value_i * x_i
+// with xq the block's first 4 activations as one int (xq + b * QK / 4; 16-byte
+// aligned) and xd its first 32-group's scale (xd + b * QK / 32). Per value that
+// is about a quarter of an instruction instead of an unpack, a convert and an
+// fp32 FMA, and 1 byte of activation instead of 4.
+//
+// The float expressions follow ggml's order (d * q + m, d * (q - 8), ...).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#ifdef __CUDACC__  // (a host build of these structs, for checking, brings its own)
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+#endif
+
+// Read-only loads of a given alignment.
+__device__ __forceinline__ u16 ld16(const u8* p) { return __ldg((const unsigned short*)p); }
+__device__ __forceinline__ u32 ld32(const u8* p) { return __ldg((const unsigned int*)p); }
+__device__ __forceinline__ u32 ld32_a2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
+// Four bytes at any address (MXFP4's 17-byte blocks): the two aligned words that
+// hold them and one funnel shift, instead of four byte loads. The second word may
+// reach up to 3 bytes past the last block; device allocations are whole pages.
+__device__ __forceinline__ u32 ld32_a1(const u8* p) {
+    const unsigned long long a = (unsigned long long)p;
+    const u32* w = (const u32*)(a & ~3ull);
+    return __funnelshift_r(__ldg(w), __ldg(w + 1), (u32)(a & 3) * 8);
+}
+__device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ uint2 ld64(const u8* p) { return __ldg((const uint2*)p); }
+__device__ __forceinline__ uint4 ldx128(const int* __restrict__ xq) { return __ldg((const uint4*)xq); }
+
+// Byte offset of a plane in a VRAM row: the planes before it hold `before` bytes
+// per block, each plane padded to 16 bytes (orcd/quant/format.py's to_vram).
+__device__ __forceinline__ int plane_pad(int n) { return (n + 15) & ~15; }
+__device__ __forceinline__ u32 byte_of(u32 w, int k) { return (w >> (8 * k)) & 0xFFu; }
+
+// 2^23 + byte k of w, exactly, in one byte permute: small integers become floats
+// without an int->float conversion; the kernels subtract 2^23 (+ the format's
+// offset) in the same float add, which is exact for these ranges.
+#define MAGIC 8388608.0f
+__device__ __forceinline__ float byte_float(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + k));
+}
+#define LOW_NIBBLES(w) ((w) & 0x0F0F0F0Fu)
+#define ONES 0x01010101
+
+// The 8 int8 activation words of 32 values (16-byte aligned).
+__device__ __forceinline__ void x_words(const int* __restrict__ xq, int* x) {
+    const uint4 a = ldx128(xq), c = ldx128(xq + 4);
+    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
+    x[4] = (int)c.x; x[5] = (int)c.y; x[6] = (int)c.z; x[7] = (int)c.w;
+}
+
+// Signed 8-bit dot of four byte lanes plus c (dp4a); a <= 127 per lane here.
+__device__ __forceinline__ int dot4(u32 a, int b, int c) { return __dp4a((int)a, b, c); }
+__device__ __forceinline__ int ldx(const int* __restrict__ xq, int i) { return __ldg(xq + i); }
+
+// One group of 32 activations -> 8 ints of int8 (q = rint(v / d)) and the scale
+// d = amax / 127 (q = 0 where d = 0): matmul.py's quantize_q8_ref, bit for bit.
+__device__ __forceinline__ float quantize_group(const float* v, u32* q) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    const float d = amax / 127.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 packed = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int qv = d > 0.f ? (int)rintf(v[4 * i + j] / d) : 0;
+            packed |= ((u32)qv & 0xFFu) << (8 * j);
+        }
+        q[i] = packed;
+    }
+    return d;
+}
+#define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
+
+// sum_i v[i] * x[pos_i] over one dequantized piece v (RUNS x RUN values) and the
+// fp32 activations at its positions: xt points at the piece's first position, in
+// global memory (read-only loads) or, with SMEM, in shared memory.
+template <class F, bool SMEM = false>
+__device__ __forceinline__ float dot_piece(const float* v, const float* __restrict__ xt) {
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < F::RUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; i += 4) {
+            const float4* p4 = (const float4*)(xt + r * F::STRIDE + i);
+            const float4 xv = SMEM ? *p4 : __ldg(p4);
+            const float* vv = v + r * F::RUN + i;
+            s = fmaf(vv[0], xv.x, s);
+            s = fmaf(vv[1], xv.y, s);
+            s = fmaf(vv[2], xv.z, s);
+            s = fmaf(vv[3], xv.w, s);
+        }
+    return s;
+}
+
