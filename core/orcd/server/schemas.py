@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from orcd.errors import InvalidRequest
 
@@ -17,8 +18,17 @@ MAX_STOP_TOKENS = 32
 MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_STOP_TOKENS)
 MAX_JSON_DEPTH = 64      # deeper bodies are refused before anything walks them
 UINT64_MAX = 2**64 - 1
+#: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
+#: float32 logits by a smaller one overflows them or divides by zero
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0),
+                        AfterValidator(lambda t: 0.0 if t < GREEDY_BELOW_TEMPERATURE else t)]
+#: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
+#: seen, so it must stay far from float32's smallest numbers as well
+MIN_REPETITION_PENALTY = 1e-5
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2.0)]
 
 
 def _check_stops(v: list[str]) -> list[str]:
@@ -38,11 +48,11 @@ class ExecuteRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: Optional[int] = Field(default=None, ge=1)  # at most --max-tokens-out (the app)
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=0)   # upper bound (vocab size) checked by the app
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    repetition_penalty: Optional[RepetitionPenalty] = None
     stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
@@ -74,7 +84,7 @@ class _OpenAIBase(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
@@ -84,7 +94,7 @@ class _OpenAIBase(BaseModel):
     # llama-server extensions
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    repetition_penalty: Optional[RepetitionPenalty] = None
 
     # accepted at their neutral values only: orcd does not implement them
     frequency_penalty: float = 0.0
