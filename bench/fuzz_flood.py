@@ -6,18 +6,21 @@
 fuzz: POSTs N hostile bodies spread over /execute, /cancel, /v1/completions and
 /v1/chat/completions (tests/fuzz_bodies.py) to a worker serving the tiny
 synthetic qwen2; counts answers by status; any 5xx, malformed error body or
-unterminated stream is a failure.
+unterminated stream is a failure, kept and listed at the end (the run goes on),
+and so is every warning the worker raised (a division by zero in the sampler).
 
 flood: CLIENTS threads POST 1 MB chat bodies in a loop while one /execute
-stream runs and a prober GETs /health every 20 ms; reports /health p50/p99/max,
-the longest gap between stream tokens, and the server's RSS before, at peak and
-after the flood (once the idle worker has trimmed its heap).
+stream runs and a prober (a process of its own) GETs /health every 20 ms;
+reports /health p50/p99/max, the longest gap between stream tokens, and the
+server's RSS before, at peak and after the flood (once the idle worker has
+trimmed its heap).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -26,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -45,7 +49,7 @@ def fuzz(n: int) -> int:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from fuzz_bodies import PATHS, bodies, check
+    from fuzz_bodies import PATHS, ServerError, bodies, check
     from orcd.server.state import ServerConfig
     from orcd.server.testing import running_server
 
@@ -54,25 +58,46 @@ def fuzz(n: int) -> int:
                            worker_id=str(uuid.uuid4()), device="cpu", ctx_size=512,
                            max_tokens_out=16, queue_size=4)
         counts: Counter = Counter()
+        failures: list[str] = []   # every bad answer, kept (not raised): the run goes on
         t0 = time.monotonic()
-        with running_server(cfg) as s, httpx.Client(timeout=60) as client:
+        with running_server(cfg) as s, httpx.Client(timeout=60) as client, \
+                warnings.catch_warnings(record=True) as warned:   # the worker's threads' too
+            warnings.simplefilter("always")
+
             def fuzz_path(path: str):
                 @settings(max_examples=n // len(PATHS), deadline=None, database=None,
                           suppress_health_check=list(HealthCheck))
                 @given(st.data())
                 def run(data):
-                    counts[(path, check(client, s.url, path, data.draw(bodies(path))))] += 1
+                    body = data.draw(bodies(path))
+                    try:
+                        status = check(client, s.url, path, body)
+                    except (AssertionError, ValueError, KeyError, httpx.HTTPError) as e:
+                        status = e.status if isinstance(e, ServerError) else "bad"
+                        failures.append(f"{path} {body[:300]!r}: {type(e).__name__}: "
+                                        f"{str(e)[:300]}")
+                    counts[(path, status)] += 1
+                    done = sum(counts.values())
+                    if done % 500 == 0:
+                        print(f"  ... {done} requests, {time.monotonic() - t0:.0f} s, "
+                              f"{len(failures)} bad", flush=True)
                 return run
 
             for path in PATHS:
                 fuzz_path(path)()
             healthy = s.state.status == "healthy"
     total = sum(counts.values())
-    print(f"fuzz: {total} requests in {time.monotonic() - t0:.0f} s, 5xx: 0, "
-          f"worker healthy after: {healthy}")
-    for (path, status), k in sorted(counts.items()):
+    n5xx = sum(k for (_, st_), k in counts.items() if isinstance(st_, int) and st_ >= 500)
+    print(f"fuzz: {total} requests in {time.monotonic() - t0:.0f} s, 5xx: {n5xx}, "
+          f"bad answers: {len(failures)}, worker healthy after: {healthy}")
+    print(f"warnings: {len(warned)}")
+    for (cat, msg), k in Counter((w.category.__name__, str(w.message)) for w in warned).items():
+        print(f"  {k} x {cat}: {msg}")
+    for (path, status), k in sorted(counts.items(), key=str):
         print(f"  {path:24s} {status}: {k}")
-    return 0 if healthy else 1
+    for f in failures[:50]:
+        print(f"  BAD {f}")
+    return 0 if healthy and not failures else 1
 
 
 def rss_mb(pid: int) -> float:
@@ -101,6 +126,19 @@ def flood(seconds: float, clients: int, model: str | None, chars: int, ctx: int)
                   f"{log.count('Traceback')} tracebacks")
 
 
+def probe_health(url: str, seconds: float, results) -> None:
+    """GET /health every 20 ms for ``seconds``; put the latencies on ``results``."""
+    latencies = []
+    with httpx.Client(timeout=30) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            c.get(f"{url}/health")
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    results.put(latencies)
+
+
 def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
     deadline = time.monotonic() + 120
     while True:
@@ -115,7 +153,7 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
     before = rss_mb(proc.pid)
     body = json.dumps({"messages": [{"role": "user", "content": "hello world " * (chars // 12)}],
                        "max_tokens": 4}).encode()
-    stop, peak, sent, health = threading.Event(), [before], Counter(), []
+    stop, peak, sent = threading.Event(), [before], Counter()
 
     def flooder():
         with httpx.Client(timeout=60) as c:
@@ -124,14 +162,10 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
                            headers={"Content-Type": "application/json"})
                 sent[r.status_code] += 1
 
-    def prober():
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                c.get(f"{url}/health")
-                health.append(time.perf_counter() - t0)
-                peak[0] = max(peak[0], rss_mb(proc.pid))
-                time.sleep(0.02)
+    def rss_watcher():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(proc.pid))
+            time.sleep(0.02)
 
     gaps: list[float] = []
 
@@ -150,11 +184,18 @@ def _flood(proc, url: str, seconds: float, clients: int, chars: int) -> int:
                     if stop.is_set():
                         break
 
+    # the prober is a process of its own: the flooders' and the streamer's threads here
+    # must not add their GIL waits to the latency it measures
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    prober = spawn.Process(target=probe_health, args=(url, seconds, results), daemon=True)
     threads = [threading.Thread(target=f, daemon=True)
-               for f in [flooder] * clients + [prober, streamer]]
+               for f in [flooder] * clients + [rss_watcher, streamer]]
     for t in threads:
         t.start()
-    time.sleep(seconds)
+    prober.start()
+    health = results.get(timeout=seconds + 120)
+    prober.join(30)
     stop.set()
     for t in threads:
         t.join(60)

@@ -81,12 +81,21 @@ VALID = {"/execute": {"job_id": "j", "prompt": "Hello"}, "/cancel": {"job_id": "
          "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]}}
 
 
+class ServerError(AssertionError):
+    """A 5xx answer (``status``): the worker failed where the client was at fault."""
+
+    def __init__(self, status: int, detail: tuple) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
 def check(client: httpx.Client, url: str, path: str, body: bytes) -> int:
     """POST ``body``; assert the answer is well formed; return the status."""
     with client.stream("POST", f"{url}{path}", content=body,
                        headers={"Content-Type": "application/json"}) as r:
         raw = r.read()
-    assert r.status_code < 500, (path, body[:300], r.status_code, raw[:300])
+    if r.status_code >= 500:
+        raise ServerError(r.status_code, (path, body[:300], r.status_code, raw[:300]))
     if r.status_code >= 400:
         _check_error(path, json.loads(raw))
     elif r.headers.get("content-type", "").startswith("text/event-stream"):

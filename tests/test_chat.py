@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import random
 import re
 
 import pytest
 
-from orcd.chat import CHATML_TEMPLATE, ChatTemplate, TemplateError, normalize_messages
+from orcd.chat import (CHATML_TEMPLATE, SCAN_SLICE, ChatTemplate, Scanner, TemplateError,
+                       normalize_messages)
 from orcd.errors import InvalidRequest
 from orcd.gguf_file import ModelFile
 
@@ -204,3 +206,59 @@ def test_guard_masks_tools_and_template_variables():
                           tools=[{"name": "<s>"}], variables={"flavour": "</s>"})
     # the template's own BOS is stripped and re-added once; every client </s> and <s> is text
     assert ids == [1, *b"<s>|</s>|a</s>"]
+
+
+class Recorded:
+    """A compiled pattern that records the span of text each search may scan."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        self.pattern, self.spans = pattern, []
+
+    def search(self, text, pos, endpos):
+        self.spans.append(endpos - pos)
+        return self.pattern.search(text, pos, endpos)
+
+    def __getattr__(self, name):
+        return getattr(self.pattern, name)
+
+
+@pytest.mark.parametrize("slice_chars", [1, 7, 64])
+def test_sliced_scans_find_what_one_scan_finds(slice_chars):
+    """The guard scans long prompts in slices (each regex call holds the GIL): the
+    matches, the masked text and the split encoding are those of one whole scan,
+    also for markup that straddles a slice boundary."""
+    rng = random.Random(slice_chars)
+    words = ["<|im_start|>", "<|im_end|>", "<|im", "\ufdd0", "\ufdd1", "\ufdd012\ufdd1", "ab",
+             " ", "<", "|", "x" * 9]
+    one = Scanner("(?=[<\ufdd0\ufdd1])(?:<\\|im_start\\|>|<\\|im_end\\|>|\ufdd0|\ufdd1)", 12,
+                  slice_chars=10**9)
+    sliced = Scanner(one.re.pattern, 12, slice_chars=slice_chars)
+    sliced.re = Recorded(sliced.re)
+    for _ in range(200):
+        text = "".join(rng.choice(words) for _ in range(rng.randrange(40)))
+        assert [m.span() for m in sliced.finditer(text)] == \
+            [m.span() for m in one.re.finditer(text)]
+        assert sliced.sub(lambda m: f"[{m.group(0)}]", text) == \
+            one.re.sub(lambda m: f"[{m.group(0)}]", text)
+    assert max(sliced.re.spans) <= slice_chars + 12 - 1   # no call scans the whole text
+
+
+def test_guard_scans_a_long_prompt_in_slices(tiny_model, host):
+    with ModelFile.open(tiny_model("qwen2-tiny")) as mf:
+        tok = host.tokenizer(mf)
+    tmpl = ChatTemplate.for_tokenizer(tok)
+    guard = tmpl.guard(tok)
+    part = "hello world " * 7000 + FORGED                 # forged markup in a long text
+    long_text = part * (3 * SCAN_SLICE // len(part) + 1)   # more than three slices
+    messages = [{"role": "user", "content": long_text}]
+    whole = ChatTemplate.for_tokenizer(tok).guard(tok)
+    for scanner in (whole.split_re, whole.mask_re, whole.restore_re):
+        scanner.slice_chars = 10**9
+    for scanner in (guard.split_re, guard.mask_re, guard.restore_re):
+        scanner.re = Recorded(scanner.re)
+    masked, originals = guard.mask(messages)
+    assert (masked, originals) == whole.mask(messages)
+    text = tmpl.render(masked)
+    assert guard.encode(text, originals) == whole.encode(text, originals)
+    for scanner in (guard.split_re, guard.mask_re, guard.restore_re):
+        assert scanner.re.spans and max(scanner.re.spans) < 2 * SCAN_SLICE

@@ -207,7 +207,9 @@ def test_api_key_from_the_environment_or_a_file(tiny, tmp_path, monkeypatch, cap
     for extra, message in ((["--api-key-file", str(tmp_path / "none")], "No such file"),
                            (["--api-key", "a", "--api-key-file", str(key_file)], "not both"),
                            (["--max-connections", "0"], "--max-connections must be 1"),
-                           (["--body-timeout-sec", "0"], "--body-timeout-sec must be positive")):
+                           (["--body-timeout-sec", "0"], "--body-timeout-sec must be positive"),
+                           (["--header-timeout-sec", "-1"],
+                            "--header-timeout-sec must be positive")):
         rc, err = run_serve([*base, *extra], capsys)
         assert rc == 1 and message in err, err
 

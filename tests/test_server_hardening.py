@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ import pytest
 
 from orcd.chat import ChatTemplate
 from orcd.server.app import load_for_serving
+from orcd.server.state import PREP_NICE
 from orcd.server.testing import SSEStream, running_server
 from test_server import LONG, _idle_worker, config, paced  # noqa: F401 (autouse)
 
@@ -105,6 +108,18 @@ def test_health_answers_while_a_chat_prompt_is_being_tokenized(tiny_model):
         assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
         assert time.monotonic() - t0 < 1.5     # the 3 s encode runs on a prep thread
         t.join(30)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_prep_threads_yield_the_cpu_to_the_event_loop(srv):
+    """Tokenizing runs without the GIL and can fill every core: the prep threads
+    run at a lower priority, so the event loop and the inference thread get a core
+    whenever they have work."""
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    # this thread started the server's: the event loop has its priority
+    assert [srv.state.prep.submit(nice).result(10) for _ in range(4)] == \
+        [min(19, nice() + PREP_NICE)] * 4
 
 
 # -- 2. limits before the work they bound -------------------------------------------------------

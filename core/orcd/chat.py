@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
@@ -166,7 +166,8 @@ class SpecialTextGuard:
         by_length = sorted(self.control, key=len, reverse=True)
         self.split_re = _literals(by_length) if by_length else None
         self.mask_re = _literals([*by_length, self.OPEN, self.CLOSE])
-        self.restore_re = re.compile(f"{self.OPEN}(\\d+){self.CLOSE}")
+        # ours count up from 0; one the template made up with more digits stays text
+        self.restore_re = Scanner(f"{self.OPEN}(\\d{{1,20}}){self.CLOSE}", longest=22)
         self._strips: dict[str, bool] = {}   # filled once per token; then only read
 
     def mask(self, value: Any) -> tuple[Any, list[str]]:
@@ -229,12 +230,50 @@ class SpecialTextGuard:
         return self._strips[special]
 
 
-def _literals(texts: list[str]) -> re.Pattern:
+#: characters one regex call scans (about): a scan holds the GIL, so a long prompt
+#: is scanned in slices. One slice takes ~1.5 ms, under the interpreter's 5 ms switch
+#: interval: a thread waiting for the GIL (the event loop) gets it as soon as from
+#: Python code, however long the prompt (a 1M-character one took ~12 ms in one call)
+SCAN_SLICE = 1 << 17
+
+
+class Scanner:
+    """A pattern whose matches are at most ``longest`` characters, matched in calls
+    that each scan about ``slice_chars`` characters: the same matches as
+    ``re.finditer`` and ``re.sub``, without holding the GIL through a long text."""
+
+    def __init__(self, pattern: str, longest: int, slice_chars: int = SCAN_SLICE) -> None:
+        self.re, self.longest, self.slice_chars = re.compile(pattern), longest, slice_chars
+
+    def finditer(self, text: str) -> Iterator[re.Match]:
+        pos, n = 0, len(text)
+        while pos < n:
+            end = min(n, pos + self.slice_chars)
+            # a match that starts before ``end`` ends before end + longest: wholly seen
+            m = self.re.search(text, pos, min(n, end + self.longest - 1))
+            if m is None or m.start() >= end:
+                pos = end
+            else:
+                yield m
+                pos = m.end()
+
+    def sub(self, repl: Callable[[re.Match], str], text: str) -> str:
+        if len(text) <= self.slice_chars:
+            return self.re.sub(repl, text)
+        out, pos = [], 0
+        for m in self.finditer(text):
+            out += (text[pos:m.start()], repl(m))
+            pos = m.end()
+        out.append(text[pos:])
+        return "".join(out)
+
+
+def _literals(texts: list[str]) -> Scanner:
     """Leftmost-longest match of any of ``texts`` (longest first). The lookahead on
-    their first characters lets the scan skip other positions at C speed: the
-    scan holds the GIL, and prompts can be long."""
+    their first characters lets the scan skip other positions at C speed."""
     first = "".join(sorted({re.escape(t[0]) for t in texts}))
-    return re.compile(f"(?=[{first}])(?:{'|'.join(map(re.escape, texts))})")
+    return Scanner(f"(?=[{first}])(?:{'|'.join(map(re.escape, texts))})",
+                   longest=max(map(len, texts)))
 
 
 _SPACE = re.compile(r"[ \t\n\v\f\r]*")   # what a stripping token swallows (C isspace)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from gpu_rig import TYPES, randn, rel, sized
+
+from orcd.kvcache import KV_BLOCK, kv_rows
 from orcd.ops import attention, rope
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
@@ -136,11 +138,14 @@ def test_rope_kv_store(gpu, rng, name, T):
     q, k, v = randn(rng, T, n_head * hd), randn(rng, T, n_kv * hd), randn(rng, T, n_kv * hd)
     k_cache = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
     v_cache = rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16)
+    blocks = rng.permutation(n_ctx // KV_BLOCK).astype(np.int32).reshape(1, -1)   # shuffled blocks
+    rows = kv_rows(blocks, np.zeros(T, np.int32), pos)
     dk, dv, q_out = gpu.put(k_cache), gpu.put(v_cache), gpu.empty(q.shape)
-    gpu.attn.rope_kv_store(gpu.put(q), gpu.put(k), gpu.put(v), dk, dv, gpu.put(pos), table, q_out)
+    gpu.attn.rope_kv_store(gpu.put(q), gpu.put(k), gpu.put(v), dk, dv, gpu.put(pos), table, q_out,
+                           gpu.paging(blocks, np.zeros(T, np.int32), n_ctx))
     assert rel(gpu.get(q_out), rope.rope_ref(q, pos, cfg)) < TOL
-    attention.kv_store_ref(k_cache, v_cache, rope.rope_ref(k, pos, cfg), v, pos)
+    attention.kv_store_ref(k_cache, v_cache, rope.rope_ref(k, pos, cfg), v, rows)
     got_k = gpu.get(dk).astype(np.float32)
     assert np.array_equal(gpu.get(dv).view(np.uint16), v_cache.view(np.uint16))
-    assert np.array_equal(np.delete(got_k, pos, 0), np.delete(k_cache, pos, 0).astype(np.float32))
-    assert rel(got_k[pos], k_cache[pos].astype(np.float64)) < 1e-3  # fp16 rounding of fp32 rope
+    assert np.array_equal(np.delete(got_k, rows, 0), np.delete(k_cache, rows, 0).astype(np.float32))
+    assert rel(got_k[rows], k_cache[rows].astype(np.float64)) < 1e-3  # fp16 rounding of fp32 rope

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from gpu_rig import randn, rel, sized
+
+from orcd.kvcache import KV_BLOCK, blocks_for, contiguous_table, kv_rows
 from orcd.ops import activation, attention, moe, norm, rope
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
@@ -92,24 +94,28 @@ def test_rope(gpu, rng, name, T):
 # -- attention ---------------------------------------------------------------------------
 
 def _attend(gpu, rng, n_ctx, n_head, n_kv, hd, pos, window=0, sinks=False, hd_v=None):
-    """Fill the cache at random, store k/v at ``pos`` on both sides, attend; (gpu, ref)."""
+    """Fill a paged cache at random (the sequence's blocks in shuffled order), store
+    k/v at ``pos`` on both sides, attend; (gpu, ref)."""
     hd_v = hd_v or hd
     T = len(pos)
-    k_cache = (rng.standard_normal((n_ctx, n_kv, hd))).astype(np.float16)
-    v_cache = (rng.standard_normal((n_ctx, n_kv, hd_v))).astype(np.float16)
+    n_blocks = blocks_for(n_ctx)
+    table = rng.permutation(n_blocks).astype(np.int32).reshape(1, n_blocks)
+    seq = np.zeros(T, np.int32)
+    k_cache = (rng.standard_normal((n_blocks * KV_BLOCK, n_kv, hd))).astype(np.float16)
+    v_cache = (rng.standard_normal((n_blocks * KV_BLOCK, n_kv, hd_v))).astype(np.float16)
     q, k, v = randn(rng, T, n_head * hd), randn(rng, T, n_kv * hd), randn(rng, T, n_kv * hd_v)
     sink = randn(rng, n_head, scale=2) if sinks else None
     dk, dv = gpu.put(k_cache), gpu.put(v_cache)
-    dpos = gpu.put(pos)
-    gpu.attn.kv_store(dk, dv, gpu.put(k), gpu.put(v), dpos)
-    attention.kv_store_ref(k_cache, v_cache, k, v, pos)
+    dpos, paging = gpu.put(pos), gpu.paging(table, seq, n_ctx)
+    gpu.attn.kv_store(dk, dv, gpu.put(k), gpu.put(v), dpos, paging)
+    attention.kv_store_ref(k_cache, v_cache, k, v, kv_rows(table, seq, pos))
     assert np.array_equal(gpu.get(dk).view(np.uint16), k_cache.view(np.uint16))
     assert np.array_equal(gpu.get(dv).view(np.uint16), v_cache.view(np.uint16))
     out = gpu.empty((T, n_head * hd_v))
     scale = 1 / np.sqrt(hd)
     gpu.attn.attention(gpu.put(q), dk, dv, dpos, scale, window,
-                       None if sink is None else gpu.put(sink), out, gpu.empty)
-    ref = attention.attention_ref(q, k_cache, v_cache, pos, scale, window, sink)
+                       None if sink is None else gpu.put(sink), out, gpu.empty, paging)
+    ref = attention.paged_attention_ref(q, k_cache, v_cache, table, seq, pos, scale, window, sink)
     return gpu.get(out), ref
 
 
@@ -165,15 +171,43 @@ def test_decode_attention_head_shapes(gpu, rng, n_head, n_kv, hd, p):
     assert rel(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("window,sinks", [(0, False), (128, True)])
+def test_batched_decode_attends_each_sequence_over_its_own_blocks(gpu, rng, window, sinks):
+    # a batch of decodes: token t is one step of sequence t, at its own position, its keys in
+    # its own (interleaved) blocks of one pool
+    n_seqs, max_blocks, n_head, n_kv, hd = 5, 6, 8, 2, 64
+    pool = rng.permutation(n_seqs * max_blocks).astype(np.int32)
+    tables = pool.reshape(n_seqs, max_blocks)
+    seq = np.arange(n_seqs, dtype=np.int32)
+    pos = np.array([0, 63, 64, 200, 383], np.int32)
+    rows = n_seqs * max_blocks * KV_BLOCK
+    k_cache = rng.standard_normal((rows, n_kv, hd)).astype(np.float16)
+    v_cache = rng.standard_normal((rows, n_kv, hd)).astype(np.float16)
+    q, k, v = randn(rng, n_seqs, n_head * hd), randn(rng, n_seqs, n_kv * hd), randn(rng, n_seqs, n_kv * hd)
+    sink = randn(rng, n_head, scale=2) if sinks else None
+    dk, dv, dpos = gpu.put(k_cache), gpu.put(v_cache), gpu.put(pos)
+    paging = gpu.paging(tables, seq, max_blocks * KV_BLOCK, batched=True)
+    gpu.attn.kv_store(dk, dv, gpu.put(k), gpu.put(v), dpos, paging)
+    attention.kv_store_ref(k_cache, v_cache, k, v, kv_rows(tables, seq, pos))
+    out = gpu.empty((n_seqs, n_head * hd))
+    gpu.attn.attention(gpu.put(q), dk, dv, dpos, 0.125, window, None if sink is None else gpu.put(sink),
+                       out, gpu.empty, paging)
+    ref = attention.paged_attention_ref(q, k_cache, v_cache, tables, seq, pos, 0.125, window, sink)
+    got = gpu.get(out)
+    for t in range(n_seqs):   # each row on its own: a row that read another sequence's keys shows
+        assert rel(got[t], ref[t]) < 1e-4
+
+
 def test_decode_attention_is_deterministic(gpu, rng):
     n_ctx, n_head, n_kv, hd = 2048, 14, 2, 64
     dk = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))
     dv = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))
     q, pos = gpu.put(randn(rng, 1, n_head * hd)), gpu.put(np.array([1999], np.int32))
+    paging = gpu.paging(contiguous_table(blocks_for(n_ctx)), [0], n_ctx)
     outs = []
     for _ in range(3):
         out = gpu.empty((1, n_head * hd))
-        gpu.attn.attention(q, dk, dv, pos, 0.125, 0, None, out, gpu.empty)
+        gpu.attn.attention(q, dk, dv, pos, 0.125, 0, None, out, gpu.empty, paging)
         outs.append(gpu.get(out).tobytes())
     assert outs[0] == outs[1] == outs[2]
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from orcd.gguf_file import ModelFile
 from orcd.errors import InvalidRequest
-from orcd.kvcache import KVCache
+from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table, kv_rows
 from orcd.ops import activation, attention, fused, llama_compat, matmul, moe, norm, rope, sampling
 from orcd.ops.rope import rope_ref
 from orcd.quant import FormatTable
@@ -105,9 +105,10 @@ class CpuOps:
         # rope: a RopeConfig applied to q and k first
         if rope is not None:
             q, k = rope_ref(q, pos, rope), rope_ref(k, pos, rope)
-        attention.kv_store_ref(cache.k[layer], cache.v[layer], k, v, pos)
-        return attention.attention_ref(q, cache.k[layer], cache.v[layer], pos, scale, window,
-                                       sinks, round_fp16=self.ggml_rounding)
+        seq = np.asarray(cache.seq)[:q.shape[0]]
+        attention.kv_store_ref(cache.k[layer], cache.v[layer], k, v, kv_rows(cache.tables, seq, pos))
+        return attention.paged_attention_ref(q, cache.k[layer], cache.v[layer], cache.tables, seq, pos,
+                                             scale, window, sinks, round_fp16=self.ggml_rounding)
 
 
 class CpuBackend:
@@ -135,10 +136,26 @@ class CpuBackend:
 
     def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                      head_dim_v: int | None = None) -> KVCache:
+        """One sequence's cache of n_ctx positions (consecutive blocks)."""
+        n_blocks = blocks_for(n_ctx)
+        pool = self.new_kv_pool(n_layer, n_blocks, n_head_kv, head_dim, head_dim_v)
+        return self.kv_view(pool, contiguous_table(n_blocks), np.zeros(n_blocks * KV_BLOCK, np.int32), n_ctx)
+
+    def new_kv_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
+                    head_dim_v: int | None = None) -> KVCache:
+        """K and V rows for n_blocks blocks of every layer (no tables yet)."""
         hd_v = head_dim_v or head_dim
-        k = [np.zeros((n_ctx, n_head_kv, head_dim), np.float16) for _ in range(n_layer)]
-        v = [np.zeros((n_ctx, n_head_kv, hd_v), np.float16) for _ in range(n_layer)]
-        return KVCache(k, v, n_ctx)
+        rows = n_blocks * KV_BLOCK
+        k = [np.zeros((rows, n_head_kv, head_dim), np.float16) for _ in range(n_layer)]
+        v = [np.zeros((rows, n_head_kv, hd_v), np.float16) for _ in range(n_layer)]
+        return KVCache(k, v, np.zeros((0, 0), np.int32), np.zeros(0, np.int32), 0)
+
+    @staticmethod
+    def kv_view(pool: KVCache, tables, seq, n_ctx: int, batched: bool = False) -> KVCache:
+        """The pool's rows seen through block tables [n_seqs, max_blocks] and the
+        sequence of each token of the next forwards."""
+        return KVCache(pool.k, pool.v, np.asarray(tables, np.int32), np.asarray(seq, np.int32), int(n_ctx),
+                       batched)
 
     def ids(self, ids) -> np.ndarray:
         return np.asarray(ids, dtype=np.int32)

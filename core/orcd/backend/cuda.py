@@ -24,7 +24,7 @@ from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  
 from orcd.backend.cuda_steps import DeviceSampling, PendingToken, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
-from orcd.kvcache import KVCache
+from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
 from orcd.ops import sampling
 
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
@@ -183,19 +183,28 @@ class CudaBackend:
                      head_dim_v: int | None = None) -> KVCache:
         """The pooled cache when the shape matches, else a new one (the old one freed
         first); all-or-nothing: VramOom leaves no part of it allocated."""
+        from orcd.cuda.memory import from_host
+
         hd_v = head_dim_v or head_dim
         key = (n_layer, n_ctx, n_head_kv, head_dim, hd_v)
         if self._kv is not None and self._kv_key == key:
             return self._kv
         self.free_kv_cache()
-        k_shape, v_shape = (n_ctx, n_head_kv, head_dim), (n_ctx, n_head_kv, hd_v)
+        n_blocks = blocks_for(n_ctx)          # one sequence holding consecutive blocks
+        rows = n_blocks * KV_BLOCK
+        k_shape, v_shape = (rows, n_head_kv, head_dim), (rows, n_head_kv, hd_v)
+        table, seq = contiguous_table(n_blocks), np.zeros(rows, np.int32)
         with self.alloc.transaction() as tx:
             ks = [tx.alloc(int(np.prod(k_shape)) * 2, "kv_cache") for _ in range(n_layer)]
             vs = [tx.alloc(int(np.prod(v_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+            tb, sb = tx.alloc(table.nbytes, "kv_cache"), tx.alloc(seq.nbytes, "kv_cache")
+        from_host(self.device, table, tb.ptr)
+        from_host(self.device, seq, sb.ptr)
         self._kv_bufs, self._kv_key = tx.buffers, key
-        f16 = np.dtype(np.float16)
+        f16, i32 = np.dtype(np.float16), np.dtype(np.int32)
         self._kv = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
-                           [DeviceTensor(b.ptr, v_shape, f16) for b in vs], n_ctx)
+                           [DeviceTensor(b.ptr, v_shape, f16) for b in vs],
+                           DeviceTensor(tb.ptr, table.shape, i32), DeviceTensor(sb.ptr, seq.shape, i32), n_ctx)
         return self._kv
 
     def free_kv_cache(self) -> None:

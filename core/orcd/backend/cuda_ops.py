@@ -205,13 +205,13 @@ class CudaOps:
         kc, vc = cache.k[layer], cache.v[layer]
         if rope is not None:
             q_rot = self._empty(q.shape)
-            self.b.attn.rope_kv_store(q, k, v, kc, vc, pos, self.b.rope_table(rope), q_rot)
+            self.b.attn.rope_kv_store(q, k, v, kc, vc, pos, self.b.rope_table(rope), q_rot, cache)
             q = q_rot
         else:
-            self.b.attn.kv_store(kc, vc, k, v, pos)
+            self.b.attn.kv_store(kc, vc, k, v, pos, cache)
         T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
         out = self._empty((T, q.shape[1] // hd * hd_v))
-        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty)
+        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
         return out
 
     def moe_add(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:

@@ -48,8 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read the API key from the first line of this file (default: none)")
     p.add_argument("--body-timeout-sec", type=float, default=30.0, metavar="S",
                    help="a request body must arrive within this (default 30; then 408)")
+    p.add_argument("--header-timeout-sec", type=float, default=10.0, metavar="S",
+                   help="a request's line and headers must arrive within this (default 10; "
+                        "then 408 and the connection is closed)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
-                   help="HTTP requests in progress at once; more get 503 (default 256)")
+                   help="HTTP requests in progress at once; more get 503 (default 256); as "
+                        "many connections may be sending headers, beyond that the oldest "
+                        "is closed")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the narration")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="a tokenizer.json to use instead of the GGUF vocabulary (default: the GGUF's)")
@@ -84,6 +89,8 @@ def validate(args) -> dict:
     api_key = _api_key(args)
     if not args.body_timeout_sec > 0:
         raise UsageError(f"--body-timeout-sec must be positive, got {args.body_timeout_sec}")
+    if not args.header_timeout_sec > 0:
+        raise UsageError(f"--header-timeout-sec must be positive, got {args.header_timeout_sec}")
     if args.max_connections < 1:
         raise UsageError(f"--max-connections must be 1 or more, got {args.max_connections}")
     if args.callback_url is not None and not args.callback_url.startswith(("http://", "https://")):
@@ -221,7 +228,8 @@ def run(args) -> int:
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
         kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
         callback_url=args.callback_url, api_key=checked["api_key"], log_prompts=args.log_prompts,
-        body_timeout_s=args.body_timeout_sec, max_connections=args.max_connections,
+        body_timeout_s=args.body_timeout_sec, header_timeout_s=args.header_timeout_sec,
+        max_connections=args.max_connections,
         residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer,
         served_model_name=args.served_model_name, chat_template=checked["chat_template"],
         public_url=f"http://{url_host}:{args.port}")

@@ -9,6 +9,12 @@
 // in a fixed order: deterministic, no atomics. Positions, and from them the
 // key count, are read from device memory, so the decode step is graph-capturable:
 // its grid covers the whole context and splits past the last key exit at once.
+//
+// The cache is paged (kvcache.py): position p of sequence s is row
+// kv_row(tables, max_blocks, s, p) of each layer's K and V, and each token of a
+// forward names its sequence (seq[t]). A decode split and a prefill key tile are
+// one block (KV_BLOCK keys), so each looks its block up once. A prefill forward
+// (T > 1 on the tensor cores) holds one sequence: seq[0].
 
 #include <cuda_fp16.h>
 
@@ -49,13 +55,20 @@ __device__ __forceinline__ int first_key(int p, int window) {
     return window > 0 ? max(0, p - window + 1) : 0;
 }
 
-// k, v: [T, n_kv * hd] fp32 -> caches [n_ctx, n_kv, hd] fp16 at rows pos[t].
+#define KV_BLOCK 64
+// The K/V row of position p of sequence s (kvcache.py's kv_rows).
+__device__ __forceinline__ size_t kv_row(const int* __restrict__ tables, int max_blocks, int s, int p) {
+    return (size_t)tables[(size_t)s * max_blocks + p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
+}
+
+// k, v: [T, n_kv * hd] fp32 -> caches [rows, n_kv, hd] fp16 at kv_row(seq[t], pos[t]).
 // grid (ceil(max(n_k, n_v) / 256), T), block 256.
 extern "C" __global__ void kv_store(__half* __restrict__ kc, __half* __restrict__ vc,
                                    const float* __restrict__ k, const float* __restrict__ v,
-                                   const int* __restrict__ pos, int n_k, int n_v) {
+                                   const int* __restrict__ pos, const int* __restrict__ tables,
+                                   int max_blocks, const int* __restrict__ seq, int n_k, int n_v) {
     const int t = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
-    const size_t row = (size_t)pos[t];
+    const size_t row = kv_row(tables, max_blocks, seq[t], pos[t]);
     if (i < n_k) kc[row * n_k + i] = __float2half_rn(k[(size_t)t * n_k + i]);
     if (i < n_v) vc[row * n_v + i] = __float2half_rn(v[(size_t)t * n_v + i]);
 }
@@ -76,14 +89,16 @@ __device__ __forceinline__ float rope_elem(const float* __restrict__ xr, int i, 
     return (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
 }
 
-// RoPE on q and k, then k and v into the fp16 cache at rows pos[t]: what
+// RoPE on q and k, then k and v into the fp16 cache at kv_row(seq[t], pos[t]): what
 // rope(q), rope(k) and kv_store do in three launches. q, q_out: [T, n_head * hd];
 // k: [T, n_kv * hd]; v: [T, n_kv * hd_v]; cos_t, sin_t: [n_pos, n_rot / 2].
 // grid (n_head + n_kv, T), block: any (threads stride over the head).
 extern "C" __global__ void rope_kv_store(const float* __restrict__ q, float* __restrict__ q_out,
                                         const float* __restrict__ k, const float* __restrict__ v,
                                         __half* __restrict__ kc, __half* __restrict__ vc,
-                                        const int* __restrict__ pos, const float* __restrict__ cos_t,
+                                        const int* __restrict__ pos, const int* __restrict__ tables,
+                                        int max_blocks, const int* __restrict__ seq,
+                                        const float* __restrict__ cos_t,
                                         const float* __restrict__ sin_t, int n_head, int n_kv, int hd,
                                         int hd_v, int n_rot, int neox, int n_pos) {
     const int t = blockIdx.y, h = blockIdx.x;
@@ -98,22 +113,24 @@ extern "C" __global__ void rope_kv_store(const float* __restrict__ q, float* __r
         return;
     }
     const int kvh = h - n_head;
+    const size_t row = kv_row(tables, max_blocks, seq[t], p);
     const float* kr = k + ((size_t)t * n_kv + kvh) * hd;
-    __half* kd = kc + ((size_t)p * n_kv + kvh) * hd;
+    __half* kd = kc + (row * n_kv + kvh) * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         kd[i] = __float2half_rn(rope_elem(kr, i, n_rot, neox, c, s));
     const float* vr = v + ((size_t)t * n_kv + kvh) * hd_v;
-    __half* vd = vc + ((size_t)p * n_kv + kvh) * hd_v;
+    __half* vd = vc + (row * n_kv + kvh) * hd_v;
     for (int i = threadIdx.x; i < hd_v; i += blockDim.x) vd[i] = __float2half_rn(vr[i]);
 }
 
-// q: [T, n_head * hd]; kc: [n_ctx, n_kv, hd]; vc: [n_ctx, n_kv, hd_v]; pos: [T];
+// q: [T, n_head * hd]; kc: [rows, n_kv, hd]; vc: [rows, n_kv, hd_v]; pos, seq: [T];
 // sinks: [n_head] or null; out: [T, n_head * hd_v] (n_splits == 1);
 // part: [T, n_head, n_splits, hd_v + 2] (n_splits > 1).
 // grid (n_head, n_splits, T), block ATT_TILE.
 extern "C" __global__ void __launch_bounds__(ATT_TILE)
 attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
-         const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out,
+         const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
+         const int* __restrict__ seq, const float* __restrict__ sinks, float* __restrict__ out,
          float* __restrict__ part, int n_head, int n_kv, int hd, int hd_v, float scale, int window,
          int keys_per_split, int n_splits) {
     __shared__ float qs[ATT_MAX_HD];
@@ -122,7 +139,7 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
     __shared__ float red[ATT_TILE / 32];
     const int h = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
     const int kvh = h / (n_head / n_kv);
-    const int p = pos[t];
+    const int p = pos[t], sq = seq[t];
     const int lo = max(first_key(p, window), split * keys_per_split);
     const int hi = min(p + 1, (split + 1) * keys_per_split);  // exclusive
     if (lo >= hi) return;  // only with several splits: attn_combine skips this one
@@ -146,7 +163,7 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
         const int j = j0 + tid;
         float s = NEG_INF;
         if (j < hi) {
-            const __half2* kr = reinterpret_cast<const __half2*>(kh + (size_t)j * k_stride);
+            const __half2* kr = reinterpret_cast<const __half2*>(kh + kv_row(tables, max_blocks, sq, j) * k_stride);
             float dot = 0.f;
             for (int d = 0; d < hd / 2; ++d) {
                 const float2 kf = __half22float2(kr[d]);
@@ -163,7 +180,7 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
         if (pv_active) {
             float a0 = 0.f, a1 = 0.f;
             for (int jj = g; jj < n_tile; jj += n_grp) {
-                const __half* vr = vh + (size_t)(j0 + jj) * v_stride;
+                const __half* vr = vh + kv_row(tables, max_blocks, sq, j0 + jj) * v_stride;
                 a0 += ps[jj] * __half2float(vr[d0]);
                 if (two_dims) a1 += ps[jj] * __half2float(vr[d0 + ATT_TILE]);
             }
@@ -207,23 +224,29 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
 // memory up front (every global load in flight together, coalesced), then
 // scores, a per-head softmax and P.V from shared memory, and writes the same
 // partials as attn_fwd (o unnormalised, m, l) for attn_combine.
-// q: [1, n_head * hd]; part: [1, n_head, n_splits, hd + 2]; n keys <= keys_per_split.
+// q: [T, n_head * hd], one row per token, each of its own sequence (seq[t]) at
+// pos[t] (a batch of decodes); part: [T, n_head, n_splits, hd + 2]; kps == KV_BLOCK,
+// so a split's keys are one block of the cache.
 // Dynamic shared memory: q [G][hd] f32, p [G][kps] f32, K [kps][hd + 2] f16
 // (rows padded: conflict-free per-key reads), V [kps][hd] f16.
-// grid (n_kv, n_splits), block DEC_THREADS.
+// grid (n_kv, n_splits, T), block DEC_THREADS.
 #define DEC_THREADS 256
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
-            const int* __restrict__ pos, float* __restrict__ part, int n_head, int n_kv, int hd,
+            const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
+            const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
             float scale, int window, int kps, int n_splits) {
     extern __shared__ float smem[];
-    const int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
     const int G = n_head / n_kv, hd2 = hd / 2;
-    const int p = pos[0];
+    const int p = pos[t];
     const int lo = max(first_key(p, window), split * kps);
     const int hi = min(p + 1, (split + 1) * kps);  // exclusive
     if (lo >= hi) return;  // attn_combine skips this split
     const int n = hi - lo;
+    const size_t row0 = kv_row(tables, max_blocks, seq[t], lo);   // the split's keys: rows row0 .. + n
+    q += (size_t)t * n_head * hd;
+    part += (size_t)t * n_head * n_splits * (hd + 2);
     float* qs = smem;                                   // [G][hd]
     float* ps = qs + G * hd;                            // [G][kps]
     __half2* ks = (__half2*)(ps + G * kps);             // [kps][hd2 + 1]
@@ -235,7 +258,7 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
     const __half2* v2 = (const __half2*)vc;
     for (int i = tid; i < n * hd2; i += DEC_THREADS) {
         const int j = i / hd2, d = i - j * hd2;
-        const size_t src = ((size_t)(lo + j) * n_kv + kvh) * hd2 + d;
+        const size_t src = ((row0 + j) * n_kv + kvh) * hd2 + d;
         ks[j * (hd2 + 1) + d] = k2[src];
         vs[j * hd2 + d] = v2[src];
     }
@@ -359,16 +382,16 @@ __device__ __forceinline__ u32 two_halves(const __half* lo, const __half* hi) {
     return (u32)__half_as_ushort(*lo) | ((u32)__half_as_ushort(*hi) << 16);
 }
 
-// Copy rows [j0, j0 + PF_BK) of one KV head of a cache (row stride `stride`
-// halves, width w, a multiple of 8) into shared memory (ld halves); rows at or
-// past `end` are zero.
+// Copy the first `valid` of PF_BK consecutive cache rows from `src` (one KV head's
+// columns of a block's first row; row stride `stride` halves, width w, a multiple of
+// 8) into shared memory (ld halves); the rows after them are zero.
 __device__ __forceinline__ void load_kv_tile(__half* dst, int ld, const __half* __restrict__ src,
-                                             size_t stride, int w, int j0, int end) {
+                                             size_t stride, int w, int valid) {
     const int per_row = w / 8;
     for (int i = threadIdx.x; i < PF_BK * per_row; i += PF_THREADS) {
         const int r = i / per_row, c = (i % per_row) * 8;
         uint4 val = make_uint4(0, 0, 0, 0);
-        if (j0 + r < end) val = *reinterpret_cast<const uint4*>(src + (size_t)(j0 + r) * stride + c);
+        if (r < valid) val = *reinterpret_cast<const uint4*>(src + (size_t)r * stride + c);
         *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
     }
 }
@@ -377,6 +400,8 @@ __device__ __forceinline__ void load_kv_tile(__half* dst, int ld, const __half* 
 template <int HDV>
 __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __half* __restrict__ kc,
                                            const __half* __restrict__ vc, const int* __restrict__ pos,
+                                           const int* __restrict__ tables, int max_blocks,
+                                           const int* __restrict__ seq,
                                            const float* __restrict__ sinks, float* __restrict__ out,
                                            int T, int n_head, int n_kv, int hd, float scale, int window) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
@@ -415,9 +440,11 @@ __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __
     for (int n = 0; n < HDV / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float ma = NEG_INF, mb = NEG_INF, la = 0.f, lb = 0.f;
 
-    for (int j0 = lo; j0 < hi; j0 += PF_BK) {
-        load_kv_tile(Ks, ldq, kc + (size_t)kvh * hd, (size_t)n_kv * hd, hd, j0, hi);
-        load_kv_tile(Vs, ldv, vc + (size_t)kvh * HDV, (size_t)n_kv * HDV, HDV, j0, hi);
+    const int sq = seq[0];
+    for (int j0 = lo / PF_BK * PF_BK; j0 < hi; j0 += PF_BK) {   // tiles = cache blocks
+        const size_t row0 = kv_row(tables, max_blocks, sq, j0);
+        load_kv_tile(Ks, ldq, kc + (row0 * n_kv + kvh) * hd, (size_t)n_kv * hd, hd, hi - j0);
+        load_kv_tile(Vs, ldv, vc + (row0 * n_kv + kvh) * HDV, (size_t)n_kv * HDV, HDV, hi - j0);
         __syncthreads();
 
         float s[PF_BK / 8][4];
@@ -519,9 +546,11 @@ __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __
 #define PREFILL_TC(HDV)                                                                                  \
     extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_tc_v##HDV(                      \
         const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,       \
-        const int* __restrict__ pos, const float* __restrict__ sinks, float* __restrict__ out, int T,    \
+        const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,                     \
+        const int* __restrict__ seq, const float* __restrict__ sinks, float* __restrict__ out, int T,    \
         int n_head, int n_kv, int hd, float scale, int window) {                                         \
-        prefill_tc<HDV>(q, kc, vc, pos, sinks, out, T, n_head, n_kv, hd, scale, window);                 \
+        prefill_tc<HDV>(q, kc, vc, pos, tables, max_blocks, seq, sinks, out, T, n_head, n_kv, hd, scale, \
+                        window);                                                                         \
     }
 PREFILL_TC(64)
 PREFILL_TC(96)

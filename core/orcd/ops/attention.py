@@ -8,17 +8,34 @@ import numpy as np
 
 
 def kv_store_ref(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
-                 pos: np.ndarray) -> None:
-    # k_cache, v_cache: [n_ctx, n_kv, hd] fp16; k, v: [T, n_kv * hd]
+                 rows: np.ndarray) -> None:
+    # k_cache, v_cache: [n_rows, n_kv, hd] fp16; k, v: [T, n_kv * hd] -> at rows (kvcache.kv_rows)
     n_kv, hd = k_cache.shape[1], k_cache.shape[2]
-    k_cache[pos] = k.reshape(-1, n_kv, hd).astype(np.float16)
-    v_cache[pos] = v.reshape(-1, n_kv, v_cache.shape[2]).astype(np.float16)
+    k_cache[rows] = k.reshape(-1, n_kv, hd).astype(np.float16)
+    v_cache[rows] = v.reshape(-1, n_kv, v_cache.shape[2]).astype(np.float16)
+
+
+def paged_attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tables: np.ndarray,
+                        seq: np.ndarray, pos: np.ndarray, scale: float, window: int = 0,
+                        sinks: np.ndarray | None = None, round_fp16: bool = False) -> np.ndarray:
+    """attention_ref for tokens of several sequences: token t (of sequence seq[t], at
+    pos[t]) attends over its own sequence's keys, found through its block table."""
+    from orcd.kvcache import kv_rows
+
+    seq, pos = np.asarray(seq), np.asarray(pos)
+    out = np.empty((q.shape[0], q.shape[1] // k_cache.shape[2] * v_cache.shape[2]), np.float32)
+    for s in np.unique(seq):
+        ts = np.flatnonzero(seq == s)
+        n_keys = int(pos[ts].max()) + 1
+        rows = kv_rows(tables, np.full(n_keys, s), np.arange(n_keys))
+        out[ts] = attention_ref(q[ts], k_cache[rows], v_cache[rows], pos[ts], scale, window, sinks, round_fp16)
+    return out
 
 
 def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: np.ndarray,
                   scale: float, window: int = 0, sinks: np.ndarray | None = None,
                   round_fp16: bool = False) -> np.ndarray:
-    """q: [T, n_head * hd] at positions ``pos``; keys 0..pos[-1] are in the cache.
+    """q: [T, n_head * hd] at positions ``pos``; keys 0..max(pos) are in the cache.
 
     A key at position p0 is visible to a query at p1 when p0 <= p1 and, with a
     window, p1 - p0 < window. ``sinks`` [n_head] adds one logit per head that
@@ -32,7 +49,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
     hd_v = v_cache.shape[2]
     n_head = q.shape[1] // hd
     group = n_head // n_kv
-    n_keys = int(pos[-1]) + 1
+    n_keys = int(np.max(pos)) + 1
     K = k_cache[:n_keys].astype(np.float32)                      # [S, n_kv, hd]
     V = v_cache[:n_keys].astype(np.float32)                      # [S, n_kv, hd_v]
     if round_fp16:
@@ -71,7 +88,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
 # Measured on an H200 (qwen2-0.5b shape, decode graph replay at position 600):
 # 256 keys per split 2.50 ms/step, 128 1.83, 64 1.55 -- each block's tile loop
 # is latency-bound, so more, shorter splits win; the combine stays cheap.
-DECODE_KEYS_PER_SPLIT = 64
+DECODE_KEYS_PER_SPLIT = 64    # == kvcache.KV_BLOCK: a split reads one block of the paged cache
 ATT_TILE = 128
 ATT_MAX_HD = 256
 DEC_THREADS = 256   # attn_decode: one block per (KV head, split) serves the query-head group
@@ -92,9 +109,18 @@ def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
     return n_ctx, 1
 
 
+def paging_args(cache) -> list:
+    """The kernels' view of a paged cache (kvcache.KVCache on the device): block
+    tables, their row length, each token's sequence."""
+    return [np.uint64(cache.tables.ptr), int(cache.tables.shape[1]), np.uint64(cache.seq.ptr)]
+
+
 class AttentionKernels:
+    """Kernels on a paged KV cache (kvcache.py): every call takes the KVCache view
+    ``paging`` (its tables and seq; the layer's K/V tensors come apart)."""
 
     SOURCE = "attention.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+
     def __init__(self, device, compiler, launcher) -> None:
         from orcd.cuda.nvrtc import KernelSource
 
@@ -107,17 +133,17 @@ class AttentionKernels:
         self._decode = module.function("attn_decode")
         self._launch = launcher
 
-    def kv_store(self, k_cache, v_cache, k, v, pos) -> None:
-        # caches: [n_ctx, n_kv, hd] fp16; k, v: [T, n_kv * hd] f32; pos: [T] int32
+    def kv_store(self, k_cache, v_cache, k, v, pos, paging) -> None:
+        # caches: [rows, n_kv, hd] fp16; k, v: [T, n_kv * hd] f32; pos: [T] int32 (their rows: paging)
         T = k.shape[0]
         n_k = k_cache.shape[1] * k_cache.shape[2]
         n_v = v_cache.shape[1] * v_cache.shape[2]
         self._launch(self._store, (-(-max(n_k, n_v) // 256), T), 256,
                      [np.uint64(k_cache.ptr), np.uint64(v_cache.ptr), np.uint64(k.ptr),
-                      np.uint64(v.ptr), np.uint64(pos.ptr), n_k, n_v])
+                      np.uint64(v.ptr), np.uint64(pos.ptr), *paging_args(paging), n_k, n_v])
 
-    def rope_kv_store(self, q, k, v, k_cache, v_cache, pos, table, q_out) -> None:
-        """q_out = rope(q); rope(k) and v into the caches at rows pos (one launch).
+    def rope_kv_store(self, q, k, v, k_cache, v_cache, pos, table, q_out, paging) -> None:
+        """q_out = rope(q); rope(k) and v into the caches at the tokens' rows (one launch).
         q, q_out: [T, n_head * hd]; k, v: [T, n_kv * hd(_v)] f32; table: a RopeTable."""
         T = q.shape[0]
         _, n_kv, hd = k_cache.shape
@@ -128,35 +154,39 @@ class AttentionKernels:
         self._launch(self._rope_store, (n_head + n_kv, T), threads,
                      [np.uint64(q.ptr), np.uint64(q_out.ptr), np.uint64(k.ptr), np.uint64(v.ptr),
                       np.uint64(k_cache.ptr), np.uint64(v_cache.ptr), np.uint64(pos.ptr),
+                      *paging_args(paging),
                       np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), n_head, n_kv, hd, hd_v,
                       cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])
 
     def attention(self, q, k_cache, v_cache, pos, scale: float, window: int, sinks, out,
-                  empty) -> None:
+                  empty, paging) -> None:
         """out [T, n_head * hd_v] = attention of q [T, n_head * hd] over the cache;
-        ``empty(shape)`` gives scratch for the decode splits' partials."""
-        n_ctx, n_kv, hd = k_cache.shape
+        ``empty(shape)`` gives scratch for the decode splits' partials. ``paging``
+        (the KVCache view): with ``paging.batched`` each token is one decode of its
+        own sequence, else the tokens are consecutive positions of one sequence."""
+        _, n_kv, hd = k_cache.shape
+        n_ctx = paging.n_ctx
         hd_v = v_cache.shape[2]
         T = q.shape[0]
         n_head = q.shape[1] // hd
         if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
             raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
-        if T == 1 and hd == hd_v:
-            self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty)
+        if (T == 1 or paging.batched) and hd == hd_v:
+            self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging)
             return
-        if T > 1 and hd % 16 == 0 and hd_v in PF_HEAD_DIMS:   # 64-row tiles on the tensor cores
+        if T > 1 and not paging.batched and hd % 16 == 0 and hd_v in PF_HEAD_DIMS:   # tensor cores
             self._launch(self._prefill_tc[hd_v], (-(-T // PF_BQ), n_head), PF_THREADS,
                          [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
-                          np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
+                          np.uint64(pos.ptr), *paging_args(paging), np.uint64(0 if sinks is None else sinks.ptr),
                           np.uint64(out.ptr), T, n_head, n_kv, hd, float(scale), int(window)],
                          shared=prefill_smem_bytes(hd, hd_v))
             return
-        kps, n_splits = split_plan(T, n_ctx)
+        kps, n_splits = split_plan(1 if paging.batched else T, n_ctx)
         part = empty((T, n_head, n_splits, hd_v + 2)) if n_splits > 1 else None
         sink = np.uint64(0 if sinks is None else sinks.ptr)
         self._launch(self._fwd, (n_head, n_splits, T), ATT_TILE,
                      [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
-                      np.uint64(pos.ptr), sink, np.uint64(out.ptr),
+                      np.uint64(pos.ptr), *paging_args(paging), sink, np.uint64(out.ptr),
                       np.uint64(0 if part is None else part.ptr), n_head, n_kv, hd, hd_v,
                       float(scale), int(window), kps, n_splits])
         if part is not None:
@@ -164,19 +194,20 @@ class AttentionKernels:
                          [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr),
                           n_head, hd_v, int(window), kps, n_splits])
 
-    def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty) -> None:
-        # one query row: attn_decode per (KV head, split), then attn_combine (always)
-        n_ctx, n_kv, hd = k_cache.shape
-        n_head = q.shape[1] // hd
-        kps = DECODE_KEYS_PER_SPLIT
-        n_splits = -(-n_ctx // kps)
+    def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging) -> None:
+        # T query rows, each one decode of its sequence: attn_decode per (KV head, split,
+        # row), then attn_combine (always)
+        _, n_kv, hd = k_cache.shape
+        T, n_head = q.shape[0], q.shape[1] // hd
+        kps = DECODE_KEYS_PER_SPLIT                  # == KV_BLOCK: a split is one block
+        n_splits = -(-paging.n_ctx // kps)
         group = n_head // n_kv
-        part = empty((1, n_head, n_splits, hd + 2))
+        part = empty((T, n_head, n_splits, hd + 2))
         shared = 4 * group * (hd + kps) + 2 * kps * (2 * hd + 2)
-        self._launch(self._decode, (n_kv, n_splits), DEC_THREADS,
+        self._launch(self._decode, (n_kv, n_splits, T), DEC_THREADS,
                      [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
-                      np.uint64(pos.ptr), np.uint64(part.ptr), n_head, n_kv, hd, float(scale),
-                      int(window), kps, n_splits], shared=shared)
-        self._launch(self._combine, (n_head, 1), 128,
+                      np.uint64(pos.ptr), *paging_args(paging), np.uint64(part.ptr), n_head, n_kv, hd,
+                      float(scale), int(window), kps, n_splits], shared=shared)
+        self._launch(self._combine, (n_head, T), 128,
                      [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
                       np.uint64(out.ptr), n_head, hd, int(window), kps, n_splits])

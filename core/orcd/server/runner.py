@@ -18,6 +18,7 @@ import sys
 import uvicorn
 
 from orcd.server.app import begin_shutdown, create_app, hurry_shutdown
+from orcd.server.protocol import HeaderWatch
 from orcd.server.state import ServerConfig, ServerState
 
 
@@ -27,6 +28,7 @@ class WorkerServer(uvicorn.Server):
         self.state = state
         self.signals: list[int] = []
         self.hurried = False
+        self.header_watch: HeaderWatch | None = None   # set by build_server
 
     def handle_exit(self, sig: int, frame) -> None:
         # Runs inside a signal handler: only record; the event loop acts on it in on_tick.
@@ -48,15 +50,20 @@ def build_server(config: ServerConfig, host: str, port: int, **app_options) -> W
     config = dataclasses.replace(config, bind_host=host)
     app = create_app(config, **app_options)
     state: ServerState = app.state.orcd
+    # requests in progress are limited by the gate; connections still sending headers here
+    headers = HeaderWatch(config.header_timeout_s, config.max_connections, state.narrator)
     uv = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                        lifespan="on", timeout_graceful_shutdown=config.shutdown_deadline_s + 5)
+                        lifespan="on", timeout_graceful_shutdown=config.shutdown_deadline_s + 5,
+                        http=headers.protocol())
     server = WorkerServer(uv, state)
+    server.header_watch = headers
     state.request_exit = lambda: setattr(server, "should_exit", True)
     return server
 
 
 def serve(config: ServerConfig, host: str, port: int) -> int:
-    _raise_open_file_limit(config.max_connections + 256)
+    # requests in progress, as many connections still sending headers, and some to spare
+    _raise_open_file_limit(2 * config.max_connections + 256)
     server = build_server(config, host, port)
     server.run()
     err = server.state.load_error

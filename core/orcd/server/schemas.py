@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from orcd.errors import InvalidRequest
 
@@ -18,8 +19,17 @@ MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_ST
 MAX_JSON_DEPTH = 64      # deeper bodies are refused before anything walks them
 MAX_LOGIT_BIAS = 1024    # logit_bias entries per request
 UINT64_MAX = 2**64 - 1
+#: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
+#: float32 logits by a smaller one overflows them or divides by zero
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0),
+                        AfterValidator(lambda t: 0.0 if t < GREEDY_BELOW_TEMPERATURE else t)]
+#: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
+#: seen, so it must stay far from float32's smallest numbers as well
+MIN_REPETITION_PENALTY = 1e-5
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2.0)]
 
 
 def _check_stops(v: list[str]) -> list[str]:
@@ -39,11 +49,11 @@ class ExecuteRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: Optional[int] = Field(default=None, ge=1)  # at most --max-tokens-out (the app)
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=0)   # upper bound (vocab size) checked by the app
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=2.0)  # 0 divides by 0
+    repetition_penalty: Optional[RepetitionPenalty] = None
     stop: list[StopString] = Field(default_factory=list)
     seed: Optional[int] = Field(default=None, ge=0, le=UINT64_MAX)
 
@@ -75,7 +85,7 @@ class _OpenAIBase(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     n: Optional[int] = Field(default=1, ge=1)     # > 1: a 400 (openai_request.check_refused)
     stream: bool = False
@@ -85,7 +95,7 @@ class _OpenAIBase(BaseModel):
     # llama-server extensions
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=2.0)  # 0 divides by 0
+    repetition_penalty: Optional[RepetitionPenalty] = None
     # OpenAI's (orcd.ops.sampling says where each applies)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)

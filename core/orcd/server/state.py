@@ -5,7 +5,9 @@ the event loop."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,10 @@ CHARS_PER_CONTEXT_TOKEN = 8
 #: threads that parse, render and tokenize requests (off the event loop; bounded,
 #: so a flood of large bodies queues here instead of holding memory in parallel)
 PREP_THREADS = 2
+#: the prep threads' nice value (Linux: per thread): tokenizing runs without the GIL
+#: and can fill every core, so the OS must prefer the event loop and the inference
+#: thread whenever they have work
+PREP_NICE = 10
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ServerConfig:
     public_url: str | None = None       # where this worker is reachable (for the callback)
     bind_host: str = "127.0.0.1"        # on loopback, only loopback Host names are answered
     body_timeout_s: float = 30.0        # the whole request body must arrive within this
+    header_timeout_s: float = 10.0      # the request line and headers must arrive within this
     max_connections: int = 256          # HTTP requests in progress at once (beyond: 503)
     served_model_name: str | None = None   # the /v1 name (default: model_ref), vLLM's flag
     chat_template: str | None = None    # a template's source replacing the GGUF's
@@ -84,7 +91,8 @@ class ServerState:
         self.request_exit: Callable[[], None] = lambda: None   # set by whoever runs uvicorn
         self.shutdown_task: asyncio.Task | None = None
         self.last_residency_check = float("-inf")
-        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="orcd-prep")
+        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="orcd-prep",
+                                       initializer=_lower_priority)
         self._grammars: Any = None
         self._grammars_lock = threading.Lock()
 
@@ -202,6 +210,17 @@ class ServerState:
                   constraint=p.constraint, arrived=p.arrived)
         self.worker.submit(job)
         return stream
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (a prep thread) a lower CPU priority than the rest."""
+    if sys.platform == "linux":   # elsewhere PRIO_PROCESS would name the whole process
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
+                                                     + PREP_NICE))
+        except OSError:
+            pass
 
 
 @dataclass

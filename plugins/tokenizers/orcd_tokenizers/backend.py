@@ -97,9 +97,11 @@ def _rstrip_re(texts: tuple[str, ...]) -> re.Pattern | None:
 
 
 def _encode_one(tok: HFTok, text: str, add_special_tokens: bool) -> list[int]:
-    # encode_batch releases the GIL while it works (encode holds it: a 1 MB prompt
-    # would freeze the server's event loop for a second); the ids are the same
-    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    # encode_batch* release the GIL while they work (encode holds it: a 1 MB prompt
+    # would freeze the server's event loop for a second); the ids are the same. The
+    # _fast one computes no offsets, and its Encoding is ~15x cheaper to free: freeing
+    # encode_batch's for 200k tokens held the GIL for ~8 ms
+    return tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 class HFBackedTokenizer:
