@@ -65,9 +65,16 @@ class CpuOps:
         self._round = {"none": None, "ggml-cpu": llama_compat.round_activation,
                        "int8": llama_compat.round_int8}[activation_rounding]
 
+    #: a batch of decodes (forward_batch with batched=True) computes every row on its own,
+    #: so a request's tokens do not depend on which others share its step (BLAS sums a
+    #: matrix product and a matrix-vector product in different orders)
+    per_row = False
+
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
         if self._round is not None:
             x = self._round(x, getattr(w, "fmt", None))
+        if self.per_row and x.shape[0] > 1:
+            return np.concatenate([matmul.linear_ref(x[i:i + 1], np.asarray(w), b) for i in range(x.shape[0])])
         return matmul.linear_ref(x, np.asarray(w), b)
 
     # fused ops: compositions of the single ones (orcd.ops.fused), through self.linear
@@ -149,6 +156,27 @@ class CpuBackend:
         k = [np.zeros((rows, n_head_kv, head_dim), np.float16) for _ in range(n_layer)]
         v = [np.zeros((rows, n_head_kv, hd_v), np.float16) for _ in range(n_layer)]
         return KVCache(k, v, np.zeros((0, 0), np.int32), np.zeros(0, np.int32), 0)
+
+    def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
+                      last_only: bool):
+        """One forward over ``pool`` (new_kv_pool) seen through ``tables`` [n_seqs,
+        max_blocks]: T tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints).
+        ``batched``: one decode per sequence (logits for every row); else one
+        sequence's consecutive positions (``last_only``: the last row's logits)."""
+        view = self.kv_view(pool, tables, seq, n_ctx, batched)
+        self.ops.per_row = batched
+        try:
+            return model.forward(self.ops, self.ids(ids), np.asarray(pos, np.int32), view, last_only=last_only)
+        finally:
+            self.ops.per_row = False
+
+    def free_kv_pool(self, pool: KVCache) -> None:
+        pass   # numpy memory: freed with the last reference
+
+    @staticmethod
+    def row(logits, i: int):
+        """Row i of a forward's logits [T, n_vocab], as ``sample`` takes it."""
+        return logits[i:i + 1]
 
     @staticmethod
     def kv_view(pool: KVCache, tables, seq, n_ctx: int, batched: bool = False) -> KVCache:

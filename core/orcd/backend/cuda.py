@@ -83,6 +83,7 @@ class CudaBackend:
         self.sm = self.device.info.arch
         self.graphs = graphs
         self.steps = None
+        self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = None
         self._kv_bufs: list = []
         self._rope: dict = {}
@@ -201,11 +202,57 @@ class CudaBackend:
         from_host(self.device, table, tb.ptr)
         from_host(self.device, seq, sb.ptr)
         self._kv_bufs, self._kv_key = tx.buffers, key
+        self._positions = max(self._positions, rows)
         f16, i32 = np.dtype(np.float16), np.dtype(np.int32)
         self._kv = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
                            [DeviceTensor(b.ptr, v_shape, f16) for b in vs],
                            DeviceTensor(tb.ptr, table.shape, i32), DeviceTensor(sb.ptr, seq.shape, i32), n_ctx)
         return self._kv
+
+    def new_kv_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
+                    head_dim_v: int | None = None) -> KVCache:
+        """K and V rows for n_blocks blocks of every layer, for forward_batch; all or
+        nothing (VramOom leaves nothing allocated); free_kv_pool gives them back."""
+        hd_v = head_dim_v or head_dim
+        rows = n_blocks * KV_BLOCK
+        k_shape, v_shape = (rows, n_head_kv, head_dim), (rows, n_head_kv, hd_v)
+        with self.alloc.transaction() as tx:
+            ks = [tx.alloc(int(np.prod(k_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+            vs = [tx.alloc(int(np.prod(v_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+        f16 = np.dtype(np.float16)
+        pool = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
+                       [DeviceTensor(b.ptr, v_shape, f16) for b in vs], None, None, rows)
+        pool.buffers = tx.buffers
+        self._positions = max(self._positions, rows)
+        return pool
+
+    def free_kv_pool(self, pool: KVCache) -> None:
+        self.device.synchronize()   # no kernel may still read it
+        for buf in getattr(pool, "buffers", ()):
+            self.alloc.free(buf)
+        pool.buffers = []
+
+    def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
+                      last_only: bool) -> DeviceTensor:
+        """One forward over ``pool`` seen through ``tables`` [n_seqs, max_blocks]: T
+        tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend."""
+        while True:
+            self.scratch.reset()
+            self.io.reset()
+            view = KVCache(pool.k, pool.v, self._io(np.asarray(tables, np.int32)),
+                           self._io(np.asarray(seq, np.int32).reshape(-1)), int(n_ctx), batched)
+            self.ops.per_row = batched
+            try:
+                return model.forward(self.ops, self.ids(ids), self._io(np.asarray(pos, np.int32).reshape(-1)),
+                                     view, last_only=last_only)
+            except ScratchFull as e:
+                self._grow_scratch(e.args[0])
+            finally:
+                self.ops.per_row = False
+
+    @staticmethod
+    def row(logits: DeviceTensor, i: int) -> DeviceTensor:
+        return logits.rows(i, i + 1)
 
     def free_kv_cache(self) -> None:
         self._drop_graph()
@@ -220,9 +267,9 @@ class CudaBackend:
         from orcd.cuda.memory import from_host
         from orcd.ops.rope import RopeTable
 
-        if self._kv is None:
-            raise InvalidRequest("rope needs a KV cache: call new_kv_cache first")
-        n_pos = self._kv.n_ctx
+        if not self._positions:
+            raise InvalidRequest("rope needs a KV cache: call new_kv_cache or new_kv_pool first")
+        n_pos = self._positions
         table = self._rope.get(cfg)
         if table is None or table.n_pos < n_pos:
             if table is not None:

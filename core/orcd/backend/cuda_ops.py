@@ -70,10 +70,20 @@ class Scratch:
 
 
 class CudaOps:
-    """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch."""
+    """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch.
+
+    ``per_row`` (a batch of decodes, CudaBackend.forward_batch): no single-token fused
+    kernels, so a row is computed by the same kernels whether its batch holds one
+    sequence or sixteen (the GEMVs and attention sum each row on its own): a
+    request's tokens do not depend on which others share its steps."""
+
+    per_row = False
 
     def __init__(self, backend: "CudaBackend") -> None:
         self.b = backend
+
+    def _fused_ok(self, x, ws) -> bool:
+        return not self.per_row and self.b.fused.supports(x, ws)
 
     def _empty(self, shape, dtype=np.float32) -> DeviceTensor:
         return self.b.scratch.empty(shape, dtype)
@@ -89,7 +99,15 @@ class CudaOps:
         return out
 
     def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
-        out = self._empty((x.shape[0], w.shape[0]))               # [T, n_out]
+        from orcd.ops.matmul import GEMV_MAX_T
+
+        T = x.shape[0]
+        out = self._empty((T, w.shape[0]))                        # [T, n_out]
+        if self.per_row and T > GEMV_MAX_T:   # GEMVs of 8 rows, never the GEMM: rows summed alike
+            for s in range(0, T, GEMV_MAX_T):
+                e = min(T, s + GEMV_MAX_T)
+                self.b.mm.linear(x.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
+            return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
         return out
 
@@ -109,7 +127,7 @@ class CudaOps:
 
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
         bs = tuple(bs) if bs is not None else (None,) * len(ws)
-        if self.b.fused.supports(x, ws):
+        if self._fused_ok(x, ws):
             outs = tuple(self._empty((1, w.shape[0])) for w in ws)   # [1, n_out_i] each
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.linear_multi(xa, ws, bs, outs, norm)
@@ -120,7 +138,7 @@ class CudaOps:
     def gated_linear(self, x, w_gate, w_up=None, norm=None) -> DeviceTensor:
         n_ff = w_gate.shape[0] // 2 if w_up is None else w_gate.shape[0]
         ws = (w_gate,) if w_up is None else (w_gate, w_up)
-        if self.b.fused.supports(x, ws):
+        if self._fused_ok(x, ws):
             out = self._empty((1, n_ff))                               # [1, n_ff]
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.gated_linear(xa, w_gate, w_up, out, norm)
@@ -133,7 +151,7 @@ class CudaOps:
         return self.swiglu(gate, up)
 
     def linear_add(self, a, w, residual, b=None) -> DeviceTensor:
-        if self.b.fused.supports(a, (w,)):
+        if self._fused_ok(a, (w,)):
             out = self._empty(residual.shape)                          # [1, n_out]
             self.b.fused.linear_add(self._fused_act(a, (w,), None)[0], w, residual, b, out)
             return out
@@ -218,7 +236,7 @@ class CudaOps:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
         # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
         T, D = x.shape
-        if T != 1 or norm is None or not self._moe_fused(ex, n_used):
+        if T != 1 or norm is None or self.per_row or not self._moe_fused(ex, n_used):
             h = x if norm is None else self.rms_norm(x, *norm)
             return self.add(x, self.moe(h, ex, n_used, alpha, limit))
         n_ff = ex.gate_w.shape[1]
