@@ -15,6 +15,13 @@ import numpy as np
 
 from orcd.errors import ModelLoadFailed
 
+#: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
+#: float32 logits by a smaller one overflows them or divides by zero
+GREEDY_BELOW_TEMPERATURE = 1e-5
+#: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
+#: seen, so it must stay far from float32's smallest numbers as well
+MIN_REPETITION_PENALTY = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -31,7 +38,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @classmethod
     def resolve(cls, defaults: Mapping[str, Any], seed: int | None = None,
@@ -53,7 +60,7 @@ GGUF_SAMPLING_KEYS: Mapping[str, tuple[str, type, float, float]] = MappingProxyT
     "top_k": ("general.sampling.top_k", int, 0, 2**31 - 1),
     "top_p": ("general.sampling.top_p", float, 0.0, 1.0),
     "min_p": ("general.sampling.min_p", float, 0.0, 1.0),
-    "repetition_penalty": ("general.sampling.penalty_repeat", float, 0.0, 2.0),
+    "repetition_penalty": ("general.sampling.penalty_repeat", float, MIN_REPETITION_PENALTY, 2.0),
 })
 
 
@@ -207,7 +214,9 @@ class CudaSampler:
         from orcd.cuda.memory import from_host_async
 
         a = self._args_host
-        a["temperature"], a["penalty"] = params.temperature, params.repetition_penalty
+        # the kernel's greedy test is temperature <= 0: one rule, SamplingParams.greedy
+        a["temperature"] = 0.0 if params.greedy else params.temperature
+        a["penalty"] = params.repetition_penalty
         a["top_p"], a["min_p"] = params.top_p, params.min_p
         a["top_k"] = params.top_k if 0 < params.top_k < self.n_vocab else 0
         a["step"] = int(step)
