@@ -66,7 +66,8 @@ def test_seed_is_printed_and_reproduces(tiny, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "2.5"), ("--top-p", "1.5"),
-                                        ("--max-tokens", "0"), ("--seed", "-1")])
+                                        ("--max-tokens", "0"), ("--seed", "-1"),
+                                        ("--repetition-penalty", "0")])
 def test_bad_flags_are_clear_errors(tiny, flag, value):
     p = argparse.ArgumentParser()
     generate.add_arguments(p)

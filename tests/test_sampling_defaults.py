@@ -38,6 +38,14 @@ def test_the_file_recommendation_wins_and_bad_values_are_ignored():
     assert got == {**LLAMA_SERVER, "temperature": 0.5, "top_k": 7, "min_p": 0.125}
 
 
+def test_a_recommended_zero_penalty_is_ignored_and_a_tiny_temperature_is_greedy():
+    # penalty 0 would divide the logits by zero; 1e-7 would overflow them
+    got = request_defaults({"general.sampling.penalty_repeat": 0.0, "general.sampling.temp": 1e-7})
+    assert got["repetition_penalty"] == LLAMA_SERVER["repetition_penalty"]
+    p = SamplingParams.resolve(got)
+    assert p.temperature == 1e-7 and p.greedy
+
+
 def test_explicit_values_are_kept_even_when_neutral():
     p = SamplingParams.resolve(LLAMA_SERVER, seed=3, temperature=0.0, top_k=0, top_p=None)
     assert values(p) == {**LLAMA_SERVER, "temperature": 0.0, "top_k": 0} and p.seed == 3

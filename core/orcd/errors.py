@@ -72,11 +72,6 @@ class InternalError(OrcdError):
     http_status = 500
 
 
-ERROR_CODES = tuple(cls.code for cls in (
-    InvalidRequest, ModelLoadFailed, InsufficientVram, VramOom, CudaError,
-    InferenceTimeout, Cancelled, InternalError))
-
-
 # -- the worker's admission errors (HTTP only; added for orcd serve) ---------
 
 class Unavailable(OrcdError):
@@ -97,4 +92,7 @@ class Unauthorized(OrcdError):
     http_status = 401
 
 
-ERROR_CODES = ERROR_CODES + tuple(cls.code for cls in (Unavailable, DuplicateJob, Unauthorized))
+# the stable codes: the eight of inference, then the worker's three of admission
+ERROR_CODES = tuple(cls.code for cls in (
+    InvalidRequest, ModelLoadFailed, InsufficientVram, VramOom, CudaError,
+    InferenceTimeout, Cancelled, InternalError, Unavailable, DuplicateJob, Unauthorized))

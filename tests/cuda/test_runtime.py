@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
@@ -311,7 +310,7 @@ def test_captured_graph_replays_like_eager_launches(dev, alloc, module):
 
 def test_residency_passes_weights_and_flags_pinned_host(dev, alloc):
     from orcd.cuda.driver import cu
-    from orcd.cuda.residency import ResidencyMonitor, check_pointers
+    from orcd.cuda.residency import check_pointers
 
     weights = [alloc.alloc(1 << 20, "weights") for _ in range(3)]
     named = [(f"w{i}", b.ptr) for i, b in enumerate(weights)]
@@ -320,18 +319,6 @@ def test_residency_passes_weights_and_flags_pinned_host(dev, alloc):
     try:
         problems = check_pointers(dev, [*named, ("pinned", host)])
         assert len(problems) == 1 and "pinned" in problems[0] and "host" in problems[0]
-        failed = threading.Event()
-        seen = []
-        mon = ResidencyMonitor(dev, lambda: [*named, ("pinned", host)],
-                               lambda p: (seen.append(p), failed.set()), interval_s=0.05)
-        mon.start()
-        try:
-            assert failed.wait(30), "the monitor thread never reported the host pointer"
-        finally:
-            mon.stop()
-        assert "pinned" in seen[0][0]
-        ok = ResidencyMonitor(dev, lambda: named, lambda p: pytest.fail(f"false alarm {p}"))
-        assert ok.check_now() == [] and ok.checks == 1
     finally:
         cu("cuMemFreeHost", host)
 

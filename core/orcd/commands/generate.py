@@ -55,12 +55,14 @@ def _within(value, lo, hi) -> bool:
 
 def check_args(args) -> None:
     from orcd.errors import InvalidRequest
+    from orcd.ops.sampling import MIN_REPETITION_PENALTY
     checks = [(args.max_tokens >= 1, "--max-tokens must be at least 1"),
               (_within(args.temperature, 0.0, 2.0), "--temperature must be within 0-2"),
               (_within(args.top_k, 0, float("inf")), "--top-k must be 0 or more"),
               (_within(args.top_p, 0.0, 1.0), "--top-p must be within 0-1"),
               (_within(args.min_p, 0.0, 1.0), "--min-p must be within 0-1"),
-              (_within(args.repetition_penalty, 0.0, 2.0), "--repetition-penalty must be within 0-2"),
+              (_within(args.repetition_penalty, MIN_REPETITION_PENALTY, 2.0),
+               "--repetition-penalty must be within 0-2 and above 0"),
               (args.seed is None or 0 <= args.seed < 2**64, "--seed must be a uint64"),
               (args.ctx_size is None or args.ctx_size > 0, "--ctx-size must be positive")]
     for ok, message in checks:

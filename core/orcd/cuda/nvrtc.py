@@ -292,12 +292,3 @@ class Module:
                                 cuda_error=e.details.get("cuda_error"), call="cuModuleGetFunction") from None
             self._functions[name] = Kernel(self.device, handle, name)
         return self._functions[name]
-
-    def unload(self) -> None:
-        from orcd.cuda.driver import cu
-
-        if self.handle is not None:
-            self.device.make_current()
-            cu("cuModuleUnload", self.handle)
-            self.handle = None
-            self._functions.clear()

@@ -2,21 +2,18 @@
 
 Weights that silently became managed or host memory would still "work" while
 running at PCIe speed. ``check_pointers`` asks the driver about each pointer
-(``cuPointerGetAttribute``); ``ResidencyMonitor`` repeats that on a thread
-every ``interval_s`` seconds (default 60) and calls ``on_failure(problems)``
-when anything is off; the worker then marks itself unhealthy and emits a
-critical narration event.
+(``cuPointerGetAttribute``); the backend's ``check_residency`` runs it over the
+weights, and the server calls that on its idle ticks (``--residency-check-sec``)
+and marks itself unhealthy, with a critical narration event, when anything is off.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
     from orcd.cuda.device import CudaDevice
 
-DEFAULT_INTERVAL_S = 60.0
 MEMORYTYPE_DEVICE = 2  # CU_MEMORYTYPE_DEVICE
 _MEMORY_TYPES = {1: "host", 2: "device", 3: "array", 4: "unified"}
 
@@ -59,46 +56,3 @@ def check_pointers(device: "CudaDevice", pointers: Iterable[tuple[str, int]]) ->
         if problem:
             problems.append(problem)
     return problems
-
-
-class ResidencyMonitor:
-    """Periodic residency check on a daemon thread.
-
-    ``pointers()`` returns the (name, pointer) pairs to check each time (the
-    allocator's weights, say); ``on_failure(problems)`` is called once per
-    failing check."""
-
-    def __init__(self, device: "CudaDevice", pointers: Callable[[], Iterable[tuple[str, int]]],
-                 on_failure: Callable[[list[str]], None], interval_s: float = DEFAULT_INTERVAL_S):
-        if interval_s <= 0:
-            raise ValueError(f"residency interval must be positive, got {interval_s}")
-        self.device, self.pointers, self.on_failure = device, pointers, on_failure
-        self.interval_s = interval_s
-        self.checks = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def check_now(self) -> list[str]:
-        problems = check_pointers(self.device, self.pointers())
-        self.checks += 1
-        if problems:
-            self.on_failure(problems)
-        return problems
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check_now()
-            except Exception as e:  # a broken driver is itself a residency failure
-                self.on_failure([f"residency check failed: {e}"])
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="orcd-residency", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None

@@ -57,7 +57,6 @@ GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
 MOE_MAX_K = 8               # experts per token the fused down kernel sums (matmul.cu's MOE_MAX_K)
 WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
-SCRATCH_ALIGN = 256          # orcd.cuda.tensor.ALIGN
 MAX_GRID_Y = 65535
 
 
@@ -80,16 +79,6 @@ def row_pieces(w) -> int:
 def prefill_chunk_rows(n_out: int, n_in: int) -> int:
     """Weight rows dequantized per prefill GEMM (a tile of <= WEIGHT_TILE_ELEMS values)."""
     return min(n_out, max(128, WEIGHT_TILE_ELEMS // n_in // 128 * 128))
-
-
-def prefill_scratch_bytes(T: int, n_out: int, n_in: int) -> int:
-    """Scratch bytes ``linear`` takes from the arena for T > GEMV_MAX_T tokens:
-    x as halves [T, n_in], a weight tile [rows, n_in] and its result [T, rows]."""
-    def aligned(n: int) -> int:
-        return -(-n // SCRATCH_ALIGN) * SCRATCH_ALIGN
-
-    rows = prefill_chunk_rows(n_out, n_in)
-    return aligned(2 * T * n_in) + aligned(2 * rows * n_in) + aligned(2 * T * rows)
 
 
 def _kernel_source(formats=()):

@@ -30,6 +30,12 @@ from orcd.errors import ModelLoadFailed
 #: logprobs further down than this are reported as it (JSON has no -inf; vLLM's value)
 LOGPROB_FLOOR = -9999.0
 MAX_TOP_LOGPROBS = 20
+#: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
+#: float32 logits by a smaller one overflows them or divides by zero
+GREEDY_BELOW_TEMPERATURE = 1e-5
+#: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
+#: seen, so it must stay far from float32's smallest numbers as well
+MIN_REPETITION_PENALTY = 1e-5
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def counts_output(self) -> bool:
@@ -100,7 +106,7 @@ GGUF_SAMPLING_KEYS: Mapping[str, tuple[str, type, float, float]] = MappingProxyT
     "top_k": ("general.sampling.top_k", int, 0, 2**31 - 1),
     "top_p": ("general.sampling.top_p", float, 0.0, 1.0),
     "min_p": ("general.sampling.min_p", float, 0.0, 1.0),
-    "repetition_penalty": ("general.sampling.penalty_repeat", float, 0.0, 2.0),
+    "repetition_penalty": ("general.sampling.penalty_repeat", float, MIN_REPETITION_PENALTY, 2.0),
 })
 
 
@@ -352,7 +358,9 @@ class CudaSampler:
         if tuple(params.logit_bias) != self._bias:
             self._upload_bias(params.logit_bias)
         a = self._args_host
-        a["temperature"], a["penalty"] = params.temperature, params.repetition_penalty
+        # the kernel's greedy test is temperature <= 0: one rule, SamplingParams.greedy
+        a["temperature"] = 0.0 if params.greedy else params.temperature
+        a["penalty"] = params.repetition_penalty
         a["top_p"], a["min_p"] = params.top_p, params.min_p
         a["presence"], a["frequency"] = params.presence_penalty, params.frequency_penalty
         a["top_k"] = params.top_k if 0 < params.top_k < self.n_vocab else 0

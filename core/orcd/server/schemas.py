@@ -11,6 +11,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       field_validator)
 
 from orcd.errors import InvalidRequest
+from orcd.ops.sampling import GREEDY_BELOW_TEMPERATURE, MIN_REPETITION_PENALTY
 
 MAX_PROMPT_CHARS = 32_768
 MAX_STOPS = 4
@@ -19,16 +20,10 @@ MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_ST
 MAX_JSON_DEPTH = 64      # deeper bodies are refused before anything walks them
 MAX_LOGIT_BIAS = 1024    # logit_bias entries per request
 UINT64_MAX = 2**64 - 1
-#: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
-#: float32 logits by a smaller one overflows them or divides by zero
-GREEDY_BELOW_TEMPERATURE = 1e-5
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0),
                         AfterValidator(lambda t: 0.0 if t < GREEDY_BELOW_TEMPERATURE else t)]
-#: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
-#: seen, so it must stay far from float32's smallest numbers as well
-MIN_REPETITION_PENALTY = 1e-5
 RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2.0)]
 
 
