@@ -189,7 +189,9 @@ def measure(url: str, levels, rounds: int, max_tokens: int) -> dict[int, Row]:
     rows = {}
     for c in levels:
         samples, wall = run_level(url, c, rounds, max_tokens)
-        rows[c] = summarize(samples, wall)
+        rows[c] = row = summarize(samples, wall)
+        print(f"  {c} clients: {row.tok_s:.1f} tok/s, ITL p50 {row.itl_p50_ms:.2f} ms, "
+              f"TTFT p50 {row.ttft_p50_ms:.1f} ms", file=sys.stderr, flush=True)
         errs = [s.error for s in samples if s.error]
         if errs:
             print(f"  {c} clients: {len(errs)} failed requests, e.g. {errs[0]}", file=sys.stderr)

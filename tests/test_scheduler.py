@@ -264,3 +264,28 @@ def test_stop_strings_and_eog_end_a_sequence_as_the_engine_does(engine):
     assert seq.result.stop_reason == ref.stop_reason == "stop_sequence"
     assert seq.result.text == ref.text == text[:text.index(stop)]
     assert other.result.tokens_out == 30 and sched.blocks.n_used == 0
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
+    """The same property on CUDA: per-row decode kernels, rows sampled on the host."""
+    import os
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512,
+                    device=f"cuda:{os.environ.get('ORCD_TEST_GPU', '0')}")
+    try:
+        engine = Engine(lm)
+        warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1)
+        reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
+        reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
+        sched = Scheduler(engine, n_blocks=64, max_batch=8)
+        seqs = [sched.add(r) for r in reqs]
+        drain(sched)
+        sched.close()
+        for seq, req in zip(seqs, reqs):
+            s = Scheduler(engine, 16, 1)
+            solo = s.add(req)
+            drain(s)
+            s.close()
+            assert seq.error is None and seq.result.token_ids == solo.result.token_ids
+    finally:
+        lm.close()
