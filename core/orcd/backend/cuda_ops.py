@@ -264,7 +264,7 @@ class CudaOps:
         ids = self._empty((T, n_used), np.int32)
         weights = self._empty((T, n_used))
         self.b.moe_k.route(logits, n_used, ids, weights)
-        if T == 1:
+        if T == 1 or self.per_row:   # per pair: a row's experts summed alike in any batch
             y, slot_of = self._experts_per_pair(x, ex, ids, alpha, limit), None
         else:
             y, slot_of = self._experts_grouped(x, ex, ids, alpha, limit)
