@@ -35,7 +35,7 @@ class BatchDecoder:
 
     def __init__(self, backend) -> None:
         self.b = backend
-        self._graphs: dict = {}   # (model, pool, rows, blocks) -> (graph, logits)
+        self._graphs: dict = {}   # (id(model), id(pool), rows, blocks) -> (graph, logits)
         self._inputs: dict = {}   # (rows, blocks) -> (buffer, ids, pos, seq, tables)
 
     # -- the pool ------------------------------------------------------------------
@@ -59,7 +59,7 @@ class BatchDecoder:
     def free_pool(self, pool: KVCache) -> None:
         b = self.b
         b.device.synchronize()   # no kernel may still read it
-        for key in [k for k in self._graphs if k[1] is pool]:
+        for key in [k for k in self._graphs if k[1] == id(pool)]:
             self._graphs.pop(key)[0].close()
         for buf in getattr(pool, "buffers", ()):
             b.alloc.free(buf)
@@ -106,12 +106,12 @@ class BatchDecoder:
         rows = bucket(n)
         blocks = bucket(int(pos.max(initial=0)) // KV_BLOCK + 1)
         view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
-        key = (model, pool, rows, blocks)
+        key = (id(model), id(pool), rows, blocks)
         got = self._graphs.get(key)
         if got is None or not self.b.graphs:
             logits = self._eager(model, view, inputs)
             if self.b.graphs:
-                self._capture(key, view, inputs, logits)
+                self._capture(key, model, view, inputs, logits)
         else:
             got[0].replay()
             logits = got[1]
@@ -158,10 +158,10 @@ class BatchDecoder:
             finally:
                 b.ops.per_row = False
 
-    def _capture(self, key, view: KVCache, inputs, logits: DeviceTensor) -> None:
+    def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor) -> None:
         from orcd.cuda.graph import capture
 
-        b, model = self.b, key[0]
+        b = self.b
         b.scratch.reset()
         got = []
         b.ops.per_row = True
