@@ -362,14 +362,14 @@ class CudaBackend:
         return raw.view(x.dtype).reshape(x.shape).astype(np.float32)
 
     def _device_sampler(self, logits) -> DeviceSampling | None:
-        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
+        if self.sampler is None:
             self.sampler = DeviceSampling(self, logits.numel)
         return self.sampler if self.sampler is not None and self.sampler.n_vocab == logits.numel else None
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        """The device sampler when orcd.ops.sampling has one (only the id crosses
-        to the host; its draw is seeded by params.seed, not ``rng``), else sample_ref."""
+        """The device sampler for this vocabulary (only the id crosses to the host;
+        its draw is seeded by params.seed, not ``rng``), else sample_ref."""
         sampler = self._device_sampler(logits)
         if sampler is not None:
             return sampler(logits, params, seen)

@@ -239,10 +239,10 @@ class CudaOps:
         self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
         return out
 
-    def moe_add(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
+    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
         # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
-        T, D = x.shape
+        T, D, ex = *x.shape, experts
         if T != 1 or norm is None or self.per_row or not self._moe_fused(ex, n_used):
             h = x if norm is None else self.rms_norm(x, *norm)
             return self.add(x, self.moe(h, ex, n_used, alpha, limit))
@@ -264,9 +264,9 @@ class CudaOps:
                 and n_used <= MOE_MAX_K and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
                 and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
 
-    def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+    def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
         # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
-        T, D = x.shape
+        T, D, ex = *x.shape, experts
         logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
         ids = self._empty((T, n_used), np.int32)
         weights = self._empty((T, n_used))
