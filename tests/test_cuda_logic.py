@@ -378,3 +378,37 @@ def test_residency_classification():
     assert "managed" in classify("w", 2, True, None)
     assert "host address" in classify("w", 2, False, 0x1000)
     assert "not a CUDA allocation" in classify("w", None, False, None)
+
+
+# -- batched decode inputs (backend/cuda_batch.py) ----------------------------------
+
+def test_row_buckets():
+    from orcd.backend.cuda_batch import bucket
+
+    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17, 256, 257, 600)] == [1, 2, 4, 8, 16, 32, 256, 512, 1024]
+
+
+def test_a_decode_batch_pads_its_rows_into_the_spare_block():
+    """3 sequences decoded as a bucket of 4 rows x 4 blocks: real rows keep their ids,
+    positions and tables; the padding row decodes token 0 at position 0 of the spare
+    block; every row reads its own table row."""
+    from types import SimpleNamespace
+
+    from orcd.backend.cuda_batch import BatchDecoder
+    from orcd.cuda.memory import to_host
+    from orcd.cudasim import SimAllocator, SimDevice
+
+    dev, alloc = SimDevice(), SimAllocator()
+    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc))
+    pool = SimpleNamespace(k=[], v=[], spare=9)
+    tables = np.array([[4, 2, 7, 1, 0], [3, 5, 0, 0, 0], [6, 8, 0, 0, 0]], np.int32)
+    own = tables[[2, 0, 1]]                                     # rows name sequences 2, 0, 1
+    view, (ids, pos) = dec._write_inputs(pool, 4, 4, own, [11, 12, 13], [100, 250, 70])
+    assert view.batched and view.n_ctx == 4 * 64
+    assert to_host(dev, ids.ptr, 16).view(np.int32).tolist() == [11, 12, 13, 0]
+    assert to_host(dev, pos.ptr, 16).view(np.int32).tolist() == [100, 250, 70, 0]
+    assert to_host(dev, view.seq.ptr, 16).view(np.int32).tolist() == [0, 1, 2, 3]
+    got = to_host(dev, view.tables.ptr, 64).view(np.int32).reshape(4, 4)
+    np.testing.assert_array_equal(got, [[6, 8, 0, 0], [4, 2, 7, 1], [3, 5, 0, 0], [9, 9, 9, 9]])
+    dec.close()
+    assert alloc.usage().get("scratch", 0) == 0

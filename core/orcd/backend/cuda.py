@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
+from orcd.backend.cuda_batch import BatchDecoder
 from orcd.backend.cuda_steps import DeviceSampling, PendingToken, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
@@ -84,7 +85,7 @@ class CudaBackend:
         self.graphs = graphs
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
-        self.scratch = self._graph = self._kv = None
+        self.scratch = self._graph = self._kv = self.batch = None
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
@@ -136,6 +137,7 @@ class CudaBackend:
         self.device.make_current()
         self.steps = StepIO(self.device, self.step_ids, self.step_pos)
         self.ops = CudaOps(self)
+        self.batch = BatchDecoder(self)
 
     # -- weights and cache -------------------------------------------------------
 
@@ -202,7 +204,7 @@ class CudaBackend:
         from_host(self.device, table, tb.ptr)
         from_host(self.device, seq, sb.ptr)
         self._kv_bufs, self._kv_key = tx.buffers, key
-        self._positions = max(self._positions, rows)
+        self.cover_positions(rows)
         f16, i32 = np.dtype(np.float16), np.dtype(np.int32)
         self._kv = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
                            [DeviceTensor(b.ptr, v_shape, f16) for b in vs],
@@ -213,42 +215,21 @@ class CudaBackend:
                     head_dim_v: int | None = None) -> KVCache:
         """K and V rows for n_blocks blocks of every layer, for forward_batch; all or
         nothing (VramOom leaves nothing allocated); free_kv_pool gives them back."""
-        hd_v = head_dim_v or head_dim
-        rows = n_blocks * KV_BLOCK
-        k_shape, v_shape = (rows, n_head_kv, head_dim), (rows, n_head_kv, hd_v)
-        with self.alloc.transaction() as tx:
-            ks = [tx.alloc(int(np.prod(k_shape)) * 2, "kv_cache") for _ in range(n_layer)]
-            vs = [tx.alloc(int(np.prod(v_shape)) * 2, "kv_cache") for _ in range(n_layer)]
-        f16 = np.dtype(np.float16)
-        pool = KVCache([DeviceTensor(b.ptr, k_shape, f16) for b in ks],
-                       [DeviceTensor(b.ptr, v_shape, f16) for b in vs], None, None, rows)
-        pool.buffers = tx.buffers
-        self._positions = max(self._positions, rows)
-        return pool
+        return self.batch.new_pool(n_layer, n_blocks, n_head_kv, head_dim, head_dim_v)
 
     def free_kv_pool(self, pool: KVCache) -> None:
-        self.device.synchronize()   # no kernel may still read it
-        for buf in getattr(pool, "buffers", ()):
-            self.alloc.free(buf)
-        pool.buffers = []
+        self.batch.free_pool(pool)
 
     def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
                       last_only: bool) -> DeviceTensor:
         """One forward over ``pool`` seen through ``tables`` [n_seqs, max_blocks]: T
-        tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend."""
-        while True:
-            self.scratch.reset()
-            self.io.reset()
-            view = KVCache(pool.k, pool.v, self._io(np.asarray(tables, np.int32)),
-                           self._io(np.asarray(seq, np.int32).reshape(-1)), int(n_ctx), batched)
-            self.ops.per_row = batched
-            try:
-                return model.forward(self.ops, self.ids(ids), self._io(np.asarray(pos, np.int32).reshape(-1)),
-                                     view, last_only=last_only)
-            except ScratchFull as e:
-                self._grow_scratch(e.args[0])
-            finally:
-                self.ops.per_row = False
+        tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend.
+        A batch of decodes replays a captured graph (cuda_batch.py)."""
+        return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
+
+    def cover_positions(self, n: int) -> None:
+        """Rope tables made from now on cover positions < n (a cache or pool that large exists)."""
+        self._positions = max(self._positions, int(n))
 
     @staticmethod
     def row(logits: DeviceTensor, i: int) -> DeviceTensor:
@@ -272,8 +253,9 @@ class CudaBackend:
         n_pos = self._positions
         table = self._rope.get(cfg)
         if table is None or table.n_pos < n_pos:
-            if table is not None:
+            if table is not None:   # graphs captured on the old table must not replay
                 self.device.synchronize()
+                self._drop_graph()
                 for buf in table.bufs:
                     self.alloc.free(buf)
             cos, sin = RopeTable.host_arrays(cfg, n_pos)
@@ -338,6 +320,8 @@ class CudaBackend:
         self._graph = (model, cache, graph, got[0])
 
     def _drop_graph(self) -> None:
+        if self.batch is not None:
+            self.batch.drop_graphs()
         if self._graph is not None:
             self._graph[2].close()
             self._graph = None
@@ -378,7 +362,7 @@ class CudaBackend:
         return raw.view(x.dtype).reshape(x.shape).astype(np.float32)
 
     def _device_sampler(self, logits) -> DeviceSampling | None:
-        if self.sampler is None and getattr(sampling, "CudaSampler", None) is not None:
+        if self.sampler is None:
             self.sampler = DeviceSampling(self, logits.numel)
         return self.sampler if self.sampler is not None and self.sampler.n_vocab == logits.numel else None
 
@@ -433,6 +417,8 @@ class CudaBackend:
             return
         self.device.synchronize()
         self._drop_graph()
+        if self.batch is not None:
+            self.batch.close()
         for obj in (getattr(self, "mm", None), getattr(self, "sampler", None), getattr(self, "compiler", None)):
             if hasattr(obj, "close"):
                 obj.close()

@@ -91,7 +91,9 @@ class CudaOps:
     def _act(self, x: DeviceTensor, *ws: QWeight):
         # x as the GEMVs of all of ws read it: quantized to int8 once when they all can
         mm = self.b.mm
-        return mm.quantize(x, self.b.scratch) if mm.use_int8(*ws) else x
+        if isinstance(x, Q8Act) or not mm.use_int8(*ws, batch=self.per_row):
+            return x
+        return mm.quantize(x, self.b.scratch)
 
     def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
         out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
@@ -103,10 +105,11 @@ class CudaOps:
 
         T = x.shape[0]
         out = self._empty((T, w.shape[0]))                        # [T, n_out]
-        if self.per_row and T > GEMV_MAX_T:   # GEMVs of 8 rows, never the GEMM: rows summed alike
+        if self.per_row:   # GEMVs of <= 8 rows, never the GEMM: each row summed alike in any batch
+            xa = self._act(x, w)
             for s in range(0, T, GEMV_MAX_T):
                 e = min(T, s + GEMV_MAX_T)
-                self.b.mm.linear(x.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
+                self.b.mm.linear(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
             return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
         return out
@@ -125,6 +128,10 @@ class CudaOps:
         self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
         return xa, None
 
+    def _shared_act(self, h, ws):
+        # a decode batch quantizes h once for all of ws (a single row: the fused kernels do)
+        return self._act(h, *ws) if self.per_row else h
+
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
         bs = tuple(bs) if bs is not None else (None,) * len(ws)
         if self._fused_ok(x, ws):
@@ -132,7 +139,7 @@ class CudaOps:
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.linear_multi(xa, ws, bs, outs, norm)
             return outs
-        h = x if norm is None else self.rms_norm(x, *norm)
+        h = self._shared_act(x if norm is None else self.rms_norm(x, *norm), ws)
         return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
 
     def gated_linear(self, x, w_gate, w_up=None, norm=None) -> DeviceTensor:
@@ -143,7 +150,7 @@ class CudaOps:
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.gated_linear(xa, w_gate, w_up, out, norm)
             return out
-        h = x if norm is None else self.rms_norm(x, *norm)
+        h = self._shared_act(x if norm is None else self.rms_norm(x, *norm), ws)
         if w_up is None:
             gate, up = self.split(self.linear(h, w_gate), (n_ff, n_ff))
         else:
@@ -232,10 +239,10 @@ class CudaOps:
         self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
         return out
 
-    def moe_add(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
+    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
         # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
-        T, D = x.shape
+        T, D, ex = *x.shape, experts
         if T != 1 or norm is None or self.per_row or not self._moe_fused(ex, n_used):
             h = x if norm is None else self.rms_norm(x, *norm)
             return self.add(x, self.moe(h, ex, n_used, alpha, limit))
@@ -257,14 +264,14 @@ class CudaOps:
                 and n_used <= MOE_MAX_K and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
                 and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
 
-    def moe(self, x, ex, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+    def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
         # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
-        T, D = x.shape
+        T, D, ex = *x.shape, experts
         logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]
         ids = self._empty((T, n_used), np.int32)
         weights = self._empty((T, n_used))
         self.b.moe_k.route(logits, n_used, ids, weights)
-        if T == 1:
+        if T == 1 or self.per_row:   # per pair: a row's experts summed alike in any batch
             y, slot_of = self._experts_per_pair(x, ex, ids, alpha, limit), None
         else:
             y, slot_of = self._experts_grouped(x, ex, ids, alpha, limit)

@@ -2,7 +2,8 @@
 
 Each family module keeps the numpy reference of its ops next to their CUDA
 kernels. A backend exposes the ops as methods of one ``ops`` object with the
-same names and arguments, so a model forward is written once:
+same names and arguments (typed in orcd.ops.contract), so a model forward is
+written once:
 
     embed(table, ids)                      -> x [T, D]
     rms_norm(x, w, eps) / layer_norm(x, w, b, eps)

@@ -1,0 +1,176 @@
+"""forward_batch on the GPU: a KV pool shared by many sequences, prompt chunks
+run eagerly, and a batch of decodes replayed from a CUDA graph.
+
+A batch of decodes is captured once per (rows bucket, blocks bucket): its
+inputs (token ids, positions, each row's sequence and every sequence's block
+table) live at fixed device addresses, rewritten before each replay. A batch of
+n rows runs as the next bucket up; the padding rows decode token 0 at position 0
+of the pool's spare block, which no sequence owns, so they can only write there.
+Every kernel computes a row on its own (CudaOps.per_row), so a row's logits do
+not depend on the bucket, the padding or the other rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orcd.backend.cuda_ops import ScratchFull
+from orcd.cuda.tensor import DeviceTensor
+from orcd.errors import InvalidRequest
+from orcd.kvcache import KV_BLOCK, KVCache
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket(n: int, sizes=ROW_BUCKETS) -> int:
+    """The smallest size >= n (a power of two past the list)."""
+    for s in sizes:
+        if s >= n:
+            return s
+    return 1 << (int(n) - 1).bit_length()
+
+
+class BatchDecoder:
+    """The pool, prompt chunks and graph-replayed decode batches of one backend."""
+
+    def __init__(self, backend) -> None:
+        self.b = backend
+        self._graphs: dict = {}   # (id(model), id(pool), rows, blocks) -> (graph, logits)
+        self._inputs: dict = {}   # (rows, blocks) -> (buffer, ids, pos, seq, tables)
+
+    # -- the pool ------------------------------------------------------------------
+
+    def new_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
+                 head_dim_v: int | None) -> KVCache:
+        """n_blocks usable blocks plus the spare one padding rows write to (all or nothing)."""
+        b = self.b
+        rows = (n_blocks + 1) * KV_BLOCK
+        k_shape, v_shape = (rows, n_head_kv, head_dim), (rows, n_head_kv, head_dim_v or head_dim)
+        with b.alloc.transaction() as tx:
+            ks = [tx.alloc(int(np.prod(k_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+            vs = [tx.alloc(int(np.prod(v_shape)) * 2, "kv_cache") for _ in range(n_layer)]
+        f16 = np.dtype(np.float16)
+        pool = KVCache([DeviceTensor(x.ptr, k_shape, f16) for x in ks],
+                       [DeviceTensor(x.ptr, v_shape, f16) for x in vs], None, None, rows)
+        pool.buffers, pool.spare = tx.buffers, n_blocks
+        b.cover_positions(rows)
+        return pool
+
+    def free_pool(self, pool: KVCache) -> None:
+        b = self.b
+        b.device.synchronize()   # no kernel may still read it
+        for key in [k for k in self._graphs if k[1] == id(pool)]:
+            self._graphs.pop(key)[0].close()
+        for buf in getattr(pool, "buffers", ()):
+            b.alloc.free(buf)
+        pool.buffers = []
+
+    def drop_graphs(self) -> None:
+        for graph, _ in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+
+    def close(self) -> None:
+        self.drop_graphs()
+        for buf, *_ in self._inputs.values():
+            self.b.alloc.free(buf)
+        self._inputs.clear()
+
+    # -- forwards ------------------------------------------------------------------
+
+    def forward(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
+                last_only: bool) -> DeviceTensor:
+        """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch."""
+        if batched:
+            return self._decode(model, pool, tables, seq, ids, pos)
+        b = self.b
+        while True:
+            b.scratch.reset()
+            b.io.reset()
+            view = KVCache(pool.k, pool.v, b._io(np.asarray(tables, np.int32)),
+                           b._io(np.asarray(seq, np.int32).reshape(-1)), int(n_ctx), False)
+            try:
+                return model.forward(b.ops, b.ids(ids), b._io(np.asarray(pos, np.int32).reshape(-1)),
+                                     view, last_only=last_only)
+            except ScratchFull as e:
+                b._grow_scratch(e.args[0])
+
+    def _decode(self, model, pool: KVCache, tables, seq, ids, pos) -> DeviceTensor:
+        # one row per sequence: row i decodes ids[i] at pos[i] with table tables[seq[i]]
+        pos = np.asarray(pos, np.int64).reshape(-1)
+        n = pos.size
+        tables = np.asarray(tables, np.int32)
+        own = tables[np.asarray(seq, np.int64).reshape(-1)]                # [n, width]
+        if pos.min(initial=0) < 0 or (n and pos.max() // KV_BLOCK >= own.shape[1]):
+            raise InvalidRequest("a decode position lies past its sequence's block table")
+        rows = bucket(n)
+        blocks = bucket(int(pos.max(initial=0)) // KV_BLOCK + 1)
+        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
+        key = (id(model), id(pool), rows, blocks)
+        got = self._graphs.get(key)
+        if got is None or not self.b.graphs:
+            logits = self._eager(model, view, inputs)
+            if self.b.graphs:
+                self._capture(key, model, view, inputs, logits)
+        else:
+            got[0].replay()
+            logits = got[1]
+        return logits.rows(0, n)
+
+    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos):
+        """Fill the (rows, blocks) bucket's input buffer: real rows first, then padding."""
+        from orcd.cuda.memory import from_host
+
+        n = own.shape[0]
+        host = np.zeros(3 * rows + rows * blocks, np.int32)
+        host[:n] = np.asarray(ids, np.int32).reshape(-1)
+        host[rows:rows + n] = pos
+        host[2 * rows:3 * rows] = np.arange(rows)                          # row i: its own table row
+        table = np.full((rows, blocks), pool.spare, np.int32)              # padding: the spare block
+        width = min(blocks, own.shape[1])
+        table[:n, :width] = own[:, :width]
+        host[3 * rows:] = table.reshape(-1)
+        buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
+        from_host(self.b.device, host, buf.ptr)
+        view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)
+        return view, (d_ids, d_pos)
+
+    def _buffers(self, rows: int, blocks: int):
+        got = self._inputs.get((rows, blocks))
+        if got is None:
+            i32 = np.dtype(np.int32)
+            buf = self.b.alloc.alloc(4 * (3 * rows + rows * blocks), "scratch")
+            at = lambda k: buf.ptr + 4 * k * rows   # noqa: E731 -- the k-th rows-long field
+            got = (buf, DeviceTensor(at(0), (rows,), i32), DeviceTensor(at(1), (rows,), i32),
+                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(3), (rows, blocks), i32))
+            self._inputs[(rows, blocks)] = got
+        return got
+
+    def _eager(self, model, view: KVCache, inputs) -> DeviceTensor:
+        b = self.b
+        while True:
+            b.scratch.reset()
+            b.ops.per_row = True
+            try:
+                return model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)
+            except ScratchFull as e:
+                b._grow_scratch(e.args[0])
+            finally:
+                b.ops.per_row = False
+
+    def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor) -> None:
+        from orcd.cuda.graph import capture
+
+        b = self.b
+        b.scratch.reset()
+        got = []
+        b.ops.per_row = True
+        try:
+            graph = capture(b.device, lambda: got.append(
+                model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)))
+        finally:
+            b.ops.per_row = False
+        if got[0] != logits:   # same shapes in the same order must give the same addresses
+            graph.close()
+            raise RuntimeError("batch decode capture allocated differently from its eager run")
+        self._graphs[key] = (graph, logits)

@@ -1,0 +1,86 @@
+"""What a model forward may call (``Ops``) and what the engine, the scheduler and
+the loader may ask of a backend (``Backend``), as typing Protocols.
+
+The numpy reference (orcd.backend.cpu) and the CUDA backend implement both;
+tests/test_contract.py checks that each defines every member with the same
+parameter names, so a forward written against one runs on the other.
+
+Tensors are the backend's own (numpy arrays, DeviceTensors); shapes in the
+comments. Scratch rule: an op's output lives until the next forward starts, and
+within a forward it survives one attention call but not two. On the GPU outputs
+come from two arenas; each attention call switches to the other one and empties
+it, so a tensor made before attention i is overwritten after attention i + 1.
+A forward therefore carries only the residual stream from layer to layer and
+keeps nothing across two layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+Tensor = Any    # np.ndarray on the CPU, DeviceTensor on the GPU
+Weight = Any    # CpuWeight (dequantized) or QWeight (the format's VRAM layout)
+
+
+@runtime_checkable
+class Ops(Protocol):
+    """The op set of orcd.ops (see its docstring for the math of each)."""
+
+    def embed(self, table: Weight, ids: Tensor) -> Tensor: ...          # -> x [T, D]
+    def rms_norm(self, x: Tensor, w: Tensor, eps: float) -> Tensor: ...
+    def layer_norm(self, x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor: ...
+    def linear(self, x: Tensor, w: Weight, b: Tensor | None = None) -> Tensor: ...   # [T, n_out]
+    def split(self, x: Tensor, sizes: Iterable[int]) -> list: ...
+    def rope(self, x: Tensor, pos: Tensor, cfg) -> Tensor: ...
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cache, layer: int, pos: Tensor, scale: float,
+                  window: int = 0, sinks: Tensor | None = None, rope=None) -> Tensor: ...
+    def add(self, a: Tensor, b: Tensor) -> Tensor: ...
+    def silu(self, x: Tensor) -> Tensor: ...
+    def gelu(self, x: Tensor) -> Tensor: ...
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor: ...
+    def swiglu_oai(self, gate: Tensor, up: Tensor, alpha: float = 1.702, limit: float = 7.0) -> Tensor: ...
+    def moe(self, x: Tensor, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> Tensor: ...
+    def last_row(self, x: Tensor) -> Tensor: ...
+    # fused: one launch per decode token on the GPU; compositions of the above elsewhere
+    def linear_multi(self, x: Tensor, ws: Sequence[Weight], bs=None, norm=None) -> tuple: ...
+    def gated_linear(self, x: Tensor, w_gate: Weight, w_up: Weight | None = None, norm=None) -> Tensor: ...
+    def linear_add(self, a: Tensor, w: Weight, residual: Tensor, b: Tensor | None = None) -> Tensor: ...
+    def moe_add(self, x: Tensor, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0,
+                norm=None) -> Tensor: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Compute for one model: weights in, logits out.
+
+    Optional members, probed where used: ``make_runner(model, cache)`` (a faster
+    single-request runner, engine.Runner's interface), ``sample_to_device`` (the
+    pipelined decode), ``prefill_chunk`` (prompt tokens per forward),
+    ``check_residency()`` and ``device`` (GPU backends), ``synchronize()``."""
+
+    ops: Ops
+
+    def load_weights(self, mf, formats, names: Iterable[str],
+                     progress: Callable[[float], None] | None = None) -> dict: ...
+    def ids(self, ids) -> Tensor: ...                                   # int32 [T]
+    def positions(self, start: int, n: int) -> Tensor: ...              # int32 [n]
+    def to_host(self, x: Tensor) -> np.ndarray: ...                     # float32
+    # one request: a cache of consecutive blocks, reused while the shape matches
+    def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
+                     head_dim_v: int | None = None): ...
+    # many requests: one pool of blocks (orcd.kvcache), forwards through block tables
+    def new_kv_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
+                    head_dim_v: int | None = None): ...
+    def free_kv_pool(self, pool) -> None: ...
+    def forward_batch(self, model, pool, tables, seq, ids, pos, n_ctx: int, batched: bool,
+                      last_only: bool) -> Tensor: ...
+    def row(self, logits: Tensor, i: int) -> Tensor: ...
+    def sample(self, logits: Tensor, params, seen: np.ndarray, rng: np.random.Generator) -> int: ...
+    # one draw with the host's view: a grammar's mask, output counts, logprobs (a Sampled);
+    # logits may be a host row (the scheduler copies a batch's rows once)
+    def sample_step(self, logits: Tensor, params, seen: np.ndarray, rng: np.random.Generator, *,
+                    n_prompt: int | None = None, allowed: np.ndarray | None = None): ...
+    def memory_usage(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
