@@ -117,6 +117,43 @@ def test_normalize_messages():
         assert e.value.field == "messages"
 
 
+def test_tools_and_documents_are_none_when_absent_as_transformers_passes_them():
+    t = ChatTemplate("{{ tools is none }} {{ documents is none }}")
+    assert t.render(HI) == "True True"
+    assert t.render(HI, tools=[{"type": "function"}]) == "False True"
+
+
+def test_reasoning_reaches_templates_under_both_names():
+    t = ChatTemplate("{% for m in messages %}[{{ m.thinking }}|{{ m.reasoning_content }}]"
+                     "{% endfor %}")
+    msgs = normalize_messages([{"role": "assistant", "content": "a", "reasoning_content": "r"},
+                               {"role": "assistant", "content": "b", "thinking": "t"}])
+    assert t.render(msgs, add_generation_prompt=False) == "[r|r][t|t]"
+
+
+def test_tool_call_arguments_are_objects_for_the_template(qwen):
+    _, tmpl = qwen
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    msgs = normalize_messages([*HI, {"role": "assistant", "content": None, "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    text = tmpl.render(msgs)
+    # once, as an object: not the double-encoded string OpenAI's wire format carries
+    assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+            in text)
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+    assert call["function"]["arguments"] == "{\"city\": \"Paris\"}"   # the request is left alone
+
+
+def test_bad_tool_call_arguments_are_a_400():
+    bad = {"role": "assistant", "tool_calls": [{"type": "function",
+                                                "function": {"name": "f", "arguments": "{x"}}]}
+    with pytest.raises(InvalidRequest, match="arguments is not valid JSON"):
+        normalize_messages([bad])
+    with pytest.raises(InvalidRequest, match="needs a function"):
+        normalize_messages([{"role": "assistant", "tool_calls": [{"type": "function"}]}])
+
+
 CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Hello there,  friend!\n How are you? "},
                 {"role": "assistant", "content": "Fine, thanks."},

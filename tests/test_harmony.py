@@ -14,7 +14,9 @@ import pytest
 from orcd.chat import ChatTemplate
 from orcd.server.state import ServerConfig
 from orcd.server.testing import running_server
+from orcd.toolcalls import ToolCall
 from orcd_gpt_oss.harmony import MAX_HEADER, SPECIALS, HarmonyParser, parser_factory
+from scripted import scripted_steps
 
 THINK_THEN_ANSWER = ("<|channel|>analysis<|message|>User asks 2+2. Easy: 4.<|end|>"
                      "<|start|>assistant<|channel|>final<|message|>2 + 2 = **4**.")
@@ -30,8 +32,13 @@ TRANSCRIPTS = [THINK_THEN_ANSWER, PREAMBLE, TOOL_CALL, TOOL_IN_ROLE,
 
 
 def merged(pieces):
+    """Text pieces of one channel joined; a call as ("tool_call", (name, arguments, raw))."""
     out = []
     for ch, t in pieces:
+        if ch == "tool_call":
+            assert isinstance(t, ToolCall)
+            out.append((ch, (t.name, t.arguments, t.raw)))
+            continue
         assert ch in ("content", "reasoning") and isinstance(t, str)
         if t:
             out = out[:-1] + [(ch, out[-1][1] + t)] if out and out[-1][0] == ch else out + [(ch, t)]
@@ -78,12 +85,30 @@ def test_a_special_token_split_across_feeds_is_held_back_not_shown():
     assert p.finish() == []
 
 
-def test_tool_call_passes_through_verbatim_as_content():
+def test_function_calls_become_tool_calls_with_their_text_kept():
     assert parse(TOOL_CALL) == [
         ("reasoning", "Need weather."),
-        ("content", "<|start|>assistant<|channel|>commentary to=functions.get_weather "
-                    "<|constrain|>json<|message|>{\"city\": \"Paris\"}")]
-    assert parse(TOOL_IN_ROLE) == [("content", TOOL_IN_ROLE)]
+        ("tool_call", ("get_weather", '{"city": "Paris"}',
+                       "<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                       "<|constrain|>json<|message|>{\"city\": \"Paris\"}"))]
+    assert parse(TOOL_IN_ROLE) == [("tool_call", ("lookup", '{"q": 1}', TOOL_IN_ROLE))]
+
+
+@pytest.mark.parametrize("text", [
+    "<|channel|>commentary to=browser.search<|message|>{\"q\": 1}<|call|>",   # a built-in tool
+    "<|channel|>commentary to=functions.f<|message|>not json<|call|>",
+    "<|channel|>commentary to=functions.f<|message|>[1, 2]<|call|>",           # no object
+    "<|start|>user to=functions.f<|channel|>commentary<|message|>{}<|call|>",  # not the assistant
+])
+def test_other_recipients_and_bad_arguments_pass_through_verbatim(text):
+    assert parse(text) == [("content", text)]
+
+
+def test_a_call_ends_at_the_next_message_too():
+    text = ("<|channel|>commentary to=functions.a<|message|>{}"
+            "<|start|>assistant<|channel|>final<|message|>done")
+    assert parse(text) == [("tool_call", ("a", "{}", "<|channel|>commentary to=functions.a"
+                                                     "<|message|>{}")), ("content", "done")]
 
 
 def test_constrain_without_recipient_is_still_the_channel():
@@ -171,7 +196,7 @@ def raw_completion(srv, seed: int, n: int) -> str:
     tok = srv.state.loaded.tokenizer
     ids = ChatTemplate.for_tokenizer(tok).prompt_ids(tok, HI)
     r = httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "m", "prompt": ids, "max_tokens": n, "temperature": 1.0,
+                   json={"model": "gpt-oss-tiny", "prompt": ids, "max_tokens": n, "temperature": 1.0,
                          "seed": seed}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
@@ -182,7 +207,7 @@ def test_chat_is_the_parsed_raw_output_streamed_or_not(gpt_oss_srv, seed):
     """The random tiny model's output is malformed harmony at best: never a 500,
     and the message is exactly what the parser makes of the raw generation."""
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    kw = dict(model="m", messages=HI, temperature=1.0, seed=seed, max_tokens=24)
+    kw = dict(model="gpt-oss-tiny", messages=HI, temperature=1.0, seed=seed, max_tokens=24)
     raw = raw_completion(gpt_oss_srv, seed, 24)
     want = {"content": "", "reasoning": ""}
     for channel, text in parse(raw):
@@ -210,7 +235,7 @@ def test_chat_is_the_parsed_raw_output_streamed_or_not(gpt_oss_srv, seed):
 
 
 def test_raw_stream_frames_are_json_and_end_with_done(gpt_oss_srv):
-    body = {"model": "m", "messages": HI, "max_tokens": 16, "stream": True, "temperature": 1.0,
+    body = {"model": "gpt-oss-tiny", "messages": HI, "max_tokens": 16, "stream": True, "temperature": 1.0,
             "seed": 5}
     with httpx.stream("POST", f"{gpt_oss_srv.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
@@ -227,14 +252,12 @@ def scripted(gpt_oss_srv, monkeypatch):
     """``scripted(text)``: the served model now generates ``text`` (as tokens), then
     ``<|return|>``, whatever the sampling, so the server sees real harmony output."""
     lm = gpt_oss_srv.state.loaded
-    n_prompt = len(ChatTemplate.for_tokenizer(lm.tokenizer).prompt_ids(lm.tokenizer, HI))
 
     def script(text: str) -> None:
         tok = lm.tokenizer
         ids = tok.encode(text, add_special=False) + [tok.special_tokens["<|return|>"]]
         assert tok.decode(ids[:-1]) == text
-        monkeypatch.setattr(lm.backend, "sample",
-                            lambda logits, params, seen, rng: ids[len(seen) - n_prompt])
+        monkeypatch.setattr(lm.backend, "sample_step", scripted_steps(ids))
     return script
 
 
@@ -251,7 +274,7 @@ def stream_fields(client, **kw) -> list[tuple[str, str]]:
 def test_served_harmony_splits_reasoning_from_content(gpt_oss_srv, scripted):
     scripted(THINK_THEN_ANSWER)
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    kw = dict(model="m", messages=HI, max_tokens=200)
+    kw = dict(model="gpt-oss-tiny", messages=HI, max_tokens=200)
     msg = c.chat.completions.create(**kw).choices[0].message
     assert msg.content == "2 + 2 = **4**."
     assert msg.reasoning_content == "User asks 2+2. Easy: 4."
@@ -262,10 +285,55 @@ def test_served_harmony_splits_reasoning_from_content(gpt_oss_srv, scripted):
     assert "".join(t for f, t in fields if f == "content") == msg.content
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}]
+
+
+def test_served_tool_call_is_a_tool_call_when_tools_were_given(gpt_oss_srv, scripted):
+    scripted(TOOL_CALL)
+    c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
+    kw = dict(model="gpt-oss-tiny", messages=HI, max_tokens=200, tools=WEATHER)
+    r = c.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert msg.reasoning_content == "Need weather."
+    [call] = msg.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather",
+                                                                         {"city": "Paris"})
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+
+def test_forced_harmony_call_grammar_gives_a_parseable_call(gpt_oss_srv):
+    pytest.importorskip("llguidance")
+    from orcd.ops.sampling import allowed_ids
+    state = gpt_oss_srv.state
+    tok, n_vocab = state.loaded.tokenizer, state.loaded.hp.n_vocab
+    m = state.grammars.lark(HarmonyParser.call_grammar(WEATHER, "get_weather", tok),
+                            field="tool_choice")
+    rng, ids = random.Random(0), []
+    while len(ids) < 60:
+        ok = [int(i) for i in allowed_ids(m.allowed(), n_vocab).nonzero()[0]]
+        if set(ok) <= tok.eog_ids:
+            break
+        pick = ok[0] if len(ok) == 1 else rng.choice([i for i in ok if i not in tok.eog_ids])
+        m.accept(pick)
+        ids.append(pick)
+    assert ok == [tok.special_tokens["<|call|>"]]   # the end the engine stops on: complete
+    p = HarmonyParser()
+    pieces = merged(p.feed(tok.decode(ids)) + p.finish())
+    [(kind, (name, args, _))] = pieces
+    assert kind == "tool_call" and name == "get_weather"
+    assert json.loads(args)["city"] in ("Paris", "Oslo")
+
+
 def test_served_tool_call_comes_back_as_content(gpt_oss_srv, scripted):
     scripted(TOOL_CALL)
     c = openai.OpenAI(base_url=f"{gpt_oss_srv.url}/v1", api_key=KEY, max_retries=0)
-    msg = c.chat.completions.create(model="m", messages=HI, max_tokens=200).choices[0].message
+    msg = c.chat.completions.create(model="gpt-oss-tiny", messages=HI, max_tokens=200).choices[0].message
     assert msg.reasoning_content == "Need weather."
     assert msg.content.endswith("to=functions.get_weather <|constrain|>json<|message|>"
                                 "{\"city\": \"Paris\"}")

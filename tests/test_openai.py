@@ -52,8 +52,8 @@ def test_chat_non_stream(client, srv):
 
 
 def test_chat_stream_chunks_match_the_non_streamed_answer(client):
-    full = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=8)
-    chunks = list(client.chat.completions.create(model="m", messages=HI, temperature=0,
+    full = client.chat.completions.create(model="qwen2-tiny", messages=HI, temperature=0, max_tokens=8)
+    chunks = list(client.chat.completions.create(model="qwen2-tiny", messages=HI, temperature=0,
                                                  max_tokens=8, stream=True,
                                                  stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -69,7 +69,7 @@ def test_chat_stream_chunks_match_the_non_streamed_answer(client):
 
 
 def test_raw_wire_format(srv):
-    body = {"model": "m", "messages": HI, "max_tokens": 3, "stream": True, "temperature": 0}
+    body = {"model": "qwen2-tiny", "messages": HI, "max_tokens": 3, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -84,27 +84,27 @@ def test_raw_wire_format(srv):
 
 
 def test_completions_stream_and_non_stream_agree(client):
-    full = client.completions.create(model="m", prompt="Hello", temperature=0, max_tokens=10)
+    full = client.completions.create(model="qwen2-tiny", prompt="Hello", temperature=0, max_tokens=10)
     assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
     assert full.usage.completion_tokens == 10
-    chunks = list(client.completions.create(model="m", prompt="Hello", temperature=0,
+    chunks = list(client.completions.create(model="qwen2-tiny", prompt="Hello", temperature=0,
                                             max_tokens=10, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].text == ""
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
 
 
 def test_seed_makes_sampling_reproducible(client):
-    runs = [client.chat.completions.create(model="m", messages=HI, temperature=1.0, seed=1234,
+    runs = [client.chat.completions.create(model="qwen2-tiny", messages=HI, temperature=1.0, seed=1234,
                                            max_tokens=12).choices[0].message.content
             for _ in range(2)]
     assert runs[0] == runs[1]
 
 
 def test_stop_strings(client):
-    free = client.completions.create(model="m", prompt="Hello", temperature=0, max_tokens=12)
+    free = client.completions.create(model="qwen2-tiny", prompt="Hello", temperature=0, max_tokens=12)
     text = free.choices[0].text
     stop = text[3:5]
-    r = client.completions.create(model="m", prompt="Hello", temperature=0, max_tokens=12,
+    r = client.completions.create(model="qwen2-tiny", prompt="Hello", temperature=0, max_tokens=12,
                                   stop=[stop])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.index(stop)]
 
@@ -112,11 +112,22 @@ def test_stop_strings(client):
 @pytest.mark.parametrize("kwargs,param", [
     ({"temperature": 3.0}, "temperature"), ({"n": 2}, "n"), ({"top_p": -1}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"max_tokens": 5000}, "max_tokens"),
-    ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"top_logprobs": 3}, "top_logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"top_logprobs": 21, "logprobs": True}, "logprobs"),
+    ({"logit_bias": {"512": 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"response_format": {"type": "bogus"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "bogus"}}}}, "response_format"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools.0"),
 ])
 def test_errors_in_openai_shape(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=HI, **kwargs)
+        client.chat.completions.create(model="qwen2-tiny", messages=HI, **kwargs)
     assert e.value.status_code == 400
     assert e.value.body["code"] == "INVALID_REQUEST" and e.value.body["param"] == param
     assert e.value.body["type"] == "invalid_request_error"
@@ -124,14 +135,14 @@ def test_errors_in_openai_shape(client, kwargs, param):
 
 def test_bad_messages(client, srv):
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=[])
+        client.chat.completions.create(model="qwen2-tiny", messages=[])
     r = httpx.post(f"{srv.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_cancel_mid_stream_reaches_the_client_as_an_error(client, srv):
-    stream = client.completions.create(model="m", prompt="Hello", temperature=0,
+    stream = client.completions.create(model="qwen2-tiny", prompt="Hello", temperature=0,
                                        max_tokens=2000, stream=True)
     seen = 0
     with pytest.raises(openai.APIError) as e:
@@ -178,9 +189,9 @@ def test_gpt_oss_chat_never_500s(tiny_model):
     """Random output of the tiny GPT-OSS is malformed harmony: it must come back as text."""
     with running_server(config(tiny_model("gpt-oss-tiny"), "gpt-oss-tiny")) as s:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0)
-        r = c.chat.completions.create(model="m", messages=HI, temperature=1.0, seed=3,
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=HI, temperature=1.0, seed=3,
                                       max_tokens=16)
         assert r.choices[0].finish_reason in ("stop", "length")
-        chunks = list(c.chat.completions.create(model="m", messages=HI, temperature=1.0, seed=3,
-                                                max_tokens=16, stream=True))
+        chunks = list(c.chat.completions.create(model="gpt-oss-tiny", messages=HI, temperature=1.0,
+                                                seed=3, max_tokens=16, stream=True))
         assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason

@@ -23,7 +23,8 @@ RECOMMENDED = {"general.sampling.temp": 0.5, "general.sampling.top_k": 7,
 
 
 def values(p: SamplingParams) -> dict:
-    return {k: v for k, v in dataclasses.asdict(p).items() if k != "seed"}
+    """The fields a request may leave to the defaults (not the seed, the OpenAI extras)."""
+    return {k: v for k, v in dataclasses.asdict(p).items() if k in LLAMA_SERVER}
 
 
 def test_llama_server_defaults_where_the_file_recommends_nothing():

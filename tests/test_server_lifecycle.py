@@ -252,7 +252,7 @@ def test_explicit_tokenizer_json_wins_and_health_says_hf_json(tiny_model, host, 
     with running_server(config(path, tokenizer_path=str(tmp_path / "tok.json"))) as s:
         h = s.wait_status("healthy")
         assert h["tokenizer_kind"] == "hf-json"
-        r = httpx.post(f"{s.url}/v1/completions", json={"model": "m", "prompt": "Hello",
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello",
                                                           "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200, r.text
 

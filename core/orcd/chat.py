@@ -81,8 +81,10 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template does not compile: {e}") from e
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> ChatTemplate:
-        return cls(getattr(tokenizer, "chat_template", None),
+    def for_tokenizer(cls, tokenizer, source: str | None = None) -> ChatTemplate:
+        """The tokenizer's template, or ``source`` instead (``--chat-template``),
+        with the tokenizer's BOS and EOS text."""
+        return cls(source or getattr(tokenizer, "chat_template", None),
                    bos_token=_token_text(tokenizer, getattr(tokenizer, "bos_id", None)),
                    eos_token=_token_text(tokenizer, getattr(tokenizer, "eos_id", None)))
 
@@ -90,8 +92,9 @@ class ChatTemplate:
                variables: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
         """messages -> prompt text. ``variables`` (a client's chat_template_kwargs)
         and ``kwargs`` reach the template as variables (e.g. ``tools``,
-        ``reasoning_effort``); none may replace RESERVED_VARIABLES."""
-        context = {**(variables or {}), **kwargs}
+        ``reasoning_effort``); none may replace RESERVED_VARIABLES. ``tools`` and
+        ``documents`` are None when absent, as transformers passes them."""
+        context = {"tools": None, "documents": None, **(variables or {}), **kwargs}
         for name in RESERVED_VARIABLES:
             if name in context:
                 raise InvalidRequest(f"chat_template_kwargs: {name!r} is set by the server",
@@ -293,9 +296,33 @@ def _token_text(tokenizer, token_id: int | None) -> str:
         return ""
 
 
+def _tool_calls(calls: Any, i: int) -> list:
+    """OpenAI's tool calls carry ``arguments`` as JSON text; templates expect
+    the object (transformers' convention; vLLM parses them the same way)."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list", field="messages")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] needs a function with a name",
+                                 field="messages")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise InvalidRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not "
+                                     f"valid JSON", field="messages") from None
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
 def normalize_messages(messages: Sequence[Any]) -> list[dict]:
     """OpenAI messages -> plain dicts the templates expect: ``content`` as a
-    string (text parts joined), other keys kept (tool_calls, name…)."""
+    string (text parts joined), tool-call arguments as objects, the reasoning
+    under both names templates use (``reasoning_content`` and ``thinking``),
+    other keys kept (name, tool_call_id…)."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -316,6 +343,11 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict]:
         elif not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts",
                                  field="messages")
+        if msg.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(msg["tool_calls"], i)
+        for a, b in (("reasoning_content", "thinking"), ("thinking", "reasoning_content")):
+            if isinstance(msg.get(a), str) and b not in msg:
+                msg[b] = msg[a]
         out.append(msg)
     if not out:
         raise InvalidRequest("messages must not be empty", field="messages")

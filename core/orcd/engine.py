@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from orcd.detok import StreamDecoder
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
-from orcd.ops.sampling import SamplingParams
+from orcd.ops.sampling import Sampled, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward (unless the backend states its own)
 MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused
@@ -32,6 +32,20 @@ def cache_size(n_tokens: int, n_ctx: int) -> int:
     return min(size, n_ctx)
 
 
+class TokenConstraint(Protocol):
+    """Which ids may come next (a grammar; orcd.grammar's matcher is one).
+    The engine asks ``allowed()`` before each draw, on the CPU while the
+    device still runs the forward it just queued, and reports each id it keeps
+    (end-of-generation ids are never reported)."""
+
+    def allowed(self) -> np.ndarray | None:
+        """int32 bitmask words over the model's vocabulary (bit i % 32 of word
+        i // 32 set = id i allowed), or None for no restriction this step."""
+
+    def accept(self, token_id: int) -> None:
+        """The id was drawn and kept."""
+
+
 @dataclass
 class GenerateRequest:
     prompt_ids: Sequence[int]
@@ -40,6 +54,7 @@ class GenerateRequest:
     stop: Sequence[str] = ()
     cancelled: Callable[[], bool] = lambda: False
     deadline: float | None = None      # time.monotonic() after which to give up
+    constraint: TokenConstraint | None = None   # e.g. a JSON schema's grammar
 
 
 @dataclass
@@ -47,6 +62,9 @@ class TokenEvent:
     index: int       # 0-based position in the output
     token_id: int
     text: str        # complete UTF-8 text released by this token (may be "")
+    # with SamplingParams.logprobs: one per token this piece's text came from
+    # (the tokens since the previous event), in order
+    logprobs: list[Sampled] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +131,33 @@ def decode_tokens(backend, runner, logits, params: SamplingParams, seen: Callabl
         pending, k = nxt, k + 1
 
 
+def decode_steps(backend, runner, logits, params: SamplingParams,
+                 seen: Callable[[int], np.ndarray], rng: np.random.Generator, n_prompt: int,
+                 max_tokens: int, interrupt: Callable[[], None] = lambda: None,
+                 constraint: TokenConstraint | None = None) -> Iterator[Sampled]:
+    """``decode_tokens`` for requests that need the host between draws (a
+    grammar, logprobs, output-count penalties): one step at a time, each a
+    ``Sampled`` from ``backend.sample_step``. The caller reports each kept id to
+    ``constraint`` before pulling the next; its mask for step k+1 is computed
+    after that step's forward is queued, so on the GPU the two overlap."""
+    for k in range(1, max_tokens + 1):
+        allowed = constraint.allowed() if constraint is not None else None
+        step = backend.sample_step(logits, params, seen(k - 1), rng, n_prompt=n_prompt,
+                                   allowed=allowed)
+        yield step
+        if k < max_tokens:
+            interrupt()
+            logits = runner.forward([step.id], n_prompt + k - 1)
+
+
+def _as_sampled(tokens: Iterator[int]) -> Iterator[Sampled]:
+    try:
+        for tok in tokens:
+            yield Sampled(tok)
+    finally:
+        tokens.close()
+
+
 class StopMatcher:
     """Holds back only text that could still grow into a stop string."""
 
@@ -154,9 +199,12 @@ class _Output:
     def __init__(self, tokenizer, stops: Sequence[str], on_token: Callable[[TokenEvent], None]):
         self.detok, self.stops, self.on_token = StreamDecoder(tokenizer), StopMatcher(stops), on_token
         self.pieces: list[str] = []
+        self.logprobs: list[Sampled] = []   # the tokens not yet released with an event
 
-    def push(self, token_id: int, index: int) -> bool:
+    def push(self, token_id: int, index: int, sampled: Sampled | None = None) -> bool:
         """Feed one generated token; True when a stop string matched."""
+        if sampled is not None and sampled.logprob is not None:
+            self.logprobs.append(sampled)
         text, hit = self.stops.push(self.detok.feed(token_id))
         self._emit(text, index, token_id)
         return hit
@@ -171,7 +219,8 @@ class _Output:
     def _emit(self, text: str, index: int, token_id: int) -> None:
         if text:
             self.pieces.append(text)
-            self.on_token(TokenEvent(index, token_id, text))
+            self.on_token(TokenEvent(index, token_id, text, self.logprobs))
+            self.logprobs = []
 
     @property
     def text(self) -> str:
@@ -223,24 +272,36 @@ class Engine:
         seen[:len(prompt)] = prompt
         t_first = None
         reason = "max_tokens"
-        tokens = decode_tokens(self.lm.backend, runner, logits, params, lambda k: seen[:len(prompt) + k], rng,
-                               len(prompt), req.max_tokens, lambda: self._interrupt(req))
-        for tok in tokens:
+        args = (self.lm.backend, runner, logits, params, lambda k: seen[:len(prompt) + k], rng,
+                len(prompt), req.max_tokens, lambda: self._interrupt(req))
+        steps = (decode_steps(*args, req.constraint) if self._host_steps(req, params)
+                 else _as_sampled(decode_tokens(*args)))
+        for step in steps:
+            tok = step.id
             t_first = t_first or time.perf_counter()
             if tok in self.tokenizer.eog_ids:
                 reason = "eog"
                 break
+            if req.constraint is not None:
+                req.constraint.accept(tok)
             seen[len(prompt) + len(ids)] = tok
             ids.append(tok)
-            if out.push(tok, len(ids) - 1):
+            if out.push(tok, len(ids) - 1, step):
                 reason = "stop_sequence"
                 break
-        tokens.close()
+        steps.close()
         if reason != "stop_sequence" and out.finish(ids):
             reason = "stop_sequence"
         t_first = t_first or time.perf_counter()
         return GenerateResult(reason, ids, out.text, len(prompt), (t_first - t0) * 1000,
                               (time.perf_counter() - t_first) * 1000, seed=params.seed)
+
+    @staticmethod
+    def _host_steps(req: GenerateRequest, params: SamplingParams) -> bool:
+        """Whether each step needs the host between draws: a grammar's mask
+        depends on the id before, logprobs are read per step, and frequency /
+        presence penalties count the output with the prompt split known."""
+        return req.constraint is not None or params.logprobs is not None or params.counts_output
 
     def _prefill(self, runner, prompt: list[int], req: GenerateRequest):
         """Logits after the prompt, fed in chunks; cancellation and the deadline are

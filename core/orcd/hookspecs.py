@@ -70,7 +70,11 @@ def orcd_output_parser(arch: str, tokenizer: Tokenizer) -> Any | None:
     ``reasoning_content`` and ``content``. It is called
     with each new text piece via ``feed(text) -> list[tuple[str, str]]`` and
     ``finish() -> list[tuple[str, str]]``; channel is ``"content"`` or
-    ``"reasoning"``. Malformed input must degrade to plain content, never raise.
+    ``"reasoning"``, or ``"tool_call"`` with an ``orcd.toolcalls.ToolCall`` as
+    the payload (the server shows its ``raw`` text when the request has no
+    tools). The factory may offer ``call_grammar(tools, name, tokenizer)``, a
+    Lark grammar forcing a call (``tool_choice`` "required" or named).
+    Malformed input must degrade to plain content, never raise.
     The first non-None result wins; without one, output is plain content.
     """
 

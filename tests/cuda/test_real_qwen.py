@@ -102,7 +102,7 @@ def test_haiku_over_http_on_the_gpu(qwen_path):
         assert health["device"] == "cuda:0" and health["resident"] is True
         assert health["vram_bytes_used"] > 400e6
         r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120,
-                       json={"model": "m", "messages": HAIKU, "temperature": 0, "max_tokens": 48})
+                       json={"model": "qwen2.5-coder-0.5b", "messages": HAIKU, "temperature": 0, "max_tokens": 48})
         choice = r.json()["choices"][0]
         text = choice["message"]["content"]
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]

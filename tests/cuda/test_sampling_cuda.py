@@ -16,7 +16,7 @@ import pytest
 
 from gpu_rig import SIMULATED, sized
 
-from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref
+from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref, transform
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
@@ -82,9 +82,8 @@ class ProbeRng:
 
 
 def ref_x(logits, p: SamplingParams, seen=NO_SEEN) -> np.ndarray:
-    """The reference's logits after temperature and penalty."""
-    scaled = logits if p.greedy else logits / np.float32(p.temperature)
-    return apply_repetition_penalty(scaled, seen, p.repetition_penalty)
+    """The reference's logits after the penalty and temperature."""
+    return transform(logits, p, seen)
 
 
 def ref_kept(logits, p: SamplingParams, seen=NO_SEEN) -> np.ndarray:

@@ -196,7 +196,16 @@ class CpuBackend:
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+        return self.sample_step(logits, params, seen, rng).id
+
+    def sample_step(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
+                    rng: np.random.Generator, *, n_prompt: int | None = None,
+                    allowed: np.ndarray | None = None) -> sampling.Sampled:
+        """One engine step: the id (and logprobs when ``params.logprobs`` is
+        set); ``n_prompt`` splits ``seen`` into prompt and output, ``allowed``
+        is a grammar's bitmask."""
+        return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
+                                    n_prompt, allowed)
 
     def memory_usage(self) -> dict[str, int]:
         return {}

@@ -368,12 +368,19 @@ class CudaBackend:
 
     def sample(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                rng: np.random.Generator) -> int:
-        """The device sampler for this vocabulary (only the id crosses to the host;
-        its draw is seeded by params.seed, not ``rng``), else sample_ref."""
+        return self.sample_step(logits, params, seen, rng).id
+
+    def sample_step(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
+                    rng: np.random.Generator, *, n_prompt: int | None = None,
+                    allowed: np.ndarray | None = None) -> sampling.Sampled:
+        """The device sampler for this vocabulary (only the id, and
+        the top-N logprobs when asked, cross to the host; its draw is seeded by
+        params.seed, not ``rng``), else the reference step."""
         sampler = self._device_sampler(logits)
         if sampler is not None:
-            return sampler(logits, params, seen)
-        return sampling.sample_ref(self.to_host(logits).reshape(-1), params, seen, rng)
+            return sampler(logits, params, seen, n_prompt, allowed)
+        return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
+                                    n_prompt, allowed)
 
     def sample_to_device(self, logits, params: sampling.SamplingParams, seen=None,
                          chained: bool = False) -> PendingToken | None:

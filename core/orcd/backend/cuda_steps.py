@@ -98,11 +98,12 @@ class StepIO:
 
 
 class DeviceSampling:
-    """orcd.ops.sampling.CudaSampler behind the engine's ``sample(logits, params,
-    seen, rng)``: the seen mask lives on the device and the sampler marks each
-    chosen id, so a request's consecutive calls (seen growing by the last
-    chosen id) need no host traffic but the id itself; any other ``seen``
-    re-uploads the mask, and only when a repetition penalty needs it.
+    """orcd.ops.sampling.CudaSampler behind the engine's ``sample_step(logits,
+    params, seen, rng, n_prompt, allowed)``: the seen mask and the output counts
+    live on the device and the sampler marks each chosen id, so a request's
+    consecutive calls (seen growing by the last chosen id) need no host traffic
+    but the id itself (and a grammar's bitmask, the logprobs asked for); any
+    other ``seen`` re-uploads mask and counts, and only when a penalty needs them.
     ``enqueue(..., chained=True)`` samples the token that follows the last one
     sampled without the host having read it (the mask on the device is current)."""
 
@@ -113,8 +114,11 @@ class DeviceSampling:
         self.out_id = DeviceTensor(self.out.ptr, (1,), np.dtype(np.int32))
         self.seen, self.last, self.step, self.mask_ok = None, -1, 0, False
 
-    def enqueue(self, logits, params: sampling.SamplingParams, seen, out_id, chained: bool = False) -> None:
-        """Queue the sampling of the next id into ``out_id`` (int32 on the device)."""
+    def enqueue(self, logits, params: sampling.SamplingParams, seen, out_id, chained: bool = False,
+                n_prompt: int | None = None, allowed: np.ndarray | None = None) -> None:
+        """Queue the sampling of the next id into ``out_id`` (int32 on the device);
+        ``n_prompt`` splits ``seen`` for the output counts, ``allowed`` is a
+        grammar's bitmask."""
         if chained:                   # the id before is the last one this sampler chose
             self.step += 1
             self.seen = None
@@ -126,18 +130,23 @@ class DeviceSampling:
             self.step = self.step + 1 if follows else 0
             if not follows:
                 self.mask_ok = False
-            if params.repetition_penalty != 1.0 and not self.mask_ok:
-                self.kernels.reset(seen)
+            if (params.repetition_penalty != 1.0 or params.counts_output) and not self.mask_ok:
+                self.kernels.reset(seen, n_prompt)
                 self.mask_ok = True
             self.seen = seen
-        self.kernels.sample(logits.view(-1), params, self.step, out_id)
+        self.kernels.sample(logits.view(-1), params, self.step, out_id, allowed)
 
-    def __call__(self, logits, params: sampling.SamplingParams, seen) -> int:
+    def __call__(self, logits, params: sampling.SamplingParams, seen, n_prompt=None,
+                 allowed=None) -> sampling.Sampled:
         from orcd.cuda.memory import to_host
 
-        self.enqueue(logits, params, seen, self.out_id)
+        self.enqueue(logits, params, seen, self.out_id, n_prompt=n_prompt, allowed=allowed)
+        if params.logprobs is not None:
+            got = self.kernels.logprobs()
+            self.last = got.id
+            return got
         self.last = int(to_host(self.b.device, self.out.ptr, 4).view(np.int32)[0])
-        return self.last
+        return sampling.Sampled(self.last)
 
     def close(self) -> None:
         self.kernels.close()

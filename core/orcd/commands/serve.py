@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a tokenizer.json to use instead of the GGUF vocabulary (default: the GGUF's)")
     p.add_argument("--residency-check-sec", type=float, default=60.0, metavar="S",
                    help="seconds between checks that every weight is still in device memory")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name /v1 lists and answers to; requests naming another "
+                        "get 404 (default: --model as given)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's (default: the GGUF's)")
 
 
 def validate(args) -> dict:
@@ -94,10 +99,32 @@ def validate(args) -> dict:
     _max_tokens_within_context(args, model_path)
     if args.tokenizer is not None and not Path(args.tokenizer).is_file():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name must not be empty")
+    chat_template = _chat_template(args.chat_template)
     device = device_from_args(args, "orcd serve")
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
-            "device": device, "api_key": api_key}
+            "device": device, "api_key": api_key, "chat_template": chat_template}
+
+
+def _chat_template(path: str | None) -> str | None:
+    """--chat-template FILE: its text, checked to compile (as vLLM refuses a bad one at start)."""
+    if path is None:
+        return None
+    from orcd.chat import ChatTemplate, TemplateError
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--chat-template {path}: {e}") from None
+    if not source.strip():
+        raise UsageError(f"--chat-template {path}: the file is empty")
+    try:
+        ChatTemplate(source)
+    except TemplateError as e:
+        raise UsageError(f"--chat-template {path}: {e.message}") from None
+    return source
 
 
 def _api_key(args) -> str | None:
@@ -203,5 +230,7 @@ def run(args) -> int:
         callback_url=args.callback_url, api_key=checked["api_key"], log_prompts=args.log_prompts,
         body_timeout_s=args.body_timeout_sec, header_timeout_s=args.header_timeout_sec,
         max_connections=args.max_connections,
-        residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer, public_url=f"http://{url_host}:{args.port}")
+        residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer,
+        served_model_name=args.served_model_name, chat_template=checked["chat_template"],
+        public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)

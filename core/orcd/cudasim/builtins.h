@@ -53,6 +53,14 @@ inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 
+// IEEE single arithmetic rounded to nearest, each step on its own: what the _rn
+// intrinsics promise on the GPU (the host build has -ffp-contract=off, x86-64 SSE
+// evaluates float in float).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
 // CUDA's __byte_perm: byte i of the result is byte (s >> 4i) & 7 of the 8-byte
 // value y:x (x = bytes 0..3). Only the low 3 bits of each selector nibble count
 // (the CUDA math API's definition, which llama.cpp's table lookups rely on too);

@@ -1,11 +1,16 @@
-// Sampling on the device: temperature -> repetition penalty -> top-k -> top-p
-// -> min-p -> a seeded categorical draw, so only the chosen id leaves the GPU.
+// Sampling on the device: grammar mask -> logit_bias -> repetition penalty ->
+// frequency/presence penalty -> temperature -> top-k -> top-p -> min-p -> a
+// seeded categorical draw, so only the chosen id leaves the GPU (and, when
+// asked, the top-N logprobs).
 //
 // Two launches per token (orcd.ops.sampling.CudaSampler):
-//   sample_prepare  many blocks: x = penalty(logits / T) into a padded scratch,
-//                   and each block's (max, lowest argmax).
+//   sample_prepare  many blocks: x = processed(logits) / T into a padded
+//                   scratch, and each block's (max, lowest argmax).
 //   sample_select   one block of 1024 threads: the filters and the draw, reading
-//                   x from L2, then out_id and seen[out_id] = 1.
+//                   x from L2, then out_id, seen[out_id] = 1, counts[out_id] += 1.
+// With logprobs, two more: sample_logprobs (between the two, before select marks
+// the chosen id: the processed logits y, their log-sum-exp and the N best) and
+// sample_logprob_pick (after select: y[out_id]).
 // Every parameter comes from a small device struct (SampleArgs) the host writes
 // before the launch, so both kernels can sit inside a captured CUDA graph.
 //
@@ -26,17 +31,34 @@
 #define CAP 4096            // top-p candidates sorted in shared memory (4 per thread)
 #define FULL 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
+#define MAX_TOP 20          // orcd.ops.sampling.MAX_TOP_LOGPROBS
+#define USE_MASK 1          // SampleArgs.flags: allowed[] holds a grammar's bitmask
+#define USE_BIAS 2          //   bias[] holds the request's logit_bias
+#define USE_COUNTS 4        //   counts[] (output ids so far) feed the frequency/presence penalty
 
 typedef unsigned long long u64;
 
 struct SampleArgs {         // written by the host before each launch
-    float temperature;      // <= 0: greedy (argmax after the penalty, no temperature)
-    float penalty;          // 1: off
+    float temperature;      // <= 0: greedy (argmax after the penalties, no temperature)
+    float penalty;          // repetition: 1 off
     float top_p;            // 1: off
     float min_p;            // 0: off
+    float presence;         // subtracted once from every id in the output so far
+    float frequency;        // subtracted per occurrence in the output so far
     int top_k;              // 0: off (the host sends 0 for k >= n_vocab)
     int step;               // token index in the request: the draw's counter
+    int flags;              // USE_MASK | USE_BIAS | USE_COUNTS
+    int n_top;              // logprobs: how many best ids sample_logprobs reports
     u64 seed;
+};
+
+struct LogprobOut {         // written by sample_logprobs and sample_logprob_pick
+    float lse;              // log-sum-exp of the processed logits y
+    float chosen;           // y[chosen_id]
+    int chosen_id;
+    int n_top;
+    int top_id[MAX_TOP];    // the n_top best ids, larger y first, lower id on ties
+    float top_val[MAX_TOP]; // their y
 };
 
 struct SampleInfo {         // written by sample_select, for tests and diagnostics
@@ -495,15 +517,41 @@ __device__ int draw(const float4* w4, int npad, float target, Smem& sm) {
     return -1;
 }
 
+// -- the processed logits ----------------------------------------------------------------
+
+// logits[i] through the mask, the bias and the penalties (not the temperature),
+// each step rounded on its own (the _rn intrinsics are never fused into an FMA),
+// as orcd.ops.sampling.process does in float32.
+__device__ __forceinline__ float processed(const float* __restrict__ logits,
+                                           const int* __restrict__ seen,
+                                           const int* __restrict__ counts,
+                                           const float* __restrict__ bias,
+                                           const unsigned* __restrict__ allowed,
+                                           const SampleArgs& a, int i) {
+    if ((a.flags & USE_MASK) && !((allowed[i >> 5] >> (i & 31)) & 1u)) return NEG_INF;
+    float v = logits[i];
+    if (a.flags & USE_BIAS) v = __fadd_rn(v, bias[i]);
+    if (a.penalty != 1.0f && seen[i])                                   // as llama.cpp
+        v = v > 0.0f ? __fdiv_rn(v, a.penalty) : __fmul_rn(v, a.penalty);
+    if (a.flags & USE_COUNTS) {
+        const int c = counts[i];
+        if (c > 0) v = __fsub_rn(__fsub_rn(v, __fmul_rn((float)c, a.frequency)), a.presence);
+    }
+    return v;
+}
+
 // -- kernels --------------------------------------------------------------------------
 
-// x[i] = penalty(logits[i] / T) for i < n (greedy: no temperature), -inf up to
+// x[i] = processed(i) / T for i < n (greedy: no temperature), -inf up to
 // the padding; each block's (max, lowest argmax). grid npad / PREP_TILE, block PREP_NT.
 extern "C" __global__ void __launch_bounds__(PREP_NT)
 sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
+               const int* __restrict__ counts, const float* __restrict__ bias,
+               const unsigned* __restrict__ allowed,
                const SampleArgs* __restrict__ args, float* __restrict__ x,
                float* __restrict__ part_max, int* __restrict__ part_arg, int n) {
-    const float temp = args->temperature, pen = args->penalty;
+    const SampleArgs a = *args;
+    const float temp = a.temperature;
     const bool greedy = temp <= 0.0f;
     float best = NEG_INF;
     int arg = 0x7fffffff;
@@ -512,9 +560,8 @@ sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
         const int i = base + j;
         float v = NEG_INF;
         if (i < n) {
-            v = logits[i];
-            if (!greedy) v = v / temp;
-            if (pen != 1.0f && seen[i]) v = v > 0.0f ? v / pen : v * pen;  // as llama.cpp
+            v = processed(logits, seen, counts, bias, allowed, a, i);
+            if (!greedy) v = __fdiv_rn(v, temp);
             if (better(v, i, best, arg)) { best = v; arg = i; }
         }
         x[i] = v;
@@ -523,12 +570,13 @@ sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
     if (threadIdx.x == 0) { part_max[blockIdx.x] = best; part_arg[blockIdx.x] = arg; }
 }
 
-// The filters and the draw; writes out_id[0], marks seen[out_id] and fills info.
-// grid 1, block NT. x, w: [npad] (npad a multiple of PAD); part_*: [n_part].
+// The filters and the draw; writes out_id[0], marks seen[out_id], counts it and
+// fills info. grid 1, block NT. x, w: [npad] (npad a multiple of PAD); part_*: [n_part].
 extern "C" __global__ void __launch_bounds__(NT)
 sample_select(const float* __restrict__ x, float* w,   // w: written, then read back
               const float* __restrict__ part_max, const int* __restrict__ part_arg, int n_part,
               const SampleArgs* __restrict__ args, int* __restrict__ seen,
+              int* __restrict__ counts,
               int* __restrict__ out_id, SampleInfo* __restrict__ info, int n, int npad) {
     __shared__ Smem sm;
     const SampleArgs a = *args;
@@ -559,10 +607,61 @@ sample_select(const float* __restrict__ x, float* w,   // w: written, then read 
     if (threadIdx.x == 0) {
         *out_id = id;
         seen[id] = 1;
+        counts[id] += 1;
         info->klast = klast;
         info->xmax = xmax;
         info->z = z;
         info->n_kept = n_kept;
         info->slow = slow;
+    }
+}
+
+// y[i] = processed(i) for i < n; out: log-sum-exp of y and its n_top best (id,
+// value), larger first, lower id on ties. Runs before sample_select marks the
+// chosen id, so y is what the draw saw before temperature. grid 1, block NT.
+extern "C" __global__ void __launch_bounds__(NT)
+sample_logprobs(const float* __restrict__ logits, const int* __restrict__ seen,
+                const int* __restrict__ counts, const float* __restrict__ bias,
+                const unsigned* __restrict__ allowed, const SampleArgs* __restrict__ args,
+                float* __restrict__ y, LogprobOut* __restrict__ out, int n) {
+    const SampleArgs a = *args;
+    float m = NEG_INF;
+    int unused = 0;
+    for (int i = threadIdx.x; i < n; i += NT) {
+        const float v = processed(logits, seen, counts, bias, allowed, a, i);
+        y[i] = v;
+        m = fmaxf(m, v);
+    }
+    block_argmax(m, unused);
+    float s = 0.0f;
+    if (m != NEG_INF)
+        for (int i = threadIdx.x; i < n; i += NT) s += expf(y[i] - m);   // this thread's own y
+    s = block_sum(s);
+    const int n_top = min(max(a.n_top, 0), min(MAX_TOP, n));
+    u64 prev = ~0ull;                        // keys are unique: take each next below prev
+    for (int r = 0; r < n_top; ++r) {
+        u64 best = 0;                        // below every real key
+        for (int i = threadIdx.x; i < n; i += NT) {
+            const u64 k = make_key(y[i], i);
+            if (k < prev && k > best) best = k;
+        }
+        best = ~block_min_u64(~best);        // the block's largest
+        if (threadIdx.x == 0) { out->top_id[r] = key_id(best); out->top_val[r] = y[key_id(best)]; }
+        prev = best;
+    }
+    if (threadIdx.x == 0) {
+        out->lse = m == NEG_INF ? NEG_INF : m + logf(s);
+        out->n_top = n_top;
+    }
+}
+
+// out->chosen = y[out_id] once sample_select has chosen. grid 1, block 32.
+extern "C" __global__ void sample_logprob_pick(const float* __restrict__ y,
+                                               const int* __restrict__ out_id,
+                                               LogprobOut* __restrict__ out) {
+    if (threadIdx.x == 0) {
+        const int id = *out_id;
+        out->chosen_id = id;
+        out->chosen = y[id];
     }
 }

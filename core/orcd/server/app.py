@@ -237,7 +237,7 @@ def _chat_template(state: ServerState):
     requests (with its error), not the worker."""
     from orcd.chat import ChatTemplate, TemplateError
     try:
-        template = ChatTemplate.for_tokenizer(state.loaded.tokenizer)
+        template = ChatTemplate.for_tokenizer(state.loaded.tokenizer, state.config.chat_template)
         template.guard(state.loaded.tokenizer)   # built now: it probes every control token
         return template
     except TemplateError as e:

@@ -4,9 +4,11 @@ Wire format as OpenAI's (the official client must work unchanged): streamed
 chunks carry ``finish_reason: null`` until a last chunk whose delta (or text)
 is empty; ``stream_options.include_usage`` adds a usage chunk with no
 choices; the stream ends with ``data: [DONE]``. An error after the stream
-began is sent as ``data: {"error": {...}}``, which the client raises.
-A model plugin's output parser (GPT-OSS harmony) splits chat output into
-``reasoning_content`` and ``content``.
+began is sent as ``data: {"error": {...}}``, which the client raises. A quiet
+stream (queued, or in a long prefill) gets an SSE comment every
+``sse_keepalive_s``. A model plugin's output parser splits chat output into
+``reasoning_content``, ``content`` and ``tool_calls`` (openai_format); what a
+request may ask for is checked in openai_request. docs/openai-api.md lists it.
 """
 
 from __future__ import annotations
@@ -21,37 +23,23 @@ from fastapi import APIRouter, Request
 from orcd import __version__
 from orcd.chat import normalize_messages
 from orcd.errors import InvalidRequest, OrcdError
+from orcd.server import openai_request as opts
 from orcd.server.http import openai_error, read_body
+from orcd.server.openai_format import (ChatAnswer, Logprobs, OutputSplitter, finish_reason,
+                                       merge_completion_logprobs)
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import JobStream, Planned, ServerState
+from orcd.server.streaming import KEEPALIVE_FRAME, with_keepalive
 
-FINISH = {"eog": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+__all__ = ["router", "OutputSplitter"]
+
 FINGERPRINT = f"orcd-{__version__}"
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-class OutputSplitter:
-    """Text pieces → (field, text) for the chat message: ``content`` or
-    ``reasoning_content``. Without a plugin parser everything is content."""
-
-    FIELDS = {"content": "content", "reasoning": "reasoning_content"}
-
-    def __init__(self, factory: Any) -> None:
-        self.parser = factory() if factory is not None else None
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        if self.parser is None:
-            return [("content", text)] if text else []
-        return self._fields(self.parser.feed(text))
-
-    def finish(self) -> list[tuple[str, str]]:
-        return [] if self.parser is None else self._fields(self.parser.finish())
-
-    def _fields(self, pieces) -> list[tuple[str, str]]:
-        return [(self.FIELDS.get(ch, "content"), t) for ch, t in pieces if t]
 
 
 def router(state: ServerState) -> APIRouter:
@@ -62,64 +50,69 @@ def router(state: ServerState) -> APIRouter:
     async def models():
         state.require_ready()
         return {"object": "list",
-                "data": [{"id": cfg.model_ref, "object": "model", "created": int(state.started_wall),
+                "data": [{"id": name, "object": "model", "created": int(state.started_wall),
                           "owned_by": "orcd",
                           "meta": {"n_ctx": state.loaded.n_ctx,
                                    "n_vocab": state.loaded.hp.n_vocab,
-                                   "quant_kind": state.loaded.quant_kind}}]}
+                                   "quant_kind": state.loaded.quant_kind}}
+                         for name in cfg.served_names]}
 
     @r.post("/completions")
     async def completions(request: Request):
+        arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-        req, planned = await state.off_loop(_prepare_completion, state, body)
+        req, planned = await state.off_loop(_prepare_completion, state, body, arrived)
         stream = state.submit(planned)
-        meta = _meta(stream, "text_completion", cfg.model_ref)
+        meta = _meta(stream, "text_completion", cfg.served_names[0])
+        lp = Logprobs(state.loaded.tokenizer) if req.logprobs is not None else None
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_completion_chunks(stream, meta, include), on_disconnect=stream.cancel)
-        text, result = [], None
+            return SSEResponse(_completion_chunks(stream, meta, lp, include,
+                                                  cfg.sse_keepalive_s),
+                               on_disconnect=stream.cancel)
+        text, parts, result = [], [], None
         async for kind, payload in _watched(request, stream):
             if kind == "token":
                 text.append(payload.text)
+                if lp is not None:
+                    parts.append(lp.completion(payload.logprobs))
             elif kind == "end":
                 result = payload
             elif kind == "error":
                 raise payload
         return {**meta, "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": 0, "text": "".join(text), "logprobs": None,
-                             "finish_reason": FINISH[result.stop_reason]}],
+                "choices": [{"index": 0, "text": "".join(text),
+                             "logprobs": merge_completion_logprobs(parts) if lp else None,
+                             "finish_reason": finish_reason(result.stop_reason, 0)}],
                 "usage": usage(result.prompt_tokens, result.tokens_out)}
 
     @r.post("/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-        req, planned = await state.off_loop(_prepare_chat, state, body)
+        req, planned, tools = await state.off_loop(_prepare_chat, state, body, arrived)
         stream = state.submit(planned)
         meta = _meta(stream, "chat.completion.chunk" if req.stream else "chat.completion",
-                     cfg.model_ref)
-        splitter = OutputSplitter(state.loaded.output_parser)
+                     cfg.served_names[0])
+        answer = ChatAnswer(OutputSplitter(state.loaded.output_parser, tools.parse_calls),
+                            Logprobs(state.loaded.tokenizer) if req.logprobs else None)
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_chat_chunks(stream, meta, splitter, include),
+            return SSEResponse(_chat_chunks(stream, meta, answer, include, cfg.sse_keepalive_s),
                                on_disconnect=stream.cancel)
-        fields: dict[str, list[str]] = {"content": [], "reasoning_content": []}
         result = None
         async for kind, payload in _watched(request, stream):
             if kind == "token":
-                for name, t in splitter.feed(payload.text):
-                    fields[name].append(t)
+                answer.token(payload)
             elif kind == "end":
+                answer.finish()
                 result = payload
             elif kind == "error":
                 raise payload
-        for name, t in splitter.finish():
-            fields[name].append(t)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(fields["content"])}
-        if fields["reasoning_content"]:
-            message["reasoning_content"] = "".join(fields["reasoning_content"])
         return {**meta, "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": FINISH[result.stop_reason]}],
+                "choices": [{"index": 0, "message": answer.message(),
+                             "logprobs": answer.all_logprobs(),
+                             "finish_reason": answer.finish_reason(result.stop_reason)}],
                 "usage": usage(result.prompt_tokens, result.tokens_out)}
 
     return r
@@ -127,13 +120,18 @@ def router(state: ServerState) -> APIRouter:
 
 # -- request → planned job (CPU work: on the prep threads, never the event loop) --
 
-def _prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, Planned]:
+def _prepare_completion(state: ServerState, body: bytes, arrived: float
+                        ) -> tuple[CompletionRequest, Planned]:
     req: CompletionRequest = parse(CompletionRequest, body)
     state.require_ready()
+    opts.check_model(req.model, state.config.served_names)
+    opts.check_refused(req, "completion")
     if req.echo:
         raise InvalidRequest("echo is not supported", field="echo")
     ids = _completion_prompt(state, req.prompt)
-    return req, _plan(state, "cmpl", ids, req, req.max_tokens)
+    grammar = opts.constraint(state.grammars, None, None, None, opts.ToolPlan(),
+                              req.response_format)
+    return req, _plan(state, "cmpl", ids, req, req.max_tokens, grammar, arrived)
 
 
 def _completion_prompt(state: ServerState, prompt) -> list[int]:
@@ -151,11 +149,19 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
     return state.encode(text)
 
 
-def _prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, Planned]:
+def _prepare_chat(state: ServerState, body: bytes, arrived: float
+                  ) -> tuple[ChatCompletionRequest, Planned, opts.ToolPlan]:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
     state.require_ready()
+    opts.check_model(req.model, state.config.served_names)
+    opts.check_refused(req, "chat")
+    tools = opts.tool_plan(req.tools, req.tool_choice)
     ids = _chat_prompt_ids(state, req)
-    return req, _plan(state, "chatcmpl", ids, req, req.max_completion_tokens or req.max_tokens)
+    lm = state.loaded
+    grammar = opts.constraint(state.grammars, lm.output_parser, lm.tokenizer, req.tools, tools,
+                              req.response_format)
+    return req, _plan(state, "chatcmpl", ids, req, req.max_completion_tokens or req.max_tokens,
+                      grammar, arrived), tools
 
 
 def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
@@ -196,13 +202,16 @@ async def _watched(request: Request, stream: JobStream):
         watcher.cancel()
 
 
-def _plan(state: ServerState, prefix: str, ids: list[int], req,
-          max_tokens: int | None) -> Planned:
-    sampling = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                              seed=req.seed)
+def _plan(state: ServerState, prefix: str, ids: list[int], req, max_tokens: int | None,
+          grammar, arrived: float) -> Planned:
+    base = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                          seed=req.seed)
+    kind = "completion" if prefix == "cmpl" else "chat"
+    sampling = opts.sampling_params(base, req, kind, state.loaded.hp.n_vocab)
     return state.plan(f"{prefix}-{uuid.uuid4().hex}", ids, max_tokens=max_tokens,
-                      sampling=sampling, stop=req.stops(), prompt_text=None)
+                      sampling=sampling, stop=req.stops(), prompt_text=None,
+                      constraint=grammar, arrived=arrived)
 
 
 def _include_usage(req, meta: dict) -> bool:
@@ -238,15 +247,22 @@ async def _finish_stream(stream: JobStream, events: AsyncIterator) -> AsyncItera
     yield sse_event(None, "[DONE]")
 
 
-async def _completion_chunks(stream: JobStream, meta: dict, include_usage: bool):
+async def _completion_chunks(stream: JobStream, meta: dict, lp: Logprobs | None,
+                             include_usage: bool, keepalive_s: float):
+    def choice(text: str, logprobs, finish: str | None = None) -> dict:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
     async def frames():
-        async for kind, payload in stream.events():
+        async for item in with_keepalive(stream.events(), keepalive_s):
+            if item is None:
+                yield KEEPALIVE_FRAME
+                continue
+            kind, payload = item
             if kind == "token":
-                yield _chunk(meta, {"index": 0, "text": payload.text, "logprobs": None,
-                                    "finish_reason": None})
+                yield _chunk(meta, choice(payload.text, lp.completion(payload.logprobs)
+                                          if lp is not None else None))
             elif kind == "end":
-                yield _chunk(meta, {"index": 0, "text": "", "logprobs": None,
-                                    "finish_reason": FINISH[payload.stop_reason]})
+                yield _chunk(meta, choice("", None, finish_reason(payload.stop_reason, 0)))
                 if include_usage:
                     yield _chunk(meta, None, usage(payload.prompt_tokens, payload.tokens_out))
             elif kind == "error":
@@ -255,21 +271,28 @@ async def _completion_chunks(stream: JobStream, meta: dict, include_usage: bool)
         yield frame
 
 
-async def _chat_chunks(stream: JobStream, meta: dict, splitter: OutputSplitter,
-                       include_usage: bool):
-    def delta(d: dict, finish: str | None = None) -> bytes:
-        return _chunk(meta, {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish})
+async def _chat_chunks(stream: JobStream, meta: dict, answer: ChatAnswer, include_usage: bool,
+                       keepalive_s: float):
+    def chunk(d: dict, logprobs=None, finish: str | None = None) -> bytes:
+        return _chunk(meta, {"index": 0, "delta": d,
+                             "logprobs": {"content": logprobs} if logprobs is not None else None,
+                             "finish_reason": finish})
 
     async def frames():
-        yield delta({"role": "assistant", "content": ""})
-        async for kind, payload in stream.events():
+        yield chunk({"role": "assistant", "content": ""})
+        async for item in with_keepalive(stream.events(), keepalive_s):
+            if item is None:
+                yield KEEPALIVE_FRAME
+                continue
+            kind, payload = item
             if kind == "token":
-                for name, t in splitter.feed(payload.text):
-                    yield delta({name: t})
+                for d, logprobs in answer.token(payload):
+                    yield chunk(d, logprobs)
             elif kind == "end":
-                for name, t in splitter.finish():
-                    yield delta({name: t})
-                yield delta({}, FINISH[payload.stop_reason])
+                for d, logprobs in answer.finish():
+                    yield chunk(d, logprobs)
+                yield chunk({}, answer.leftover_logprobs(),
+                            answer.finish_reason(payload.stop_reason))
                 if include_usage:
                     yield _chunk(meta, None, usage(payload.prompt_tokens, payload.tokens_out))
             elif kind == "error":

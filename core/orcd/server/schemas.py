@@ -18,6 +18,7 @@ MAX_STOPS = 4
 MAX_STOP_TOKENS = 32
 MAX_STOP_CHARS = 512     # checked before a stop string is tokenized (for MAX_STOP_TOKENS)
 MAX_JSON_DEPTH = 64      # deeper bodies are refused before anything walks them
+MAX_LOGIT_BIAS = 1024    # logit_bias entries per request
 UINT64_MAX = 2**64 - 1
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -81,7 +82,7 @@ class _OpenAIBase(BaseModel):
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
     temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: Optional[int] = Field(default=1, ge=1)     # > 1: a 400 (openai_request.check_refused)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
@@ -90,20 +91,12 @@ class _OpenAIBase(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: Optional[RepetitionPenalty] = None
-
-    # accepted at their neutral values only: orcd does not implement them
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logprobs: Optional[Union[bool, int]] = None
-
-    @field_validator("frequency_penalty", "presence_penalty", "logprobs")
-    @classmethod
-    def _unsupported(cls, v, info):
-        if v:
-            raise ValueError(f"{info.field_name} is not supported (use repetition_penalty)"
-                             if info.field_name.endswith("penalty")
-                             else "logprobs are not supported")
-        return v
+    # OpenAI's (orcd.ops.sampling says where each applies)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = Field(
+        default=None, max_length=MAX_LOGIT_BIAS)
+    response_format: Optional[dict[str, Any]] = None
 
     def stops(self) -> list[str]:
         v = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -117,6 +110,9 @@ class CompletionRequest(_OpenAIBase):
     prompt: Any   # one string, a list of strings, or a list of token ids (see below)
     max_tokens: Optional[int] = Field(default=16, ge=1)   # OpenAI's default for completions
     echo: bool = False
+    logprobs: Optional[int] = Field(default=None, ge=0)   # top-N per token (legacy API)
+    best_of: Optional[int] = None                         # only 1 (openai_request)
+    suffix: Optional[str] = None                          # not supported: set is a 400
 
     @field_validator("prompt")
     @classmethod
@@ -135,6 +131,10 @@ class ChatCompletionRequest(_OpenAIBase):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     reasoning_effort: Optional[str] = None
     tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0)
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:

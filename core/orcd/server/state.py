@@ -58,10 +58,17 @@ class ServerConfig:
     body_timeout_s: float = 30.0        # the whole request body must arrive within this
     header_timeout_s: float = 10.0      # the request line and headers must arrive within this
     max_connections: int = 256          # HTTP requests in progress at once (beyond: 503)
+    served_model_name: str | None = None   # the /v1 name (default: model_ref), vLLM's flag
+    chat_template: str | None = None    # a template's source replacing the GGUF's
+    sse_keepalive_s: float = 15.0       # a quiet stream gets an SSE comment this often
 
     @property
     def health_device(self) -> str:
         return "cpu-reference" if self.device == "cpu" else self.device
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.served_model_name or self.model_ref]
 
 
 class ServerState:
@@ -86,6 +93,8 @@ class ServerState:
         self.last_residency_check = float("-inf")
         self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="orcd-prep",
                                        initializer=_lower_priority)
+        self._grammars: Any = None
+        self._grammars_lock = threading.Lock()
 
     # -- cached state for /health (no device calls on the request path) --------
     def can_take_work(self) -> bool:
@@ -169,15 +178,27 @@ class ServerState:
                                  field="max_tokens")
         return requested
 
+    @property
+    def grammars(self):
+        """The model's grammar compiler (orcd.grammar.Grammars), made on first use."""
+        with self._grammars_lock:   # the prep threads may ask at once
+            if self._grammars is None:
+                from orcd.grammar import Grammars
+                self._grammars = Grammars(self.loaded.tokenizer, self.loaded.hp.n_vocab)
+        return self._grammars
+
     def plan(self, job_id: str, prompt_ids: list[int], *, max_tokens: int | None,
-             sampling: SamplingParams, stop: Sequence[str], prompt_text: str | None) -> Planned:
+             sampling: SamplingParams, stop: Sequence[str], prompt_text: str | None,
+             constraint: Any = None, arrived: float | None = None) -> Planned:
         """Validate a job against the model (CPU work: through ``off_loop``).
-        Raises InvalidRequest (400) or Unavailable (503)."""
+        Raises InvalidRequest (400) or Unavailable (503). ``constraint``: a
+        grammar (engine.TokenConstraint); ``arrived``: when the request came in."""
         self.require_ready()
         self.check_stops(stop)
         n = self.max_tokens(max_tokens, len(prompt_ids))
         self.engine.check(GenerateRequest(prompt_ids, n, sampling, stop))
-        return Planned(job_id, prompt_ids, n, sampling, list(stop), prompt_text)
+        return Planned(job_id, prompt_ids, n, sampling, list(stop), prompt_text, constraint,
+                       arrived if arrived is not None else time.monotonic())
 
     def submit(self, p: Planned) -> JobStream:
         """Queue a planned job (on the event loop). Raises DuplicateJob (409) or
@@ -185,7 +206,8 @@ class ServerState:
         self.require_ready()
         stream = JobStream(p.job_id, asyncio.get_running_loop(), self.worker)
         job = Job(p.job_id, p.prompt_ids, p.max_tokens, p.sampling, stream.sink, p.stop,
-                  timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text)
+                  timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text,
+                  constraint=p.constraint, arrived=p.arrived)
         self.worker.submit(job)
         return stream
 
@@ -210,6 +232,8 @@ class Planned:
     sampling: SamplingParams
     stop: list[str]
     prompt_text: str | None
+    constraint: Any = None           # a grammar the output must follow
+    arrived: float = 0.0             # time.monotonic() of the request's arrival
 
 
 class JobStream:

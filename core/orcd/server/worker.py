@@ -45,12 +45,16 @@ class Job:
     prompt_text: str | None = None   # only for narration with --log-prompts
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     cancel_as: type[Cancelled] = Cancelled   # the error a cancelled job ends with
+    constraint: Any = None           # engine.TokenConstraint (a grammar), or None
+    arrived: float = field(default_factory=time.monotonic)   # for queue time and TTFT
+    started: float | None = None     # when the inference thread took it
 
     def request(self) -> GenerateRequest:
         # the deadline starts when the job starts running, not while it waits
         return GenerateRequest(self.prompt_ids, self.max_tokens, self.sampling, self.stop,
                                cancelled=self.cancel_flag.is_set,
-                               deadline=time.monotonic() + self.timeout_s)
+                               deadline=time.monotonic() + self.timeout_s,
+                               constraint=self.constraint)
 
 
 def outcome_of(err: OrcdError | None) -> str:
@@ -191,14 +195,18 @@ class Worker:
         self.narrator.event("execute_start", job_id=job.job_id, prompt=job.prompt_text,
                             prompt_tokens=len(job.prompt_ids), max_tokens=job.max_tokens,
                             seed=job.sampling.seed)
+        job.started = time.monotonic()
+        self.metrics.job_started(job.arrived, job.started)
         job.sink("started", {"started_at": datetime.now(timezone.utc).isoformat()})
         last = [0.0]
+        n_ctx = getattr(getattr(self.engine, "lm", None), "n_ctx", 0)
 
         def on_token(ev: TokenEvent) -> None:
             now = time.perf_counter()
             if last[0]:
                 self.metrics.inter_token.observe(now - last[0])
             last[0] = now
+            self.metrics.job_progress(len(job.prompt_ids) + ev.index + 1, n_ctx)
             job.sink("token", ev)
 
         try:
@@ -215,10 +223,8 @@ class Worker:
     def _finish(self, job: Job, err: OrcdError | None, result: GenerateResult | None = None) -> None:
         outcome = outcome_of(err)
         self.metrics.requests.labels(outcome).inc()
+        self.metrics.job_done(job.arrived, job.started, result)
         if result is not None:
-            self.metrics.prompt_tokens.inc(result.prompt_tokens)
-            self.metrics.generated_tokens.inc(result.tokens_out)
-            self.metrics.ttft.observe(result.ttft_ms / 1000)
             self.narrator.event("execute_end", job_id=job.job_id, outcome=outcome,
                                 tokens_out=result.tokens_out, stop_reason=result.stop_reason,
                                 ttft_ms=round(result.ttft_ms, 1),

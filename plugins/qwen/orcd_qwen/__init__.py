@@ -23,3 +23,11 @@ def orcd_architectures():
 def orcd_synth_presets():
     from orcd_qwen.synth import PRESETS
     return list(PRESETS)
+
+
+@hookimpl
+def orcd_output_parser(arch, tokenizer):
+    if arch != "qwen2":
+        return None
+    from orcd_qwen.tools import parser_factory
+    return parser_factory(tokenizer)
