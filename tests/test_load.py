@@ -55,12 +55,13 @@ def test_enough_vram_loads(tiny_model, host):
 
 def test_unconsumed_tensor_is_refused(tiny_model, host, monkeypatch):
     import orcd_qwen.model as qm
-    real = qm.Qwen2.__init__
+    real = qm.build
 
-    def lazy(self, hp, w):
-        real(self, hp, w)
+    def lazy(hp, w, backend):
+        model = real(hp, w, backend)
         w._taken.discard("blk.0.ffn_up.weight")  # as if the forward ignored a tensor
+        return model
 
-    monkeypatch.setattr(qm.Qwen2, "__init__", lazy)
+    monkeypatch.setattr(qm, "build", lazy)
     with pytest.raises(ModelLoadFailed, match="did not use tensors blk.0.ffn_up.weight"):
         load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=64)

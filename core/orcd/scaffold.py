@@ -114,56 +114,24 @@ TENSORS = (
 '''
 
 MODEL = '''\
-"""The {arch} forward, written once against the shared ops (orcd.ops): it runs
-on the numpy reference (--device cpu) and on CUDA alike."""
+"""The {arch} forward: the shared decoder blocks (orcd.blocks) with this
+architecture's weight table. They run on the numpy reference (--device cpu) and on
+CUDA alike, with the fused decode kernels the built-in models use. A model they do
+not fit writes its own ``forward(ops, ids, pos, cache, last_only)`` against the
+shared ops (docs/plugins.md, "The op set")."""
 
 from __future__ import annotations
 
-import math
-
 from orcd.arch import HParams
+from orcd.blocks import Attention, Decoder, Ffn, Layer
 from orcd.ops.rope import RopeConfig
 from orcd.weights import Weights
 
 
-class Model:
-    def __init__(self, hp: HParams, w: Weights) -> None:
-        self.hp = hp
-        self.tok_embd = w.take("token_embd.weight")
-        self.out_norm = w.take("output_norm.weight")
-        self.output = w.take_optional("output.weight")
-        if self.output is None:
-            self.output = self.tok_embd  # tied embeddings
-        self.layers = [{{k: L.take(k + ".weight") for k in LAYER_WEIGHTS}}
-                       for L in (w.layer(i) for i in range(hp.n_layer))]
-        self.rope = RopeConfig(n_rot=hp.head_dim, head_dim=hp.head_dim, base=hp.rope_base,
-                               neox=True)
-        self.scale = 1.0 / math.sqrt(hp.head_dim)
-
-    def forward(self, ops, ids, pos, cache, last_only: bool = True):
-        hp = self.hp
-        x = ops.embed(self.tok_embd, ids)                                   # x: [T, n_embd]
-        for i, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L["attn_norm"], hp.norm_eps)
-            q = ops.rope(ops.linear(h, L["attn_q"]), pos, self.rope)        # [T, n_head*hd]
-            k = ops.rope(ops.linear(h, L["attn_k"]), pos, self.rope)        # [T, n_kv*hd]
-            v = ops.linear(h, L["attn_v"])
-            a = ops.attention(q, k, v, cache, i, pos, self.scale)
-            x = ops.add(x, ops.linear(a, L["attn_output"]))
-            h = ops.rms_norm(x, L["ffn_norm"], hp.norm_eps)
-            f = ops.swiglu(ops.linear(h, L["ffn_gate"]), ops.linear(h, L["ffn_up"]))  # [T, n_ff]
-            x = ops.add(x, ops.linear(f, L["ffn_down"]))
-        if last_only:
-            x = ops.last_row(x)
-        return ops.linear(ops.rms_norm(x, self.out_norm, hp.norm_eps), self.output)  # [T, n_vocab]
-
-
-LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                 "ffn_gate", "ffn_up", "ffn_down")
-
-
-def build(hp: HParams, weights: Weights, backend) -> Model:
-    return Model(hp, weights)
+def build(hp: HParams, weights: Weights, backend) -> Decoder:
+    layers = [Layer(Attention.take(L), Ffn.take(L)) for L in (weights.layer(i) for i in range(hp.n_layer))]
+    rope = RopeConfig(n_rot=hp.head_dim, head_dim=hp.head_dim, base=hp.rope_base, neox=True)
+    return Decoder(hp, weights, layers, rope)
 '''
 
 SYNTH = '''\

@@ -45,8 +45,8 @@ from orcd.synth import F32, Q8_0, SynthPreset, SynthVocab
 #: Modules a plugin may import: the plugin API (docs/plugins.md, "The public API").
 #: ``orcd.ops`` covers its family modules (``orcd.ops.rope.RopeConfig``, the
 #: numpy references a plugin's own op is checked against).
-PUBLIC_MODULES = ("orcd", "orcd.arch", "orcd.weights", "orcd.errors", "orcd.ops", "orcd.quant",
-                  "orcd.synth", "orcd.tokenizer", "orcd.gguf_file", "orcd.testing",
+PUBLIC_MODULES = ("orcd", "orcd.arch", "orcd.weights", "orcd.blocks", "orcd.errors", "orcd.ops",
+                  "orcd.quant", "orcd.synth", "orcd.tokenizer", "orcd.gguf_file", "orcd.testing",
                   "orcd.toolcalls")
 #: Keys of the ``{arch}.`` namespace that are informational in llama.cpp's files too.
 INFORMATIONAL_KEYS = ("{arch}.vocab_size",)

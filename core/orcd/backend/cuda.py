@@ -373,7 +373,7 @@ class CudaBackend:
     def sample_step(self, logits, params: sampling.SamplingParams, seen: np.ndarray,
                     rng: np.random.Generator, *, n_prompt: int | None = None,
                     allowed: np.ndarray | None = None) -> sampling.Sampled:
-        """The device sampler when orcd.ops.sampling has one (only the id, and
+        """The device sampler for this vocabulary (only the id, and
         the top-N logprobs when asked, cross to the host; its draw is seeded by
         params.seed, not ``rng``), else the reference step. Logits already on
         the host (the scheduler copies a batch's rows at once) take the reference

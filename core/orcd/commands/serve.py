@@ -225,7 +225,7 @@ def _port_free(host: str, port: int) -> None:
 
 def run(args) -> int:
     checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
-    from orcd.server.runner import serve
+    from orcd.server.process import serve
     from orcd.server.state import ServerConfig
     _warn_if_exposed(args.host, checked["api_key"])
     url_host = f"[{args.host}]" if ":" in args.host else args.host

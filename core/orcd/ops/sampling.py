@@ -27,15 +27,15 @@ import numpy as np
 
 from orcd.errors import ModelLoadFailed
 
-#: logprobs further down than this are reported as it (JSON has no -inf; vLLM's value)
-LOGPROB_FLOOR = -9999.0
-MAX_TOP_LOGPROBS = 20
 #: temperatures below this sample greedily (vLLM's epsilon; llama.cpp: <= 0): dividing
 #: float32 logits by a smaller one overflows them or divides by zero
 GREEDY_BELOW_TEMPERATURE = 1e-5
 #: > 0 (vLLM refuses <= 0 too): the penalty divides the float32 logits of tokens already
 #: seen, so it must stay far from float32's smallest numbers as well
 MIN_REPETITION_PENALTY = 1e-5
+#: logprobs further down than this are reported as it (JSON has no -inf; vLLM's value)
+LOGPROB_FLOOR = -9999.0
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
 """The HTTP worker behind ``orcd serve``.
 
-    app.py        FastAPI app factory: /execute, /cancel, /health, /metrics, /shutdown
-    openai_api.py /v1/models, /v1/completions, /v1/chat/completions
-    worker.py     the single inference thread and its bounded FIFO
-    schemas.py    request models (pydantic)
-    sse.py        server-sent events with disconnect detection
-    metrics.py    Prometheus metrics on a per-app registry
-    narration.py  one JSON line per lifecycle event on stderr
+    app.py             FastAPI app factory: /execute, /cancel, /health, /metrics, /shutdown
+    openai_api.py      /v1/models, /v1/completions, /v1/chat/completions
+    openai_request.py  an OpenAI request's options checked against the model (grammar, extras)
+    openai_format.py   engine output in OpenAI's shapes (messages, tool calls, logprobs)
+    state.py           what the endpoints share: config, loaded model, worker, request -> job
+    worker.py          the inference thread and its bounded queue of jobs
+    schemas.py         request models (pydantic)
+    http.py            bounded body reads, error bodies in each API's shape
+    gate.py            the middleware every request passes first (Host, Origin, key, limits)
+    sse.py             server-sent events with disconnect detection
+    streaming.py       SSE keep-alive comments on quiet streams
+    metrics.py         Prometheus metrics on a per-app registry
+    narration.py       one JSON line per lifecycle event on stderr
+    protocol.py        connections that never finish their headers
+    process.py         the worker process: uvicorn with orcd's shutdown semantics
+    testing.py         a real worker on loopback, in-process (tests, benchmarks)
 """

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import httpx
 
 from orcd.server.narration import Narrator
-from orcd.server.runner import WorkerServer, build_server
+from orcd.server.process import WorkerServer, build_server
 from orcd.server.state import ServerConfig, ServerState
 
 
