@@ -34,19 +34,23 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("ORCD_BENCH_DIR", "/tmp/orcd-bench"))
 PEER_SRC = ROOT / "bench" / "peer" / "llama.cpp.tar.gz"
 PEER_BIN = WORK / "llama.cpp" / "build" / "bin" / "llama-bench"
+PEER_SERVER = WORK / "llama.cpp" / "build" / "bin" / "llama-server"   # bench/load.py's --peer
 BUILD_LOG = WORK / "peer-build.log"
 ROWS = WORK / "rows.json"        # measurements so far in this run, by model
 MODELS = ("qwen2-0.5b", "phi3-mini", "phi3-mini-q4_0", "gpt-oss-20b")
 CMAKE_FLAGS = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON",
                "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+               # llama-server without its web UI: no npm, no download (the GPU machine is offline)
+               "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=OFF", "-DGGML_CCACHE=OFF"]
 
 
 def build_peer() -> None:
-    """Unpack and build llama-bench in a detached session (outlives this call)."""
+    """Unpack and build llama-bench and llama-server in a detached session
+    (outlives this call)."""
     WORK.mkdir(parents=True, exist_ok=True)
-    if PEER_BIN.exists():
+    if PEER_BIN.exists() and PEER_SERVER.exists():
         print(f"peer already built: {PEER_BIN}")
         return
     marker = WORK / "peer-build.started"
@@ -56,7 +60,7 @@ def build_peer() -> None:
     marker.touch()
     script = (f"set -e; cd {WORK}; tar xzf {PEER_SRC}; cd llama.cpp; "
               f"cmake -B build {' '.join(CMAKE_FLAGS)} >/dev/null; "
-              f"ninja -C build -j{os.cpu_count()} llama-bench && echo BUILD_OK || echo BUILD_FAILED")
+              f"ninja -C build -j{os.cpu_count()} llama-bench llama-server && echo BUILD_OK || echo BUILD_FAILED")
     with open(BUILD_LOG, "w") as log:
         subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
@@ -64,16 +68,18 @@ def build_peer() -> None:
 
 
 def wait_for_peer(timeout_s: float = 420) -> bool:
+    """Until the build has made both binaries (llama-bench is linked before
+    llama-server, so its file alone does not say the build is over)."""
     t0 = time.time()
     while time.time() - t0 < timeout_s:
-        if PEER_BIN.exists():
+        if PEER_BIN.exists() and PEER_SERVER.exists():
             return True
         tail = BUILD_LOG.read_text()[-4000:] if BUILD_LOG.exists() else ""
         if "FAILED:" in tail or "BUILD_FAILED" in tail:   # ninja's and the script's failure marks
             print(tail)
             return False
         time.sleep(5)
-    return PEER_BIN.exists()
+    return PEER_BIN.exists() and PEER_SERVER.exists()
 
 
 def copy_bandwidth() -> float:

@@ -53,7 +53,8 @@ def config(path, **kw) -> ServerConfig:
 
 @pytest.fixture(scope="module")
 def srv(tiny_model):
-    with running_server(config(tiny_model("qwen2-tiny"), queue_size=1), loader=paced()) as s:
+    with running_server(config(tiny_model("qwen2-tiny"), queue_size=1, max_batch=2),
+                        loader=paced()) as s:
         yield s
 
 
@@ -156,8 +157,10 @@ def test_cancel_running_job(srv):
 
 def test_queue_full_duplicate_and_cancel_queued(srv):
     a = execute(srv, "qa", **LONG)
+    a2 = execute(srv, "qa2", **LONG)     # two run together (max_batch 2)
     a.wait_for("started")
-    b = execute(srv, "qb", **LONG)       # waits behind a (queue size 1)
+    a2.wait_for("started")
+    b = execute(srv, "qb", **LONG)       # waits behind them (queue size 1)
     assert b.wait_status() == 200
     full = httpx.post(f"{srv.url}/execute", json={"job_id": "qc", **LONG})
     assert full.status_code == 503 and full.headers["retry-after"] == "1"
@@ -167,9 +170,10 @@ def test_queue_full_duplicate_and_cancel_queued(srv):
         assert r.status_code == 409 and r.json()["code"] == "DUPLICATE_JOB"
     assert httpx.post(f"{srv.url}/cancel", json={"job_id": "qb"}).json()["status"] == "cancelled"
     assert [k for k, _ in b.join()] == ["error"] and b.events[0][1]["code"] == "CANCELLED"
-    assert a.kinds[-1] == "token"        # a still runs
-    httpx.post(f"{srv.url}/cancel", json={"job_id": "qa"})
-    assert a.join()[-1][1]["code"] == "CANCELLED"
+    assert a.kinds[-1] == "token" and a2.kinds[-1] == "token"   # both still run
+    for job_id, st in (("qa", a), ("qa2", a2)):
+        httpx.post(f"{srv.url}/cancel", json={"job_id": job_id})
+        assert st.join()[-1][1]["code"] == "CANCELLED"
 
 
 def test_client_disconnect_cancels_its_job(srv):

@@ -77,3 +77,18 @@ def test_real_qwen_estimate():
     assert tensor_total <= est.weights <= tensor_total + 255 * n_tensors
     assert est.weights < QWEN.stat().st_size
     assert est.kv_cache == 48 << 20
+
+
+def test_kv_pool_blocks_budget_slots_and_free_memory():
+    per_token, block = 1024, 64                      # 64 KiB a block
+    one = 4096 // block                               # one full context: 64 blocks
+    # no budget: every one of the 16 slots may hold a full context
+    assert vram.kv_pool_blocks(per_token, 4096, 16, block) == 16 * one
+    # --kv-cache-size-mb is the whole pool ...
+    assert vram.kv_pool_blocks(per_token, 4096, 16, block, budget_bytes=8 << 20) == 128
+    # ... but never less than one context (what the load's VRAM check counted)
+    assert vram.kv_pool_blocks(per_token, 4096, 16, block, budget_bytes=1 << 20) == one
+    # a device caps it at what is free, again never below one context
+    assert vram.kv_pool_blocks(per_token, 4096, 16, block, free_bytes=100 * 65536 + 5) == 100
+    assert vram.kv_pool_blocks(per_token, 4096, 16, block, free_bytes=0) == one
+    assert vram.kv_pool_blocks(per_token, 100, 1, block) == 2   # a partial block rounds up

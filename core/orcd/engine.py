@@ -1,7 +1,10 @@
 """The generation loop: prefill, decode, sample, detokenize, stop.
 
-One request at a time (batch 1). The server runs ``Engine.generate`` on its
-worker thread and receives each complete text piece through ``on_token``.
+``Engine.generate`` runs one request alone (``orcd generate``; ``orcd serve
+--max-batch 1``); orcd.scheduler runs many together. Both feed sampled ids to
+a ``Generation``, which stops, detokenizes and emits each complete text piece
+through ``on_token`` the same way.
+
 Cancellation and the deadline are checked between tokens and between prefill
 chunks; a backend states its chunk (``prefill_chunk``) so that one chunk is a
 short time on it.
@@ -227,6 +230,84 @@ class _Output:
         return "".join(self.pieces)
 
 
+def seeded(params: SamplingParams) -> tuple[SamplingParams, np.random.Generator]:
+    """The request's sampling with its seed (unseeded means a fresh seed, reported
+    in the result) and the generator that seed starts."""
+    if params.seed is None:
+        params = replace(params, seed=int(np.random.SeedSequence().entropy % 2**64))
+    return params, np.random.Generator(np.random.PCG64(params.seed))
+
+
+def interrupt(req: GenerateRequest) -> None:
+    """Raise when the request was cancelled or its deadline has passed."""
+    if req.cancelled():
+        raise Cancelled("the request was cancelled")
+    if req.deadline is not None and time.monotonic() > req.deadline:
+        raise InferenceTimeout("the inference timeout was exceeded")
+
+
+class Generation:
+    """One request's side of the decode loop, whoever runs its forwards
+    (``Engine.generate`` alone, or the scheduler among others): its seeded
+    sampling, the ids it has seen, each sampled id taken in order -- end of
+    generation, the grammar's bookkeeping, stop strings, max_tokens -- and the
+    text released to ``on_token``. Both paths feed it the same ids, so they
+    end the same way."""
+
+    def __init__(self, req: GenerateRequest, tokenizer,
+                 on_token: Callable[[TokenEvent], None]) -> None:
+        self.req, self.eog_ids = req, tokenizer.eog_ids
+        self.params, self.rng = seeded(req.sampling)
+        self.n_prompt = len(req.prompt_ids)
+        # prompt + output ids for the repetition penalty, filled in place: each step
+        # passes a view instead of building a new array from two lists
+        self.seen = np.empty(self.n_prompt + req.max_tokens, dtype=np.int64)
+        self.seen[:self.n_prompt] = req.prompt_ids
+        self.ids: list[int] = []
+        self.out = _Output(tokenizer, req.stop, on_token)
+        self.reason: str | None = None    # set when done
+        self.t0, self.t_first = time.perf_counter(), None
+
+    def seen_at(self, k: int) -> np.ndarray:
+        """The prompt and the first k output ids."""
+        return self.seen[:self.n_prompt + k]
+
+    def sample(self, backend, logits) -> Sampled:
+        """Draw the next id from ``logits`` (this request's row) on the host:
+        the grammar's mask, penalties over what it has seen, its own generator."""
+        c = self.req.constraint
+        return backend.sample_step(logits, self.params, self.seen_at(len(self.ids)), self.rng,
+                                   n_prompt=self.n_prompt,
+                                   allowed=c.allowed() if c is not None else None)
+
+    def take(self, step: Sampled) -> bool:
+        """Take the next sampled id; True when the request is done (``reason`` says why)."""
+        tok = step.id
+        self.t_first = self.t_first or time.perf_counter()
+        if tok in self.eog_ids:
+            self.reason = "eog"
+            return True
+        if self.req.constraint is not None:
+            self.req.constraint.accept(tok)
+        self.seen[self.n_prompt + len(self.ids)] = tok
+        self.ids.append(tok)
+        if self.out.push(tok, len(self.ids) - 1, step):
+            self.reason = "stop_sequence"
+        elif len(self.ids) == self.req.max_tokens:
+            self.reason = "max_tokens"
+        return self.reason is not None
+
+    def result(self) -> GenerateResult:
+        """Release the text still held back and sum the request up."""
+        reason = self.reason or "max_tokens"
+        if reason != "stop_sequence" and self.out.finish(self.ids):
+            reason = "stop_sequence"
+        t_first = self.t_first or time.perf_counter()
+        return GenerateResult(reason, self.ids, self.out.text, self.n_prompt,
+                              (t_first - self.t0) * 1000, (time.perf_counter() - t_first) * 1000,
+                              seed=self.params.seed)
+
+
 class Engine:
     def __init__(self, loaded) -> None:
         self.lm = loaded
@@ -256,45 +337,18 @@ class Engine:
     def generate(self, req: GenerateRequest,
                  on_token: Callable[[TokenEvent], None] = lambda ev: None) -> GenerateResult:
         self.check(req)
-        t0 = time.perf_counter()
-        params = req.sampling
-        if params.seed is None:   # unseeded means a fresh seed, reported in the result
-            params = replace(params, seed=int(np.random.SeedSequence().entropy % 2**64))
-        rng = np.random.Generator(np.random.PCG64(params.seed))
-        runner = self.new_runner(len(req.prompt_ids) + req.max_tokens)
-        prompt = list(req.prompt_ids)
-        logits = self._prefill(runner, prompt, req)
-        out = _Output(self.tokenizer, req.stop, on_token)
-        ids: list[int] = []
-        # prompt + output ids for the repetition penalty, filled in place: each step
-        # passes a view instead of building a new array from two lists
-        seen = np.empty(len(prompt) + req.max_tokens, dtype=np.int64)
-        seen[:len(prompt)] = prompt
-        t_first = None
-        reason = "max_tokens"
-        args = (self.lm.backend, runner, logits, params, lambda k: seen[:len(prompt) + k], rng,
-                len(prompt), req.max_tokens, lambda: self._interrupt(req))
-        steps = (decode_steps(*args, req.constraint) if self._host_steps(req, params)
+        gen = Generation(req, self.tokenizer, on_token)
+        runner = self.new_runner(gen.n_prompt + req.max_tokens)
+        logits = self._prefill(runner, list(req.prompt_ids), req)
+        args = (self.lm.backend, runner, logits, gen.params, gen.seen_at, gen.rng, gen.n_prompt,
+                req.max_tokens, lambda: interrupt(req))
+        steps = (decode_steps(*args, req.constraint) if self._host_steps(req, gen.params)
                  else _as_sampled(decode_tokens(*args)))
         for step in steps:
-            tok = step.id
-            t_first = t_first or time.perf_counter()
-            if tok in self.tokenizer.eog_ids:
-                reason = "eog"
-                break
-            if req.constraint is not None:
-                req.constraint.accept(tok)
-            seen[len(prompt) + len(ids)] = tok
-            ids.append(tok)
-            if out.push(tok, len(ids) - 1, step):
-                reason = "stop_sequence"
+            if gen.take(step):
                 break
         steps.close()
-        if reason != "stop_sequence" and out.finish(ids):
-            reason = "stop_sequence"
-        t_first = t_first or time.perf_counter()
-        return GenerateResult(reason, ids, out.text, len(prompt), (t_first - t0) * 1000,
-                              (time.perf_counter() - t_first) * 1000, seed=params.seed)
+        return gen.result()
 
     @staticmethod
     def _host_steps(req: GenerateRequest, params: SamplingParams) -> bool:
@@ -309,13 +363,7 @@ class Engine:
         chunk = getattr(self.lm.backend, "prefill_chunk", PREFILL_CHUNK)
         logits = None
         for start in range(0, len(prompt), chunk):
-            self._interrupt(req)
+            interrupt(req)
             logits = runner.forward(prompt[start:start + chunk], start)
         return logits
 
-    @staticmethod
-    def _interrupt(req: GenerateRequest) -> None:
-        if req.cancelled():
-            raise Cancelled("the request was cancelled")
-        if req.deadline is not None and time.monotonic() > req.deadline:
-            raise InferenceTimeout("the inference timeout was exceeded")

@@ -72,6 +72,14 @@ class InternalError(OrcdError):
     http_status = 500
 
 
+def as_orcd_error(e: BaseException, doing: str = "inference") -> OrcdError:
+    """``e`` as the error a client sees: an OrcdError as it is, anything else
+    (a bug, a driver failure) as INTERNAL with its type and message on one line."""
+    if isinstance(e, OrcdError):
+        return e
+    return InternalError(f"{doing} failed: {type(e).__name__}: {e}")
+
+
 # -- the worker's admission errors (HTTP only; added for orcd serve) ---------
 
 class Unavailable(OrcdError):

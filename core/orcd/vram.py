@@ -19,6 +19,9 @@ FP16_BYTES = 2
 FP32_BYTES = 4
 #: cuBLASLt workspace, loaded kernel modules, small per-step buffers.
 FIXED_OVERHEAD = 64 << 20
+#: the KV pool may take at most this share of the device memory free after the
+#: weights (less one prefill's scratch); the rest is for scratch growth and tables
+KV_POOL_FREE_SHARE = 0.9
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
@@ -56,6 +59,24 @@ def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int,
     logits = n_batch * n_vocab * FP32_BYTES
     scores = 0 if flash_attention else n_head * n_batch * n_ctx * FP32_BYTES
     return align_up(activations + logits + scores) + FIXED_OVERHEAD
+
+
+def kv_pool_blocks(per_token: int, n_ctx: int, max_batch: int, block: int, *,
+                   budget_bytes: int | None = None, free_bytes: int | None = None) -> int:
+    """Blocks of ``block`` positions in the continuous-batching KV pool.
+
+    ``budget_bytes`` (``--kv-cache-size-mb``) is the whole pool when given.
+    Else each of the ``max_batch`` slots may hold a full context of ``n_ctx``
+    (as llama-server's ``-np N`` with N times the context), so a request never
+    waits for KV while a slot is free; on a device at most what ``free_bytes``
+    holds. Never less than one full context: what the load's VRAM check counted,
+    and what the largest request allowed needs."""
+    block_bytes = per_token * block
+    one_context = -(-n_ctx // block)
+    want = max_batch * one_context if budget_bytes is None else budget_bytes // block_bytes
+    if free_bytes is not None:
+        want = min(want, free_bytes // block_bytes)
+    return max(one_context, want)
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,11 @@ class CudaBackend:
                     allowed: np.ndarray | None = None) -> sampling.Sampled:
         """The device sampler for this vocabulary (only the id, and
         the top-N logprobs when asked, cross to the host; its draw is seeded by
-        params.seed, not ``rng``), else the reference step."""
+        params.seed, not ``rng``), else the reference step. Logits already on
+        the host (the scheduler copies a batch's rows at once) take the reference
+        step: the device sampler follows one request's draws at a time."""
+        if isinstance(logits, np.ndarray):
+            return sampling.sample_step(logits.reshape(-1), params, seen, rng, n_prompt, allowed)
         sampler = self._device_sampler(logits)
         if sampler is not None:
             return sampler(logits, params, seen, n_prompt, allowed)

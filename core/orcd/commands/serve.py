@@ -38,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-size-mb", type=int, metavar="N",
                    help="cap the KV cache; the context shrinks to what fits (default: no cap)")
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
-                   help="jobs that may wait behind the running one")
+                   help="jobs that may wait beyond the running ones (default 16)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="jobs decoded together, 1-256 (default 16); new ones join between "
+                        "steps while the KV pool has room for their prompt + max_tokens; "
+                        "1: one job at a time")
     p.add_argument("--callback-url", metavar="URL",
                    help="POST worker details here when ready (default: none)")
     p.add_argument("--api-key", metavar="KEY",
@@ -84,6 +88,9 @@ def validate(args) -> dict:
         raise UsageError(f"--inference-timeout-sec must be positive, got {args.inference_timeout_sec}")
     if args.queue_size < 0:
         raise UsageError(f"--queue-size must be 0 or more, got {args.queue_size}")
+    from orcd.scheduler import MAX_BATCH
+    if not 1 <= args.max_batch <= MAX_BATCH:
+        raise UsageError(f"--max-batch must be between 1 and {MAX_BATCH}, got {args.max_batch}")
     if not args.residency_check_sec > 0:
         raise UsageError(f"--residency-check-sec must be positive, got {args.residency_check_sec}")
     api_key = _api_key(args)
@@ -226,7 +233,7 @@ def run(args) -> int:
         model_path=checked["model_path"], model_ref=checked["model_ref"],
         worker_id=checked["worker_id"], device=checked["device"], ctx_size=args.ctx_size,
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
-        kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size,
+        kv_cache_mb=args.kv_cache_size_mb, queue_size=args.queue_size, max_batch=args.max_batch,
         callback_url=args.callback_url, api_key=checked["api_key"], log_prompts=args.log_prompts,
         body_timeout_s=args.body_timeout_sec, header_timeout_s=args.header_timeout_sec,
         max_connections=args.max_connections,

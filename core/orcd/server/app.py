@@ -69,6 +69,30 @@ def kv_budget_ctx(hp, n_ctx: int, kv_cache_mb: int) -> int:
     return min(n_ctx, fits)
 
 
+def new_scheduler(config: ServerConfig, engine):
+    """The continuous-batching scheduler for ``--max-batch`` N > 1 (None for 1:
+    one job at a time through Engine.generate), its KV pool sized by
+    ``vram.kv_pool_blocks``: the --kv-cache-size-mb budget, else N full contexts,
+    on a GPU capped by the memory free after the weights."""
+    if config.max_batch <= 1:
+        return None
+    from orcd.kvcache import KV_BLOCK
+    from orcd.scheduler import Scheduler
+    from orcd.vram import KV_POOL_FREE_SHARE, estimate_for_model, kv_bytes_per_token, kv_pool_blocks
+    lm = engine.lm
+    hp = lm.hp
+    per_token = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, hp.get("head_dim_v"))
+    budget = None if config.kv_cache_mb is None else config.kv_cache_mb << 20
+    free = None
+    device = getattr(lm.backend, "device", None)
+    if hasattr(device, "mem_info"):
+        scratch = estimate_for_model(lm.file, hp, lm.n_ctx, flash_attention=True).scratch
+        free = max(0, int(device.mem_info()[0] * KV_POOL_FREE_SHARE) - scratch)
+    n_blocks = kv_pool_blocks(per_token, lm.n_ctx, config.max_batch, KV_BLOCK,
+                              budget_bytes=budget, free_bytes=free)
+    return Scheduler(engine, n_blocks, config.max_batch)
+
+
 def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
                loader: Loader = load_for_serving) -> FastAPI:
     narrator = narrator or Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
@@ -78,6 +102,7 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         narrator.event("startup", device=config.device, queue_size=config.queue_size,
+                       max_batch=config.max_batch,
                        ctx_size=config.ctx_size, max_tokens_out=config.max_tokens_out,
                        inference_timeout_s=config.inference_timeout_s,
                        auth=bool(config.api_key))
@@ -204,9 +229,11 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         from orcd.engine import Engine
         state.loaded, state.engine = lm, Engine(lm)
         state.chat_template = _chat_template(state)
+        scheduler = new_scheduler(cfg, state.engine)
         state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
                               narrator=narr, idle_task=lambda: _refresh_device_state(state),
-                              idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s))
+                              idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s),
+                              scheduler=scheduler)
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
         state.worker.start()
@@ -221,9 +248,11 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
                    message=f"{type(e).__name__}: {e}" if err is None else err.message)
         loop.call_soon_threadsafe(state.request_exit)
         return
+    scheduler = state.worker.scheduler
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
                weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
-               arch=lm.arch.name, phases=getattr(lm, "phases", {}))
+               arch=lm.arch.name, phases=getattr(lm, "phases", {}), max_batch=cfg.max_batch,
+               kv_pool_blocks=scheduler.blocks.n_blocks if scheduler is not None else None)
     if state.status != "loading":   # the first residency check already failed
         return
     state.status = "healthy"
@@ -314,7 +343,8 @@ def begin_shutdown(state: ServerState, reason: str) -> None:
         return
     state.accepting = False
     state.narrator.event("shutdown", phase="begin", reason=reason,
-                         running_job=state.worker.running_job_id if state.worker else None)
+                         running_job=state.worker.running_job_id if state.worker else None,
+                         running=state.worker.running if state.worker else 0)
     state.shutdown_task = asyncio.get_running_loop().create_task(_drain(state))
 
 

@@ -9,7 +9,8 @@ The request-level set follows vLLM's (``vllm:`` names in brackets): queue time
 requests (num_requests_running / _waiting, here ``orcd_queue_depth``), KV-cache
 usage (kv_cache_usage_perc, a 0..1 ratio) and finished requests by
 ``finished_reason`` (request_success_total). Latency buckets start at 0.5 ms:
-a decode step on an H200 takes about 1.1 ms.
+a decode step on an H200 takes about 1.1 ms. Continuous batching adds the KV
+pool's blocks in use and in all, and how many sequences each decode step held.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ FINISHED_REASONS = {"eog": "stop", "stop_sequence": "stop", "max_tokens": "lengt
 #: per-token scale: 0.5 ms .. 1 s
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                  0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+#: sequences in one decode step (1 .. orcd.scheduler.MAX_BATCH)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 #: per-request scale: 1 ms .. 10 min
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
@@ -63,13 +66,18 @@ class Metrics:
                                 "Time from a request's first token to its last", REQUEST_BUCKETS)
         self.e2e = hist("orcd_e2e_request_latency_seconds",
                         "Time from a request's arrival to its end", REQUEST_BUCKETS)
-        self.queue_depth = Gauge("orcd_queue_depth", "Jobs waiting for the inference thread",
+        self.queue_depth = Gauge("orcd_queue_depth", "Jobs waiting to start (beyond the running)",
                                  registry=r)
-        self.running = Gauge("orcd_requests_running", "Jobs the inference thread is running",
+        self.running = Gauge("orcd_requests_running", "Jobs running (decoded together)",
                              registry=r)
+        self._n_running = 0
         self.kv_usage = Gauge("orcd_kv_cache_usage_ratio",
-                              "KV-cache positions in use, as a fraction of the context",
-                              registry=r)
+                              "KV cache in use: blocks reserved of the pool (one job alone: "
+                              "positions of its context)", registry=r)
+        self.kv_blocks_used = Gauge("orcd_kv_blocks_used",
+                                    "KV-pool blocks reserved by running jobs", registry=r)
+        self.kv_blocks_total = Gauge("orcd_kv_blocks_total", "KV-pool blocks in all", registry=r)
+        self.batch_size = hist("orcd_batch_size", "Sequences decoded in one step", BATCH_BUCKETS)
         self.vram_bytes = Gauge("orcd_vram_bytes", "Device memory in use by purpose",
                                 ["purpose"], registry=r)
         self.residency_failures = Counter("orcd_residency_check_failures",
@@ -80,7 +88,8 @@ class Metrics:
 
     # -- one job's life (called on the inference thread) ----------------------------
     def job_started(self, arrived: float, now: float) -> None:
-        self.running.set(1)
+        self._n_running += 1
+        self.running.set(self._n_running)
         self.queue_time.observe(max(0.0, now - arrived))
 
     def job_progress(self, positions: int, n_ctx: int) -> None:
@@ -90,8 +99,10 @@ class Metrics:
         """``result``: the GenerateResult of a job that completed, else None."""
         now = time.monotonic()
         if started is not None:   # else it never ran (cancelled while queued)
-            self.running.set(0)
-            self.kv_usage.set(0.0)
+            self._n_running -= 1
+            self.running.set(self._n_running)
+            if not self._n_running:
+                self.kv_usage.set(0.0)
         self.e2e.observe(max(0.0, now - arrived))
         if result is None:
             return
@@ -102,6 +113,14 @@ class Metrics:
         self.ttft.observe(max(0.0, queued) + result.ttft_ms / 1000)
         self.prefill_time.observe(result.ttft_ms / 1000)
         self.decode_time.observe(result.decode_time_ms / 1000)
+
+    def step(self, batch: int, blocks_used: int, blocks_total: int) -> None:
+        """After a scheduler step: the decode batch it ran (0: none) and the pool's state."""
+        if batch:
+            self.batch_size.observe(batch)
+        self.kv_blocks_used.set(blocks_used)
+        self.kv_blocks_total.set(blocks_total)
+        self.kv_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
 
     def set_memory(self, usage: dict[str, int]) -> None:
         for purpose, n in usage.items():

@@ -45,7 +45,8 @@ class ServerConfig:
     max_tokens_out: int | None = None   # most tokens a request may generate; None: the context
     inference_timeout_s: float = 300.0
     kv_cache_mb: int | None = None
-    queue_size: int = 16
+    queue_size: int = 16                # jobs that may wait beyond the running ones
+    max_batch: int = 16                 # jobs decoded together (1: one at a time, Engine.generate)
     callback_url: str | None = None
     api_key: str | None = None
     log_prompts: bool = False
@@ -109,6 +110,10 @@ class ServerState:
                "cuda_runtime_version": None, "device": cfg.health_device,
                "worker_id": cfg.worker_id}
         out.update(self.health_cache)
+        worker = self.worker
+        out["running"] = worker.running if worker is not None else 0
+        out["waiting"] = worker.queue_depth if worker is not None else 0
+        out["max_batch"] = cfg.max_batch
         out["uptime_seconds"] = round(time.monotonic() - self.started, 3)
         if not self.accepting:
             out["status"] = "unhealthy"

@@ -1,10 +1,13 @@
 """The single inference thread and its bounded FIFO.
 
-The engine is blocking and serves one request at a time (batch 1), so exactly
-one thread runs it. The asyncio side submits ``Job``s and receives events
-through each job's ``sink`` (called on the inference thread; the sink hands
-them to the event loop thread-safely). Cancellation is a per-job
-``threading.Event`` the engine polls between tokens.
+One thread runs the model. With a scheduler (orcd.scheduler, ``--max-batch``
+N > 1) it admits queued jobs oldest first while one of the N slots and the KV
+blocks for the job's prompt + max_tokens are free, and steps them together;
+without one (``--max-batch 1``) it runs one job at a time through
+``Engine.generate``, as before batching. The asyncio side submits ``Job``s and
+receives events through each job's ``sink`` (called on the inference thread;
+the sink hands them to the event loop thread-safely). Cancellation is a
+per-job ``threading.Event`` polled between tokens (between steps).
 
 Events a sink receives, in order: ``("started", {"started_at": iso})``, then
 ``("token", TokenEvent)`` …, then exactly one of ``("end", GenerateResult)`` or
@@ -21,8 +24,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from orcd.engine import GenerateRequest, GenerateResult, TokenEvent
-from orcd.errors import (Cancelled, DuplicateJob, InferenceTimeout, InternalError, OrcdError,
-                         Unavailable)
+from orcd.errors import (Cancelled, DuplicateJob, InferenceTimeout, OrcdError, Unavailable,
+                         as_orcd_error)
 from orcd.ops.sampling import SamplingParams
 
 Sink = Callable[[str, Any], None]
@@ -49,6 +52,11 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)   # for queue time and TTFT
     started: float | None = None     # when the inference thread took it
 
+    @property
+    def n_positions(self) -> int:
+        """KV positions it may need: prompt + max_tokens."""
+        return len(self.prompt_ids) + self.max_tokens
+
     def request(self) -> GenerateRequest:
         # the deadline starts when the job starts running, not while it waits
         return GenerateRequest(self.prompt_ids, self.max_tokens, self.sampling, self.stop,
@@ -68,19 +76,23 @@ def outcome_of(err: OrcdError | None) -> str:
 
 
 class Worker:
-    """Owns the engine. ``queue_size`` is how many jobs may wait behind the
-    running one."""
+    """Owns the engine. ``scheduler``: run up to its ``max_batch`` jobs together
+    (None: one at a time). ``queue_size``: how many jobs may wait beyond the
+    running ones."""
 
     def __init__(self, engine, *, queue_size: int, metrics, narrator,
-                 idle_task: Callable[[], None] | None = None, idle_interval: float = 30.0) -> None:
-        self.engine, self.queue_size = engine, queue_size
+                 idle_task: Callable[[], None] | None = None, idle_interval: float = 30.0,
+                 scheduler=None) -> None:
+        self.engine, self.queue_size, self.scheduler = engine, queue_size, scheduler
+        self.max_batch = scheduler.max_batch if scheduler is not None else 1
         self.metrics, self.narrator = metrics, narrator
         self.idle_task, self.idle_interval = idle_task, idle_interval
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}      # queued and running, by job_id
-        self._running: Job | None = None
+        self._running: dict[str, Job] = {}   # running, oldest first
         self._stopping = False
+        self._last_idle = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="orcd-inference", daemon=True)
 
     # -- the asyncio side -----------------------------------------------------
@@ -88,16 +100,19 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> int:
-        """Queue ``job``; returns how many jobs are ahead of it."""
+        """Queue ``job``; returns how many jobs are ahead of it. A job larger than
+        the whole KV pool is refused here (VRAM_OOM), before it waits."""
         with self._cv:
             if self._stopping:
                 raise Unavailable("the worker is shutting down")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or queued",
                                    field="job_id")
-            if len(self._jobs) > self.queue_size:
+            if len(self._jobs) >= self.max_batch + self.queue_size:
                 self.metrics.requests.labels("rejected").inc()
                 raise Unavailable(f"the queue is full ({self.queue_size} waiting)")
+            if self.scheduler is not None:
+                self.scheduler.check_fits(job.n_positions)
             ahead = len(self._jobs)
             self._jobs[job.job_id] = job
             self._queue.append(job)
@@ -116,7 +131,7 @@ class Worker:
             if not job.cancel_flag.is_set():
                 job.cancel_as = why
             job.cancel_flag.set()
-            if job is self._running:
+            if job_id in self._running:
                 return "cancelling"
             self._queue.remove(job)
             del self._jobs[job_id]
@@ -139,8 +154,12 @@ class Worker:
 
     @property
     def running_job_id(self) -> str | None:
-        job = self._running
-        return job.job_id if job else None
+        """The oldest running job."""
+        return next(iter(list(self._running)), None)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def queue_depth(self) -> int:
@@ -164,23 +183,20 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._running and not self._stopping:
                     if not self._cv.wait(timeout=self.idle_interval):
                         break
-                if self._stopping and not self._queue:
-                    return
-                job = self._queue.popleft() if self._queue else None
-                self._running = job
-                self.metrics.queue_depth.set(len(self._queue))
-            if job is not None:
-                self._run(job)
-                with self._cv:
-                    self._running = None
-                    self._jobs.pop(job.job_id, None)
-                    self._cv.notify_all()
-            self._idle()
+                if self._stopping and not self._queue and not self._running:
+                    break
+            if self.scheduler is None:
+                self._run_next()
+            else:
+                self._step()
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def _idle(self) -> None:
+        self._last_idle = time.monotonic()
         if self.idle_task is None:
             return
         try:
@@ -188,16 +204,80 @@ class Worker:
         except Exception as e:  # a failing check must not kill the inference thread
             self.narrator.event("error", where="idle_task", message=f"{type(e).__name__}: {e}")
 
+    # one job at a time (--max-batch 1)
+    def _run_next(self) -> None:
+        with self._cv:
+            job = self._queue.popleft() if self._queue else None
+            if job is not None:
+                self._running[job.job_id] = job
+            self.metrics.queue_depth.set(len(self._queue))
+        if job is not None:
+            self._run(job)
+            self._release(job)
+        self._idle()
+
     def _run(self, job: Job) -> None:
         if job.cancel_flag.is_set():
             self._finish(job, job.cancel_as(_cancel_message(job.cancel_as)))
             return
+        self._start(job)
+        try:
+            result = self.engine.generate(job.request(), self._token_sink(job, progress=True))
+        except Exception as e:  # an engine bug becomes an INTERNAL error event, never a hang
+            self._finish(job, self._error(job, e))
+        else:
+            self._finish(job, None, result)
+
+    # continuous batching
+    def _step(self) -> None:
+        self._admit()
+        try:
+            ended = self.scheduler.step()
+        except Exception as e:  # a fault in the scheduler itself: end its jobs, keep serving
+            ended = self.scheduler.abort(as_orcd_error(e, "scheduling"))
+        for seq in ended:
+            job = seq.tag
+            self._finish(job, None if seq.error is None else self._error(job, seq.error),
+                         seq.result)
+            self._release(job)
+        s = self.scheduler
+        self.metrics.step(s.batch_size, s.blocks.n_used, s.blocks.n_blocks)
+        if (ended and not self._running) or time.monotonic() - self._last_idle >= self.idle_interval:
+            self._idle()
+
+    def _admit(self) -> None:
+        """Hand the scheduler each queued job, oldest first, while it can start at
+        once: a job that must wait for KV blocks waits here, still cancellable as
+        queued, and holds the ones behind it back."""
+        admitted = []
+        with self._cv:
+            while self._queue and self.scheduler.can_start(self._queue[0].n_positions):
+                job = self._queue.popleft()
+                self._running[job.job_id] = job
+                try:
+                    self.scheduler.add(job.request(), self._token_sink(job), tag=job)
+                    admitted.append((job, None))
+                except Exception as e:  # checked when planned and submitted: a bug
+                    admitted.append((job, as_orcd_error(e)))
+            self.metrics.queue_depth.set(len(self._queue))
+        for job, err in admitted:
+            self._start(job)
+            if err is not None:
+                self._finish(job, err)
+                self._release(job)
+
+    # -- one job's events -----------------------------------------------------
+    def _start(self, job: Job) -> None:
         self.narrator.event("execute_start", job_id=job.job_id, prompt=job.prompt_text,
                             prompt_tokens=len(job.prompt_ids), max_tokens=job.max_tokens,
                             seed=job.sampling.seed)
         job.started = time.monotonic()
         self.metrics.job_started(job.arrived, job.started)
         job.sink("started", {"started_at": datetime.now(timezone.utc).isoformat()})
+
+    def _token_sink(self, job: Job, progress: bool = False) -> Callable[[TokenEvent], None]:
+        """``on_token`` for ``job``: the inter-token histogram, then the sink.
+        ``progress``: also the KV usage of a job alone in its own cache."""
         last = [0.0]
         n_ctx = getattr(getattr(self.engine, "lm", None), "n_ctx", 0)
 
@@ -206,19 +286,22 @@ class Worker:
             if last[0]:
                 self.metrics.inter_token.observe(now - last[0])
             last[0] = now
-            self.metrics.job_progress(len(job.prompt_ids) + ev.index + 1, n_ctx)
+            if progress:
+                self.metrics.job_progress(len(job.prompt_ids) + ev.index + 1, n_ctx)
             job.sink("token", ev)
+        return on_token
 
-        try:
-            result = self.engine.generate(job.request(), on_token)
-        except Cancelled:
-            self._finish(job, job.cancel_as(_cancel_message(job.cancel_as)))
-        except OrcdError as e:
-            self._finish(job, e)
-        except Exception as e:  # an engine bug becomes an INTERNAL error event, never a hang
-            self._finish(job, InternalError(f"inference failed: {type(e).__name__}: {e}"))
-        else:
-            self._finish(job, None, result)
+    @staticmethod
+    def _error(job: Job, e: BaseException) -> OrcdError:
+        if isinstance(e, Cancelled):   # as the canceller said: plain, or shutdown (retriable)
+            return job.cancel_as(_cancel_message(job.cancel_as))
+        return as_orcd_error(e)
+
+    def _release(self, job: Job) -> None:
+        with self._cv:
+            self._running.pop(job.job_id, None)
+            self._jobs.pop(job.job_id, None)
+            self._cv.notify_all()
 
     def _finish(self, job: Job, err: OrcdError | None, result: GenerateResult | None = None) -> None:
         outcome = outcome_of(err)

@@ -1,0 +1,227 @@
+"""Continuous batching: many requests decoded together, each as if alone.
+
+The shape of nano-vllm's scheduler on orcd's backend API. Requests wait in a
+FIFO; one is admitted when fewer than ``max_batch`` run and the pool has free
+blocks for its whole prompt + max_tokens (reserved then, so a running sequence
+never waits for memory and nothing is ever preempted). Each ``step()``:
+
+1. ends every sequence that was cancelled or ran past its deadline;
+2. admits waiting sequences, oldest first (one that does not fit yet holds
+   the ones behind it back, so a large request is not starved);
+3. runs at most one prefill chunk of one sequence whose prompt is unfinished:
+   a long prompt delays the running streams by one chunk per step;
+4. runs one decode forward over every sequence past its prompt (a batch of
+   decodes: ``forward_batch(batched=True)``) and samples each row on the host
+   with the sequence's own generator, penalties and grammar.
+
+A decode row's logits do not depend on what else shares its forward (the
+backend's per-row contract, tests/test_batch_forward.py), each sequence keeps
+its own seeded generator, and every request runs through here: so a greedy or
+seeded request gives the same tokens alone and under load.
+
+A backend failure ends the sequences of the failed forward (or the row whose
+sampling failed) with an OrcdError and frees their blocks; the others go on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from orcd.engine import (PREFILL_CHUNK, GenerateRequest, GenerateResult, Generation, TokenEvent,
+                         interrupt)
+from orcd.errors import OrcdError, VramOom, as_orcd_error
+from orcd.kvblocks import BlockAllocator
+from orcd.kvcache import KV_BLOCK, blocks_for
+
+#: the most sequences one decode step may hold (``orcd serve --max-batch``)
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the scheduler, from queued to ended."""
+
+    req: GenerateRequest
+    on_token: Callable[[TokenEvent], None]
+    tag: Any = None                     # the caller's handle (the worker's Job)
+    blocks: list[int] = field(default_factory=list)   # its KV blocks while admitted
+    gen: Generation | None = None       # made at admission: sampling, stop rules, output
+    n_cached: int = 0                   # prompt tokens in the KV cache so far
+    result: GenerateResult | None = None   # when it ended well
+    error: OrcdError | None = None         # when it did not
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.req.prompt_ids) + self.req.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_cached < len(self.req.prompt_ids)
+
+
+class Scheduler:
+    """Runs the requests of one engine (orcd.engine.Engine: the loaded model,
+    its backend, the request checks) together, over one KV pool of
+    ``n_blocks`` blocks of KV_BLOCK positions. Not thread-safe: one thread
+    calls ``add`` and ``step``; other threads may read the counts."""
+
+    def __init__(self, engine, n_blocks: int, max_batch: int) -> None:
+        lm = engine.lm
+        self.engine, self.backend, self.model = engine, lm.backend, lm.model
+        self.max_batch = int(max_batch)
+        # every block table is as wide as the context: n_ctx, and with it each
+        # kernel's shape, is then the same whatever else shares a forward
+        self.width = blocks_for(lm.n_ctx)
+        self.n_ctx = self.width * KV_BLOCK
+        hp = lm.hp
+        self.blocks = BlockAllocator(n_blocks)
+        self.pool = self.backend.new_kv_pool(hp.n_layer, n_blocks, hp.n_head_kv, hp.head_dim,
+                                             hp.get("head_dim_v"))
+        self.chunk = getattr(self.backend, "prefill_chunk", PREFILL_CHUNK)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.batch_size = 0                 # rows of the last step's decode forward
+
+    # -- the caller's side -------------------------------------------------------
+    def add(self, req: GenerateRequest, on_token: Callable[[TokenEvent], None] = lambda ev: None,
+            tag: Any = None) -> Sequence:
+        """Queue a request; it is admitted at once if ``can_start`` said so.
+        Raises InvalidRequest (Engine.check) or VramOom (larger than the pool)."""
+        self.engine.check(req)
+        seq = Sequence(req, on_token, tag)
+        self.check_fits(seq.n_positions)
+        self.waiting.append(seq)
+        self._admit()
+        return seq
+
+    def check_fits(self, n_positions: int) -> None:
+        """VramOom when a request of ``n_positions`` could not fit even the empty
+        pool (it would wait for ever); only that request fails."""
+        need = blocks_for(n_positions)
+        if need > self.blocks.n_blocks:
+            raise VramOom(f"the request needs {need} KV blocks ({n_positions} positions: "
+                          f"prompt + max_tokens) but the whole pool holds {self.blocks.n_blocks}",
+                          field="max_tokens")
+
+    def can_start(self, n_positions: int) -> bool:
+        """Whether a request of ``n_positions`` added now would be admitted at once."""
+        return (not self.waiting and len(self.running) < self.max_batch
+                and blocks_for(n_positions) <= self.blocks.n_free)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Sequence]:
+        """One scheduling step (see the module's text). Returns the sequences
+        that ended in it, each with ``result`` or ``error``, blocks freed."""
+        ended = self._reap()
+        self._admit()
+        ended += self._prefill()
+        ended += self._decode()
+        return ended
+
+    def abort(self, err: OrcdError) -> list[Sequence]:
+        """End every sequence with ``err`` (a fault in the scheduler itself)."""
+        return [self._end(seq, err) for seq in [*self.waiting, *self.running]]
+
+    def close(self) -> None:
+        """Give the pool back to the backend (after every sequence ended)."""
+        self.backend.free_kv_pool(self.pool)
+
+    # -- a step's parts ----------------------------------------------------------
+    def _reap(self) -> list[Sequence]:
+        ended = []
+        for seq in [*self.waiting, *self.running]:
+            try:
+                interrupt(seq.req)
+            except OrcdError as e:     # Cancelled or InferenceTimeout
+                ended.append(self._end(seq, e))
+        return ended
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            need = blocks_for(seq.n_positions)
+            if need > self.blocks.n_free:
+                return
+            self.waiting.popleft()
+            seq.blocks = self.blocks.take(need)
+            seq.gen = Generation(seq.req, self.engine.tokenizer, seq.on_token)
+            self.running.append(seq)
+
+    def _prefill(self) -> list[Sequence]:
+        """The next chunk of the oldest unfinished prompt; after its last chunk,
+        the sequence's first token."""
+        seq = next((s for s in self.running if s.prefilling), None)
+        if seq is None:
+            return []
+        start = seq.n_cached
+        ids = list(seq.req.prompt_ids[start:start + self.chunk])
+        try:
+            logits = self._forward([seq], ids, list(range(start, start + len(ids))), batched=False)
+        except Exception as e:   # a backend failure ends this sequence only
+            return [self._end(seq, as_orcd_error(e))]
+        seq.n_cached += len(ids)
+        return [] if seq.prefilling else self._sample([seq], logits)
+
+    def _decode(self) -> list[Sequence]:
+        """One forward of every sequence's last token, then each one's next token."""
+        batch = [s for s in self.running if not s.prefilling]
+        self.batch_size = len(batch)
+        if not batch:
+            return []
+        ids = [s.gen.ids[-1] for s in batch]                       # the last token taken
+        pos = [s.gen.n_prompt + len(s.gen.ids) - 1 for s in batch]  # ... and its position
+        try:
+            logits = self._forward(batch, ids, pos, batched=True)
+        except Exception as e:   # every row of the failed forward ends; the pool stays
+            err = as_orcd_error(e)
+            return [self._end(s, err) for s in batch]
+        return self._sample(batch, logits)
+
+    def _forward(self, seqs: list[Sequence], ids: list[int], pos: list[int],
+                 batched: bool) -> np.ndarray:
+        """logits: [len(seqs), n_vocab] on the host, one copy for the whole forward
+        (a prefill chunk: its last row)."""
+        tables = [self._table(s) for s in seqs]
+        rows = list(range(len(seqs))) if batched else [0] * len(ids)
+        logits = self.backend.forward_batch(self.model, self.pool, tables, rows, ids, pos,
+                                            self.n_ctx, batched=batched, last_only=not batched)
+        return self.backend.to_host(logits).reshape(len(seqs), -1)
+
+    def _table(self, seq: Sequence) -> list[int]:
+        # padded with the sequence's own first block: never read past its positions
+        return seq.blocks + [seq.blocks[0]] * (self.width - len(seq.blocks))
+
+    def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> list[Sequence]:
+        ended = []
+        for seq, row in zip(seqs, logits):
+            try:
+                done = seq.gen.take(seq.gen.sample(self.backend, row[None]))   # row: [1, n_vocab]
+            except Exception as e:   # a grammar or callback failure ends this sequence only
+                ended.append(self._end(seq, as_orcd_error(e)))
+                continue
+            if done:
+                ended.append(self._end(seq))
+        return ended
+
+    def _end(self, seq: Sequence, err: OrcdError | None = None) -> Sequence:
+        """Take ``seq`` out, free its blocks at once, and sum it up."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.give_back(seq.blocks)
+        seq.blocks = []
+        if err is None:
+            try:
+                seq.result = seq.gen.result()
+            except Exception as e:   # the last text piece's callback
+                err = as_orcd_error(e)
+        seq.error = err
+        return seq

@@ -1,0 +1,291 @@
+"""The continuous-batching scheduler on the numpy reference: each stream of a
+batch gives exactly the tokens it gives alone; cancel, deadline, failures and
+KV admission touch only the sequence concerned; blocks always come back."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from orcd.engine import Engine, GenerateRequest
+from orcd.errors import Cancelled, InferenceTimeout, InternalError, VramOom
+from orcd.kvcache import blocks_for
+from orcd.load import load_model
+from orcd.ops.sampling import SamplingParams
+from orcd.scheduler import Scheduler
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, host):
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=512)
+    assert lm.backend.prefill_chunk == 64     # the long prompts below take several chunks
+    yield Engine(lm)
+    lm.close()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(1, 500, n).tolist()
+
+
+def request(n_prompt: int, seed: int, max_tokens: int = 12, sampling=GREEDY, **kw):
+    return GenerateRequest(prompt(n_prompt, seed), max_tokens, sampling, **kw)
+
+
+def drain(sched: Scheduler, limit: int = 2000) -> list:
+    """Step until nothing is left; the sequences in the order they ended."""
+    ended = []
+    for _ in range(limit):
+        if not sched.busy:
+            return ended
+        ended += sched.step()
+    raise AssertionError("the scheduler did not finish")
+
+
+def alone(engine, req, n_blocks=64):
+    s = Scheduler(engine, n_blocks, max_batch=1)
+    seq = s.add(req)
+    drain(s)
+    assert seq.error is None, seq.error
+    return seq.result
+
+
+def texts(events) -> str:
+    return "".join(e.text for e in events)
+
+
+LENGTHS = (3, 70, 150, 9, 200, 33)   # 150 and 200: three and four prefill chunks
+
+
+def test_greedy_streams_together_equal_each_alone_and_the_engine(engine):
+    reqs = [request(n, seed=i, max_tokens=10 + i) for i, n in enumerate(LENGTHS)]
+    sched = Scheduler(engine, n_blocks=64, max_batch=8)
+    events = [[] for _ in reqs]
+    seqs = [sched.add(r, events[i].append) for i, r in enumerate(reqs)]
+    drain(sched)
+    for i, (seq, req) in enumerate(zip(seqs, reqs)):
+        assert seq.error is None
+        solo = alone(engine, req)
+        assert seq.result.token_ids == solo.token_ids and seq.result.text == solo.text
+        assert seq.result.stop_reason == solo.stop_reason
+        assert texts(events[i]) == seq.result.text
+        # the single-request engine (orcd generate, --max-batch 1) gives the same ids
+        assert engine.generate(req).token_ids == seq.result.token_ids
+    assert len({tuple(s.result.token_ids) for s in seqs}) == len(seqs)   # not one stream copied
+    assert sum(s.result.tokens_out for s in seqs) > 40                   # most ran a while
+
+
+def test_seeded_sampling_penalties_and_logprobs_are_the_same_alone_and_batched(engine):
+    warm = SamplingParams(temperature=0.9, top_k=40, seed=1234, frequency_penalty=0.5,
+                          presence_penalty=0.3, repetition_penalty=1.1, logprobs=2)
+    mine = request(40, seed=7, max_tokens=16, sampling=warm)
+    others = [request(n, seed=20 + n, max_tokens=20, sampling=SamplingParams(temperature=1.0))
+              for n in (5, 90, 12)]
+    sched = Scheduler(engine, n_blocks=64, max_batch=4)
+    got = []
+    for r in others[:2]:
+        sched.add(r)
+    seq = sched.add(mine, got.append)
+    sched.add(others[2])
+    drain(sched)
+    solo_events = []
+    s = Scheduler(engine, 64, 1)
+    solo = s.add(mine, solo_events.append)
+    drain(s)
+    assert seq.result.token_ids == solo.result.token_ids and seq.result.seed == 1234
+    lps = [[(lp.id, lp.logprob) for lp in e.logprobs] for e in got]
+    assert lps == [[(lp.id, lp.logprob) for lp in e.logprobs] for e in solo_events]
+    assert sum(len(e.logprobs) for e in got) == seq.result.tokens_out
+
+
+def test_an_unseeded_request_draws_a_seed_and_reports_it(engine):
+    sched = Scheduler(engine, 16, 2)
+    seq = sched.add(request(5, 1, sampling=SamplingParams(temperature=1.0)))
+    drain(sched)
+    seed = seq.result.seed
+    assert isinstance(seed, int)
+    again = alone(engine, request(5, 1, sampling=SamplingParams(temperature=1.0, seed=seed)))
+    assert again.token_ids == seq.result.token_ids
+
+
+def test_cancelling_one_stream_stops_only_it_within_one_step(engine):
+    flag = {"stop": False}
+    victim = request(20, 3, max_tokens=200, cancelled=lambda: flag["stop"])
+    keep = [request(n, seed=40 + n, max_tokens=25) for n in (8, 130)]
+    sched = Scheduler(engine, 64, 4)
+    v = sched.add(victim)
+    kept = [sched.add(r) for r in keep]
+    while len(v.gen.ids if v.gen else []) < 5:
+        sched.step()
+    used = sched.blocks.n_used
+    flag["stop"] = True
+    ended = sched.step()
+    assert v in ended and isinstance(v.error, Cancelled) and v.result is None
+    assert v not in sched.running and not v.blocks
+    assert sched.blocks.n_used == used - blocks_for(v.n_positions)
+    drain(sched)
+    for seq, req in zip(kept, keep):
+        assert seq.error is None and seq.result.token_ids == alone(engine, req).token_ids
+    assert sched.blocks.n_used == 0
+
+
+def test_a_deadline_ends_only_its_sequence(engine):
+    late = request(10, 5, max_tokens=50, deadline=time.monotonic() - 1)
+    ok = request(10, 6, max_tokens=8)
+    sched = Scheduler(engine, 16, 4)
+    a, b = sched.add(late), sched.add(ok)
+    drain(sched)
+    assert isinstance(a.error, InferenceTimeout)
+    assert b.result.token_ids == alone(engine, ok).token_ids
+    assert sched.blocks.n_used == 0
+
+
+def test_a_request_larger_than_the_pool_is_vram_oom_and_others_are_served(engine):
+    sched = Scheduler(engine, n_blocks=3, max_batch=4)       # 192 positions in all
+    small = request(20, 8, max_tokens=10)
+    first = sched.add(small)
+    with pytest.raises(VramOom) as e:
+        sched.add(request(150, 9, max_tokens=60))          # 210 positions: never fits
+    assert e.value.code == "VRAM_OOM" and "pool" in e.value.message
+    drain(sched)
+    assert first.result.token_ids == alone(engine, small).token_ids
+    assert sched.blocks.n_used == 0 and not sched.busy
+
+
+def test_a_request_that_does_not_fit_yet_waits_and_blocks_hold_back_later_ones(engine):
+    sched = Scheduler(engine, n_blocks=4, max_batch=8)       # 256 positions
+    big = [request(100, 10 + i, max_tokens=60) for i in range(3)]   # 3 blocks each
+    tiny = request(4, 30, max_tokens=4)                       # 1 block: fits beside one big
+    seqs = [sched.add(r) for r in big] + [sched.add(tiny)]
+    assert len(sched.running) == 1 and len(sched.waiting) == 3
+    assert not sched.can_start(10)                            # someone waits: join the queue
+    peak = 0
+    while sched.busy:
+        peak = max(peak, sched.blocks.n_used)
+        assert sched.blocks.n_used <= sched.blocks.n_blocks
+        sched.step()
+    assert peak <= 4
+    for seq, req in zip(seqs, big + [tiny]):
+        assert seq.result.token_ids == alone(engine, req).token_ids
+
+
+def test_max_batch_is_respected_and_the_rest_waits_in_order(engine):
+    sched = Scheduler(engine, 64, max_batch=2)
+    reqs = [request(6 + i, 50 + i, max_tokens=6 + 2 * i) for i in range(5)]
+    seqs = [sched.add(r) for r in reqs]
+    assert [s in sched.running for s in seqs] == [True, True, False, False, False]
+    seen_batches, order = set(), []
+    while sched.busy:
+        assert len(sched.running) <= 2
+        order += sched.step()
+        seen_batches.add(sched.batch_size)
+    assert max(seen_batches) == 2
+    assert order == seqs                                     # first in, first out here
+    for seq, req in zip(seqs, reqs):
+        assert seq.result.token_ids == alone(engine, req).token_ids
+
+
+def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
+    b = engine.lm.backend
+    calls = []
+    real = b.forward_batch
+
+    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only):
+        calls.append((batched, len(ids)))
+        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
+    monkeypatch.setattr(b, "forward_batch", spy)
+    sched = Scheduler(engine, 64, 4)
+    short = sched.add(request(5, 61, max_tokens=30))           # no end-of-generation in 30
+    sched.step()                                             # its prefill and first token
+    long = sched.add(request(300, 61, max_tokens=4))          # five chunks of 64
+    produced = []
+    while long.prefilling:
+        calls.clear()
+        before = len(short.gen.ids)
+        sched.step()
+        assert [c for c in calls if not c[0]] in ([(False, 64)], [(False, 300 - 256)])
+        produced.append(len(short.gen.ids) - before)
+    assert len(produced) == 5 and all(n == 1 for n in produced)   # the stream never stalled
+
+
+def test_a_failing_forward_ends_its_sequences_and_the_scheduler_goes_on(engine, monkeypatch):
+    b = engine.lm.backend
+    real = b.forward_batch
+    boom = {"on": False}
+
+    def flaky(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only):
+        if batched and boom["on"]:
+            boom["on"] = False
+            raise RuntimeError("device fault")
+        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
+    monkeypatch.setattr(b, "forward_batch", flaky)
+    sched = Scheduler(engine, 32, 4)
+    hit = [sched.add(request(5 + i, 70 + i, max_tokens=20)) for i in range(2)]
+    sched.step()
+    sched.step()
+    boom["on"] = True
+    ended = sched.step()
+    assert set(ended) == set(hit)
+    for seq in hit:
+        assert isinstance(seq.error, InternalError) and "device fault" in seq.error.message
+    assert sched.blocks.n_used == 0
+    after = request(9, 72, max_tokens=7)
+    seq = sched.add(after)
+    drain(sched)
+    assert seq.result.token_ids == alone(engine, after).token_ids
+
+
+def test_a_failing_callback_ends_only_its_sequence(engine):
+    def broken(ev):
+        raise ValueError("sink gone")
+    sched = Scheduler(engine, 32, 4)
+    bad = sched.add(request(5, 80, max_tokens=10), broken)
+    good_req = request(6, 81, max_tokens=10)
+    good = sched.add(good_req)
+    drain(sched)
+    assert isinstance(bad.error, InternalError) and "sink gone" in bad.error.message
+    assert good.result.token_ids == alone(engine, good_req).token_ids
+    assert sched.blocks.n_used == 0
+
+
+def test_stop_strings_and_eog_end_a_sequence_as_the_engine_does(engine):
+    base = request(12, 90, max_tokens=30)
+    text = alone(engine, base).text
+    stop = text[6:9]
+    cut = GenerateRequest(base.prompt_ids, 30, GREEDY, stop=[stop])
+    sched = Scheduler(engine, 32, 4)
+    seq = sched.add(cut)
+    other = sched.add(request(40, 91, max_tokens=30))
+    drain(sched)
+    ref = engine.generate(cut)
+    assert seq.result.stop_reason == ref.stop_reason == "stop_sequence"
+    assert seq.result.text == ref.text == text[:text.index(stop)]
+    assert other.result.tokens_out == 30 and sched.blocks.n_used == 0
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
+    """The same property on CUDA: per-row decode kernels, rows sampled on the host."""
+    import os
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512,
+                    device=f"cuda:{os.environ.get('ORCD_TEST_GPU', '0')}")
+    try:
+        engine = Engine(lm)
+        warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1)
+        reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
+        reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
+        sched = Scheduler(engine, n_blocks=64, max_batch=8)
+        seqs = [sched.add(r) for r in reqs]
+        drain(sched)
+        sched.close()
+        for seq, req in zip(seqs, reqs):
+            s = Scheduler(engine, 16, 1)
+            solo = s.add(req)
+            drain(s)
+            s.close()
+            assert seq.error is None and seq.result.token_ids == solo.result.token_ids
+    finally:
+        lm.close()
