@@ -385,7 +385,7 @@ def test_residency_classification():
 def test_row_buckets():
     from orcd.backend.cuda_batch import bucket
 
-    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17, 256, 257, 600)] == [1, 2, 4, 8, 16, 32, 256, 512, 1024]
+    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17, 40, 256, 257, 600)] == [1, 2, 4, 8, 16, 24, 48, 256, 512, 1024]
 
 
 def test_a_decode_batch_pads_its_rows_into_the_spare_block():

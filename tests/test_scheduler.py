@@ -211,6 +211,60 @@ def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
     assert len(produced) == 5 and all(n == 1 for n in produced)   # the stream never stalled
 
 
+@pytest.fixture
+def folding(engine, monkeypatch):
+    """The engine with prompts folded into the decode batch (the GPU's way), in
+    chunks of 16 tokens."""
+    b = engine.lm.backend
+    monkeypatch.setattr(b, "prefill_in_batch", True, raising=False)
+    monkeypatch.setattr(b, "batch_prefill_chunk", 16, raising=False)
+    return engine
+
+
+def test_folded_prompts_give_each_stream_what_it_gets_alone(folding):
+    warm = SamplingParams(temperature=0.9, top_k=40, seed=77, repetition_penalty=1.1, logprobs=2)
+    reqs = [request(n, seed=i, max_tokens=8 + i) for i, n in enumerate((3, 40, 17, 70))]
+    reqs.append(request(25, seed=9, max_tokens=12, sampling=warm))
+    sched = Scheduler(folding, n_blocks=64, max_batch=8)
+    assert sched.fold and sched.chunk == 16
+    events = [[] for _ in reqs]
+    seqs = [sched.add(r, events[i].append) for i, r in enumerate(reqs)]
+    drain(sched)
+    for i, (seq, req) in enumerate(zip(seqs, reqs)):
+        solo_events = []
+        s = Scheduler(folding, 64, 1)
+        solo = s.add(req, solo_events.append)
+        drain(s)
+        assert seq.error is None and seq.result.token_ids == solo.result.token_ids
+        assert texts(events[i]) == seq.result.text == solo.result.text
+        assert [[(lp.id, lp.logprob) for lp in e.logprobs] for e in events[i]] == \
+            [[(lp.id, lp.logprob) for lp in e.logprobs] for e in solo_events]
+    assert sched.blocks.n_used == 0
+
+
+def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, monkeypatch):
+    b = folding.lm.backend
+    calls = []
+    real = b.forward_batch
+
+    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only):
+        calls.append((batched, list(pos)))
+        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
+    monkeypatch.setattr(b, "forward_batch", spy)
+    sched = Scheduler(folding, 64, 4)
+    short = sched.add(request(5, 61, max_tokens=30))
+    sched.step()                                   # its prompt and first token in one step
+    assert len(short.gen.ids) == 1 and calls == [(True, list(range(5)))]
+    long = sched.add(request(50, 62, max_tokens=4))   # chunks 0-15, 16-31, 32-47, 48-49
+    for start, end in ((0, 16), (16, 32), (32, 48), (48, 50)):
+        calls.clear()
+        before = len(short.gen.ids)
+        sched.step()
+        assert calls == [(True, [5 + before - 1] + list(range(start, end)))]   # one forward
+        assert len(short.gen.ids) == before + 1                              # never stalled
+    assert not long.prefilling and len(long.gen.ids) == 1
+
+
 def test_a_failing_forward_ends_its_sequences_and_the_scheduler_goes_on(engine, monkeypatch):
     b = engine.lm.backend
     real = b.forward_batch
@@ -268,13 +322,14 @@ def test_stop_strings_and_eog_end_a_sequence_as_the_engine_does(engine):
 
 @pytest.mark.cuda
 def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
-    """The same property on CUDA: per-row decode kernels, rows sampled on the host."""
+    """The same property on CUDA: prompts folded into replayed decode graphs,
+    per-row kernels, each row drawn by the device sampler with its own state."""
     import os
     lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512,
                     device=f"cuda:{os.environ.get('ORCD_TEST_GPU', '0')}")
     try:
         engine = Engine(lm)
-        warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1)
+        warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1, logprobs=3)
         reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
         sched = Scheduler(engine, n_blocks=64, max_batch=8)

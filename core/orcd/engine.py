@@ -20,7 +20,7 @@ import numpy as np
 
 from orcd.detok import StreamDecoder
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
-from orcd.ops.sampling import Sampled, SamplingParams
+from orcd.ops.sampling import RowDraw, Sampled, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward (unless the backend states its own)
 MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused
@@ -279,6 +279,13 @@ class Generation:
         return backend.sample_step(logits, self.params, self.seen_at(len(self.ids)), self.rng,
                                    n_prompt=self.n_prompt,
                                    allowed=c.allowed() if c is not None else None)
+
+    def draw(self, key, row: int) -> RowDraw:
+        """This request's next draw from row ``row`` of a batch's logits, as
+        ``sample`` makes it (Backend.sample_rows; ``key`` names the sequence)."""
+        c = self.req.constraint
+        return RowDraw(key, row, self.params, self.seen_at(len(self.ids)), self.rng, self.n_prompt,
+                       c.allowed() if c is not None else None)
 
     def take(self, step: Sampled) -> bool:
         """Take the next sampled id; True when the request is done (``reason`` says why)."""

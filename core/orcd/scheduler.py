@@ -81,7 +81,12 @@ class Scheduler:
         self.blocks = BlockAllocator(n_blocks)
         self.pool = self.backend.new_kv_pool(hp.n_layer, n_blocks, hp.n_head_kv, hp.head_dim,
                                              hp.get("head_dim_v"))
-        self.chunk = getattr(self.backend, "prefill_chunk", PREFILL_CHUNK)
+        # folding: prompt chunks ride in the decode batch (``prefill_in_batch``: the
+        # GPU, where a separate prefill forward would stall every stream); else one
+        # chunk of one prompt per step in a forward of its own
+        self.fold = bool(getattr(self.backend, "prefill_in_batch", False))
+        self.chunk = int(getattr(self.backend, "batch_prefill_chunk" if self.fold else "prefill_chunk",
+                                 PREFILL_CHUNK))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.batch_size = 0                 # rows of the last step's decode forward
@@ -155,54 +160,101 @@ class Scheduler:
             self.running.append(seq)
 
     def _prefill(self) -> list[Sequence]:
-        """The next chunk of the oldest unfinished prompt; after its last chunk,
-        the sequence's first token."""
+        """Unfolded prompts: the next chunk of the oldest unfinished prompt, in a
+        forward of its own; after its last chunk, the sequence's first token."""
         seq = next((s for s in self.running if s.prefilling), None)
-        if seq is None:
+        if self.fold or seq is None:
             return []
         start = seq.n_cached
         ids = list(seq.req.prompt_ids[start:start + self.chunk])
         try:
-            logits = self._forward([seq], ids, list(range(start, start + len(ids))), batched=False)
+            logits = self._forward([seq], [ids], [list(range(start, start + len(ids)))], batched=False)
         except Exception as e:   # a backend failure ends this sequence only
             return [self._end(seq, as_orcd_error(e))]
         seq.n_cached += len(ids)
-        return [] if seq.prefilling else self._sample([seq], logits)
+        return [] if seq.prefilling else self._sample([seq], logits, [0])
 
     def _decode(self) -> list[Sequence]:
-        """One forward of every sequence's last token, then each one's next token."""
-        batch = [s for s in self.running if not s.prefilling]
-        self.batch_size = len(batch)
-        if not batch:
+        """One batched forward: every sequence's last token and, folding, the
+        next chunks of unfinished prompts; then the next token of each sequence
+        whose last row was a decode or the end of its prompt."""
+        seqs, ids, pos = self._rows()
+        self.batch_size = sum(not s.prefilling for s in seqs)
+        if not seqs:
             return []
-        ids = [s.gen.ids[-1] for s in batch]                       # the last token taken
-        pos = [s.gen.n_prompt + len(s.gen.ids) - 1 for s in batch]  # ... and its position
         try:
-            logits = self._forward(batch, ids, pos, batched=True)
-        except Exception as e:   # every row of the failed forward ends; the pool stays
+            logits = self._forward(seqs, ids, pos, batched=True)
+        except Exception as e:   # every sequence of the failed forward ends; the pool stays
             err = as_orcd_error(e)
-            return [self._end(s, err) for s in batch]
-        return self._sample(batch, logits)
+            return [self._end(s, err) for s in seqs]
+        last = np.cumsum([len(i) for i in ids]) - 1    # each sequence's last row
+        for seq, i in zip(seqs, ids):
+            if seq.prefilling:
+                seq.n_cached += len(i)
+        drawn = [(s, r) for s, r in zip(seqs, last) if not s.prefilling]
+        return self._sample([s for s, _ in drawn], logits, [int(r) for _, r in drawn])
 
-    def _forward(self, seqs: list[Sequence], ids: list[int], pos: list[int],
-                 batched: bool) -> np.ndarray:
-        """logits: [len(seqs), n_vocab] on the host, one copy for the whole forward
-        (a prefill chunk: its last row)."""
+    def _rows(self) -> tuple[list[Sequence], list[list[int]], list[list[int]]]:
+        """This step's sequences with their token ids and positions: each decode's
+        last token; folding, the next chunk of each prompt while the step's
+        prompt rows stay within one chunk. A prompt's chunks start at multiples
+        of the chunk whatever else runs, so its rows are the same alone or not."""
+        seqs, ids, pos = [], [], []
+        for s in self.running:
+            if not s.prefilling:
+                seqs.append(s)
+                ids.append([s.gen.ids[-1]])                               # the last token taken
+                pos.append([s.gen.n_prompt + len(s.gen.ids) - 1])         # ... and its position
+        budget = self.chunk if self.fold else 0
+        for s in self.running:
+            if not s.prefilling:
+                continue
+            start = s.n_cached
+            n = min(self.chunk - start % self.chunk, len(s.req.prompt_ids) - start)
+            if n > budget:
+                break                     # oldest first: a later prompt never overtakes
+            budget -= n
+            seqs.append(s)
+            ids.append(list(s.req.prompt_ids[start:start + n]))
+            pos.append(list(range(start, start + n)))
+        return seqs, ids, pos
+
+    def _forward(self, seqs: list[Sequence], ids: list[list[int]], pos: list[list[int]],
+                 batched: bool):
+        """Logits on the backend: [rows, n_vocab] batched (one table per sequence,
+        its rows in order), else the chunk's last row [1, n_vocab]."""
         tables = [self._table(s) for s in seqs]
-        rows = list(range(len(seqs))) if batched else [0] * len(ids)
-        logits = self.backend.forward_batch(self.model, self.pool, tables, rows, ids, pos,
-                                            self.n_ctx, batched=batched, last_only=not batched)
-        return self.backend.to_host(logits).reshape(len(seqs), -1)
+        rows = [k for k, i in enumerate(ids) for _ in i] if batched else [0] * len(ids[0])
+        flat_ids = [t for i in ids for t in i]
+        flat_pos = [p for q in pos for p in q]
+        return self.backend.forward_batch(self.model, self.pool, tables, rows, flat_ids, flat_pos,
+                                          self.n_ctx, batched=batched, last_only=not batched)
 
     def _table(self, seq: Sequence) -> list[int]:
         # padded with the sequence's own first block: never read past its positions
         return seq.blocks + [seq.blocks[0]] * (self.width - len(seq.blocks))
 
-    def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> list[Sequence]:
-        ended = []
-        for seq, row in zip(seqs, logits):
+    def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> list[Sequence]:
+        """Row rows[i] of ``logits`` is seqs[i]'s next-token distribution: draw all
+        at once (the backend keeps each sequence's sampling state), then take
+        each id in order."""
+        if not seqs:
+            return []
+        ended, live, draws = [], [], []
+        for seq, row in zip(seqs, rows):
             try:
-                done = seq.gen.take(seq.gen.sample(self.backend, row[None]))   # row: [1, n_vocab]
+                draws.append(seq.gen.draw(seq, row))
+                live.append(seq)
+            except Exception as e:   # the grammar's mask failed: this sequence only
+                ended.append(self._end(seq, as_orcd_error(e)))
+        try:
+            got = self.backend.sample_rows(logits, draws) if draws else []
+        except Exception as e:   # the sampler failed: the rows it drew for end
+            err = as_orcd_error(e)
+            return ended + [self._end(seq, err) for seq in live]
+        for seq, step in zip(live, got):
+            try:
+                done = seq.gen.take(step)
             except Exception as e:   # a grammar or callback failure ends this sequence only
                 ended.append(self._end(seq, as_orcd_error(e)))
                 continue
@@ -218,6 +270,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.give_back(seq.blocks)
         seq.blocks = []
+        if seq.gen is not None:
+            self.backend.release_rows([seq])
         if err is None:
             try:
                 seq.result = seq.gen.result()

@@ -207,6 +207,15 @@ class CpuBackend:
         return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
                                     n_prompt, allowed)
 
+    def sample_rows(self, logits, draws) -> list[sampling.Sampled]:
+        """A batch's draws (sampling.RowDraw), each as ``sample_step`` of its row."""
+        host = self.to_host(logits).reshape(len(logits), -1)
+        return [self.sample_step(host[d.row], d.params, d.seen, d.rng, n_prompt=d.n_prompt,
+                                 allowed=d.allowed) for d in draws]
+
+    def release_rows(self, keys) -> None:
+        pass   # no state kept per sequence
+
     def memory_usage(self) -> dict[str, int]:
         return {}
 

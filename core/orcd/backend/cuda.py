@@ -22,7 +22,7 @@ import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
 from orcd.backend.cuda_batch import BatchDecoder
-from orcd.backend.cuda_steps import DeviceSampling, PendingToken, StepIO
+from orcd.backend.cuda_steps import DeviceSampling, PendingToken, RowSamplers, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
@@ -72,6 +72,12 @@ class CudaRunner:
 
 
 class CudaBackend:
+    #: the scheduler folds prompts into the decode batch, a chunk of this many tokens
+    #: per step, so a new prompt never stalls the running streams for a whole prefill
+    #: (each row runs the per-row decode kernels of a replayed graph)
+    prefill_in_batch = True
+    batch_prefill_chunk = 32
+
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None) -> None:
@@ -127,6 +133,7 @@ class CudaBackend:
         self.fused = FusedKernels(*args, formats=formats)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
+        self.rows_sampler = None   # likewise, for batches (sample_rows)
         self.scratch = Scratch(self.alloc, SCRATCH_START)
         self._io_buf = self.alloc.alloc(IO_BYTES, "scratch")
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
@@ -386,6 +393,19 @@ class CudaBackend:
         return sampling.sample_step(self.to_host(logits).reshape(-1), params, seen, rng,
                                     n_prompt, allowed)
 
+    def sample_rows(self, logits, draws) -> list[sampling.Sampled]:
+        """A batch's draws (sampling.RowDraw) by the device sampler, each row with
+        its sequence's own device state; one copy brings every id to the host."""
+        if self.rows_sampler is None and not isinstance(logits, np.ndarray):
+            self.rows_sampler = RowSamplers(self, logits.shape[-1])
+        if isinstance(logits, np.ndarray) or self.rows_sampler.n_vocab != logits.shape[-1]:
+            return sampling.sample_rows(self.to_host(logits).reshape(logits.shape[0], -1), draws)
+        return self.rows_sampler.sample(logits, draws)
+
+    def release_rows(self, keys) -> None:
+        if self.rows_sampler is not None:
+            self.rows_sampler.release(keys)
+
     def sample_to_device(self, logits, params: sampling.SamplingParams, seen=None,
                          chained: bool = False) -> PendingToken | None:
         """Sample the next id into the decode step's input (step_ids), where the next
@@ -419,7 +439,8 @@ class CudaBackend:
         self._drop_graph()
         if self.batch is not None:
             self.batch.close()
-        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None), getattr(self, "compiler", None)):
+        for obj in (getattr(self, "mm", None), getattr(self, "sampler", None),
+                    getattr(self, "rows_sampler", None), getattr(self, "compiler", None)):
             if hasattr(obj, "close"):
                 obj.close()
         if hasattr(self, "alloc"):

@@ -19,7 +19,9 @@ from orcd.cuda.tensor import DeviceTensor
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: rows of a replayed step: decodes plus a folded prompt chunk (scheduler.py) land
+#: between the powers of two often enough to be worth a graph of their own
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def bucket(n: int, sizes=ROW_BUCKETS) -> int:

@@ -150,3 +150,63 @@ class DeviceSampling:
 
     def close(self) -> None:
         self.kernels.close()
+
+
+class RowSamplers:
+    """The device sampler for a batch's rows (``CudaBackend.sample_rows``): one
+    DeviceSampling per running sequence, so its seen mask, output counts and
+    draw counter stay on the device from one draw to the next, exactly as a
+    request alone keeps them. Each row's kernels are queued in turn on the
+    stream, then every id crosses to the host in one copy: a batch of B rows
+    moves B ints, not B rows of logits."""
+
+    def __init__(self, backend, n_vocab: int) -> None:
+        self.b, self.n_vocab = backend, n_vocab
+        self.by_key: dict = {}
+        self.spare: list[DeviceSampling] = []   # samplers of ended sequences, reset
+        self.out, self.cap = None, 0
+
+    def sample(self, logits, draws) -> list[sampling.Sampled]:
+        from orcd.cuda.memory import to_host
+
+        self._reserve(len(draws))
+        i32 = np.dtype(np.int32)
+        chosen = []
+        for i, d in enumerate(draws):
+            s = self._sampler(d.key)
+            s.enqueue(logits.rows(d.row, d.row + 1), d.params, d.seen,
+                      DeviceTensor(self.out.ptr + 4 * i, (1,), i32), n_prompt=d.n_prompt, allowed=d.allowed)
+            chosen.append(s)
+        ids = to_host(self.b.device, self.out.ptr, 4 * len(draws)).view(np.int32)
+        got = []
+        for s, d, tok in zip(chosen, draws, ids):
+            s.last = int(tok)
+            got.append(s.kernels.logprobs() if d.params.logprobs is not None else sampling.Sampled(s.last))
+        return got
+
+    def release(self, keys) -> None:
+        for key in keys:
+            s = self.by_key.pop(key, None)
+            if s is not None:   # a reused sampler must never look like it follows its last draw
+                s.seen, s.last, s.step, s.mask_ok = None, -1, 0, False
+                self.spare.append(s)
+
+    def _sampler(self, key) -> DeviceSampling:
+        s = self.by_key.get(key)
+        if s is None:
+            s = self.spare.pop() if self.spare else DeviceSampling(self.b, self.n_vocab)
+            self.by_key[key] = s
+        return s
+
+    def _reserve(self, n: int) -> None:
+        if n > self.cap:
+            if self.out is not None:
+                self.b.device.synchronize()
+                self.b.alloc.free(self.out)
+            self.cap = max(n, 2 * self.cap, 16)
+            self.out = self.b.alloc.alloc(4 * self.cap, "workspace")
+
+    def close(self) -> None:
+        for s in [*self.by_key.values(), *self.spare]:
+            s.close()
+        self.by_key, self.spare = {}, []

@@ -82,6 +82,28 @@ class Sampled:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class RowDraw:
+    """One row's draw in a batch (``Backend.sample_rows``): row ``row`` of the
+    logits, for the sequence ``key`` -- a backend may keep device state for it
+    (the seen mask, the output counts) from one draw to the next, until
+    ``release_rows([key])``. The rest are ``sample_step``'s arguments."""
+    key: object
+    row: int
+    params: SamplingParams
+    seen: np.ndarray
+    rng: np.random.Generator
+    n_prompt: int | None = None
+    allowed: np.ndarray | None = None
+
+
+def sample_rows(logits: np.ndarray, draws) -> list[Sampled]:
+    """The reference for a batch: each draw's ``sample_step`` on its own row of
+    host logits [rows, n_vocab], with its own generator."""
+    return [sample_step(logits[d.row].reshape(-1), d.params, d.seen, d.rng, d.n_prompt, d.allowed)
+            for d in draws]
+
+
 def mask_words(n_vocab: int) -> int:
     """int32 words of a bitmask over ``n_vocab`` ids."""
     return (n_vocab + 31) // 32
