@@ -227,6 +227,18 @@ def test_ten_megabyte_body_is_refused(srv):
     assert r.status_code == 413 and r.json()["code"] == "INVALID_REQUEST"
 
 
+def test_streamed_body_over_the_limit_is_refused_and_the_worker_serves_on(srv):
+    def chunks():   # no Content-Length: the limit is found while reading
+        yield b'{"job_id": "big", "prompt": "'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b'"}'
+    r = httpx.post(f"{srv.url}/execute", content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["message"]
+    assert httpx.get(f"{srv.url}/health").json()["status"] == "healthy"
+
+
 def test_cancel_request_is_validated(srv):
     assert httpx.post(f"{srv.url}/cancel", json={}).status_code == 400
     assert httpx.post(f"{srv.url}/cancel", json={"job_id": "never-seen"}).status_code == 202

@@ -82,26 +82,38 @@ def error_response(err: OrcdError, path: str, *, close: bool = False) -> JSONRes
     return JSONResponse(body, status_code=err.http_status, headers=headers or None)
 
 
+#: an oversized body up to this size is read and thrown away before the 413 goes
+#: out: closing a socket with unread bytes in it resets the connection, and the
+#: client then sees a broken pipe instead of the refusal (a lingering close)
+DRAIN_LIMIT = 64 << 20
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes, whether
     announced by Content-Length or streamed, and (408) a body that takes longer
     than ``timeout_s`` to arrive. A client that hangs up mid-body is ClientGone."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+    too_large = BodyTooLarge(f"the request body is larger than {limit} bytes")
 
     async def receive() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the request body is larger than {limit} bytes")
-            chunks.append(chunk)
+            if size > DRAIN_LIMIT:
+                break
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise too_large
         return b"".join(chunks)
 
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+        raise too_large
     try:
         return await asyncio.wait_for(receive(), timeout_s)
     except asyncio.TimeoutError:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large from None
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     except ClientDisconnect:
         raise ClientGone("the client disconnected before sending the whole body") from None
