@@ -412,3 +412,33 @@ def test_a_decode_batch_pads_its_rows_into_the_spare_block():
     np.testing.assert_array_equal(got, [[6, 8, 0, 0], [4, 2, 7, 1], [3, 5, 0, 0], [9, 9, 9, 9]])
     dec.close()
     assert alloc.usage().get("scratch", 0) == 0
+
+
+def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
+    """Before serving, one decode forward per rows bucket up to max_rows, each as
+    wide as MIN_BLOCKS (the width of every step up to MIN_BLOCKS * 64 positions),
+    every row at position 0 of the spare block: no sequence's KV is touched."""
+    from types import SimpleNamespace
+
+    from orcd.backend.cuda_batch import MIN_BLOCKS, BatchDecoder
+    from orcd.cuda.memory import to_host
+    from orcd.cudasim import SimAllocator, SimDevice
+
+    dev, alloc = SimDevice(), SimAllocator()
+    seen = []
+
+    class Model:
+        def forward(self, ops, ids, pos, view, last_only):
+            rows = ids.shape[0]
+            seen.append((rows, view.n_ctx, ops.per_row,
+                         set(to_host(dev, view.tables.ptr, 4 * rows * MIN_BLOCKS).view(np.int32)),
+                         set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
+            return SimpleNamespace(rows=lambda a, b: (a, b))
+
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, ops=SimpleNamespace(per_row=False),
+                              scratch=SimpleNamespace(reset=lambda: None))
+    dec = BatchDecoder(backend)
+    assert dec.warm(Model(), SimpleNamespace(k=[], v=[], spare=9), max_rows=40) == 8
+    assert [s[0] for s in seen] == [1, 2, 4, 8, 16, 24, 32, 48]
+    assert all(s[1:] == (MIN_BLOCKS * 64, True, {9}, {0}) for s in seen)
+    dec.close()

@@ -333,8 +333,12 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
         reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
+        assert sched.warm_up() == 8          # rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 + 32
+        graphs = dict(lm.backend.batch._graphs)
         seqs = [sched.add(r) for r in reqs]
         drain(sched)
+        # every step replayed a graph captured before serving: none was made mid-stream
+        assert lm.backend.batch._graphs.keys() == graphs.keys()
         sched.close()
         for seq, req in zip(seqs, reqs):
             s = Scheduler(engine, 16, 1)

@@ -8,11 +8,14 @@ never waits for memory and nothing is ever preempted). Each ``step()``:
 1. ends every sequence that was cancelled or ran past its deadline;
 2. admits waiting sequences, oldest first (one that does not fit yet holds
    the ones behind it back, so a large request is not starved);
-3. runs at most one prefill chunk of one sequence whose prompt is unfinished:
-   a long prompt delays the running streams by one chunk per step;
-4. runs one decode forward over every sequence past its prompt (a batch of
-   decodes: ``forward_batch(batched=True)``) and samples each row on the host
-   with the sequence's own generator, penalties and grammar.
+3. runs one batched forward (``forward_batch(batched=True)``) over the last
+   token of every sequence past its prompt and, where the backend folds
+   prompts into the batch (the GPU), the next chunk of the oldest unfinished
+   prompts, at most one chunk of rows in all; elsewhere that chunk runs in a
+   forward of its own first. Either way a long prompt delays the running
+   streams by one chunk per step;
+4. draws each sequence's next token from its row (``sample_rows``: the
+   sequence's own generator, penalties and grammar, kept by the backend).
 
 A decode row's logits do not depend on what else shares its forward (the
 backend's per-row contract, tests/test_batch_forward.py), each sequence keeps
@@ -90,6 +93,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.batch_size = 0                 # rows of the last step's decode forward
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows one batched forward can hold: every decode, plus a chunk folded in."""
+        return self.max_batch + (self.chunk if self.fold else 0)
+
+    def warm_up(self) -> int:
+        """Before serving: the backend readies the batched forward of every row count
+        a step can make (on the GPU each would otherwise load kernels and capture
+        a graph in the middle of someone's stream). How many forwards it ran."""
+        return self.backend.warm_batch(self.model, self.pool, self.max_rows)
 
     # -- the caller's side -------------------------------------------------------
     def add(self, req: GenerateRequest, on_token: Callable[[TokenEvent], None] = lambda ev: None,

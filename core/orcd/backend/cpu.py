@@ -173,6 +173,9 @@ class CpuBackend:
     def free_kv_pool(self, pool: KVCache) -> None:
         pass   # numpy memory: freed with the last reference
 
+    def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
+        return 0   # nothing compiled or captured: every forward costs the same
+
     @staticmethod
     def row(logits, i: int):
         """Row i of a forward's logits [T, n_vocab], as ``sample`` takes it."""

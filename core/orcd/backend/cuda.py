@@ -234,6 +234,10 @@ class CudaBackend:
         A batch of decodes replays a captured graph (cuda_batch.py)."""
         return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
 
+    def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
+        """Capture the replayed step of every row count up to ``max_rows`` now (cuda_batch.py)."""
+        return self.batch.warm(model, pool, max_rows)
+
     def cover_positions(self, n: int) -> None:
         """Rope tables made from now on cover positions < n (a cache or pool that large exists)."""
         self._positions = max(self._positions, int(n))

@@ -22,6 +22,10 @@ from orcd.kvcache import KV_BLOCK, KVCache
 #: rows of a replayed step: decodes plus a folded prompt chunk (scheduler.py) land
 #: between the powers of two often enough to be worth a graph of their own
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+#: the fewest blocks a replayed step attends over: the decode kernel's splits past
+#: a row's last key exit at once, so a wider graph costs a few idle blocks, while
+#: each new (rows, blocks) pair costs a capture in the middle of serving
+MIN_BLOCKS = 8
 
 
 def bucket(n: int, sizes=ROW_BUCKETS) -> int:
@@ -106,7 +110,7 @@ class BatchDecoder:
         if pos.min(initial=0) < 0 or (n and pos.max() // KV_BLOCK >= own.shape[1]):
             raise InvalidRequest("a decode position lies past its sequence's block table")
         rows = bucket(n)
-        blocks = bucket(int(pos.max(initial=0)) // KV_BLOCK + 1)
+        blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
         view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
         key = (id(model), id(pool), rows, blocks)
         got = self._graphs.get(key)
@@ -118,6 +122,17 @@ class BatchDecoder:
             got[0].replay()
             logits = got[1]
         return logits.rows(0, n)
+
+    def warm(self, model, pool: KVCache, max_rows: int) -> int:
+        """Capture the decode step of every rows bucket up to ``max_rows`` (each
+        at MIN_BLOCKS), so that no step under load waits for a kernel load or a
+        capture; the rows write position 0 of the spare block. The count run."""
+        sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
+        spare = [[pool.spare]]
+        for rows in sizes:
+            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
+        self.b.device.synchronize()
+        return len(sizes)
 
     def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos):
         """Fill the (rows, blocks) bucket's input buffer: real rows first, then padding."""

@@ -90,7 +90,11 @@ def new_scheduler(config: ServerConfig, engine):
         free = max(0, int(device.mem_info()[0] * KV_POOL_FREE_SHARE) - scratch)
     n_blocks = kv_pool_blocks(per_token, lm.n_ctx, config.max_batch, KV_BLOCK,
                               budget_bytes=budget, free_bytes=free)
-    return Scheduler(engine, n_blocks, config.max_batch)
+    scheduler = Scheduler(engine, n_blocks, config.max_batch)
+    t0 = time.perf_counter()
+    if scheduler.warm_up():   # start-up narration names this phase too
+        lm.phases["batch_graphs"] = round(time.perf_counter() - t0, 4)
+    return scheduler
 
 
 def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
