@@ -6,6 +6,8 @@
 #                                   # synthetic models in the background; the GPU kernel
 #                                   # tests; orcd's rows of the small models
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
+#   bash bench/gpu_session.sh load  # (one call on its own) the batching tests, then bench/load.py:
+#                                   # orcd --max-batch 16 against llama-server -np 16, qwen2-0.5b
 #
 # carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
 # `timeout`, waits poll files (never a process list that can match itself), and logs
@@ -52,6 +54,17 @@ two)
   timeout 330 python3 bench/compare.py run --engines peer --out "$OUT" 2>&1 | tee "$OUT/peer.log" | tail -32
   cp "$WORK/rows.json" "$OUT/" 2>/dev/null
   ;;
+load)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nice -n 19 python3 bench/compare.py build-peer
+  [ -f "$WORK/qwen2-0.5b.gguf" ] || python3 -m orcd.cli synth qwen2-0.5b -o "$WORK/qwen2-0.5b.gguf"
+  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/test_scheduler.py tests/test_server_batch.py \
+      tests/test_batch_forward.py tests/cuda/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -4
+  timeout 150 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" 2>&1 | tee "$OUT/load-orcd.log" | tail -8
+  for _ in $(seq 1 240); do grep -q BUILD_OK "$WORK/peer-build.log" 2>/dev/null && break; sleep 1; done
+  timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" --peer "$WORK/llama.cpp/build/bin/llama-server" \
+      2>&1 | tee "$OUT/load.log" | tail -8
+  ;;
 *)
-  echo "usage: bench/gpu_session.sh one|two"; exit 2 ;;
+  echo "usage: bench/gpu_session.sh one|two|load"; exit 2 ;;
 esac
