@@ -267,13 +267,17 @@ def main() -> None:
                     help="measure these now; rows measured earlier on this card are kept")
     ap.add_argument("--int8", choices=("off", "auto", "all"),
                     help="orcd's int8-activation mode (default: the backend's, auto)")
+    ap.add_argument("--prefill-graphs", action="store_true",
+                    help="orcd's prompt chunks replayed from CUDA graphs (CudaBackend prefill_graphs)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
+    options = {"int8": args.int8} if args.int8 else {}
+    if args.prefill_graphs:
+        options["prefill_graphs"] = True
     if args.action == "build-peer":
         build_peer()
     else:
-        run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out),
-                {"int8": args.int8} if args.int8 else {})
+        run_all([m for m in args.models.split(",") if m], args.engines.split(","), Path(args.out), options)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
 #   bash bench/gpu_session.sh load  # (one call on its own) the batching tests, then bench/load.py:
 #                                   # orcd --max-batch 16 against llama-server -np 16, qwen2-0.5b
+#   bash bench/gpu_session.sh prefill  # (after one) the prefill-graph tests, then orcd's small
+#                                   # rows with and without --prefill-graphs
 #
 # carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
 # `timeout`, waits poll files (never a process list that can match itself), and logs
@@ -65,6 +67,14 @@ load)
   timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" --peer "$WORK/llama.cpp/build/bin/llama-server" \
       2>&1 | tee "$OUT/load.log" | tail -8
   ;;
+prefill)
+  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k prefill 2>&1 \
+      | tee "$OUT/tests-prefill.log" | tail -4
+  for mode in "" --prefill-graphs; do
+    timeout 200 python3 bench/compare.py run --engines orcd --models $SMALL --out "$OUT" $mode 2>&1 \
+        | tee "$OUT/orcd-small$mode.log" | grep -v '^{' | tail -16
+  done
+  ;;
 *)
-  echo "usage: bench/gpu_session.sh one|two|load"; exit 2 ;;
+  echo "usage: bench/gpu_session.sh one|two|load|prefill"; exit 2 ;;
 esac

@@ -442,3 +442,31 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
     assert [s[0] for s in seen] == [1, 2, 4, 8, 16, 24, 32, 48]
     assert all(s[1:] == (MIN_BLOCKS * 64, True, {9}, {0}) for s in seen)
     dec.close()
+
+
+def test_a_prefill_chunk_pads_first_at_the_positions_after_it():
+    """A chunk of 5 tokens at position 100 replays as the 16-row bucket: 11 padding
+    rows (token 0 at positions 105..115) come first, the chunk's tokens last, so
+    its last token is the forward's last row; no bucket past 512 tokens."""
+    from orcd.backend.cuda_prefill import BUCKETS, bucket, padded_inputs
+
+    assert [bucket(n) for n in (2, 16, 17, 129, 512, 513)] == [16, 16, 32, 192, 512, None]
+    assert list(BUCKETS) == sorted(BUCKETS)
+    host = padded_inputs([7, 8, 9, 10, 11], 100, 16)
+    ids, pos = host[:16].tolist(), host[16:].tolist()
+    assert ids == [0] * 11 + [7, 8, 9, 10, 11]
+    assert pos == list(range(105, 116)) + list(range(100, 105))
+
+
+def test_a_prefill_chunk_that_fits_no_bucket_runs_eagerly():
+    """PrefillGraphs.forward answers None (the caller's eager prefill) for one
+    token, past the largest bucket, and where the padding would pass the cache."""
+    from types import SimpleNamespace
+
+    from orcd.backend.cuda_prefill import PrefillGraphs
+
+    graphs = PrefillGraphs(SimpleNamespace())
+    cache = SimpleNamespace(n_ctx=1024)
+    assert graphs.forward(None, cache, [1], 0) is None
+    assert graphs.forward(None, cache, list(range(600)), 0) is None
+    assert graphs.forward(None, cache, list(range(100)), 1000) is None   # 1000 + 128 > 1024

@@ -22,6 +22,7 @@ import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
 from orcd.backend.cuda_batch import BatchDecoder
+from orcd.backend.cuda_prefill import PrefillGraphs
 from orcd.backend.cuda_steps import DeviceSampling, PendingToken, RowSamplers, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
@@ -80,18 +81,21 @@ class CudaBackend:
 
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt", formats=None) -> None:
+                 gemm: str = "cublaslt", formats=None, prefill_graphs: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
-        built-in formats; ``load_weights`` switches to the table it is given)."""
+        built-in formats; ``load_weights`` switches to the table it is given).
+        ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
+        (cuda_prefill.py); off until measured against the eager prefill on a GPU."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
         self.name = f"cuda:{index}"
         self.sm = self.device.info.arch
         self.graphs = graphs
+        self._prefill_graphs = prefill_graphs
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
-        self.scratch = self._graph = self._kv = self.batch = None
+        self.scratch = self._graph = self._kv = self.batch = self.prefill = None
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
@@ -145,6 +149,7 @@ class CudaBackend:
         self.steps = StepIO(self.device, self.step_ids, self.step_pos)
         self.ops = CudaOps(self)
         self.batch = BatchDecoder(self)
+        self.prefill = PrefillGraphs(self) if self._prefill_graphs else None
 
     # -- weights and cache -------------------------------------------------------
 
@@ -286,6 +291,10 @@ class CudaBackend:
 
     def eager(self, model, cache: KVCache, ids: list[int], start: int,
               last_only: bool = True) -> DeviceTensor:
+        if last_only and self.graphs and self.prefill is not None:
+            logits = self.prefill.forward(model, cache, ids, start)   # cuda_prefill.py
+            if logits is not None:
+                return logits
         while True:
             self.scratch.reset()
             self.io.reset()
@@ -333,6 +342,8 @@ class CudaBackend:
     def _drop_graph(self) -> None:
         if self.batch is not None:
             self.batch.drop_graphs()
+        if self.prefill is not None:
+            self.prefill.drop()
         if self._graph is not None:
             self._graph[2].close()
             self._graph = None
@@ -441,8 +452,9 @@ class CudaBackend:
             return
         self.device.synchronize()
         self._drop_graph()
-        if self.batch is not None:
-            self.batch.close()
+        for part in (self.batch, self.prefill):
+            if part is not None:
+                part.close()
         for obj in (getattr(self, "mm", None), getattr(self, "sampler", None),
                     getattr(self, "rows_sampler", None), getattr(self, "compiler", None)):
             if hasattr(obj, "close"):

@@ -1,0 +1,116 @@
+"""Prefill chunks of one request replayed from CUDA graphs.
+
+An eager prefill of a small model is host-bound: the H100 ran Qwen2.5-0.5B's
+512-token prefill in 38 ms of wall time for 4.8 ms of kernels (bench/RESULTS.md),
+the rest being ~850 launches from Python. A chunk of n tokens runs instead as
+the graph of its rows bucket (the smallest of BUCKETS >= n), captured the first
+time that bucket is seen for this model and cache, then replayed with one launch.
+
+The bucket's ids and positions live at fixed device addresses, rewritten before
+each replay. Padding goes *first*: rows 0 .. pad-1 decode token 0 at the
+positions just past the chunk (start + n ..), the real tokens follow in order,
+so the chunk's last token is the forward's last row (``last_only``). That is
+safe because every kernel treats a row on its own and attention masks by each
+row's position: a real row never sees a key past its own position, and the
+padding's keys land on positions of this sequence that are still empty and that
+each later token overwrites before any row can read them. A chunk whose padding
+would run past the cache, or longer than the largest bucket, runs eagerly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orcd.cuda.tensor import DeviceTensor
+
+#: rows of a replayed prefill chunk; a prompt pads up to the next one
+BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket(n: int) -> int | None:
+    """The rows a chunk of n tokens replays as, or None past the largest bucket."""
+    return next((b for b in BUCKETS if b >= n), None)
+
+
+def padded_inputs(ids, start: int, rows: int) -> np.ndarray:
+    """[ids (rows), positions (rows)] as one int32 array: padding first at the
+    positions after the chunk, then the chunk's tokens at start, start + 1, ..."""
+    n = len(ids)
+    pad = rows - n
+    host = np.zeros(2 * rows, np.int32)
+    host[pad:rows] = np.asarray(ids, np.int32)
+    host[rows:rows + pad] = np.arange(start + n, start + n + pad)
+    host[rows + pad:] = np.arange(start, start + n)
+    return host
+
+
+class PrefillGraphs:
+    """The prefill graphs of one backend, one per (model, cache, rows bucket)."""
+
+    def __init__(self, backend) -> None:
+        self.b = backend
+        self._graphs: dict = {}   # (id(model), id(cache), rows) -> (graph, logits)
+        self._inputs: dict = {}   # rows -> (buffer, ids, pos)
+
+    def forward(self, model, cache, ids, start: int) -> DeviceTensor | None:
+        """The last token's logits [1, n_vocab] of the chunk ``ids`` at ``start``,
+        or None when the chunk does not fit a bucket (the caller runs it eagerly)."""
+        n = len(ids)
+        rows = bucket(n)
+        if n < 2 or rows is None or start + rows > cache.n_ctx:
+            return None
+        d_ids, d_pos = self._write_inputs(rows, padded_inputs(ids, start, rows))
+        key = (id(model), id(cache), rows)
+        got = self._graphs.get(key)
+        if got is not None:
+            got[0].replay()
+            return got[1]
+        logits = self._eager(model, cache, d_ids, d_pos)
+        self._capture(key, model, cache, d_ids, d_pos, logits)
+        return logits
+
+    def drop(self) -> None:
+        for graph, _ in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+
+    def close(self) -> None:
+        self.drop()
+        for buf, *_ in self._inputs.values():
+            self.b.alloc.free(buf)
+        self._inputs.clear()
+
+    def _write_inputs(self, rows: int, host: np.ndarray):
+        from orcd.cuda.memory import from_host_async
+
+        got = self._inputs.get(rows)
+        if got is None:
+            i32 = np.dtype(np.int32)
+            buf = self.b.alloc.alloc(host.nbytes, "scratch")
+            got = (buf, DeviceTensor(buf.ptr, (rows,), i32), DeviceTensor(buf.ptr + 4 * rows, (rows,), i32))
+            self._inputs[rows] = got
+        from_host_async(self.b.device, host, got[0].ptr)   # ordered before the replay, no wait
+        return got[1], got[2]
+
+    def _eager(self, model, cache, d_ids, d_pos) -> DeviceTensor:
+        from orcd.backend.cuda_ops import ScratchFull
+
+        b = self.b
+        while True:
+            b.scratch.reset()
+            try:
+                return model.forward(b.ops, d_ids, d_pos, cache, last_only=True)
+            except ScratchFull as e:
+                b._grow_scratch(e.args[0])   # drops every graph, these too
+
+    def _capture(self, key, model, cache, d_ids, d_pos, logits: DeviceTensor) -> None:
+        from orcd.cuda.graph import capture
+
+        b = self.b
+        b.scratch.reset()
+        got = []
+        graph = capture(b.device, lambda: got.append(model.forward(b.ops, d_ids, d_pos, cache, last_only=True)))
+        if got[0] != logits:   # same shapes in the same order must give the same addresses
+            graph.close()
+            raise RuntimeError("prefill capture allocated differently from its eager run")
+        self._graphs[key] = (graph, logits)
