@@ -269,11 +269,14 @@ def main() -> None:
                     help="orcd's int8-activation mode (default: the backend's, auto)")
     ap.add_argument("--prefill-graphs", action="store_true",
                     help="orcd's prompt chunks replayed from CUDA graphs (CudaBackend prefill_graphs)")
+    ap.add_argument("--moe-tc", action="store_true",
+                    help="orcd's prompt experts on the tensor cores (CudaBackend moe_tc)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
     options = {"int8": args.int8} if args.int8 else {}
-    if args.prefill_graphs:
-        options["prefill_graphs"] = True
+    for flag in ("prefill_graphs", "moe_tc"):
+        if getattr(args, flag):
+            options[flag] = True
     if args.action == "build-peer":
         build_peer()
     else:

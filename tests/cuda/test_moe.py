@@ -16,7 +16,7 @@ from gpu_rig import rel, sized
 
 from orcd.ops import activation as activation_ref
 from orcd.ops import moe
-from orcd.ops.matmul import MOE_TILE
+from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE
 from orcd.ops.norm import rms_norm_ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
@@ -96,6 +96,33 @@ def test_moe_gemm_matches_per_pair_reference(gpu, rng, host, name, n_out, n_in, 
     assert np.array_equal(gpu.get(out), first)             # deterministic
 
 
+@pytest.mark.parametrize("name,n_out,n_in", [*sized([("MXFP4", 2880, 2880), ("Q6_K", 640, 1024)], []),
+                                             ("MXFP4", 72, 96), ("Q4_K", 80, 512), ("Q8_0", 64, 64),
+                                             ("F32", 24, 64)])
+@pytest.mark.parametrize("T", sized([3, 100, 700], [3, 40]))
+def test_moe_gemm_tc_matches_per_pair_reference(gpu, rng, host, name, n_out, n_in, T):
+    """The tensor-core grouped matmul: tiles of up to MOE_TC_TILE pairs (several
+    tiles for one expert, row counts that end mid-tile and mid-warp, output rows
+    that end mid-block) against float64 on the fp16 roundings of x and w."""
+    n_expert, k = (32, 4) if name == "MXFP4" else (8, 2)
+    w, w_ref = gpu.weight(host, name, (n_expert, n_out, n_in), rng)
+    bias = rng.standard_normal((n_expert, n_out)).astype(np.float32)
+    ids = routing(rng, T, k, n_expert, skew=True)
+    order, _, counts = moe.group_ref(ids, n_expert)
+    n_tiles = moe.max_tiles(T * k, n_expert, MOE_TC_TILE)
+    xg = rng.standard_normal((T, n_in)).astype(np.float32)[order // k]
+    out = gpu.empty((T * k, n_out))
+    tiles = gpu.put(moe.tiles_ref(counts, MOE_TC_TILE, n_tiles))
+    gpu.mm.moe_gemm_tc(gpu.put(xg), w, gpu.put(bias), tiles, out)
+    got = gpu.get(out)
+    e_of = ids.reshape(-1)[order]
+    half = lambda a: a.astype(np.float16).astype(np.float64)   # noqa: E731
+    ref = np.einsum("noi,ni->no", half(w_ref)[e_of], half(xg)) + bias[e_of]
+    assert rel(got, ref) < 1e-4
+    for i in range(0, T * k, max(1, T * k // 16)):        # row by row: a wrong expert shows here
+        assert rel(got[i], ref[i]) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     from orcd.backend.cuda import CudaBackend
@@ -135,9 +162,11 @@ def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
 
 
 @pytest.mark.gpu_only   # the whole CudaBackend
-@pytest.mark.parametrize("T", [2, 8, 9, 300])
-def test_grouped_moe_matches_per_pair_and_reference(backend, host, T):
+@pytest.mark.parametrize("T,tc", [(2, False), (8, False), (9, False), (300, False), (9, True), (300, True)])
+def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
+    """tc: the grouped experts on the tensor cores (fp16 operands: a looser bound)."""
     rng = np.random.default_rng()
+    backend.moe_tc = tc
     n_expert, k, n_ff, D = 32, 4, 256, 512
     ex, ex_ref = gpt_oss_experts(backend, host, rng, n_expert, n_ff, D)
     x_host = rng.standard_normal((T, D)).astype(np.float32)
@@ -146,7 +175,10 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T):
     x = ops._empty((T, D))
     from orcd.cuda.memory import from_host
     from_host(backend.device, x_host, x.ptr)
-    grouped = backend.to_host(ops.moe(x, ex, k))
+    try:
+        grouped = backend.to_host(ops.moe(x, ex, k))
+    finally:
+        backend.moe_tc = False
     # the decode path on the same routing: one GEMV per pair, summed in pair order
     logits = ops.linear(x, ex.router_w, ex.router_b)
     ids, weights = ops._empty((T, k), np.int32), ops._empty((T, k))
@@ -154,8 +186,8 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T):
     out = ops._empty((T, D))
     backend.moe_k.weighted_sum(ops._experts_per_pair(x, ex, ids, 1.702, 7.0), weights, out)
     per_pair = backend.to_host(out)
-    assert rel(grouped, per_pair.astype(np.float64)) < GEMV_TOL
-    if T <= 8:  # the router is a GEMV in fp32; beyond 8 tokens an fp16 GEMM (near-ties may flip)
+    assert rel(grouped, per_pair.astype(np.float64)) < (2e-3 if tc else GEMV_TOL)
+    if T <= 8 and not tc:  # the router is a GEMV in fp32; beyond 8 tokens an fp16 GEMM (near-ties may flip)
         assert rel(grouped, moe.moe_ref(x_host, ex_ref, k).astype(np.float64)) < 1e-4
 
 

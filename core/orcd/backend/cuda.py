@@ -81,11 +81,14 @@ class CudaBackend:
 
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt", formats=None, prefill_graphs: bool = False) -> None:
+                 gemm: str = "cublaslt", formats=None, prefill_graphs: bool = False,
+                 moe_tc: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
-        (cuda_prefill.py); off until measured against the eager prefill on a GPU."""
+        (cuda_prefill.py); off until measured against the eager prefill on a GPU.
+        ``moe_tc``: a prompt's grouped experts on the tensor cores (matmul.cu's
+        moe_gemm_tc) instead of fp32 tiles of 8 pairs; off until measured likewise."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -93,6 +96,7 @@ class CudaBackend:
         self.sm = self.device.info.arch
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
+        self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None

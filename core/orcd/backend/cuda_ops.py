@@ -20,7 +20,7 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
-from orcd.ops.matmul import MOE_TILE, Q8Act
+from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
@@ -256,6 +256,14 @@ class CudaOps:
         self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
         return out
 
+    def _moe_tc(self, ex, D: int, n_ff: int) -> bool:
+        """Whether the grouped experts run on the tensor cores (the backend's
+        ``moe_tc``; every K a whole number of the kernel's steps)."""
+        from orcd.ops.matmul import moe_tc_step
+
+        return (self.b.moe_tc and ex.gate_w.fmt.device is not None and ex.down_w.fmt.device is not None
+                and D % moe_tc_step(ex.gate_w) == 0 and n_ff % moe_tc_step(ex.down_w) == 0)
+
     def _moe_fused(self, ex, n_used: int) -> bool:
         from orcd.ops.matmul import MOE_MAX_K, int8_capable
 
@@ -293,22 +301,28 @@ class CudaOps:
         return y
 
     def _experts_grouped(self, x, ex, ids, alpha, limit) -> tuple[DeviceTensor, DeviceTensor]:
-        # prefill: pairs grouped by expert, each expert's weights read once per tile of
-        # MOE_TILE pairs -> (y: [T*k, D] in grouped order, slot_of: [T*k] each pair's row)
+        # prefill: pairs grouped by expert, each expert's weights read once per tile
+        # -> (y: [T*k, D] in grouped order, slot_of: [T*k] each pair's row)
         b, mm = self.b, self.b.mm
         (T, k), (n_expert, n_ff, D) = ids.shape, ex.gate_w.shape
         N = T * k
+        tc = self._moe_tc(ex, D, n_ff)   # tiles of MOE_TC_TILE on the tensor cores, else MOE_TILE
+        tile = MOE_TC_TILE if tc else MOE_TILE
         order, slot_of = self._empty((N,), np.int32), self._empty((N,), np.int32)
-        tiles = self._empty((max_tiles(N, n_expert, MOE_TILE), 3), np.int32)
-        b.moe_k.group(ids, n_expert, MOE_TILE, order, slot_of, tiles)
+        tiles = self._empty((max_tiles(N, n_expert, tile), 3), np.int32)
+        b.moe_k.group(ids, n_expert, tile, order, slot_of, tiles)
         xg = self._empty((N, D))
         b.moe_k.gather(x, order, k, xg)                          # [N, D] grouped rows
-        gate, up = self._empty((N, n_ff)), self._empty((N, n_ff))
+        gate, up, y = self._empty((N, n_ff)), self._empty((N, n_ff)), self._empty((N, D))
+        if tc:
+            mm.moe_gemm_tc(xg, ex.gate_w, ex.gate_b, tiles, gate)
+            mm.moe_gemm_tc(xg, ex.up_w, ex.up_b, tiles, up)
+            mm.moe_gemm_tc(self.swiglu_oai(gate, up, alpha, limit), ex.down_w, ex.down_b, tiles, y)
+            return y, slot_of
         xa = self._act(xg, ex.gate_w, ex.up_w)
         mm.moe_gemm(xa, ex.gate_w, ex.gate_b, tiles, gate)
         mm.moe_gemm(xa, ex.up_w, ex.up_b, tiles, up)
         h = self.swiglu_oai(gate, up, alpha, limit)                # [N, n_ff]
-        y = self._empty((N, D))
         mm.moe_gemm(h, ex.down_w, ex.down_b, tiles, y, b.scratch)
         return y, slot_of
 

@@ -319,6 +319,112 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
         }
 }
 
+// -- prefill's grouped expert matmul on the tensor cores ------------------------------
+// moe_gemm_tc: one block of 4 warps per (TC_ROWS = 64 weight rows, tile of up to
+// TC_TILE = 64 pairs routed to one expert; tiles from moe.cu's moe_group). Per K step of
+// TC_BK values (one block of the format, at least 32): the expert's 64 rows are
+// dequantized into shared memory as fp16, one piece per thread as dequant_rows does, the
+// tile's activations rounded to fp16 beside them; then warp w multiplies its 16 pairs by
+// the 64 rows with mma.sync m16n8k16 (fp16 operands, fp32 accumulators), fragments laid
+// out as attention.cu's prefill lays them. Each weight is dequantized once per 64 pairs,
+// in the SM, never written out as fp16 (moe_gemm above: once per 8 pairs, fp32 FMA).
+#define TC_TILE 64
+#define TC_ROWS 64
+#define TC_THREADS 128
+#define TC_BK(F) ((F::QK) < 32 ? 32 : (F::QK))
+
+__device__ __forceinline__ void mma_f16_16816(float* c, const u32* a, const u32* b) {
+#ifdef __CUDACC__
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    orcd_sim::mma_m16n8k16(c, a, b);   // the CUDA simulator's stand-in (no PTX on the host)
+#endif
+}
+
+__device__ __forceinline__ u32 f16_pair(float lo, float hi) {
+    return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+}
+
+// Weights: the TC_ROWS x BK tile at column k0 of the expert's rows row0.., fp16 into Ws.
+template <class F>
+__device__ __forceinline__ void tc_load_weights(const u8* __restrict__ we, long long row_bytes, int row0,
+                                                int n_out, int nb, int k0, u32* Ws, int ld) {
+    constexpr int BLOCKS = TC_BK(F) / F::QK, PER_ROW = BLOCKS * F::PIECES;
+    for (int i = threadIdx.x; i < TC_ROWS * PER_ROW; i += TC_THREADS) {
+        const int r = i / PER_ROW, j = i % PER_ROW, p = j % F::PIECES;
+        float v[F::RUNS * F::RUN];
+        if (row0 + r < n_out) {
+            F::load(we + (long long)(row0 + r) * row_bytes, nb, k0 / F::QK + j / F::PIECES, p, v);
+        } else {
+#pragma unroll
+            for (int q = 0; q < F::RUNS * F::RUN; ++q) v[q] = 0.f;
+        }
+        u32* d = Ws + (r * ld + (j / F::PIECES) * F::QK + F::base(p)) / 2;   // pairs of halves
+#pragma unroll
+        for (int rr = 0; rr < F::RUNS; ++rr)
+#pragma unroll
+            for (int q = 0; q < F::RUN; q += 2)
+                d[(rr * F::STRIDE + q) / 2] = f16_pair(v[rr * F::RUN + q], v[rr * F::RUN + q + 1]);
+    }
+}
+
+template <class F>
+__device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long row_bytes,
+                                            long long expert_bytes, const float* __restrict__ xg,
+                                            const int* __restrict__ tiles, const float* __restrict__ bias,
+                                            float* __restrict__ out, int n_out, int n_in) {
+    constexpr int BK = TC_BK(F), LD = BK + 8;   // halves per shared row (+8: no bank conflicts)
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    u32* Xs = (u32*)tc_smem;                    // [TC_TILE][LD] halves, as pairs
+    u32* Ws = Xs + TC_TILE * LD / 2;            // [TC_ROWS][LD] halves
+    const int* tl = tiles + 3 * blockIdx.y;
+    const int e = tl[0], start = tl[1], rows = tl[2];
+    if (rows == 0) return;  // uniform per block
+    const int row0 = blockIdx.x * TC_ROWS, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+    const int ra = 16 * warp + g, rb = ra + 8;  // this thread's two pairs of the tile
+    const float* xt = xg + (long long)start * n_in;
+    float acc[TC_ROWS / 8][4];
+#pragma unroll
+    for (int n = 0; n < TC_ROWS / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+    for (int k0 = 0; k0 < n_in; k0 += BK) {
+        for (int i = tid; i < TC_TILE * BK / 4; i += TC_THREADS) {   // the pairs' activations
+            const int r = i / (BK / 4), q = (i % (BK / 4)) * 4;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (r < rows) x = *(const float4*)(xt + (long long)r * n_in + k0 + q);
+            u32* d = Xs + (r * LD + q) / 2;
+            d[0] = f16_pair(x.x, x.y);
+            d[1] = f16_pair(x.z, x.w);
+        }
+        tc_load_weights<F>(w + (long long)e * expert_bytes, row_bytes, row0, n_out, n_in / F::QK, k0, Ws, LD);
+        __syncthreads();
+#pragma unroll
+        for (int d0 = 0; d0 < BK; d0 += 16) {
+            const u32 a[4] = {Xs[(ra * LD + d0) / 2 + c], Xs[(rb * LD + d0) / 2 + c],
+                              Xs[(ra * LD + d0 + 8) / 2 + c], Xs[(rb * LD + d0 + 8) / 2 + c]};
+#pragma unroll
+            for (int n = 0; n < TC_ROWS / 8; ++n) {
+                const u32* wr = Ws + ((n * 8 + g) * LD + d0) / 2 + c;
+                const u32 b[2] = {wr[0], wr[4]};
+                mma_f16_16816(acc[n], a, b);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < TC_ROWS / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {   // C: (g, 2c + i % 2) and (g + 8, ...)
+            const int r = i < 2 ? ra : rb, col = row0 + n * 8 + 2 * c + (i & 1);
+            if (r < rows && col < n_out)
+                out[(long long)(start + r) * n_out + col] = acc[n][i] + (bias ? bias[(long long)e * n_out + col] : 0.f);
+        }
+}
+
 // Rows [row0, row0 + n_rows) of w as fp16 (or bf16) into out [n_rows, n_in]:
 // the scratch operand of the prefill GEMM. One thread per piece.
 template <class F, bool BF16>
@@ -372,6 +478,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         const float* bias, float* out, int n_out, int n_in, int split) {                            \
         moe_gemm<F>(w, row_bytes, expert_bytes, RowsF32<F>{xg, n_in}, tiles, bias, out, n_out, n_in,   \
                     split);                                                                         \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_gemm_tc_##NAME(                  \
+        const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
+        const float* bias, float* out, int n_out, int n_in) {                                       \
+        moe_gemm_tc<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in);             \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
                                             int n_vocab, float* out, int D) {                       \

@@ -55,6 +55,8 @@ GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte r
 GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
 GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
+MOE_TC_TILE = 64            # pairs per tile of the tensor-core grouped matmul (matmul.cu's TC_TILE)
+MOE_TC_ROWS = 64            # weight rows per block of it (TC_ROWS)
 MOE_MAX_K = 8               # experts per token the fused down kernel sums (matmul.cu's MOE_MAX_K)
 WEIGHT_TILE_ELEMS = 1 << 24  # prefill dequantizes at most this many weight values at once (32 MiB fp16)
 MAX_GRID_Y = 65535
@@ -92,6 +94,11 @@ def _kernel_source(formats=()):
 def int8_capable(w) -> bool:
     """Whether w's format has dp4a kernels (int8 activations)."""
     return w.fmt.device is not None and w.fmt.device.int8
+
+
+def moe_tc_step(w) -> int:
+    """Values per K step of moe_gemm_tc for w's format: one block, at least 32 (TC_BK)."""
+    return max(32, w.fmt.device.qk)
 
 
 def device_block(w) -> tuple[int, int]:
@@ -268,6 +275,31 @@ class MatmulKernels:
                          *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
+
+    def moe_gemm_tc(self, xg, w, b, tiles, out) -> None:
+        """moe_gemm on the tensor cores: the same product for tiles of up to
+        MOE_TC_TILE pairs, fp16 operands (x and the dequantized weights rounded),
+        fp32 sums; xg float32. n_in must be a multiple of max(32, the format's block)."""
+        if len(w.shape) != 3:
+            raise ValueError(f"moe_gemm_tc weight must be [n_expert, n_out, n_in], got {w.shape}")
+        n_expert, n_out, n_in = w.shape
+        N = xg.shape[0]
+        bk = moe_tc_step(w)
+        if tuple(xg.shape) != (N, n_in) or np.dtype(xg.dtype) != np.float32 or n_in % bk:
+            raise ValueError(f"moe_gemm_tc x must be float32 [{N}, {n_in}] with {n_in} a multiple of "
+                             f"{bk}, got {xg.dtype} {xg.shape}")
+        self._check_tensor(out, (N, n_out), "moe_gemm_tc out")
+        if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
+            raise ValueError(f"moe_gemm_tc tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
+        if not 0 < tiles.shape[0] <= MAX_GRID_Y:
+            raise ValueError(f"moe_gemm_tc: {tiles.shape[0]} tiles (at most {MAX_GRID_Y} per launch)")
+        if b is not None:
+            self._check_tensor(b, (n_expert, n_out), "moe_gemm_tc bias")
+        self._check_row(w, n_in)
+        self.launch(self._fn("moe_gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles.shape[0]), 128,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
+                     _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
+                     n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (bk + 8) * 2)
 
     def moe_gemm(self, xg, w, b, tiles, out, scratch=None) -> None:
         """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for

@@ -12,7 +12,8 @@
 //   PIECES pieces per block (one thread dequantizes one piece into registers)
 //   RUNS x RUN values per piece: value v[r * RUN + i] sits at position
 //          base(p) + r * STRIDE + i of the block (RUN is a multiple of 4, so
-//          the matching activations load as float4)
+//          the matching activations load as float4; base(p) and STRIDE are even:
+//          the tensor-core kernels store the values as pairs of halves)
 //   load(row, nb, b, p, v)   dequantize piece p of block b of a row of nb blocks
 //
 // `row` points at one row in the format's VRAM layout (its row's DeviceFormat.planes,
