@@ -271,12 +271,16 @@ def main() -> None:
                     help="orcd's prompt chunks replayed from CUDA graphs (CudaBackend prefill_graphs)")
     ap.add_argument("--moe-tc", action="store_true",
                     help="orcd's prompt experts on the tensor cores (CudaBackend moe_tc)")
+    ap.add_argument("--gemm", choices=("cublaslt", "tc"),
+                    help="orcd's prompt linears: cuBLASLt on fp16 weight copies (default) or gemm_tc")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
     options = {"int8": args.int8} if args.int8 else {}
     for flag in ("prefill_graphs", "moe_tc"):
         if getattr(args, flag):
             options[flag] = True
+    if args.gemm:
+        options["gemm"] = args.gemm
     if args.action == "build-peer":
         build_peer()
     else:

@@ -8,8 +8,10 @@
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
 #   bash bench/gpu_session.sh load  # (one call on its own) the batching tests, then bench/load.py:
 #                                   # orcd --max-batch 16 against llama-server -np 16, qwen2-0.5b
-#   bash bench/gpu_session.sh prefill  # (after one) the prefill-graph tests, then orcd's small
-#                                   # rows with and without --prefill-graphs
+#   bash bench/gpu_session.sh ab [MODELS] [FLAGS]  # (after one) the tests of the opt-in paths,
+#                                   # then orcd's rows of MODELS ('' for the small ones) with
+#                                   # compare.py FLAGS: ab '' --prefill-graphs --gemm tc,
+#                                   # ab gpt-oss-20b --moe-tc
 #
 # carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
 # `timeout`, waits poll files (never a process list that can match itself), and logs
@@ -67,14 +69,13 @@ load)
   timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" --peer "$WORK/llama.cpp/build/bin/llama-server" \
       2>&1 | tee "$OUT/load.log" | tail -8
   ;;
-prefill)
-  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k prefill 2>&1 \
-      | tee "$OUT/tests-prefill.log" | tail -4
-  for mode in "" --prefill-graphs; do
-    timeout 200 python3 bench/compare.py run --engines orcd --models $SMALL --out "$OUT" $mode 2>&1 \
-        | tee "$OUT/orcd-small$mode.log" | grep -v '^{' | tail -16
-  done
+ab)
+  models=${2:-$SMALL}; shift $(( $# > 1 ? 2 : 1 ))
+  timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py tests/cuda/test_moe.py \
+      tests/cuda/test_matmul.py -k "prefill or tc or grouped" 2>&1 | tee "$OUT/tests-ab.log" | tail -4
+  timeout 300 python3 bench/compare.py run --engines orcd --models "$models" --out "$OUT" "$@" 2>&1 \
+      | tee "$OUT/orcd-ab.log" | grep -v '^{' | tail -16
   ;;
 *)
-  echo "usage: bench/gpu_session.sh one|two|load|prefill"; exit 2 ;;
+  echo "usage: bench/gpu_session.sh one|two|load|ab"; exit 2 ;;
 esac

@@ -62,6 +62,28 @@ def test_linear_every_format(gpu, host, name, shape):
             assert np.array_equal(gpu.get(out), first), f"{name} T={T} not deterministic"
 
 
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s[0]}x{s[1]}" for n, s in CASES])
+def test_prefill_on_the_tensor_cores_every_format(gpu, host, name, shape):
+    """gemm="tc": the prompt's linear as gemm_tc (weights dequantized in shared memory,
+    64-token tiles, a last tile that ends mid-warp) against float64 on the fp16
+    roundings of x and w; no fp16 copy of the weight, one launch."""
+    from orcd.ops.matmul import MatmulKernels
+
+    mk = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm="tc")
+    rng = np.random.default_rng()
+    w, w_ref = gpu.weight(host, name, shape, rng)
+    b_host = rng.standard_normal(shape[0]).astype(np.float32)
+    half = lambda a: a.astype(np.float16).astype(np.float64)   # noqa: E731
+    for T in sized((9, 64, 150, 512), (9, 70)):
+        x_host = rng.standard_normal((T, shape[1])).astype(np.float32)
+        out = gpu.empty((T, shape[0]))
+        launches = gpu.launcher.launches
+        mk.linear(gpu.put(x_host), w, gpu.put(b_host), out)
+        assert mk.last_prefill == "tc" and gpu.launcher.launches == launches + 1
+        ref = half(x_host) @ half(w_ref).T + b_host
+        assert rel(gpu.get(out), ref) < 1e-4, f"{name} {shape} T={T}"
+
+
 @pytest.mark.gpu_only   # 136M values: minutes on the simulator
 def test_output_projection_q8_0(gpu, host):
     # Qwen's 151936 x 896 output matrix: one weight upload, decode and prefill T.

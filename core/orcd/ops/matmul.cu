@@ -320,14 +320,15 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
 }
 
 // -- prefill's grouped expert matmul on the tensor cores ------------------------------
-// moe_gemm_tc: one block of 4 warps per (TC_ROWS = 64 weight rows, tile of up to
-// TC_TILE = 64 pairs routed to one expert; tiles from moe.cu's moe_group). Per K step of
-// TC_BK values (one block of the format, at least 32): the expert's 64 rows are
-// dequantized into shared memory as fp16, one piece per thread as dequant_rows does, the
-// tile's activations rounded to fp16 beside them; then warp w multiplies its 16 pairs by
-// the 64 rows with mma.sync m16n8k16 (fp16 operands, fp32 accumulators), fragments laid
-// out as attention.cu's prefill lays them. Each weight is dequantized once per 64 pairs,
-// in the SM, never written out as fp16 (moe_gemm above: once per 8 pairs, fp32 FMA).
+// tc_tile: one block of 4 warps per (TC_ROWS = 64 weight rows, tile of up to TC_TILE = 64
+// rows of x: pairs routed to one expert in moe_gemm_tc, a prompt's tokens in gemm_tc).
+// Per K step of TC_BK values (one block of the format, at least 32): the 64 weight rows
+// are dequantized into shared memory as fp16, one piece per thread as dequant_rows does,
+// the tile's activations rounded to fp16 beside them; then warp w multiplies its 16 rows
+// of x by the 64 weight rows with mma.sync m16n8k16 (fp16 operands, fp32 accumulators),
+// fragments laid out as attention.cu's prefill lays them. Each weight is dequantized once
+// per 64 rows of x, in the SM, never written out as fp16 (moe_gemm above: once per 8
+// pairs, fp32 FMA; the dense prefill: an fp16 copy of the matrix for cuBLASLt).
 #define TC_TILE 64
 #define TC_ROWS 64
 #define TC_THREADS 128
@@ -371,22 +372,20 @@ __device__ __forceinline__ void tc_load_weights(const u8* __restrict__ we, long 
     }
 }
 
+// out[r, row0 + j] = x[r] . we[row0 + j] (+ bias[row0 + j]) for the tile's rows r < rows
+// (x, out: the tile's first rows) and the block's TC_ROWS weight rows row0 + j < n_out.
 template <class F>
-__device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long row_bytes,
-                                            long long expert_bytes, const float* __restrict__ xg,
-                                            const int* __restrict__ tiles, const float* __restrict__ bias,
-                                            float* __restrict__ out, int n_out, int n_in) {
+__device__ __forceinline__ void tc_tile(const u8* __restrict__ we, long long row_bytes,
+                                        const float* __restrict__ xt, int rows,
+                                        const float* __restrict__ bias, float* __restrict__ out,
+                                        int n_out, int n_in) {
     constexpr int BK = TC_BK(F), LD = BK + 8;   // halves per shared row (+8: no bank conflicts)
     extern __shared__ __align__(16) unsigned char tc_smem[];
     u32* Xs = (u32*)tc_smem;                    // [TC_TILE][LD] halves, as pairs
     u32* Ws = Xs + TC_TILE * LD / 2;            // [TC_ROWS][LD] halves
-    const int* tl = tiles + 3 * blockIdx.y;
-    const int e = tl[0], start = tl[1], rows = tl[2];
-    if (rows == 0) return;  // uniform per block
     const int row0 = blockIdx.x * TC_ROWS, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int ra = 16 * warp + g, rb = ra + 8;  // this thread's two pairs of the tile
-    const float* xt = xg + (long long)start * n_in;
     float acc[TC_ROWS / 8][4];
 #pragma unroll
     for (int n = 0; n < TC_ROWS / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -400,7 +399,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long 
             d[0] = f16_pair(x.x, x.y);
             d[1] = f16_pair(x.z, x.w);
         }
-        tc_load_weights<F>(w + (long long)e * expert_bytes, row_bytes, row0, n_out, n_in / F::QK, k0, Ws, LD);
+        tc_load_weights<F>(we, row_bytes, row0, n_out, n_in / F::QK, k0, Ws, LD);
         __syncthreads();
 #pragma unroll
         for (int d0 = 0; d0 < BK; d0 += 16) {
@@ -420,9 +419,21 @@ __device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long 
 #pragma unroll
         for (int i = 0; i < 4; ++i) {   // C: (g, 2c + i % 2) and (g + 8, ...)
             const int r = i < 2 ? ra : rb, col = row0 + n * 8 + 2 * c + (i & 1);
-            if (r < rows && col < n_out)
-                out[(long long)(start + r) * n_out + col] = acc[n][i] + (bias ? bias[(long long)e * n_out + col] : 0.f);
+            if (r < rows && col < n_out) out[(long long)r * n_out + col] = acc[n][i] + (bias ? bias[col] : 0.f);
         }
+}
+
+// The grouped expert matmul: tile blockIdx.y = (expert, first pair, pairs) of moe_group.
+template <class F>
+__device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long row_bytes,
+                                            long long expert_bytes, const float* __restrict__ xg,
+                                            const int* __restrict__ tiles, const float* __restrict__ bias,
+                                            float* __restrict__ out, int n_out, int n_in) {
+    const int* tl = tiles + 3 * blockIdx.y;
+    const int e = tl[0], start = tl[1], rows = tl[2];
+    if (rows == 0) return;  // uniform per block
+    tc_tile<F>(w + (long long)e * expert_bytes, row_bytes, xg + (long long)start * n_in, rows,
+               bias ? bias + (long long)e * n_out : nullptr, out + (long long)start * n_out, n_out, n_in);
 }
 
 // Rows [row0, row0 + n_rows) of w as fp16 (or bf16) into out [n_rows, n_in]:
@@ -483,6 +494,13 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
         const float* bias, float* out, int n_out, int n_in) {                                       \
         moe_gemm_tc<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in);             \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME(                      \
+        const u8* w, long long row_bytes, const float* x, int T, const float* bias, float* out,    \
+        int n_out, int n_in) {                                                                      \
+        const long long t0 = (long long)blockIdx.y * TC_TILE;                                       \
+        tc_tile<F>(w, row_bytes, x + t0 * n_in, min(TC_TILE, T - (int)t0), bias, out + t0 * n_out,  \
+                   n_out, n_in);                                                                    \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
                                             int n_vocab, float* out, int D) {                       \

@@ -148,7 +148,8 @@ class MatmulKernels:
         "all" integer formats, or "auto" (integer formats, where one input's
         weights hold >= INT8_AUTO_MIN_VALUES values).
         ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
-        "nvmath" or "simt"); ``allocator`` holds its workspace. ``formats``: the
+        "nvmath" or "simt", on an fp16 copy of each weight tile; or "tc": gemm_tc,
+        the weights dequantized in shared memory); ``allocator`` holds its workspace. ``formats``: the
         format table whose rows get kernels (default: the built-in formats); each
         format's kernels are a module of their own, compiled at first use or by
         ``prepare``, so a model compiles only the formats it holds."""
@@ -185,6 +186,10 @@ class MatmulKernels:
             return
         if isinstance(x, Q8Act):
             raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")
+        if self._gemm_backend == "tc" and n_in % moe_tc_step(w) == 0:
+            self.last_prefill = "tc"
+            self.gemm_tc(x, w, b, out)
+            return
         if arena is not None and self._gemm_ready():
             self.last_prefill = "gemm"
             self._prefill(x, w, b, out, arena)
@@ -275,6 +280,22 @@ class MatmulKernels:
                          *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
+
+    def gemm_tc(self, x, w, b, out) -> None:
+        """out[T, n_out] = x[T, n_in] @ w.T (+ b) on the tensor cores, the weights
+        dequantized in shared memory (matmul.cu's tc_tile): no fp16 copy of w, one
+        launch. fp16 operands, fp32 sums; n_in a multiple of moe_tc_step(w)."""
+        T, n_in = x.shape
+        n_out = w.shape[0]
+        if n_in % moe_tc_step(w) or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"gemm_tc: x must be float32 with n_in a multiple of {moe_tc_step(w)}, "
+                             f"got {x.dtype} {x.shape}")
+        tiles = -(-T // MOE_TC_TILE)
+        if tiles > MAX_GRID_Y:
+            raise ValueError(f"gemm_tc: {T} rows (at most {MAX_GRID_Y * MOE_TC_TILE} per launch)")
+        self.launch(self._fn("gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles), 128,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T, _ptr(b.ptr if b is not None else 0),
+                     _ptr(out.ptr), n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (moe_tc_step(w) + 8) * 2)
 
     def moe_gemm_tc(self, xg, w, b, tiles, out) -> None:
         """moe_gemm on the tensor cores: the same product for tiles of up to
@@ -433,6 +454,8 @@ class MatmulKernels:
                     [_ptr(w.ptr), np.int64(w.row_bytes), row0, rows, n_in, _ptr(dst)])
 
     def _gemm_ready(self) -> bool:
+        if self._gemm_backend == "tc":
+            return False   # gemm_tc takes every n_in real models have; the rest: GEMV slices
         if self._gemm is None:
             try:
                 if self._gemm_backend != "simt":
