@@ -111,10 +111,18 @@ def _orcd_plugins_json(venv: Path, cwd: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(_check(r).stdout)}
 
 
+#: a cubin as ``python -m orcd.cuda.aot`` leaves it before a release build (the folder is ignored by git)
+AOT_PROBE = "orcd/cuda/aot/matmul-sm_90-0123456789abcdef0123456789abcdef.cubin"
+
+
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("packaging")
-    return _build_wheels(_clean_copy(tmp / "src"), tmp / "wheels")
+    src = _clean_copy(tmp / "src")
+    probe = src / "core" / AOT_PROBE
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"\x7fELF")
+    return _build_wheels(src, tmp / "wheels")
 
 
 @pytest.mark.slow
@@ -124,6 +132,7 @@ def test_wheels_build_and_each_plugin_installs_next_to_the_core(wheels, tmp_path
     with zipfile.ZipFile(wheels["orcd"]) as z:
         names = z.namelist()
     assert "orcd/quant/builtin.py" in names and "orcd/cuda/kernels/gemm_simt.cu" in names
+    assert AOT_PROBE in names   # kernels built ahead of time ship in the wheel
     assert not [n for n in names if n.startswith(("orcd_", "tests/", "plugins/"))]
     assert re.search(r"^orcd = orcd\.cli:main$", _entry_points(wheels["orcd"]), re.M)
     for name, (dist, _, _) in PLUGINS.items():

@@ -6,8 +6,10 @@ compiles every kernel source the CUDA backend loads for the built-in formats
 (orcd.backend.cuda.kernel_sources) with NVRTC for each architecture into DIR
 (default: the package's ``orcd/cuda/aot``), under the keys KernelCompiler looks
 up, so a worker on one of those GPUs starts without compiling: a first start on
-an empty kernel cache loads cubins instead of spending seconds in NVRTC. The
-wheel build runs it where NVRTC is installed; a GPU is not needed. Cubins from
+an empty kernel cache loads cubins instead of spending seconds in NVRTC. A
+release runs it before building the wheel (``python -m orcd.cuda.aot && python
+-m build``; the package data takes ``cuda/aot/*.cubin``), where NVRTC is
+installed; a GPU is not needed. Cubins from
 another NVRTC version are not used (the key holds the version): such a worker
 compiles, in parallel, as before.
 """
