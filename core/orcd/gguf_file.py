@@ -92,12 +92,13 @@ def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
         arr = np.frombuffer(buf, _SCALAR_DTYPE[itype], count, pos)
         values = arr.astype(bool).tolist() if itype == GGUFValueType.BOOL else arr.tolist()
         return values, pos + count * _SCALAR_BYTES[itype]
-    if itype == GGUFValueType.STRING:   # a vocabulary: keep the loop tight
-        out, unpack = [], _U64.unpack_from
-        for _ in range(count):
+    if itype == GGUFValueType.STRING:   # a vocabulary: keep the loop tight (str of a
+        out, unpack, mv = [None] * count, _U64.unpack_from, memoryview(buf)   # view: one copy)
+        for i in range(count):
             n = unpack(buf, pos)[0]
-            out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"))
-            pos += 8 + n
+            pos += 8
+            out[i] = str(mv[pos:pos + n], "utf-8")
+            pos += n
         return out, pos
     out = []
     for _ in range(count):
