@@ -83,7 +83,8 @@ def free_port() -> int:
 def orcd_command(args, port: int, max_clients: int) -> list[str]:
     return [sys.executable, "-m", "orcd.cli", "serve", "--model", args.model, "--device", args.device,
             "--port", str(port), "--max-batch", str(args.slots), "--ctx-size", str(args.ctx_size),
-            "--queue-size", str(max(max_clients, 1)), "--inference-timeout-sec", "3600"]
+            "--queue-size", str(max(max_clients, 1)), "--inference-timeout-sec", "3600",
+            *(f"--cuda-option={o}" for o in args.orcd_option)]
 
 
 def peer_command(args, port: int) -> list[str]:
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx-size", type=int, default=2048, help="context per slot")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row")
+    ap.add_argument("--orcd-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="passed to orcd serve as --cuda-option (repeatable), e.g. fold_tc=on")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to load")
     ap.add_argument("--logs", default=os.environ.get("ORCD_BENCH_DIR", "/tmp/orcd-bench"),
                     help="directory for the servers' logs")
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    print(f"orcd: {args.model} on {args.device}, {args.slots} slots, levels {levels}", file=sys.stderr)
+    print(f"orcd: {args.model} on {args.device}, {args.slots} slots, levels {levels}"
+          f"{', options ' + ' '.join(args.orcd_option) if args.orcd_option else ''}", file=sys.stderr)
     with serving(orcd_command(args, port, max(levels)), port, logs / "load-orcd.log",
                  args.start_timeout) as url:
         orcd = measure(url, levels, args.rounds, args.max_tokens)
@@ -260,7 +264,8 @@ def main(argv=None) -> int:
         with serving(peer_command(args, port), port, logs / "load-peer.log", args.start_timeout) as url:
             peer = measure(url, levels, args.rounds, args.max_tokens)
     print(f"model {Path(args.model).name}, device {args.device}, slots {args.slots}, "
-          f"ctx {args.ctx_size}/slot, {args.max_tokens} tokens x {args.rounds} requests per client")
+          f"ctx {args.ctx_size}/slot, {args.max_tokens} tokens x {args.rounds} requests per client"
+          f"{', orcd ' + ' '.join(args.orcd_option) if args.orcd_option else ''}")
     print(table(orcd, peer))
     return 0
 

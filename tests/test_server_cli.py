@@ -75,6 +75,9 @@ def tiny(tiny_model):
     (["--api-key", " "], "--api-key must not be empty"),
     (["--callback-url", "ftp://x"], "must be an http(s) URL"),
     (["--gpu-device", "1", "--device", "cpu"], "not allowed with"),
+    (["--cuda-option", "fold_tc=on"], "--cuda-option needs a cuda device, not --device cpu"),
+    (["--cuda-option", "warp_speed=on"], "--cuda-option 'warp_speed=on': expected one of"),
+    (["--cuda-option", "gemm=cutlass"], "expected one of prefill_graphs=on|off"),
 ])
 def test_bad_arguments_exit_1_with_a_clear_message(tiny, capsys, extra, message):
     rc, err = run_serve(["--model", tiny, "--device", "cpu", *extra], capsys)
@@ -116,6 +119,16 @@ def test_gpu_device_is_a_deprecated_alias(tiny, capsys):
     rc, err = run_serve(["--model", tiny, "--gpu-device", "0"], capsys)
     assert rc == 1 and "--gpu-device is deprecated; use --device cuda:0" in err
     assert "--device cuda:0: no usable NVIDIA GPU" in err
+
+
+def test_cuda_options_become_the_backend_options(tiny, monkeypatch):
+    from orcd.commands import _options
+    monkeypatch.setattr(_options, "check_device", lambda device: device)
+    args = parsed(["--model", tiny, "--device", "cuda:0", "--port", str(free_port()),
+                   "--cuda-option", "fold_tc=on", "--cuda-option", "gemm=tc", "--cuda-option", "moe_tc=off"])
+    assert serve.validate(args)["backend_options"] == {"fold_tc": True, "gemm": "tc", "moe_tc": False}
+    assert serve.validate(parsed(["--model", tiny, "--device", "cpu", "--port", str(free_port())]))[
+        "backend_options"] == {}
 
 
 def test_gpu_device_maps_to_cuda_n(monkeypatch, capsys):

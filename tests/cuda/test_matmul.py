@@ -211,3 +211,26 @@ def test_shape_errors_are_clear(gpu, host):
         gpu.mm.linear(x, w, None, gpu.empty((2, 64)))
     with pytest.raises(ValueError, match="linear out must be"):
         gpu.mm.linear(gpu.put(np.zeros((2, 128), np.float32)), w, None, gpu.empty((2, 63)))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "MXFP4"])
+def test_a_folded_prompt_region_runs_on_the_tensor_cores_beside_per_row_decodes(gpu, host, name):
+    """CudaOps.linear in a batched step with fold_tc: the first prompt_rows rows are
+    gemm_tc's rows, bit for bit, and the decode rows after them are bit for bit the
+    rows the same GEMVs give without a prompt region (what the step gives alone)."""
+    from types import SimpleNamespace
+
+    from orcd.backend.cuda_ops import CudaOps
+
+    rng = np.random.default_rng()
+    w, _ = gpu.weight(host, name, (96, 512), rng)
+    x_host = rng.standard_normal((45, 512)).astype(np.float32)    # 32 prompt rows, 13 decodes
+    ops = CudaOps(SimpleNamespace(mm=gpu.mm, scratch=gpu.arena, fold_tc=True))
+    ops.per_row, ops.prompt_rows = True, 32
+    both = gpu.get(ops.linear(gpu.put(x_host), w)).copy()
+    tc = gpu.empty((32, 96))
+    gpu.mm.gemm_tc(gpu.put(x_host[:32]), w, None, tc)
+    ops.prompt_rows = 0
+    decodes = gpu.get(ops.linear(gpu.put(x_host[32:]), w))
+    assert both[:32].tobytes() == gpu.get(tc).tobytes()
+    assert both[32:].tobytes() == decodes.tobytes()

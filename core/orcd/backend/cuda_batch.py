@@ -8,6 +8,14 @@ n rows runs as the next bucket up; the padding rows decode token 0 at position 0
 of the pool's spare block, which no sequence owns, so they can only write there.
 Every kernel computes a row on its own (CudaOps.per_row), so a row's logits do
 not depend on the bucket, the padding or the other rows.
+
+With ``fold_tc`` the prompt rows folded into a step (the scheduler puts them
+first) take a region of their own, one prompt chunk long, at the start of the
+step: padding first, then the prompt rows, then the decodes, then their padding,
+so the real rows stay contiguous. Every linear runs that region on the tensor
+cores (gemm_tc, CudaOps.prompt_rows) and the decodes on per-row GEMVs: a prompt
+row is then always computed by the first, a decode by the second, each row on
+its own, whatever shares the step.
 """
 
 from __future__ import annotations
@@ -85,10 +93,10 @@ class BatchDecoder:
     # -- forwards ------------------------------------------------------------------
 
     def forward(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                last_only: bool) -> DeviceTensor:
+                last_only: bool, prompt_rows: int = 0) -> DeviceTensor:
         """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch."""
         if batched:
-            return self._decode(model, pool, tables, seq, ids, pos)
+            return self._decode(model, pool, tables, seq, ids, pos, prompt_rows)
         b = self.b
         while True:
             b.scratch.reset()
@@ -101,51 +109,73 @@ class BatchDecoder:
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])
 
-    def _decode(self, model, pool: KVCache, tables, seq, ids, pos) -> DeviceTensor:
-        # one row per sequence: row i decodes ids[i] at pos[i] with table tables[seq[i]]
+    def _decode(self, model, pool: KVCache, tables, seq, ids, pos, prompt_rows: int = 0) -> DeviceTensor:
+        # one row per token: row i runs ids[i] at pos[i] with table tables[seq[i]]
         pos = np.asarray(pos, np.int64).reshape(-1)
         n = pos.size
         tables = np.asarray(tables, np.int32)
         own = tables[np.asarray(seq, np.int64).reshape(-1)]                # [n, width]
         if pos.min(initial=0) < 0 or (n and pos.max() // KV_BLOCK >= own.shape[1]):
             raise InvalidRequest("a decode position lies past its sequence's block table")
-        rows = bucket(n)
+        head, lead, rows = self.layout(n, prompt_rows)
         blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
-        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
-        key = (id(model), id(pool), rows, blocks)
+        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, lead)
+        key = (id(model), id(pool), rows, blocks, head)
         got = self._graphs.get(key)
         if got is None or not self.b.graphs:
-            logits = self._eager(model, view, inputs)
+            logits = self._eager(model, view, inputs, head)
             if self.b.graphs:
-                self._capture(key, model, view, inputs, logits)
+                self._capture(key, model, view, inputs, logits, head)
         else:
             got[0].replay()
             logits = got[1]
-        return logits.rows(0, n)
+        return logits.rows(lead, lead + n)
+
+    def layout(self, n: int, prompt_rows: int) -> tuple[int, int, int]:
+        """(prompt region, padding rows before the real ones, rows in all) of a step of
+        n rows whose first prompt_rows are prompt tokens: without fold_tc, or without
+        prompt rows, no region and the rows bucket of n."""
+        if not (prompt_rows and self.b.fold_tc):
+            return 0, 0, bucket(n)
+        head = self.b.batch_prefill_chunk
+        if prompt_rows > head:
+            raise InvalidRequest(f"{prompt_rows} prompt rows in one step; at most {head}")
+        return head, head - prompt_rows, head + bucket(max(1, n - prompt_rows))
 
     def warm(self, model, pool: KVCache, max_rows: int) -> int:
-        """Capture the decode step of every rows bucket up to ``max_rows`` (each
-        at MIN_BLOCKS), so that no step under load waits for a kernel load or a
-        capture; the rows write position 0 of the spare block. The count run."""
-        sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
+        """Capture the step of every rows bucket up to ``max_rows`` (each at
+        MIN_BLOCKS; with fold_tc each decode bucket with and without a prompt
+        region), so that no step under load waits for a kernel load or a capture;
+        the rows write position 0 of the spare block. The count run."""
         spare = [[pool.spare]]
-        for rows in sizes:
-            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
+        if self.b.fold_tc:   # r decodes alone, and beside a prompt region (layout)
+            sizes = self._sizes(max_rows - self.b.batch_prefill_chunk)
+            shapes = [(r, 0) for r in sizes] + [(r + 1, 1) for r in sizes]
+        else:
+            shapes = [(r, 0) for r in self._sizes(max_rows)]
+        for rows, prompt in shapes:
+            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows, prompt)
         self.b.device.synchronize()
-        return len(sizes)
+        return len(shapes)
 
-    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos):
-        """Fill the (rows, blocks) bucket's input buffer: real rows first, then padding."""
+    @staticmethod
+    def _sizes(n: int) -> list[int]:
+        return [r for r in ROW_BUCKETS if r < bucket(n)] + [bucket(n)]
+
+    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, lead: int = 0):
+        """Fill the (rows, blocks) bucket's input buffer: ``lead`` padding rows, the real
+        rows, then padding to the end."""
         from orcd.cuda.memory import from_host
 
         n = own.shape[0]
+        real = slice(lead, lead + n)
         host = np.zeros(3 * rows + rows * blocks, np.int32)
-        host[:n] = np.asarray(ids, np.int32).reshape(-1)
-        host[rows:rows + n] = pos
+        host[real] = np.asarray(ids, np.int32).reshape(-1)
+        host[rows + lead:rows + lead + n] = pos
         host[2 * rows:3 * rows] = np.arange(rows)                          # row i: its own table row
         table = np.full((rows, blocks), pool.spare, np.int32)              # padding: the spare block
         width = min(blocks, own.shape[1])
-        table[:n, :width] = own[:, :width]
+        table[real, :width] = own[:, :width]
         host[3 * rows:] = table.reshape(-1)
         buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
         from_host(self.b.device, host, buf.ptr)
@@ -163,30 +193,30 @@ class BatchDecoder:
             self._inputs[(rows, blocks)] = got
         return got
 
-    def _eager(self, model, view: KVCache, inputs) -> DeviceTensor:
+    def _eager(self, model, view: KVCache, inputs, head: int = 0) -> DeviceTensor:
         b = self.b
         while True:
             b.scratch.reset()
-            b.ops.per_row = True
+            b.ops.per_row, b.ops.prompt_rows = True, head
             try:
                 return model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])
             finally:
-                b.ops.per_row = False
+                b.ops.per_row, b.ops.prompt_rows = False, 0
 
-    def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor) -> None:
+    def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor, head: int = 0) -> None:
         from orcd.cuda.graph import capture
 
         b = self.b
         b.scratch.reset()
         got = []
-        b.ops.per_row = True
+        b.ops.per_row, b.ops.prompt_rows = True, head
         try:
             graph = capture(b.device, lambda: got.append(
                 model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)))
         finally:
-            b.ops.per_row = False
+            b.ops.per_row, b.ops.prompt_rows = False, 0
         if got[0] != logits:   # same shapes in the same order must give the same addresses
             graph.close()
             raise RuntimeError("batch decode capture allocated differently from its eager run")

@@ -70,3 +70,36 @@ def check_device(device: str) -> str:
         raise UsageError(f"--device {device}: no usable NVIDIA GPU ({reason.rstrip('.')}); "
                          f"use --device cpu for the numpy reference backend") from None
     return device
+
+
+#: the CUDA backend's tuning options ``--cuda-option NAME=VALUE`` sets, and what each takes
+#: (the defaults are the measured ones; the others are there to be measured against them)
+CUDA_OPTIONS = {
+    "prefill_graphs": ("on", "off"),     # a request's prompt chunks replayed from CUDA graphs
+    "moe_tc": ("on", "off"),             # a prompt's grouped experts on the tensor cores
+    "fold_tc": ("on", "off"),            # the prompt rows of a batched step on the tensor cores
+    "gemm": ("cublaslt", "tc"),          # the prompt's linears: cuBLASLt on fp16 copies, or gemm_tc
+    "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
+}
+
+
+def add_cuda_option_argument(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(f"{k}={'|'.join(v)}" for k, v in CUDA_OPTIONS.items())
+    p.add_argument("--cuda-option", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a CUDA backend tuning option, repeatable, for measuring: {names} "
+                        f"(default: none, the measured defaults)")
+
+
+def cuda_options(pairs: list[str], device: str) -> dict:
+    """--cuda-option NAME=VALUE pairs -> the CudaBackend keyword arguments. Raises UsageError."""
+    out: dict = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in CUDA_OPTIONS or value not in CUDA_OPTIONS[name]:
+            raise UsageError(f"--cuda-option {pair!r}: expected one of "
+                             f"{', '.join(f'{k}={chr(124).join(v)}' for k, v in CUDA_OPTIONS.items())}")
+        out[name] = {"on": True, "off": False}.get(value, value)
+    if out and not device.startswith("cuda"):
+        raise UsageError(f"--cuda-option needs a cuda device, not --device {device}")
+    return out
+

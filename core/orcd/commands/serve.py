@@ -15,7 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from orcd.commands._options import UsageError, add_device_argument, device_from_args
+from orcd.commands._options import (UsageError, add_cuda_option_argument, add_device_argument,
+                                    cuda_options, device_from_args)
 
 NAME = "serve"
 HELP = "serve one model over HTTP (/execute SSE, /health, /metrics, OpenAI-compatible /v1)"
@@ -69,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "get 404 (default: --model as given)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template to use instead of the model's (default: the GGUF's)")
+    add_cuda_option_argument(p)
 
 
 def validate(args) -> dict:
@@ -110,9 +112,11 @@ def validate(args) -> dict:
         raise UsageError("--served-model-name must not be empty")
     chat_template = _chat_template(args.chat_template)
     device = device_from_args(args, "orcd serve")
+    backend_options = cuda_options(args.cuda_option, device)
     _port_free(args.host, args.port)
     return {"worker_id": worker_id, "model_ref": model_ref, "model_path": str(model_path),
-            "device": device, "api_key": api_key, "chat_template": chat_template}
+            "device": device, "api_key": api_key, "chat_template": chat_template,
+            "backend_options": backend_options}
 
 
 def _chat_template(path: str | None) -> str | None:
@@ -239,5 +243,5 @@ def run(args) -> int:
         max_connections=args.max_connections,
         residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer,
         served_model_name=args.served_model_name, chat_template=checked["chat_template"],
-        public_url=f"http://{url_host}:{args.port}")
+        backend_options=checked["backend_options"], public_url=f"http://{url_host}:{args.port}")
     return serve(config, host=args.host, port=args.port)

@@ -186,7 +186,7 @@ class MatmulKernels:
             return
         if isinstance(x, Q8Act):
             raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")
-        if self._gemm_backend == "tc" and n_in % moe_tc_step(w) == 0:
+        if self._gemm_backend == "tc" and self.tc_fits(x, w):
             self.last_prefill = "tc"
             self.gemm_tc(x, w, b, out)
             return
@@ -280,6 +280,12 @@ class MatmulKernels:
                          *self._act_args(x, x_row), int(per_pair), _ptr(expert_ids.ptr + 4 * s), k,
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
+
+    @staticmethod
+    def tc_fits(x, w) -> bool:
+        """Whether gemm_tc takes x (float32 rows) times w."""
+        return (not isinstance(x, Q8Act) and np.dtype(x.dtype) == np.float32 and w.fmt.device is not None
+                and x.shape[1] % moe_tc_step(w) == 0)
 
     def gemm_tc(self, x, w, b, out) -> None:
         """out[T, n_out] = x[T, n_in] @ w.T (+ b) on the tensor cores, the weights

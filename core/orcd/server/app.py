@@ -46,7 +46,8 @@ def load_for_serving(config: ServerConfig, progress: Callable[[float], None]):
     from orcd.load import load_model
     from orcd.plugins import PluginHost
     lm = load_model(config.model_path, host=PluginHost(), device=config.device,
-                    n_ctx=config.ctx_size, tokenizer_path=config.tokenizer_path, progress=progress)
+                    n_ctx=config.ctx_size, tokenizer_path=config.tokenizer_path, progress=progress,
+                    **config.backend_options)
     if config.kv_cache_mb is not None:
         try:
             lm.n_ctx = kv_budget_ctx(lm.hp, lm.n_ctx, config.kv_cache_mb)

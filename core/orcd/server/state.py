@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcd.engine import GenerateRequest
@@ -62,6 +62,7 @@ class ServerConfig:
     served_model_name: str | None = None   # the /v1 name (default: model_ref), vLLM's flag
     chat_template: str | None = None    # a template's source replacing the GGUF's
     sse_keepalive_s: float = 15.0       # a quiet stream gets an SSE comment this often
+    backend_options: dict = field(default_factory=dict)   # CudaBackend tuning (--cuda-option)
 
     @property
     def health_device(self) -> str:
