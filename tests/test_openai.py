@@ -110,7 +110,8 @@ def test_stop_strings(client):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    ({"temperature": 3.0}, "temperature"), ({"n": 2}, "n"), ({"top_p": -1}, "top_p"),
+    ({"temperature": 3.0}, "temperature"), ({"n": 0}, "n"), ({"n": 100}, "n"),
+    ({"top_p": -1}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"max_tokens": 5000}, "max_tokens"),
     ({"top_logprobs": 3}, "top_logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"top_logprobs": 21, "logprobs": True}, "logprobs"),

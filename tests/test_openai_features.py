@@ -87,8 +87,7 @@ def test_another_model_name_is_a_404_model_not_found(client):
 
 
 @pytest.mark.parametrize("api,kwargs,param,words", [
-    ("chat", {"n": 2}, "n", "n > 1 needs batching"),
-    ("completions", {"n": 3}, "n", "n > 1 needs batching"),
+    ("chat", {"n": 17}, "n", "n must be between 1 and 16"),
     ("completions", {"best_of": 2}, "best_of", "best_of"),
     ("completions", {"suffix": "}"}, "suffix", "suffix"),
 ])

@@ -4,6 +4,7 @@
     openai_api.py      /v1/models, /v1/completions, /v1/chat/completions
     openai_request.py  an OpenAI request's options checked against the model (grammar, extras)
     openai_format.py   engine output in OpenAI's shapes (messages, tool calls, logprobs)
+    openai_choices.py  OpenAI's n: one job per choice, merged into one response or stream
     state.py           what the endpoints share: config, loaded model, worker, request -> job
     worker.py          the inference thread and its bounded queue of jobs
     schemas.py         request models (pydantic)

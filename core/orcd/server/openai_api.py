@@ -8,15 +8,16 @@ began is sent as ``data: {"error": {...}}``, which the client raises. A quiet
 stream (queued, or in a long prefill) gets an SSE comment every
 ``sse_keepalive_s``. A model plugin's output parser splits chat output into
 ``reasoning_content``, ``content`` and ``tool_calls`` (openai_format); what a
-request may ask for is checked in openai_request. docs/openai-api.md lists it.
+request may ask for is checked in openai_request. ``n`` choices are n jobs,
+merged back by openai_choices (a stream interleaves them, each chunk's choice
+carrying its index). docs/openai-api.md lists it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 
@@ -25,21 +26,17 @@ from orcd.chat import normalize_messages
 from orcd.errors import InvalidRequest, OrcdError
 from orcd.server import openai_request as opts
 from orcd.server.http import openai_error, read_body
+from orcd.server.openai_choices import Choices, jobs_for, usage
 from orcd.server.openai_format import (ChatAnswer, Logprobs, OutputSplitter, finish_reason,
                                        merge_completion_logprobs)
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
-from orcd.server.state import JobStream, Planned, ServerState
+from orcd.server.state import Planned, ServerState
 from orcd.server.streaming import KEEPALIVE_FRAME, with_keepalive
 
 __all__ = ["router", "OutputSplitter"]
 
 FINGERPRINT = f"orcd-{__version__}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def router(state: ServerState) -> APIRouter:
@@ -61,77 +58,79 @@ def router(state: ServerState) -> APIRouter:
     async def completions(request: Request):
         arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-        req, planned = await state.off_loop(_prepare_completion, state, body, arrived)
-        stream = state.submit(planned)
-        meta = _meta(stream, "text_completion", cfg.served_names[0])
-        lp = Logprobs(state.loaded.tokenizer) if req.logprobs is not None else None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        req, planned = await state.off_loop(_prepare_completion, state, body, rid, arrived)
+        jobs = Choices.submit(state, planned)
+        meta = _meta(rid, "text_completion", cfg.served_names[0])
+        # one per choice: a Logprobs counts its choice's text_offset
+        lps = [Logprobs(state.loaded.tokenizer) if req.logprobs is not None else None
+               for _ in planned]
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_completion_chunks(stream, meta, lp, include,
-                                                  cfg.sse_keepalive_s),
-                               on_disconnect=stream.cancel)
-        text, parts, result = [], [], None
-        async for kind, payload in _watched(request, stream):
-            if kind == "token":
-                text.append(payload.text)
-                if lp is not None:
-                    parts.append(lp.completion(payload.logprobs))
-            elif kind == "end":
-                result = payload
-            elif kind == "error":
-                raise payload
+            return SSEResponse(_completion_chunks(jobs, meta, lps, include, cfg.sse_keepalive_s),
+                               on_disconnect=jobs.cancel)
+        texts: list[list[str]] = [[] for _ in planned]
+        parts: list[list[dict]] = [[] for _ in planned]
+
+        def token(i: int, ev) -> None:
+            texts[i].append(ev.text)
+            if lps[i] is not None:
+                parts[i].append(lps[i].completion(ev.logprobs))
+        results = await jobs.collect(request, token)
         return {**meta, "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": 0, "text": "".join(text),
-                             "logprobs": merge_completion_logprobs(parts) if lp else None,
-                             "finish_reason": finish_reason(result.stop_reason, 0)}],
-                "usage": usage(result.prompt_tokens, result.tokens_out)}
+                "choices": [{"index": i, "text": "".join(texts[i]),
+                             "logprobs": merge_completion_logprobs(parts[i]) if lps[i] else None,
+                             "finish_reason": finish_reason(result.stop_reason, 0)}
+                            for i, result in enumerate(results)],
+                "usage": usage(results)}
 
     @r.post("/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-        req, planned, tools = await state.off_loop(_prepare_chat, state, body, arrived)
-        stream = state.submit(planned)
-        meta = _meta(stream, "chat.completion.chunk" if req.stream else "chat.completion",
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        req, planned, tools = await state.off_loop(_prepare_chat, state, body, rid, arrived)
+        jobs = Choices.submit(state, planned)
+        meta = _meta(rid, "chat.completion.chunk" if req.stream else "chat.completion",
                      cfg.served_names[0])
-        answer = ChatAnswer(OutputSplitter(state.loaded.output_parser, tools.parse_calls),
-                            Logprobs(state.loaded.tokenizer) if req.logprobs else None)
+        # one per choice: the output parser and the logprobs hold one answer's state
+        answers = [ChatAnswer(OutputSplitter(state.loaded.output_parser, tools.parse_calls),
+                              Logprobs(state.loaded.tokenizer) if req.logprobs else None)
+                   for _ in planned]
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_chat_chunks(stream, meta, answer, include, cfg.sse_keepalive_s),
-                               on_disconnect=stream.cancel)
-        result = None
-        async for kind, payload in _watched(request, stream):
-            if kind == "token":
-                answer.token(payload)
-            elif kind == "end":
-                answer.finish()
-                result = payload
-            elif kind == "error":
-                raise payload
+            return SSEResponse(_chat_chunks(jobs, meta, answers, include, cfg.sse_keepalive_s),
+                               on_disconnect=jobs.cancel)
+        results = await jobs.collect(request, lambda i, ev: answers[i].token(ev))
+        for answer in answers:
+            answer.finish()
         return {**meta, "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": 0, "message": answer.message(),
+                "choices": [{"index": i, "message": answer.message(),
                              "logprobs": answer.all_logprobs(),
-                             "finish_reason": answer.finish_reason(result.stop_reason)}],
-                "usage": usage(result.prompt_tokens, result.tokens_out)}
+                             "finish_reason": answer.finish_reason(result.stop_reason)}
+                            for i, (answer, result) in enumerate(zip(answers, results))],
+                "usage": usage(results)}
 
     return r
 
 
 # -- request → planned job (CPU work: on the prep threads, never the event loop) --
 
-def _prepare_completion(state: ServerState, body: bytes, arrived: float
-                        ) -> tuple[CompletionRequest, Planned]:
+def _prepare_completion(state: ServerState, body: bytes, rid: str, arrived: float
+                        ) -> tuple[CompletionRequest, list[Planned]]:
     req: CompletionRequest = parse(CompletionRequest, body)
     state.require_ready()
     opts.check_model(req.model, state.config.served_names)
     opts.check_refused(req, "completion")
+    n = opts.check_n(req.n, state.config.max_batch)
     if req.echo:
         raise InvalidRequest("echo is not supported", field="echo")
     ids = _completion_prompt(state, req.prompt)
-    grammar = opts.constraint(state.grammars, None, None, None, opts.ToolPlan(),
-                              req.response_format)
-    return req, _plan(state, "cmpl", ids, req, req.max_tokens, grammar, arrived)
+
+    def grammar():
+        return opts.constraint(state.grammars, None, None, None, opts.ToolPlan(),
+                               req.response_format)
+    return req, _plan(state, rid, ids, req, req.max_tokens, n, arrived, grammar)
 
 
 def _completion_prompt(state: ServerState, prompt) -> list[int]:
@@ -149,19 +148,22 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
     return state.encode(text)
 
 
-def _prepare_chat(state: ServerState, body: bytes, arrived: float
-                  ) -> tuple[ChatCompletionRequest, Planned, opts.ToolPlan]:
+def _prepare_chat(state: ServerState, body: bytes, rid: str, arrived: float
+                  ) -> tuple[ChatCompletionRequest, list[Planned], opts.ToolPlan]:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
     state.require_ready()
     opts.check_model(req.model, state.config.served_names)
     opts.check_refused(req, "chat")
+    n = opts.check_n(req.n, state.config.max_batch)
     tools = opts.tool_plan(req.tools, req.tool_choice)
     ids = _chat_prompt_ids(state, req)
     lm = state.loaded
-    grammar = opts.constraint(state.grammars, lm.output_parser, lm.tokenizer, req.tools, tools,
-                              req.response_format)
-    return req, _plan(state, "chatcmpl", ids, req, req.max_completion_tokens or req.max_tokens,
-                      grammar, arrived), tools
+
+    def grammar():
+        return opts.constraint(state.grammars, lm.output_parser, lm.tokenizer, req.tools, tools,
+                               req.response_format)
+    return req, _plan(state, rid, ids, req, req.max_completion_tokens or req.max_tokens, n,
+                      arrived, grammar), tools
 
 
 def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
@@ -187,31 +189,18 @@ def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int
                                           max_chars=state.prompt_char_limit, **extra)
 
 
-async def _watched(request: Request, stream: JobStream):
-    """A non-streamed job's events; the client hanging up cancels the job."""
-    async def hung_up() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        stream.cancel()
-
-    watcher = asyncio.ensure_future(hung_up())
-    try:
-        async for event in stream.events():
-            yield event
-    finally:
-        watcher.cancel()
-
-
-def _plan(state: ServerState, prefix: str, ids: list[int], req, max_tokens: int | None,
-          grammar, arrived: float) -> Planned:
+def _plan(state: ServerState, rid: str, ids: list[int], req, max_tokens: int | None, n: int,
+          arrived: float, grammar: Callable[[], Any]) -> list[Planned]:
+    """The jobs of the ``n`` choices (openai_choices); ``grammar()`` makes a
+    fresh grammar (or None) for each, since a matcher holds one generation's state."""
     base = state.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                           seed=req.seed)
-    kind = "completion" if prefix == "cmpl" else "chat"
+    kind = "completion" if isinstance(req, CompletionRequest) else "chat"
     sampling = opts.sampling_params(base, req, kind, state.loaded.hp.n_vocab)
-    return state.plan(f"{prefix}-{uuid.uuid4().hex}", ids, max_tokens=max_tokens,
-                      sampling=sampling, stop=req.stops(), prompt_text=None,
-                      constraint=grammar, arrived=arrived)
+    one = state.plan(rid, ids, max_tokens=max_tokens, sampling=sampling, stop=req.stops(),
+                     prompt_text=None, arrived=arrived)
+    return jobs_for(one, n, grammar)
 
 
 def _include_usage(req, meta: dict) -> bool:
@@ -221,8 +210,8 @@ def _include_usage(req, meta: dict) -> bool:
     return include
 
 
-def _meta(stream: JobStream, obj: str, model: str) -> dict[str, Any]:
-    return {"id": stream.job_id, "object": obj, "created": int(time.time()), "model": model}
+def _meta(rid: str, obj: str, model: str) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model}
 
 
 def _chunk(meta: dict, choice: dict | None, usage_: dict | None = None) -> bytes:
@@ -235,67 +224,75 @@ def _chunk(meta: dict, choice: dict | None, usage_: dict | None = None) -> bytes
     return sse_event(None, body)
 
 
-async def _finish_stream(stream: JobStream, events: AsyncIterator) -> AsyncIterator[bytes]:
-    """Shared tail of both streams: an error mid-stream becomes an error frame."""
+async def _finish_stream(jobs: Choices, events: AsyncIterator) -> AsyncIterator[bytes]:
+    """Shared tail of both streams: an error mid-stream (any choice's) becomes an
+    error frame, and every job still running is cancelled."""
     try:
         async for frame in events:
             yield frame
     except OrcdError as err:
         yield sse_event(None, openai_error(err))
     finally:
-        stream.cancel()
+        jobs.cancel()
     yield sse_event(None, "[DONE]")
 
 
-async def _completion_chunks(stream: JobStream, meta: dict, lp: Logprobs | None,
+async def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None],
                              include_usage: bool, keepalive_s: float):
-    def choice(text: str, logprobs, finish: str | None = None) -> dict:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    def choice(i: int, text: str, logprobs, finish: str | None = None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     async def frames():
-        async for item in with_keepalive(stream.events(), keepalive_s):
+        results: list = [None] * len(jobs)
+        async for item in with_keepalive(jobs.events(), keepalive_s):
             if item is None:
                 yield KEEPALIVE_FRAME
                 continue
-            kind, payload = item
+            i, kind, payload = item
             if kind == "token":
-                yield _chunk(meta, choice(payload.text, lp.completion(payload.logprobs)
+                lp = lps[i]
+                yield _chunk(meta, choice(i, payload.text, lp.completion(payload.logprobs)
                                           if lp is not None else None))
             elif kind == "end":
-                yield _chunk(meta, choice("", None, finish_reason(payload.stop_reason, 0)))
-                if include_usage:
-                    yield _chunk(meta, None, usage(payload.prompt_tokens, payload.tokens_out))
+                results[i] = payload
+                yield _chunk(meta, choice(i, "", None, finish_reason(payload.stop_reason, 0)))
             elif kind == "error":
                 raise payload
-    async for frame in _finish_stream(stream, frames()):
+        if include_usage:   # once, after every choice's finish chunk
+            yield _chunk(meta, None, usage(results))
+    async for frame in _finish_stream(jobs, frames()):
         yield frame
 
 
-async def _chat_chunks(stream: JobStream, meta: dict, answer: ChatAnswer, include_usage: bool,
-                       keepalive_s: float):
-    def chunk(d: dict, logprobs=None, finish: str | None = None) -> bytes:
-        return _chunk(meta, {"index": 0, "delta": d,
+async def _chat_chunks(jobs: Choices, meta: dict, answers: list[ChatAnswer],
+                       include_usage: bool, keepalive_s: float):
+    def chunk(i: int, d: dict, logprobs=None, finish: str | None = None) -> bytes:
+        return _chunk(meta, {"index": i, "delta": d,
                              "logprobs": {"content": logprobs} if logprobs is not None else None,
                              "finish_reason": finish})
 
     async def frames():
-        yield chunk({"role": "assistant", "content": ""})
-        async for item in with_keepalive(stream.events(), keepalive_s):
+        for i in range(len(jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        results: list = [None] * len(jobs)
+        async for item in with_keepalive(jobs.events(), keepalive_s):
             if item is None:
                 yield KEEPALIVE_FRAME
                 continue
-            kind, payload = item
+            i, kind, payload = item
+            answer = answers[i]
             if kind == "token":
                 for d, logprobs in answer.token(payload):
-                    yield chunk(d, logprobs)
+                    yield chunk(i, d, logprobs)
             elif kind == "end":
+                results[i] = payload
                 for d, logprobs in answer.finish():
-                    yield chunk(d, logprobs)
-                yield chunk({}, answer.leftover_logprobs(),
+                    yield chunk(i, d, logprobs)
+                yield chunk(i, {}, answer.leftover_logprobs(),
                             answer.finish_reason(payload.stop_reason))
-                if include_usage:
-                    yield _chunk(meta, None, usage(payload.prompt_tokens, payload.tokens_out))
             elif kind == "error":
                 raise payload
-    async for frame in _finish_stream(stream, frames()):
+        if include_usage:   # once, after every choice's finish chunk
+            yield _chunk(meta, None, usage(results))
+    async for frame in _finish_stream(jobs, frames()):
         yield frame

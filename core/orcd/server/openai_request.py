@@ -1,7 +1,8 @@
 """An OpenAI request's generation options, checked against the model: the
-served name, OpenAI's sampling extras (penalties, logit_bias, logprobs),
-parameters orcd refuses rather than ignore (n > 1, best_of, suffix), and what
-constrains the output (response_format, tool_choice) as a grammar.
+served name, how many choices (n), OpenAI's sampling extras (penalties,
+logit_bias, logprobs), parameters orcd refuses rather than ignore (best_of,
+suffix), and what constrains the output (response_format, tool_choice) as a
+grammar.
 
 Pure functions of the validated request and the loaded model, run on the prep
 threads with the rest of a request's CPU work.
@@ -28,15 +29,24 @@ def check_model(requested: str | None, served: list[str]) -> None:
                             f"{', '.join(f'`{n}`' for n in served)}.", field="model")
 
 
+def check_n(n: int | None, max_n: int) -> int:
+    """How many choices: 1..``max_n`` (the worker's --max-batch, so that every
+    choice can be decoded in the same batch, as llama-server ties n to its slots)."""
+    n = 1 if n is None else n
+    if not 1 <= n <= max_n:
+        raise InvalidRequest(f"n must be between 1 and {max_n} (this worker's --max-batch)",
+                             field="n")
+    return n
+
+
 def check_refused(req, kind: str) -> None:
     """Parameters orcd cannot honour: a 400 instead of an answer the client did
     not ask for."""
-    if req.n not in (None, 1):
-        raise InvalidRequest("n > 1 needs batching, which this worker does not do yet; "
-                             "send n requests", field="n")
     if kind == "completion":
-        if req.best_of not in (None, 1):
-            raise InvalidRequest("best_of is not supported (only 1)", field="best_of")
+        # best_of == n returns every choice, which is just n; orcd ranks nothing
+        if req.best_of not in (None, 1, req.n):
+            raise InvalidRequest("best_of is not supported (only 1, or equal to n)",
+                                 field="best_of")
         if req.suffix:
             raise InvalidRequest("suffix is not supported", field="suffix")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError,
                       field_validator)
 
 from orcd.errors import InvalidRequest
@@ -82,7 +82,7 @@ class _OpenAIBase(BaseModel):
     # sampling: None (unset) = the model file's recommendation, else llama-server's default
     temperature: Optional[Temperature] = None
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    n: Optional[int] = Field(default=1, ge=1)     # > 1: a 400 (openai_request.check_refused)
+    n: Optional[StrictInt] = 1   # 1..--max-batch (openai_request.check_n); strict: true is not 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
@@ -111,7 +111,7 @@ class CompletionRequest(_OpenAIBase):
     max_tokens: Optional[int] = Field(default=16, ge=1)   # OpenAI's default for completions
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0)   # top-N per token (legacy API)
-    best_of: Optional[int] = None                         # only 1 (openai_request)
+    best_of: Optional[int] = None                         # only 1 or n (openai_request)
     suffix: Optional[str] = None                          # not supported: set is a 400
 
     @field_validator("prompt")
