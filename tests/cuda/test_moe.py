@@ -69,58 +69,43 @@ def test_group_marks_bad_ids_and_weighted_sum_gives_nan(gpu, rng):
     assert np.isnan(gpu.get(out)).all()                  # each token has one bad pair
 
 
-@pytest.mark.parametrize("name,n_out,n_in", [*sized([("MXFP4", 2880, 2880)], []), ("MXFP4", 576, 2880),
-                                             ("Q8_0", 640, 896), ("Q4_K", 512, 1024),
-                                             ("F16", 256, 896)])
-@pytest.mark.parametrize("T", sized([3, 100], [3, 40]))
-def test_moe_gemm_matches_per_pair_reference(gpu, rng, host, name, n_out, n_in, T):
-    n_expert, k = (32, 4) if name == "MXFP4" else (8, 2)
-    w, w_ref = gpu.weight(host, name, (n_expert, n_out, n_in), rng)
-    bias = rng.standard_normal((n_expert, n_out)).astype(np.float32)
-    ids = routing(rng, T, k, n_expert, skew=True)
-    order, _, counts = moe.group_ref(ids, n_expert)
-    n_tiles = moe.max_tiles(T * k, n_expert, MOE_TILE)
-    x = rng.standard_normal((T, n_in)).astype(np.float32)
-    xg = x[order // k]                                     # grouped rows, as moe_gather makes them
-    out = gpu.empty((T * k, n_out))
-    tiles = gpu.put(moe.tiles_ref(counts, MOE_TILE, n_tiles))
-    gpu.mm.moe_gemm(gpu.put(xg), w, gpu.put(bias), tiles, out)
-    got = gpu.get(out)
-    e_of = ids.reshape(-1)[order]
-    ref = np.einsum("noi,ni->no", w_ref[e_of], xg.astype(np.float64)) + bias[e_of]
-    assert rel(got, ref) < GEMV_TOL
-    for i in range(0, T * k, max(1, T * k // 16)):        # row by row: a wrong expert shows here
-        assert rel(got[i], ref[i]) < GEMV_TOL
-    first = got.copy()
-    gpu.mm.moe_gemm(gpu.put(xg), w, gpu.put(bias), tiles, out)
-    assert np.array_equal(gpu.get(out), first)             # deterministic
+def _half(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float64)
 
 
-@pytest.mark.parametrize("name,n_out,n_in", [*sized([("MXFP4", 2880, 2880), ("Q6_K", 640, 1024)], []),
-                                             ("MXFP4", 72, 96), ("Q4_K", 80, 512), ("Q8_0", 64, 64),
-                                             ("F32", 24, 64)])
+#: the grouped expert matmuls: (method, pairs per tile, the rounding of x and w it sums, bound)
+GROUPED = {"tiles": ("moe_gemm", MOE_TILE, lambda a: a.astype(np.float64), GEMV_TOL),
+           "tc": ("moe_gemm_tc", MOE_TC_TILE, _half, 1e-4)}   # tensor cores: fp16 operands
+
+
+@pytest.mark.parametrize("kernel,name,n_out,n_in", [
+    *[("tiles", *c) for c in [*sized([("MXFP4", 2880, 2880)], []), ("MXFP4", 576, 2880),
+                              ("Q8_0", 640, 896), ("Q4_K", 512, 1024), ("F16", 256, 896)]],
+    *[("tc", *c) for c in [*sized([("MXFP4", 2880, 2880), ("Q6_K", 640, 1024)], []), ("MXFP4", 72, 96),
+                           ("Q4_K", 80, 512), ("Q8_0", 64, 64), ("F32", 24, 64)]]])
 @pytest.mark.parametrize("T", sized([3, 100, 700], [3, 40]))
-def test_moe_gemm_tc_matches_per_pair_reference(gpu, rng, host, name, n_out, n_in, T):
-    """The tensor-core grouped matmul: tiles of up to MOE_TC_TILE pairs (several
-    tiles for one expert, row counts that end mid-tile and mid-warp, output rows
-    that end mid-block) against float64 on the fp16 roundings of x and w."""
+def test_grouped_expert_matmul_matches_per_pair_reference(gpu, rng, host, kernel, name, n_out, n_in, T):
+    """Each tile's rows against a float64 per-pair reference on the roundings the
+    kernel makes: several tiles for one expert, row counts that end mid-tile (and,
+    on the tensor cores, mid-warp), output rows that end mid-block; bitwise repeatable."""
+    method, tile, rounded, tol = GROUPED[kernel]
     n_expert, k = (32, 4) if name == "MXFP4" else (8, 2)
     w, w_ref = gpu.weight(host, name, (n_expert, n_out, n_in), rng)
     bias = rng.standard_normal((n_expert, n_out)).astype(np.float32)
     ids = routing(rng, T, k, n_expert, skew=True)
     order, _, counts = moe.group_ref(ids, n_expert)
-    n_tiles = moe.max_tiles(T * k, n_expert, MOE_TC_TILE)
-    xg = rng.standard_normal((T, n_in)).astype(np.float32)[order // k]
+    xg = rng.standard_normal((T, n_in)).astype(np.float32)[order // k]   # grouped, as moe_gather makes them
     out = gpu.empty((T * k, n_out))
-    tiles = gpu.put(moe.tiles_ref(counts, MOE_TC_TILE, n_tiles))
-    gpu.mm.moe_gemm_tc(gpu.put(xg), w, gpu.put(bias), tiles, out)
+    tiles = gpu.put(moe.tiles_ref(counts, tile, moe.max_tiles(T * k, n_expert, tile)))
+    getattr(gpu.mm, method)(gpu.put(xg), w, gpu.put(bias), tiles, out)
     got = gpu.get(out)
     e_of = ids.reshape(-1)[order]
-    half = lambda a: a.astype(np.float16).astype(np.float64)   # noqa: E731
-    ref = np.einsum("noi,ni->no", half(w_ref)[e_of], half(xg)) + bias[e_of]
-    assert rel(got, ref) < 1e-4
+    ref = np.einsum("noi,ni->no", rounded(w_ref)[e_of], rounded(xg)) + bias[e_of]
+    assert rel(got, ref) < tol
     for i in range(0, T * k, max(1, T * k // 16)):        # row by row: a wrong expert shows here
-        assert rel(got[i], ref[i]) < 1e-4
+        assert rel(got[i], ref[i]) < tol
+    getattr(gpu.mm, method)(gpu.put(xg), w, gpu.put(bias), tiles, out)
+    assert np.array_equal(gpu.get(out), got)               # deterministic
 
 
 @pytest.fixture(scope="module")

@@ -333,23 +333,19 @@ class CudaBackend:
                 self._grow_scratch(e.args[0])
 
     def _capture(self, model, cache: KVCache, logits: DeviceTensor) -> None:
-        from orcd.cuda.graph import capture
+        from orcd.cuda.graph import capture_like
 
         self._drop_graph()
         self.scratch.reset()
-        got = []
-        graph = capture(self.device, lambda: got.append(
-            model.forward(self.ops, self.step_ids, self.step_pos, cache)))
-        if got[0] != logits:  # same shapes in the same order must give the same addresses
-            graph.close()
-            raise RuntimeError("decode capture allocated differently from its eager run")
-        self._graph = (model, cache, graph, got[0])
+        graph = capture_like(self.device, lambda: model.forward(self.ops, self.step_ids, self.step_pos, cache),
+                             logits, "decode")
+        self._graph = (model, cache, graph, logits)
 
     def _drop_graph(self) -> None:
         if self.batch is not None:
             self.batch.drop_graphs()
         if self.prefill is not None:
-            self.prefill.drop()
+            self.prefill.drop_graphs()
         if self._graph is not None:
             self._graph[2].close()
             self._graph = None

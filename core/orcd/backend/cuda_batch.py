@@ -44,13 +44,31 @@ def bucket(n: int, sizes=ROW_BUCKETS) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
-class BatchDecoder:
-    """The pool, prompt chunks and graph-replayed decode batches of one backend."""
+class Replays:
+    """Captured graphs of one backend (key -> (graph, logits)) and the device
+    buffers their inputs are written to before each replay (key -> (buffer, ...))."""
 
     def __init__(self, backend) -> None:
         self.b = backend
-        self._graphs: dict = {}   # (id(model), id(pool), rows, blocks) -> (graph, logits)
-        self._inputs: dict = {}   # (rows, blocks) -> (buffer, ids, pos, seq, tables)
+        self._graphs: dict = {}
+        self._inputs: dict = {}
+
+    def drop_graphs(self) -> None:
+        for graph, _ in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+
+    def close(self) -> None:
+        self.drop_graphs()
+        for buf, *_ in self._inputs.values():
+            self.b.alloc.free(buf)
+        self._inputs.clear()
+
+
+class BatchDecoder(Replays):
+    """The pool, prompt chunks and graph-replayed decode batches of one backend:
+    graphs per (id(model), id(pool), rows, blocks, prompt region), inputs per
+    (rows, blocks) as (buffer, ids, pos, seq, tables)."""
 
     # -- the pool ------------------------------------------------------------------
 
@@ -78,17 +96,6 @@ class BatchDecoder:
         for buf in getattr(pool, "buffers", ()):
             b.alloc.free(buf)
         pool.buffers = []
-
-    def drop_graphs(self) -> None:
-        for graph, _ in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
-
-    def close(self) -> None:
-        self.drop_graphs()
-        for buf, *_ in self._inputs.values():
-            self.b.alloc.free(buf)
-        self._inputs.clear()
 
     # -- forwards ------------------------------------------------------------------
 
@@ -206,18 +213,14 @@ class BatchDecoder:
                 b.ops.per_row, b.ops.prompt_rows = False, 0
 
     def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor, head: int = 0) -> None:
-        from orcd.cuda.graph import capture
+        from orcd.cuda.graph import capture_like
 
         b = self.b
         b.scratch.reset()
-        got = []
         b.ops.per_row, b.ops.prompt_rows = True, head
         try:
-            graph = capture(b.device, lambda: got.append(
-                model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)))
+            graph = capture_like(b.device, lambda: model.forward(b.ops, inputs[0], inputs[1], view, last_only=False),
+                                 logits, "batch decode")
         finally:
             b.ops.per_row, b.ops.prompt_rows = False, 0
-        if got[0] != logits:   # same shapes in the same order must give the same addresses
-            graph.close()
-            raise RuntimeError("batch decode capture allocated differently from its eager run")
         self._graphs[key] = (graph, logits)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from orcd.backend.cuda_batch import Replays
 from orcd.cuda.tensor import DeviceTensor
 
 #: rows of a replayed prefill chunk; a prompt pads up to the next one
@@ -44,13 +45,9 @@ def padded_inputs(ids, start: int, rows: int) -> np.ndarray:
     return host
 
 
-class PrefillGraphs:
-    """The prefill graphs of one backend, one per (model, cache, rows bucket)."""
-
-    def __init__(self, backend) -> None:
-        self.b = backend
-        self._graphs: dict = {}   # (id(model), id(cache), rows) -> (graph, logits)
-        self._inputs: dict = {}   # rows -> (buffer, ids, pos)
+class PrefillGraphs(Replays):
+    """The prefill graphs of one backend: graphs per (id(model), id(cache), rows
+    bucket), inputs per rows as (buffer, ids, pos)."""
 
     def forward(self, model, cache, ids, start: int) -> DeviceTensor | None:
         """The last token's logits [1, n_vocab] of the chunk ``ids`` at ``start``,
@@ -68,17 +65,6 @@ class PrefillGraphs:
         logits = self._eager(model, cache, d_ids, d_pos)
         self._capture(key, model, cache, d_ids, d_pos, logits)
         return logits
-
-    def drop(self) -> None:
-        for graph, _ in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
-
-    def close(self) -> None:
-        self.drop()
-        for buf, *_ in self._inputs.values():
-            self.b.alloc.free(buf)
-        self._inputs.clear()
 
     def _write_inputs(self, rows: int, host: np.ndarray):
         from orcd.cuda.memory import from_host_async
@@ -104,13 +90,10 @@ class PrefillGraphs:
                 b._grow_scratch(e.args[0])   # drops every graph, these too
 
     def _capture(self, key, model, cache, d_ids, d_pos, logits: DeviceTensor) -> None:
-        from orcd.cuda.graph import capture
+        from orcd.cuda.graph import capture_like
 
         b = self.b
         b.scratch.reset()
-        got = []
-        graph = capture(b.device, lambda: got.append(model.forward(b.ops, d_ids, d_pos, cache, last_only=True)))
-        if got[0] != logits:   # same shapes in the same order must give the same addresses
-            graph.close()
-            raise RuntimeError("prefill capture allocated differently from its eager run")
+        graph = capture_like(b.device, lambda: model.forward(b.ops, d_ids, d_pos, cache, last_only=True),
+                             logits, "prefill")
         self._graphs[key] = (graph, logits)

@@ -70,3 +70,15 @@ def capture(device: "CudaDevice", record: Callable[[], None]) -> CudaGraph:
         cu("cuGraphDestroy", graph)
         raise
     return CudaGraph(device, graph, exec_)
+
+
+def capture_like(device: "CudaDevice", forward: Callable[[], Any], eager: Any, what: str) -> CudaGraph:
+    """Capture ``forward()``, which an eager run just made, returning ``eager``: the
+    capture must allocate as that run did (same shapes in the same order give the same
+    scratch addresses), so the graph's result lies where the eager one did."""
+    got = []
+    graph = capture(device, lambda: got.append(forward()))
+    if got[0] != eager:
+        graph.close()
+        raise RuntimeError(f"{what} capture allocated differently from its eager run")
+    return graph

@@ -307,26 +307,14 @@ class MatmulKernels:
         """moe_gemm on the tensor cores: the same product for tiles of up to
         MOE_TC_TILE pairs, fp16 operands (x and the dequantized weights rounded),
         fp32 sums; xg float32. n_in must be a multiple of max(32, the format's block)."""
-        if len(w.shape) != 3:
-            raise ValueError(f"moe_gemm_tc weight must be [n_expert, n_out, n_in], got {w.shape}")
-        n_expert, n_out, n_in = w.shape
-        N = xg.shape[0]
-        bk = moe_tc_step(w)
-        if tuple(xg.shape) != (N, n_in) or np.dtype(xg.dtype) != np.float32 or n_in % bk:
-            raise ValueError(f"moe_gemm_tc x must be float32 [{N}, {n_in}] with {n_in} a multiple of "
-                             f"{bk}, got {xg.dtype} {xg.shape}")
-        self._check_tensor(out, (N, n_out), "moe_gemm_tc out")
-        if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
-            raise ValueError(f"moe_gemm_tc tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
-        if not 0 < tiles.shape[0] <= MAX_GRID_Y:
-            raise ValueError(f"moe_gemm_tc: {tiles.shape[0]} tiles (at most {MAX_GRID_Y} per launch)")
-        if b is not None:
-            self._check_tensor(b, (n_expert, n_out), "moe_gemm_tc bias")
-        self._check_row(w, n_in)
+        n_expert, n_out, n_in = self._check_grouped("moe_gemm_tc", xg, w, b, tiles, out)
+        if not self.tc_fits(xg, w):
+            raise ValueError(f"moe_gemm_tc x must be float32 with n_in a multiple of {moe_tc_step(w)}, "
+                             f"got {xg.dtype} {xg.shape}")
         self.launch(self._fn("moe_gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles.shape[0]), 128,
                     [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
                      _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
-                     n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (bk + 8) * 2)
+                     n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (moe_tc_step(w) + 8) * 2)
 
     def moe_gemm(self, xg, w, b, tiles, out, scratch=None) -> None:
         """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for
@@ -334,20 +322,7 @@ class MatmulKernels:
         int32 on the device, from MoeKernels.group). xg: [N, n_in], out: [N, n_out],
         one row per (token, slot) pair in grouped order. Each tile reads its
         expert's weight rows once for up to MOE_TILE pairs."""
-        if len(w.shape) != 3:
-            raise ValueError(f"moe_gemm weight must be [n_expert, n_out, n_in], got {w.shape}")
-        n_expert, n_out, n_in = w.shape
-        N = xg.shape[0]
-        if tuple(xg.shape) != (N, n_in) or not self._is_act(xg):
-            raise ValueError(f"moe_gemm x must be float32 [{N}, {n_in}], got {xg.shape}")
-        self._check_tensor(out, (N, n_out), "moe_gemm out")
-        if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
-            raise ValueError(f"moe_gemm tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
-        if not 0 < tiles.shape[0] <= MAX_GRID_Y:
-            raise ValueError(f"moe_gemm: {tiles.shape[0]} tiles (at most {MAX_GRID_Y} per launch)")
-        if b is not None:
-            self._check_tensor(b, (n_expert, n_out), "moe_gemm bias")
-        self._check_row(w, n_in)
+        n_expert, n_out, n_in = self._check_grouped("moe_gemm", xg, w, b, tiles, out)
         split = gemv_split(n_out, row_pieces(w))
         xg = self.activations(xg, w, scratch if scratch is not None else self.scratch)
         q8 = isinstance(xg, Q8Act)
@@ -356,6 +331,24 @@ class MatmulKernels:
                     [_ptr(w.ptr), np.int64(w.row_bytes),
                      np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))), *self._act_args(xg, 0), _ptr(tiles.ptr),
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    def _check_grouped(self, name: str, xg, w, b, tiles, out) -> tuple[int, int, int]:
+        """A grouped expert matmul's operands checked; (n_expert, n_out, n_in)."""
+        if len(w.shape) != 3:
+            raise ValueError(f"{name} weight must be [n_expert, n_out, n_in], got {w.shape}")
+        n_expert, n_out, n_in = w.shape
+        N = xg.shape[0]
+        if tuple(xg.shape) != (N, n_in) or not self._is_act(xg):
+            raise ValueError(f"{name} x must be float32 [{N}, {n_in}], got {xg.shape}")
+        self._check_tensor(out, (N, n_out), f"{name} out")
+        if len(tiles.shape) != 2 or tiles.shape[1] != 3 or np.dtype(tiles.dtype) != np.int32:
+            raise ValueError(f"{name} tiles must be int32 [n_tiles, 3], got {tiles.dtype} {tiles.shape}")
+        if not 0 < tiles.shape[0] <= MAX_GRID_Y:
+            raise ValueError(f"{name}: {tiles.shape[0]} tiles (at most {MAX_GRID_Y} per launch)")
+        if b is not None:
+            self._check_tensor(b, (n_expert, n_out), f"{name} bias")
+        self._check_row(w, n_in)
+        return n_expert, n_out, n_in
 
     def moe_gate_up_q8(self, xa: "Q8Act", ex, ids, alpha: float, limit: float, h: "Q8Act") -> None:
         """h[t * k + s] = swiglu_oai(x_t . gate[e] + bg[e], x_t . up[e] + bu[e]) for e =
