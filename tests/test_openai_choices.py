@@ -220,6 +220,11 @@ def slow_sampler(srv, monkeypatch) -> None:
     monkeypatch.setattr(srv.state.loaded.backend, "sample_step", step)
 
 
+def no_end(srv) -> dict[str, int]:
+    """A logit_bias that bans the end of generation: the jobs run until cancelled."""
+    return {str(t): -100 for t in srv.state.loaded.tokenizer.eog_ids}
+
+
 def wait_running(srv, n: int) -> None:
     for _ in range(500):
         if srv.state.worker.running == n:
@@ -232,7 +237,7 @@ def wait_running(srv, n: int) -> None:
 def test_a_client_hanging_up_cancels_every_choice(srv, monkeypatch, stream):
     slow_sampler(srv, monkeypatch)
     body = {"model": "qwen2-tiny", "prompt": "Hello", "n": 3, "max_tokens": 2000,
-            "stream": stream}
+            "logit_bias": no_end(srv), "stream": stream}
     url = f"{srv.url}/v1/completions"
     if stream:
         with httpx.stream("POST", url, json=body, headers=AUTH) as r:
@@ -247,9 +252,8 @@ def test_a_client_hanging_up_cancels_every_choice(srv, monkeypatch, stream):
 def test_each_choice_is_its_own_job_and_cancelling_one_ends_the_response(srv, client,
                                                                         monkeypatch):
     slow_sampler(srv, monkeypatch)
-    no_end = {str(t): -100 for t in srv.state.loaded.tokenizer.eog_ids}   # both run till cancelled
     stream = client.completions.create(model="qwen2-tiny", prompt="Hello", n=2, max_tokens=2000,
-                                       logit_bias=no_end, stream=True)
+                                       logit_bias=no_end(srv), stream=True)
     first = next(iter(stream))
 
     def cancel(job_id: str) -> str:

@@ -232,7 +232,8 @@ def test_a_queued_stream_gets_keepalive_comments(srv, client, monkeypatch):
     blocker = threading.Thread(target=lambda: chat(client, max_tokens=2))
     blocker.start()
     time.sleep(0.1)
-    body = {"model": NAME, "messages": HI, "max_tokens": 2, "stream": True}
+    # greedy: a random draw ends the answer within 2 tokens now and then ("stop")
+    body = {"model": NAME, "messages": HI, "max_tokens": 2, "stream": True, "temperature": 0}
     lines = []
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
