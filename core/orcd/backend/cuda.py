@@ -335,7 +335,9 @@ class CudaBackend:
     def _capture(self, model, cache: KVCache, logits: DeviceTensor) -> None:
         from orcd.cuda.graph import capture_like
 
-        self._drop_graph()
+        if self._graph is not None:   # the one decode graph it replaces (prefill and batch graphs stay)
+            self._graph[2].close()
+            self._graph = None
         self.scratch.reset()
         graph = capture_like(self.device, lambda: model.forward(self.ops, self.step_ids, self.step_pos, cache),
                              logits, "decode")
