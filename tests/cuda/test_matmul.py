@@ -225,12 +225,14 @@ def test_a_folded_prompt_region_runs_on_the_tensor_cores_beside_per_row_decodes(
     rng = np.random.default_rng()
     w, _ = gpu.weight(host, name, (96, 512), rng)
     x_host = rng.standard_normal((45, 512)).astype(np.float32)    # 32 prompt rows, 13 decodes
-    ops = CudaOps(SimpleNamespace(mm=gpu.mm, scratch=gpu.arena, fold_tc=True))
+    ops = CudaOps(SimpleNamespace(mm=gpu.mm, scratch=gpu.arena, fold_tc=True, batch_tc=False))
     ops.per_row, ops.prompt_rows = True, 32
     both = gpu.get(ops.linear(gpu.put(x_host), w)).copy()
-    tc = gpu.empty((32, 96))
-    gpu.mm.gemm_tc(gpu.put(x_host[:32]), w, None, tc)
+    tc = gpu.empty((45, 96))
+    gpu.mm.gemm_tc(gpu.put(x_host), w, None, tc)
     ops.prompt_rows = 0
     decodes = gpu.get(ops.linear(gpu.put(x_host[32:]), w))
-    assert both[:32].tobytes() == gpu.get(tc).tobytes()
+    assert both[:32].tobytes() == gpu.get(tc)[:32].tobytes()
     assert both[32:].tobytes() == decodes.tobytes()
+    ops.b.batch_tc = True   # every row on the tensor cores: gemm_tc's rows, whatever the split
+    assert gpu.get(ops.linear(gpu.put(x_host), w)).tobytes() == gpu.get(tc).tobytes()

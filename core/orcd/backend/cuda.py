@@ -82,7 +82,7 @@ class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = False,
-                 moe_tc: bool = False, fold_tc: bool = False) -> None:
+                 moe_tc: bool = False, fold_tc: bool = False, batch_tc: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -90,7 +90,10 @@ class CudaBackend:
         ``moe_tc``: a prompt's grouped experts on the tensor cores (matmul.cu's
         moe_gemm_tc) instead of fp32 tiles of 8 pairs; off until measured likewise.
         ``fold_tc``: the prompt rows folded into a batched step run their linears on
-        the tensor cores (gemm_tc) instead of per-row GEMVs (cuda_batch.py); likewise."""
+        the tensor cores (gemm_tc) instead of per-row GEMVs (cuda_batch.py); likewise.
+        ``batch_tc``: every row of a batched step does, decodes too (one pass of the
+        weights per step instead of one per 8 rows; a stream alone then decodes that
+        way too); likewise."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -98,7 +101,7 @@ class CudaBackend:
         self.sm = self.device.info.arch
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
-        self.moe_tc, self.fold_tc = moe_tc, fold_tc
+        self.moe_tc, self.fold_tc, self.batch_tc = moe_tc, fold_tc, batch_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None

@@ -77,7 +77,8 @@ class CudaOps:
     sequence or sixteen (the GEMVs and attention sum each row on its own): a
     request's tokens do not depend on which others share its steps.
     ``prompt_rows`` (with per_row, fold_tc): the step's first rows are prompt
-    tokens whose linears run on the tensor cores (gemm_tc, each row on its own too)."""
+    tokens whose linears run on the tensor cores (gemm_tc, each row on its own too);
+    with the backend's ``batch_tc`` every row of a batched step does."""
 
     per_row = False
     prompt_rows = 0
@@ -109,7 +110,8 @@ class CudaOps:
         T = x.shape[0]
         out = self._empty((T, w.shape[0]))                        # [T, n_out]
         if self.per_row:   # GEMVs of <= 8 rows, never the GEMM: each row summed alike in any batch
-            p = self.prompt_rows if self.prompt_rows and self.b.mm.tc_fits(x, w) else 0
+            p = T if self.b.batch_tc else self.prompt_rows
+            p = p if p and self.b.mm.tc_fits(x, w) else 0
             if p:   # the prompt region: one pass of the weights for all its rows
                 self.b.mm.gemm_tc(x.rows(0, p), w, b, out.rows(0, p))
             xa = self._act(x.rows(p, T), w)
@@ -138,7 +140,8 @@ class CudaOps:
         # a decode batch quantizes h once for all of ws (a single row: the fused kernels do).
         # With fold_tc linear quantizes its decode rows itself, in every step, whether or not
         # a prompt region (which takes h in fp32) shares it: a decode row is computed alike
-        return self._act(h, *ws) if self.per_row and not self.b.fold_tc else h
+        # (batch_tc: every row takes h in fp32)
+        return self._act(h, *ws) if self.per_row and not (self.b.fold_tc or self.b.batch_tc) else h
 
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
         bs = tuple(bs) if bs is not None else (None,) * len(ws)

@@ -78,6 +78,7 @@ CUDA_OPTIONS = {
     "prefill_graphs": ("on", "off"),     # a request's prompt chunks replayed from CUDA graphs
     "moe_tc": ("on", "off"),             # a prompt's grouped experts on the tensor cores
     "fold_tc": ("on", "off"),            # the prompt rows of a batched step on the tensor cores
+    "batch_tc": ("on", "off"),           # every row of a batched step on the tensor cores
     "gemm": ("cublaslt", "tc"),          # the prompt's linears: cuBLASLt on fp16 copies, or gemm_tc
     "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
 }
