@@ -6,9 +6,10 @@
 #                                   # synthetic models in the background; the GPU kernel
 #                                   # tests; orcd's rows of the small models
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
-#   bash bench/gpu_session.sh load  # (one call on its own) the batching tests, bench/load.py of
-#                                   # orcd with fold_tc on, then orcd --max-batch 16 against
-#                                   # llama-server -np 16, qwen2-0.5b
+#   bash bench/gpu_session.sh load [NAME=VALUE...]  # (one call on its own) the batching tests,
+#                                   # bench/load.py of orcd as it is, then of orcd with those
+#                                   # --cuda-options (e.g. fold_tc=on batch_tc=on) against
+#                                   # llama-server -np 16, qwen2-0.5b, --max-batch 16
 #   bash bench/gpu_session.sh ab [MODELS] [FLAGS]  # (after one) the tests of the opt-in paths,
 #                                   # then orcd's rows of MODELS ('' for the small ones) with
 #                                   # compare.py FLAGS: ab '' --prefill-graphs --gemm tc,
@@ -65,11 +66,11 @@ load)
   [ -f "$WORK/qwen2-0.5b.gguf" ] || python3 -m orcd.cli synth qwen2-0.5b -o "$WORK/qwen2-0.5b.gguf"
   timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/test_scheduler.py tests/test_server_batch.py \
       tests/test_batch_forward.py tests/cuda/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -4
-  timeout 150 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" --orcd-option fold_tc=on 2>&1 \
-      | tee "$OUT/load-orcd-fold_tc.log" | tail -8
+  opts=(); for o in "${@:2}"; do opts+=(--orcd-option "$o"); done
+  timeout 150 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" 2>&1 | tee "$OUT/load-orcd.log" | tail -8
   for _ in $(seq 1 240); do grep -q BUILD_OK "$WORK/peer-build.log" 2>/dev/null && break; sleep 1; done
-  timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" --peer "$WORK/llama.cpp/build/bin/llama-server" \
-      2>&1 | tee "$OUT/load.log" | tail -8
+  timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" "${opts[@]}" \
+      --peer "$WORK/llama.cpp/build/bin/llama-server" 2>&1 | tee "$OUT/load.log" | tail -8
   ;;
 ab)
   models=${2:-$SMALL}; shift $(( $# > 1 ? 2 : 1 ))
