@@ -2,7 +2,7 @@
 
     python3 bench/ab_int8.py MODEL.gguf [MODEL.gguf ...]
 
-Each model is loaded once per mode through orcd.bench.run_bench (512-token
+Each model is loaded once per mode through orcd.devkit.bench.run_bench (512-token
 prompt, 128 greedy tokens, median of 3) and printed as one table row.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from orcd.bench import run_bench
+    from orcd.devkit.bench import run_bench
     from orcd.plugins import PluginHost
 
     host = PluginHost()

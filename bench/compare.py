@@ -173,7 +173,7 @@ def peer_bench(path: Path) -> dict:
 
 
 def orcd_bench(path: Path, host, **options) -> dict:
-    from orcd.bench import run_bench
+    from orcd.devkit.bench import run_bench
     big = run_bench(path, host=host, device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3, **options)
     small = run_bench(path, host=host, device="cuda:0", prompt_tokens=128, gen_tokens=2, repeat=3, **options)
     return {"decode_tok_s": big.decode_tok_s, "prefill_tok_s": big.prefill_tok_s,
@@ -220,8 +220,8 @@ def save_rows(card: str, bw: float, rows: dict) -> None:
 def run_all(models: list[str], engines: list[str], out: Path, options: dict) -> None:
     import torch
 
+    from orcd.devkit.synth import synthesize
     from orcd.plugins import PluginHost
-    from orcd.synth import synthesize
 
     host = PluginHost()
     card = torch.cuda.get_device_name(0)

@@ -11,7 +11,7 @@ gaps included. Kernel counts come from one eager step through a counting
 proxy. The KV cache holds a real prefill of random tokens up to the last
 position. Runs against any orcd checkout on PYTHONPATH (the same script times
 the baseline and the current code on the same card). ``--bench`` adds the
-engine's decode tok/s (orcd.bench.run_bench: prompt 512, 128 tokens, 3 runs).
+engine's decode tok/s (orcd.devkit.bench.run_bench: prompt 512, 128 tokens, 3 runs).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def profile(path: str, n_ctx: int, positions: list[int]) -> dict:
 
 
 def bench(path: str) -> dict:
-    from orcd.bench import run_bench
+    from orcd.devkit.bench import run_bench
     from orcd.plugins import PluginHost
 
     r = run_bench(path, host=PluginHost(), device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def tiny_model(where: Path) -> Path:
+    from orcd.devkit.synth import synthesize
     from orcd.plugins import PluginHost
-    from orcd.synth import synthesize
     return synthesize(PluginHost(), "qwen2-tiny", where / "qwen2-tiny.gguf", seed=0)
 
 
@@ -50,8 +50,8 @@ def fuzz(n: int) -> int:
     from hypothesis import strategies as st
 
     from fuzz_bodies import PATHS, ServerError, bodies, check
+    from orcd.devkit.server_testing import running_server
     from orcd.server.state import ServerConfig
-    from orcd.server.testing import running_server
 
     with tempfile.TemporaryDirectory() as d:
         cfg = ServerConfig(model_path=str(tiny_model(Path(d))), model_ref="qwen2-tiny",

@@ -28,7 +28,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from orcd.bench import prompt_ids
+    from orcd.devkit.bench import prompt_ids
     from orcd.engine import Engine
     from orcd.load import load_model
     from orcd.plugins import PluginHost

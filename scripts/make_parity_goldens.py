@@ -95,7 +95,7 @@ def make_qwen(host) -> None:
 
 
 def make_tiny(host) -> None:
-    from orcd.synth import synthesize
+    from orcd.devkit.synth import synthesize
 
     arrays = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orcd import cudasim
-from orcd.testing import gpu_available  # the same probe the plugin kit uses
+from orcd.devkit.testing import gpu_available  # the same probe the plugin kit uses
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,7 +36,7 @@ def host():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, host):
     """``tiny_model(preset) -> Path``: a tiny synthetic GGUF, made once per session."""
-    from orcd.synth import synthesize
+    from orcd.devkit.synth import synthesize
 
     made: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("synth")

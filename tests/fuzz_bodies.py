@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from hypothesis import strategies as st
 
-from orcd.server.testing import parse_sse
+from orcd.devkit.server_testing import parse_sse
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "\ufdd0", "\ufdd1", "\x00", "😀",
            "\ud800", "{{ raise_exception('x') }}", "{% for %}"]

@@ -1,4 +1,4 @@
-"""The bundled model plugins pass the same orcd.testing kit a third party uses."""
+"""The bundled model plugins pass the same orcd.devkit.testing kit a third party uses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orcd import testing
+from orcd.devkit import testing
 
 # module, tiny preset, keys a real file carries that the model does not need
 BUNDLED = [

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from orcd import cli, testing
+from orcd import cli
 from orcd.commands import _options
+from orcd.devkit import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_bodies import PATHS, bodies, check
+from orcd.devkit.server_testing import running_server
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from orcd.chat import ChatTemplate
+from orcd.devkit.server_testing import running_server
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 from orcd.toolcalls import ToolCall
 from orcd_gpt_oss.harmony import MAX_HEADER, SPECIALS, HarmonyParser, parser_factory
 from scripted import scripted_steps

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orcd import testing
+from orcd.devkit import testing
 from orcd.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,8 @@ def test_its_own_test_suite_passes():
 
 
 def test_smollm2_shape_preset_matches_the_real_file(host, smollm2):
+    from orcd.devkit.synth import plan
     from orcd.gguf_file import ModelFile
-    from orcd.synth import plan
 
     with ModelFile.open(smollm2) as mf:
         real = {n: (t.shape, t.type_id) for n, t in mf.tensors.items()}
@@ -118,8 +118,8 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2, host, golden):
 def test_orcd_serve_smollm2_answers_a_chat(smollm2):
     import httpx
 
+    from orcd.devkit.server_testing import running_server
     from orcd.server.state import ServerConfig
-    from orcd.server.testing import running_server
 
     cfg = ServerConfig(model_path=str(smollm2), model_ref="smollm2-135m",
                        worker_id=str(uuid.uuid4()), device="cpu", ctx_size=512)

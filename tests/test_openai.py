@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from orcd.chat import ChatTemplate
+from orcd.devkit.server_testing import running_server
 from orcd.server.openai_api import OutputSplitter
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 
 KEY = "test-key"
 HI = [{"role": "user", "content": "Hello there"}]

@@ -15,11 +15,11 @@ import httpx
 import openai
 import pytest
 
+from orcd.devkit.server_testing import running_server
 from orcd.errors import Cancelled
 from orcd.ops.sampling import Sampled
 from orcd.server.openai_choices import Choices
 from orcd.server.state import JobStream, ServerConfig
-from orcd.server.testing import running_server
 
 KEY = "test-key"
 HI = [{"role": "user", "content": "Hello there"}]

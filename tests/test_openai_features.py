@@ -15,8 +15,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
+from orcd.devkit.server_testing import running_server
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 from scripted import scripted_steps
 
 pytest.importorskip("llguidance")

@@ -1,4 +1,4 @@
-"""orcd.testing catches what it promises to catch, and ``orcd new-plugin``
+"""orcd.devkit.testing catches what it promises to catch, and ``orcd new-plugin``
 writes a plugin that installs and passes its own tests as generated."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orcd import cli, hookimpl, testing
+from orcd import cli, hookimpl
+from orcd.devkit import testing
 from orcd.errors import ModelLoadFailed
 
 from test_cli import fake_cuda_package

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from orcd.testing import gpu_available
+from orcd.devkit.testing import gpu_available
 from test_server_cli import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]

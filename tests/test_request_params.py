@@ -10,9 +10,9 @@ import warnings
 import httpx
 import pytest
 
+from orcd.devkit.server_testing import running_server
 from orcd.server.schemas import ChatCompletionRequest, ExecuteRequest, parse
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 
 BODIES = {"/execute": {"job_id": "j", "prompt": "Hello"},
           "/v1/completions": {"prompt": "Hello"},

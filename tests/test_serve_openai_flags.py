@@ -10,8 +10,8 @@ import pytest
 
 from orcd import cli
 from orcd.commands import serve
+from orcd.devkit.server_testing import running_server
 from orcd.server.state import ServerConfig
-from orcd.server.testing import running_server
 
 TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
 

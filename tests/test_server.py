@@ -16,9 +16,9 @@ import uuid
 import httpx
 import pytest
 
+from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.server.app import load_for_serving
 from orcd.server.state import ServerConfig
-from orcd.server.testing import SSEStream, running_server
 
 LONG = {"prompt": "Hello", "temperature": 0, "max_tokens": 2048}
 

@@ -15,9 +15,9 @@ import uuid
 import httpx
 import pytest
 
+from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.server.app import load_for_serving
 from orcd.server.state import ServerConfig
-from orcd.server.testing import SSEStream, running_server
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog. " * 12,
            "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,

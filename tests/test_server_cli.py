@@ -17,7 +17,7 @@ import pytest
 
 from orcd import cli
 from orcd.commands import serve
-from orcd.server.testing import SSEStream
+from orcd.devkit.server_testing import SSEStream
 
 ORCD = [sys.executable, "-m", "orcd.cli"]
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from orcd.chat import ChatTemplate
+from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.server.app import load_for_serving
 from orcd.server.state import PREP_NICE
-from orcd.server.testing import SSEStream, running_server
 from test_server import LONG, _idle_worker, config, paced  # noqa: F401 (autouse)
 
 CHAT = "/v1/chat/completions"

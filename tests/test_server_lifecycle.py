@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
+from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.errors import ModelLoadFailed
 from orcd.server.app import load_for_serving
-from orcd.server.testing import SSEStream, running_server
 from test_server import LONG, config, paced
 
 KEY = "sekrit-key"

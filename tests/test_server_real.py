@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
+from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.server.state import ServerConfig
-from orcd.server.testing import SSEStream, running_server
 
 pytestmark = pytest.mark.slow
 HAIKU = [{"role": "user", "content": "Write a haiku about GPU computing"}]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from orcd.server.testing import running_server
+from orcd.devkit.server_testing import running_server
 from test_server import config
 from test_server_hardening import LogRecords
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orcd.devkit.synth import (BYTE, CONTROL, F32, MXFP4, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0,
+                               build_vocab, plan, planned_file_bytes, synthesize)
 from orcd.errors import InvalidRequest
 from orcd.gguf_file import ModelFile
-from orcd.synth import (BYTE, CONTROL, F32, MXFP4, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0,
-                        build_vocab, plan, planned_file_bytes, synthesize)
 
 TINY = ("qwen2-tiny", "phi3-tiny", "phi3-tiny-q4_0", "gpt-oss-tiny")
 TINY_OF = {"qwen2-tiny": "qwen2-0.5b", "phi3-tiny": "phi3-mini",

@@ -81,7 +81,7 @@ def orcd_output_parser(arch: str, tokenizer: Tokenizer) -> Any | None:
 
 @hookspec
 def orcd_synth_presets() -> list[Any]:
-    """Return ``orcd.synth.SynthPreset`` rows this plugin offers to
+    """Return ``orcd.devkit.synth.SynthPreset`` rows this plugin offers to
     ``orcd synth``: shape-accurate synthetic models of its architectures.
 
     Two plugins returning the same preset name is an error naming both.

@@ -18,7 +18,7 @@ import pytest
 
 from gpu_rig import Gpu
 
-from orcd.testing import gpu_available
+from orcd.devkit.testing import gpu_available
 
 SIMULATED = not gpu_available()   # decided once: the whole session is on the GPU or on the simulator
 

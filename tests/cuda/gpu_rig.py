@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from orcd.testing import gpu_available
+from orcd.devkit.testing import gpu_available
 
 # Without a GPU the tests marked ``sim`` run on the CUDA simulator (orcd.cudasim),
 # which runs kernels thousands of times slower: they take their small shapes.

@@ -35,7 +35,7 @@ def server_config(path: Path, **kw):
 
 
 def execute(url: str, job: str, prompt: str, max_tokens: int) -> list:
-    from orcd.server.testing import SSEStream
+    from orcd.devkit.server_testing import SSEStream
     return SSEStream(f"{url}/execute", {"job_id": job, "prompt": prompt, "temperature": 0,
                                         "max_tokens": max_tokens}).join(timeout=300)
 
@@ -44,7 +44,7 @@ def execute(url: str, job: str, prompt: str, max_tokens: int) -> list:
                                                   ("phi3-mini-q4_0", "Q4_0", "gguf-spm"),
                                                   ("gpt-oss-20b", None, "hf-json")])
 def test_serves_full_size_model(name, quant, tokenizer):
-    from orcd.server.testing import running_server
+    from orcd.devkit.server_testing import running_server
     path = model(name)
     extra = {}
     if name == "gpt-oss-20b":
@@ -84,8 +84,8 @@ def test_gpt_oss_vram_at_32k_context_is_about_16_gb(host):
 
 
 def test_gpt_oss_vram_oom_leaves_the_worker_serving():
+    from orcd.devkit.server_testing import running_server
     from orcd.server.app import load_for_serving
-    from orcd.server.testing import running_server
 
     def tight(cfg, progress):
         lm = load_for_serving(cfg, progress)

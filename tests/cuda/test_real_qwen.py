@@ -92,8 +92,8 @@ def test_same_seed_same_ids_on_the_gpu(gpu_qwen, reference):
 def test_haiku_over_http_on_the_gpu(qwen_path):
     import httpx
 
+    from orcd.devkit.server_testing import running_server
     from orcd.server.state import ServerConfig
-    from orcd.server.testing import running_server
 
     cfg = ServerConfig(model_path=str(qwen_path), model_ref="qwen2.5-coder-0.5b",
                        worker_id=str(uuid.uuid4()), device="cuda:0", ctx_size=512)

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from orcd.bench import run_bench
+    from orcd.devkit.bench import run_bench
     from orcd.errors import InvalidRequest
     from orcd.plugins import PluginHost
     from orcd.pull import resolve_model

@@ -1,5 +1,5 @@
 """``orcd new-plugin NAME [-o DIR]``: write a model-plugin skeleton that passes
-its own tests (orcd.scaffold)."""
+its own tests (orcd.devkit.scaffold)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from orcd.scaffold import write_plugin
+    from orcd.devkit.scaffold import write_plugin
 
     root = write_plugin(args.name, args.output)
     print(f"wrote {root}\nnext: pip install -e {root} && pytest {root}/tests")

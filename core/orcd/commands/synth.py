@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from orcd.synth import get_preset, planned_file_bytes, synthesize
+    from orcd.devkit.synth import get_preset, planned_file_bytes, synthesize
 
     host = PluginHost()
     if args.list:

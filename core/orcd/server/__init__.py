@@ -16,5 +16,4 @@
     narration.py       one JSON line per lifecycle event on stderr
     protocol.py        connections that never finish their headers
     process.py         the worker process: uvicorn with orcd's shutdown semantics
-    testing.py         a real worker on loopback, in-process (tests, benchmarks)
 """

@@ -7,7 +7,7 @@ keeps head_dim 64, sinks, the alternating sliding window (8 tokens, so tests
 reach it) and the mix, with 4 experts of which 2 are used.
 """
 
-from orcd.synth import CONTROL, F32, MXFP4, Q8_0, SynthPreset, SynthVocab
+from orcd.devkit.synth import CONTROL, F32, MXFP4, Q8_0, SynthPreset, SynthVocab
 
 # harmony, simplified: system/user/assistant turns, final channel for the assistant
 CHAT_TEMPLATE = (

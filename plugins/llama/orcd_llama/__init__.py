@@ -1,7 +1,7 @@
 """orcd plugin: Llama-family decoders (GGUF arch ``llama``), e.g. SmolLM2.
 
 Uses only orcd's public plugin API: ``orcd`` (hookimpl), ``orcd.arch``,
-``orcd.weights``, ``orcd.errors``, ``orcd.ops.rope.RopeConfig`` and ``orcd.synth``.
+``orcd.weights``, ``orcd.errors``, ``orcd.ops.rope.RopeConfig`` and ``orcd.devkit.synth``.
 """
 
 from orcd import hookimpl

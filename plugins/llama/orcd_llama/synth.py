@@ -5,9 +5,9 @@ hyper-parameter keys and type mix (Q4_1 matrices, Q8_0 tied embedding, F32
 norms); ``llama-tiny`` keeps that mix at tiny dims for fast tests.
 """
 
-from orcd.synth import F32, Q8_0, SynthPreset, SynthVocab
+from orcd.devkit.synth import F32, Q8_0, SynthPreset, SynthVocab
 
-Q4_1 = 3  # GGML type id (orcd.synth names only the types its own presets use)
+Q4_1 = 3  # GGML type id (orcd.devkit.synth names only the types its own presets use)
 
 CHATML = (
     "{% for message in messages %}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orcd import testing
+from orcd.devkit import testing
 from orcd.errors import ModelLoadFailed
 
 import orcd_llama

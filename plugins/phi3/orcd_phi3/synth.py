@@ -5,7 +5,7 @@
 variants keep each mix at n_embd 256 (K-quant rows need multiples of 256).
 """
 
-from orcd.synth import F32, Q4_0, Q4_K, Q5_K, Q6_K, SynthPreset, SynthVocab
+from orcd.devkit.synth import F32, Q4_0, Q4_K, Q5_K, Q6_K, SynthPreset, SynthVocab
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"

@@ -5,7 +5,7 @@ hyper-parameter key and every tensor's type (hidden 896 is not a multiple of
 256, so most tensors are Q5_0). ``qwen2-tiny`` keeps that type mix at tiny dims.
 """
 
-from orcd.synth import F32, Q4_K, Q5_0, Q6_K, Q8_0, SynthPreset, SynthVocab
+from orcd.devkit.synth import F32, Q4_K, Q5_0, Q6_K, Q8_0, SynthPreset, SynthVocab
 
 CHATML = (
     "{%- for message in messages %}"

@@ -1,6 +1,6 @@
 """The plugin author's test kit: call it from your plugin's pytest suite.
 
-    from orcd import testing
+    from orcd.devkit import testing
     import orcd_myarch
 
     def test_my_plugin(tmp_path):
@@ -14,7 +14,7 @@
   matches, every ``orcd_*`` function is marked ``@hookimpl`` and matches its
   hookspec (pluggy's validation), table hooks return lists.
 - ``tiny_preset`` / ``synthesize_preset``: a tiny GGUF written from your own
-  weight table (``orcd.synth``), so the file can never drift from the table.
+  weight table (``orcd.devkit.synth``), so the file can never drift from the table.
 - ``unread_keys`` / ``check_required_keys``: every ``{arch}.*`` key of a file
   is read by some ``HParam``; dropping any required key fails the load clearly.
 - ``check_model``: the model loads on the CPU reference, takes every tensor
@@ -39,15 +39,15 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from orcd.arch import REQUIRED, ArchSpec
+from orcd.devkit.synth import F32, Q8_0, SynthPreset, SynthVocab
 from orcd.errors import ModelLoadFailed
-from orcd.synth import F32, Q8_0, SynthPreset, SynthVocab
 
 #: Modules a plugin may import: the plugin API (docs/plugins.md, "The public API").
 #: ``orcd.ops`` covers its family modules (``orcd.ops.rope.RopeConfig``, the
 #: numpy references a plugin's own op is checked against).
 PUBLIC_MODULES = ("orcd", "orcd.arch", "orcd.weights", "orcd.blocks", "orcd.errors", "orcd.ops",
-                  "orcd.quant", "orcd.synth", "orcd.tokenizer", "orcd.gguf_file", "orcd.testing",
-                  "orcd.toolcalls")
+                  "orcd.quant", "orcd.devkit.synth", "orcd.tokenizer", "orcd.gguf_file",
+                  "orcd.devkit.testing", "orcd.toolcalls")
 #: Keys of the ``{arch}.`` namespace that are informational in llama.cpp's files too.
 INFORMATIONAL_KEYS = ("{arch}.vocab_size",)
 
@@ -135,7 +135,7 @@ def tiny_preset(spec: ArchSpec, metadata: Mapping[str, Any], *, name: str | None
         hp = spec.read_hparams(metadata, vocab.size, source="tiny preset")
         optional_tensors = [n for n, (_, opt) in spec.expected_tensors(hp).items() if opt]
     return SynthPreset(name=name or f"{spec.name}-kit-tiny", arch=spec.name,
-                       description=f"orcd.testing tiny {spec.name}", metadata=dict(metadata),
+                       description=f"orcd.devkit.testing tiny {spec.name}", metadata=dict(metadata),
                        tensor_type=tensor_type or _f32_vectors_q8_0_matrices, vocab=vocab,
                        optional_tensors=tuple(optional_tensors))
 
@@ -145,7 +145,7 @@ def _f32_vectors_q8_0_matrices(name: str, shape: tuple[int, ...]) -> int:
 
 
 class _PresetHost:
-    """The host as ``orcd.synth`` sees it, with one extra preset."""
+    """The host as ``orcd.devkit.synth`` sees it, with one extra preset."""
 
     def __init__(self, host: Any, preset: SynthPreset) -> None:
         self._host = host
@@ -158,7 +158,7 @@ class _PresetHost:
 
 def synthesize_preset(host: Any, preset: SynthPreset, path: str | Path, seed: int = 0) -> Path:
     """Write ``preset`` (registered with the host or not) to ``path``."""
-    from orcd.synth import synthesize
+    from orcd.devkit.synth import synthesize
     return synthesize(_PresetHost(host, preset), preset.name, path, seed=seed)
 
 

@@ -2,7 +2,7 @@
 
 The skeleton is a complete distribution ``orcd-plugin-NAME`` (module
 ``orcd_NAME``, arch ``NAME``): a llama-style weight table, a forward against
-the shared ops, a tiny synth preset, and tests that run ``orcd.testing`` on
+the shared ops, a tiny synth preset, and tests that run ``orcd.devkit.testing`` on
 it. It passes its own tests as generated; the author then edits the table and
 the forward into their architecture.
 """
@@ -28,7 +28,7 @@ version = "0.1.0"
 description = "orcd model plugin: {arch}"
 readme = "README.md"
 requires-python = ">=3.10"
-# the tokenizer backend every GGUF model (and orcd.testing) needs
+# the tokenizer backend every GGUF model (and orcd.devkit.testing) needs
 dependencies = ["orcd>={orcd_version}", "orcd-plugin-tokenizers>=0.1"]
 
 [project.optional-dependencies]
@@ -137,8 +137,8 @@ def build(hp: HParams, weights: Weights, backend) -> Decoder:
 SYNTH = '''\
 """A tiny synthetic {arch} model for ``orcd synth`` and the tests."""
 
-from orcd.synth import F32, Q8_0, SynthPreset
-from orcd.testing import tiny_vocab
+from orcd.devkit.synth import F32, Q8_0, SynthPreset
+from orcd.devkit.testing import tiny_vocab
 
 
 def _tensor_type(name: str, shape: tuple[int, ...]) -> int:
@@ -159,11 +159,11 @@ PRESETS = (
 '''
 
 TEST = '''\
-"""The plugin's own tests, through orcd's plugin test kit (orcd.testing)."""
+"""The plugin's own tests, through orcd's plugin test kit (orcd.devkit.testing)."""
 
 from pathlib import Path
 
-from orcd import testing
+from orcd.devkit import testing
 
 import {module}
 
