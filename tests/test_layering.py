@@ -38,6 +38,15 @@ def test_runtime_modules_do_not_import_the_devkit():
     assert _devkit_loaded_after(*RUNTIME) == []
 
 
+def test_a_plugin_host_does_not_import_the_devkit_until_synth_presets_are_asked_for():
+    # the bundled model plugins build their synth presets from orcd.devkit.synth
+    code = PROBE.replace("print(", "from orcd.plugins import PluginHost; h = PluginHost(); "
+                                   "h.architecture('qwen2'); h.formats\nprint(", 1)
+    assert _devkit_loaded_after(code=code) == []
+    asked = code.replace("h.formats", "h.synth_presets['qwen2-tiny']")
+    assert "orcd.devkit.synth" in _devkit_loaded_after(code=asked)
+
+
 def test_building_the_cli_parser_does_not_import_the_devkit():
     # every subcommand module is imported to build the parser; the kit only when one runs
     code = PROBE.replace("print(", "import orcd.cli; orcd.cli.build_parser()\nprint(", 1)

@@ -141,16 +141,26 @@ class PluginHost:
             formats[fmt.type_id], owners[fmt.type_id] = fmt, owner
             self.infos[owner].provides.setdefault("quant_formats", []).append(fmt.name)
         self.formats = FormatTable(formats.values())
-        self.synth_presets: dict[str, Any] = {}
-        preset_owners: dict[str, str] = {}
-        for owner, preset in self._gather("orcd_synth_presets"):
-            _claim(self.synth_presets, preset_owners, preset.name, owner, "synth preset", lambda p=preset: p)
-            self.infos[owner].provides.setdefault("synth_presets", []).append(preset.name)
+        self._synth_presets: dict[str, Any] | None = None
         for hook_name in sorted(self.pm.hook.__dict__):  # the per-call hooks, e.g. orcd_tokenizer
             if hook_name in TABLE_HOOKS:
                 continue
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 self.infos[self._owner(impl.plugin)].provides.setdefault("hooks", []).append(hook_name)
+
+    @property
+    def synth_presets(self) -> dict[str, Any]:
+        """name -> SynthPreset from every plugin's ``orcd_synth_presets``, gathered at
+        first use (conflicts refused then): the rows are orcd.devkit.synth's, which a
+        serving worker never needs, so it never loads them."""
+        if self._synth_presets is None:
+            presets: dict[str, Any] = {}
+            owners: dict[str, str] = {}
+            for owner, preset in self._gather("orcd_synth_presets"):
+                _claim(presets, owners, preset.name, owner, "synth preset", lambda p=preset: p)
+                self.infos[owner].provides.setdefault("synth_presets", []).append(preset.name)
+            self._synth_presets = presets
+        return self._synth_presets
 
     def architecture(self, name: str, source: str = "model") -> ArchSpec:
         """The ArchSpec for ``general.architecture == name`` or a clear error."""
@@ -178,6 +188,7 @@ class PluginHost:
         return self.pm.hook.orcd_output_parser(arch=arch, tokenizer=tokenizer)
 
     def plugins(self) -> list[PluginInfo]:
+        self.synth_presets   # what each provides includes its presets
         return sorted(self.infos.values(), key=lambda i: (not i.builtin, i.name))
 
 

@@ -11,8 +11,8 @@ installed with orcd but kept apart from the runtime.
 The rule: no runtime module (the serving path: server, load, engine, scheduler,
 backends, the CLI's module) imports ``orcd.devkit``; only the CLI subcommands
 ``synth``, ``new-plugin`` and ``bench`` do, lazily, when they run
-(tests/test_layering.py checks it). One way in remains through the plugins:
-``PluginHost()`` calls every plugin's ``orcd_synth_presets`` when it starts, and
-a model plugin builds those rows from ``orcd.devkit.synth``'s dataclasses, so a
-host with such plugins has that module loaded (nothing of it runs while serving).
+(tests/test_layering.py checks it). A model plugin builds its
+``orcd_synth_presets`` rows from ``orcd.devkit.synth``'s dataclasses, so
+``PluginHost`` gathers them only when something asks for ``synth_presets``
+(``orcd synth``, ``orcd plugins``, the test kit), never while serving.
 """
