@@ -143,14 +143,14 @@ def test_moe_matches_dense_mixture():
         return g.standard_normal(s).astype(np.float32)
     ex = moe.Experts(r(E, D), r(E), r(E, F, D), r(E, F), r(E, F, D), r(E, F), r(E, D, F), r(E, D))
     x = r(3, D)
-    got = moe.moe_ref(x, ex, 2)
+    got = moe.moe_ref(x, ex, 2, 1.702, 7.0)
     logits = x @ ex.router_w.T + ex.router_b
     for t in range(3):
         top = np.argsort(-logits[t])[:2]
         w = np.exp(logits[t, top] - logits[t, top].max())
         w /= w.sum()
         ref = sum(wi * (ex.down_w[e] @ activation.swiglu_oai_ref(ex.gate_w[e] @ x[t] + ex.gate_b[e],
-                                                                 ex.up_w[e] @ x[t] + ex.up_b[e])
+                                                                 ex.up_w[e] @ x[t] + ex.up_b[e], 1.702, 7.0)
                         + ex.down_b[e]) for wi, e in zip(w, top))
         assert np.allclose(got[t], ref, rtol=1e-4, atol=1e-4)
 

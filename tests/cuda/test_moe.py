@@ -22,6 +22,7 @@ from orcd.ops.norm import rms_norm_ref
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 GEMV_TOL = 1e-5
+ALPHA, LIMIT = 1.702, 7.0   # GPT-OSS's clamped SwiGLU (its plugin passes them to the ops)
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,7 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
     from orcd.cuda.memory import from_host
     from_host(backend.device, x_host, x.ptr)
     try:
-        grouped = backend.to_host(ops.moe(x, ex, k))
+        grouped = backend.to_host(ops.moe(x, ex, k, ALPHA, LIMIT))
     finally:
         backend.moe_tc = False
     # the decode path on the same routing: one GEMV per pair, summed in pair order
@@ -169,11 +170,11 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
     ids, weights = ops._empty((T, k), np.int32), ops._empty((T, k))
     backend.moe_k.route(logits, k, ids, weights)
     out = ops._empty((T, D))
-    backend.moe_k.weighted_sum(ops._experts_per_pair(x, ex, ids, 1.702, 7.0), weights, out)
+    backend.moe_k.weighted_sum(ops._experts_per_pair(x, ex, ids, ALPHA, LIMIT), weights, out)
     per_pair = backend.to_host(out)
     assert rel(grouped, per_pair.astype(np.float64)) < (2e-3 if tc else GEMV_TOL)
     if T <= 8 and not tc:  # the router is a GEMV in fp32; beyond 8 tokens an fp16 GEMM (near-ties may flip)
-        assert rel(grouped, moe.moe_ref(x_host, ex_ref, k).astype(np.float64)) < 1e-4
+        assert rel(grouped, moe.moe_ref(x_host, ex_ref, k, ALPHA, LIMIT).astype(np.float64)) < 1e-4
 
 
 # -- one decode token's MoE block in three kernels (ops.moe_add on the GPU) ---------------
@@ -212,7 +213,7 @@ def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
     q, d = quantize_q8_ref(h_ref)
     assert np.mean(gpu.get(xa.xq) == q) > 0.999 and rel(gpu.get(xa.xd), d) < 1e-5   # ulps of the norm
     h = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
-    mk8.moe_gate_up_q8(xa, ex, ids, 1.702, 7.0, h)
+    mk8.moe_gate_up_q8(xa, ex, ids, ALPHA, LIMIT, h)
     out = gpu.empty((1, D))
     mk8.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, xd, out)
     # the reference on the same int8 roundings (x and h quantized per 32), in float64
@@ -222,10 +223,10 @@ def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
     for s, e in enumerate(e_ids):
         gate = xq @ gw[1][e].T + gb[e]
         up = xq @ uw[1][e].T + ub[e]
-        hh = activation_ref.swiglu_oai_ref(gate.astype(np.float32), up.astype(np.float32))
+        hh = activation_ref.swiglu_oai_ref(gate.astype(np.float32), up.astype(np.float32), ALPHA, LIMIT)
         y += gpu.get(weights)[0, s] * (_q8_linear(hh, dw[1][e]) + db[e])[0]
     assert rel(gpu.get(out)[0] - x[0], y) < 1e-4
     bad = gpu.put(np.array([[0, E, 1, 2]], np.int32))   # an id outside the table gives NaN
-    mk8.moe_gate_up_q8(xa, ex, bad, 1.702, 7.0, h)
+    mk8.moe_gate_up_q8(xa, ex, bad, ALPHA, LIMIT, h)
     mk8.moe_down_sum_q8(h, ex.down_w, ex.down_b, bad, weights, xd, out)
     assert np.isnan(gpu.get(out)).all()

@@ -87,10 +87,10 @@ class CpuOps:
     def linear_add(self, a, w, residual, b=None) -> np.ndarray:
         return fused.linear_add_ref(a, w, residual, b, linear=self.linear)
 
-    def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0):
+    def moe(self, x, experts, n_used: int, alpha: float, limit: float):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
-    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None):
+    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None):
         return moe.moe_add_ref(x, experts, n_used, alpha, limit, norm, linear=self.linear)
 
     @staticmethod

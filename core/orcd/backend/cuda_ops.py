@@ -211,7 +211,7 @@ class CudaOps:
         self.b.act.swiglu(gate, up, out)
         return out
 
-    def swiglu_oai(self, gate, up, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+    def swiglu_oai(self, gate, up, alpha: float, limit: float) -> DeviceTensor:
         out = self._empty(gate.shape)
         self.b.act.swiglu_oai(gate, up, out, alpha, limit)
         return out
@@ -250,7 +250,7 @@ class CudaOps:
         self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
         return out
 
-    def moe_add(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0, norm=None) -> DeviceTensor:
+    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
         # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
         T, D, ex = *x.shape, experts
@@ -283,7 +283,7 @@ class CudaOps:
                 and n_used <= MOE_MAX_K and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
                 and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
 
-    def moe(self, x, experts, n_used: int, alpha: float = 1.702, limit: float = 7.0) -> DeviceTensor:
+    def moe(self, x, experts, n_used: int, alpha: float, limit: float) -> DeviceTensor:
         # x: [T, D] -> [T, D]: route on the device, then only the chosen experts' weights are read
         T, D, ex = *x.shape, experts
         logits = self.linear(x, ex.router_w, ex.router_b)        # [T, n_expert]

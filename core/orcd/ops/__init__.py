@@ -14,7 +14,7 @@ written once:
                                            -> stores k, v at pos and attends; ``rope`` (a
                                               RopeConfig) rotates q and k first
     add(a, b), silu(x), gelu(x), swiglu(gate, up), swiglu_oai(gate, up, alpha, limit)
-    moe(x, experts, n_used)                -> mixture of experts output [T, D]
+    moe(x, experts, n_used, alpha, limit)  -> mixture of experts output [T, D] (clamped SwiGLU)
     last_row(x)                            -> x[-1:]
 
 Fused ops (orcd.ops.fused; one launch per decode token on the GPU, references

@@ -20,8 +20,8 @@ def gelu_ref(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
 
 
-def swiglu_oai_ref(gate: np.ndarray, up: np.ndarray, alpha: float = 1.702,
-                   limit: float = 7.0) -> np.ndarray:
+def swiglu_oai_ref(gate: np.ndarray, up: np.ndarray, alpha: float,
+                   limit: float) -> np.ndarray:
     # GPT-OSS: gate clamped above, up clamped both ways, and (up + 1)
     g = np.minimum(gate, np.float32(limit))
     u = np.clip(up, np.float32(-limit), np.float32(limit))

@@ -72,7 +72,7 @@ def max_tiles(n_pairs: int, n_expert: int, tile: int) -> int:
     return n_pairs // tile + min(n_expert, n_pairs)
 
 
-def moe_add_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702, limit: float = 7.0,
+def moe_add_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float, limit: float,
                 norm=None, linear: Callable = linear_ref) -> np.ndarray:
     """x + moe(rms_norm(x)): a transformer's MoE block with its residual (``norm`` =
     (weight, eps), or None for no norm). One decode token runs it on the GPU as three
@@ -83,8 +83,8 @@ def moe_add_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702, l
     return x + moe_ref(h, ex, n_used, alpha, limit, linear)
 
 
-def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float = 1.702,
-            limit: float = 7.0, linear: Callable = linear_ref) -> np.ndarray:
+def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float,
+            limit: float, linear: Callable = linear_ref) -> np.ndarray:
     # x: [T, D] -> [T, D]; ``linear(x, w, b)`` is the backend's matmul
     T, D = x.shape
     logits = linear(x, ex.router_w, ex.router_b)                 # [T, n_expert]
