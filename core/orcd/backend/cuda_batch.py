@@ -64,6 +64,29 @@ class Replays:
             self.b.alloc.free(buf)
         self._inputs.clear()
 
+    def _replay(self, key, forward, what: str) -> DeviceTensor:
+        """The logits of ``forward()`` (a model forward reading inputs already written
+        at fixed addresses): key's graph replayed, else an eager run (the scratch
+        grown as it needs), then captured for next time."""
+        b = self.b
+        got = self._graphs.get(key)
+        if got is not None and b.graphs:
+            got[0].replay()
+            return got[1]
+        while True:
+            b.scratch.reset()
+            try:
+                logits = forward()
+                break
+            except ScratchFull as e:
+                b._grow_scratch(e.args[0])   # drops every graph
+        if b.graphs:
+            from orcd.cuda.graph import capture_like
+
+            b.scratch.reset()
+            self._graphs[key] = (capture_like(b.device, forward, logits, what), logits)
+        return logits
+
 
 class BatchDecoder(Replays):
     """The pool, prompt chunks and graph-replayed decode batches of one backend:
@@ -127,15 +150,15 @@ class BatchDecoder(Replays):
         head, lead, rows = self.layout(n, prompt_rows)
         blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
         view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, lead)
-        key = (id(model), id(pool), rows, blocks, head)
-        got = self._graphs.get(key)
-        if got is None or not self.b.graphs:
-            logits = self._eager(model, view, inputs, head)
-            if self.b.graphs:
-                self._capture(key, model, view, inputs, logits, head)
-        else:
-            got[0].replay()
-            logits = got[1]
+        ops = self.b.ops
+
+        def forward() -> DeviceTensor:
+            ops.per_row, ops.prompt_rows = True, head
+            try:
+                return model.forward(ops, inputs[0], inputs[1], view, last_only=False)
+            finally:
+                ops.per_row, ops.prompt_rows = False, 0
+        logits = self._replay((id(model), id(pool), rows, blocks, head), forward, "batch decode")
         return logits.rows(lead, lead + n)
 
     def layout(self, n: int, prompt_rows: int) -> tuple[int, int, int]:
@@ -199,28 +222,3 @@ class BatchDecoder(Replays):
                    DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(3), (rows, blocks), i32))
             self._inputs[(rows, blocks)] = got
         return got
-
-    def _eager(self, model, view: KVCache, inputs, head: int = 0) -> DeviceTensor:
-        b = self.b
-        while True:
-            b.scratch.reset()
-            b.ops.per_row, b.ops.prompt_rows = True, head
-            try:
-                return model.forward(b.ops, inputs[0], inputs[1], view, last_only=False)
-            except ScratchFull as e:
-                b._grow_scratch(e.args[0])
-            finally:
-                b.ops.per_row, b.ops.prompt_rows = False, 0
-
-    def _capture(self, key, model, view: KVCache, inputs, logits: DeviceTensor, head: int = 0) -> None:
-        from orcd.cuda.graph import capture_like
-
-        b = self.b
-        b.scratch.reset()
-        b.ops.per_row, b.ops.prompt_rows = True, head
-        try:
-            graph = capture_like(b.device, lambda: model.forward(b.ops, inputs[0], inputs[1], view, last_only=False),
-                                 logits, "batch decode")
-        finally:
-            b.ops.per_row, b.ops.prompt_rows = False, 0
-        self._graphs[key] = (graph, logits)

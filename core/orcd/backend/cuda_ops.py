@@ -114,10 +114,11 @@ class CudaOps:
             p = p if p and self.b.mm.tc_fits(x, w) else 0
             if p:   # the prompt region: one pass of the weights for all its rows
                 self.b.mm.gemm_tc(x.rows(0, p), w, b, out.rows(0, p))
-            xa = self._act(x.rows(p, T), w)
-            for s in range(p, T, GEMV_MAX_T):
-                e = min(T, s + GEMV_MAX_T)
-                self.b.mm.linear(xa.rows(s - p, e - p), w, b, out.rows(s, e), scratch=self.b.scratch)
+            if p < T:   # (batch_tc: none left, no quantize launch for zero rows)
+                xa = self._act(x.rows(p, T), w)
+                for s in range(p, T, GEMV_MAX_T):
+                    e = min(T, s + GEMV_MAX_T)
+                    self.b.mm.linear(xa.rows(s - p, e - p), w, b, out.rows(s, e), scratch=self.b.scratch)
             return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
         return out
@@ -270,10 +271,9 @@ class CudaOps:
     def _moe_tc(self, ex, D: int, n_ff: int) -> bool:
         """Whether the grouped experts run on the tensor cores (the backend's
         ``moe_tc``; every K a whole number of the kernel's steps)."""
-        from orcd.ops.matmul import moe_tc_step
+        from orcd.ops.matmul import tc_takes
 
-        return (self.b.moe_tc and ex.gate_w.fmt.device is not None and ex.down_w.fmt.device is not None
-                and D % moe_tc_step(ex.gate_w) == 0 and n_ff % moe_tc_step(ex.down_w) == 0)
+        return self.b.moe_tc and tc_takes(ex.gate_w, D) and tc_takes(ex.up_w, D) and tc_takes(ex.down_w, n_ff)
 
     def _moe_fused(self, ex, n_used: int) -> bool:
         from orcd.ops.matmul import MOE_MAX_K, int8_capable

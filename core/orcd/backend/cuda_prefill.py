@@ -57,14 +57,8 @@ class PrefillGraphs(Replays):
         if n < 2 or rows is None or start + rows > cache.n_ctx:
             return None
         d_ids, d_pos = self._write_inputs(rows, padded_inputs(ids, start, rows))
-        key = (id(model), id(cache), rows)
-        got = self._graphs.get(key)
-        if got is not None:
-            got[0].replay()
-            return got[1]
-        logits = self._eager(model, cache, d_ids, d_pos)
-        self._capture(key, model, cache, d_ids, d_pos, logits)
-        return logits
+        return self._replay((id(model), id(cache), rows),
+                            lambda: model.forward(self.b.ops, d_ids, d_pos, cache, last_only=True), "prefill")
 
     def _write_inputs(self, rows: int, host: np.ndarray):
         from orcd.cuda.memory import from_host_async
@@ -77,23 +71,3 @@ class PrefillGraphs(Replays):
             self._inputs[rows] = got
         from_host_async(self.b.device, host, got[0].ptr)   # ordered before the replay, no wait
         return got[1], got[2]
-
-    def _eager(self, model, cache, d_ids, d_pos) -> DeviceTensor:
-        from orcd.backend.cuda_ops import ScratchFull
-
-        b = self.b
-        while True:
-            b.scratch.reset()
-            try:
-                return model.forward(b.ops, d_ids, d_pos, cache, last_only=True)
-            except ScratchFull as e:
-                b._grow_scratch(e.args[0])   # drops every graph, these too
-
-    def _capture(self, key, model, cache, d_ids, d_pos, logits: DeviceTensor) -> None:
-        from orcd.cuda.graph import capture_like
-
-        b = self.b
-        b.scratch.reset()
-        graph = capture_like(b.device, lambda: model.forward(b.ops, d_ids, d_pos, cache, last_only=True),
-                             logits, "prefill")
-        self._graphs[key] = (graph, logits)

@@ -84,10 +84,13 @@ CUDA_OPTIONS = {
 }
 
 
+def _cuda_option_names() -> str:
+    return ", ".join(f"{k}={'|'.join(v)}" for k, v in CUDA_OPTIONS.items())
+
+
 def add_cuda_option_argument(p: argparse.ArgumentParser) -> None:
-    names = ", ".join(f"{k}={'|'.join(v)}" for k, v in CUDA_OPTIONS.items())
     p.add_argument("--cuda-option", action="append", default=[], metavar="NAME=VALUE",
-                   help=f"a CUDA backend tuning option, repeatable, for measuring: {names} "
+                   help=f"a CUDA backend tuning option, repeatable, for measuring: {_cuda_option_names()} "
                         f"(default: none, the measured defaults)")
 
 
@@ -97,8 +100,7 @@ def cuda_options(pairs: list[str], device: str) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in CUDA_OPTIONS or value not in CUDA_OPTIONS[name]:
-            raise UsageError(f"--cuda-option {pair!r}: expected one of "
-                             f"{', '.join(f'{k}={chr(124).join(v)}' for k, v in CUDA_OPTIONS.items())}")
+            raise UsageError(f"--cuda-option {pair!r}: expected one of {_cuda_option_names()}")
         out[name] = {"on": True, "off": False}.get(value, value)
     if out and not device.startswith("cuda"):
         raise UsageError(f"--cuda-option needs a cuda device, not --device {device}")

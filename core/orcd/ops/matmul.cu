@@ -319,7 +319,7 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
         }
 }
 
-// -- prefill's grouped expert matmul on the tensor cores ------------------------------
+// -- a prompt's matmuls on the tensor cores (dense and grouped by expert) -------------
 // tc_tile: one block of 4 warps per (TC_ROWS = 64 weight rows, tile of up to TC_TILE = 64
 // rows of x: pairs routed to one expert in moe_gemm_tc, a prompt's tokens in gemm_tc).
 // Per K step of TC_BK values (one block of the format, at least 32): the 64 weight rows
@@ -349,7 +349,7 @@ __device__ __forceinline__ u32 f16_pair(float lo, float hi) {
     return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
 }
 
-// Weights: the TC_ROWS x BK tile at column k0 of the expert's rows row0.., fp16 into Ws.
+// Weights: the TC_ROWS x BK tile at column k0 of the weight rows row0.., fp16 into Ws.
 template <class F>
 __device__ __forceinline__ void tc_load_weights(const u8* __restrict__ we, long long row_bytes, int row0,
                                                 int n_out, int nb, int k0, u32* Ws, int ld) {
@@ -385,13 +385,13 @@ __device__ __forceinline__ void tc_tile(const u8* __restrict__ we, long long row
     u32* Ws = Xs + TC_TILE * LD / 2;            // [TC_ROWS][LD] halves
     const int row0 = blockIdx.x * TC_ROWS, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
-    const int ra = 16 * warp + g, rb = ra + 8;  // this thread's two pairs of the tile
+    const int ra = 16 * warp + g, rb = ra + 8;  // this thread's two rows of x in the tile
     float acc[TC_ROWS / 8][4];
 #pragma unroll
     for (int n = 0; n < TC_ROWS / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
     for (int k0 = 0; k0 < n_in; k0 += BK) {
-        for (int i = tid; i < TC_TILE * BK / 4; i += TC_THREADS) {   // the pairs' activations
+        for (int i = tid; i < TC_TILE * BK / 4; i += TC_THREADS) {   // the tile's rows of x
             const int r = i / (BK / 4), q = (i % (BK / 4)) * 4;
             float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
             if (r < rows) x = *(const float4*)(xt + (long long)r * n_in + k0 + q);

@@ -96,9 +96,15 @@ def int8_capable(w) -> bool:
     return w.fmt.device is not None and w.fmt.device.int8
 
 
-def moe_tc_step(w) -> int:
-    """Values per K step of moe_gemm_tc for w's format: one block, at least 32 (TC_BK)."""
+def tc_step(w) -> int:
+    """Values per K step of the tensor-core tiles (gemm_tc, moe_gemm_tc) for w's
+    format: one block, at least 32 (matmul.cu's TC_BK)."""
     return max(32, w.fmt.device.qk)
+
+
+def tc_takes(w, n_in: int) -> bool:
+    """Whether the tensor-core tiles take rows of n_in values times w."""
+    return w.fmt.device is not None and n_in % tc_step(w) == 0
 
 
 def device_block(w) -> tuple[int, int]:
@@ -284,24 +290,27 @@ class MatmulKernels:
     @staticmethod
     def tc_fits(x, w) -> bool:
         """Whether gemm_tc takes x (float32 rows) times w."""
-        return (not isinstance(x, Q8Act) and np.dtype(x.dtype) == np.float32 and w.fmt.device is not None
-                and x.shape[1] % moe_tc_step(w) == 0)
+        return not isinstance(x, Q8Act) and np.dtype(x.dtype) == np.float32 and tc_takes(w, x.shape[1])
+
+    def _tc_launch(self, name: str, w, grid_y: int, args: list) -> None:
+        # TC_ROWS weight rows per block; shared memory for a tile of x and one of w, (step + 8) halves a row
+        self.launch(self._fn(name, w), (-(-w.shape[-2] // MOE_TC_ROWS), grid_y), 128, args,
+                    shared=(MOE_TC_TILE + MOE_TC_ROWS) * (tc_step(w) + 8) * 2)
 
     def gemm_tc(self, x, w, b, out) -> None:
         """out[T, n_out] = x[T, n_in] @ w.T (+ b) on the tensor cores, the weights
         dequantized in shared memory (matmul.cu's tc_tile): no fp16 copy of w, one
-        launch. fp16 operands, fp32 sums; n_in a multiple of moe_tc_step(w)."""
+        launch. fp16 operands, fp32 sums; n_in a multiple of tc_step(w)."""
         T, n_in = x.shape
         n_out = w.shape[0]
-        if n_in % moe_tc_step(w) or np.dtype(x.dtype) != np.float32:
-            raise ValueError(f"gemm_tc: x must be float32 with n_in a multiple of {moe_tc_step(w)}, "
+        if not self.tc_fits(x, w):
+            raise ValueError(f"gemm_tc: x must be float32 with n_in a multiple of {tc_step(w)}, "
                              f"got {x.dtype} {x.shape}")
         tiles = -(-T // MOE_TC_TILE)
         if tiles > MAX_GRID_Y:
             raise ValueError(f"gemm_tc: {T} rows (at most {MAX_GRID_Y * MOE_TC_TILE} per launch)")
-        self.launch(self._fn("gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles), 128,
-                    [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T, _ptr(b.ptr if b is not None else 0),
-                     _ptr(out.ptr), n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (moe_tc_step(w) + 8) * 2)
+        self._tc_launch("gemm_tc_", w, tiles, [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T,
+                                                _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in])
 
     def moe_gemm_tc(self, xg, w, b, tiles, out) -> None:
         """moe_gemm on the tensor cores: the same product for tiles of up to
@@ -309,12 +318,12 @@ class MatmulKernels:
         fp32 sums; xg float32. n_in must be a multiple of max(32, the format's block)."""
         n_expert, n_out, n_in = self._check_grouped("moe_gemm_tc", xg, w, b, tiles, out)
         if not self.tc_fits(xg, w):
-            raise ValueError(f"moe_gemm_tc x must be float32 with n_in a multiple of {moe_tc_step(w)}, "
+            raise ValueError(f"moe_gemm_tc x must be float32 with n_in a multiple of {tc_step(w)}, "
                              f"got {xg.dtype} {xg.shape}")
-        self.launch(self._fn("moe_gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles.shape[0]), 128,
-                    [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
-                     _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
-                     n_out, n_in], shared=(MOE_TC_TILE + MOE_TC_ROWS) * (moe_tc_step(w) + 8) * 2)
+        self._tc_launch("moe_gemm_tc_", w, tiles.shape[0],
+                        [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
+                         _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
+                         n_out, n_in])
 
     def moe_gemm(self, xg, w, b, tiles, out, scratch=None) -> None:
         """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for

@@ -92,7 +92,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes, whether
     announced by Content-Length or streamed, and (408) a body that takes longer
     than ``timeout_s`` to arrive. A client that hangs up mid-body is ClientGone."""
-    declared = request.headers.get("content-length")
+    declared = request.headers.get("content-length", "")
+    announced = int(declared) if declared.isdigit() else None   # Content-Length, when sent
     too_large = BodyTooLarge(f"the request body is larger than {limit} bytes")
 
     async def receive() -> bytes:
@@ -107,12 +108,12 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             raise too_large
         return b"".join(chunks)
 
-    if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+    if announced is not None and announced > DRAIN_LIMIT:
         raise too_large
     try:
         return await asyncio.wait_for(receive(), timeout_s)
     except asyncio.TimeoutError:
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if announced is not None and announced > limit:
             raise too_large from None
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     except ClientDisconnect:
