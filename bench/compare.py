@@ -265,22 +265,16 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--engines", default="orcd,peer",
                     help="measure these now; rows measured earlier on this card are kept")
-    ap.add_argument("--int8", choices=("off", "auto", "all"),
-                    help="orcd's int8-activation mode (default: the backend's, auto)")
-    ap.add_argument("--prefill-graphs", action="store_true",
-                    help="orcd's prompt chunks replayed from CUDA graphs (CudaBackend prefill_graphs)")
-    ap.add_argument("--moe-tc", action="store_true",
-                    help="orcd's prompt experts on the tensor cores (CudaBackend moe_tc)")
-    ap.add_argument("--gemm", choices=("cublaslt", "tc"),
-                    help="orcd's prompt linears: cuBLASLt on fp16 weight copies (default) or gemm_tc")
+    ap.add_argument("--orcd-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an orcd --cuda-option for this run (repeatable), e.g. prefill_graphs=off, "
+                         "int8=all: the measured defaults against the others")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
-    options = {"int8": args.int8} if args.int8 else {}
-    for flag in ("prefill_graphs", "moe_tc"):
-        if getattr(args, flag):
-            options[flag] = True
-    if args.gemm:
-        options["gemm"] = args.gemm
+    from orcd.commands._options import UsageError, cuda_options
+    try:
+        options = cuda_options(args.orcd_option, "cuda:0")
+    except UsageError as e:
+        ap.error(str(e))
     if args.action == "build-peer":
         build_peer()
     else:

@@ -8,12 +8,12 @@
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
 #   bash bench/gpu_session.sh load [NAME=VALUE...]  # (one call on its own) the batching tests,
 #                                   # bench/load.py of orcd as it is, then of orcd with those
-#                                   # --cuda-options (e.g. fold_tc=on batch_tc=on) against
+#                                   # --cuda-options (e.g. prefill_graphs=off) against
 #                                   # llama-server -np 16, qwen2-0.5b, --max-batch 16
-#   bash bench/gpu_session.sh ab [MODELS] [FLAGS]  # (after one) the tests of the opt-in paths,
-#                                   # then orcd's rows of MODELS ('' for the small ones) with
-#                                   # compare.py FLAGS: ab '' --prefill-graphs --gemm tc,
-#                                   # ab gpt-oss-20b --moe-tc
+#   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
+#                                   # GPU tests, then orcd's rows of MODELS ('' for the small
+#                                   # ones) as it is and with those --cuda-options, e.g.
+#                                   # ab gpt-oss-20b moe_tc=off
 #
 # carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
 # `timeout`, waits poll files (never a process list that can match itself), and logs
@@ -73,11 +73,15 @@ load)
       --peer "$WORK/llama.cpp/build/bin/llama-server" 2>&1 | tee "$OUT/load.log" | tail -8
   ;;
 ab)
-  models=${2:-$SMALL}; shift $(( $# > 1 ? 2 : 1 ))
-  timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py tests/cuda/test_moe.py \
+  models=${2:-$SMALL}
+  opts=(); for o in "${@:3}"; do opts+=(--orcd-option "$o"); done
+  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py tests/cuda/test_moe.py \
       tests/cuda/test_matmul.py -k "prefill or tc or grouped" 2>&1 | tee "$OUT/tests-ab.log" | tail -4
-  timeout 300 python3 bench/compare.py run --engines orcd --models "$models" --out "$OUT" "$@" 2>&1 \
-      | tee "$OUT/orcd-ab.log" | grep -v '^{' | tail -16
+  for run in a b; do   # a: the defaults, b: with the options
+    timeout 180 python3 bench/compare.py run --engines orcd --models "$models" --out "$WORK/ab-$run" \
+        $([ $run = b ] && echo "${opts[@]}") 2>&1 | tee "$OUT/orcd-ab-$run.log" | grep -v '^{' | tail -16
+    cp "$WORK/ab-$run/results.md" "$OUT/ab-$run.md" 2>/dev/null
+  done
   ;;
 *)
   echo "usage: bench/gpu_session.sh one|two|load|ab"; exit 2 ;;

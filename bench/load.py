@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row")
     ap.add_argument("--orcd-option", action="append", default=[], metavar="NAME=VALUE",
-                    help="passed to orcd serve as --cuda-option (repeatable), e.g. fold_tc=on")
+                    help="passed to orcd serve as --cuda-option (repeatable), e.g. prefill_graphs=off")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to load")
     ap.add_argument("--logs", default=os.environ.get("ORCD_BENCH_DIR", "/tmp/orcd-bench"),
                     help="directory for the servers' logs")

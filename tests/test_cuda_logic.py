@@ -435,8 +435,7 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
                          set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
             return SimpleNamespace(rows=lambda a, b: (a, b))
 
-    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, fold_tc=False,
-                              ops=SimpleNamespace(per_row=False, prompt_rows=0),
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, ops=SimpleNamespace(per_row=False),
                               scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
     assert dec.warm(Model(), SimpleNamespace(k=[], v=[], spare=9), max_rows=40) == 8
@@ -471,33 +470,3 @@ def test_a_prefill_chunk_that_fits_no_bucket_runs_eagerly():
     assert graphs.forward(None, cache, [1], 0) is None
     assert graphs.forward(None, cache, list(range(600)), 0) is None
     assert graphs.forward(None, cache, list(range(100)), 1000) is None   # 1000 + 128 > 1024
-
-
-def test_a_step_with_a_prompt_region_keeps_its_real_rows_together():
-    """fold_tc: 5 prompt rows and 3 decodes lay out as one 32-row prompt region
-    (27 padding rows, then the prompt rows) and the decodes' bucket of 4 after it:
-    the 8 real rows are rows 27..34, in the scheduler's order; without prompt rows
-    (or without fold_tc) the layout is the plain rows bucket."""
-    from types import SimpleNamespace
-
-    from orcd.backend.cuda_batch import BatchDecoder
-    from orcd.cuda.memory import to_host
-    from orcd.cudasim import SimAllocator, SimDevice
-    from orcd.errors import InvalidRequest
-
-    dev, alloc = SimDevice(), SimAllocator()
-    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc, fold_tc=True, batch_prefill_chunk=32))
-    assert dec.layout(8, 5) == (32, 27, 36)
-    assert dec.layout(8, 0) == (0, 0, 8) and dec.layout(32, 32) == (32, 0, 33)
-    with pytest.raises(InvalidRequest):
-        dec.layout(40, 33)
-    dec.b.fold_tc = False
-    assert dec.layout(8, 5) == (0, 0, 8)
-    pool = SimpleNamespace(k=[], v=[], spare=9)
-    own = np.arange(8, dtype=np.int32).reshape(8, 1)
-    view, (ids, pos) = dec._write_inputs(pool, 36, 1, own, list(range(100, 108)), list(range(8)), lead=27)
-    got_ids = to_host(dev, ids.ptr, 4 * 36).view(np.int32)
-    got_tables = to_host(dev, view.tables.ptr, 4 * 36).view(np.int32)
-    assert got_ids[27:35].tolist() == list(range(100, 108)) and not got_ids[:27].any() and got_ids[35] == 0
-    assert got_tables[27:35].tolist() == list(range(8)) and set(got_tables[:27]) == set(got_tables[35:]) == {9}
-    dec.close()

@@ -248,20 +248,20 @@ def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, m
     real = b.forward_batch
 
     def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
-        calls.append((batched, list(pos), kw.get("prompt_rows", 0)))
+        calls.append((batched, list(pos)))
         return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
     monkeypatch.setattr(b, "forward_batch", spy)
     sched = Scheduler(folding, 64, 4)
     short = sched.add(request(5, 61, max_tokens=30))
     sched.step()                                   # its prompt and first token in one step
-    assert len(short.gen.ids) == 1 and calls == [(True, list(range(5)), 5)]
+    assert len(short.gen.ids) == 1 and calls == [(True, list(range(5)))]
     long = sched.add(request(50, 62, max_tokens=4))   # chunks 0-15, 16-31, 32-47, 48-49
     for start, end in ((0, 16), (16, 32), (32, 48), (48, 50)):
         calls.clear()
         before = len(short.gen.ids)
         sched.step()
-        # one forward: the prompt rows first (the backend is told how many), then the decode
-        assert calls == [(True, list(range(start, end)) + [5 + before - 1], end - start)]
+        # one forward: the prompt rows first, then the decode
+        assert calls == [(True, list(range(start, end)) + [5 + before - 1])]
         assert len(short.gen.ids) == before + 1                              # never stalled
     assert not long.prefilling and len(long.gen.ids) == 1
 
@@ -322,13 +322,11 @@ def test_stop_strings_and_eog_end_a_sequence_as_the_engine_does(engine):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fold_tc", [False, True])
-def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host, fold_tc):
+def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
     """The same property on CUDA: prompts folded into replayed decode graphs,
-    per-row kernels (fold_tc: the prompt rows' linears on the tensor cores), each
-    row drawn by the device sampler with its own state."""
+    per-row kernels, each row drawn by the device sampler with its own state."""
     import os
-    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512, fold_tc=fold_tc,
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512,
                     device=f"cuda:{os.environ.get('ORCD_TEST_GPU', '0')}")
     try:
         engine = Engine(lm)
@@ -336,8 +334,7 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host, fold_tc)
         reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
-        # 8 graphs either way: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 + 32; with fold_tc
-        # 1, 2, 4 and 8 decodes, each alone and after the 32-row prompt region
+        # 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token chunk
         assert sched.warm_up() == 8
         graphs = dict(lm.backend.batch._graphs)
         seqs = [sched.add(r) for r in reqs]

@@ -75,7 +75,7 @@ def tiny(tiny_model):
     (["--api-key", " "], "--api-key must not be empty"),
     (["--callback-url", "ftp://x"], "must be an http(s) URL"),
     (["--gpu-device", "1", "--device", "cpu"], "not allowed with"),
-    (["--cuda-option", "fold_tc=on"], "--cuda-option needs a cuda device, not --device cpu"),
+    (["--cuda-option", "moe_tc=off"], "--cuda-option needs a cuda device, not --device cpu"),
     (["--cuda-option", "warp_speed=on"], "--cuda-option 'warp_speed=on': expected one of"),
     (["--cuda-option", "gemm=cutlass"], "expected one of prefill_graphs=on|off"),
 ])
@@ -125,8 +125,8 @@ def test_cuda_options_become_the_backend_options(tiny, monkeypatch):
     from orcd.commands import _options
     monkeypatch.setattr(_options, "check_device", lambda device: device)
     args = parsed(["--model", tiny, "--device", "cuda:0", "--port", str(free_port()),
-                   "--cuda-option", "fold_tc=on", "--cuda-option", "gemm=tc", "--cuda-option", "moe_tc=off"])
-    assert serve.validate(args)["backend_options"] == {"fold_tc": True, "gemm": "tc", "moe_tc": False}
+                   "--cuda-option", "prefill_graphs=off", "--cuda-option", "gemm=simt", "--cuda-option", "moe_tc=off"])
+    assert serve.validate(args)["backend_options"] == {"prefill_graphs": False, "gemm": "simt", "moe_tc": False}
     assert serve.validate(parsed(["--model", tiny, "--device", "cpu", "--port", str(free_port())]))[
         "backend_options"] == {}
 

@@ -192,12 +192,12 @@ class Scheduler:
         """One batched forward: every sequence's last token and, folding, the
         next chunks of unfinished prompts; then the next token of each sequence
         whose last row was a decode or the end of its prompt."""
-        seqs, ids, pos, prompt_rows = self._rows()
+        seqs, ids, pos = self._rows()
         self.batch_size = sum(not s.prefilling for s in seqs)
         if not seqs:
             return []
         try:
-            logits = self._forward(seqs, ids, pos, batched=True, prompt_rows=prompt_rows)
+            logits = self._forward(seqs, ids, pos, batched=True)
         except Exception as e:   # every sequence of the failed forward ends; the pool stays
             err = as_orcd_error(e)
             return [self._end(s, err) for s in seqs]
@@ -208,9 +208,9 @@ class Scheduler:
         drawn = [(s, r) for s, r in zip(seqs, last) if not s.prefilling]
         return self._sample([s for s, _ in drawn], logits, [int(r) for _, r in drawn])
 
-    def _rows(self) -> tuple[list[Sequence], list[list[int]], list[list[int]], int]:
-        """This step's sequences with their token ids and positions, and how many
-        rows are prompt tokens: folding, first the next chunk of each prompt
+    def _rows(self) -> tuple[list[Sequence], list[list[int]], list[list[int]]]:
+        """This step's sequences with their token ids and positions: folding,
+        first the next chunk of each prompt
         while the step's prompt rows stay within one chunk, then each decode's
         last token. A prompt's chunks start at multiples of the chunk whatever
         else runs, so its rows are the same alone or not."""
@@ -227,26 +227,23 @@ class Scheduler:
             seqs.append(s)
             ids.append(list(s.req.prompt_ids[start:start + n]))
             pos.append(list(range(start, start + n)))
-        prompt_rows = sum(len(i) for i in ids)
         for s in self.running:
             if not s.prefilling:
                 seqs.append(s)
                 ids.append([s.gen.ids[-1]])                               # the last token taken
                 pos.append([s.gen.n_prompt + len(s.gen.ids) - 1])         # ... and its position
-        return seqs, ids, pos, prompt_rows
+        return seqs, ids, pos
 
     def _forward(self, seqs: list[Sequence], ids: list[list[int]], pos: list[list[int]],
-                 batched: bool, prompt_rows: int = 0):
+                 batched: bool):
         """Logits on the backend: [rows, n_vocab] batched (one table per sequence,
-        its rows in order; the first prompt_rows are prompt tokens), else the
-        chunk's last row [1, n_vocab]."""
+        its rows in order), else the chunk's last row [1, n_vocab]."""
         tables = [self._table(s) for s in seqs]
         rows = [k for k, i in enumerate(ids) for _ in i] if batched else [0] * len(ids[0])
         flat_ids = [t for i in ids for t in i]
         flat_pos = [p for q in pos for p in q]
         return self.backend.forward_batch(self.model, self.pool, tables, rows, flat_ids, flat_pos,
-                                          self.n_ctx, batched=batched, last_only=not batched,
-                                          prompt_rows=prompt_rows)
+                                          self.n_ctx, batched=batched, last_only=not batched)
 
     def _table(self, seq: Sequence) -> list[int]:
         # padded with the sequence's own first block: never read past its positions

@@ -118,16 +118,15 @@ def test_graph_replay_is_bitwise_the_eager_decode(pairs):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
-    """Prompt chunks replayed from a graph per rows bucket (padding first, at the
-    positions after the chunk) give the CPU reference's logits, and the decode
-    after them too (the padding's keys never reach a real row); a replay is
-    bitwise the run that captured it."""
+    """Prompt chunks replayed from a graph per rows bucket (the default; padding
+    first, at the positions after the chunk) give the CPU reference's logits, and
+    the decode after them too (the padding's keys never reach a real row), as the
+    eager prefill (prefill_graphs off) does; a replay is bitwise the run that
+    captured it."""
     cpu, gpu = pairs(preset)
     b = gpu.backend
-    from orcd.backend.cuda_prefill import PrefillGraphs
-
+    assert b.prefill is not None                          # on by default
     b.free_kv_cache()
-    b.prefill = PrefillGraphs(b)
     try:
         for n in (5, 40, 200):
             ids = np.random.default_rng(n).integers(0, gpu.hp.n_vocab, n + 3).tolist()
@@ -135,12 +134,16 @@ def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
             first = decode_logits(gpu, ids, n)
             assert len(b.prefill._graphs) >= 1            # the chunk went through a bucket
             again = decode_logits(gpu, ids, n)            # replayed this time
-            assert np.array_equal(first.argmax(-1), ref.argmax(-1)), n
-            assert rel(first, ref) < 1e-2
+            graphs, b.prefill = b.prefill, None
+            try:
+                eager = decode_logits(gpu, ids, n)
+            finally:
+                b.prefill = graphs
+            for got in (first, eager):
+                assert np.array_equal(got.argmax(-1), ref.argmax(-1)), n
+                assert rel(got, ref) < 1e-2
             assert again.tobytes() == first.tobytes()
     finally:
-        b.prefill.close()
-        b.prefill = None
         b.free_kv_cache()
 
 

@@ -62,28 +62,6 @@ def test_linear_every_format(gpu, host, name, shape):
             assert np.array_equal(gpu.get(out), first), f"{name} T={T} not deterministic"
 
 
-@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s[0]}x{s[1]}" for n, s in CASES])
-def test_prefill_on_the_tensor_cores_every_format(gpu, host, name, shape):
-    """gemm="tc": the prompt's linear as gemm_tc (weights dequantized in shared memory,
-    64-token tiles, a last tile that ends mid-warp) against float64 on the fp16
-    roundings of x and w; no fp16 copy of the weight, one launch."""
-    from orcd.ops.matmul import MatmulKernels
-
-    mk = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm="tc")
-    rng = np.random.default_rng()
-    w, w_ref = gpu.weight(host, name, shape, rng)
-    b_host = rng.standard_normal(shape[0]).astype(np.float32)
-    half = lambda a: a.astype(np.float16).astype(np.float64)   # noqa: E731
-    for T in sized((9, 64, 150, 512), (9, 70)):
-        x_host = rng.standard_normal((T, shape[1])).astype(np.float32)
-        out = gpu.empty((T, shape[0]))
-        launches = gpu.launcher.launches
-        mk.linear(gpu.put(x_host), w, gpu.put(b_host), out)
-        assert mk.last_prefill == "tc" and gpu.launcher.launches == launches + 1
-        ref = half(x_host) @ half(w_ref).T + b_host
-        assert rel(gpu.get(out), ref) < 1e-4, f"{name} {shape} T={T}"
-
-
 @pytest.mark.gpu_only   # 136M values: minutes on the simulator
 def test_output_projection_q8_0(gpu, host):
     # Qwen's 151936 x 896 output matrix: one weight upload, decode and prefill T.
@@ -212,27 +190,3 @@ def test_shape_errors_are_clear(gpu, host):
     with pytest.raises(ValueError, match="linear out must be"):
         gpu.mm.linear(gpu.put(np.zeros((2, 128), np.float32)), w, None, gpu.empty((2, 63)))
 
-
-@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "MXFP4"])
-def test_a_folded_prompt_region_runs_on_the_tensor_cores_beside_per_row_decodes(gpu, host, name):
-    """CudaOps.linear in a batched step with fold_tc: the first prompt_rows rows are
-    gemm_tc's rows, bit for bit, and the decode rows after them are bit for bit the
-    rows the same GEMVs give without a prompt region (what the step gives alone)."""
-    from types import SimpleNamespace
-
-    from orcd.backend.cuda_ops import CudaOps
-
-    rng = np.random.default_rng()
-    w, _ = gpu.weight(host, name, (96, 512), rng)
-    x_host = rng.standard_normal((45, 512)).astype(np.float32)    # 32 prompt rows, 13 decodes
-    ops = CudaOps(SimpleNamespace(mm=gpu.mm, scratch=gpu.arena, fold_tc=True, batch_tc=False))
-    ops.per_row, ops.prompt_rows = True, 32
-    both = gpu.get(ops.linear(gpu.put(x_host), w)).copy()
-    tc = gpu.empty((45, 96))
-    gpu.mm.gemm_tc(gpu.put(x_host), w, None, tc)
-    ops.prompt_rows = 0
-    decodes = gpu.get(ops.linear(gpu.put(x_host[32:]), w))
-    assert both[:32].tobytes() == gpu.get(tc)[:32].tobytes()
-    assert both[32:].tobytes() == decodes.tobytes()
-    ops.b.batch_tc = True   # every row on the tensor cores: gemm_tc's rows, whatever the split
-    assert gpu.get(ops.linear(gpu.put(x_host), w)).tobytes() == gpu.get(tc).tobytes()

@@ -162,7 +162,7 @@ def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
 def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
     """tc: the grouped experts on the tensor cores (fp16 operands: a looser bound)."""
     rng = np.random.default_rng()
-    backend.moe_tc = tc
+    default, backend.moe_tc = backend.moe_tc, tc
     n_expert, k, n_ff, D = 32, 4, 256, 512
     ex, ex_ref = gpt_oss_experts(backend, host, rng, n_expert, n_ff, D)
     x_host = rng.standard_normal((T, D)).astype(np.float32)
@@ -174,7 +174,7 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
     try:
         grouped = backend.to_host(ops.moe(x, ex, k, ALPHA, LIMIT))
     finally:
-        backend.moe_tc = False
+        backend.moe_tc = default
     # the decode path on the same routing: one GEMV per pair, summed in pair order
     logits = ops.linear(x, ex.router_w, ex.router_b)
     ids, weights = ops._empty((T, k), np.int32), ops._empty((T, k))

@@ -158,13 +158,12 @@ class CpuBackend:
         return KVCache(k, v, np.zeros((0, 0), np.int32), np.zeros(0, np.int32), 0)
 
     def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                      last_only: bool, prompt_rows: int = 0):
+                      last_only: bool):
         """One forward over ``pool`` (new_kv_pool) seen through ``tables`` [n_seqs,
         max_blocks]: T tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints).
-        ``batched``: every row on its own, logits for every row: ``prompt_rows``
-        prompt tokens first (folded chunks), then one decode per sequence (here
-        both kinds run the same ops); else one sequence's consecutive positions
-        (``last_only``: the last row's logits)."""
+        ``batched``: every row on its own, logits for every row (folded prompt
+        chunks first, then one decode per sequence); else one sequence's
+        consecutive positions (``last_only``: the last row's logits)."""
         view = self.kv_view(pool, tables, seq, n_ctx, batched)
         self.ops.per_row = batched
         try:

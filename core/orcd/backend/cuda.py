@@ -81,19 +81,16 @@ class CudaBackend:
 
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
-                 gemm: str = "cublaslt", formats=None, prefill_graphs: bool = False,
-                 moe_tc: bool = False, fold_tc: bool = False, batch_tc: bool = False) -> None:
+                 gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
+                 moe_tc: bool = True) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
-        (cuda_prefill.py); off until measured against the eager prefill on a GPU.
+        (cuda_prefill.py) instead of launching eagerly from Python (H100: Qwen-0.5B's
+        pp512 3.8x, phi3-mini's 1.7x; bench/RESULTS.md).
         ``moe_tc``: a prompt's grouped experts on the tensor cores (matmul.cu's
-        moe_gemm_tc) instead of fp32 tiles of 8 pairs; off until measured likewise.
-        ``fold_tc``: the prompt rows folded into a batched step run their linears on
-        the tensor cores (gemm_tc) instead of per-row GEMVs (cuda_batch.py); likewise.
-        ``batch_tc``: every row of a batched step does, decodes too (one pass of the
-        weights per step instead of one per 8 rows; a stream alone then decodes that
-        way too); likewise."""
+        moe_gemm_tc) instead of fp32 tiles of 8 pairs (GPT-OSS's pp512 8.7x with
+        prefill_graphs). Both off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -101,7 +98,7 @@ class CudaBackend:
         self.sm = self.device.info.arch
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
-        self.moe_tc, self.fold_tc, self.batch_tc = moe_tc, fold_tc, batch_tc
+        self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None
@@ -242,11 +239,11 @@ class CudaBackend:
         self.batch.free_pool(pool)
 
     def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                      last_only: bool, prompt_rows: int = 0) -> DeviceTensor:
+                      last_only: bool) -> DeviceTensor:
         """One forward over ``pool`` seen through ``tables`` [n_seqs, max_blocks]: T
         tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend.
         A batch of decodes replays a captured graph (cuda_batch.py)."""
-        return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, prompt_rows)
+        return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
 
     def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
         """Capture the replayed step of every row count up to ``max_rows`` now (cuda_batch.py)."""

@@ -8,14 +8,6 @@ n rows runs as the next bucket up; the padding rows decode token 0 at position 0
 of the pool's spare block, which no sequence owns, so they can only write there.
 Every kernel computes a row on its own (CudaOps.per_row), so a row's logits do
 not depend on the bucket, the padding or the other rows.
-
-With ``fold_tc`` the prompt rows folded into a step (the scheduler puts them
-first) take a region of their own, one prompt chunk long, at the start of the
-step: padding first, then the prompt rows, then the decodes, then their padding,
-so the real rows stay contiguous. Every linear runs that region on the tensor
-cores (gemm_tc, CudaOps.prompt_rows) and the decodes on per-row GEMVs: a prompt
-row is then always computed by the first, a decode by the second, each row on
-its own, whatever shares the step.
 """
 
 from __future__ import annotations
@@ -90,7 +82,7 @@ class Replays:
 
 class BatchDecoder(Replays):
     """The pool, prompt chunks and graph-replayed decode batches of one backend:
-    graphs per (id(model), id(pool), rows, blocks, prompt region), inputs per
+    graphs per (id(model), id(pool), rows, blocks), inputs per
     (rows, blocks) as (buffer, ids, pos, seq, tables)."""
 
     # -- the pool ------------------------------------------------------------------
@@ -123,10 +115,10 @@ class BatchDecoder(Replays):
     # -- forwards ------------------------------------------------------------------
 
     def forward(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                last_only: bool, prompt_rows: int = 0) -> DeviceTensor:
+                last_only: bool) -> DeviceTensor:
         """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch."""
         if batched:
-            return self._decode(model, pool, tables, seq, ids, pos, prompt_rows)
+            return self._decode(model, pool, tables, seq, ids, pos)
         b = self.b
         while True:
             b.scratch.reset()
@@ -139,7 +131,7 @@ class BatchDecoder(Replays):
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])
 
-    def _decode(self, model, pool: KVCache, tables, seq, ids, pos, prompt_rows: int = 0) -> DeviceTensor:
+    def _decode(self, model, pool: KVCache, tables, seq, ids, pos) -> DeviceTensor:
         # one row per token: row i runs ids[i] at pos[i] with table tables[seq[i]]
         pos = np.asarray(pos, np.int64).reshape(-1)
         n = pos.size
@@ -147,65 +139,43 @@ class BatchDecoder(Replays):
         own = tables[np.asarray(seq, np.int64).reshape(-1)]                # [n, width]
         if pos.min(initial=0) < 0 or (n and pos.max() // KV_BLOCK >= own.shape[1]):
             raise InvalidRequest("a decode position lies past its sequence's block table")
-        head, lead, rows = self.layout(n, prompt_rows)
+        rows = bucket(n)
         blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
-        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, lead)
+        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
         ops = self.b.ops
 
         def forward() -> DeviceTensor:
-            ops.per_row, ops.prompt_rows = True, head
+            ops.per_row = True
             try:
                 return model.forward(ops, inputs[0], inputs[1], view, last_only=False)
             finally:
-                ops.per_row, ops.prompt_rows = False, 0
-        logits = self._replay((id(model), id(pool), rows, blocks, head), forward, "batch decode")
-        return logits.rows(lead, lead + n)
-
-    def layout(self, n: int, prompt_rows: int) -> tuple[int, int, int]:
-        """(prompt region, padding rows before the real ones, rows in all) of a step of
-        n rows whose first prompt_rows are prompt tokens: without fold_tc, or without
-        prompt rows, no region and the rows bucket of n."""
-        if not (prompt_rows and self.b.fold_tc):
-            return 0, 0, bucket(n)
-        head = self.b.batch_prefill_chunk
-        if prompt_rows > head:
-            raise InvalidRequest(f"{prompt_rows} prompt rows in one step; at most {head}")
-        return head, head - prompt_rows, head + bucket(max(1, n - prompt_rows))
+                ops.per_row = False
+        logits = self._replay((id(model), id(pool), rows, blocks), forward, "batch decode")
+        return logits.rows(0, n)
 
     def warm(self, model, pool: KVCache, max_rows: int) -> int:
         """Capture the step of every rows bucket up to ``max_rows`` (each at
-        MIN_BLOCKS; with fold_tc each decode bucket with and without a prompt
-        region), so that no step under load waits for a kernel load or a capture;
-        the rows write position 0 of the spare block. The count run."""
+        MIN_BLOCKS), so that no step under load waits for a kernel load or a
+        capture; the rows write position 0 of the spare block. The count run."""
         spare = [[pool.spare]]
-        if self.b.fold_tc:   # r decodes alone, and beside a prompt region (layout)
-            sizes = self._sizes(max_rows - self.b.batch_prefill_chunk)
-            shapes = [(r, 0) for r in sizes] + [(r + 1, 1) for r in sizes]
-        else:
-            shapes = [(r, 0) for r in self._sizes(max_rows)]
-        for rows, prompt in shapes:
-            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows, prompt)
+        sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
+        for rows in sizes:
+            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
         self.b.device.synchronize()
-        return len(shapes)
+        return len(sizes)
 
-    @staticmethod
-    def _sizes(n: int) -> list[int]:
-        return [r for r in ROW_BUCKETS if r < bucket(n)] + [bucket(n)]
-
-    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, lead: int = 0):
-        """Fill the (rows, blocks) bucket's input buffer: ``lead`` padding rows, the real
-        rows, then padding to the end."""
+    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos):
+        """Fill the (rows, blocks) bucket's input buffer: real rows first, then padding."""
         from orcd.cuda.memory import from_host
 
         n = own.shape[0]
-        real = slice(lead, lead + n)
         host = np.zeros(3 * rows + rows * blocks, np.int32)
-        host[real] = np.asarray(ids, np.int32).reshape(-1)
-        host[rows + lead:rows + lead + n] = pos
+        host[:n] = np.asarray(ids, np.int32).reshape(-1)
+        host[rows:rows + n] = pos
         host[2 * rows:3 * rows] = np.arange(rows)                          # row i: its own table row
         table = np.full((rows, blocks), pool.spare, np.int32)              # padding: the spare block
         width = min(blocks, own.shape[1])
-        table[real, :width] = own[:, :width]
+        table[:n, :width] = own[:, :width]
         host[3 * rows:] = table.reshape(-1)
         buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
         from_host(self.b.device, host, buf.ptr)

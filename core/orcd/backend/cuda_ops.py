@@ -75,13 +75,9 @@ class CudaOps:
     ``per_row`` (a batch of decodes, CudaBackend.forward_batch): no single-token fused
     kernels, so a row is computed by the same kernels whether its batch holds one
     sequence or sixteen (the GEMVs and attention sum each row on its own): a
-    request's tokens do not depend on which others share its steps.
-    ``prompt_rows`` (with per_row, fold_tc): the step's first rows are prompt
-    tokens whose linears run on the tensor cores (gemm_tc, each row on its own too);
-    with the backend's ``batch_tc`` every row of a batched step does."""
+    request's tokens do not depend on which others share its steps."""
 
     per_row = False
-    prompt_rows = 0
 
     def __init__(self, backend: "CudaBackend") -> None:
         self.b = backend
@@ -110,15 +106,10 @@ class CudaOps:
         T = x.shape[0]
         out = self._empty((T, w.shape[0]))                        # [T, n_out]
         if self.per_row:   # GEMVs of <= 8 rows, never the GEMM: each row summed alike in any batch
-            p = T if self.b.batch_tc else self.prompt_rows
-            p = p if p and self.b.mm.tc_fits(x, w) else 0
-            if p:   # the prompt region: one pass of the weights for all its rows
-                self.b.mm.gemm_tc(x.rows(0, p), w, b, out.rows(0, p))
-            if p < T:   # (batch_tc: none left, no quantize launch for zero rows)
-                xa = self._act(x.rows(p, T), w)
-                for s in range(p, T, GEMV_MAX_T):
-                    e = min(T, s + GEMV_MAX_T)
-                    self.b.mm.linear(xa.rows(s - p, e - p), w, b, out.rows(s, e), scratch=self.b.scratch)
+            xa = self._act(x, w)
+            for s in range(0, T, GEMV_MAX_T):
+                e = min(T, s + GEMV_MAX_T)
+                self.b.mm.linear(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
             return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
         return out
@@ -138,11 +129,8 @@ class CudaOps:
         return xa, None
 
     def _shared_act(self, h, ws):
-        # a decode batch quantizes h once for all of ws (a single row: the fused kernels do).
-        # With fold_tc linear quantizes its decode rows itself, in every step, whether or not
-        # a prompt region (which takes h in fp32) shares it: a decode row is computed alike
-        # (batch_tc: every row takes h in fp32)
-        return self._act(h, *ws) if self.per_row and not (self.b.fold_tc or self.b.batch_tc) else h
+        # a decode batch quantizes h once for all of ws (a single row: the fused kernels do)
+        return self._act(h, *ws) if self.per_row else h
 
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
         bs = tuple(bs) if bs is not None else (None,) * len(ws)

@@ -77,9 +77,7 @@ def check_device(device: str) -> str:
 CUDA_OPTIONS = {
     "prefill_graphs": ("on", "off"),     # a request's prompt chunks replayed from CUDA graphs
     "moe_tc": ("on", "off"),             # a prompt's grouped experts on the tensor cores
-    "fold_tc": ("on", "off"),            # the prompt rows of a batched step on the tensor cores
-    "batch_tc": ("on", "off"),           # every row of a batched step on the tensor cores
-    "gemm": ("cublaslt", "tc"),          # the prompt's linears: cuBLASLt on fp16 copies, or gemm_tc
+    "gemm": ("cublaslt", "nvmath", "simt"),   # the prompt's GEMM on fp16 copies of the weights
     "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
 }
 

@@ -319,16 +319,17 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
         }
 }
 
-// -- a prompt's matmuls on the tensor cores (dense and grouped by expert) -------------
+// -- a prompt's grouped expert matmul on the tensor cores --------------------------------
 // tc_tile: one block of 4 warps per (TC_ROWS = 64 weight rows, tile of up to TC_TILE = 64
-// rows of x: pairs routed to one expert in moe_gemm_tc, a prompt's tokens in gemm_tc).
+// pairs routed to one expert).
 // Per K step of TC_BK values (one block of the format, at least 32): the 64 weight rows
 // are dequantized into shared memory as fp16, one piece per thread as dequant_rows does,
 // the tile's activations rounded to fp16 beside them; then warp w multiplies its 16 rows
 // of x by the 64 weight rows with mma.sync m16n8k16 (fp16 operands, fp32 accumulators),
 // fragments laid out as attention.cu's prefill lays them. Each weight is dequantized once
-// per 64 rows of x, in the SM, never written out as fp16 (moe_gemm above: once per 8
-// pairs, fp32 FMA; the dense prefill: an fp16 copy of the matrix for cuBLASLt).
+// per 64 pairs, in the SM, never written out as fp16 (moe_gemm above: once per 8 pairs,
+// fp32 FMA). The same tile for the dense prefill (one launch per linear, no fp16 copy)
+// lost to cuBLASLt on the fp16 copy on the H100, bench/RESULTS.md ("gemm_tc"): removed.
 #define TC_TILE 64
 #define TC_ROWS 64
 #define TC_THREADS 128
@@ -494,13 +495,6 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
         const float* bias, float* out, int n_out, int n_in) {                                       \
         moe_gemm_tc<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in);             \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME(                      \
-        const u8* w, long long row_bytes, const float* x, int T, const float* bias, float* out,    \
-        int n_out, int n_in) {                                                                      \
-        const long long t0 = (long long)blockIdx.y * TC_TILE;                                       \
-        tc_tile<F>(w, row_bytes, x + t0 * n_in, min(TC_TILE, T - (int)t0), bias, out + t0 * n_out,  \
-                   n_out, n_in);                                                                    \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
                                             int n_vocab, float* out, int D) {                       \

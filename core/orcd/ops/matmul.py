@@ -97,7 +97,7 @@ def int8_capable(w) -> bool:
 
 
 def tc_step(w) -> int:
-    """Values per K step of the tensor-core tiles (gemm_tc, moe_gemm_tc) for w's
+    """Values per K step of the tensor-core tiles (moe_gemm_tc) for w's
     format: one block, at least 32 (matmul.cu's TC_BK)."""
     return max(32, w.fmt.device.qk)
 
@@ -154,8 +154,7 @@ class MatmulKernels:
         "all" integer formats, or "auto" (integer formats, where one input's
         weights hold >= INT8_AUTO_MIN_VALUES values).
         ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
-        "nvmath" or "simt", on an fp16 copy of each weight tile; or "tc": gemm_tc,
-        the weights dequantized in shared memory); ``allocator`` holds its workspace. ``formats``: the
+        "nvmath" or "simt", on an fp16 copy of each weight tile); ``allocator`` holds its workspace. ``formats``: the
         format table whose rows get kernels (default: the built-in formats); each
         format's kernels are a module of their own, compiled at first use or by
         ``prepare``, so a model compiles only the formats it holds."""
@@ -192,10 +191,6 @@ class MatmulKernels:
             return
         if isinstance(x, Q8Act):
             raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")
-        if self._gemm_backend == "tc" and self.tc_fits(x, w):
-            self.last_prefill = "tc"
-            self.gemm_tc(x, w, b, out)
-            return
         if arena is not None and self._gemm_ready():
             self.last_prefill = "gemm"
             self._prefill(x, w, b, out, arena)
@@ -287,43 +282,20 @@ class MatmulKernels:
                          n_expert, _ptr(b.ptr if b is not None else 0), _ptr(out.ptr + 4 * s * n_out),
                          n_out, n_in, split])
 
-    @staticmethod
-    def tc_fits(x, w) -> bool:
-        """Whether gemm_tc takes x (float32 rows) times w."""
-        return not isinstance(x, Q8Act) and np.dtype(x.dtype) == np.float32 and tc_takes(w, x.shape[1])
-
-    def _tc_launch(self, name: str, w, grid_y: int, args: list) -> None:
-        # TC_ROWS weight rows per block; shared memory for a tile of x and one of w, (step + 8) halves a row
-        self.launch(self._fn(name, w), (-(-w.shape[-2] // MOE_TC_ROWS), grid_y), 128, args,
-                    shared=(MOE_TC_TILE + MOE_TC_ROWS) * (tc_step(w) + 8) * 2)
-
-    def gemm_tc(self, x, w, b, out) -> None:
-        """out[T, n_out] = x[T, n_in] @ w.T (+ b) on the tensor cores, the weights
-        dequantized in shared memory (matmul.cu's tc_tile): no fp16 copy of w, one
-        launch. fp16 operands, fp32 sums; n_in a multiple of tc_step(w)."""
-        T, n_in = x.shape
-        n_out = w.shape[0]
-        if not self.tc_fits(x, w):
-            raise ValueError(f"gemm_tc: x must be float32 with n_in a multiple of {tc_step(w)}, "
-                             f"got {x.dtype} {x.shape}")
-        tiles = -(-T // MOE_TC_TILE)
-        if tiles > MAX_GRID_Y:
-            raise ValueError(f"gemm_tc: {T} rows (at most {MAX_GRID_Y * MOE_TC_TILE} per launch)")
-        self._tc_launch("gemm_tc_", w, tiles, [_ptr(w.ptr), np.int64(w.row_bytes), _ptr(x.ptr), T,
-                                                _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in])
-
     def moe_gemm_tc(self, xg, w, b, tiles, out) -> None:
         """moe_gemm on the tensor cores: the same product for tiles of up to
         MOE_TC_TILE pairs, fp16 operands (x and the dequantized weights rounded),
         fp32 sums; xg float32. n_in must be a multiple of max(32, the format's block)."""
         n_expert, n_out, n_in = self._check_grouped("moe_gemm_tc", xg, w, b, tiles, out)
-        if not self.tc_fits(xg, w):
+        if isinstance(xg, Q8Act) or np.dtype(xg.dtype) != np.float32 or not tc_takes(w, n_in):
             raise ValueError(f"moe_gemm_tc x must be float32 with n_in a multiple of {tc_step(w)}, "
                              f"got {xg.dtype} {xg.shape}")
-        self._tc_launch("moe_gemm_tc_", w, tiles.shape[0],
-                        [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
-                         _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
-                         n_out, n_in])
+        # TC_ROWS weight rows per block; shared memory for a tile of x and one of w, (step + 8) halves a row
+        self.launch(self._fn("moe_gemm_tc_", w), (-(-n_out // MOE_TC_ROWS), tiles.shape[0]), 128,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((n_out, n_in))),
+                     _ptr(xg.ptr), _ptr(tiles.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr),
+                     n_out, n_in],
+                    shared=(MOE_TC_TILE + MOE_TC_ROWS) * (tc_step(w) + 8) * 2)
 
     def moe_gemm(self, xg, w, b, tiles, out, scratch=None) -> None:
         """Prefill's grouped expert matmul: out[i] = xg[i] @ w[e].T (+ b[e]) for
@@ -462,8 +434,6 @@ class MatmulKernels:
                     [_ptr(w.ptr), np.int64(w.row_bytes), row0, rows, n_in, _ptr(dst)])
 
     def _gemm_ready(self) -> bool:
-        if self._gemm_backend == "tc":
-            return False   # gemm_tc takes every n_in real models have; the rest: GEMV slices
         if self._gemm is None:
             try:
                 if self._gemm_backend != "simt":
