@@ -12,6 +12,7 @@ short time on it.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol, Sequence
@@ -58,6 +59,12 @@ class GenerateRequest:
     cancelled: Callable[[], bool] = lambda: False
     deadline: float | None = None      # time.monotonic() after which to give up
     constraint: TokenConstraint | None = None   # e.g. a JSON schema's grammar
+    # True: the caller already passed this request through Engine.check against
+    # this engine, so it is not checked again. The server checks when it plans a
+    # job (a bad request is then a 400 before it queues, not an error event after
+    # "started") and marks the job; running it does not scan the prompt a second
+    # time on the inference thread, where every stream waits.
+    checked: bool = False
 
 
 @dataclass
@@ -230,11 +237,23 @@ class _Output:
         return "".join(self.pieces)
 
 
+def fresh_seed() -> int:
+    """A random uint64 seed for a request that gave none (the only place one is drawn)."""
+    return secrets.randbits(64)
+
+
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """``params`` with a seed: its own, else a fresh one, reported back
+    (GenerateResult.seed) so the run can be reproduced. Whoever first needs the
+    seed calls this and the request carries it from then on, so it is drawn once:
+    the server when it plans a job (the seed is reported before the job runs, and
+    n choices take seed + i), ``Generation`` for a direct caller."""
+    return params if params.seed is not None else replace(params, seed=fresh_seed())
+
+
 def seeded(params: SamplingParams) -> tuple[SamplingParams, np.random.Generator]:
-    """The request's sampling with its seed (unseeded means a fresh seed, reported
-    in the result) and the generator that seed starts."""
-    if params.seed is None:
-        params = replace(params, seed=int(np.random.SeedSequence().entropy % 2**64))
+    """The request's sampling with its seed (``with_seed``) and the generator that seed starts."""
+    params = with_seed(params)
     return params, np.random.Generator(np.random.PCG64(params.seed))
 
 
@@ -321,6 +340,15 @@ class Engine:
         self.tokenizer = loaded.tokenizer
 
     def check(self, req: GenerateRequest) -> None:
+        """Raise InvalidRequest unless ``req`` fits this model. Every way into the
+        engine (``generate``, Scheduler.add) calls it, so a direct caller (orcd
+        generate, the tests) is protected as well; a request marked ``checked``
+        passed it already and is let through (GenerateRequest.checked says why)."""
+        if not req.checked:
+            self._validate(req)
+
+    def _validate(self, req: GenerateRequest) -> None:
+        """A prompt, within the context with its max_tokens, every id in the vocabulary."""
         n_prompt, n_ctx = len(req.prompt_ids), self.lm.n_ctx
         if n_prompt == 0:
             raise InvalidRequest("the prompt encodes to no tokens", field="prompt")

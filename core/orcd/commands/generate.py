@@ -81,8 +81,6 @@ def prompt_ids(lm, args) -> list[int]:
 
 
 def run(args) -> int:
-    import secrets
-
     from orcd.engine import Engine, GenerateRequest
     from orcd.errors import InvalidRequest
     from orcd.ops.sampling import SamplingParams, request_defaults
@@ -94,9 +92,9 @@ def run(args) -> int:
             raise InvalidRequest("the prompt is empty", field="prompt")
         if args.ctx_size is None:   # a KV cache just big enough for this run
             lm.n_ctx = min(lm.n_ctx, len(ids) + args.max_tokens)
-        seed = args.seed if args.seed is not None else secrets.randbits(64)
+        # no --seed: the engine draws one and reports it (result.seed), printed below
         sampling = SamplingParams.resolve(
-            request_defaults(lm.file.metadata), seed=seed, temperature=args.temperature,
+            request_defaults(lm.file.metadata), seed=args.seed, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty)
         req = GenerateRequest(ids, args.max_tokens, sampling, args.stop)
@@ -109,8 +107,8 @@ def run(args) -> int:
     if not args.quiet:
         rate = (result.tokens_out - 1) / (result.decode_time_ms / 1000) if result.decode_time_ms else 0
         print(f"[{result.prompt_tokens} prompt tokens, {result.tokens_out} generated, "
-              f"stop: {result.stop_reason}, seed {seed}, first token {result.ttft_ms:.0f} ms, "
-              f"{rate:.1f} tokens/s]", file=sys.stderr)
+              f"stop: {result.stop_reason}, seed {result.seed}, "
+              f"first token {result.ttft_ms:.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

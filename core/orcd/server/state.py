@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from orcd.engine import GenerateRequest
+from orcd.engine import GenerateRequest, with_seed
 from orcd.errors import InvalidRequest, Unavailable
 from orcd.ops.sampling import SamplingParams, request_defaults
 from orcd.server.metrics import Metrics
@@ -157,16 +156,16 @@ class ServerState:
                  min_p: float | None, repetition_penalty: float | None,
                  seed: int | None) -> SamplingParams:
         """The request's sampling; a field it left unset (None) takes the
-        model file's recommendation, else llama-server's default."""
+        model file's recommendation, else llama-server's default. A request
+        without a seed gets one here, not in the engine: it is reported before
+        the job runs, and each of n choices takes seed + i."""
         vocab = self.loaded.hp.n_vocab
         if top_k is not None and top_k > vocab:
             raise InvalidRequest(f"top_k must be at most the vocabulary size {vocab}",
                                  field="top_k")
-        if seed is None:
-            seed = secrets.randbits(64)   # reported back, so the run can be reproduced
-        return SamplingParams.resolve(request_defaults(self.loaded.file.metadata), seed=seed,
-                                      temperature=temperature, top_k=top_k, top_p=top_p,
-                                      min_p=min_p, repetition_penalty=repetition_penalty)
+        return with_seed(SamplingParams.resolve(
+            request_defaults(self.loaded.file.metadata), seed=seed, temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty))
 
     def check_stops(self, stops: Sequence[str]) -> None:
         tok = self.loaded.tokenizer
@@ -198,7 +197,9 @@ class ServerState:
              constraint: Any = None, arrived: float | None = None) -> Planned:
         """Validate a job against the model (CPU work: through ``off_loop``).
         Raises InvalidRequest (400) or Unavailable (503). ``constraint``: a
-        grammar (engine.TokenConstraint); ``arrived``: when the request came in."""
+        grammar (engine.TokenConstraint); ``arrived``: when the request came in.
+        The engine's own check runs here, once: the job is marked checked
+        (``submit``), so running it does not repeat it."""
         self.require_ready()
         self.check_stops(stop)
         n = self.max_tokens(max_tokens, len(prompt_ids))
@@ -213,7 +214,7 @@ class ServerState:
         stream = JobStream(p.job_id, asyncio.get_running_loop(), self.worker)
         job = Job(p.job_id, p.prompt_ids, p.max_tokens, p.sampling, stream.sink, p.stop,
                   timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text,
-                  constraint=p.constraint, arrived=p.arrived)
+                  constraint=p.constraint, arrived=p.arrived, checked=True)   # by plan
         self.worker.submit(job)
         return stream
 
@@ -231,7 +232,8 @@ def _lower_priority() -> None:
 
 @dataclass
 class Planned:
-    """A validated job, ready to queue."""
+    """A job that passed ``plan``'s checks, ready to queue. Copies may change its
+    id, seed or grammar (openai_choices), none of which those checks read."""
     job_id: str
     prompt_ids: list[int]
     max_tokens: int

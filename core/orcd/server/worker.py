@@ -51,6 +51,7 @@ class Job:
     constraint: Any = None           # engine.TokenConstraint (a grammar), or None
     arrived: float = field(default_factory=time.monotonic)   # for queue time and TTFT
     started: float | None = None     # when the inference thread took it
+    checked: bool = False            # passed Engine.check already (ServerState.plan)
 
     @property
     def n_positions(self) -> int:
@@ -62,7 +63,7 @@ class Job:
         return GenerateRequest(self.prompt_ids, self.max_tokens, self.sampling, self.stop,
                                cancelled=self.cancel_flag.is_set,
                                deadline=time.monotonic() + self.timeout_s,
-                               constraint=self.constraint)
+                               constraint=self.constraint, checked=self.checked)
 
 
 def outcome_of(err: OrcdError | None) -> str:
