@@ -17,7 +17,7 @@ from gpu_rig import TYPES, rel, sized
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
 # Qwen2.5-0.5B's projections: q/o 896x896, gate/up 4864x896, down 896x4864 (n_out, n_in).
-SHAPES = sized([(896, 896), (4864, 896), (896, 4864)], [(96, 256), (160, 512)])
+SHAPES = sized([(896, 896), (4864, 896), (900, 4864)], [(100, 256), (160, 512)])   # 100, 900 rows: a partial dequant block
 GEMV_TOL = 1e-5      # fp32 dequant + fp32 accumulation
 GEMM_TOL = 1e-2      # fp16 operands on the tensor cores
 
@@ -97,6 +97,29 @@ def test_bfloat16_prefill(gpu, host):
     mk16.linear(gpu.put(x_host), w, None, out, scratch=gpu.arena)
     assert mk16.last_prefill == "gemm"
     assert rel(gpu.get(out), x_host.astype(np.float64) @ w_ref.T) < GEMM_TOL
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "Q8_0"])
+def test_batch_gemv_rows_equal_rows_alone(gpu, host, name):
+    # a decode batch's 16 rows in one launch (each weight read once): every row's
+    # sum is bitwise the one it gets alone, fp32 and int8 activations alike
+    from orcd.ops.matmul import BATCH_GEMV_T
+
+    rng = np.random.default_rng()
+    n_out, n_in = sized((896, 4864), (64, 512))
+    w, w_ref = gpu.weight(host, name, (n_out, n_in), rng)
+    x_host = rng.standard_normal((BATCH_GEMV_T, n_in)).astype(np.float32)
+    for x in (gpu.put(x_host), gpu.mm.quantize(gpu.put(x_host), gpu.arena)):
+        out = gpu.empty((BATCH_GEMV_T, n_out))
+        gpu.mm.gemv(x, w, None, out)
+        batched = gpu.get(out).copy()
+        assert rel(batched, x_host.astype(np.float64) @ w_ref.T) < 2e-2   # int8: ~1e-2
+        for t in (0, 7, 15):
+            one = gpu.empty((1, n_out))
+            gpu.mm.gemv(x.rows(t, t + 1), w, None, one)
+            assert np.array_equal(gpu.get(one)[0], batched[t]), f"{name} row {t} differs alone"
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gpu.mm.gemv(gpu.empty((17, n_in)), w, None, gpu.empty((17, n_out)))
 
 
 @pytest.mark.gpu_only

@@ -438,31 +438,50 @@ __device__ __forceinline__ void moe_gemm_tc(const u8* __restrict__ w, long long 
 }
 
 // Rows [row0, row0 + n_rows) of w as fp16 (or bf16) into out [n_rows, n_in]:
-// the scratch operand of the prefill GEMM. One thread per piece.
+// the scratch operand of the prefill GEMM. One thread per piece, DQ_THREADS per block.
+// A piece's values are runs at strided offsets, so a thread writing its own piece to
+// global memory uses a fraction of each 32-byte sector it touches (8 of 64 bytes per
+// store on Q4_K: the copy ran at ~0.6 TB/s on an H100). The block's pieces cover whole
+// quant blocks, hence one contiguous range of out: the pieces are staged in shared
+// memory at their offsets in that range, and the block writes it with 16-byte stores.
+#define DQ_THREADS 256
 template <class F, bool BF16>
 __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long row_bytes, int row0,
                                              int n_rows, int n_in, u16* __restrict__ out) {
+    constexpr int VPP = F::RUNS * F::RUN;   // values per piece
+    static_assert(DQ_THREADS % F::PIECES == 0, "a block covers whole quant blocks");
+    static_assert(VPP % 8 == 0, "the range is written in 16-byte stores");
+    static_assert(F::PIECES * VPP == F::QK, "a piece holds its share of the block");
+    __shared__ __align__(16) u16 stage[DQ_THREADS * VPP];
     const int per_row = (n_in / F::QK) * F::PIECES;
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= (long long)n_rows * per_row) return;
-    const int r_local = (int)(c / per_row), k = (int)(c % per_row);
-    const int blk = k / F::PIECES, p = k % F::PIECES;
-    float v[F::RUNS * F::RUN];
-    F::load(w + (long long)(row0 + r_local) * row_bytes, n_in / F::QK, blk, p, v);
-    u16* o = out + (long long)r_local * n_in + blk * F::QK + F::base(p);
+    const long long total = (long long)n_rows * per_row;
+    const long long c0 = (long long)blockIdx.x * DQ_THREADS, c = c0 + threadIdx.x;
+    if (c < total) {
+        const int r_local = (int)(c / per_row), k = (int)(c % per_row);
+        const int blk = k / F::PIECES, p = k % F::PIECES;
+        float v[VPP];
+        F::load(w + (long long)(row0 + r_local) * row_bytes, n_in / F::QK, blk, p, v);
+        // the piece's offset in the block's range: whole quant blocks before it, then base(p)
+        u16* o = stage + (threadIdx.x / F::PIECES) * F::QK + F::base(p);
 #pragma unroll
-    for (int r = 0; r < F::RUNS; ++r)
+        for (int r = 0; r < F::RUNS; ++r)
 #pragma unroll
-        for (int i = 0; i < F::RUN; i += 4) {
-            u16 h[4];
+            for (int i = 0; i < F::RUN; i += 4) {
+                u16 h[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float f = v[r * F::RUN + i + j];
-                h[j] = BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+                for (int j = 0; j < 4; ++j) {
+                    const float f = v[r * F::RUN + i + j];
+                    h[j] = BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+                }
+                *(uint2*)(o + r * F::STRIDE + i) = make_uint2((u32)h[0] | ((u32)h[1] << 16),
+                                                              (u32)h[2] | ((u32)h[3] << 16));
             }
-            *(uint2*)(o + r * F::STRIDE + i) = make_uint2((u32)h[0] | ((u32)h[1] << 16),
-                                                          (u32)h[2] | ((u32)h[3] << 16));
-        }
+    }
+    __syncthreads();
+    const long long pieces = total - c0 < DQ_THREADS ? total - c0 : DQ_THREADS;
+    const int n16 = (int)(pieces * VPP / 8);   // 16-byte chunks of the block's range
+    uint4* dst = (uint4*)(out + c0 * VPP);     // pieces c0.. start at value c0 * VPP of out
+    for (int i = threadIdx.x; i < n16; i += DQ_THREADS) dst[i] = ((const uint4*)stage)[i];
 }
 
 #define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
@@ -478,6 +497,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { GEMV_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t16(GEMV_ARGS) { GEMV_CALL(F, 16); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_##NAME(                    \
         const u8* w, long long row_bytes, long long expert_bytes, const float* x, int x_per_pair,  \
         const int* ids, int k, int n_expert, const float* bias, float* out, int n_out, int n_in,   \
@@ -515,6 +535,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 16); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \

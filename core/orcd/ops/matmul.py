@@ -52,7 +52,10 @@ def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 INT8_AUTO_MIN_VALUES = 1 << 23   # weight values the GEMVs of one input read, at least
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
-GEMV_TM = (1, 2, 4, 8)      # GEMV instantiations: T is rounded up to one of these
+GEMV_TM = (1, 2, 4, 8, 16)  # GEMV instantiations: T is rounded up to one of these
+# rows of a decode batch per GEMV launch (MatmulKernels.gemv): a batch of 16 reads each
+# weight once per step, not twice as two launches of 8 did
+BATCH_GEMV_T = GEMV_TM[-1]
 GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
 MOE_TC_TILE = 64            # pairs per tile of the tensor-core grouped matmul (matmul.cu's TC_TILE)
@@ -199,6 +202,16 @@ class MatmulKernels:
         for s in range(0, T, GEMV_MAX_T):
             e = min(T, s + GEMV_MAX_T)
             self._gemv(x.rows(s, e), w, b, out.rows(s, e))
+
+    def gemv(self, x, w, b, out, scratch=None) -> None:
+        """linear for up to BATCH_GEMV_T rows, always by the GEMV: each row summed
+        alike whatever T (a batch of decodes: a row's logits do not depend on its
+        batch). x float32 or int8 activations."""
+        T, _ = self._check_linear(x, w, b, out)
+        if T > BATCH_GEMV_T:
+            raise ValueError(f"gemv: at most {BATCH_GEMV_T} rows per launch, got {T}")
+        arena = scratch if scratch is not None else self.scratch
+        self._gemv(self.activations(x, w, arena), w, b, out)
 
     def quantize(self, x, arena) -> Q8Act:
         """x float32 [T, n] (n a multiple of 32) -> its int8 activations, in ``arena``."""
