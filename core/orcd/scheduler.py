@@ -52,6 +52,7 @@ class Sequence:
     on_token: Callable[[TokenEvent], None]
     tag: Any = None                     # the caller's handle (the worker's Job)
     blocks: list[int] = field(default_factory=list)   # its KV blocks while admitted
+    table: np.ndarray | None = None     # int32 [width]: its block table, made once at admission
     gen: Generation | None = None       # made at admission: sampling, stop rules, output
     n_cached: int = 0                   # prompt tokens in the KV cache so far
     result: GenerateResult | None = None   # when it ended well
@@ -170,6 +171,7 @@ class Scheduler:
                 return
             self.waiting.popleft()
             seq.blocks = self.blocks.take(need)
+            seq.table = self._table(seq.blocks)
             seq.gen = Generation(seq.req, self.engine.tokenizer, seq.on_token)
             self.running.append(seq)
 
@@ -238,16 +240,21 @@ class Scheduler:
                  batched: bool):
         """Logits on the backend: [rows, n_vocab] batched (one table per sequence,
         its rows in order), else the chunk's last row [1, n_vocab]."""
-        tables = [self._table(s) for s in seqs]
+        tables = np.stack([s.table for s in seqs])    # [n_seqs, width]
         rows = [k for k, i in enumerate(ids) for _ in i] if batched else [0] * len(ids[0])
         flat_ids = [t for i in ids for t in i]
         flat_pos = [p for q in pos for p in q]
         return self.backend.forward_batch(self.model, self.pool, tables, rows, flat_ids, flat_pos,
                                           self.n_ctx, batched=batched, last_only=not batched)
 
-    def _table(self, seq: Sequence) -> list[int]:
-        # padded with the sequence's own first block: never read past its positions
-        return seq.blocks + [seq.blocks[0]] * (self.width - len(seq.blocks))
+    def _table(self, blocks: list[int]) -> np.ndarray:
+        # padded with the sequence's own first block: never read past its positions.
+        # Blocks are reserved for the whole request at admission, so the table never
+        # changes: made once, not as a list of width ints per sequence per step (with
+        # a 32k context that was 2,048 Python ints a row, the step's largest host cost)
+        table = np.full(self.width, blocks[0], np.int32)
+        table[:len(blocks)] = blocks
+        return table
 
     def _sample(self, seqs: list[Sequence], logits, rows: list[int]) -> list[Sequence]:
         """Row rows[i] of ``logits`` is seqs[i]'s next-token distribution: draw all
@@ -284,7 +291,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.give_back(seq.blocks)
-        seq.blocks = []
+        seq.blocks, seq.table = [], None
         if seq.gen is not None:
             self.backend.release_rows([seq])
         if err is None:

@@ -365,3 +365,57 @@ def test_graph_replay_gives_the_eager_ids(rig, dev):
             graph.replay()
             replayed.append(int(to_host(dev, r.out.ptr, 4).view(np.int32)[0]))
     assert replayed == eager
+
+
+def test_a_batch_of_rows_draws_what_each_sampler_draws_alone(dev, alloc, compiler, launcher):
+    # sampling_rows: B rows in two launches must give each row the id (and leave the
+    # seen mask and counts) that its sampler gives sampling the same row by itself
+    from orcd.cuda.memory import from_host, to_host
+    from orcd.cuda.tensor import DeviceTensor
+    from orcd.ops.sampling import CudaSampler, mask_words
+    from orcd.ops.sampling_rows import Row, RowBatch
+
+    n = VOCABS[0]
+    rng = np.random.default_rng()
+    words = mask_words(n)
+    allowed = rng.integers(0, 2**31 - 1, words, dtype=np.int64).astype(np.int32)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
+              SamplingParams(temperature=0.9, top_k=40, seed=int(rng.integers(1 << 30))),
+              SamplingParams(temperature=1.1, top_p=0.9, min_p=0.02, seed=5),
+              SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3,
+                             logit_bias=((7, 5.0), (11, -100.0)), seed=9)]
+    masks = [None, None, None, allowed]
+    B = len(params)
+    prompts = [rng.choice(n, 50) for _ in range(B)]
+    make = lambda: [CudaSampler(dev, compiler, launcher, n, allocator=alloc) for _ in range(B)]  # noqa: E731
+    together, alone = make(), make()
+    batch = RowBatch(dev, compiler, launcher, n, alloc)
+    bufs = [alloc.alloc(4 * B * n, "test"), alloc.alloc(4 * B, "test"), alloc.alloc(4 * B, "test")]
+    logits_all = DeviceTensor(bufs[0].ptr, (B, n), np.dtype(np.float32))
+    i32 = np.dtype(np.int32)
+    try:
+        for i in range(B):
+            together[i].reset(prompts[i], 50)
+            alone[i].reset(prompts[i], 50)
+        for step in range(3):
+            from_host(dev, fresh(n * B, 2.0).astype(np.float32), logits_all.ptr)
+            batch.launch([Row(together[i], logits_all.ptr + 4 * n * i, bufs[1].ptr + 4 * i, params[i],
+                              step, masks[i]) for i in range(B)])
+            for i in range(B):
+                alone[i].sample(logits_all.rows(i, i + 1), params[i], step,
+                                DeviceTensor(bufs[2].ptr + 4 * i, (1,), i32), masks[i])
+            got = to_host(dev, bufs[1].ptr, 4 * B).view(np.int32).tolist()
+            want = to_host(dev, bufs[2].ptr, 4 * B).view(np.int32).tolist()
+            assert got == want
+            assert all(0 <= t < n for t in got)
+            if masks[3] is not None:   # the grammar's row kept to its mask
+                assert (allowed[got[3] // 32] >> (got[3] % 32)) & 1
+        for a, b in zip(together, alone):
+            np.testing.assert_array_equal(a.seen_mask(), b.seen_mask())
+            np.testing.assert_array_equal(a.output_counts(), b.output_counts())
+    finally:
+        batch.close()
+        for s in together + alone:
+            s.close()
+        for buf in bufs:
+            alloc.free(buf)

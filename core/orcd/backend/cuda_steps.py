@@ -17,6 +17,7 @@ import numpy as np
 
 from orcd.cuda.tensor import DeviceTensor
 from orcd.ops import sampling
+from orcd.ops.sampling_rows import Row, RowBatch
 
 SLOTS = 2          # steps in flight: the one running and the one queued behind it
 SLOT_INTS = 4      # per slot: token in, position in, sampled id out, padding
@@ -119,6 +120,14 @@ class DeviceSampling:
         """Queue the sampling of the next id into ``out_id`` (int32 on the device);
         ``n_prompt`` splits ``seen`` for the output counts, ``allowed`` is a
         grammar's bitmask."""
+        self.follow(params, seen, chained, n_prompt)
+        self.kernels.sample(logits.view(-1), params, self.step, out_id, allowed)
+
+    def follow(self, params: sampling.SamplingParams, seen, chained: bool = False,
+               n_prompt: int | None = None) -> None:
+        """Ready this sampler's device state for the draw after ``seen``: the draw
+        counter, and the seen mask and counts re-uploaded unless ``seen`` is the
+        last draw's plus the id it chose (see the class)."""
         if chained:                   # the id before is the last one this sampler chose
             self.step += 1
             self.seen = None
@@ -134,7 +143,6 @@ class DeviceSampling:
                 self.kernels.reset(seen, n_prompt)
                 self.mask_ok = True
             self.seen = seen
-        self.kernels.sample(logits.view(-1), params, self.step, out_id, allowed)
 
     def __call__(self, logits, params: sampling.SamplingParams, seen, n_prompt=None,
                  allowed=None) -> sampling.Sampled:
@@ -165,18 +173,30 @@ class RowSamplers:
         self.by_key: dict = {}
         self.spare: list[DeviceSampling] = []   # samplers of ended sequences, reset
         self.out, self.cap = None, 0
+        self.batch: RowBatch | None = None     # the draws without logprobs, in two launches
 
     def sample(self, logits, draws) -> list[sampling.Sampled]:
         from orcd.cuda.memory import to_host
 
         self._reserve(len(draws))
         i32 = np.dtype(np.int32)
-        chosen = []
+        chosen, rows = [], []
+        row_bytes = logits.nbytes // logits.shape[0]
         for i, d in enumerate(draws):
             s = self._sampler(d.key)
-            s.enqueue(logits.rows(d.row, d.row + 1), d.params, d.seen,
-                      DeviceTensor(self.out.ptr + 4 * i, (1,), i32), n_prompt=d.n_prompt, allowed=d.allowed)
+            if d.params.logprobs is not None:   # its own launches, then logprobs() reads them
+                s.enqueue(logits.rows(d.row, d.row + 1), d.params, d.seen,
+                          DeviceTensor(self.out.ptr + 4 * i, (1,), i32), n_prompt=d.n_prompt,
+                          allowed=d.allowed)
+            else:
+                s.follow(d.params, d.seen, n_prompt=d.n_prompt)
+                rows.append(Row(s.kernels, logits.ptr + d.row * row_bytes, self.out.ptr + 4 * i,
+                                d.params, s.step, d.allowed))
             chosen.append(s)
+        if rows:
+            if self.batch is None:
+                self.batch = RowBatch(*self.b._kernel_args, self.n_vocab, self.b.alloc)
+            self.batch.launch(rows)
         ids = to_host(self.b.device, self.out.ptr, 4 * len(draws)).view(np.int32)
         got = []
         for s, d, tok in zip(chosen, draws, ids):
@@ -210,3 +230,6 @@ class RowSamplers:
         for s in [*self.by_key.values(), *self.spare]:
             s.close()
         self.by_key, self.spare = {}, []
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None

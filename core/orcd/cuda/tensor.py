@@ -10,6 +10,7 @@ step be captured once as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +32,11 @@ class DeviceTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(math.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return int(math.prod(self.shape))   # not np.prod: ~20x slower, and called per launch
 
     def view(self, *shape: int) -> "DeviceTensor":
         """Same bytes, another shape (one dimension may be -1)."""

@@ -544,18 +544,18 @@ __device__ __forceinline__ float processed(const float* __restrict__ logits,
 
 // x[i] = processed(i) / T for i < n (greedy: no temperature), -inf up to
 // the padding; each block's (max, lowest argmax). grid npad / PREP_TILE, block PREP_NT.
-extern "C" __global__ void __launch_bounds__(PREP_NT)
-sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
-               const int* __restrict__ counts, const float* __restrict__ bias,
-               const unsigned* __restrict__ allowed,
-               const SampleArgs* __restrict__ args, float* __restrict__ x,
-               float* __restrict__ part_max, int* __restrict__ part_arg, int n) {
+__device__ __forceinline__ void
+prepare_part(const float* __restrict__ logits, const int* __restrict__ seen,
+             const int* __restrict__ counts, const float* __restrict__ bias,
+             const unsigned* __restrict__ allowed,
+             const SampleArgs* __restrict__ args, float* __restrict__ x,
+             float* __restrict__ part_max, int* __restrict__ part_arg, int n, int part) {
     const SampleArgs a = *args;
     const float temp = a.temperature;
     const bool greedy = temp <= 0.0f;
     float best = NEG_INF;
     int arg = 0x7fffffff;
-    const int base = blockIdx.x * PREP_TILE;
+    const int base = part * PREP_TILE;
     for (int j = threadIdx.x; j < PREP_TILE; j += PREP_NT) {
         const int i = base + j;
         float v = NEG_INF;
@@ -567,18 +567,26 @@ sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
         x[i] = v;
     }
     block_argmax(best, arg);
-    if (threadIdx.x == 0) { part_max[blockIdx.x] = best; part_arg[blockIdx.x] = arg; }
+    if (threadIdx.x == 0) { part_max[part] = best; part_arg[part] = arg; }
+}
+
+extern "C" __global__ void __launch_bounds__(PREP_NT)
+sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
+               const int* __restrict__ counts, const float* __restrict__ bias,
+               const unsigned* __restrict__ allowed,
+               const SampleArgs* __restrict__ args, float* __restrict__ x,
+               float* __restrict__ part_max, int* __restrict__ part_arg, int n) {
+    prepare_part(logits, seen, counts, bias, allowed, args, x, part_max, part_arg, n, blockIdx.x);
 }
 
 // The filters and the draw; writes out_id[0], marks seen[out_id], counts it and
 // fills info. grid 1, block NT. x, w: [npad] (npad a multiple of PAD); part_*: [n_part].
-extern "C" __global__ void __launch_bounds__(NT)
-sample_select(const float* __restrict__ x, float* w,   // w: written, then read back
-              const float* __restrict__ part_max, const int* __restrict__ part_arg, int n_part,
-              const SampleArgs* __restrict__ args, int* __restrict__ seen,
-              int* __restrict__ counts,
-              int* __restrict__ out_id, SampleInfo* __restrict__ info, int n, int npad) {
-    __shared__ Smem sm;
+__device__ __forceinline__ void
+select_row(const float* __restrict__ x, float* w,   // w: written, then read back
+           const float* __restrict__ part_max, const int* __restrict__ part_arg, int n_part,
+           const SampleArgs* __restrict__ args, int* __restrict__ seen,
+           int* __restrict__ counts,
+           int* __restrict__ out_id, SampleInfo* __restrict__ info, int n, int npad, Smem& sm) {
     const SampleArgs a = *args;
     float xmax = NEG_INF;
     int arg = 0x7fffffff;
@@ -614,6 +622,53 @@ sample_select(const float* __restrict__ x, float* w,   // w: written, then read 
         info->n_kept = n_kept;
         info->slow = slow;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+sample_select(const float* __restrict__ x, float* w,
+              const float* __restrict__ part_max, const int* __restrict__ part_arg, int n_part,
+              const SampleArgs* __restrict__ args, int* __restrict__ seen,
+              int* __restrict__ counts,
+              int* __restrict__ out_id, SampleInfo* __restrict__ info, int n, int npad) {
+    __shared__ Smem sm;
+    select_row(x, w, part_max, part_arg, n_part, args, seen, counts, out_id, info, n, npad, sm);
+}
+
+// -- a batch's rows in two launches (orcd.ops.sampling_rows) -----------------------------
+// Each row is one sampler's draw, exactly as sample_prepare + sample_select make
+// it (the same code), with every pointer its own: a batch of B decodes costs two
+// launches, not 2B, and the rows' prepare blocks run side by side.
+
+struct SampleRow {          // sampling_rows.SAMPLE_ROW
+    const float* logits;    // the row's logits [n]
+    int* seen;
+    int* counts;
+    const float* bias;
+    const unsigned* allowed;
+    const SampleArgs* args;
+    float* x;
+    float* w;
+    float* part_max;
+    int* part_arg;
+    int* out_id;
+    SampleInfo* info;
+};
+
+// grid (n_part, B), block PREP_NT.
+extern "C" __global__ void __launch_bounds__(PREP_NT)
+sample_prepare_rows(const SampleRow* __restrict__ rows, int n) {
+    const SampleRow r = rows[blockIdx.y];
+    prepare_part(r.logits, r.seen, r.counts, r.bias, r.allowed, r.args, r.x, r.part_max,
+                 r.part_arg, n, blockIdx.x);
+}
+
+// grid B, block NT.
+extern "C" __global__ void __launch_bounds__(NT)
+sample_select_rows(const SampleRow* __restrict__ rows, int n_part, int n, int npad) {
+    __shared__ Smem sm;
+    const SampleRow r = rows[blockIdx.x];
+    select_row(r.x, r.w, r.part_max, r.part_arg, n_part, r.args, r.seen, r.counts, r.out_id,
+               r.info, n, npad, sm);
 }
 
 // y[i] = processed(i) for i < n; out: log-sum-exp of y and its n_top best (id,

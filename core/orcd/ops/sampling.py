@@ -377,27 +377,39 @@ class CudaSampler:
         the bitmask when there is one and the dense bias when it changed."""
         from orcd.cuda.memory import from_host_async
 
+        self.write_args(self._args_host, params, step, allowed)
+        from_host_async(self.device, self._args_host, self._buf["args"].ptr)
+
+    def write_args(self, a: np.ndarray, params: SamplingParams, step: int,
+                   allowed: np.ndarray | None = None) -> None:
+        """Fill ``a`` (a SAMPLE_ARGS array of one) for this draw, and queue this
+        sampler's bitmask and changed dense bias to the device: ``set_params``
+        without the struct's copy (sampling_rows copies a batch's at once)."""
+        from orcd.cuda.memory import from_host_async
+
         if tuple(params.logit_bias) != self._bias:
             self._upload_bias(params.logit_bias)
-        a = self._args_host
-        # the kernel's greedy test is temperature <= 0: one rule, SamplingParams.greedy
-        a["temperature"] = 0.0 if params.greedy else params.temperature
-        a["penalty"] = params.repetition_penalty
-        a["top_p"], a["min_p"] = params.top_p, params.min_p
-        a["presence"], a["frequency"] = params.presence_penalty, params.frequency_penalty
-        a["top_k"] = params.top_k if 0 < params.top_k < self.n_vocab else 0
-        a["step"] = int(step)
-        a["flags"] = ((USE_MASK if allowed is not None else 0)
-                      | (USE_BIAS if params.logit_bias else 0)
-                      | (USE_COUNTS if params.counts_output else 0))
-        a["n_top"] = min(params.logprobs or 0, MAX_TOP_LOGPROBS)
-        a["seed"] = (params.seed or 0) & 0xFFFFFFFFFFFFFFFF
+        # the kernel's greedy test is temperature <= 0: one rule, SamplingParams.greedy.
+        # One tuple in SAMPLE_ARGS' field order: a batch writes one per row per step
+        flags = ((USE_MASK if allowed is not None else 0) | (USE_BIAS if params.logit_bias else 0)
+                 | (USE_COUNTS if params.counts_output else 0))
+        a[0] = (0.0 if params.greedy else params.temperature, params.repetition_penalty,
+                params.top_p, params.min_p, params.presence_penalty, params.frequency_penalty,
+                params.top_k if 0 < params.top_k < self.n_vocab else 0, int(step), flags,
+                min(params.logprobs or 0, MAX_TOP_LOGPROBS), (params.seed or 0) & 0xFFFFFFFFFFFFFFFF)
         if allowed is not None:
             if allowed.size != self._mask_host.size:
                 raise ValueError(f"allowed must hold {self._mask_host.size} int32 words")
             self._mask_host[:] = allowed
             from_host_async(self.device, self._mask_host, self._buf["allowed"].ptr)
-        from_host_async(self.device, a, self._buf["args"].ptr)
+
+    def row_pointers(self, logits_ptr: int, args_ptr: int, out_ptr: int) -> tuple[int, ...]:
+        """sampling.cu SampleRow: this sampler's buffers for one row of a batched
+        draw (sampling_rows), its logits, parameter struct and output elsewhere."""
+        b = self._buf
+        return (logits_ptr, b["seen"].ptr, b["counts"].ptr, b["bias"].ptr, b["allowed"].ptr,
+                args_ptr, b["x"].ptr, b["w"].ptr, b["part_max"].ptr, b["part_arg"].ptr,
+                out_ptr, b["info"].ptr)
 
     def launch(self, logits, out_id, logprobs: bool = False) -> None:
         """Enqueue the kernels; graph-capturable (reads params from the device)."""
