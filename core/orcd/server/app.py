@@ -33,6 +33,7 @@ from orcd.server.openai_api import router as openai_router
 from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import Planned, ServerConfig, ServerState
+from orcd.server.streaming import frame_batches
 from orcd.server.worker import ShutdownCancelled, Worker
 
 #: how often the inference thread, when idle, checks that the weights are resident
@@ -198,24 +199,30 @@ async def _execute_frames(stream, model: str, seed: int):
     # ``i`` numbers the token events 0, 1, 2… (gap-free, so a client can spot a lost
     # frame); a token that completes no character yet releases no event
     i = 0
+
+    def render(event, out: list[bytes]) -> None:
+        nonlocal i
+        kind, payload = event
+        if kind == "started":
+            out.append(sse_event("started", {"job_id": stream.job_id, "model": model,
+                                             "started_at": payload["started_at"], "seed": seed}))
+        elif kind == "token":
+            out.append(sse_event("token", {"t": payload.text, "i": i}))
+            i += 1
+        elif kind == "end":
+            out.append(sse_event("end", {"tokens_out": payload.tokens_out,
+                                         "decode_time_ms": round(payload.decode_time_ms, 3),
+                                         "stop_reason": payload.stop_reason,
+                                         "prompt_tokens": payload.prompt_tokens,
+                                         "ttft_ms": round(payload.ttft_ms, 3)}))
+        else:
+            err = payload.to_dict()
+            err.pop("field", None)
+            out.append(sse_event("error", err))
     try:
-        async for kind, payload in stream.events():
-            if kind == "started":
-                yield sse_event("started", {"job_id": stream.job_id, "model": model,
-                                            "started_at": payload["started_at"], "seed": seed})
-            elif kind == "token":
-                yield sse_event("token", {"t": payload.text, "i": i})
-                i += 1
-            elif kind == "end":
-                yield sse_event("end", {"tokens_out": payload.tokens_out,
-                                        "decode_time_ms": round(payload.decode_time_ms, 3),
-                                        "stop_reason": payload.stop_reason,
-                                        "prompt_tokens": payload.prompt_tokens,
-                                        "ttft_ms": round(payload.ttft_ms, 3)})
-            else:
-                err = payload.to_dict()
-                err.pop("field", None)
-                yield sse_event("error", err)
+        # no keep-alive here (take waits without a timeout), as before
+        async for frames in frame_batches(stream.take, render):
+            yield frames
     finally:
         stream.cancel()
 

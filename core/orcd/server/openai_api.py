@@ -30,9 +30,9 @@ from orcd.server.openai_choices import Choices, jobs_for, usage
 from orcd.server.openai_format import (ChatAnswer, Logprobs, OutputSplitter, finish_reason,
                                        merge_completion_logprobs)
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, parse
-from orcd.server.sse import SSEResponse, sse_event
+from orcd.server.sse import JSON, SSEResponse, sse_event
 from orcd.server.state import Planned, ServerState
-from orcd.server.streaming import KEEPALIVE_FRAME, with_keepalive
+from orcd.server.streaming import frame_batches
 
 __all__ = ["router", "OutputSplitter"]
 
@@ -224,12 +224,33 @@ def _chunk(meta: dict, choice: dict | None, usage_: dict | None = None) -> bytes
     return sse_event(None, body)
 
 
-async def _finish_stream(jobs: Choices, events: AsyncIterator) -> AsyncIterator[bytes]:
-    """Shared tail of both streams: an error mid-stream (any choice's) becomes an
-    error frame, and every job still running is cancelled."""
+class _Chunks:
+    """``_chunk(meta, choice)`` for one stream, the same bytes, with what every
+    chunk shares (meta, the fingerprint) encoded once: per token, only the
+    choice is encoded."""
+
+    def __init__(self, meta: dict) -> None:
+        shared = JSON.encode({**meta, "system_fingerprint": FINGERPRINT})   # '{...}'
+        self.head = f'data: {shared[:-1]},"choices":['.encode()
+
+    def __call__(self, choice: dict) -> bytes:
+        return self.head + JSON.encode(choice).encode() + b"]}\n\n"
+
+
+async def _stream(jobs: Choices, keepalive_s: float, render: Callable[[Any, list[bytes]], None],
+                  head: bytes = b"", tail: Callable[[], bytes | None] = lambda: None
+                  ) -> AsyncIterator[bytes]:
+    """Both streams: ``head``, every batch of events as ``render`` makes its
+    frames, ``tail()``, then [DONE]. An error mid-stream (any choice's) becomes
+    an error frame, and every job still running is cancelled."""
     try:
-        async for frame in events:
-            yield frame
+        if head:
+            yield head
+        async for frames in frame_batches(lambda: jobs.take(keepalive_s), render):
+            yield frames
+        last = tail()
+        if last:
+            yield last
     except OrcdError as err:
         yield sse_event(None, openai_error(err))
     finally:
@@ -237,62 +258,56 @@ async def _finish_stream(jobs: Choices, events: AsyncIterator) -> AsyncIterator[
     yield sse_event(None, "[DONE]")
 
 
-async def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None],
-                             include_usage: bool, keepalive_s: float):
-    def choice(i: int, text: str, logprobs, finish: str | None = None) -> dict:
-        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None],
+                       include_usage: bool, keepalive_s: float) -> AsyncIterator[bytes]:
+    chunk = _Chunks(meta)
+    results: list = [None] * len(jobs)
 
-    async def frames():
-        results: list = [None] * len(jobs)
-        async for item in with_keepalive(jobs.events(), keepalive_s):
-            if item is None:
-                yield KEEPALIVE_FRAME
-                continue
-            i, kind, payload = item
-            if kind == "token":
-                lp = lps[i]
-                yield _chunk(meta, choice(i, payload.text, lp.completion(payload.logprobs)
-                                          if lp is not None else None))
-            elif kind == "end":
-                results[i] = payload
-                yield _chunk(meta, choice(i, "", None, finish_reason(payload.stop_reason, 0)))
-            elif kind == "error":
-                raise payload
-        if include_usage:   # once, after every choice's finish chunk
-            yield _chunk(meta, None, usage(results))
-    async for frame in _finish_stream(jobs, frames()):
-        yield frame
+    def render(event, out: list[bytes]) -> None:
+        i, kind, payload = event
+        if kind == "token":
+            lp = lps[i]
+            out.append(chunk({"index": i, "text": payload.text,
+                              "logprobs": lp.completion(payload.logprobs) if lp is not None
+                              else None, "finish_reason": None}))
+        elif kind == "end":
+            results[i] = payload
+            out.append(chunk({"index": i, "text": "", "logprobs": None,
+                              "finish_reason": finish_reason(payload.stop_reason, 0)}))
+        elif kind == "error":
+            raise payload
+
+    def tail() -> bytes | None:   # once, after every choice's finish chunk
+        return _chunk(meta, None, usage(results)) if include_usage else None
+    return _stream(jobs, keepalive_s, render, tail=tail)
 
 
-async def _chat_chunks(jobs: Choices, meta: dict, answers: list[ChatAnswer],
-                       include_usage: bool, keepalive_s: float):
+def _chat_chunks(jobs: Choices, meta: dict, answers: list[ChatAnswer],
+                 include_usage: bool, keepalive_s: float) -> AsyncIterator[bytes]:
+    encode = _Chunks(meta)
+    results: list = [None] * len(jobs)
+
     def chunk(i: int, d: dict, logprobs=None, finish: str | None = None) -> bytes:
-        return _chunk(meta, {"index": i, "delta": d,
-                             "logprobs": {"content": logprobs} if logprobs is not None else None,
-                             "finish_reason": finish})
+        return encode({"index": i, "delta": d,
+                       "logprobs": {"content": logprobs} if logprobs is not None else None,
+                       "finish_reason": finish})
 
-    async def frames():
-        for i in range(len(jobs)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        results: list = [None] * len(jobs)
-        async for item in with_keepalive(jobs.events(), keepalive_s):
-            if item is None:
-                yield KEEPALIVE_FRAME
-                continue
-            i, kind, payload = item
-            answer = answers[i]
-            if kind == "token":
-                for d, logprobs in answer.token(payload):
-                    yield chunk(i, d, logprobs)
-            elif kind == "end":
-                results[i] = payload
-                for d, logprobs in answer.finish():
-                    yield chunk(i, d, logprobs)
-                yield chunk(i, {}, answer.leftover_logprobs(),
-                            answer.finish_reason(payload.stop_reason))
-            elif kind == "error":
-                raise payload
-        if include_usage:   # once, after every choice's finish chunk
-            yield _chunk(meta, None, usage(results))
-    async for frame in _finish_stream(jobs, frames()):
-        yield frame
+    def render(event, out: list[bytes]) -> None:
+        i, kind, payload = event
+        answer = answers[i]
+        if kind == "token":
+            for d, logprobs in answer.token(payload):
+                out.append(chunk(i, d, logprobs))
+        elif kind == "end":
+            results[i] = payload
+            for d, logprobs in answer.finish():
+                out.append(chunk(i, d, logprobs))
+            out.append(chunk(i, {}, answer.leftover_logprobs(),
+                             answer.finish_reason(payload.stop_reason)))
+        elif kind == "error":
+            raise payload
+
+    def tail() -> bytes | None:   # once, after every choice's finish chunk
+        return _chunk(meta, None, usage(results)) if include_usage else None
+    head = b"".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(jobs)))
+    return _stream(jobs, keepalive_s, render, head, tail)

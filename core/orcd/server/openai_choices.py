@@ -18,8 +18,9 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi import Request
 
 from orcd.errors import Cancelled
+from orcd.server.jobstream import Inbox, JobStream
 from orcd.server.schemas import UINT64_MAX
-from orcd.server.state import JobStream, Planned, ServerState
+from orcd.server.state import Planned, ServerState
 
 
 def jobs_for(one: Planned, n: int, constraint: Callable[[], Any]) -> list[Planned]:
@@ -44,6 +45,17 @@ class Choices:
 
     def __init__(self, streams: list[JobStream]) -> None:
         self.streams = streams
+        self.index = {s: i for i, s in enumerate(streams)}
+        self.running = len(streams)   # choices not yet ended
+        self.inbox: Inbox | None = streams[0].inbox if streams else None
+        if len(streams) > 1:
+            # one inbox for all: one waiter, events merged in the order they came
+            # (a choice's own order kept); any already delivered move over first
+            self.inbox = Inbox(streams[0].loop)
+            for s in streams:
+                self.inbox.items.extend(s.inbox.items)
+                s.inbox.items.clear()
+                s.inbox = self.inbox
 
     @classmethod
     def submit(cls, state: ServerState, jobs: list[Planned]) -> Choices:
@@ -64,34 +76,46 @@ class Choices:
     def cancel(self) -> None:
         for s in self.streams:
             s.cancel()
+        if self.inbox is not None:
+            self.inbox.close()
+
+    async def take(self, timeout: float | None = None) -> list[tuple[int, str, Any]] | None:
+        """Every (choice index, kind, payload) buffered now, in arrival order,
+        waiting for one first: [] once each choice has ended, None if ``timeout``
+        passed without an event. One wait per wakeup of the loop, however many
+        events it brought: no Task, queue or pump per event or per choice."""
+        inbox = self.inbox
+        while self.running:
+            if not inbox.items and not await inbox.wait(timeout):
+                return None
+            out = []
+            items = inbox.items
+            while items:
+                stream, kind, payload = items.popleft()
+                if not stream.accept(kind):
+                    continue
+                i = self.index[stream]
+                out.append((i, kind, payload))
+                if stream.ended:
+                    self.running -= 1
+                    if not stream.completed:
+                        # cancelled on this side (a hang-up): the stream stopped at the
+                        # next event, maybe a token still on its way, not the job's own
+                        # last one; each choice must still end, or the request waits forever
+                        out.append((i, "error", Cancelled("the request was cancelled")))
+            if out:
+                return out
+        return []
 
     async def events(self) -> AsyncIterator[tuple[int, str, Any]]:
         """(choice index, kind, payload) of every job as they come, until each has
         ended. Leaving early (an error, a disconnect) cancels every job."""
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream: JobStream) -> None:
-            kind = None
-            async for kind, payload in stream.events():
-                merged.put_nowait((i, kind, payload))
-            if kind not in ("end", "error"):
-                # cancelled on this side (a hang-up): JobStream.events() then stops at the
-                # next event, maybe a token still on its way, not the job's own last one;
-                # each choice must still end, or the request waits forever
-                merged.put_nowait((i, "error", Cancelled("the request was cancelled")))
-
-        pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
-        running = len(self.streams)
         try:
-            while running:
-                i, kind, payload = await merged.get()
-                if kind in ("end", "error"):
-                    running -= 1
-                yield i, kind, payload
+            while batch := await self.take():
+                for item in batch:
+                    yield item
         finally:
             self.cancel()
-            for p in pumps:
-                p.cancel()
 
     async def collect(self, request: Request, on_token: Callable[[int, Any], None]) -> list[Any]:
         """A non-streamed response's jobs: ``on_token(i, event)`` for each token,

@@ -17,12 +17,17 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 
+#: json.dumps(..., ensure_ascii=False, separators=(",", ":")), the same text, without
+#: building an encoder for every frame (it is stateless, so one serves every stream)
+JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def sse_event(event: str | None, data: Any) -> bytes:
     """One SSE frame. ``data`` is JSON-encoded unless it is already a string."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False,
-                                                           separators=(",", ":"))
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
+    payload = data if isinstance(data, str) else JSON.encode(data)
+    if event:
+        return f"event: {event}\ndata: {payload}\n\n".encode()
+    return f"data: {payload}\n\n".encode()
 
 
 class SSEResponse(Response):

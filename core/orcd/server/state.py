@@ -11,11 +11,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from orcd.engine import GenerateRequest, with_seed
 from orcd.errors import InvalidRequest, Unavailable
 from orcd.ops.sampling import SamplingParams, request_defaults
+from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
@@ -96,6 +97,7 @@ class ServerState:
                                        initializer=_lower_priority)
         self._grammars: Any = None
         self._grammars_lock = threading.Lock()
+        self._mailbox: Mailbox | None = None   # the event loop's, made on first submit
 
     # -- cached state for /health (no device calls on the request path) --------
     def can_take_work(self) -> bool:
@@ -211,7 +213,12 @@ class ServerState:
         """Queue a planned job (on the event loop). Raises DuplicateJob (409) or
         Unavailable (503) before any event is sent."""
         self.require_ready()
-        stream = JobStream(p.job_id, asyncio.get_running_loop(), self.worker)
+        loop = asyncio.get_running_loop()
+        # one mailbox for every stream of the loop: a scheduler step's events for all
+        # of them cost one loop wakeup (a new loop, as in tests, gets its own)
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        stream = JobStream(p.job_id, loop, self.worker, self._mailbox)
         job = Job(p.job_id, p.prompt_ids, p.max_tokens, p.sampling, stream.sink, p.stop,
                   timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text,
                   constraint=p.constraint, arrived=p.arrived, checked=True)   # by plan
@@ -242,37 +249,3 @@ class Planned:
     prompt_text: str | None
     constraint: Any = None           # a grammar the output must follow
     arrived: float = 0.0             # time.monotonic() of the request's arrival
-
-
-class JobStream:
-    """Carries one job's events from the inference thread to the event loop."""
-
-    def __init__(self, job_id: str, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
-        self.job_id, self.loop, self.worker = job_id, loop, worker
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-
-    def sink(self, kind: str, payload: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
-        except RuntimeError:   # the loop is gone (shutdown): nobody is listening
-            pass
-
-    async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        """(kind, payload) until and including the terminal end/error event.
-        Leaving early (disconnect, client error) cancels the job."""
-        try:
-            while True:
-                kind, payload = await self.queue.get()
-                if kind in ("end", "error"):
-                    self.finished = True
-                yield kind, payload
-                if self.finished:
-                    return
-        finally:
-            self.cancel()
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.worker.cancel(self.job_id)
