@@ -4,7 +4,7 @@
     python bench/fuzz_flood.py flood --seconds 30       # `orcd serve --device cpu` subprocess
 
 fuzz: POSTs N hostile bodies spread over /execute, /cancel, /v1/completions and
-/v1/chat/completions (tests/fuzz_bodies.py) to a worker serving the tiny
+/v1/chat/completions (tests/server/fuzz_bodies.py) to a worker serving the tiny
 synthetic qwen2; counts answers by status; any 5xx, malformed error body or
 unterminated stream is a failure, kept and listed at the end (the run goes on),
 and so is every warning the worker raised (a division by zero in the sampler).
@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))
 
 
 def tiny_model(where: Path) -> Path:

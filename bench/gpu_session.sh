@@ -64,8 +64,8 @@ load)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   nice -n 19 python3 bench/compare.py build-peer
   [ -f "$WORK/qwen2-0.5b.gguf" ] || python3 -m orcd.cli synth qwen2-0.5b -o "$WORK/qwen2-0.5b.gguf"
-  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/test_scheduler.py tests/test_server_batch.py \
-      tests/test_batch_forward.py tests/cuda/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -4
+  timeout 200 python3 -m pytest -q -m cuda -p no:randomly tests/engine/test_scheduler.py tests/server/test_server_batch.py \
+      tests/engine/test_batch_forward.py tests/cuda/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -4
   opts=(); for o in "${@:2}"; do opts+=(--orcd-option "$o"); done
   timeout 150 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" 2>&1 | tee "$OUT/load-orcd.log" | tail -8
   for _ in $(seq 1 240); do grep -q BUILD_OK "$WORK/peer-build.log" 2>/dev/null && break; sleep 1; done

@@ -5,7 +5,7 @@ llama plugin, plugins/llama.
 
     python scripts/make_smollm2_goldens.py
 
-Writes tests/golden/smollm2/greedy.json; tests/test_llama_plugin.py compares
+Writes tests/golden/smollm2/greedy.json; tests/plugins/test_llama_plugin.py compares
 orcd's CPU reference (ggml-cpu roundings, docs/parity.md) with it. The oracle
 plumbing is make_parity_goldens.py's.
 """

@@ -18,7 +18,7 @@ never waits for memory and nothing is ever preempted). Each ``step()``:
    sequence's own generator, penalties and grammar, kept by the backend).
 
 A decode row's logits do not depend on what else shares its forward (the
-backend's per-row contract, tests/test_batch_forward.py), each sequence keeps
+backend's per-row contract, tests/engine/test_batch_forward.py), each sequence keeps
 its own seeded generator, and every request runs through here: so a greedy or
 seeded request gives the same tokens alone and under load.
 

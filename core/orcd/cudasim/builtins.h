@@ -1,6 +1,6 @@
 // Host stand-ins for the per-thread CUDA builtins that core/orcd/quant/*.cuh use, so the
 // format structs compile as plain C++ and can be checked against the numpy
-// dequantizers on a machine without a GPU (tests/test_kernel_formats_host.py).
+// dequantizers on a machine without a GPU (tests/backend/test_kernel_formats_host.py).
 //
 // Each definition follows the device semantics, not a convenient host one:
 // __byte_perm is PTX prmt's default mode, __dp4a works on signed byte lanes,

@@ -11,7 +11,7 @@ installed with orcd but kept apart from the runtime.
 The rule: no runtime module (the serving path: server, load, engine, scheduler,
 backends, the CLI's module) imports ``orcd.devkit``; only the CLI subcommands
 ``synth``, ``new-plugin`` and ``bench`` do, lazily, when they run
-(tests/test_layering.py checks it). A model plugin builds its
+(tests/plugins/test_layering.py checks it). A model plugin builds its
 ``orcd_synth_presets`` rows from ``orcd.devkit.synth``'s dataclasses, so
 ``PluginHost`` gathers them only when something asks for ``synth_presets``
 (``orcd synth``, ``orcd plugins``, the test kit), never while serving.

@@ -2,7 +2,7 @@
 the loader may ask of a backend (``Backend``), as typing Protocols.
 
 The numpy reference (orcd.backend.cpu) and the CUDA backend implement both;
-tests/test_contract.py checks that each defines every member with the same
+tests/backend/test_contract.py checks that each defines every member with the same
 parameter names, so a forward written against one runs on the other.
 
 Tensors are the backend's own (numpy arrays, DeviceTensors); shapes in the

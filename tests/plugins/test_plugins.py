@@ -22,7 +22,7 @@ from orcd.errors import ModelLoadFailed
 from orcd.plugins import BLOCK_ENV, PluginError, PluginHost
 from orcd.quant import QuantFormat
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIRST_PARTY = {"qwen": "qwen2", "phi3": "phi3", "gpt_oss": "gpt-oss"}  # entry point -> architecture
 ALL_TYPE_IDS = {0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, 39}
 

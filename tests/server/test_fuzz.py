@@ -1,6 +1,6 @@
 """Fuzzing the worker over HTTP (hypothesis): /execute, /cancel and the /v1
 routes get hostile bodies; none may answer 5xx, every error must be in its
-API's shape, every stream must end properly (tests/fuzz_bodies.py). A longer
+API's shape, every stream must end properly (tests/server/fuzz_bodies.py). A longer
 run (10,000+ requests) is bench/fuzz_flood.py; its result is in bench/RESULTS.md."""
 
 from __future__ import annotations

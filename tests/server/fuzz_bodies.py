@@ -1,6 +1,6 @@
 """Hypothesis strategies for hostile requests to the worker, and the check every
 answer must pass: never a 5xx, every error in its API's own shape, every stream
-closed by exactly one terminal event. Used by tests/test_fuzz.py (a few hundred
+closed by exactly one terminal event. Used by tests/server/test_fuzz.py (a few hundred
 requests in CI) and bench/fuzz_flood.py (10,000+)."""
 
 from __future__ import annotations

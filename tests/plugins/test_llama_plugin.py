@@ -18,7 +18,7 @@ import pytest
 from orcd.devkit import testing
 from orcd.load import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "plugins" / "llama"
 GOLDEN = ROOT / "tests" / "golden" / "smollm2" / "greedy.json"
 
@@ -91,8 +91,8 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2, host, golden):
     from orcd.engine import Engine, GenerateRequest
     from orcd.ops.sampling import SamplingParams
 
-    from test_parity import golden_script
-    qwen_prompt_ids = golden_script().qwen_prompt_ids
+    from support import load_script
+    qwen_prompt_ids = load_script("make_parity_goldens").qwen_prompt_ids
 
     lm = load_model(smollm2, host=host, device="cpu", n_ctx=golden["n_ctx"],
                     activation_rounding="ggml-cpu")

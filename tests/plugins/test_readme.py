@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from orcd.devkit.testing import gpu_available
-from test_server_cli import free_port, wait_healthy
+from support import free_port, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 TEST_COMMAND = "python3 -m pip install -q -e '.[dev]'"
 BENCH_ON_CPU = ["--prompt-tokens", "8", "--gen-tokens", "2", "--repeat", "1"]

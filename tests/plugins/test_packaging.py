@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORE = ("orcd", ".")
 # entry-point name -> (distribution, source folder, what it provides)
 PLUGINS = {

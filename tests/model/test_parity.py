@@ -15,14 +15,14 @@ import pytest
 
 from orcd.load import load_model
 
-GOLDEN = Path(__file__).parent / "golden" / "parity"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parity"
 TINY = ("qwen2-tiny", "phi3-tiny", "phi3-tiny-q4_0", "gpt-oss-tiny")
 
 
 def golden_script():
     """scripts/make_parity_goldens.py, whose prompt rendering and oracle calls the tests reuse."""
     import importlib.util
-    path = Path(__file__).parents[1] / "scripts" / "make_parity_goldens.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_parity_goldens.py"
     spec = importlib.util.spec_from_file_location("make_parity_goldens", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

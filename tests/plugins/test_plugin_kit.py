@@ -16,7 +16,7 @@ from orcd import cli, hookimpl
 from orcd.devkit import testing
 from orcd.errors import ModelLoadFailed
 
-from test_cli import fake_cuda_package
+from support import fake_cuda_package
 
 llama = pytest.importorskip("orcd_llama")
 

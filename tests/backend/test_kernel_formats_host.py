@@ -29,7 +29,7 @@ from orcd.quant.mxfp4 import KVALUES
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="g++ not found: the host build of the CUDA format structs needs it")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "kernel_host" / "driver.cpp"
 QUANT = ROOT / "core" / "orcd" / "quant"
 BUILTINS = ROOT / "core" / "orcd" / "cudasim"

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from orcd import cli
 from orcd.commands import serve
 from orcd.devkit.server_testing import SSEStream
+from support import free_port, wait_healthy
 
 ORCD = [sys.executable, "-m", "orcd.cli"]
 
@@ -33,12 +33,6 @@ def run_serve(argv: list[str], capsys) -> tuple[int, str]:
 
 def parsed(argv: list[str]) -> argparse.Namespace:
     return cli.build_parser().parse_args(["serve", *argv])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cuda_present() -> bool:
@@ -145,19 +139,6 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([*ORCD, "serve", *argv, "--device", "cpu",
                              "--port", str(port)], stderr=subprocess.PIPE, text=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the worker exited"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "healthy":
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the worker did not become healthy")
 
 
 def signal_mid_stream(proc: subprocess.Popen, url: str, signals: list, max_tokens: int):

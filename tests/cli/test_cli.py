@@ -16,32 +16,9 @@ import pytest
 from orcd import cli
 from orcd.commands import _options
 from orcd.devkit import testing
+from support import fake_cuda_package
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# cuda-bindings 13.5 + cuda-pathfinder 1.9 on a machine without the driver:
-# cuInit raises instead of returning an error code
-FAKE_DRIVER = '''
-class DynamicLibNotFoundError(RuntimeError):
-    pass
-
-class CUresult:
-    CUDA_SUCCESS = 0
-
-def cuInit(flags):
-    raise DynamicLibNotFoundError('"cuda" is an NVIDIA driver library and can only be found '
-                                  'via system search. Ensure the NVIDIA display driver is installed.')
-'''
-
-
-def fake_cuda_package(root: Path) -> Path:
-    """A ``cuda.bindings.driver`` whose cuInit raises, importable from ``root``."""
-    (root / "cuda" / "bindings").mkdir(parents=True)
-    (root / "cuda" / "__init__.py").write_text("")
-    (root / "cuda" / "bindings" / "__init__.py").write_text("")
-    (root / "cuda" / "bindings" / "driver.py").write_text(FAKE_DRIVER)
-    return root
-
+ROOT = Path(__file__).resolve().parents[2]
 
 def raising(exc):
     def f(*args):
@@ -92,7 +69,7 @@ def test_conftest_survives_bindings_that_raise(tmp_path):
     collection (tests/conftest.py asks gpu_available) must not stop."""
     env = {**os.environ, "PYTHONPATH": str(fake_cuda_package(tmp_path))}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "--collect-only", "tests/test_cli.py"], cwd=ROOT, env=env,
+                        "--collect-only", "tests/cli/test_cli.py"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "INTERNALERROR" not in r.stdout + r.stderr, r.stdout[-2000:]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-COMPARE = Path(__file__).resolve().parent.parent / "bench" / "compare.py"
+COMPARE = Path(__file__).resolve().parents[2] / "bench" / "compare.py"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from orcd.errors import InvalidRequest, ModelLoadFailed
 from orcd.gguf_file import ModelFile
 from orcd.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "tokenizer"
 
 
