@@ -10,8 +10,9 @@
     schemas.py         request models (pydantic)
     http.py            bounded body reads, error bodies in each API's shape
     gate.py            the middleware every request passes first (Host, Origin, key, limits)
+    jobstream.py       a job's events from the inference thread to the loop (one wakeup a step)
     sse.py             server-sent events with disconnect detection
-    streaming.py       SSE keep-alive comments on quiet streams
+    streaming.py       a stream's waiting events as one write; keep-alive comments when quiet
     metrics.py         Prometheus metrics on a per-app registry
     narration.py       one JSON line per lifecycle event on stderr
     protocol.py        connections that never finish their headers
