@@ -75,9 +75,9 @@ class RowBatch:
         at = self._args_at(0)
         self.host[at:at + args.size] = args
         from_host_async(self.device, self.host[:at + args.size], self.buf.ptr)
-        s = rows[0].sampler
-        self.launcher(self._prepare, (s.n_part, B), _PREP_THREADS, [np.uint64(self.buf.ptr), self.n_vocab])
-        self.launcher(self._select, B, _SELECT_THREADS, [np.uint64(self.buf.ptr), s.n_part, self.n_vocab, s.n_pad])
+        s, table_ptr = rows[0].sampler, np.uint64(self.buf.ptr)
+        self.launcher(self._prepare, (s.n_part, B), _PREP_THREADS, [table_ptr, self.n_vocab])
+        self.launcher(self._select, B, _SELECT_THREADS, [table_ptr, s.n_part, self.n_vocab, s.n_pad])
 
     def _args_at(self, i: int) -> int:
         return self.cap * SAMPLE_ROW.itemsize + i * SAMPLE_ARGS.itemsize
