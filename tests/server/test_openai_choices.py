@@ -48,7 +48,7 @@ def client(srv):
 def _idle_after(request):
     yield
     if "srv" in request.fixturenames:
-        assert request.getfixturevalue("srv").state.worker.wait_idle(10)
+        assert request.getfixturevalue("srv").state.inference.wait_idle(10)
 
 
 def chat(client, **kw):
@@ -194,7 +194,7 @@ def test_one_failing_choice_fails_the_response_and_cancels_the_others(srv, clien
     with pytest.raises(openai.APIStatusError) as e:
         chat(client, n=3, seed=100, temperature=1.0, max_tokens=1000, logprobs=True)
     assert "outside the vocabulary" in e.value.body["message"]
-    assert srv.state.worker.wait_idle(10)
+    assert srv.state.inference.wait_idle(10)
     assert drawn[101] == 4 and drawn[100] < 50 and drawn[102] < 50
 
 
@@ -207,7 +207,7 @@ def test_a_failing_choice_mid_stream_is_one_error_frame_then_done(srv, monkeypat
     errors = [json.loads(line[6:]) for line in lines if line.startswith('data: {"error"')]
     assert len(errors) == 1 and lines[-2].startswith('data: {"error"')
     assert "outside the vocabulary" in errors[0]["error"]["message"]
-    assert srv.state.worker.wait_idle(10)
+    assert srv.state.inference.wait_idle(10)
     assert drawn[200] < 50 and drawn[202] < 50
 
 
@@ -227,7 +227,7 @@ def no_end(srv) -> dict[str, int]:
 
 def wait_running(srv, n: int) -> None:
     for _ in range(500):
-        if srv.state.worker.running == n:
+        if srv.state.inference.running == n:
             return
         time.sleep(0.01)
     raise AssertionError(f"never {n} running")
@@ -246,7 +246,7 @@ def test_a_client_hanging_up_cancels_every_choice(srv, monkeypatch, stream):
     else:
         with pytest.raises(httpx.ReadTimeout):   # the client gives up and hangs up
             httpx.post(url, json=body, headers=AUTH, timeout=1.0)
-    assert srv.state.worker.wait_idle(10)
+    assert srv.state.inference.wait_idle(10)
 
 
 def test_each_choice_is_its_own_job_and_cancelling_one_ends_the_response(srv, client,

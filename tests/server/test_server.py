@@ -64,8 +64,8 @@ def _idle_worker(request):
     yield
     if "srv" in request.fixturenames:
         s = request.getfixturevalue("srv")
-        s.state.worker.cancel_all()
-        assert s.state.worker.wait_idle(10)
+        s.state.inference.cancel_all()
+        assert s.state.inference.wait_idle(10)
 
 
 def execute(s, job_id=None, **body) -> SSEStream:

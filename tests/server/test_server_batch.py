@@ -72,8 +72,8 @@ def _open_and_idle(request, gate):
     gate.set()
     if "srv" in request.fixturenames:
         s = request.getfixturevalue("srv")
-        s.state.worker.cancel_all()
-        assert s.state.worker.wait_idle(30)
+        s.state.inference.cancel_all()
+        assert s.state.inference.wait_idle(30)
 
 
 def health(s) -> dict:
@@ -232,7 +232,7 @@ def test_max_batch_1_runs_one_job_at_a_time_with_the_same_text(tiny_model, srv, 
     g = threading.Event()
     with running_server(config(tiny_model("qwen2-tiny"), max_batch=1, queue_size=2),
                         loader=gated(g)) as s:
-        assert s.state.worker.scheduler is None          # Engine.generate, as before batching
+        assert s.state.inference.scheduler is None          # Engine.generate, as before batching
         streams = [execute(s, body) for _ in range(3)]
         wait_health(s, running=1, waiting=2, max_batch=1)
         full = httpx.post(f"{s.url}/execute", json={"job_id": "x", **body})

@@ -6,7 +6,7 @@
     openai_format.py   engine output in OpenAI's shapes (messages, tool calls, logprobs)
     openai_choices.py  OpenAI's n: one job per choice, merged into one response or stream
     state.py           what the endpoints share: config, loaded model, worker, request -> job
-    worker.py          the inference thread and its bounded queue of jobs
+    inference.py       the inference thread (InferenceThread) and its bounded queue of jobs
     schemas.py         request models (pydantic)
     http.py            bounded body reads, error bodies in each API's shape
     gate.py            the middleware every request passes first (Host, Origin, key, limits)

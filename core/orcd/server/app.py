@@ -34,7 +34,7 @@ from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import Planned, ServerConfig, ServerState
 from orcd.server.streaming import frame_batches
-from orcd.server.worker import ShutdownCancelled, Worker
+from orcd.server.inference import ShutdownCancelled, InferenceThread
 
 #: how often the inference thread, when idle, checks that the weights are resident
 IDLE_REFRESH_S = 5.0   # how often an idle worker refreshes memory figures and maybe checks residency
@@ -168,9 +168,9 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
     async def cancel(request: Request):
         body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
         req: CancelRequest = await state.off_loop(parse, CancelRequest, body)
-        if state.worker is None:
+        if state.inference is None:
             state.require_ready()
-        status = state.worker.cancel(req.job_id)
+        status = state.inference.cancel(req.job_id)
         return {"job_id": req.job_id, "status": status}
 
     @app.post("/shutdown", status_code=202)
@@ -242,13 +242,13 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.loaded, state.engine = lm, Engine(lm)
         state.chat_template = _chat_template(state)
         scheduler = new_scheduler(cfg, state.engine)
-        state.worker = Worker(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
+        state.inference = InferenceThread(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
                               narrator=narr, idle_task=lambda: _refresh_device_state(state),
                               idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s),
                               scheduler=scheduler)
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
-        state.worker.start()
+        state.inference.start()
     except BaseException as e:
         state.load_error = e
         state.status = "unhealthy"
@@ -260,7 +260,7 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
                    message=f"{type(e).__name__}: {e}" if err is None else err.message)
         loop.call_soon_threadsafe(state.request_exit)
         return
-    scheduler = state.worker.scheduler
+    scheduler = state.inference.scheduler
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
                weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
                arch=lm.arch.name, phases=getattr(lm, "phases", {}), max_batch=cfg.max_batch,
@@ -355,21 +355,21 @@ def begin_shutdown(state: ServerState, reason: str) -> None:
         return
     state.accepting = False
     state.narrator.event("shutdown", phase="begin", reason=reason,
-                         running_job=state.worker.running_job_id if state.worker else None,
-                         running=state.worker.running if state.worker else 0)
+                         running_job=state.inference.running_job_id if state.inference else None,
+                         running=state.inference.running if state.inference else 0)
     state.shutdown_task = asyncio.get_running_loop().create_task(_drain(state))
 
 
 async def _drain(state: ServerState) -> None:
-    worker, deadline = state.worker, state.config.shutdown_deadline_s
-    if worker is not None:
-        worker.cancel_queued(ShutdownCancelled)   # only the running job may finish
-        finished = await asyncio.to_thread(worker.wait_idle, deadline)
+    inference, deadline = state.inference, state.config.shutdown_deadline_s
+    if inference is not None:
+        inference.cancel_queued(ShutdownCancelled)   # only the running job may finish
+        finished = await asyncio.to_thread(inference.wait_idle, deadline)
         if not finished:
-            state.narrator.event("shutdown", phase="cancel", job_id=worker.running_job_id,
+            state.narrator.event("shutdown", phase="cancel", job_id=inference.running_job_id,
                                  deadline_s=deadline)
-            worker.cancel_all(ShutdownCancelled)
-            await asyncio.to_thread(worker.wait_idle, 5.0)
+            inference.cancel_all(ShutdownCancelled)
+            await asyncio.to_thread(inference.wait_idle, 5.0)
     await asyncio.sleep(0.05)   # let the last SSE frames go out before connections close
     state.request_exit()
 
@@ -377,17 +377,17 @@ async def _drain(state: ServerState) -> None:
 def hurry_shutdown(state: ServerState) -> None:
     """A second signal: cancel every job now. Their streams still end with an
     error event (retriable: another worker can run them); then the drain exits."""
-    worker = state.worker
+    inference = state.inference
     state.narrator.event("shutdown", phase="cancel", reason="second signal",
-                         job_id=worker.running_job_id if worker else None)
-    if worker is not None:
-        worker.cancel_all(ShutdownCancelled)
+                         job_id=inference.running_job_id if inference else None)
+    if inference is not None:
+        inference.cancel_all(ShutdownCancelled)
 
 
 def _free(state: ServerState) -> None:
     state.prep.shutdown(wait=False, cancel_futures=True)
-    if state.worker is not None:
-        state.worker.stop()
+    if state.inference is not None:
+        state.inference.stop()
     if state.loaded is not None:
         state.loaded.close()
         state.loaded = state.engine = None

@@ -119,9 +119,9 @@ class JobStream:
     consumer waiting for it would see it) and then ends, maybe without its own
     terminal event: ``ended`` then, with ``completed`` False."""
 
-    def __init__(self, job_id: str, loop: asyncio.AbstractEventLoop, worker: Any,
+    def __init__(self, job_id: str, loop: asyncio.AbstractEventLoop, inference: Any,
                  mailbox: Mailbox | None = None) -> None:
-        self.job_id, self.loop, self.worker = job_id, loop, worker
+        self.job_id, self.loop, self.inference = job_id, loop, inference
         self.mailbox = mailbox if mailbox is not None else Mailbox(loop)
         self.inbox = Inbox(loop)   # openai_choices may point several streams at one
         self.finished = False
@@ -129,7 +129,7 @@ class JobStream:
         self.completed = False    # it ended with the job's own end/error event
 
     def sink(self, kind: str, payload: Any) -> None:
-        """The job's sink (worker.Job.sink): any thread."""
+        """The job's sink (inference.Job.sink): any thread."""
         self.mailbox.post(self, kind, payload)
 
     def accept(self, kind: str) -> bool:
@@ -175,4 +175,4 @@ class JobStream:
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
-            self.worker.cancel(self.job_id)
+            self.inference.cancel(self.job_id)

@@ -1,4 +1,4 @@
-"""What the endpoints share: the configuration, the loaded model, the worker,
+"""What the endpoints share: the configuration, the loaded model, the inference thread,
 and the path from a validated request to a queued job whose events arrive on
 the event loop."""
 
@@ -20,7 +20,7 @@ from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
-from orcd.server.worker import Job, Worker
+from orcd.server.inference import Job, InferenceThread
 
 #: /v1 prompts may have this many characters per token of context (at least
 #: MAX_PROMPT_CHARS): checked before tokenizing, which costs time and memory
@@ -85,7 +85,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.loaded: Any = None
         self.engine: Any = None
-        self.worker: Worker | None = None
+        self.inference: InferenceThread | None = None
         self.chat_template: Any = None
         self.health_cache: dict[str, Any] = {}
         self.started = time.monotonic()
@@ -102,7 +102,7 @@ class ServerState:
     # -- cached state for /health (no device calls on the request path) --------
     def can_take_work(self) -> bool:
         """/health answers 200 only then (503 while loading, unhealthy or draining)."""
-        return self.status == "healthy" and self.accepting and self.worker is not None
+        return self.status == "healthy" and self.accepting and self.inference is not None
 
     def health(self) -> dict[str, Any]:
         cfg = self.config
@@ -112,9 +112,9 @@ class ServerState:
                "cuda_runtime_version": None, "device": cfg.health_device,
                "worker_id": cfg.worker_id}
         out.update(self.health_cache)
-        worker = self.worker
-        out["running"] = worker.running if worker is not None else 0
-        out["waiting"] = worker.queue_depth if worker is not None else 0
+        inference = self.inference
+        out["running"] = inference.running if inference is not None else 0
+        out["waiting"] = inference.queue_depth if inference is not None else 0
         out["max_batch"] = cfg.max_batch
         out["uptime_seconds"] = round(time.monotonic() - self.started, 3)
         if not self.accepting:
@@ -127,7 +127,7 @@ class ServerState:
             raise Unavailable("the model is loading")
         if not self.accepting:
             raise Unavailable("the worker is shutting down")
-        if self.status != "healthy" or self.worker is None:
+        if self.status != "healthy" or self.inference is None:
             raise Unavailable(f"the worker is {self.status}")
 
     # -- requests → jobs ----------------------------------------------------------
@@ -218,11 +218,11 @@ class ServerState:
         # of them cost one loop wakeup (a new loop, as in tests, gets its own)
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
-        stream = JobStream(p.job_id, loop, self.worker, self._mailbox)
+        stream = JobStream(p.job_id, loop, self.inference, self._mailbox)
         job = Job(p.job_id, p.prompt_ids, p.max_tokens, p.sampling, stream.sink, p.stop,
                   timeout_s=self.config.inference_timeout_s, prompt_text=p.prompt_text,
                   constraint=p.constraint, arrived=p.arrived, checked=True)   # by plan
-        self.worker.submit(job)
+        self.inference.submit(job)
         return stream
 
 

@@ -76,7 +76,7 @@ def outcome_of(err: OrcdError | None) -> str:
     return "error"
 
 
-class Worker:
+class InferenceThread:
     """Owns the engine. ``scheduler``: run up to its ``max_batch`` jobs together
     (None: one at a time). ``queue_size``: how many jobs may wait beyond the
     running ones."""
