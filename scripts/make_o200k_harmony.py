@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "tokenizers"))
-from orcd_tokenizers.backend import bytes_to_unicode  # noqa: E402
+from orcd_tokenizers.hf_backed import bytes_to_unicode  # noqa: E402
 from orcd_tokenizers.pretokenize import O200K  # noqa: E402
 
 N_BASE = 199998  # o200k_base's mergeable ranks: ids 0..199997

@@ -48,13 +48,13 @@ def orcd_quant_formats() -> list[QuantFormat]:
 
 @hookspec(firstresult=True)
 def orcd_tokenizer(model: ModelFile, tokenizer_path: Path | None) -> Tokenizer | None:
-    """Build the tokenizer for ``model``, or return None if this backend
+    """Build the tokenizer for ``model``, or return None if this plugin
     cannot.
 
     ``tokenizer_path`` is an explicit ``tokenizer.json`` (from
-    ``--tokenizer`` or found beside the model file); a backend that handles it
+    ``--tokenizer`` or found beside the model file); a plugin that handles it
     must prefer it over the GGUF vocabulary. The first non-None result wins.
-    Raise ``ModelLoadFailed`` for a vocabulary this backend recognises but
+    Raise ``ModelLoadFailed`` for a vocabulary this plugin recognises but
     finds broken.
     """
 

@@ -1,4 +1,4 @@
-"""What the engine and the server need from a tokenizer backend.
+"""What the engine and the server need from a tokenizer.
 
 Backends come from plugins through the ``orcd_tokenizer`` hook. The engine
 only ever uses this protocol.
@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    #: backend name reported by /health: "gguf-bpe", "gguf-spm" or "hf-json"
+    #: the kind reported by /health: "gguf-bpe", "gguf-spm" or "hf-json"
     kind: str
     #: number of token ids (may exceed the number of real tokens)
     vocab_size: int

@@ -233,7 +233,7 @@ def test_plugin_is_registered(host):
 
 
 def test_broken_gguf_vocab_fails_loading():
-    from orcd_tokenizers.gguf_backends import build
+    from orcd_tokenizers.gguf_kinds import build
     from orcd_tokenizers.vocab import read_vocab
 
     with pytest.raises(ModelLoadFailed, match="tokens"):

@@ -28,7 +28,7 @@ version = "0.1.0"
 description = "orcd model plugin: {arch}"
 readme = "README.md"
 requires-python = ">=3.10"
-# the tokenizer backend every GGUF model (and orcd.devkit.testing) needs
+# the tokenizer plugin every GGUF model (and orcd.devkit.testing) needs
 dependencies = ["orcd>={orcd_version}", "orcd-plugin-tokenizers>=0.1"]
 
 [project.optional-dependencies]

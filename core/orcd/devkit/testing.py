@@ -79,7 +79,7 @@ def check_hooks(plugin: Any) -> Any:
 
 
 def host_with(plugin: Any) -> Any:
-    """A full PluginHost (entry points included, e.g. the tokenizer backend)
+    """A full PluginHost (entry points included, e.g. the tokenizer plugin)
     in which ``plugin`` is registered exactly once, installed or not."""
     from orcd.plugins import ENTRY_POINT_GROUP, PluginHost
 

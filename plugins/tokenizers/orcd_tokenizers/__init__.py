@@ -1,6 +1,6 @@
-"""orcd plugin: tokenizer backends (gguf-bpe, gguf-spm, hf-json).
+"""orcd plugin: tokenizers of three kinds (gguf-bpe, gguf-spm, hf-json).
 
-All three are built on the ``tokenizers`` library; see ``gguf_backends`` and
+All three are built on the ``tokenizers`` library; see ``gguf_kinds`` and
 ``hf_json``. An explicit or neighbouring ``tokenizer.json`` wins over the GGUF
 vocabulary.
 """
@@ -29,7 +29,7 @@ def orcd_tokenizer(model, tokenizer_path):
     if path is not None:
         from orcd_tokenizers.hf_json import load_hf_json
         return load_hf_json(Path(path), model)
-    from orcd_tokenizers.gguf_backends import build
+    from orcd_tokenizers.gguf_kinds import build
     from orcd_tokenizers.vocab import read_vocab
     if "tokenizer.ggml.model" not in model.metadata:
         return None

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from tokenizers import Tokenizer as HFTok
 
 from orcd.errors import ModelLoadFailed, OrcdError
-from orcd_tokenizers.backend import HFBackedTokenizer, TokenizerInfo, byte_level_bytes
+from orcd_tokenizers.hf_backed import HFBackedTokenizer, TokenizerInfo, byte_level_bytes
 from orcd_tokenizers.vocab import EOG_TEXTS, FIM_EOG_TEXTS
 
 SPACE = "\u2581"

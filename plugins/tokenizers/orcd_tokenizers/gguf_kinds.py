@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTok
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from orcd.errors import ModelLoadFailed
-from orcd_tokenizers.backend import HFBackedTokenizer, TokenizerInfo, byte_level_bytes
+from orcd_tokenizers.hf_backed import HFBackedTokenizer, TokenizerInfo, byte_level_bytes
 from orcd_tokenizers.pretokenize import pretokenizer_for
 from orcd_tokenizers.vocab import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, GGUFVocab
 

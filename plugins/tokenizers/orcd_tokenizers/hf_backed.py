@@ -1,6 +1,6 @@
 """One ``orcd.tokenizer.Tokenizer`` over a ``tokenizers.Tokenizer``.
 
-All three backends differ only in how they build the ``tokenizers`` object and
+All three kinds differ only in how they build the ``tokenizers`` object and
 the per-token byte table; encoding, decoding and input checks live here.
 Decoding joins each token's exact bytes (``token_bytes``) so that ``decode``
 and the streaming detokenizer agree byte for byte.
