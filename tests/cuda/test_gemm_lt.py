@@ -1,9 +1,9 @@
-"""The direct cuBLASLt GEMM backend (orcd/cuda/cublaslt.py, Gemm's default).
+"""The direct cuBLASLt GEMM (orcd/cuda/cublaslt.py, Gemm's default).
 
 GPU tests: c[m, n] = a[m, k] @ b[n, k]^T against a float64 numpy product of the
 same half-precision values, at the real Qwen2.5-0.5B prefill shapes; bitwise
 repeatability; the plan cache. Then checks that need no GPU: the row-major ->
-column-major derivation replayed in numpy, the alignment key, the backend name
+column-major derivation replayed in numpy, the alignment key, the implementation's name
 check and the fallback when the bindings are missing. tests/conftest.py skips
 everything under tests/cuda on a machine without a GPU, so these carry the cuda
 marker too and run with the GPU suite (locally: pytest --noconftest -k "not lt_").
@@ -52,8 +52,8 @@ def operands(scope, rng, m: int, n: int, k: int, dtype: str):
 def gemm(dev, alloc):
     from orcd.cuda.blas import Gemm
 
-    g = Gemm(dev, allocator=alloc)  # the default backend
-    assert g.backend == "cublaslt", "the cuBLASLt bindings did not load on the GPU machine"
+    g = Gemm(dev, allocator=alloc)  # the default implementation
+    assert g.impl == "cublaslt", "the cuBLASLt bindings did not load on the GPU machine"
     yield g
     g.close()
 
@@ -149,11 +149,11 @@ class NoCudaDevice:
 
 
 @pytest.mark.cuda
-def test_unknown_backend_is_refused_before_any_cuda():
+def test_unknown_implementation_is_refused_before_any_cuda():
     from orcd.cuda.blas import Gemm
 
     with pytest.raises(ValueError, match="cublaslt"):
-        Gemm(NoCudaDevice(), backend="cublas")
+        Gemm(NoCudaDevice(), impl="cublas")
 
 
 @pytest.mark.cuda
@@ -167,7 +167,7 @@ def test_missing_bindings_fall_back_to_nvmath_with_a_warning(monkeypatch):
     monkeypatch.setattr(cublaslt, "bindings", missing)
     with pytest.warns(UserWarning, match="cublaslt unavailable.*nvmath"):
         g = Gemm(NoCudaDevice())
-    assert g.backend == "nvmath" and g.lt is None
+    assert g.impl == "nvmath" and g.lt is None
 
 
 class FakeLt:

@@ -88,7 +88,7 @@ def test_prefill_without_scratch_falls_back_to_gemv(gpu, host):
 def test_bfloat16_prefill(gpu, host):
     from orcd.ops.matmul import MatmulKernels
 
-    mk16 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm_dtype="bfloat16", gemm=gpu.mm._gemm_backend)
+    mk16 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm_dtype="bfloat16", gemm=gpu.mm._gemm_impl)
     rng = np.random.default_rng()
     n_out, n_in = sized((896, 4864), (64, 512))
     w, w_ref = gpu.weight(host, "Q6_K", (n_out, n_in), rng)

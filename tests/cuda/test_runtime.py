@@ -334,10 +334,10 @@ def _bf16_value(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-@pytest.mark.parametrize("backend", ["nvmath", "simt"])
+@pytest.mark.parametrize("impl", ["nvmath", "simt"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 512), (64, 96, 128), (300, 1000, 768)])
-def test_gemm_matches_numpy(dev, alloc, backend, dtype, m, n, k):
+def test_gemm_matches_numpy(dev, alloc, impl, dtype, m, n, k):
     from orcd.cuda.blas import Gemm
     from orcd.cuda.memory import fill_bytes
 
@@ -352,7 +352,7 @@ def test_gemm_matches_numpy(dev, alloc, backend, dtype, m, n, k):
     A, B = upload(dev, alloc, a_bits), upload(dev, alloc, b_bits)
     C = alloc.alloc(m * n * 2, "scratch")
     fill_bytes(dev, C.ptr, 0xFF, m * n * 2)  # NaN in both fp16 and bf16
-    gemm = Gemm(dev, backend=backend)
+    gemm = Gemm(dev, impl=impl)
     for _ in range(2):  # the second call reuses the plan with reset operands
         gemm(A.ptr, B.ptr, C.ptr, m, n, k, dtype)
     dev.synchronize()
@@ -361,5 +361,5 @@ def test_gemm_matches_numpy(dev, alloc, backend, dtype, m, n, k):
     ref = a_val @ b_val.T
     assert np.isfinite(out).all()
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert rel < 1e-2, f"{backend} {dtype} relative error {rel:.2e}"
+    assert rel < 1e-2, f"{impl} {dtype} relative error {rel:.2e}"
     gemm.close()

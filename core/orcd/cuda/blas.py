@@ -4,20 +4,20 @@
 weight as GGUF stores it, row-major ``[n_out, n_in]``), accumulating in fp32
 and writing ``c`` in the input dtype, on the worker's stream.
 
-backend="cublaslt" (default): cuBLASLt called directly through nvmath-python's
+impl="cublaslt" (default): cuBLASLt called directly through nvmath-python's
 low-level bindings (orcd/cuda/cublaslt.py): per call one ``cublasLtMatmul`` on
 the raw pointers, the descriptor, layouts and algorithm planned once per shape,
 a 32 MiB workspace allocated once per ``Gemm``. If those bindings cannot be
-imported, a warning says why and the ``Gemm`` uses backend "nvmath".
+imported, a warning says why and the ``Gemm`` uses impl "nvmath".
 
-backend="nvmath": cuBLASLt through nvmath-python's ``Matmul``; one
+impl="nvmath": cuBLASLt through nvmath-python's ``Matmul``; one
 planned ``Matmul`` per (m, n, k, dtype), its operands reset to new pointers on
 each call, the result written in place into ``c`` (beta = 0, so ``c`` is never
 read). nvmath needs array objects, so the pointers are wrapped as cupy arrays
 (torch for bf16 where cupy has no bfloat16); both live on the GPU machine
 only and are imported here, never by orcd itself.
 
-backend="simt": a plain shared-memory-tiled kernel (``kernels/gemm_simt.cu``),
+impl="simt": a plain shared-memory-tiled kernel (``kernels/gemm_simt.cu``),
 no tensor cores: a correctness fallback, far slower than cuBLASLt.
 """
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from orcd.cuda.device import CudaDevice
     from orcd.cuda.memory import Allocator
 
-BACKENDS = ("cublaslt", "nvmath", "simt")
+IMPLS = ("cublaslt", "nvmath", "simt")   # how a Gemm computes (not a compute backend)
 DTYPES = ("float16", "bfloat16")
 SIMT_TILE = 16
 
@@ -40,19 +40,19 @@ SIMT_TILE = 16
 class Gemm:
     """``allocator`` (cublaslt only) holds the workspace; by default a private
     ``DeviceAllocator`` on ``device``. ``lt`` is the cuBLASLt planner (orcd.cuda.cublaslt.LtGemm)
-    when the backend is cublaslt, else None."""
+    when ``impl`` is cublaslt, else None."""
 
-    def __init__(self, device: "CudaDevice", backend: str = "cublaslt", compiler=None, launcher=None,
+    def __init__(self, device: "CudaDevice", impl: str = "cublaslt", compiler=None, launcher=None,
                  allocator: "Allocator | None" = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown GEMM backend {backend!r}: expected one of {BACKENDS}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown GEMM implementation {impl!r}: expected one of {IMPLS}")
         self.device = device
         self._plans: dict[tuple, Any] = {}
         self.lt = None
-        if backend == "cublaslt":
-            backend = self._init_lt(allocator)
-        self.backend = backend
-        if backend == "simt":
+        if impl == "cublaslt":
+            impl = self._init_lt(allocator)
+        self.impl = impl
+        if impl == "simt":
             self._init_simt(compiler, launcher)
 
     def __call__(self, a: int, b: int, c: int, m: int, n: int, k: int, dtype: str = "float16") -> None:
@@ -64,7 +64,7 @@ class Gemm:
         self.device.make_current()
         if self.lt is not None:
             self.lt(int(a), int(b), int(c), m, n, k, dtype, self.device.stream_handle)
-        elif self.backend == "nvmath":
+        elif self.impl == "nvmath":
             self._nvmath(int(a), int(b), int(c), m, n, k, dtype)
         else:
             self._simt(int(a), int(b), int(c), m, n, k, dtype)
@@ -72,14 +72,14 @@ class Gemm:
     # -- cuBLASLt directly, through nvmath-python's raw bindings ----------------
 
     def _init_lt(self, allocator) -> str:
-        """Build the cuBLASLt planner; the backend's name, "nvmath" if the bindings are missing."""
+        """Build the cuBLASLt planner; the impl's name, "nvmath" if the bindings are missing."""
         from orcd.cuda import cublaslt
 
         try:
             lt = cublaslt.bindings()
         except ImportError as e:
             # a slower path, not a silent one (Python shows a warning once per call site)
-            warnings.warn(f"GEMM backend cublaslt unavailable ({e}): using backend nvmath", stacklevel=3)
+            warnings.warn(f"GEMM implementation cublaslt unavailable ({e}): using nvmath", stacklevel=3)
             return "nvmath"
         self.lt = cublaslt.LtGemm(self.device, lt, allocator)
         return "cublaslt"
@@ -103,7 +103,7 @@ class Gemm:
             import cupy
             from nvmath.linalg import advanced
         except ImportError as e:
-            raise CudaError(f"GEMM backend nvmath needs nvmath-python and cupy: {e}",
+            raise CudaError(f"GEMM implementation nvmath needs nvmath-python and cupy: {e}",
                             cuda_error="IMPORT", call="import nvmath") from None
         stream = self.device.stream_handle
         with cupy.cuda.Device(self.device.index):

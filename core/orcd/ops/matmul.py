@@ -156,7 +156,7 @@ class MatmulKernels:
         value, the activation rounding llama.cpp's GPU GEMVs also make): "off",
         "all" integer formats, or "auto" (integer formats, where one input's
         weights hold >= INT8_AUTO_MIN_VALUES values).
-        ``gemm``: the prefill GEMM's backend (orcd.cuda.blas.Gemm: "cublaslt",
+        ``gemm``: the prefill GEMM's implementation (orcd.cuda.blas.Gemm: "cublaslt",
         "nvmath" or "simt", on an fp16 copy of each weight tile); ``allocator`` holds its workspace. ``formats``: the
         format table whose rows get kernels (default: the built-in formats); each
         format's kernels are a module of their own, compiled at first use or by
@@ -177,7 +177,7 @@ class MatmulKernels:
         self.int8_off = int8 == "off"
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
-        self._gemm_backend, self._allocator = gemm, allocator
+        self._gemm_impl, self._allocator = gemm, allocator
         self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
 
     # -- public ops --------------------------------------------------------------------
@@ -449,9 +449,9 @@ class MatmulKernels:
     def _gemm_ready(self) -> bool:
         if self._gemm is None:
             try:
-                if self._gemm_backend != "simt":
+                if self._gemm_impl != "simt":
                     import nvmath  # noqa: F401
-                if self._gemm_backend == "nvmath":
+                if self._gemm_impl == "nvmath":
                     import cupy  # noqa: F401
             except ImportError as e:
                 # a slower path, not a silent one: say why once per kernel set
@@ -462,7 +462,7 @@ class MatmulKernels:
             else:
                 from orcd.cuda.blas import Gemm
 
-                self._gemm = Gemm(self.device, self._gemm_backend, self.compiler, self.launch,
+                self._gemm = Gemm(self.device, self._gemm_impl, self.compiler, self.launch,
                                   allocator=self._allocator)
         return self._gemm is not False
 
