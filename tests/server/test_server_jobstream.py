@@ -53,7 +53,7 @@ def test_a_burst_of_events_wakes_the_loop_once():
         for step in range(10):       # the loop runs nothing in between: one burst
             for s in streams:
                 s.sink("token", step)
-        got = [await s.take() for s in streams]
+        got = [[(k, p) for _, k, p in await Choices([s]).take()] for s in streams]
         return len(wakeups), got
 
     wakeups, got = run(main())
@@ -82,7 +82,7 @@ def test_events_from_the_inference_thread_cost_far_fewer_wakeups_in_order():
 
         async def consume(s):
             seen = []
-            async for kind, payload in s.events():
+            async for _, kind, payload in Choices([s]).events():
                 seen.append((kind, payload))
             return seen
         seen = await asyncio.gather(*(consume(s) for s in streams))
@@ -193,7 +193,7 @@ def test_leaving_early_cancels_the_jobs():
         worker = FakeWorker()
         one = JobStream("one", loop, worker)
         one.sink("token", 0)
-        async for _ in one.events():
+        async for _ in Choices([one]).events():
             break                              # a client error, a disconnect
         await asyncio.sleep(0)                 # the generator's finally has run
         streams = [JobStream(f"n-{i}", loop, worker) for i in range(2)]

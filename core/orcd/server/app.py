@@ -28,13 +28,14 @@ from orcd.errors import InternalError, InvalidRequest, OrcdError
 from orcd.server.gate import Gate
 from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFound,
                               error_response, read_body)
+from orcd.server.inference import InferenceThread, ShutdownCancelled
 from orcd.server.narration import LoadProgress, Narrator
 from orcd.server.openai_api import router as openai_router
+from orcd.server.openai_choices import Choices
 from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
 from orcd.server.state import Planned, ServerConfig, ServerState
 from orcd.server.streaming import frame_batches
-from orcd.server.inference import ShutdownCancelled, InferenceThread
 
 #: how often the inference thread, when idle, checks that the weights are resident
 IDLE_REFRESH_S = 5.0   # how often an idle worker refreshes memory figures and maybe checks residency
@@ -202,7 +203,7 @@ async def _execute_frames(stream, model: str, seed: int):
 
     def render(event, out: list[bytes]) -> None:
         nonlocal i
-        kind, payload = event
+        _, kind, payload = event   # (choice 0, kind, payload)
         if kind == "started":
             out.append(sse_event("started", {"job_id": stream.job_id, "model": model,
                                              "started_at": payload["started_at"], "seed": seed}))
@@ -219,12 +220,13 @@ async def _execute_frames(stream, model: str, seed: int):
             err = payload.to_dict()
             err.pop("field", None)
             out.append(sse_event("error", err))
+    job = Choices([stream])   # the OpenAI routes' reader, for one choice
     try:
         # no keep-alive here (take waits without a timeout), as before
-        async for frames in frame_batches(stream.take, render):
+        async for frames in frame_batches(job.take, render):
             yield frames
     finally:
-        stream.cancel()
+        job.cancel()
 
 
 # -- lifecycle -----------------------------------------------------------------
@@ -242,10 +244,10 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.loaded, state.engine = lm, Engine(lm)
         state.chat_template = _chat_template(state)
         scheduler = new_scheduler(cfg, state.engine)
-        state.inference = InferenceThread(state.engine, queue_size=cfg.queue_size, metrics=state.metrics,
-                              narrator=narr, idle_task=lambda: _refresh_device_state(state),
-                              idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s),
-                              scheduler=scheduler)
+        state.inference = InferenceThread(
+            state.engine, queue_size=cfg.queue_size, metrics=state.metrics, narrator=narr,
+            idle_task=lambda: _refresh_device_state(state),
+            idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s), scheduler=scheduler)
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
         state.inference.start()

@@ -11,8 +11,9 @@ large enough to compete with the inference thread for the GIL, so:
 - ``Inbox`` buffers delivered events on the loop for one consumer, which waits
   on a single future (with a timer only while it waits, for keep-alives):
   no Task per event, and every event already there is taken in one go.
-- ``JobStream`` is one job's end of this; several streams may share an inbox
-  (openai_choices merges a request's ``n`` choices that way).
+- ``JobStream`` is one job's end of this, read through
+  ``openai_choices.Choices`` (every route's reader: one stream for /execute, a
+  request's ``n`` choices sharing one inbox for the OpenAI routes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any
 
 TERMINAL = ("end", "error")
 #: a wait's timer may fire this early (the loop runs timers due within its clock's
@@ -141,36 +142,6 @@ class JobStream:
         elif self.finished:   # the one event after a cancel here
             self.ended = True
         return True
-
-    async def take(self, timeout: float | None = None) -> list[tuple[str, Any]] | None:
-        """Every (kind, payload) buffered now, waiting for one first: [] once the
-        stream has ended, None if ``timeout`` passed without an event. Needs the
-        stream's own inbox (not a shared one)."""
-        inbox = self.inbox
-        while not self.ended:
-            if not inbox.items and not await inbox.wait(timeout):
-                return None
-            out = []
-            items = inbox.items
-            while items and not self.ended:
-                _, kind, payload = items.popleft()
-                if self.accept(kind):
-                    out.append((kind, payload))
-            if out:
-                return out
-        return []
-
-    async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        """(kind, payload) until and including the terminal end/error event.
-        Leaving early (disconnect, client error) cancels the job."""
-        try:
-            while batch := await self.take():
-                for item in batch:
-                    yield item
-                    if self.finished:   # its end, or cancelled while the consumer had it
-                        return
-        finally:
-            self.cancel()
 
     def cancel(self) -> None:
         if not self.finished:

@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 from orcd.engine import GenerateRequest, with_seed
 from orcd.errors import InvalidRequest, Unavailable
 from orcd.ops.sampling import SamplingParams, request_defaults
+from orcd.server.inference import InferenceThread, Job
 from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
-from orcd.server.inference import Job, InferenceThread
 
 #: /v1 prompts may have this many characters per token of context (at least
 #: MAX_PROMPT_CHARS): checked before tokenizing, which costs time and memory
