@@ -42,9 +42,9 @@ class DeviceTensor:
         """Same bytes, another shape (one dimension may be -1)."""
         shape = tuple(shape)
         if -1 in shape:
-            known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+            known = int(math.prod(d for d in shape if d != -1))
             shape = tuple(self.numel // known if d == -1 else d for d in shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.numel:
+        if int(math.prod(shape)) != self.numel:
             raise ValueError(f"cannot view {self.shape} as {shape}")
         return DeviceTensor(self.ptr, shape, self.dtype)
 
