@@ -1,6 +1,7 @@
 """Decode GEMV bandwidth: achieved GB/s of MatmulKernels.linear vs the card's copy bandwidth.
 
     python3 bench/bench_gemv.py [--replays 15] [--int8] [--out results.md]
+    python3 bench/bench_gemv.py --batch 1,16,32    # a decode batch's int8 GEMVs
 
 Bytes counted per GEMV: the weight's blocks + x + out (each read or written
 once). A GEMV of a few MB takes microseconds, far less than a Python launch,
@@ -58,7 +59,7 @@ def copy_gbps(dev, alloc, timer, nbytes=1 << 30) -> float:
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
 
-def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=False):
+def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=False, batch=False):
     from orcd.cuda.graph import capture
     from orcd.cuda.memory import from_host
     from orcd.cuda.tensor import DeviceTensor, QWeight
@@ -85,9 +86,18 @@ def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=
         arena = Arena(qb.ptr, qb.nbytes)
         x = mk.quantize(x, arena)
 
+    # batch: the rows of a decode batch, as CudaOps.linear runs them (launches of up to
+    # gemv_rows rows; 16 before the int8 GEMV took 32)
+    step = getattr(mk, "gemv_rows", lambda _x: 16)(x) if batch else T
+
     def record():
         for i in range(launches):
-            mk.linear(x, ws[i % copies], None, out)
+            for s in range(0, T, step):
+                e = min(T, s + step)
+                if batch:
+                    mk.gemv(x.rows(s, e), ws[i % copies], None, out.rows(s, e))
+                else:
+                    mk.linear(x, ws[i % copies], None, out)
 
     with capture(dev, record) as graph:
         graph.replay()
@@ -106,6 +116,8 @@ def main() -> None:
     ap.add_argument("--out", help="also write the markdown table here")
     ap.add_argument("--int8", action="store_true",
                     help="also time the int8-activation (dp4a) GEMV of each integer format")
+    ap.add_argument("--batch", help="time the int8 GEMVs of a decode batch at these row counts "
+                    "(comma-separated) on Qwen2.5-0.5B's and Phi-3-mini's shapes instead")
     args = ap.parse_args()
 
     from orcd.cuda.device import CudaDevice
@@ -125,6 +137,9 @@ def main() -> None:
              f"copy ceiling {ceiling:.0f} GB/s (1 GiB D2D, read + write).", "",
              "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy | int8 us | int8 GB/s | fp32 / int8 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if args.batch:
+        lines += batch_table(dev, alloc, mk, timer, host, [int(t) for t in args.batch.split(",")], args.replays)
+        return finish(lines, args.out, dev)
     print("\n".join(lines), flush=True)
     for name, n_out, n_in, T in QWEN + LARGER + BIG:
         us, gbps = bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, args.replays)
@@ -136,8 +151,33 @@ def main() -> None:
                 f"{100 * gbps / ceiling:.0f}% |{q8}")
         lines.append(line)
         print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    finish(lines, args.out, dev)
+
+
+# Qwen2.5-0.5B's decode GEMVs (output, gate/up, down twice: Q4_K and Q6_K layers, q, o),
+# then Phi-3-mini's qkv and down
+BATCH = [("Q8_0", 151936, 896), ("Q5_0", 4864, 896), ("Q4_K", 896, 4864), ("Q6_K", 896, 4864),
+         ("Q5_0", 896, 896), ("Q4_K", 9216, 3072), ("Q6_K", 3072, 8192)]
+
+
+def batch_table(dev, alloc, mk, timer, host, rows, replays) -> list[str]:
+    """us per batch GEMV at each row count, and its ratio to one row."""
+    head = ["", f"Decode batch int8 GEMVs on {dev.info.name}: us per GEMV (x the 1-row time)", "",
+            "| format | n_out x n_in | " + " | ".join(f"T={t}" for t in rows) + " |",
+            "| --- | --- |" + " --- |" * len(rows)]
+    print("\n".join(head), flush=True)
+    for name, n_out, n_in in BATCH:
+        us = [bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, t, replays, True, True)[0] for t in rows]
+        line = (f"| {name} | {n_out} x {n_in} | "
+                + " | ".join(f"{u:.2f} ({u / us[0]:.1f}x)" for u in us) + " |")
+        head.append(line)
+        print(line, flush=True)
+    return head
+
+
+def finish(lines, out, dev) -> None:
+    if out:
+        with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
     dev.close()
 

@@ -99,27 +99,32 @@ def test_bfloat16_prefill(gpu, host):
     assert rel(gpu.get(out), x_host.astype(np.float64) @ w_ref.T) < GEMM_TOL
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "Q8_0", "Q6_K", "Q4_0", "MXFP4"])
 def test_batch_gemv_rows_equal_rows_alone(gpu, host, name):
-    # a decode batch's 16 rows in one launch (each weight read once): every row's
-    # sum is bitwise the one it gets alone, fp32 and int8 activations alike
-    from orcd.ops.matmul import BATCH_GEMV_T
+    # a decode batch's rows in one launch (each weight read once: 16 rows of fp32
+    # activations, 32 of int8): every row's sum is bitwise the one it gets alone
+    from orcd.ops.matmul import BATCH_GEMV_Q8_T, BATCH_GEMV_T
 
     rng = np.random.default_rng()
     n_out, n_in = sized((896, 4864), (64, 512))
     w, w_ref = gpu.weight(host, name, (n_out, n_in), rng)
-    x_host = rng.standard_normal((BATCH_GEMV_T, n_in)).astype(np.float32)
-    for x in (gpu.put(x_host), gpu.mm.quantize(gpu.put(x_host), gpu.arena)):
-        out = gpu.empty((BATCH_GEMV_T, n_out))
+    x_host = rng.standard_normal((BATCH_GEMV_Q8_T, n_in)).astype(np.float32)
+    x32 = gpu.put(x_host)
+    for x, T in ((x32.rows(0, BATCH_GEMV_T), BATCH_GEMV_T), (gpu.mm.quantize(x32, gpu.arena), BATCH_GEMV_Q8_T)):
+        assert gpu.mm.gemv_rows(x) == T
+        out = gpu.empty((T, n_out))
         gpu.mm.gemv(x, w, None, out)
         batched = gpu.get(out).copy()
-        assert rel(batched, x_host.astype(np.float64) @ w_ref.T) < 2e-2   # int8: ~1e-2
-        for t in (0, 7, 15):
+        assert rel(batched, x_host[:T].astype(np.float64) @ w_ref.T) < 2e-2   # int8: ~1e-2
+        for t in (0, 7, T - 1):
             one = gpu.empty((1, n_out))
             gpu.mm.gemv(x.rows(t, t + 1), w, None, one)
-            assert np.array_equal(gpu.get(one)[0], batched[t]), f"{name} row {t} differs alone"
+            assert np.array_equal(gpu.get(one)[0], batched[t]), f"{name} row {t} of {T} differs alone"
     with pytest.raises(ValueError, match="at most 16 rows"):
         gpu.mm.gemv(gpu.empty((17, n_in)), w, None, gpu.empty((17, n_out)))
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        x33 = gpu.mm.quantize(gpu.put(rng.standard_normal((33, n_in)).astype(np.float32)), gpu.arena)
+        gpu.mm.gemv(x33, w, None, gpu.empty((33, n_out)))
 
 
 @pytest.mark.gpu_only

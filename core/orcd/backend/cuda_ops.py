@@ -101,14 +101,13 @@ class CudaOps:
         return out
 
     def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
-        from orcd.ops.matmul import BATCH_GEMV_T
-
         T = x.shape[0]
         out = self._empty((T, w.shape[0]))                        # [T, n_out]
-        if self.per_row:   # GEMVs of <= 16 rows, never the GEMM: each row summed alike in any batch
+        if self.per_row:   # GEMVs of <= 32 rows, never the GEMM: each row summed alike in any batch
             xa = self._act(x, w)
-            for s in range(0, T, BATCH_GEMV_T):
-                e = min(T, s + BATCH_GEMV_T)
+            step = self.b.mm.gemv_rows(xa)
+            for s in range(0, T, step):
+                e = min(T, s + step)
                 self.b.mm.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
             return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it

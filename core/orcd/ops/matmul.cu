@@ -34,20 +34,21 @@ struct ActF32 {
 };
 
 // ActQ8: int8 rows xq [nT, n_in] (read as ints) with per-32 scales xd [nT, n_in / 32]
-// (quantize_q8); integer formats only (F::INT8), the piece dotted with dp4a.
+// (quantize_q8); integer formats only (F::INT8), the piece dotted with dp4a. The piece
+// is unpacked once for all T rows where the format splits dot8 (base.cuh's Int8Piece).
 template <class F>
 struct ActQ8 {
     const int* __restrict__ xq;
     const float* __restrict__ xd;
     int n_in;
-    const u8* row;
-    int nb, b, p;
-    __device__ __forceinline__ void piece(const u8* row_, int nb_, int b_, int p_) {
-        row = row_; nb = nb_; b = b_; p = p_;
+    Int8Piece<F> w;
+    int b;
+    __device__ __forceinline__ void piece(const u8* row, int nb, int b_, int p) {
+        w.unpack(row, nb, b_, p);
+        b = b_;
     }
     __device__ __forceinline__ float dot(int t) const {
-        return F::dot8(row, nb, b, p, xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
-                       xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
+        return w.dot(xq + (long long)t * (n_in / 4) + b * (F::QK / 4), xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
     }
 };
 
@@ -536,6 +537,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 8); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 32); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \

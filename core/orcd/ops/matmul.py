@@ -53,9 +53,11 @@ INT8_AUTO_MIN_VALUES = 1 << 23   # weight values the GEMVs of one input read, at
 INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8, 16)  # GEMV instantiations: T is rounded up to one of these
-# rows of a decode batch per GEMV launch (MatmulKernels.gemv): a batch of 16 reads each
-# weight once per step, not twice as two launches of 8 did
+GEMV_Q8_TM = GEMV_TM + (32,)  # and of the int8 GEMV (a weight piece unpacked once for all rows)
+# rows of a decode batch per GEMV launch (MatmulKernels.gemv): a batch of 16 (32 with int8
+# activations) reads each weight once per step, not twice as two launches of 8 did
 BATCH_GEMV_T = GEMV_TM[-1]
+BATCH_GEMV_Q8_T = GEMV_Q8_TM[-1]
 GEMV_ROWS = 4               # warps per GEMV block
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
 MOE_TC_TILE = 64            # pairs per tile of the tensor-core grouped matmul (matmul.cu's TC_TILE)
@@ -203,15 +205,21 @@ class MatmulKernels:
             e = min(T, s + GEMV_MAX_T)
             self._gemv(x.rows(s, e), w, b, out.rows(s, e))
 
+    @staticmethod
+    def gemv_rows(x) -> int:
+        """Rows one ``gemv`` launch takes of activations x (float32 or int8)."""
+        return BATCH_GEMV_Q8_T if isinstance(x, Q8Act) else BATCH_GEMV_T
+
     def gemv(self, x, w, b, out, scratch=None) -> None:
-        """linear for up to BATCH_GEMV_T rows, always by the GEMV: each row summed
+        """linear for up to ``gemv_rows(x)`` rows, always by the GEMV: each row summed
         alike whatever T (a batch of decodes: a row's logits do not depend on its
         batch). x float32 or int8 activations."""
         T, _ = self._check_linear(x, w, b, out)
-        if T > BATCH_GEMV_T:
-            raise ValueError(f"gemv: at most {BATCH_GEMV_T} rows per launch, got {T}")
         arena = scratch if scratch is not None else self.scratch
-        self._gemv(self.activations(x, w, arena), w, b, out)
+        x = self.activations(x, w, arena)
+        if T > self.gemv_rows(x):
+            raise ValueError(f"gemv: at most {self.gemv_rows(x)} rows per launch, got {T}")
+        self._gemv(x, w, b, out)
 
     def quantize(self, x, arena) -> Q8Act:
         """x float32 [T, n] (n a multiple of 32) -> its int8 activations, in ``arena``."""
@@ -393,9 +401,9 @@ class MatmulKernels:
     def _gemv(self, x, w, b, out) -> None:
         T, n_in = x.shape
         n_out = w.shape[0]
-        tm = next(m for m in GEMV_TM if m >= T)
-        split = gemv_split(n_out, row_pieces(w))
         q8 = isinstance(x, Q8Act)
+        tm = next(m for m in (GEMV_Q8_TM if q8 else GEMV_TM) if m >= T)
+        split = gemv_split(n_out, row_pieces(w))
         self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}", w, f"_t{tm}"),
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,

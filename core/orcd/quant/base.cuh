@@ -31,6 +31,14 @@
 // is about a quarter of an instruction instead of an unpack, a convert and an
 // fp32 FMA, and 1 byte of activation instead of 4.
 //
+// A batch of T rows dots one weight piece with T rows of activations. A format may
+// split dot8 into an unpack and a dot so that the piece is read and unpacked once
+// for all of them (Int8Piece below):
+//   typedef ... Piece8;                    the piece as int8 words and scales
+//   Piece8 unpack8(row, nb, b, p)
+//   float dot8(const Piece8&, p, xq, xd)  (same arguments otherwise, same result)
+// A format without the split still works: its dot8 runs once per row.
+//
 // The float expressions follow ggml's order (d * q + m, d * (q - 8), ...).
 #pragma once
 
@@ -113,6 +121,52 @@ __device__ __forceinline__ float quantize_group(const float* v, u32* q) {
     return d;
 }
 #define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
+
+// Bytes q_i - off of four bytes q_i < 128 (off <= 128), as signed bytes: bit 7 set
+// first, so no byte borrows from the next. A format whose values are d * (q - off)
+// dots the signed bytes directly instead of also summing the activations.
+__device__ __forceinline__ u32 minus_bytes(u32 q, u32 off4) { return ((q | 0x80808080u) - off4) ^ 0x80808080u; }
+
+// The 4 int8 activation words at xq (16-byte aligned).
+__device__ __forceinline__ void x_words4(const int* __restrict__ xq, int* x) {
+    const uint4 a = ldx128(xq);
+    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
+}
+
+// dot8 from a format's split (Piece8, unpack8 and the piece's dot8), in its struct.
+#define ORCD_DOT8_FROM_PIECE                                                                   \
+    __device__ static float dot8(const u8* row, int nb, int b, int p, const int* __restrict__ xq, \
+                                 const float* __restrict__ xd) {                               \
+        return dot8(unpack8(row, nb, b, p), p, xq, xd);                                        \
+    }
+
+// One weight piece as the int8 GEMV holds it across its rows: unpacked once where the
+// format splits dot8 (base.cuh's Piece8), else its address, dot8 then running per row.
+template <class...>
+struct orcd_void { typedef void type; };
+template <class F, class = void>
+struct Int8Piece {
+    const u8* row;
+    int nb, b, p;
+    __device__ __forceinline__ void unpack(const u8* row_, int nb_, int b_, int p_) {
+        row = row_; nb = nb_; b = b_; p = p_;
+    }
+    __device__ __forceinline__ float dot(const int* __restrict__ xq, const float* __restrict__ xd) const {
+        return F::dot8(row, nb, b, p, xq, xd);
+    }
+};
+template <class F>
+struct Int8Piece<F, typename orcd_void<typename F::Piece8>::type> {
+    typename F::Piece8 k;
+    int p;
+    __device__ __forceinline__ void unpack(const u8* row, int nb, int b, int p_) {
+        k = F::unpack8(row, nb, b, p_);
+        p = p_;
+    }
+    __device__ __forceinline__ float dot(const int* __restrict__ xq, const float* __restrict__ xd) const {
+        return F::dot8(k, p, xq, xd);
+    }
+};
 
 // sum_i v[i] * x[pos_i] over one dequantized piece v (RUNS x RUN values) and the
 // fp32 activations at its positions: xt points at the piece's first position, in

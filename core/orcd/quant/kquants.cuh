@@ -78,24 +78,27 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
             }
     }
     // x words 8j + 4(p & 1) + w (sub-block j) and 8 further on (j + 1)
-    __device__ static float dot8(const u8* row, int nb, int blk, int p, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
-        const AffineKPiece k = affine_k_piece<FIVE>(row, nb, blk, p);
+    typedef AffineKPiece Piece8;
+    __device__ static Piece8 unpack8(const u8* row, int nb, int blk, int p) {
+        return affine_k_piece<FIVE>(row, nb, blk, p);
+    }
+    __device__ static float dot8(const Piece8& k, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
         const int j = 2 * (p >> 1);
-        const int* x0 = xq + 8 * j + 4 * (p & 1);
-        const int* x1 = x0 + 8;
+        int x0[4], x1[4];
+        x_words4(xq + 8 * j + 4 * (p & 1), x0);
+        x_words4(xq + 8 * j + 4 * (p & 1) + 8, x1);
         int s0 = 0, s1 = 0, n0 = 0, n1 = 0;   // sum q * xq and sum xq, per sub-block
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            const int a = ldx(x0, w), c = ldx(x1, w);
-            s0 = dot4(k.lo[w], a, s0);
-            n0 = dot4(ONES, a, n0);
-            s1 = dot4(k.hi[w], c, s1);
-            n1 = dot4(ONES, c, n1);
+            s0 = dot4(k.lo[w], x0[w], s0);
+            n0 = dot4(ONES, x0[w], n0);
+            s1 = dot4(k.hi[w], x1[w], s1);
+            n1 = dot4(ONES, x1[w], n1);
         }
         return __ldg(xd + j) * (k.dl0 * (float)s0 - k.ml0 * (float)n0) +
                __ldg(xd + j + 1) * (k.dl1 * (float)s1 - k.ml1 * (float)n1);
     }
+    ORCD_DOT8_FROM_PIECE
 };
 typedef FmtAffineK<false> FmtQ4_K;
 typedef FmtAffineK<true> FmtQ5_K;
@@ -136,22 +139,33 @@ struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x =
     static constexpr int QK = 256, BYTES = 210, PIECES = 8, RUNS = 4, RUN = 8, STRIDE = 32;
     // piece p: 8 values at l of each of the four 32-groups of half h: group g is
     // x words 32h + 8g + l / 4 (+1) and scale xd[4h + g]
-    __device__ static float dot8(const u8* row, int nb, int blk, int p, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
-        const int h = p >> 2, l = 8 * (p & 3);
+    struct Piece8 {
+        u32 q[2][4];   // as Q6KPiece's, less 32: signed bytes
+        float dl[4];   // d * sc of each group
+    };
+    __device__ static Piece8 unpack8(const u8* row, int nb, int blk, int p) {
         const Q6KPiece k = q6k_piece(row, nb, blk, p);
-        int sq[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
+        Piece8 r;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            r.q[0][g] = minus_bytes(k.q[0][g], 0x20202020u);
+            r.q[1][g] = minus_bytes(k.q[1][g], 0x20202020u);
+            r.dl[g] = q6k_scale(k, p, g);
+        }
+        return r;
+    }
+    __device__ static float dot8(const Piece8& k, int p, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int h = p >> 2, l = 8 * (p & 3);
+        float acc = 0.f;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
             const uint2 x = __ldg((const uint2*)(xq + 32 * h + 8 * g + l / 4));
-            sq[g] = dot4(k.q[1][g], (int)x.y, dot4(k.q[0][g], (int)x.x, 0));
-            sx[g] = dot4(ONES, (int)x.y, dot4(ONES, (int)x.x, 0));
+            const int sq = dot4(k.q[1][g], (int)x.y, dot4(k.q[0][g], (int)x.x, 0));
+            acc += k.dl[g] * __ldg(xd + 4 * h + g) * (float)sq;
         }
-        float acc = 0.f;
-#pragma unroll
-        for (int g = 0; g < 4; ++g) acc += q6k_scale(k, p, g) * __ldg(xd + 4 * h + g) * (float)(sq[g] - 32 * sx[g]);
         return acc;
     }
+    ORCD_DOT8_FROM_PIECE
     __device__ static int base(int p) { return 128 * (p >> 2) + 8 * (p & 3); }
     __device__ static void load(const u8* row, int nb, int blk, int p, float* v) {
         const Q6KPiece k = q6k_piece(row, nb, blk, p);

@@ -53,21 +53,26 @@ struct FmtMXFP4 {  // planes: qs [16], e [1]
     static constexpr int QK = 32, BYTES = 17, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
     __device__ static int base(int) { return 0; }
     __device__ static float scale(const u8* row, int nb, int b) { return e8m0_half(__ldg(row + 16 * nb + b)); }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
+    struct Piece8 {   // the doubled values as signed bytes: lo[w] values 4w.., hi[w] 16 + 4w..
+        int2 v[4];
+        float d;
+    };
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
         const uint4 q4 = ld128(row + 16 * b);
-        const u32 qs[4] = {q4.x, q4.y, q4.z, q4.w};
+        return {{e2m1x8_i8(q4.x), e2m1x8_i8(q4.y), e2m1x8_i8(q4.z), e2m1x8_i8(q4.w)}, scale(row, nb, b)};
+    }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
         int x[8];
         x_words(xq, x);
         int s = 0;
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
-            const int2 v = e2m1x8_i8(qs[w]);
-            s = dot4((u32)v.x, x[w], s);
-            s = dot4((u32)v.y, x[4 + w], s);
+            s = dot4((u32)k.v[w].x, x[w], s);
+            s = dot4((u32)k.v[w].y, x[4 + w], s);
         }
-        return scale(row, nb, b) * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
+        return k.d * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
     }
+    ORCD_DOT8_FROM_PIECE
     __device__ static void load(const u8* row, int nb, int b, int, float* v) {
         const float d = scale(row, nb, b);
         const uint4 q4 = ld128(row + 16 * b);

@@ -70,7 +70,19 @@ __device__ __forceinline__ Nibbles nibbles(uint4 qs4, u32 qh) {
     return n;
 }
 
-// (sum q * xq, sum xq) over the block's 32 values.
+// The block's quants as signed bytes q - off (off4: off in every byte), for the
+// formats whose values are d * (q - off): their dot needs no sum of the activations.
+__device__ __forceinline__ Nibbles minus_nibbles(Nibbles n, u32 off4) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        n.lo[w] = minus_bytes(n.lo[w], off4);
+        n.hi[w] = minus_bytes(n.hi[w], off4);
+    }
+    return n;
+}
+
+// (sum q * xq, and with SUM sum xq, else 0) over the block's 32 values.
+template <bool SUM>
 __device__ __forceinline__ int2 nibbles_dot8(const Nibbles& n, const int* __restrict__ xq) {
     int x[8];
     x_words(xq, x);
@@ -79,11 +91,19 @@ __device__ __forceinline__ int2 nibbles_dot8(const Nibbles& n, const int* __rest
     for (int w = 0; w < 4; ++w) {
         s = dot4(n.lo[w], x[w], s);
         s = dot4(n.hi[w], x[4 + w], s);
-        sx = dot4(ONES, x[w], sx);
-        sx = dot4(ONES, x[4 + w], sx);
+        if (SUM) {
+            sx = dot4(ONES, x[w], sx);
+            sx = dot4(ONES, x[4 + w], sx);
+        }
     }
     return make_int2(s, sx);
 }
+
+// A 32-value block as its int8 dot reads it (base.cuh's Piece8): quants and d (, m).
+struct NibblePiece {
+    Nibbles n;
+    float d, m;
+};
 
 // v[i] = value(2^23 + q_i) for the block's 32 values, in position order.
 template <class Value>
@@ -111,11 +131,14 @@ struct FmtQ4_0 {  // planes: qs [16], d f16 [2]: x = d * (q - 8)
         const float d = scale(row, nb, b);
         nibbles_load(nibbles<false>(qs16(row, b), 0), v, [d](float f) { return d * (f - (MAGIC + 8.0f)); });
     }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
-        const int2 s = nibbles_dot8(nibbles<false>(qs16(row, b), 0), xq);
-        return scale(row, nb, b) * __ldg(xd) * (float)(s.x - 8 * s.y);
+    typedef NibblePiece Piece8;   // q - 8
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
+        return {minus_nibbles(nibbles<false>(qs16(row, b), 0), 0x08080808u), scale(row, nb, b), 0.f};
     }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
+        return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+    }
+    ORCD_DOT8_FROM_PIECE
 };
 
 struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
@@ -127,12 +150,16 @@ struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
         const float d = f16_to_f32((u16)(dm & 0xFFFFu)), m = f16_to_f32((u16)(dm >> 16));
         nibbles_load(nibbles<false>(qs16(row, b), 0), v, [d, m](float f) { return d * (f - MAGIC) + m; });
     }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
+    typedef NibblePiece Piece8;
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
         const u32 dm = ld32(row + 16 * nb + 4 * b);
-        const int2 s = nibbles_dot8(nibbles<false>(qs16(row, b), 0), xq);
-        return __ldg(xd) * (f16_to_f32((u16)(dm & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(dm >> 16)) * (float)s.y);
+        return {nibbles<false>(qs16(row, b), 0), f16_to_f32((u16)(dm & 0xFFFFu)), f16_to_f32((u16)(dm >> 16))};
     }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int2 s = nibbles_dot8<true>(k.n, xq);
+        return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+    }
+    ORCD_DOT8_FROM_PIECE
 };
 
 struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
@@ -147,11 +174,15 @@ struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
         nibbles_load(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), v,
                      [d](float f) { return d * (f - (MAGIC + 16.0f)); });
     }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
-        const int2 s = nibbles_dot8(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), xq);
-        return scale(row, nb, b) * __ldg(xd) * (float)(s.x - 16 * s.y);
+    typedef NibblePiece Piece8;   // q - 16
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
+        return {minus_nibbles(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), 0x10101010u), scale(row, nb, b),
+                0.f};
     }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
+        return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+    }
+    ORCD_DOT8_FROM_PIECE
 };
 
 struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
@@ -165,12 +196,17 @@ struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
         nibbles_load(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), v,
                      [d, m](float f) { return d * (f - MAGIC) + m; });
     }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
+    typedef NibblePiece Piece8;
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
         const u32 w = dm(row, nb, b);
-        const int2 s = nibbles_dot8(nibbles<true>(qs16(row, b), qh_word(row, nb, b)), xq);
-        return __ldg(xd) * (f16_to_f32((u16)(w & 0xFFFFu)) * (float)s.x + f16_to_f32((u16)(w >> 16)) * (float)s.y);
+        return {nibbles<true>(qs16(row, b), qh_word(row, nb, b)), f16_to_f32((u16)(w & 0xFFFFu)),
+                f16_to_f32((u16)(w >> 16))};
     }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
+        const int2 s = nibbles_dot8<true>(k.n, xq);
+        return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+    }
+    ORCD_DOT8_FROM_PIECE
 };
 
 struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
@@ -186,15 +222,21 @@ struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
 #pragma unroll
         for (int i = 0; i < 32; ++i) v[i] = (byte_float(w[i / 4] ^ 0x80808080u, i % 4) - (MAGIC + 128.0f)) * d;
     }
-    __device__ static float dot8(const u8* row, int nb, int b, int, const int* __restrict__ xq,
-                                 const float* __restrict__ xd) {
+    struct Piece8 {
+        u32 w[8];
+        float d;
+    };
+    __device__ static Piece8 unpack8(const u8* row, int nb, int b, int) {
         const uint4 a = ld128(row + 32 * b), c = ld128(row + 32 * b + 16);
-        const u32 w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        return {{a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w}, scale(row, nb, b)};
+    }
+    __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
         int x[8];
         x_words(xq, x);
         int s = 0;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s = dot4(w[i], x[i], s);
-        return scale(row, nb, b) * __ldg(xd) * (float)s;
+        for (int i = 0; i < 8; ++i) s = dot4(k.w[i], x[i], s);
+        return k.d * __ldg(xd) * (float)s;
     }
+    ORCD_DOT8_FROM_PIECE
 };
