@@ -377,7 +377,7 @@ class Engine:
         logits = self._prefill(runner, list(req.prompt_ids), req)
         args = (self.lm.backend, runner, logits, gen.params, gen.seen_at, gen.rng, gen.n_prompt,
                 req.max_tokens, lambda: interrupt(req))
-        steps = (decode_steps(*args, req.constraint) if self._host_steps(req, gen.params)
+        steps = (decode_steps(*args, req.constraint) if self.host_steps(req, gen.params)
                  else _as_sampled(decode_tokens(*args)))
         for step in steps:
             if gen.take(step):
@@ -386,7 +386,7 @@ class Engine:
         return gen.result()
 
     @staticmethod
-    def _host_steps(req: GenerateRequest, params: SamplingParams) -> bool:
+    def host_steps(req: GenerateRequest, params: SamplingParams) -> bool:
         """Whether each step needs the host between draws: a grammar's mask
         depends on the id before, logprobs are read per step, and frequency /
         presence penalties count the output with the prompt split known."""

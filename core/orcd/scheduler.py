@@ -17,6 +17,16 @@ never waits for memory and nothing is ever preempted). Each ``step()``:
 4. draws each sequence's next token from its row (``sample_rows``: the
    sequence's own generator, penalties and grammar, kept by the backend).
 
+Pipelined steps (a backend with ``pipelined_rows``: the GPU's
+``pipelined_steps`` option): step 4 only
+queues the draws (``launch_rows``), and the next step's forward takes each
+sequence's id from them on the device (``follow``); the ids of step k reach
+the host -- taken, detokenized, streamed -- while step k+1 runs. A sequence
+that ends at step k has then already a row in step k+1, whose draw is dropped;
+a sequence whose in-flight draw is its last by max_tokens gets no row. Draws
+that need the host between draws (a grammar, logprobs, frequency or presence
+penalties: ``Engine.host_steps``) make their steps synchronous again.
+
 A decode row's logits do not depend on what else shares its forward (the
 backend's per-row contract, tests/engine/test_batch_forward.py), each sequence keeps
 its own seeded generator, and every request runs through here: so a greedy or
@@ -29,7 +39,7 @@ sampling failed) with an OrcdError and frees their blocks; the others go on.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -55,6 +65,8 @@ class Sequence:
     table: np.ndarray | None = None     # int32 [width]: its block table, made once at admission
     gen: Generation | None = None       # made at admission: sampling, stop rules, output
     n_cached: int = 0                   # prompt tokens in the KV cache so far
+    pending: Any = None                 # the Inflight holding its draw not taken yet
+    done: bool = False                  # ended (a draw still in flight is dropped)
     result: GenerateResult | None = None   # when it ended well
     error: OrcdError | None = None         # when it did not
 
@@ -65,6 +77,18 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_cached < len(self.req.prompt_ids)
+
+
+@dataclass(eq=False)
+class Inflight:
+    """A pipelined step's draws on their way to the host: the backend's handle
+    (``launch_rows``) and the sequence of each draw, in order."""
+
+    handle: Any
+    seqs: list[Sequence]
+
+    def __post_init__(self) -> None:
+        self.index = {id(seq): j for j, seq in enumerate(self.seqs)}   # a sequence's draw
 
 
 class Scheduler:
@@ -91,8 +115,10 @@ class Scheduler:
         self.fold = bool(getattr(self.backend, "prefill_in_batch", False))
         self.chunk = int(getattr(self.backend, "batch_prefill_chunk" if self.fold else "prefill_chunk",
                                  PREFILL_CHUNK))
+        self.pipelined = bool(getattr(self.backend, "pipelined_rows", False))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.inflight: Inflight | None = None   # the last step's draws, pipelined
         self.batch_size = 0                 # rows of the last step's decode forward
 
     @property
@@ -147,6 +173,7 @@ class Scheduler:
 
     def abort(self, err: OrcdError) -> list[Sequence]:
         """End every sequence with ``err`` (a fault in the scheduler itself)."""
+        self.inflight = None
         return [self._end(seq, err) for seq in [*self.waiting, *self.running]]
 
     def close(self) -> None:
@@ -193,29 +220,41 @@ class Scheduler:
     def _decode(self) -> list[Sequence]:
         """One batched forward: every sequence's last token and, folding, the
         next chunks of unfinished prompts; then the next token of each sequence
-        whose last row was a decode or the end of its prompt."""
-        seqs, ids, pos = self._rows()
+        whose last row was a decode or the end of its prompt. Pipelined, the
+        draws are queued and the step before's taken meanwhile."""
+        prev, self.inflight = self.inflight, None
+        seqs, ids, pos, src = self._rows()
         self.batch_size = sum(not s.prefilling for s in seqs)
-        if not seqs:
-            return []
-        try:
-            logits = self._forward(seqs, ids, pos, batched=True)
-        except Exception as e:   # every sequence of the failed forward ends; the pool stays
-            err = as_orcd_error(e)
-            return [self._end(s, err) for s in seqs]
-        last = np.cumsum([len(i) for i in ids]) - 1    # each sequence's last row
-        for seq, i in zip(seqs, ids):
-            if seq.prefilling:
-                seq.n_cached += len(i)
-        drawn = [(s, r) for s, r in zip(seqs, last) if not s.prefilling]
-        return self._sample([s for s, _ in drawn], logits, [int(r) for _, r in drawn])
+        ended, drawn = [], []
+        if seqs:
+            follow = (prev.handle, src) if prev is not None and max(src) >= 0 else None
+            try:
+                logits = self._forward(seqs, ids, pos, batched=True, follow=follow)
+            except Exception as e:   # every sequence of the failed forward ends; the pool stays
+                err = as_orcd_error(e)
+                ended = [self._end(s, err) for s in seqs]
+                return ended + self._take(prev)
+            last = np.cumsum([len(i) for i in ids]) - 1    # each sequence's last row
+            for seq, i in zip(seqs, ids):
+                if seq.prefilling:
+                    seq.n_cached += len(i)
+            drawn = [(s, int(r)) for s, r in zip(seqs, last) if not s.prefilling]
+        if drawn and self.pipelined and not any(self.engine.host_steps(s.req, s.gen.params) for s, _ in drawn):
+            ended += self._launch(drawn, logits)
+            return ended + self._take(prev)
+        ended += self._take(prev)     # before drawing: the draws see every id taken
+        drawn = [(s, r) for s, r in drawn if not s.done]
+        if drawn:
+            ended += self._sample([s for s, _ in drawn], logits, [r for _, r in drawn])
+        return ended
 
-    def _rows(self) -> tuple[list[Sequence], list[list[int]], list[list[int]]]:
+    def _rows(self) -> tuple[list[Sequence], list[list[int]], list[list[int]], list[int]]:
         """This step's sequences with their token ids and positions: folding,
         first the next chunk of each prompt
         while the step's prompt rows stay within one chunk, then each decode's
         last token. A prompt's chunks start at multiples of the chunk whatever
-        else runs, so its rows are the same alone or not."""
+        else runs, so its rows are the same alone or not. Last, each row's src:
+        the index of its sequence's draw in flight (its id is that draw's), or -1."""
         seqs, ids, pos = [], [], []
         budget = self.chunk if self.fold else 0
         for s in self.running:
@@ -229,23 +268,35 @@ class Scheduler:
             seqs.append(s)
             ids.append(list(s.req.prompt_ids[start:start + n]))
             pos.append(list(range(start, start + n)))
+        src = [-1] * sum(len(i) for i in ids)
         for s in self.running:
-            if not s.prefilling:
-                seqs.append(s)
-                ids.append([s.gen.ids[-1]])                               # the last token taken
-                pos.append([s.gen.n_prompt + len(s.gen.ids) - 1])         # ... and its position
-        return seqs, ids, pos
+            if s.prefilling:
+                continue
+            taken = len(s.gen.ids)
+            if s.pending is None:
+                ids.append([s.gen.ids[-1]])                       # the last token taken
+                src.append(-1)
+            elif taken + 1 < s.req.max_tokens:
+                ids.append([0])                                   # the token in flight...
+                src.append(s.pending.index[id(s)])                # ... drawn here
+                taken += 1
+            else:
+                continue                  # the draw in flight is its last
+            seqs.append(s)
+            pos.append([s.gen.n_prompt + taken - 1])                  # ... and its position
+        return seqs, ids, pos, src
 
     def _forward(self, seqs: list[Sequence], ids: list[list[int]], pos: list[list[int]],
-                 batched: bool):
+                 batched: bool, follow=None):
         """Logits on the backend: [rows, n_vocab] batched (one table per sequence,
         its rows in order), else the chunk's last row [1, n_vocab]."""
         tables = np.stack([s.table for s in seqs])    # [n_seqs, width]
         rows = [k for k, i in enumerate(ids) for _ in i] if batched else [0] * len(ids[0])
         flat_ids = [t for i in ids for t in i]
         flat_pos = [p for q in pos for p in q]
+        kw = {} if follow is None else {"follow": follow}
         return self.backend.forward_batch(self.model, self.pool, tables, rows, flat_ids, flat_pos,
-                                          self.n_ctx, batched=batched, last_only=not batched)
+                                          self.n_ctx, batched=batched, last_only=not batched, **kw)
 
     def _table(self, blocks: list[int]) -> np.ndarray:
         # padded with the sequence's own first block: never read past its positions.
@@ -274,7 +325,42 @@ class Scheduler:
         except Exception as e:   # the sampler failed: the rows it drew for end
             err = as_orcd_error(e)
             return ended + [self._end(seq, err) for seq in live]
-        for seq, step in zip(live, got):
+        return ended + self._take_ids(live, got)
+
+    def _launch(self, drawn: list[tuple[Sequence, int]], logits) -> list[Sequence]:
+        """Queue the draws of a pipelined step (the row of each sequence); ``_take``
+        takes them during the next step. Chained: a draw right after one in flight."""
+        seqs = [s for s, _ in drawn]
+        draws = [replace(s.gen.draw(s, r), chained=s.pending is not None) for s, r in drawn]
+        try:
+            handle = self.backend.launch_rows(logits, draws)
+        except Exception as e:   # the sampler failed: the rows it drew for end
+            err = as_orcd_error(e)
+            return [self._end(seq, err) for seq in seqs]
+        self.inflight = Inflight(handle, seqs)
+        for seq in seqs:
+            seq.pending = self.inflight
+        return []
+
+    def _take(self, prev: Inflight | None) -> list[Sequence]:
+        """The ids of a pipelined step before, taken by the sequences still running."""
+        if prev is None:
+            return []
+        for seq in prev.seqs:
+            if seq.pending is prev:
+                seq.pending = None
+        try:
+            got = prev.handle.result()
+        except Exception as e:
+            err = as_orcd_error(e)
+            return [self._end(seq, err) for seq in prev.seqs if not seq.done]
+        live = [(seq, step) for seq, step in zip(prev.seqs, got) if not seq.done]
+        return self._take_ids([seq for seq, _ in live], [step for _, step in live])
+
+    def _take_ids(self, seqs, got) -> list[Sequence]:
+        """Each sequence takes its sampled id in order; those done end."""
+        ended = []
+        for seq, step in zip(seqs, got):
             try:
                 done = seq.gen.take(step)
             except Exception as e:   # a grammar or callback failure ends this sequence only
@@ -291,7 +377,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.give_back(seq.blocks)
-        seq.blocks, seq.table = [], None
+        seq.blocks, seq.table, seq.done = [], None, True
         if seq.gen is not None:
             self.backend.release_rows([seq])
         if err is None:

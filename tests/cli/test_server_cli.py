@@ -119,8 +119,10 @@ def test_cuda_options_become_the_backend_options(tiny, monkeypatch):
     from orcd.commands import _options
     monkeypatch.setattr(_options, "check_device", lambda device: device)
     args = parsed(["--model", tiny, "--device", "cuda:0", "--port", str(free_port()),
-                   "--cuda-option", "prefill_graphs=off", "--cuda-option", "gemm=simt", "--cuda-option", "moe_tc=off"])
-    assert serve.validate(args)["backend_options"] == {"prefill_graphs": False, "gemm": "simt", "moe_tc": False}
+                   "--cuda-option", "prefill_graphs=off", "--cuda-option", "gemm=simt", "--cuda-option", "moe_tc=off",
+                   "--cuda-option", "pipelined_steps=on"])
+    assert serve.validate(args)["backend_options"] == {"prefill_graphs": False, "gemm": "simt", "moe_tc": False,
+                                                       "pipelined_steps": True}
     assert serve.validate(parsed(["--model", tiny, "--device", "cpu", "--port", str(free_port())]))[
         "backend_options"] == {}
 

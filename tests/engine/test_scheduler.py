@@ -331,9 +331,13 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
     try:
         engine = Engine(lm)
         warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1, logprobs=3)
+        chained = SamplingParams(temperature=0.8, seed=6, repetition_penalty=1.2)
         reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
+        reqs.append(request(30, seed=98, max_tokens=24, sampling=chained))
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
+        lm.backend.pipelined_rows = True     # --cuda-option pipelined_steps=on
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
+        assert sched.pipelined
         # 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token chunk
         assert sched.warm_up() == 8
         graphs = dict(lm.backend.batch._graphs)
@@ -342,6 +346,9 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
         # every step replayed a graph captured before serving: none was made mid-stream
         assert lm.backend.batch._graphs.keys() == graphs.keys()
         sched.close()
+        # alone and through synchronous steps: the pipelined steps (ids read on the
+        # device, draws chained by the device sampler) give the same tokens
+        lm.backend.pipelined_rows = False
         for seq, req in zip(seqs, reqs):
             s = Scheduler(engine, 16, 1)
             solo = s.add(req)

@@ -7,6 +7,7 @@ fp16 like llama.cpp's and the CUDA path's.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -124,8 +125,14 @@ class CpuBackend:
     #: and the inference deadline only between forwards (a 0.5B model: ~0.5 s a chunk)
     prefill_chunk = 64
 
+    #: whether the scheduler queues a step before the ids of the step before reach the
+    #: host (launch_rows, forward_batch's ``follow``): nothing overlaps on the CPU, so
+    #: off here; the tests switch it on to run the GPU's pipelined steps on the reference
+    pipelined_rows = False
+
     def __init__(self, activation_rounding: str = "none") -> None:
         self.ops = CpuOps(activation_rounding)
+        self._last: dict = {}    # key -> the id launch_rows drew for it last (chained draws)
 
     def load_weights(self, mf: ModelFile, formats: FormatTable, names: Iterable[str],
                      progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
@@ -158,12 +165,17 @@ class CpuBackend:
         return KVCache(k, v, np.zeros((0, 0), np.int32), np.zeros(0, np.int32), 0)
 
     def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                      last_only: bool):
+                      last_only: bool, follow=None):
         """One forward over ``pool`` (new_kv_pool) seen through ``tables`` [n_seqs,
         max_blocks]: T tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints).
         ``batched``: every row on its own, logits for every row (folded prompt
         chunks first, then one decode per sequence); else one sequence's
-        consecutive positions (``last_only``: the last row's logits)."""
+        consecutive positions (``last_only``: the last row's logits).
+        ``follow`` (batched only): (a launch_rows handle of the step before, src):
+        row i takes that step's draw src[i] where src[i] >= 0, not ids[i]."""
+        if follow is not None:
+            drawn, src = follow
+            ids = [drawn.ids[j] if j >= 0 else i for i, j in zip(ids, src)]
         view = self.kv_view(pool, tables, seq, n_ctx, batched)
         self.ops.per_row = batched
         try:
@@ -217,11 +229,33 @@ class CpuBackend:
         return [self.sample_step(host[d.row], d.params, d.seen, d.rng, n_prompt=d.n_prompt,
                                  allowed=d.allowed) for d in draws]
 
+    def launch_rows(self, logits, draws) -> "DrawnRows":
+        """``sample_rows`` without waiting for the ids (Backend.launch_rows): here the
+        draws run at once. A chained draw's ``seen`` lacks the id drawn for its key
+        last, which this backend kept."""
+        draws = [replace(d, seen=np.append(d.seen, self._last[d.key])) if d.chained else d for d in draws]
+        got = self.sample_rows(logits, draws)
+        for d, s in zip(draws, got):
+            self._last[d.key] = s.id
+        return DrawnRows(got)
+
     def release_rows(self, keys) -> None:
-        pass   # no state kept per sequence
+        for key in keys:
+            self._last.pop(key, None)
 
     def memory_usage(self) -> dict[str, int]:
         return {}
 
     def close(self) -> None:
         pass
+
+
+class DrawnRows:
+    """The CPU's launch_rows handle: the draws already made; ``ids`` for the next
+    forward's ``follow``, ``result()`` as sample_rows returns them."""
+
+    def __init__(self, got: list[sampling.Sampled]) -> None:
+        self.got, self.ids = got, [s.id for s in got]
+
+    def result(self) -> list[sampling.Sampled]:
+        return self.got

@@ -78,11 +78,15 @@ class CudaBackend:
     #: (each row runs the per-row decode kernels of a replayed graph)
     prefill_in_batch = True
     batch_prefill_chunk = 32
+    #: whether the scheduler queues step k+1 before step k's ids reach the host
+    #: (launch_rows and forward_batch's ``follow``: taking ids, detokenizing and SSE
+    #: overlap the GPU); the ``pipelined_steps`` option, off until measured on a card
+    pipelined_rows = False
 
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
-                 moe_tc: bool = True) -> None:
+                 moe_tc: bool = True, pipelined_steps: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -90,7 +94,8 @@ class CudaBackend:
         pp512 3.8x, phi3-mini's 1.7x; bench/RESULTS.md).
         ``moe_tc``: a prompt's grouped experts on the tensor cores (matmul.cu's
         moe_gemm_tc) instead of fp32 tiles of 8 pairs (GPT-OSS's pp512 8.7x with
-        prefill_graphs). Both off only to measure against."""
+        prefill_graphs). Both off only to measure against.
+        ``pipelined_steps``: the scheduler's steps pipelined (``pipelined_rows``)."""
         from orcd.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
@@ -98,6 +103,7 @@ class CudaBackend:
         self.sm = self.device.info.arch
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
+        self.pipelined_rows = bool(pipelined_steps)
         self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
@@ -239,11 +245,12 @@ class CudaBackend:
         self.batch.free_pool(pool)
 
     def forward_batch(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                      last_only: bool) -> DeviceTensor:
+                      last_only: bool, follow=None) -> DeviceTensor:
         """One forward over ``pool`` seen through ``tables`` [n_seqs, max_blocks]: T
         tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend.
-        A batch of decodes replays a captured graph (cuda_batch.py)."""
-        return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only)
+        A batch of decodes replays a captured graph (cuda_batch.py); ``follow``'s ids
+        are copied into its inputs on the device."""
+        return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, follow)
 
     def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
         """Capture the replayed step of every row count up to ``max_rows`` now (cuda_batch.py)."""
@@ -420,6 +427,14 @@ class CudaBackend:
         if isinstance(logits, np.ndarray) or self.rows_sampler.n_vocab != logits.shape[-1]:
             return sampling.sample_rows(self.to_host(logits).reshape(logits.shape[0], -1), draws)
         return self.rows_sampler.sample(logits, draws)
+
+    def launch_rows(self, logits, draws):
+        """``sample_rows`` without the wait: the draws and the copy of their ids are
+        queued, the returned handle's ``result()`` waits; the next forward_batch's
+        ``follow`` reads the ids on the device (cuda_steps.RowSamplers.launch)."""
+        if self.rows_sampler is None:
+            self.rows_sampler = RowSamplers(self, logits.shape[-1])
+        return self.rows_sampler.launch(logits, draws)
 
     def release_rows(self, keys) -> None:
         if self.rows_sampler is not None:

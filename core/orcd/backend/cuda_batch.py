@@ -83,7 +83,7 @@ class Replays:
 class BatchDecoder(Replays):
     """The pool, prompt chunks and graph-replayed decode batches of one backend:
     graphs per (id(model), id(pool), rows, blocks), inputs per
-    (rows, blocks) as (buffer, ids, pos, seq, tables)."""
+    (rows, blocks) as (buffer, ids, pos, seq, tables; the buffer also holds follow's src)."""
 
     # -- the pool ------------------------------------------------------------------
 
@@ -115,10 +115,12 @@ class BatchDecoder(Replays):
     # -- forwards ------------------------------------------------------------------
 
     def forward(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
-                last_only: bool) -> DeviceTensor:
+                last_only: bool, follow=None) -> DeviceTensor:
         """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch."""
         if batched:
-            return self._decode(model, pool, tables, seq, ids, pos)
+            return self._decode(model, pool, tables, seq, ids, pos, follow)
+        if follow is not None:
+            raise ValueError("forward_batch: follow is for batched steps")
         b = self.b
         while True:
             b.scratch.reset()
@@ -131,8 +133,9 @@ class BatchDecoder(Replays):
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])
 
-    def _decode(self, model, pool: KVCache, tables, seq, ids, pos) -> DeviceTensor:
-        # one row per token: row i runs ids[i] at pos[i] with table tables[seq[i]]
+    def _decode(self, model, pool: KVCache, tables, seq, ids, pos, follow=None) -> DeviceTensor:
+        # one row per token: row i runs ids[i] at pos[i] with table tables[seq[i]]; with
+        # follow = (pending, src), rows with src >= 0 take pending's draw src on the device
         pos = np.asarray(pos, np.int64).reshape(-1)
         n = pos.size
         tables = np.asarray(tables, np.int32)
@@ -141,7 +144,7 @@ class BatchDecoder(Replays):
             raise InvalidRequest("a decode position lies past its sequence's block table")
         rows = bucket(n)
         blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
-        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos)
+        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, follow)
         ops = self.b.ops
 
         def forward() -> DeviceTensor:
@@ -164,21 +167,27 @@ class BatchDecoder(Replays):
         self.b.device.synchronize()
         return len(sizes)
 
-    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos):
-        """Fill the (rows, blocks) bucket's input buffer: real rows first, then padding."""
-        from orcd.cuda.memory import from_host
+    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None):
+        """Queue the (rows, blocks) bucket's inputs: real rows first, then padding;
+        no wait, so a pipelined step is queued while the one before runs."""
+        from orcd.cuda.memory import from_host_async
 
         n = own.shape[0]
-        host = np.zeros(3 * rows + rows * blocks, np.int32)
+        host = np.zeros(4 * rows + rows * blocks, np.int32)
         host[:n] = np.asarray(ids, np.int32).reshape(-1)
         host[rows:rows + n] = pos
         host[2 * rows:3 * rows] = np.arange(rows)                          # row i: its own table row
+        host[3 * rows:4 * rows] = -1                                       # src: the host's id
+        if follow is not None:
+            host[3 * rows:3 * rows + n] = follow[1]
         table = np.full((rows, blocks), pool.spare, np.int32)              # padding: the spare block
         width = min(blocks, own.shape[1])
         table[:n, :width] = own[:, :width]
-        host[3 * rows:] = table.reshape(-1)
+        host[4 * rows:] = table.reshape(-1)
         buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
-        from_host(self.b.device, host, buf.ptr)
+        from_host_async(self.b.device, host, buf.ptr)   # the driver stages the pageable source
+        if follow is not None:
+            follow[0].feed(d_ids.ptr, buf.ptr + 4 * 3 * rows, n)
         view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)
         return view, (d_ids, d_pos)
 
@@ -186,9 +195,11 @@ class BatchDecoder(Replays):
         got = self._inputs.get((rows, blocks))
         if got is None:
             i32 = np.dtype(np.int32)
-            buf = self.b.alloc.alloc(4 * (3 * rows + rows * blocks), "scratch")
+            buf = self.b.alloc.alloc(4 * (4 * rows + rows * blocks), "scratch")
             at = lambda k: buf.ptr + 4 * k * rows   # noqa: E731 -- the k-th rows-long field
+            # ids, positions, each row's table row, follow's src (written, not read by the
+            # graph), then the tables
             got = (buf, DeviceTensor(at(0), (rows,), i32), DeviceTensor(at(1), (rows,), i32),
-                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(3), (rows, blocks), i32))
+                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(4), (rows, blocks), i32))
             self._inputs[(rows, blocks)] = got
         return got

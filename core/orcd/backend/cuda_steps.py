@@ -136,7 +136,9 @@ class DeviceSampling:
             prev = self.seen
             follows = (prev is not None and len(seen) == len(prev) + 1 and seen[-1] == self.last
                        and np.array_equal(seen[:-1], prev))
-            self.step = self.step + 1 if follows else 0
+            # the draw counter is the draw's index in the request (len(seen) - n_prompt),
+            # also after draws this sampler chained without the host (launch below)
+            self.step = self.step + 1 if follows else len(seen) - n_prompt if n_prompt is not None else 0
             if not follows:
                 self.mask_ok = False
             if (params.repetition_penalty != 1.0 or params.counts_output) and not self.mask_ok:
@@ -174,6 +176,7 @@ class RowSamplers:
         self.spare: list[DeviceSampling] = []   # samplers of ended sequences, reset
         self.out, self.cap = None, 0
         self.batch: RowBatch | None = None     # the draws without logprobs, in two launches
+        self.ring: IdRing | None = None        # launch's ids, device and pinned
 
     def sample(self, logits, draws) -> list[sampling.Sampled]:
         from orcd.cuda.memory import to_host
@@ -189,7 +192,7 @@ class RowSamplers:
                           DeviceTensor(self.out.ptr + 4 * i, (1,), i32), n_prompt=d.n_prompt,
                           allowed=d.allowed)
             else:
-                s.follow(d.params, d.seen, n_prompt=d.n_prompt)
+                s.follow(d.params, d.seen, chained=d.chained, n_prompt=d.n_prompt)
                 rows.append(Row(s.kernels, logits.ptr + d.row * row_bytes, self.out.ptr + 4 * i,
                                 d.params, s.step, d.allowed))
             chosen.append(s)
@@ -203,6 +206,29 @@ class RowSamplers:
             s.last = int(tok)
             got.append(s.kernels.logprobs() if d.params.logprobs is not None else sampling.Sampled(s.last))
         return got
+
+    def launch(self, logits, draws) -> "PendingRows":
+        """Queue a batch's draws and the copy of their ids to the host, without
+        waiting (the scheduler's pipelined step). Draws that need the host between
+        draws (logprobs, a grammar's mask) are refused: ``sample`` takes them."""
+        if self.ring is None:
+            self.ring = IdRing(self.b.device, self.b.alloc)
+        slot, out = self.ring.take(len(draws))
+        rows, chosen = [], []
+        row_bytes = logits.nbytes // logits.shape[0]
+        for i, d in enumerate(draws):
+            if d.params.logprobs is not None or d.allowed is not None:
+                raise ValueError("launch: a draw with logprobs or a grammar needs the host; use sample")
+            s = self._sampler(d.key)
+            s.follow(d.params, d.seen, chained=d.chained, n_prompt=d.n_prompt)
+            rows.append(Row(s.kernels, logits.ptr + d.row * row_bytes, out + 4 * i, d.params, s.step))
+            chosen.append(s)
+        if rows:
+            if self.batch is None:
+                self.batch = RowBatch(*self.b._kernel_args, self.n_vocab, self.b.alloc)
+            self.batch.launch(rows)
+        self.ring.send(slot, len(draws))
+        return PendingRows(self, slot, out, chosen)
 
     def release(self, keys) -> None:
         for key in keys:
@@ -233,3 +259,91 @@ class RowSamplers:
         if self.batch is not None:
             self.batch.close()
             self.batch = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class IdRing:
+    """Where pipelined draws leave their ids: SLOTS device arrays, each copied to its
+    pinned twin behind an event. Slot k of step k is read by step k+1's follow_ids
+    and by the host while step k+1 runs; step k+2 reuses it."""
+
+    def __init__(self, device, alloc) -> None:
+        self.device, self.alloc = device, alloc
+        self.cap, self.dev, self.pinned, self.events, self._next = 0, None, None, [], 0
+
+    def take(self, n: int) -> tuple[int, int]:
+        """The next slot, with room for n ids: (slot, device pointer of its ids)."""
+        from orcd.cuda.driver import cu
+
+        if n > self.cap:
+            self._grow(n)
+        slot, self._next = self._next, (self._next + 1) % SLOTS
+        cu("cuEventSynchronize", self.events[slot])      # its last copy has landed
+        return slot, self.dev.ptr + 4 * self.cap * slot
+
+    def send(self, slot: int, n: int) -> None:
+        """Queue the copy of slot's n ids to the host, and its event."""
+        from orcd.cuda.driver import cu
+
+        stream = self.device.stream
+        if n:
+            cu("cuMemcpyDtoHAsync", self.pinned + 4 * self.cap * slot, self.dev.ptr + 4 * self.cap * slot,
+               4 * n, stream)
+        cu("cuEventRecord", self.events[slot], stream)
+
+    def read(self, slot: int, n: int) -> np.ndarray:
+        """Slot's n ids on the host (waits for their copy)."""
+        from orcd.cuda.driver import cu
+
+        cu("cuEventSynchronize", self.events[slot])
+        view = (ctypes.c_int32 * n).from_address(self.pinned + 4 * self.cap * slot)
+        return np.ctypeslib.as_array(view).copy()
+
+    def _grow(self, n: int) -> None:
+        from orcd.cuda.driver import cu, driver_module
+
+        self.device.synchronize()     # no queued copy or follow_ids still reads the old arrays
+        self.close()
+        self.cap = max(n, 64)
+        self.dev = self.alloc.alloc(4 * self.cap * SLOTS, "workspace")
+        self.device.make_current()
+        self.pinned = int(cu("cuMemHostAlloc", 4 * self.cap * SLOTS, 0))
+        flags = driver_module().CUevent_flags.CU_EVENT_DISABLE_TIMING
+        for _ in range(SLOTS):
+            ev = cu("cuEventCreate", flags)
+            cu("cuEventRecord", ev, self.device.stream)
+            self.events.append(ev)
+
+    def close(self) -> None:
+        from orcd.cuda.driver import cu
+
+        for ev in self.events:
+            cu("cuEventDestroy", ev)
+        self.events = []
+        if self.pinned is not None:
+            cu("cuMemFreeHost", self.pinned)
+            self.pinned = None
+        if self.dev is not None:
+            self.alloc.free(self.dev)
+            self.dev = None
+
+
+class PendingRows:
+    """A pipelined step's draws (``RowSamplers.launch``): ``ids_ptr`` is where the
+    next step's follow_ids reads them on the device; ``result()`` waits for them
+    on the host, as ``sample`` returns them."""
+
+    def __init__(self, samplers: RowSamplers, slot: int, ids_ptr: int, chosen: list) -> None:
+        self.samplers, self.slot, self.ids_ptr, self.chosen = samplers, slot, ids_ptr, chosen
+
+    def feed(self, ids_ptr: int, src_ptr: int, n: int) -> None:
+        """Queue ids[i] = this step's draw src[i] where src[i] >= 0 (device int32 arrays of n)."""
+        self.samplers.batch.follow(ids_ptr, src_ptr, self.ids_ptr, n)
+
+    def result(self) -> list[sampling.Sampled]:
+        ids = self.samplers.ring.read(self.slot, len(self.chosen))
+        for s, tok in zip(self.chosen, ids):
+            s.last = int(tok)
+        return [sampling.Sampled(int(tok)) for tok in ids]

@@ -720,3 +720,12 @@ extern "C" __global__ void sample_logprob_pick(const float* __restrict__ y,
         out->chosen = y[id];
     }
 }
+
+// A pipelined decode step's token ids (the scheduler queues step k+1 before the ids
+// of step k reach the host): ids[i] = prev[src[i]] where src[i] >= 0, the id drawn for
+// that row's sequence in the step before; other rows keep the id the host wrote.
+extern "C" __global__ void follow_ids(int* __restrict__ ids, const int* __restrict__ src,
+                                      const int* __restrict__ prev, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n && src[i] >= 0) ids[i] = prev[src[i]];
+}

@@ -87,7 +87,10 @@ class RowDraw:
     """One row's draw in a batch (``Backend.sample_rows``): row ``row`` of the
     logits, for the sequence ``key`` -- a backend may keep device state for it
     (the seen mask, the output counts) from one draw to the next, until
-    ``release_rows([key])``. The rest are ``sample_step``'s arguments."""
+    ``release_rows([key])``. The rest are ``sample_step``'s arguments.
+    ``chained``: the draw right after this sequence's last one, whose id has not
+    reached the host (a pipelined step, ``Backend.launch_rows``): ``seen`` lacks
+    that id, and the backend goes on from its own state."""
     key: object
     row: int
     params: SamplingParams
@@ -95,6 +98,7 @@ class RowDraw:
     rng: np.random.Generator
     n_prompt: int | None = None
     allowed: np.ndarray | None = None
+    chained: bool = False
 
 
 def sample_rows(logits: np.ndarray, draws) -> list[Sampled]:

@@ -50,6 +50,7 @@ class RowBatch:
         module = compiler.load(device, KernelSource.from_package("orcd.ops", CudaSampler.SOURCE))
         self._prepare = module.function("sample_prepare_rows")
         self._select = module.function("sample_select_rows")
+        self._follow = module.function("follow_ids")
         self.cap, self.buf, self.host = 0, None, None
         self.args = np.zeros(0, SAMPLE_ARGS)
 
@@ -78,6 +79,13 @@ class RowBatch:
         s, table_ptr = rows[0].sampler, np.uint64(self.buf.ptr)
         self.launcher(self._prepare, (s.n_part, B), _PREP_THREADS, [table_ptr, self.n_vocab])
         self.launcher(self._select, B, _SELECT_THREADS, [table_ptr, s.n_part, self.n_vocab, s.n_pad])
+
+    def follow(self, ids_ptr: int, src_ptr: int, prev_ptr: int, n: int) -> None:
+        """Queue ids[i] = prev[src[i]] where src[i] >= 0 (int32 device arrays of n):
+        a pipelined step's rows take the ids the step before drew on the device."""
+        if n:
+            self.launcher(self._follow, -(-n // 128), 128,
+                          [np.uint64(ids_ptr), np.uint64(src_ptr), np.uint64(prev_ptr), n])
 
     def _args_at(self, i: int) -> int:
         return self.cap * SAMPLE_ROW.itemsize + i * SAMPLE_ARGS.itemsize
