@@ -399,7 +399,7 @@ def test_a_decode_batch_pads_its_rows_into_the_spare_block():
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
-    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc))
+    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc, pipelined_rows=False))
     pool = SimpleNamespace(k=[], v=[], spare=9)
     tables = np.array([[4, 2, 7, 1, 0], [3, 5, 0, 0, 0], [6, 8, 0, 0, 0]], np.int32)
     own = tables[[2, 0, 1]]                                     # rows name sequences 2, 0, 1
@@ -435,8 +435,8 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
                          set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
             return SimpleNamespace(rows=lambda a, b: (a, b))
 
-    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, ops=SimpleNamespace(per_row=False),
-                              scratch=SimpleNamespace(reset=lambda: None))
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, pipelined_rows=False,
+                              ops=SimpleNamespace(per_row=False), scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
     assert dec.warm(Model(), SimpleNamespace(k=[], v=[], spare=9), max_rows=40) == 8
     assert [s[0] for s in seen] == [1, 2, 4, 8, 16, 24, 32, 48]

@@ -168,9 +168,9 @@ class BatchDecoder(Replays):
         return len(sizes)
 
     def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None):
-        """Queue the (rows, blocks) bucket's inputs: real rows first, then padding;
-        no wait, so a pipelined step is queued while the one before runs."""
-        from orcd.cuda.memory import from_host_async
+        """Write the (rows, blocks) bucket's inputs: real rows first, then padding.
+        Pipelined steps queue the copy without waiting (the step before still runs)."""
+        from orcd.cuda.memory import from_host, from_host_async
 
         n = own.shape[0]
         host = np.zeros(4 * rows + rows * blocks, np.int32)
@@ -185,7 +185,8 @@ class BatchDecoder(Replays):
         table[:n, :width] = own[:, :width]
         host[4 * rows:] = table.reshape(-1)
         buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
-        from_host_async(self.b.device, host, buf.ptr)   # the driver stages the pageable source
+        # async: the driver stages the pageable source before the call returns
+        (from_host_async if self.b.pipelined_rows else from_host)(self.b.device, host, buf.ptr)
         if follow is not None:
             follow[0].feed(d_ids.ptr, buf.ptr + 4 * 3 * rows, n)
         view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)
