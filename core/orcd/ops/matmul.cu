@@ -48,7 +48,8 @@ struct ActQ8 {
         b = b_;
     }
     __device__ __forceinline__ float dot(int t) const {
-        return w.dot(xq + (long long)t * (n_in / 4) + b * (F::QK / 4), xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
+        return w.dot(xq + (long long)t * (n_in / 4) + b * (F::QK / 4),
+                     xd + (long long)t * (n_in / 32) + b * (F::QK / 32));
     }
 };
 

@@ -90,11 +90,16 @@ __device__ __forceinline__ float byte_float(u32 w, int k) {
 #define LOW_NIBBLES(w) ((w) & 0x0F0F0F0Fu)
 #define ONES 0x01010101
 
+// The 4 int8 activation words at xq (16-byte aligned).
+__device__ __forceinline__ void x_words4(const int* __restrict__ xq, int* x) {
+    const uint4 a = ldx128(xq);
+    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
+}
+
 // The 8 int8 activation words of 32 values (16-byte aligned).
 __device__ __forceinline__ void x_words(const int* __restrict__ xq, int* x) {
-    const uint4 a = ldx128(xq), c = ldx128(xq + 4);
-    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
-    x[4] = (int)c.x; x[5] = (int)c.y; x[6] = (int)c.z; x[7] = (int)c.w;
+    x_words4(xq, x);
+    x_words4(xq + 4, x + 4);
 }
 
 // Signed 8-bit dot of four byte lanes plus c (dp4a); a <= 127 per lane here.
@@ -126,12 +131,6 @@ __device__ __forceinline__ float quantize_group(const float* v, u32* q) {
 // first, so no byte borrows from the next. A format whose values are d * (q - off)
 // dots the signed bytes directly instead of also summing the activations.
 __device__ __forceinline__ u32 minus_bytes(u32 q, u32 off4) { return ((q | 0x80808080u) - off4) ^ 0x80808080u; }
-
-// The 4 int8 activation words at xq (16-byte aligned).
-__device__ __forceinline__ void x_words4(const int* __restrict__ xq, int* x) {
-    const uint4 a = ldx128(xq);
-    x[0] = (int)a.x; x[1] = (int)a.y; x[2] = (int)a.z; x[3] = (int)a.w;
-}
 
 // dot8 from a format's split (Piece8, unpack8 and the piece's dot8), in its struct.
 #define ORCD_DOT8_FROM_PIECE                                                                   \

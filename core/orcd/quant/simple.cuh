@@ -105,6 +105,18 @@ struct NibblePiece {
     float d, m;
 };
 
+// The dots of a NibblePiece with 32 int8 activations xq (scale xd): d * (q - off)
+// formats (their quants already signed, minus_nibbles) and d * q + m ones.
+__device__ __forceinline__ float signed_dot8(const NibblePiece& k, const int* __restrict__ xq,
+                                             const float* __restrict__ xd) {
+    return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+}
+__device__ __forceinline__ float affine_dot8(const NibblePiece& k, const int* __restrict__ xq,
+                                             const float* __restrict__ xd) {
+    const int2 s = nibbles_dot8<true>(k.n, xq);
+    return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+}
+
 // v[i] = value(2^23 + q_i) for the block's 32 values, in position order.
 template <class Value>
 __device__ __forceinline__ void nibbles_load(const Nibbles& n, float* v, Value value) {
@@ -136,7 +148,7 @@ struct FmtQ4_0 {  // planes: qs [16], d f16 [2]: x = d * (q - 8)
         return {minus_nibbles(nibbles<false>(qs16(row, b), 0), 0x08080808u), scale(row, nb, b), 0.f};
     }
     __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
-        return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+        return signed_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
 };
@@ -156,8 +168,7 @@ struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
         return {nibbles<false>(qs16(row, b), 0), f16_to_f32((u16)(dm & 0xFFFFu)), f16_to_f32((u16)(dm >> 16))};
     }
     __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const int2 s = nibbles_dot8<true>(k.n, xq);
-        return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+        return affine_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
 };
@@ -180,7 +191,7 @@ struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
                 0.f};
     }
     __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
-        return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+        return signed_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
 };
@@ -203,8 +214,7 @@ struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
                 f16_to_f32((u16)(w >> 16))};
     }
     __device__ static float dot8(const Piece8& k, int, const int* __restrict__ xq, const float* __restrict__ xd) {
-        const int2 s = nibbles_dot8<true>(k.n, xq);
-        return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+        return affine_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
 };
