@@ -184,15 +184,46 @@ def summarize(samples: list[Sample], wall_s: float) -> Row:
                tokens, sum(s.error is not None for s in samples))
 
 
+#: orcd's step counters in /metrics (llama-server without --metrics has none)
+STEP_METRICS = ("orcd_step_seconds_count", "orcd_step_seconds_sum", "orcd_batch_size_count",
+                "orcd_batch_size_sum")
+
+
+def step_counters(url: str) -> np.ndarray | None:
+    """[steps, seconds in steps, decode steps, decode rows] so far, or None."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    got = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith(STEP_METRICS))
+    if not all(name in got for name in STEP_METRICS):
+        return None
+    return np.array([float(got[name]) for name in STEP_METRICS])
+
+
+def step_line(before: np.ndarray | None, after: np.ndarray | None, wall_s: float) -> str:
+    """Where the level's wall time went on the server: steps, their mean time and
+    decode rows, and the share of the wall the inference thread spent in steps."""
+    if before is None or after is None:
+        return ""
+    steps, secs, decodes, rows = after - before
+    if not steps:
+        return ""
+    return (f"; server: {steps:.0f} steps of {secs / steps * 1e3:.2f} ms, "
+            f"{rows / max(decodes, 1):.1f} decode rows, busy {secs / wall_s:.0%}")
+
+
 def measure(url: str, levels, rounds: int, max_tokens: int) -> dict[int, Row]:
     with httpx.Client(timeout=600) as c:   # warm-up: first-call costs stay out of the table
         stream_one(c, url, PROMPTS[0], max_tokens)
     rows = {}
     for c in levels:
+        before = step_counters(url)
         samples, wall = run_level(url, c, rounds, max_tokens)
         rows[c] = row = summarize(samples, wall)
         print(f"  {c} clients: {row.tok_s:.1f} tok/s, ITL p50 {row.itl_p50_ms:.2f} ms, "
-              f"TTFT p50 {row.ttft_p50_ms:.1f} ms", file=sys.stderr, flush=True)
+              f"TTFT p50 {row.ttft_p50_ms:.1f} ms{step_line(before, step_counters(url), wall)}",
+              file=sys.stderr, flush=True)
         errs = [s.error for s in samples if s.error]
         if errs:
             print(f"  {c} clients: {len(errs)} failed requests, e.g. {errs[0]}", file=sys.stderr)

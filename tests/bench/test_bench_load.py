@@ -37,6 +37,7 @@ def test_load_benchmark_smoke_on_cpu(tiny_model, tmp_path):
         assert len(cells) == 5
         assert float(cells[1]) > 0                  # tokens came back (not a speed)
     assert "failed requests" not in done.stderr
+    assert "server: " in done.stderr and " steps of " in done.stderr   # orcd's step counters
     assert (tmp_path / "load-orcd.log").exists()
 
 
@@ -60,3 +61,11 @@ def test_summary_of_streams(load):
     row = load.summarize([s1, s2, bad], wall_s=0.5)
     assert row.tokens == 5 and row.tok_s == 10.0 and row.errors == 1
     assert abs(row.itl_p50_ms - 20.0) < 1e-9 and abs(row.ttft_p50_ms - 200.0) < 1e-9
+
+
+def test_step_line_says_where_the_wall_went(load):
+    before = load.np.array([10.0, 0.5, 8.0, 16.0])
+    after = load.np.array([110.0, 0.9, 88.0, 1296.0])     # 100 steps, 0.4 s, 80 decodes of 1280 rows
+    line = load.step_line(before, after, wall_s=0.8)
+    assert line == "; server: 100 steps of 4.00 ms, 16.0 decode rows, busy 50%"
+    assert load.step_line(None, after, 0.8) == "" and load.step_line(after, after, 0.8) == ""

@@ -335,7 +335,7 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
         reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
         reqs.append(request(30, seed=98, max_tokens=24, sampling=chained))
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
-        lm.backend.pipelined_rows = True     # --cuda-option pipelined_steps=on
+        assert lm.backend.pipelined_rows     # the default (--cuda-option pipelined_steps=on)
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
         assert sched.pipelined
         # 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token chunk

@@ -130,12 +130,16 @@ def test_concurrent_greedy_streams_equal_each_alone(srv, gate):
     assert max(len(tok.encode(p)) for p in PROMPTS) > 2 * srv.state.loaded.backend.prefill_chunk
     alone = [text_of(execute(srv, b).join()) for b in bodies]
     steps_before = metric(srv, "orcd_batch_size_count")
+    timed_before = metric(srv, "orcd_step_seconds_count")
     single_before = metric(srv, 'orcd_batch_size_bucket{le="1.0"}')
     streams = together(srv, gate, bodies)
     assert [text_of(st.join()) for st in streams] == alone
     # some decode steps held more than one sequence
     assert metric(srv, "orcd_batch_size_count") - steps_before > \
         metric(srv, 'orcd_batch_size_bucket{le="1.0"}') - single_before
+    # every step is timed, decoding or not
+    assert metric(srv, "orcd_step_seconds_count") - timed_before >= \
+        metric(srv, "orcd_batch_size_count") - steps_before > 0
     h = health(srv)
     assert (h["running"], h["waiting"], h["max_batch"]) == (0, 0, 4)
     assert metric(srv, "orcd_kv_blocks_used") == 0 and metric(srv, "orcd_kv_blocks_total") > 0

@@ -79,7 +79,7 @@ CUDA_OPTIONS = {
     "moe_tc": ("on", "off"),             # a prompt's grouped experts on the tensor cores
     "gemm": ("cublaslt", "nvmath", "simt"),   # the prompt's GEMM on fp16 copies of the weights
     "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
-    "pipelined_steps": ("off", "on"),    # batch step k+1 queued before step k's ids reach the host
+    "pipelined_steps": ("on", "off"),    # batch step k+1 queued before step k's ids reach the host
 }
 
 

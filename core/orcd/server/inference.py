@@ -232,6 +232,7 @@ class InferenceThread:
     # continuous batching
     def _step(self) -> None:
         self._admit()
+        t0 = time.perf_counter()
         try:
             ended = self.scheduler.step()
         except Exception as e:  # a fault in the scheduler itself: end its jobs, keep serving
@@ -242,7 +243,7 @@ class InferenceThread:
                          seq.result)
             self._release(job)
         s = self.scheduler
-        self.metrics.step(s.batch_size, s.blocks.n_used, s.blocks.n_blocks)
+        self.metrics.step(s.batch_size, s.blocks.n_used, s.blocks.n_blocks, time.perf_counter() - t0)
         if (ended and not self._running) or time.monotonic() - self._last_idle >= self.idle_interval:
             self._idle()
 

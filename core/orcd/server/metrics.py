@@ -78,6 +78,8 @@ class Metrics:
                                     "KV-pool blocks reserved by running jobs", registry=r)
         self.kv_blocks_total = Gauge("orcd_kv_blocks_total", "KV-pool blocks in all", registry=r)
         self.batch_size = hist("orcd_batch_size", "Sequences decoded in one step", BATCH_BUCKETS)
+        self.step_time = hist("orcd_step_seconds", "Wall time of one scheduler step (prompt "
+                              "chunks, decode, taking the ids)", TOKEN_BUCKETS)
         self.vram_bytes = Gauge("orcd_vram_bytes", "Device memory in use by purpose",
                                 ["purpose"], registry=r)
         self.residency_failures = Counter("orcd_residency_check_failures",
@@ -114,10 +116,12 @@ class Metrics:
         self.prefill_time.observe(result.ttft_ms / 1000)
         self.decode_time.observe(result.decode_time_ms / 1000)
 
-    def step(self, batch: int, blocks_used: int, blocks_total: int) -> None:
-        """After a scheduler step: the decode batch it ran (0: none) and the pool's state."""
+    def step(self, batch: int, blocks_used: int, blocks_total: int, seconds: float) -> None:
+        """After a scheduler step: the decode batch it ran (0: none), the pool's
+        state and the step's wall time."""
         if batch:
             self.batch_size.observe(batch)
+        self.step_time.observe(seconds)
         self.kv_blocks_used.set(blocks_used)
         self.kv_blocks_total.set(blocks_total)
         self.kv_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
