@@ -64,3 +64,43 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+#: how far apart two logits may be and still count as a tie that rounding can flip:
+#: the CPU reference's ggml-cpu rounding leaves its logits 0.1-0.35 from llama.cpp's
+#: (tests/model/test_parity.py), and BLAS's summation order differs between CPUs
+NEAR_TIE = 0.5
+
+
+def greedy_divergence(logits_at, got: list[int], want: list[int]) -> tuple[int, float] | None:
+    """Where a greedy continuation ``got`` first leaves the oracle's ``want``, and
+    how much the model preferred its own token there: (index, logit gap), or None
+    when one is a prefix of the other. ``logits_at(k)``: the model's logits for the
+    next token after the first k tokens of the continuation (where the two agree)."""
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if i is None:
+        return None
+    logits = logits_at(i)
+    return i, float(logits[got[i]] - logits[want[i]])
+
+
+def assert_greedy_agrees(logits_at, got: list[int], want: list[int], what: str) -> bool:
+    """``got`` equals ``want``, or first leaves it at a near-tie of the model's own
+    logits (NEAR_TIE); after that the two continuations are different texts and
+    are not compared. Whether they were equal all along."""
+    d = greedy_divergence(logits_at, got, want)
+    if d is None:
+        assert got == want, f"{what}: one continuation stopped before the other"
+        return True
+    assert d[1] <= NEAR_TIE, \
+        f"{what}: left the oracle's greedy ids at token {d[0]}, preferring its own by {d[1]:.3f}"
+    return False
+
+
+def all_logits(lm, ids: list[int]):
+    """Logits at every position of ``ids`` from an empty cache: [T, n_vocab] (host)."""
+    b = lm.backend
+    cache = b.new_kv_cache(lm.hp.n_layer, lm.n_ctx, lm.hp.n_head_kv, lm.hp.head_dim,
+                           lm.hp.get("head_dim_v"))
+    return b.to_host(lm.model.forward(b.ops, b.ids(ids), b.positions(0, len(ids)), cache,
+                                      last_only=False))

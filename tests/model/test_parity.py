@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from orcd.load import load_model
+from support import NEAR_TIE, all_logits, assert_greedy_agrees
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parity"
 TINY = ("qwen2-tiny", "phi3-tiny", "phi3-tiny-q4_0", "gpt-oss-tiny")
@@ -28,14 +29,6 @@ def golden_script():
     spec.loader.exec_module(module)
     return module
 
-
-def all_logits(lm, ids: list[int]) -> np.ndarray:
-    """Logits at every position of ``ids`` from an empty cache: [T, n_vocab]."""
-    b = lm.backend
-    cache = b.new_kv_cache(lm.hp.n_layer, lm.n_ctx, lm.hp.n_head_kv, lm.hp.head_dim,
-                           lm.hp.get("head_dim_v"))
-    return b.to_host(lm.model.forward(b.ops, b.ids(ids), b.positions(0, len(ids)), cache,
-                                      last_only=False))
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +98,16 @@ def test_qwen_greedy_matches_llama_cpp(qwen_cpu, qwen_golden):
     from orcd.ops.sampling import SamplingParams
 
     engine = Engine(qwen_cpu)
+    exact = []
     for case in qwen_golden["cases"]:
         res = engine.generate(GenerateRequest(case["prompt_ids"], max_tokens=32,
                                               sampling=SamplingParams(temperature=0.0)))
-        assert res.token_ids == case["greedy_ids"], f"{case['text']!r}: {res.text!r}"
+        ids = case["prompt_ids"] + res.token_ids
+        exact.append(assert_greedy_agrees(
+            lambda k: all_logits(qwen_cpu, ids[:len(case["prompt_ids"]) + k])[-1],
+            res.token_ids, case["greedy_ids"], f"{case['text']!r}: {res.text!r}"))
+    # equal but where llama.cpp's top two were a near-tie (one prompt on some CPUs)
+    assert sum(exact) >= len(exact) - 2, exact
 
 
 @pytest.mark.slow
@@ -118,7 +117,7 @@ def test_qwen_last_logits_close(qwen_cpu, qwen_golden):
         got = all_logits(qwen_cpu, case["prompt_ids"])[-1]
         top = np.array(case["top_ids"])
         ref = np.array(case["top_logits"], np.float32)
-        assert got.argmax() == top[0]
+        assert got[top[0]] >= got.max() - NEAR_TIE     # llama.cpp's top, or a near-tie of it
         errors.append(np.abs(got[top] - ref).max())
     # the logits span about 30; 8-bit rounding cascades leave 0.1-0.35 (measured)
     assert max(errors) < 0.5, errors
