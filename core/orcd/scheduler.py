@@ -10,10 +10,14 @@ never waits for memory and nothing is ever preempted). Each ``step()``:
    the ones behind it back, so a large request is not starved);
 3. runs one batched forward (``forward_batch(batched=True)``) over the last
    token of every sequence past its prompt and, where the backend folds
-   prompts into the batch (the GPU), the next chunk of the oldest unfinished
-   prompts, at most one chunk of rows in all; elsewhere that chunk runs in a
-   forward of its own first. Either way a long prompt delays the running
-   streams by one chunk per step;
+   prompts into the batch (``prefill_in_batch``), the next chunks of the
+   oldest unfinished prompts, at most one chunk of rows in all; elsewhere
+   those chunks run first, each in a forward of its own, at most one chunk of
+   tokens in all. Either way a long prompt delays the running streams by one
+   chunk per step. A backend with ``prompt_last_in_batch`` (the GPU)
+   runs a prompt's last token as the sequence's first decode row instead of
+   in its last chunk, so a new sequence's first draw is one of the step's
+   draws (pipelined like the others) and its prompt forwards need no logits;
 4. draws each sequence's next token from its row (``sample_rows``: the
    sequence's own generator, penalties and grammar, kept by the backend).
 
@@ -65,6 +69,7 @@ class Sequence:
     table: np.ndarray | None = None     # int32 [width]: its block table, made once at admission
     gen: Generation | None = None       # made at admission: sampling, stop rules, output
     n_cached: int = 0                   # prompt tokens in the KV cache so far
+    n_prefill: int = 0                  # prompt tokens run as prompt rows (the rest: a decode row)
     pending: Any = None                 # the Inflight holding its draw not taken yet
     done: bool = False                  # ended (a draw still in flight is dropped)
     result: GenerateResult | None = None   # when it ended well
@@ -76,7 +81,7 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.n_cached < len(self.req.prompt_ids)
+        return self.n_cached < self.n_prefill
 
 
 @dataclass(eq=False)
@@ -113,8 +118,9 @@ class Scheduler:
         # GPU, where a separate prefill forward would stall every stream); else one
         # chunk of one prompt per step in a forward of its own
         self.fold = bool(getattr(self.backend, "prefill_in_batch", False))
-        self.chunk = int(getattr(self.backend, "batch_prefill_chunk" if self.fold else "prefill_chunk",
-                                 PREFILL_CHUNK))
+        self.last_in_batch = not self.fold and bool(getattr(self.backend, "prompt_last_in_batch", False))
+        self.chunk = int(getattr(self.backend, "batch_prefill_chunk",
+                                 getattr(self.backend, "prefill_chunk", PREFILL_CHUNK)))
         self.pipelined = bool(getattr(self.backend, "pipelined_rows", False))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -130,7 +136,7 @@ class Scheduler:
         """Before serving: the backend readies the batched forward of every row count
         a step can make (on the GPU each would otherwise load kernels and capture
         a graph in the middle of someone's stream). How many forwards it ran."""
-        return self.backend.warm_batch(self.model, self.pool, self.max_rows)
+        return self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
 
     # -- the caller's side -------------------------------------------------------
     def add(self, req: GenerateRequest, on_token: Callable[[TokenEvent], None] = lambda ev: None,
@@ -138,7 +144,7 @@ class Scheduler:
         """Queue a request; it is admitted at once if ``can_start`` said so.
         Raises InvalidRequest (Engine.check) or VramOom (larger than the pool)."""
         self.engine.check(req)
-        seq = Sequence(req, on_token, tag)
+        seq = Sequence(req, on_token, tag, n_prefill=len(req.prompt_ids) - self.last_in_batch)
         self.check_fits(seq.n_positions)
         self.waiting.append(seq)
         self._admit()
@@ -203,19 +209,34 @@ class Scheduler:
             self.running.append(seq)
 
     def _prefill(self) -> list[Sequence]:
-        """Unfolded prompts: the next chunk of the oldest unfinished prompt, in a
-        forward of its own; after its last chunk, the sequence's first token."""
-        seq = next((s for s in self.running if s.prefilling), None)
-        if self.fold or seq is None:
+        """Unfolded prompts: the next chunks of the oldest unfinished prompts, each
+        in a forward of its own, at most one chunk of tokens in all; after a
+        prompt's last chunk, the sequence's first token (unless that comes from
+        its first decode row: ``last_in_batch``)."""
+        if self.fold:
             return []
+        ended, budget = [], self.chunk
+        for seq in [s for s in self.running if s.prefilling]:
+            start, n = self._next_chunk(seq)
+            if n > budget:
+                break                     # oldest first: a later prompt never overtakes
+            budget -= n
+            ids = list(seq.req.prompt_ids[start:start + n])
+            try:
+                logits = self._forward([seq], [ids], [list(range(start, start + n))], batched=False)
+            except Exception as e:   # a backend failure ends this sequence only
+                ended.append(self._end(seq, as_orcd_error(e)))
+                continue
+            seq.n_cached += n
+            if not seq.prefilling and not self.last_in_batch:
+                ended += self._sample([seq], logits, [0])
+        return ended
+
+    def _next_chunk(self, seq: Sequence) -> tuple[int, int]:
+        """(start, length) of ``seq``'s next prompt chunk: chunks start at multiples
+        of the chunk whatever else runs, so a prompt's rows are the same alone or not."""
         start = seq.n_cached
-        ids = list(seq.req.prompt_ids[start:start + self.chunk])
-        try:
-            logits = self._forward([seq], [ids], [list(range(start, start + len(ids)))], batched=False)
-        except Exception as e:   # a backend failure ends this sequence only
-            return [self._end(seq, as_orcd_error(e))]
-        seq.n_cached += len(ids)
-        return [] if seq.prefilling else self._sample([seq], logits, [0])
+        return start, min(self.chunk - start % self.chunk, seq.n_prefill - start)
 
     def _decode(self) -> list[Sequence]:
         """One batched forward: every sequence's last token and, folding, the
@@ -260,8 +281,7 @@ class Scheduler:
         for s in self.running:
             if not s.prefilling:
                 continue
-            start = s.n_cached
-            n = min(self.chunk - start % self.chunk, len(s.req.prompt_ids) - start)
+            start, n = self._next_chunk(s)
             if n > budget:
                 break                     # oldest first: a later prompt never overtakes
             budget -= n
@@ -274,7 +294,8 @@ class Scheduler:
                 continue
             taken = len(s.gen.ids)
             if s.pending is None:
-                ids.append([s.gen.ids[-1]])                       # the last token taken
+                # the last token taken (before any draw: the prompt's last, last_in_batch)
+                ids.append([int(s.gen.seen[s.gen.n_prompt + taken - 1])])
                 src.append(-1)
             elif taken + 1 < s.req.max_tokens:
                 ids.append([0])                                   # the token in flight...

@@ -266,6 +266,59 @@ def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, m
     assert not long.prefilling and len(long.gen.ids) == 1
 
 
+@pytest.fixture
+def last_in_batch(engine, monkeypatch):
+    """The engine run the GPU's unfolded way: prompt chunks of 16 in forwards of
+    their own, the prompt's last token as the sequence's first decode row."""
+    b = engine.lm.backend
+    monkeypatch.setattr(b, "prompt_last_in_batch", True, raising=False)
+    monkeypatch.setattr(b, "batch_prefill_chunk", 16, raising=False)
+    return engine
+
+
+def test_last_in_batch_streams_give_what_they_get_alone(last_in_batch):
+    warm = SamplingParams(temperature=0.9, top_k=40, seed=78, repetition_penalty=1.1, logprobs=2)
+    reqs = [request(n, seed=30 + i, max_tokens=8 + i) for i, n in enumerate((1, 2, 40, 17, 70))]
+    reqs.append(request(25, seed=39, max_tokens=12, sampling=warm))
+    sched = Scheduler(last_in_batch, n_blocks=64, max_batch=8)
+    assert sched.last_in_batch and not sched.fold and sched.chunk == 16
+    seqs = [sched.add(r) for r in reqs]
+    drain(sched)
+    for seq, req in zip(seqs, reqs):
+        solo = alone(last_in_batch, req)
+        assert seq.error is None and seq.result.token_ids == solo.token_ids
+        assert seq.result.text == solo.text and seq.result.stop_reason == solo.stop_reason
+    assert sum(s.result.tokens_out for s in seqs) > 40 and sched.blocks.n_used == 0
+
+
+def test_last_in_batch_prompts_share_a_chunk_and_their_last_token_is_a_decode_row(
+        last_in_batch, monkeypatch):
+    b = last_in_batch.lm.backend
+    calls = []
+    real = b.forward_batch
+
+    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
+        calls.append((batched, list(ids), list(pos)))
+        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
+    monkeypatch.setattr(b, "forward_batch", spy)
+    sched = Scheduler(last_in_batch, 64, 4)
+    a, c = request(6, 71, max_tokens=5), request(9, 72, max_tokens=5)
+    long = request(40, 73, max_tokens=5)
+    seqs = [sched.add(r) for r in (a, c, long)]
+    sched.step()
+    # one chunk of tokens in all: a's 5 and c's 8 prompt rows, each in a forward of its
+    # own (long's first 16 do not fit: it waits), then one decode row each from its
+    # prompt's last token at its last position
+    assert calls == [(False, a.prompt_ids[:5], list(range(5))), (False, c.prompt_ids[:8], list(range(8))),
+                     (True, [a.prompt_ids[-1], c.prompt_ids[-1]], [5, 8])]
+    assert [len(s.gen.ids) for s in seqs] == [1, 1, 0]
+    calls.clear()
+    sched.step()
+    assert calls[0] == (False, long.prompt_ids[:16], list(range(16)))   # then 16-31, 32-38
+    drain(sched)
+    assert all(s.result.tokens_out == 5 for s in seqs)
+
+
 def test_a_failing_forward_ends_its_sequences_and_the_scheduler_goes_on(engine, monkeypatch):
     b = engine.lm.backend
     real = b.forward_batch
@@ -322,24 +375,28 @@ def test_stop_strings_and_eog_end_a_sequence_as_the_engine_does(engine):
 
 
 @pytest.mark.cuda
-def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host):
-    """The same property on CUDA: prompts folded into replayed decode graphs,
-    per-row kernels, each row drawn by the device sampler with its own state."""
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "prefill-graphs"])
+def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host, fold):
+    """The same property on CUDA: prompts folded into replayed decode graphs
+    (fold_prompts=on: per-row kernels) or run as prefill graphs of their own (the
+    default: their last token a decode row), each row drawn by the device sampler with
+    its own state."""
     import os
-    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512,
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, n_ctx=512, fold_prompts=fold,
                     device=f"cuda:{os.environ.get('ORCD_TEST_GPU', '0')}")
     try:
         engine = Engine(lm)
         warm = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.1, logprobs=3)
         chained = SamplingParams(temperature=0.8, seed=6, repetition_penalty=1.2)
-        reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS)]
+        reqs = [request(n, seed=i, max_tokens=16) for i, n in enumerate(LENGTHS + (1, 300))]
         reqs.append(request(30, seed=98, max_tokens=24, sampling=chained))
         reqs.append(request(50, seed=99, max_tokens=16, sampling=warm))
         assert lm.backend.pipelined_rows     # the default (--cuda-option pipelined_steps=on)
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
-        assert sched.pipelined
-        # 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token chunk
-        assert sched.warm_up() == 8
+        assert sched.pipelined and sched.fold == fold and sched.last_in_batch != fold
+        # folded, 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token
+        # chunk; else rows 1, 2, 4, 8 and the prefill buckets 16 .. 256 (cuda_prefill.py)
+        assert sched.warm_up() == (8 if fold else 4 + 8)
         graphs = dict(lm.backend.batch._graphs)
         seqs = [sched.add(r) for r in reqs]
         drain(sched)

@@ -23,13 +23,18 @@ def engine(tiny_model, host):
     lm.close()
 
 
-@pytest.fixture(params=["unfolded", "folded"])
+@pytest.fixture(params=["unfolded", "folded", "last-in-batch"])
 def pipelined(engine, monkeypatch, request):
-    """The engine with pipelined steps, prompts folded into the batch or not."""
+    """The engine with pipelined steps, prompts folded into the batch or not, or
+    (the GPU's unfolded way) run but for their last token, which is the
+    sequence's first decode row."""
     b = engine.lm.backend
     monkeypatch.setattr(b, "pipelined_rows", True, raising=False)
     if request.param == "folded":
         monkeypatch.setattr(b, "prefill_in_batch", True, raising=False)
+    if request.param == "last-in-batch":
+        monkeypatch.setattr(b, "prompt_last_in_batch", True, raising=False)
+    if request.param != "unfolded":
         monkeypatch.setattr(b, "batch_prefill_chunk", 16, raising=False)
     return engine
 

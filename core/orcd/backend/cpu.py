@@ -186,7 +186,7 @@ class CpuBackend:
     def free_kv_pool(self, pool: KVCache) -> None:
         pass   # numpy memory: freed with the last reference
 
-    def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
+    def warm_batch(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
         return 0   # nothing compiled or captured: every forward costs the same
 
     @staticmethod

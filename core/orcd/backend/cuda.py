@@ -22,7 +22,7 @@ import numpy as np
 
 from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
 from orcd.backend.cuda_batch import BatchDecoder
-from orcd.backend.cuda_prefill import PrefillGraphs
+from orcd.backend.cuda_prefill import FOLD_CHUNK, UNFOLDED_CHUNK, PrefillGraphs
 from orcd.backend.cuda_steps import DeviceSampling, PendingToken, RowSamplers, StepIO
 from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
@@ -73,11 +73,17 @@ class CudaRunner:
 
 
 class CudaBackend:
-    #: the scheduler folds prompts into the decode batch, a chunk of this many tokens
-    #: per step, so a new prompt never stalls the running streams for a whole prefill
-    #: (each row runs the per-row decode kernels of a replayed graph)
-    prefill_in_batch = True
-    batch_prefill_chunk = 32
+    #: the scheduler runs prompt chunks in forwards of their own, UNFOLDED_CHUNK
+    #: tokens a step (each the replayed prefill graph of its rows bucket: the prompt
+    #: GEMMs), so a new prompt stalls the running streams for one chunk at most, and
+    #: each prompt's last token is its sequence's first decode row (its first draw is
+    #: pipelined like the others). ``fold_prompts=on`` folds them into the decode batch
+    #: instead, FOLD_CHUNK tokens a step through the per-row GEMVs: slower everywhere
+    #: it was measured (H100, bench/load.py: 64 clients 2,095 vs 2,746 tok/s, a long
+    #: prompt's TTFT 56.5 vs 8.4 ms)
+    prefill_in_batch = False
+    prompt_last_in_batch = True
+    batch_prefill_chunk = UNFOLDED_CHUNK
     #: whether the scheduler queues step k+1 before step k's ids reach the host
     #: (launch_rows and forward_batch's ``follow``: taking ids, detokenizing and SSE
     #: overlap the GPU); the ``pipelined_steps`` option (H200, bench/load.py: +15%
@@ -87,7 +93,7 @@ class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
-                 moe_tc: bool = True, pipelined_steps: bool = True) -> None:
+                 moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -97,6 +103,8 @@ class CudaBackend:
         moe_gemm_tc) instead of fp32 tiles of 8 pairs (GPT-OSS's pp512 8.7x with
         prefill_graphs).
         ``pipelined_steps``: the scheduler's steps pipelined (``pipelined_rows``).
+        ``fold_prompts``: the scheduler folds prompt chunks into the decode batch
+        (``prefill_in_batch``) instead of running them as prefill graphs (see above).
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -106,6 +114,9 @@ class CudaBackend:
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
         self.pipelined_rows = bool(pipelined_steps)
+        if fold_prompts:
+            self.prefill_in_batch, self.prompt_last_in_batch = True, False
+            self.batch_prefill_chunk = FOLD_CHUNK
         self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
@@ -254,9 +265,10 @@ class CudaBackend:
         are copied into its inputs on the device."""
         return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, follow)
 
-    def warm_batch(self, model, pool: KVCache, max_rows: int) -> int:
-        """Capture the replayed step of every row count up to ``max_rows`` now (cuda_batch.py)."""
-        return self.batch.warm(model, pool, max_rows)
+    def warm_batch(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
+        """Capture the replayed step of every row count up to ``max_rows`` now, and the
+        scheduler's prompt chunks where they run as graphs of their own (cuda_batch.py)."""
+        return self.batch.warm(model, pool, max_rows, n_ctx)
 
     def cover_positions(self, n: int) -> None:
         """Rope tables made from now on cover positions < n (a cache or pool that large exists)."""

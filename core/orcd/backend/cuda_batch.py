@@ -116,11 +116,20 @@ class BatchDecoder(Replays):
 
     def forward(self, model, pool: KVCache, tables, seq, ids, pos, n_ctx: int, batched: bool,
                 last_only: bool, follow=None) -> DeviceTensor:
-        """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch."""
+        """See CpuBackend.forward_batch; logits [T or 1, n_vocab] in the scratch. One
+        sequence's prompt chunk replays the prefill graph of its rows bucket where
+        it can (``_prompt``), else runs eagerly."""
         if batched:
             return self._decode(model, pool, tables, seq, ids, pos, follow)
         if follow is not None:
             raise ValueError("forward_batch: follow is for batched steps")
+        table = np.asarray(tables, np.int32)
+        start = int(np.asarray(pos).reshape(-1)[0]) if len(ids) else 0
+        if last_only and table.shape[0] == 1 and np.array_equal(
+                np.asarray(pos).reshape(-1), np.arange(start, start + len(ids))):
+            logits = self._prompt(model, pool, table[0], ids, start, n_ctx)
+            if logits is not None:
+                return logits
         b = self.b
         while True:
             b.scratch.reset()
@@ -132,6 +141,58 @@ class BatchDecoder(Replays):
                                      view, last_only=last_only)
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])
+
+    def _prompt(self, model, pool: KVCache, table: np.ndarray, ids, start: int, n_ctx: int,
+                check: bool = True) -> DeviceTensor | None:
+        """The last token's logits [1, n_vocab] of one sequence's prompt chunk at
+        ``start``, replayed from the prefill graph of its rows bucket (cuda_prefill.py:
+        padding first, at the positions after the chunk, through the sequence's own
+        table at a fixed address); None where it must run eagerly: no graphs, no
+        bucket, or padding that would land on the sequence's own keys (``check``)."""
+        from orcd.backend.cuda_prefill import bucket as prompt_bucket
+        from orcd.backend.cuda_prefill import padded_inputs, padding_is_safe
+
+        b, n = self.b, len(ids)
+        rows = prompt_bucket(n)
+        if b.prefill is None or not b.graphs or rows is None or (
+                check and not padding_is_safe(table, start, n, rows)):
+            return None
+        host = np.concatenate([padded_inputs(ids, start, rows), np.zeros(rows, np.int32), table])
+        buf, d_ids, d_pos, d_seq, d_table = self._prompt_buffers(rows, table.size)
+        self._write(host, buf.ptr)
+        view = KVCache(pool.k, pool.v, d_table, d_seq, int(n_ctx), False)
+        return self._replay((id(model), id(pool), "prompt", rows, int(n_ctx)),
+                            lambda: model.forward(b.ops, d_ids, d_pos, view, last_only=True), "prompt chunk")
+
+    def _prompt_buffers(self, rows: int, width: int):
+        # ids, positions, seq (zeros), then one table as wide as the widest seen: with
+        # every row in sequence 0 the kernels never use the table's row length, so a
+        # graph captured with one width replays right with a narrower table written
+        key = ("prompt", rows)
+        got = self._inputs.get(key)
+        if got is None or got[4].shape[1] < width:
+            if got is not None:
+                self._drop_prompt_graphs(rows)
+                self.b.alloc.free(got[0])
+            i32 = np.dtype(np.int32)
+            buf = self.b.alloc.alloc(4 * (3 * rows + width), "scratch")
+            at = lambda k: buf.ptr + 4 * k * rows   # noqa: E731 -- the k-th rows-long field
+            got = (buf, DeviceTensor(at(0), (rows,), i32), DeviceTensor(at(1), (rows,), i32),
+                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(3), (1, width), i32))
+            self._inputs[key] = got
+        return got
+
+    def _drop_prompt_graphs(self, rows: int) -> None:
+        for key in [k for k in self._graphs if k[2:4] == ("prompt", rows)]:
+            self._graphs.pop(key)[0].close()
+
+    def _write(self, host: np.ndarray, ptr: int) -> None:
+        """Inputs to a fixed device address; pipelined steps queue the copy without
+        waiting (the step before still runs; the driver stages the pageable source
+        before the call returns)."""
+        from orcd.cuda.memory import from_host, from_host_async
+
+        (from_host_async if self.b.pipelined_rows else from_host)(self.b.device, host, ptr)
 
     def _decode(self, model, pool: KVCache, tables, seq, ids, pos, follow=None) -> DeviceTensor:
         # one row per token: row i runs ids[i] at pos[i] with table tables[seq[i]]; with
@@ -156,22 +217,31 @@ class BatchDecoder(Replays):
         logits = self._replay((id(model), id(pool), rows, blocks), forward, "batch decode")
         return logits.rows(0, n)
 
-    def warm(self, model, pool: KVCache, max_rows: int) -> int:
+    def warm(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
         """Capture the step of every rows bucket up to ``max_rows`` (each at
         MIN_BLOCKS), so that no step under load waits for a kernel load or a
-        capture; the rows write position 0 of the spare block. The count run."""
+        capture; the rows write position 0 of the spare block. Where the
+        scheduler runs prompt chunks of their own (``prompt_last_in_batch``), also
+        the prefill graph of every bucket up to its chunk, for ``n_ctx``: their
+        rows write only the spare block. The count run."""
+        from orcd.backend.cuda_prefill import BUCKETS
+
+        b = self.b
         spare = [[pool.spare]]
         sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
         for rows in sizes:
             self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
-        self.b.device.synchronize()
-        return len(sizes)
+        prompts = []
+        if n_ctx and b.prompt_last_in_batch and b.prefill is not None and b.graphs:
+            table = np.full(-(-int(n_ctx) // KV_BLOCK), pool.spare, np.int32)
+            prompts = [r for r in BUCKETS if r <= b.batch_prefill_chunk]
+            for rows in prompts:
+                self._prompt(model, pool, table, [0] * rows, 0, n_ctx, check=False)
+        b.device.synchronize()
+        return len(sizes) + len(prompts)
 
     def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None):
-        """Write the (rows, blocks) bucket's inputs: real rows first, then padding.
-        Pipelined steps queue the copy without waiting (the step before still runs)."""
-        from orcd.cuda.memory import from_host, from_host_async
-
+        """Write the (rows, blocks) bucket's inputs: real rows first, then padding."""
         n = own.shape[0]
         host = np.zeros(4 * rows + rows * blocks, np.int32)
         host[:n] = np.asarray(ids, np.int32).reshape(-1)
@@ -185,8 +255,7 @@ class BatchDecoder(Replays):
         table[:n, :width] = own[:, :width]
         host[4 * rows:] = table.reshape(-1)
         buf, d_ids, d_pos, d_seq, d_tables = self._buffers(rows, blocks)
-        # async: the driver stages the pageable source before the call returns
-        (from_host_async if self.b.pipelined_rows else from_host)(self.b.device, host, buf.ptr)
+        self._write(host, buf.ptr)
         if follow is not None:
             follow[0].feed(d_ids.ptr, buf.ptr + 4 * 3 * rows, n)
         view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)

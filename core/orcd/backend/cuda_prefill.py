@@ -23,9 +23,18 @@ import numpy as np
 
 from orcd.backend.cuda_batch import Replays
 from orcd.cuda.tensor import DeviceTensor
+from orcd.kvcache import KV_BLOCK
 
 #: rows of a replayed prefill chunk; a prompt pads up to the next one
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: the scheduler's prompt tokens per step where it does not fold them into the decode
+#: batch (the default): the running streams wait at most one 256-row prefill
+#: graph a step. Chunks start at multiples of it, so a chunk's padding (to at most
+#: the next multiple of 64 past its last token, for every bucket up to 256) stays in
+#: the blocks reserved for the prompt and its first output token
+UNFOLDED_CHUNK = 256
+#: prompt tokens per step folded into the decode batch (``fold_prompts=on``)
+FOLD_CHUNK = 32
 
 
 def bucket(n: int) -> int | None:
@@ -43,6 +52,16 @@ def padded_inputs(ids, start: int, rows: int) -> np.ndarray:
     host[rows:rows + pad] = np.arange(start + n, start + n + pad)
     host[rows + pad:] = np.arange(start, start + n)
     return host
+
+
+def padding_is_safe(table: np.ndarray, start: int, n: int, rows: int) -> bool:
+    """Whether a chunk of n tokens at ``start`` padded to ``rows`` through the block
+    ``table`` writes its padding (positions start + n ..) only to KV rows that no
+    position before it holds: every block up to the padding's last is a block of
+    its own (a scheduler's table repeats the sequence's first block past the
+    blocks it reserved)."""
+    last = (start + rows - 1) // KV_BLOCK
+    return last < len(table) and len(np.unique(table[:last + 1])) == last + 1
 
 
 class PrefillGraphs(Replays):

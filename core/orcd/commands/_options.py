@@ -80,6 +80,7 @@ CUDA_OPTIONS = {
     "gemm": ("cublaslt", "nvmath", "simt"),   # the prompt's GEMM on fp16 copies of the weights
     "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
     "pipelined_steps": ("on", "off"),    # batch step k+1 queued before step k's ids reach the host
+    "fold_prompts": ("off", "on"),       # on: prompt chunks ride in the decode batch, not prefill graphs
 }
 
 

@@ -74,9 +74,10 @@ class Backend(Protocol):
     def new_kv_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
                     head_dim_v: int | None = None): ...
     def free_kv_pool(self, pool) -> None: ...
-    # before serving: make the batched step of every row count up to max_rows as fast
-    # the first time as later (GPU: kernels loaded, graphs captured); how many it ran
-    def warm_batch(self, model, pool, max_rows: int) -> int: ...
+    # before serving: make the batched step of every row count up to max_rows, and the
+    # scheduler's prompt chunks for its n_ctx, as fast the first time as later (GPU:
+    # kernels loaded, graphs captured); how many it ran
+    def warm_batch(self, model, pool, max_rows: int, n_ctx: int | None = None) -> int: ...
     # batched: every row on its own (prompt chunks first, then one decode per sequence),
     # computed alike whatever else shares the step. follow = (a launch_rows handle of the
     # step before, src): row i's id is that step's draw src[i] where src[i] >= 0
