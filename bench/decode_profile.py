@@ -135,7 +135,7 @@ class Step:
 def sampler_ms(step) -> float | None:
     """Graph time of the device sampler's kernels (greedy) on this step's logits."""
     from orcd.cuda.graph import capture
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     b = step.b
     logits = step.forward(b.ops)

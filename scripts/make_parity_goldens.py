@@ -120,7 +120,7 @@ def make_reference(host) -> None:
     greedy continuations of the parity prompts with the margin of every step."""
     from orcd.engine import Engine, GenerateRequest
     from orcd.load import load_model
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
     from orcd.pull import pull
 
     lm = load_model(pull("qwen2.5-coder-0.5b"), host=host, device="cpu", n_ctx=512)

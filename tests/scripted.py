@@ -4,7 +4,7 @@ engine, parser and routes."""
 
 from __future__ import annotations
 
-from orcd.ops.sampling import Sampled
+from orcd.sampling import Sampled
 
 
 def scripted_steps(ids: list[int]):

@@ -21,7 +21,7 @@ import numpy as np
 
 from orcd.detok import StreamDecoder
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
-from orcd.ops.sampling import RowDraw, Sampled, SamplingParams
+from orcd.sampling import RowDraw, Sampled, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward (unless the backend states its own)
 MIN_CACHE = 256      # smallest KV cache; sizes are powers of two so a pooled cache is reused

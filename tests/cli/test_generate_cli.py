@@ -14,7 +14,7 @@ from orcd.commands import generate
 from orcd.engine import Engine, GenerateRequest
 from orcd.errors import InvalidRequest, OrcdError
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 
 
 def run(argv, capsys) -> tuple[str, str]:

@@ -177,7 +177,7 @@ def test_kv_cache_oom_then_a_smaller_cache(pairs):
 
 def test_vram_returns_to_baseline_after_requests(pairs):
     from orcd.engine import Engine, GenerateRequest
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     _, gpu = pairs("gpt-oss-tiny")
     b = gpu.backend
@@ -193,7 +193,7 @@ def test_vram_returns_to_baseline_after_requests(pairs):
 
 
 def test_greedy_sample_is_the_argmax(pairs):
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     _, gpu = pairs("qwen2-tiny")
     b = gpu.backend

@@ -64,7 +64,7 @@ def test_teacher_forced_top1_matches_reference(gpu_qwen, reference):
 
 def test_greedy_matches_reference_up_to_near_ties(gpu_qwen, reference):
     from orcd.engine import Engine, GenerateRequest
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
     engine = Engine(gpu_qwen)
     identical = 0
     for case in reference["greedy"]:
@@ -81,7 +81,7 @@ def test_greedy_matches_reference_up_to_near_ties(gpu_qwen, reference):
 
 def test_same_seed_same_ids_on_the_gpu(gpu_qwen, reference):
     from orcd.engine import Engine, GenerateRequest
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
     engine = Engine(gpu_qwen)
     ids = reference["greedy"][0]["prompt_ids"]
     runs = [engine.generate(GenerateRequest(ids, 24, SamplingParams(temperature=0.7, seed=5))).token_ids

@@ -16,7 +16,9 @@ import pytest
 
 from gpu_rig import SIMULATED, sized
 
-from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref, transform
+from orcd.ops.sampling import apply_repetition_penalty, sample_ref, transform
+
+from orcd.sampling import SamplingParams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 

@@ -11,8 +11,9 @@ import pytest
 from gpu_rig import sized
 from test_sampling_cuda import fresh, rig  # noqa: F401  (rig: the shared fixture)
 
-from orcd.ops.sampling import (SamplingParams, mask_words, process, sample_ref, sample_step,
-                               transform)
+from orcd.ops.sampling import mask_words, process, sample_ref, sample_step, transform
+
+from orcd.sampling import SamplingParams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 BIG = sized(151936, 32000)   # the simulator runs a 1,024-thread block serially

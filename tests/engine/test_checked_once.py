@@ -20,7 +20,7 @@ from orcd.devkit.server_testing import SSEStream, running_server
 from orcd.engine import Engine, GenerateRequest
 from orcd.errors import InvalidRequest
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 from orcd.scheduler import Scheduler
 from orcd.server.state import ServerConfig
 

@@ -10,7 +10,7 @@ import pytest
 from orcd.engine import Engine, GenerateRequest, StopMatcher
 from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

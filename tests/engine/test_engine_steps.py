@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from orcd.engine import decode_steps
-from orcd.ops.sampling import Sampled, SamplingParams
+from orcd.sampling import Sampled, SamplingParams
 
 
 class _Backend:

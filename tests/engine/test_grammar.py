@@ -11,7 +11,7 @@ from orcd.engine import Engine, GenerateRequest
 from orcd.errors import InvalidRequest
 from orcd.grammar import GrammarUnavailable, Grammars, schema_of
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 
 pytest.importorskip("llguidance")
 

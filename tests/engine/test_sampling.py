@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orcd.ops.sampling import SamplingParams, apply_repetition_penalty, sample_ref
+from orcd.ops.sampling import apply_repetition_penalty, sample_ref
+
+from orcd.sampling import SamplingParams
 
 NO_SEEN = np.zeros(0, dtype=np.int64)
 

@@ -14,7 +14,7 @@ import pytest
 from orcd import cli
 from orcd.devkit import testing
 from orcd.devkit.server_testing import running_server
-from orcd.ops.sampling import LLAMA_SERVER_DEFAULTS, SamplingParams, request_defaults
+from orcd.sampling import LLAMA_SERVER_DEFAULTS, SamplingParams, request_defaults
 from orcd.server.state import ServerConfig
 
 LLAMA_SERVER = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orcd.ops.sampling import (LOGPROB_FLOOR, SamplingParams, allowed_ids, mask_words, process,
-                               sample_ref, sample_step, transform)
+from orcd.ops.sampling import allowed_ids, mask_words, process, sample_ref, sample_step, transform
+
+from orcd.sampling import LOGPROB_FLOOR, SamplingParams
 
 NO_SEEN = np.zeros(0, dtype=np.int64)
 GREEDY = SamplingParams(temperature=0.0)

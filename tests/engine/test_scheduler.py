@@ -13,7 +13,7 @@ from orcd.engine import Engine, GenerateRequest
 from orcd.errors import Cancelled, InferenceTimeout, InternalError, VramOom
 from orcd.kvcache import blocks_for
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 from orcd.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -10,7 +10,8 @@ import pytest
 from orcd.engine import Engine, GenerateRequest
 from orcd.errors import Cancelled
 from orcd.load import load_model
-from orcd.ops.sampling import SamplingParams, mask_words
+from orcd.ops.sampling import mask_words
+from orcd.sampling import SamplingParams
 from orcd.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0.0)

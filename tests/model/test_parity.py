@@ -95,7 +95,7 @@ def test_qwen_prompts_tokenize_as_golden(qwen_cpu, qwen_golden):
 @pytest.mark.slow
 def test_qwen_greedy_matches_llama_cpp(qwen_cpu, qwen_golden):
     from orcd.engine import Engine, GenerateRequest
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     engine = Engine(qwen_cpu)
     exact = []

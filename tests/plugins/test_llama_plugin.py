@@ -89,7 +89,7 @@ def golden():
 @pytest.mark.slow
 def test_smollm2_greedy_matches_llama_cpp(smollm2, host, golden):
     from orcd.engine import Engine, GenerateRequest
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     from support import all_logits, assert_greedy_agrees, load_script
     qwen_prompt_ids = load_script("make_parity_goldens").qwen_prompt_ids

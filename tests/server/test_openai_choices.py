@@ -17,7 +17,7 @@ import pytest
 
 from orcd.devkit.server_testing import running_server
 from orcd.errors import Cancelled
-from orcd.ops.sampling import Sampled
+from orcd.sampling import Sampled
 from orcd.server.openai_choices import Choices
 from orcd.server.state import JobStream, ServerConfig
 

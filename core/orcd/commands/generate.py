@@ -13,7 +13,7 @@ import sys
 import time
 
 from orcd.commands._options import add_device_argument, device_from_args
-from orcd.ops.sampling import LLAMA_SERVER_DEFAULTS as D
+from orcd.sampling import LLAMA_SERVER_DEFAULTS as D
 
 UNSET = "(default: the model file's general.sampling.{key}, else {value})"
 
@@ -55,7 +55,7 @@ def _within(value, lo, hi) -> bool:
 
 def check_args(args) -> None:
     from orcd.errors import InvalidRequest
-    from orcd.ops.sampling import MIN_REPETITION_PENALTY
+    from orcd.sampling import MIN_REPETITION_PENALTY
     checks = [(args.max_tokens >= 1, "--max-tokens must be at least 1"),
               (_within(args.temperature, 0.0, 2.0), "--temperature must be within 0-2"),
               (_within(args.top_k, 0, float("inf")), "--top-k must be 0 or more"),
@@ -83,7 +83,7 @@ def prompt_ids(lm, args) -> list[int]:
 def run(args) -> int:
     from orcd.engine import Engine, GenerateRequest
     from orcd.errors import InvalidRequest
-    from orcd.ops.sampling import SamplingParams, request_defaults
+    from orcd.sampling import SamplingParams, request_defaults
     check_args(args)
     lm = _load(args, device_from_args(args, "orcd generate"))
     try:

@@ -46,7 +46,7 @@ def time_generation(lm, prompt: list[int], n_gen: int) -> tuple[float, float, fl
     decoding as the engine does (orcd.engine.decode_tokens: on the GPU the next step
     is queued before the last id reaches the host)."""
     from orcd.engine import Engine, decode_tokens
-    from orcd.ops.sampling import SamplingParams
+    from orcd.sampling import SamplingParams
 
     backend = lm.backend
     runner = Engine(lm).new_runner()

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orcd.ops.sampling import _PREP_THREADS, _SELECT_THREADS, SAMPLE_ARGS, CudaSampler, SamplingParams
+from orcd.ops.sampling import _PREP_THREADS, _SELECT_THREADS, SAMPLE_ARGS, CudaSampler
+
+from orcd.sampling import SamplingParams
 
 #: sampling.cu SampleRow: twelve device pointers
 SAMPLE_ROW = np.dtype([(name, "<u8") for name in (

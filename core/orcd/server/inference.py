@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from orcd.engine import GenerateRequest, GenerateResult, TokenEvent
 from orcd.errors import (Cancelled, DuplicateJob, InferenceTimeout, OrcdError, Unavailable,
                          as_orcd_error)
-from orcd.ops.sampling import SamplingParams
+from orcd.sampling import SamplingParams
 
 Sink = Callable[[str, Any], None]
 

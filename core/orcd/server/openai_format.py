@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from orcd.ops.sampling import Sampled
+from orcd.sampling import Sampled
 from orcd.toolcalls import ToolCall
 
 

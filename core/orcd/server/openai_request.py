@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orcd.errors import InvalidRequest
-from orcd.ops.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from orcd.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class ModelNotFound(InvalidRequest):

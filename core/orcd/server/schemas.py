@@ -11,7 +11,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, V
                       field_validator)
 
 from orcd.errors import InvalidRequest
-from orcd.ops.sampling import GREEDY_BELOW_TEMPERATURE, MIN_REPETITION_PENALTY
+from orcd.sampling import GREEDY_BELOW_TEMPERATURE, MIN_REPETITION_PENALTY
 
 MAX_PROMPT_CHARS = 32_768
 MAX_STOPS = 4

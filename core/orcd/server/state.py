@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from orcd.engine import GenerateRequest, with_seed
 from orcd.errors import InvalidRequest, Unavailable
-from orcd.ops.sampling import SamplingParams, request_defaults
+from orcd.sampling import SamplingParams, request_defaults
 from orcd.server.inference import InferenceThread, Job
 from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
