@@ -8,8 +8,9 @@
 #   bash bench/gpu_session.sh two   # orcd's GPT-OSS row, then llama.cpp's four rows: the table
 #   bash bench/gpu_session.sh load [NAME=VALUE...]  # (one call on its own) the batching tests,
 #                                   # bench/load.py of orcd as it is, then of orcd with those
-#                                   # --cuda-options (e.g. prefill_graphs=off) against
-#                                   # llama-server -np 16, qwen2-0.5b, --max-batch 16
+#                                   # --cuda-options (e.g. fold_prompts=on) against
+#                                   # llama-server -np 16, qwen2-0.5b, --max-batch 16, then
+#                                   # long prompts (--prompt-repeat 8) at 1 and 16 clients
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
 #                                   # ones) as it is and with those --cuda-options, e.g.
@@ -71,6 +72,10 @@ load)
   for _ in $(seq 1 240); do grep -q BUILD_OK "$WORK/peer-build.log" 2>/dev/null && break; sleep 1; done
   timeout 200 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" "${opts[@]}" \
       --peer "$WORK/llama.cpp/build/bin/llama-server" 2>&1 | tee "$OUT/load.log" | tail -8
+  # long prompts (~250-1,800 tokens): TTFT alone and under a burst of 16
+  timeout 120 python3 bench/load.py --model "$WORK/qwen2-0.5b.gguf" "${opts[@]}" --prompt-repeat 8 \
+      --concurrency 1,16 --rounds 1 --peer "$WORK/llama.cpp/build/bin/llama-server" 2>&1 \
+      | tee "$OUT/load-long.log" | tail -5
   ;;
 ab)
   models=${2:-$SMALL}
