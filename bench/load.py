@@ -159,17 +159,25 @@ def run_level(url: str, clients: int, rounds: int, max_tokens: int,
     """``clients`` threads, each ``rounds`` requests in a row; the samples and the wall time."""
     samples: list[Sample] = []
     lock = threading.Lock()
+    # every client made and its thread waiting before the clock starts: an httpx.Client
+    # loads the CA bundle (~27 ms of the client process's GIL each, even for http://),
+    # which made the 16th client's first request start ~60 ms after the first one's
+    # (bench/host_load.py, on the CPU machine)
+    made = [httpx.Client(timeout=httpx.Timeout(3600, connect=30), verify=False) for _ in range(clients)]
+    go = threading.Barrier(clients + 1)
 
     def client(k: int) -> None:
-        with httpx.Client(timeout=httpx.Timeout(3600, connect=30)) as c:
+        with made[k] as c:
+            go.wait()
             for r in range(rounds):
                 got = stream_one(c, url, prompts[(k + r) % len(prompts)], max_tokens)
                 with lock:
                     samples.append(got)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
+    go.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     return samples, time.perf_counter() - t0
