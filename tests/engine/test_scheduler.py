@@ -211,35 +211,48 @@ def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
     assert len(produced) == 5 and all(n == 1 for n in produced)   # the stream never stalled
 
 
-@pytest.fixture
-def folding(engine, monkeypatch):
-    """The engine with prompts folded into the decode batch (the GPU's way), in
-    chunks of 16 tokens."""
+def scheduled_the_gpu_way(engine, monkeypatch, fold: bool):
+    """The engine scheduled as on the GPU, in chunks of 16 tokens: prompts folded into
+    the decode batch (``fold_prompts=on``), or (the GPU's default) run in forwards of
+    their own with each prompt's last token its sequence's first decode row."""
     b = engine.lm.backend
-    monkeypatch.setattr(b, "prefill_in_batch", True, raising=False)
+    monkeypatch.setattr(b, "prefill_in_batch" if fold else "prompt_last_in_batch", True, raising=False)
     monkeypatch.setattr(b, "batch_prefill_chunk", 16, raising=False)
     return engine
 
 
-def test_folded_prompts_give_each_stream_what_it_gets_alone(folding):
+@pytest.fixture
+def folding(engine, monkeypatch):
+    return scheduled_the_gpu_way(engine, monkeypatch, fold=True)
+
+
+@pytest.fixture
+def last_in_batch(engine, monkeypatch):
+    return scheduled_the_gpu_way(engine, monkeypatch, fold=False)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "last-in-batch"])
+def test_the_gpus_scheduling_gives_each_stream_what_it_gets_alone(engine, monkeypatch, fold):
+    gpu_way = scheduled_the_gpu_way(engine, monkeypatch, fold)
     warm = SamplingParams(temperature=0.9, top_k=40, seed=77, repetition_penalty=1.1, logprobs=2)
-    reqs = [request(n, seed=i, max_tokens=8 + i) for i, n in enumerate((3, 40, 17, 70))]
+    reqs = [request(n, seed=i, max_tokens=8 + i) for i, n in enumerate((1, 3, 40, 17, 70))]
     reqs.append(request(25, seed=9, max_tokens=12, sampling=warm))
-    sched = Scheduler(folding, n_blocks=64, max_batch=8)
-    assert sched.fold and sched.chunk == 16
+    sched = Scheduler(gpu_way, n_blocks=64, max_batch=8)
+    assert sched.fold == fold and sched.last_in_batch != fold and sched.chunk == 16
     events = [[] for _ in reqs]
     seqs = [sched.add(r, events[i].append) for i, r in enumerate(reqs)]
     drain(sched)
     for i, (seq, req) in enumerate(zip(seqs, reqs)):
         solo_events = []
-        s = Scheduler(folding, 64, 1)
+        s = Scheduler(gpu_way, 64, 1)
         solo = s.add(req, solo_events.append)
         drain(s)
         assert seq.error is None and seq.result.token_ids == solo.result.token_ids
+        assert seq.result.stop_reason == solo.result.stop_reason
         assert texts(events[i]) == seq.result.text == solo.result.text
         assert [[(lp.id, lp.logprob) for lp in e.logprobs] for e in events[i]] == \
             [[(lp.id, lp.logprob) for lp in e.logprobs] for e in solo_events]
-    assert sched.blocks.n_used == 0
+    assert sum(s.result.tokens_out for s in seqs) > 30 and sched.blocks.n_used == 0
 
 
 def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, monkeypatch):
@@ -264,31 +277,6 @@ def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, m
         assert calls == [(True, list(range(start, end)) + [5 + before - 1])]
         assert len(short.gen.ids) == before + 1                              # never stalled
     assert not long.prefilling and len(long.gen.ids) == 1
-
-
-@pytest.fixture
-def last_in_batch(engine, monkeypatch):
-    """The engine run the GPU's unfolded way: prompt chunks of 16 in forwards of
-    their own, the prompt's last token as the sequence's first decode row."""
-    b = engine.lm.backend
-    monkeypatch.setattr(b, "prompt_last_in_batch", True, raising=False)
-    monkeypatch.setattr(b, "batch_prefill_chunk", 16, raising=False)
-    return engine
-
-
-def test_last_in_batch_streams_give_what_they_get_alone(last_in_batch):
-    warm = SamplingParams(temperature=0.9, top_k=40, seed=78, repetition_penalty=1.1, logprobs=2)
-    reqs = [request(n, seed=30 + i, max_tokens=8 + i) for i, n in enumerate((1, 2, 40, 17, 70))]
-    reqs.append(request(25, seed=39, max_tokens=12, sampling=warm))
-    sched = Scheduler(last_in_batch, n_blocks=64, max_batch=8)
-    assert sched.last_in_batch and not sched.fold and sched.chunk == 16
-    seqs = [sched.add(r) for r in reqs]
-    drain(sched)
-    for seq, req in zip(seqs, reqs):
-        solo = alone(last_in_batch, req)
-        assert seq.error is None and seq.result.token_ids == solo.token_ids
-        assert seq.result.text == solo.text and seq.result.stop_reason == solo.stop_reason
-    assert sum(s.result.tokens_out for s in seqs) > 40 and sched.blocks.n_used == 0
 
 
 def test_last_in_batch_prompts_share_a_chunk_and_their_last_token_is_a_decode_row(
