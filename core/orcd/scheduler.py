@@ -135,8 +135,14 @@ class Scheduler:
     def warm_up(self) -> int:
         """Before serving: the backend readies the batched forward of every row count
         a step can make (on the GPU each would otherwise load kernels and capture
-        a graph in the middle of someone's stream). How many forwards it ran."""
-        return self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
+        a graph in the middle of someone's stream), and where it can
+        (``warm_rows``) the sampling state of every sequence a step may hold.
+        How many forwards it ran."""
+        n = self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
+        warm_rows = getattr(self.backend, "warm_rows", None)
+        if warm_rows is not None:
+            warm_rows(self.max_batch)
+        return n
 
     # -- the caller's side -------------------------------------------------------
     def add(self, req: GenerateRequest, on_token: Callable[[TokenEvent], None] = lambda ev: None,

@@ -211,6 +211,13 @@ def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
     assert len(produced) == 5 and all(n == 1 for n in produced)   # the stream never stalled
 
 
+def test_warm_up_readies_the_sampling_state_of_a_full_batch(engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine.lm.backend, "warm_rows", calls.append, raising=False)
+    sched = Scheduler(engine, 64, max_batch=6)
+    assert sched.warm_up() == 0 and calls == [6]    # the reference compiles and captures nothing
+
+
 def scheduled_the_gpu_way(engine, monkeypatch, fold: bool):
     """The engine scheduled as on the GPU, in chunks of 16 tokens: prompts folded into
     the decode batch (``fold_prompts=on``), or (the GPU's default) run in forwards of
@@ -386,10 +393,14 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host, fold):
         # chunk; else rows 1, 2, 4, 8 and the prefill buckets 16 .. 256 (cuda_prefill.py)
         assert sched.warm_up() == (8 if fold else 4 + 8)
         graphs = dict(lm.backend.batch._graphs)
+        samplers = lm.backend.rows_sampler                      # made by warm_up, one a sequence
+        assert len(samplers.spare) == 8 and not samplers.by_key
         seqs = [sched.add(r) for r in reqs]
         drain(sched)
-        # every step replayed a graph captured before serving: none was made mid-stream
+        # every step replayed a graph captured before serving: none was made mid-stream;
+        # and every draw had a sampler made then (none loaded or cleared mid-stream)
         assert lm.backend.batch._graphs.keys() == graphs.keys()
+        assert len(samplers.spare) == 8 and not samplers.by_key
         sched.close()
         # alone and through synchronous steps: the pipelined steps (ids read on the
         # device, draws chained by the device sampler) give the same tokens

@@ -270,6 +270,18 @@ class CudaBackend:
         scheduler's prompt chunks where they run as graphs of their own (cuda_batch.py)."""
         return self.batch.warm(model, pool, max_rows, n_ctx)
 
+    def warm_rows(self, n: int) -> None:
+        """Before serving (after ``warm_batch``, whose forwards gave the logits'
+        width): the device samplers of n batched sequences (RowSamplers.prepare)."""
+        n_vocab = self.batch.n_logits
+        if n_vocab is None:
+            return
+        if self.rows_sampler is None or self.rows_sampler.n_vocab != n_vocab:
+            if self.rows_sampler is not None:
+                self.rows_sampler.close()
+            self.rows_sampler = RowSamplers(self, n_vocab)
+        self.rows_sampler.prepare(n)
+
     def cover_positions(self, n: int) -> None:
         """Rope tables made from now on cover positions < n (a cache or pool that large exists)."""
         self._positions = max(self._positions, int(n))

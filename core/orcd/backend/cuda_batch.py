@@ -85,6 +85,8 @@ class BatchDecoder(Replays):
     graphs per (id(model), id(pool), rows, blocks), inputs per
     (rows, blocks) as (buffer, ids, pos, seq, tables; the buffer also holds follow's src)."""
 
+    n_logits: int | None = None   # the logits' width, once ``warm`` ran a forward
+
     # -- the pool ------------------------------------------------------------------
 
     def new_pool(self, n_layer: int, n_blocks: int, n_head_kv: int, head_dim: int,
@@ -230,7 +232,8 @@ class BatchDecoder(Replays):
         spare = [[pool.spare]]
         sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
         for rows in sizes:
-            self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
+            logits = self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
+            self.n_logits = int(logits.shape[-1])    # the samplers' width (CudaBackend.warm_rows)
         prompts = []
         if n_ctx and b.prompt_last_in_batch and b.prefill is not None and b.graphs:
             table = np.full(-(-int(n_ctx) // KV_BLOCK), pool.spare, np.int32)

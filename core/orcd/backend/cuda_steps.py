@@ -237,6 +237,19 @@ class RowSamplers:
                 s.seen, s.last, s.step, s.mask_ok = None, -1, 0, False
                 self.spare.append(s)
 
+    def prepare(self, n: int) -> None:
+        """Make n sequences' samplers, the ids' buffers and the batch kernels now:
+        a new DeviceSampling loads its module, allocates its buffers and clears its
+        mask with waiting copies, which in the middle of a burst of new requests
+        would hold every running stream's step (``CudaBackend.warm_rows``)."""
+        self._reserve(n)
+        if self.ring is None:
+            self.ring = IdRing(self.b.device, self.b.alloc)
+        if self.batch is None:
+            self.batch = RowBatch(*self.b._kernel_args, self.n_vocab, self.b.alloc)
+        while len(self.by_key) + len(self.spare) < n:
+            self.spare.append(DeviceSampling(self.b, self.n_vocab))
+
     def _sampler(self, key) -> DeviceSampling:
         s = self.by_key.get(key)
         if s is None:

@@ -58,7 +58,9 @@ class Backend(Protocol):
     Optional members, probed where used: ``make_runner(model, cache)`` (a faster
     single-request runner, engine.Runner's interface), ``sample_to_device`` (the
     pipelined decode), ``prefill_chunk`` (prompt tokens per forward),
-    ``check_residency()`` and ``device`` (GPU backends), ``synchronize()``."""
+    ``warm_rows(n)`` (after ``warm_batch``: the sampling state of n batched
+    sequences made before serving), ``check_residency()`` and ``device`` (GPU
+    backends), ``synchronize()``."""
 
     ops: Ops
 
