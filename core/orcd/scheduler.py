@@ -114,9 +114,10 @@ class Scheduler:
         self.blocks = BlockAllocator(n_blocks)
         self.pool = self.backend.new_kv_pool(hp.n_layer, n_blocks, hp.n_head_kv, hp.head_dim,
                                              hp.get("head_dim_v"))
-        # folding: prompt chunks ride in the decode batch (``prefill_in_batch``: the
-        # GPU, where a separate prefill forward would stall every stream); else one
-        # chunk of one prompt per step in a forward of its own
+        # folding (``prefill_in_batch``, the GPU's fold_prompts=on): prompt chunks ride
+        # in the decode batch; else each chunk runs in a forward of its own, a chunk of
+        # tokens a step in all, and (``prompt_last_in_batch``, the GPU) a prompt's last
+        # token is its sequence's first decode row
         self.fold = bool(getattr(self.backend, "prefill_in_batch", False))
         self.last_in_batch = not self.fold and bool(getattr(self.backend, "prompt_last_in_batch", False))
         self.chunk = int(getattr(self.backend, "batch_prefill_chunk",
