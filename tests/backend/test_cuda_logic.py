@@ -433,14 +433,16 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
             seen.append((rows, view.n_ctx, ops.per_row,
                          set(to_host(dev, view.tables.ptr, 4 * rows * MIN_BLOCKS).view(np.int32)),
                          set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
-            return SimpleNamespace(rows=lambda a, b: (a, b))
+            return SimpleNamespace(rows=lambda a, b: SimpleNamespace(shape=(b - a, 7)))
 
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, pipelined_rows=False,
                               ops=SimpleNamespace(per_row=False), scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
+    assert dec.n_logits is None
     assert dec.warm(Model(), SimpleNamespace(k=[], v=[], spare=9), max_rows=40) == 8
     assert [s[0] for s in seen] == [1, 2, 4, 8, 16, 24, 32, 48]
     assert all(s[1:] == (MIN_BLOCKS * 64, True, {9}, {0}) for s in seen)
+    assert dec.n_logits == 7           # the width CudaBackend.warm_rows makes its samplers for
     dec.close()
 
 
