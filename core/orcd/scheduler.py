@@ -222,12 +222,8 @@ class Scheduler:
         its first decode row: ``last_in_batch``)."""
         if self.fold:
             return []
-        ended, budget = [], self.chunk
-        for seq in [s for s in self.running if s.prefilling]:
-            start, n = self._next_chunk(seq)
-            if n > budget:
-                break                     # oldest first: a later prompt never overtakes
-            budget -= n
+        ended = []
+        for seq, start, n in self._chunks():
             ids = list(seq.req.prompt_ids[start:start + n])
             try:
                 logits = self._forward([seq], [ids], [list(range(start, start + n))], batched=False)
@@ -238,6 +234,21 @@ class Scheduler:
             if not seq.prefilling and not self.last_in_batch:
                 ended += self._sample([seq], logits, [0])
         return ended
+
+    def _chunks(self) -> list[tuple[Sequence, int, int]]:
+        """This step's prompt chunks, (sequence, start, length): the next chunk of
+        each unfinished prompt, oldest first, while they stay within one chunk of
+        tokens in all."""
+        chunks, budget = [], self.chunk
+        for seq in self.running:
+            if not seq.prefilling:
+                continue
+            start, n = self._next_chunk(seq)
+            if n > budget:
+                break                     # oldest first: a later prompt never overtakes
+            budget -= n
+            chunks.append((seq, start, n))
+        return chunks
 
     def _next_chunk(self, seq: Sequence) -> tuple[int, int]:
         """(start, length) of ``seq``'s next prompt chunk: chunks start at multiples
@@ -284,14 +295,7 @@ class Scheduler:
         else runs, so its rows are the same alone or not. Last, each row's src:
         the index of its sequence's draw in flight (its id is that draw's), or -1."""
         seqs, ids, pos = [], [], []
-        budget = self.chunk if self.fold else 0
-        for s in self.running:
-            if not s.prefilling:
-                continue
-            start, n = self._next_chunk(s)
-            if n > budget:
-                break                     # oldest first: a later prompt never overtakes
-            budget -= n
+        for s, start, n in (self._chunks() if self.fold else ()):
             seqs.append(s)
             ids.append(list(s.req.prompt_ids[start:start + n]))
             pos.append(list(range(start, start + n)))

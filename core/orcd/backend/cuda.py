@@ -274,13 +274,8 @@ class CudaBackend:
         """Before serving (after ``warm_batch``, whose forwards gave the logits'
         width): the device samplers of n batched sequences (RowSamplers.prepare)."""
         n_vocab = self.batch.n_logits
-        if n_vocab is None:
-            return
-        if self.rows_sampler is None or self.rows_sampler.n_vocab != n_vocab:
-            if self.rows_sampler is not None:
-                self.rows_sampler.close()
-            self.rows_sampler = RowSamplers(self, n_vocab)
-        self.rows_sampler.prepare(n)
+        if n_vocab is not None and self._row_samplers(n_vocab).n_vocab == n_vocab:
+            self.rows_sampler.prepare(n)
 
     def cover_positions(self, n: int) -> None:
         """Rope tables made from now on cover positions < n (a cache or pool that large exists)."""
@@ -448,9 +443,7 @@ class CudaBackend:
     def sample_rows(self, logits, draws) -> list[sampling.Sampled]:
         """A batch's draws (sampling.RowDraw) by the device sampler, each row with
         its sequence's own device state; one copy brings every id to the host."""
-        if self.rows_sampler is None and not isinstance(logits, np.ndarray):
-            self.rows_sampler = RowSamplers(self, logits.shape[-1])
-        if isinstance(logits, np.ndarray) or self.rows_sampler.n_vocab != logits.shape[-1]:
+        if isinstance(logits, np.ndarray) or self._row_samplers(logits.shape[-1]).n_vocab != logits.shape[-1]:
             return sampling.sample_rows(self.to_host(logits).reshape(logits.shape[0], -1), draws)
         return self.rows_sampler.sample(logits, draws)
 
@@ -458,9 +451,13 @@ class CudaBackend:
         """``sample_rows`` without the wait: the draws and the copy of their ids are
         queued, the returned handle's ``result()`` waits; the next forward_batch's
         ``follow`` reads the ids on the device (cuda_steps.RowSamplers.launch)."""
+        return self._row_samplers(logits.shape[-1]).launch(logits, draws)
+
+    def _row_samplers(self, n_vocab: int) -> RowSamplers:
+        """The batch's device samplers, made for rows of n_vocab at first use."""
         if self.rows_sampler is None:
-            self.rows_sampler = RowSamplers(self, logits.shape[-1])
-        return self.rows_sampler.launch(logits, draws)
+            self.rows_sampler = RowSamplers(self, n_vocab)
+        return self.rows_sampler
 
     def release_rows(self, keys) -> None:
         if self.rows_sampler is not None:

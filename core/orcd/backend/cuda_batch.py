@@ -125,10 +125,9 @@ class BatchDecoder(Replays):
             return self._decode(model, pool, tables, seq, ids, pos, follow)
         if follow is not None:
             raise ValueError("forward_batch: follow is for batched steps")
-        table = np.asarray(tables, np.int32)
-        start = int(np.asarray(pos).reshape(-1)[0]) if len(ids) else 0
-        if last_only and table.shape[0] == 1 and np.array_equal(
-                np.asarray(pos).reshape(-1), np.arange(start, start + len(ids))):
+        table, at = np.asarray(tables, np.int32), np.asarray(pos).reshape(-1)
+        start = int(at[0]) if at.size else 0
+        if last_only and table.shape[0] == 1 and np.array_equal(at, np.arange(start, start + len(ids))):
             logits = self._prompt(model, pool, table[0], ids, start, n_ctx)
             if logits is not None:
                 return logits
