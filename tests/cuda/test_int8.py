@@ -161,6 +161,29 @@ def test_rms_norm_q8_matches_reference(gpu, mk8, rng):
     assert np.allclose(gpu.get(xa.xd), d, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name,n_ff,n_in,fused_halves", sized(
+    [("Q5_0", 4864, 896, False), ("Q4_K", 8192, 3072, True), ("Q8_0", 4863, 896, False), ("MXFP4", 2880, 2880, False)],
+    [("Q5_0", 1213, 896, False), ("Q4_K", 520, 768, True)]))
+def test_int8_gated_rows_per_warp_is_the_warp_per_row_kernel(gpu, mk8, rng, host, name, n_ff, n_in, fused_halves):
+    # gemv_gated_q8 (two output rows per warp, gate and up each) gives gemv_fused_q8's bits,
+    # an odd n_ff included (a warp's second row past the end)
+    wg, _ = gpu.weight(host, name, (2 * n_ff if fused_halves else n_ff, n_in), rng)
+    wu = None if fused_halves else gpu.weight(host, name, (n_ff, n_in), rng)[0]
+    xa = mk8.quantize(gpu.put(rng.standard_normal((1, n_in)).astype(np.float32)), gpu.arena)
+    outs = []
+    for rows in (True, False):
+        gpu.fused.gated_rows = rows
+        try:
+            outs.append(gpu.empty((1, n_ff)))
+            gpu.fused.gated_linear(xa, wg, wu, outs[-1])
+        finally:
+            gpu.fused.gated_rows = True
+    got, want = gpu.get(outs[0]), gpu.get(outs[1])
+    assert not np.isnan(want).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    gpu.arena.reset()
+
+
 def fused_case(gpu, host, rng, names, n_in, n_outs):
     ws = [gpu.weight(host, name, (n, n_in), rng) for name, n in zip(names, n_outs)]
     x = rng.standard_normal((1, n_in)).astype(np.float32)

@@ -212,6 +212,83 @@ def test_decode_attention_is_deterministic(gpu, rng):
     assert outs[0] == outs[1] == outs[2]
 
 
+def _decode_both_ways(gpu, rng, n_head, n_kv, hd, tables, seq, pos, n_ctx, cfg, window=0, sinks=False):
+    """The same decode (rows of different sequences) as rope_kv_store + attention
+    (three launches) and as decode_rope (one), each on its own copy of a random cache:
+    (out3, out1, k cache 3, k cache 1, v cache 3, v cache 1, counters after)."""
+    T = len(pos)
+    rows = int(np.asarray(tables).size) * KV_BLOCK
+    k_cache = rng.standard_normal((rows, n_kv, hd)).astype(np.float16)
+    v_cache = rng.standard_normal((rows, n_kv, hd)).astype(np.float16)
+    q, k, v = randn(rng, T, n_head * hd), randn(rng, T, n_kv * hd), randn(rng, T, n_kv * hd)
+    sink = gpu.put(randn(rng, n_head, scale=2)) if sinks else None
+    dq, dk, dv, dpos = gpu.put(q), gpu.put(k), gpu.put(v), gpu.put(np.asarray(pos, np.int32))
+    table = None
+    if cfg is not None:
+        cos, sin = rope.RopeTable.host_arrays(cfg, n_ctx)
+        table = rope.RopeTable(cfg, n_ctx, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    batched = T > 1
+    paging = gpu.paging(tables, seq, n_ctx, batched=batched, apart=batched)
+    kc3, vc3, kc1, vc1 = gpu.put(k_cache), gpu.put(v_cache), gpu.put(k_cache), gpu.put(v_cache)
+    scale = 1 / np.sqrt(hd)
+    out3, out1 = gpu.empty((T, n_head * hd)), gpu.empty((T, n_head * hd))
+    if table is None:
+        gpu.attn.kv_store(kc3, vc3, dk, dv, dpos, paging)
+        q_rot = dq
+    else:
+        q_rot = gpu.empty(q.shape)
+        gpu.attn.rope_kv_store(dq, dk, dv, kc3, vc3, dpos, table, q_rot, paging)
+    gpu.attn.attention(q_rot, kc3, vc3, dpos, scale, window, sink, out3, gpu.empty, paging)
+    counters = gpu.put(np.zeros(attention.DECODE_COUNTERS, np.int32))
+    gpu.attn.decode_rope(dq, dk, dv, kc1, vc1, dpos, table, scale, window, sink, out1, gpu.empty,
+                         paging, counters)
+    return (gpu.get(out3), gpu.get(out1), gpu.get(kc3), gpu.get(kc1), gpu.get(vc3), gpu.get(vc1),
+            gpu.get(counters))
+
+
+@pytest.mark.parametrize("rope_name", ["qwen-neox", "normal", "partial", None])
+@pytest.mark.parametrize("p,n_ctx", [(0, 256), (64, 256), (700, 1024)])
+def test_decode_in_one_launch_is_the_three_launch_decode(gpu, rng, rope_name, p, n_ctx):
+    # attn_decode_rope: the same outputs and cache bits as rope_kv_store + attn_decode +
+    # attn_combine (the same arithmetic), and its arrival counters left at zero
+    cfg = None if rope_name is None else ROPES[rope_name]
+    hd = 64 if cfg is None else cfg.head_dim
+    table = rng.permutation(blocks_for(n_ctx)).astype(np.int32).reshape(1, -1)
+    out3, out1, k3, k1, v3, v1, counters = _decode_both_ways(gpu, rng, 14, 2, hd, table, [0], [p], n_ctx, cfg)
+    assert not np.isnan(out1).any()
+    assert np.array_equal(out1.view(np.uint32), out3.view(np.uint32))
+    assert np.array_equal(k1.view(np.uint16), k3.view(np.uint16))
+    assert np.array_equal(v1.view(np.uint16), v3.view(np.uint16))
+    assert not counters.any()
+
+
+@pytest.mark.parametrize("window,sinks", [(0, False), (128, True)])
+def test_batched_decode_in_one_launch_is_the_three_launch_decode(gpu, rng, window, sinks):
+    # rows of different sequences at split edges, GPT-OSS's grouping, yarn RoPE; then the
+    # same launch again (the counters were left at zero: a second launch merges too)
+    n_seqs, max_blocks = 5, 6
+    tables = rng.permutation(n_seqs * max_blocks).astype(np.int32).reshape(n_seqs, max_blocks)
+    seq, pos = np.arange(n_seqs), [0, 63, 64, 200, 383]
+    for _ in range(2):
+        out3, out1, k3, k1, v3, v1, counters = _decode_both_ways(
+            gpu, rng, 16, 4, 64, tables, seq, pos, max_blocks * KV_BLOCK, ROPES["yarn"], window, sinks)
+        assert not np.isnan(out1).any()
+        assert np.array_equal(out1.view(np.uint32), out3.view(np.uint32))
+        assert np.array_equal(k1.view(np.uint16), k3.view(np.uint16))
+        assert np.array_equal(v1.view(np.uint16), v3.view(np.uint16))
+        assert not counters.any()
+
+
+def test_decode_in_one_launch_refuses_rows_of_one_sequence(gpu, rng):
+    # two rows of one sequence: a row would attend to a key the other stores in the same launch
+    paging = gpu.paging(np.zeros((1, 4), np.int32), [0, 0], 256, batched=True, apart=False)
+    x = gpu.empty((2, 128))
+    cache = gpu.empty((256, 2, 64), np.float16)
+    with pytest.raises(ValueError, match="apart"):
+        gpu.attn.decode_rope(x, x, x, cache, cache, gpu.put(np.array([3, 4], np.int32)), None, 0.125, 0,
+                             None, x, gpu.empty, paging, gpu.put(np.zeros(64, np.int32)))
+
+
 # -- MoE -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T,n_expert,k", [(1, 32, 4), (37, 32, 4), (5, 4, 2), (3, 128, 8)])

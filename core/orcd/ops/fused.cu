@@ -195,6 +195,74 @@ gemv_fused_q8(const int* __restrict__ xq, const float* __restrict__ xqd, int n_i
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
 
+// Gated mode on int8 activations with whole rows per warp (split 1): warp w takes
+// output rows GR * w .. + GR - 1, gate and up of each, and loads all 2 GR pieces of a
+// step before it dots any (memory-level parallelism a warp per row of 28 pieces, as
+// Qwen's 896-wide rows, lacked; and a quarter of the blocks: one wave, not 2.3 on H100).
+// Each row's lane sums and butterfly are gemv_fused_q8's, so the same bits.
+#define GR 2
+template <class F>
+__device__ __forceinline__ void gated_rows8_t(const u8* __restrict__ wg, const u8* __restrict__ wu,
+                                              long long rb, int row0, int n_ff, const int* __restrict__ xq,
+                                              const float* __restrict__ xd, int n_in, float* g, float* u) {
+    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES, lane = threadIdx.x & 31;
+    const u8* rg[GR];
+    const u8* ru[GR];
+#pragma unroll
+    for (int r = 0; r < GR; ++r) {   // rows past n_ff read the last row; their sums go nowhere
+        const long long row = min(row0 + r, n_ff - 1);
+        rg[r] = wg + row * rb;
+        ru[r] = wu + row * rb;
+        g[r] = u[r] = 0.f;
+    }
+#pragma unroll 1
+    for (int c = lane; c < n_pieces; c += 32) {
+        const int blk = c / F::PIECES, p = c % F::PIECES;
+        Int8Piece<F> pg[GR], pu[GR];
+#pragma unroll
+        for (int r = 0; r < GR; ++r) {
+            pg[r].unpack(rg[r], nb, blk, p);
+            pu[r].unpack(ru[r], nb, blk, p);
+        }
+        const int* xqb = xq + blk * (F::QK / 4);
+        const float* xdb = xd + blk * (F::QK / 32);
+#pragma unroll
+        for (int r = 0; r < GR; ++r) {
+            g[r] += pg[r].dot(xqb, xdb);
+            u[r] += pu[r].dot(xqb, xdb);
+        }
+    }
+}
+
+// out[row] = silu(x @ wg.T) * (x @ wu.T), wg and wu of format F, rows of rb bytes.
+// One kernel per format (gemv_gated_q8_<suffix>): each gets the registers its own
+// pieces need (one switch over all formats took 134 for every format, 3 blocks an SM).
+// grid ceil(n_ff / (FG_WARPS * GR)), block FG_THREADS.
+template <class F>
+__device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, const float* __restrict__ xqd,
+                                                int n_in, const u8* __restrict__ wg, const u8* __restrict__ wu,
+                                                long long rb, float* __restrict__ out, int n_ff) {
+    const int row0 = (blockIdx.x * FG_WARPS + (threadIdx.x >> 5)) * GR;
+    if (row0 >= n_ff) return;   // a whole warp: no shuffle partner left behind
+    float g[GR], u[GR];
+    gated_rows8_t<F>(wg, wu, rb, row0, n_ff, xq, xqd, n_in, g, u);
+#pragma unroll
+    for (int r = 0; r < GR; ++r) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            g[r] += __shfl_xor_sync(0xFFFFFFFFu, g[r], off);
+            u[r] += __shfl_xor_sync(0xFFFFFFFFu, u[r], off);
+        }
+        if ((threadIdx.x & 31) == 0 && row0 + r < n_ff) out[row0 + r] = silu_f(g[r]) * u[r];
+    }
+}
+#define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \
+    extern "C" __global__ void __launch_bounds__(FG_THREADS) gemv_gated_q8_##NAME(                  \
+        const int* xq, const float* xqd, int n_in, const u8* wg, const u8* wu, long long rb, float* out, \
+        int n_ff) { gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff); }
+ORCD_INT8_FORMATS(GATED_KERNEL)
+#undef GATED_KERNEL
+
 // y = x / sqrt(mean(x^2) + eps) * g for one row per block (FG_THREADS), quantized
 // per 32 values as quantize_q8 does -> xq [rows, n] int8, xqd [rows, n / 32].
 extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,

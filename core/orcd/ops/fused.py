@@ -63,6 +63,7 @@ def linear_add_ref(a: np.ndarray, w, residual: np.ndarray, b=None,
 FG_THREADS = 128
 FG_WARPS = 4
 MAX_SEGMENTS = 3
+GATED_ROWS = 2    # gemv_gated_q8: output rows (gate and up each) per warp
 
 
 def _kernel_source(formats):
@@ -87,6 +88,10 @@ class FusedKernels:
         module = compiler.load(device, _kernel_source(self.formats.values()))
         self._fn, self._fn_q8 = module.function("gemv_fused"), module.function("gemv_fused_q8")
         self._norm_q8 = module.function("rms_norm_q8")
+        self._gated_q8 = {t: module.function(f"gemv_gated_q8_{f.device.suffix}")
+                          for t, f in self.formats.items() if f.device.int8}
+        #: gated int8 GEMVs with whole rows per warp (gemv_gated_q8) where they apply
+        self.gated_rows = True
         self._launch = launcher
 
     def rms_norm_q8(self, x, g, eps: float, out) -> None:
@@ -118,8 +123,16 @@ class FusedKernels:
 
     def gated_linear(self, x, w_gate, w_up, out, norm=None) -> None:
         # out: [1, n_ff] = silu(h @ w_gate.T) * (h @ w_up.T); w_up None: halves of w_gate
+        from orcd.ops.matmul import Q8Act, gemv_split, row_pieces
+
         n_ff = out.shape[1]
         up = (w_up.ptr, w_up) if w_up is not None else (w_gate.ptr + n_ff * w_gate.row_bytes, w_gate)
+        if (self.gated_rows and isinstance(x, Q8Act) and norm is None and gemv_split(n_ff, row_pieces(w_gate)) == 1
+                and up[1].type_id == w_gate.type_id and up[1].row_bytes == w_gate.row_bytes):
+            self._launch(self._gated_q8[w_gate.type_id], -(-n_ff // (FG_WARPS * GATED_ROWS)), FG_THREADS,
+                         [_u64(x.xq.ptr), _u64(x.xd.ptr), int(x.shape[1]), _u64(w_gate.ptr), _u64(up[0]),
+                          np.int64(w_gate.row_bytes), _u64(out.ptr), int(n_ff)])
+            return
         self._run(x, [(w_gate, None, out, n_ff)], norm, residual=None, gated=True, up=up)
 
     def linear_add(self, a, w, residual, b, out) -> None:
