@@ -36,9 +36,6 @@ class KVCache:
     batched: each token of a forward is one decode step of its own sequence (a
          batch of running requests); False: the tokens are consecutive positions of
          one sequence (a prompt chunk, or one request's decode step)
-    apart: batched, and no two tokens of the same sequence: no token attends to a key
-         another token of the forward stores (a decode kernel may store and attend in
-         one launch); False when a folded prompt chunk rides in the batch
     """
 
     k: list[Any]
@@ -47,7 +44,6 @@ class KVCache:
     seq: Any
     n_ctx: int
     batched: bool = False
-    apart: bool = False
 
     @property
     def n_blocks(self) -> int:

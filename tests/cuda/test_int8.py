@@ -162,12 +162,15 @@ def test_rms_norm_q8_matches_reference(gpu, mk8, rng):
 
 
 @pytest.mark.parametrize("name,n_ff,n_in,fused_halves", sized(
-    [("Q5_0", 4864, 896, False), ("Q4_K", 8192, 3072, True), ("Q8_0", 4863, 896, False), ("MXFP4", 2880, 2880, False)],
+    [("Q5_0", 4864, 896, False), ("Q8_0", 4863, 896, False), ("Q4_K", 8192, 768, True), ("Q4_0", 3000, 1024, False)],
     [("Q5_0", 1213, 896, False), ("Q4_K", 520, 768, True)]))
 def test_int8_gated_rows_per_warp_is_the_warp_per_row_kernel(gpu, mk8, rng, host, name, n_ff, n_in, fused_halves):
-    # gemv_gated_q8 (two output rows per warp, gate and up each) gives gemv_fused_q8's bits,
-    # an odd n_ff included (a warp's second row past the end)
+    # rows of at most 32 pieces: gemv_gated_q8 (two output rows per warp, gate and up each)
+    # gives gemv_fused_q8's bits, an odd n_ff included (a warp's second row past the end)
+    from orcd.ops.matmul import row_pieces
+
     wg, _ = gpu.weight(host, name, (2 * n_ff if fused_halves else n_ff, n_in), rng)
+    assert row_pieces(wg) <= 32
     wu = None if fused_halves else gpu.weight(host, name, (n_ff, n_in), rng)[0]
     xa = mk8.quantize(gpu.put(rng.standard_normal((1, n_in)).astype(np.float32)), gpu.arena)
     outs = []

@@ -120,7 +120,7 @@ class CudaBackend:
         self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
-        self.scratch = self._graph = self._kv = self.batch = self.prefill = self.att_counters = None
+        self.scratch = self._graph = self._kv = self.batch = self.prefill = None
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
@@ -135,8 +135,7 @@ class CudaBackend:
         from orcd.cuda.memory import DeviceAllocator
         from orcd.cuda.nvrtc import KernelCompiler
         from orcd.ops.activation import ActivationKernels
-        from orcd.cuda.memory import fill_bytes
-        from orcd.ops.attention import DECODE_COUNTERS, AttentionKernels
+        from orcd.ops.attention import AttentionKernels
         from orcd.ops.fused import FusedKernels
         from orcd.ops.matmul import MatmulKernels
         from orcd.ops.moe import MoeKernels
@@ -165,10 +164,6 @@ class CudaBackend:
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.rows_sampler = None   # likewise, for batches (sample_rows)
         self.scratch = Scratch(self.alloc, SCRATCH_START)
-        # attn_decode_rope's arrival counters: zeroed once, each launch leaves them zeroed
-        self.att_counters = DeviceTensor(self.alloc.alloc(4 * DECODE_COUNTERS, "scratch").ptr,
-                                         (DECODE_COUNTERS,), np.dtype(np.int32))
-        fill_bytes(self.device, self.att_counters.ptr, 0, 4 * DECODE_COUNTERS)
         self._io_buf = self.alloc.alloc(IO_BYTES, "scratch")
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
         # decode inputs: [token id, position] at fixed device addresses, fed from pinned memory

@@ -206,9 +206,7 @@ class BatchDecoder(Replays):
             raise InvalidRequest("a decode position lies past its sequence's block table")
         rows = bucket(n)
         blocks = max(MIN_BLOCKS, bucket(int(pos.max(initial=0)) // KV_BLOCK + 1))
-        # no two rows of one sequence (no folded prompt chunk): attention in one launch
-        apart = len(np.unique(np.asarray(seq).reshape(-1))) == n
-        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, follow, apart)
+        view, inputs = self._write_inputs(pool, rows, blocks, own, ids, pos, follow)
         ops = self.b.ops
 
         def forward() -> DeviceTensor:
@@ -217,7 +215,7 @@ class BatchDecoder(Replays):
                 return model.forward(ops, inputs[0], inputs[1], view, last_only=False)
             finally:
                 ops.per_row = False
-        logits = self._replay((id(model), id(pool), rows, blocks, apart), forward, "batch decode")
+        logits = self._replay((id(model), id(pool), rows, blocks), forward, "batch decode")
         return logits.rows(0, n)
 
     def warm(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
@@ -244,8 +242,7 @@ class BatchDecoder(Replays):
         b.device.synchronize()
         return len(sizes) + len(prompts)
 
-    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None,
-                      apart: bool = False):
+    def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None):
         """Write the (rows, blocks) bucket's inputs: real rows first, then padding."""
         n = own.shape[0]
         host = np.zeros(4 * rows + rows * blocks, np.int32)
@@ -263,7 +260,7 @@ class BatchDecoder(Replays):
         self._write(host, buf.ptr)
         if follow is not None:
             follow[0].feed(d_ids.ptr, buf.ptr + 4 * 3 * rows, n)
-        view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True, apart)
+        view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)
         return view, (d_ids, d_pos)
 
     def _buffers(self, rows: int, blocks: int):

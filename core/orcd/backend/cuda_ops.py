@@ -227,12 +227,6 @@ class CudaOps:
         # rope: RoPE on q and k first, fused with the store
         self.b.scratch.flip()  # a layer boundary: the other arena's tensors are dead
         kc, vc = cache.k[layer], cache.v[layer]
-        if self._one_launch(q, kc, vc, cache):   # a decode: RoPE, store, splits and merge at once
-            out = self._empty(q.shape)
-            table = None if rope is None else self.b.rope_table(rope)
-            self.b.attn.decode_rope(q, k, v, kc, vc, pos, table, scale, window, sinks, out, self._empty,
-                                    cache, self.b.att_counters)
-            return out
         if rope is not None:
             q_rot = self._empty(q.shape)
             self.b.attn.rope_kv_store(q, k, v, kc, vc, pos, self.b.rope_table(rope), q_rot, cache)
@@ -243,17 +237,6 @@ class CudaOps:
         out = self._empty((T, q.shape[1] // hd * hd_v))
         self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
         return out
-
-    def _one_launch(self, q, kc, vc, cache: KVCache) -> bool:
-        """Whether attention runs as attn_decode_rope: one token, or a batch of decodes
-        of as many sequences, within the backend's arrival counters (H100, Qwen-0.5B:
-        two launches fewer a layer)."""
-        from orcd.ops.attention import DECODE_COUNTERS
-
-        T = q.shape[0]
-        rows_apart = T == 1 and not cache.batched or cache.batched and cache.apart
-        return (rows_apart and kc.shape[2] == vc.shape[2] and self.b.att_counters is not None
-                and T * kc.shape[1] <= DECODE_COUNTERS)
 
     def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +

@@ -223,30 +223,28 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
 // query head. The block loads q, and its split's K and V rows into shared
 // memory up front (every global load in flight together, coalesced), then
 // scores, a per-head softmax and P.V from shared memory, and writes the same
-// partials as attn_fwd (o unnormalised, m, l), merged by attn_combine.
+// partials as attn_fwd (o unnormalised, m, l) for attn_combine.
 // q: [T, n_head * hd], one row per token, each of its own sequence (seq[t]) at
 // pos[t] (a batch of decodes); part: [T, n_head, n_splits, hd + 2]; kps == KV_BLOCK,
 // so a split's keys are one block of the cache.
 // Dynamic shared memory: q [G][hd] f32, p [G][kps] f32, K [kps][hd + 2] f16
 // (rows padded: conflict-free per-key reads), V [kps][hd] f16.
+// grid (n_kv, n_splits, T), block DEC_THREADS.
 #define DEC_THREADS 256
-
-// The token's own q/k/v before RoPE (attn_decode_rope): q rotated while staged, and
-// the split that holds position p stores rope(k) and v into the cache and takes
-// them from registers, not from the rows it is writing. cos_t null: no RoPE.
-struct Fresh {
-    const float* k; const float* v; const float* cos_t; const float* sin_t;
-    int n_rot, neox, n_pos; __half* kc; __half* vc;
-};
-
-// One (KV head, split, row) of the decode: partials for split `split` of row t.
-template <bool FRESH>
-__device__ __forceinline__ void decode_split(const float* __restrict__ q, const __half* kc, const __half* vc,
-                                             int p, int lo, int n, size_t row0, float* __restrict__ part,
-                                             int n_head, int n_kv, int hd, float scale, int kps,
-                                             int n_splits, int kvh, int split, int t, const Fresh& f) {
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+            const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
+            const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
+            float scale, int window, int kps, int n_splits) {
     extern __shared__ float smem[];
-    const int tid = threadIdx.x, G = n_head / n_kv, hd2 = hd / 2;
+    const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
+    const int G = n_head / n_kv, hd2 = hd / 2;
+    const int p = pos[t];
+    const int lo = max(first_key(p, window), split * kps);
+    const int hi = min(p + 1, (split + 1) * kps);  // exclusive
+    if (lo >= hi) return;  // attn_combine skips this split
+    const int n = hi - lo;
+    const size_t row0 = kv_row(tables, max_blocks, seq[t], lo);   // the split's keys: rows row0 .. + n
     q += (size_t)t * n_head * hd;
     part += (size_t)t * n_head * n_splits * (hd + 2);
     float* qs = smem;                                   // [G][hd]
@@ -255,41 +253,14 @@ __device__ __forceinline__ void decode_split(const float* __restrict__ q, const 
     __half2* vs = ks + kps * (hd2 + 1);                 // [kps][hd2]
 
     const float* qg = q + (size_t)kvh * G * hd;         // heads kvh * G .. + G - 1
-    const float *c = nullptr, *s = nullptr;
-    if (FRESH && f.cos_t) {
-        const int pc = p < 0 ? 0 : (p >= f.n_pos ? f.n_pos - 1 : p);  // the host checks positions
-        c = f.cos_t + (size_t)pc * (f.n_rot / 2);
-        s = f.sin_t + (size_t)pc * (f.n_rot / 2);
-    }
-    const int n_rot = FRESH && f.cos_t ? f.n_rot : 0;   // 0: rope_elem passes values through
-    for (int i = tid; i < G * hd; i += DEC_THREADS) {
-        if (FRESH) {
-            const int g = i / hd;
-            qs[i] = rope_elem(qg + g * hd, i - g * hd, n_rot, f.neox, c, s);
-        } else {
-            qs[i] = qg[i];
-        }
-    }
+    for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = qg[i];
     const __half2* k2 = (const __half2*)kc;
     const __half2* v2 = (const __half2*)vc;
-    const int fresh_j = p - lo;                          // < n only in the split holding p
     for (int i = tid; i < n * hd2; i += DEC_THREADS) {
         const int j = i / hd2, d = i - j * hd2;
-        const size_t at = ((row0 + j) * n_kv + kvh) * hd2 + d;
-        if (FRESH && j == fresh_j) {
-            const float* kr = f.k + ((size_t)t * n_kv + kvh) * hd;
-            const float* vr = f.v + ((size_t)t * n_kv + kvh) * hd;
-            const __half2 kh = __floats2half2_rn(rope_elem(kr, 2 * d, n_rot, f.neox, c, s),
-                                                 rope_elem(kr, 2 * d + 1, n_rot, f.neox, c, s));
-            const __half2 vh = __floats2half2_rn(vr[2 * d], vr[2 * d + 1]);
-            ((__half2*)f.kc)[at] = kh;
-            ((__half2*)f.vc)[at] = vh;
-            ks[j * (hd2 + 1) + d] = kh;
-            vs[j * hd2 + d] = vh;
-        } else {
-            ks[j * (hd2 + 1) + d] = k2[at];
-            vs[j * hd2 + d] = v2[at];
-        }
+        const size_t src = ((row0 + j) * n_kv + kvh) * hd2 + d;
+        ks[j * (hd2 + 1) + d] = k2[src];
+        vs[j * hd2 + d] = v2[src];
     }
     __syncthreads();
 
@@ -344,100 +315,33 @@ __device__ __forceinline__ void decode_split(const float* __restrict__ q, const 
     }
 }
 
-// grid (n_kv, n_splits, T), block DEC_THREADS.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
-            const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
-            const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
-            float scale, int window, int kps, int n_splits) {
-    const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
-    const int p = pos[t];
-    const int lo = max(first_key(p, window), split * kps);
-    const int hi = min(p + 1, (split + 1) * kps);  // exclusive
-    if (lo >= hi) return;  // attn_combine skips this split
-    const size_t row0 = kv_row(tables, max_blocks, seq[t], lo);   // the split's keys: rows row0 .. + n
-    decode_split<false>(q, kc, vc, p, lo, hi - lo, row0, part, n_head, n_kv, hd, scale, kps, n_splits,
-                        kvh, split, t, Fresh{});
-}
-
-// Merge the splits of head h, row t that hold visible keys, in split order, with the
-// sink: y[d] for d = d0, d0 + stride, ... part is read volatile: attn_decode_rope's
-// last block reads what the other blocks of the same launch wrote.
-__device__ __forceinline__ void combine_head(const float* part, const int p, const float* __restrict__ sinks,
-                                             float* __restrict__ out, int h, int t, int n_head, int hd_v,
-                                             int window, int keys_per_split, int n_splits, int d0,
-                                             int stride) {
-    const int s_lo = first_key(p, window) / keys_per_split;
-    const int s_hi = min(p / keys_per_split, n_splits - 1);
-    const volatile float* pp = part + ((size_t)t * n_head + h) * n_splits * (hd_v + 2);
-    float mm = sinks ? sinks[h] : NEG_INF;
-    for (int s = s_lo; s <= s_hi; ++s) mm = fmaxf(mm, pp[s * (hd_v + 2) + hd_v]);
-    float denom = sinks ? expf(sinks[h] - mm) : 0.f;
-    for (int s = s_lo; s <= s_hi; ++s) {
-        const volatile float* ps = pp + s * (hd_v + 2);
-        denom += ps[hd_v + 1] * expf(ps[hd_v] - mm);
-    }
-    float* y = out + ((size_t)t * n_head + h) * hd_v;
-    for (int d = d0; d < hd_v; d += stride) {
-        float o = 0.f;
-        for (int s = s_lo; s <= s_hi; ++s) {
-            const volatile float* ps = pp + s * (hd_v + 2);
-            o += ps[d] * expf(ps[hd_v] - mm);
-        }
-        y[d] = o / denom;
-    }
-}
-
+// Merge the splits that hold visible keys, in split order, with the sink.
 // part: [T, n_head, n_splits, hd_v + 2]; out: [T, n_head * hd_v]. grid (n_head, T), block 128.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, const int* __restrict__ pos,
                                        const float* __restrict__ sinks, float* __restrict__ out,
                                        int n_head, int hd_v, int window, int keys_per_split,
                                        int n_splits) {
     const int h = blockIdx.x, t = blockIdx.y;
-    combine_head(part, pos[t], sinks, out, h, t, n_head, hd_v, window, keys_per_split, n_splits,
-                 threadIdx.x, blockDim.x);
-}
-
-// A decode step's attention in one launch: what rope_kv_store, attn_decode and
-// attn_combine do in three (the same arithmetic, so the same bits). q, k, v are the
-// token's own, before RoPE ([T, n_head * hd], [T, n_kv * hd] f32); the split holding
-// pos[t] stores rope(k) and v at the token's row. Every block of (row t, KV head)
-// counts itself in counters[t * n_kv + kvh] after writing its partials; the last one
-// merges the group's heads (combine_head, fixed split order: deterministic) and
-// sets the counter back to 0 for the next launch. Only for a batch whose rows are
-// each of a different sequence (no row reads a key another row of the launch stores).
-// grid (n_kv, n_splits, T), block DEC_THREADS.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                 __half* kc, __half* vc, const int* __restrict__ pos, const int* __restrict__ tables,
-                 int max_blocks, const int* __restrict__ seq, const float* __restrict__ cos_t,
-                 const float* __restrict__ sin_t, int n_rot, int neox, int n_pos, float* part,
-                 int* counters, const float* __restrict__ sinks, float* __restrict__ out, int n_head,
-                 int n_kv, int hd, float scale, int window, int kps, int n_splits) {
-    __shared__ int last;
-    const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
     const int p = pos[t];
-    const int lo = max(first_key(p, window), split * kps);
-    const int hi = min(p + 1, (split + 1) * kps);  // exclusive
-    if (lo < hi) {
-        const size_t row0 = kv_row(tables, max_blocks, seq[t], lo);
-        decode_split<true>(q, kc, vc, p, lo, hi - lo, row0, part, n_head, n_kv, hd, scale, kps, n_splits,
-                           kvh, split, t, Fresh{k, v, cos_t, sin_t, n_rot, neox, n_pos, kc, vc});
+    const int s_lo = first_key(p, window) / keys_per_split;
+    const int s_hi = min(p / keys_per_split, n_splits - 1);
+    const float* pp = part + ((size_t)t * n_head + h) * n_splits * (hd_v + 2);
+    float mm = sinks ? sinks[h] : NEG_INF;
+    for (int s = s_lo; s <= s_hi; ++s) mm = fmaxf(mm, pp[s * (hd_v + 2) + hd_v]);
+    float denom = sinks ? expf(sinks[h] - mm) : 0.f;
+    for (int s = s_lo; s <= s_hi; ++s) {
+        const float* ps = pp + s * (hd_v + 2);
+        denom += ps[hd_v + 1] * expf(ps[hd_v] - mm);
     }
-    __threadfence();   // this thread's partials, before the block counts itself
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* count = counters + (size_t)t * n_kv + kvh;
-        last = atomicAdd(count, 1) == n_splits - 1;
-        if (last) *count = 0;
+    float* y = out + ((size_t)t * n_head + h) * hd_v;
+    for (int d = threadIdx.x; d < hd_v; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = s_lo; s <= s_hi; ++s) {
+            const float* ps = pp + s * (hd_v + 2);
+            o += ps[d] * expf(ps[hd_v] - mm);
+        }
+        y[d] = o / denom;
     }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int G = n_head / n_kv, warp = threadIdx.x >> 5;
-    for (int g = warp; g < G; g += DEC_THREADS / 32)   // one warp per head of the group
-        combine_head(part, p, sinks, out, kvh * G + g, t, n_head, hd, window, kps, n_splits,
-                     threadIdx.x & 31, 32);
 }
 
 // -- prefill on the tensor cores -----------------------------------------------------

@@ -83,8 +83,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: 
 # DECODE_KEYS_PER_SPLIT over the whole context (a fixed grid, so the step is
 # graph-capturable); one block per (KV head, split) serves the GQA group from
 # shared memory (attn_decode), splits past the last key exit at once, and a
-# second kernel merges the rest in a fixed order. ``decode_rope`` does a decode's
-# RoPE, cache store, splits and merge in one launch (attn_decode_rope).
+# second kernel merges the rest in a fixed order.
 
 # Measured on an H200 (qwen2-0.5b shape, decode graph replay at position 600):
 # 256 keys per split 2.50 ms/step, 128 1.83, 64 1.55 -- each block's tile loop
@@ -93,9 +92,6 @@ DECODE_KEYS_PER_SPLIT = 64    # == kvcache.KV_BLOCK: a split reads one block of 
 ATT_TILE = 128
 ATT_MAX_HD = 256
 DEC_THREADS = 256   # attn_decode: one block per (KV head, split) serves the query-head group
-#: arrival counters of attn_decode_rope, one per (row, KV head): a backend keeps this
-#: many zeroed int32 (a decode of more rows x KV heads takes the three-kernel path)
-DECODE_COUNTERS = 8192
 PF_BQ, PF_THREADS = 64, 128      # attn_prefill_tc: query rows and threads per block
 PF_HEAD_DIMS = (64, 96, 128)      # value head dims with an attn_prefill_tc_v<N> instantiation
 
@@ -135,7 +131,6 @@ class AttentionKernels:
         self._prefill_tc = {v: module.function(f"attn_prefill_tc_v{v}") for v in PF_HEAD_DIMS}
         self._combine = module.function("attn_combine")
         self._decode = module.function("attn_decode")
-        self._decode_rope = module.function("attn_decode_rope")
         self._launch = launcher
 
     def kv_store(self, k_cache, v_cache, k, v, pos, paging) -> None:
@@ -216,30 +211,3 @@ class AttentionKernels:
         self._launch(self._combine, (n_head, T), 128,
                      [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
                       np.uint64(out.ptr), n_head, hd, int(window), kps, n_splits])
-
-    def decode_rope(self, q, k, v, k_cache, v_cache, pos, table, scale: float, window: int, sinks,
-                    out, empty, paging, counters) -> None:
-        """A decode's attention in one launch: rope_kv_store, then attention, for T rows
-        each of a different sequence (T == 1, or a batch whose rows are ``paging.apart``).
-        q, k, v: the rows' own [T, n_head * hd], [T, n_kv * hd] f32 before RoPE; table:
-        a RopeTable or None; counters: DECODE_COUNTERS zeroed int32, left zeroed."""
-        _, n_kv, hd = k_cache.shape
-        T, n_head = q.shape[0], q.shape[1] // hd
-        if v_cache.shape[2] != hd or hd % 2 or n_head % n_kv or hd > ATT_MAX_HD:
-            raise ValueError(f"decode_rope: unsupported head_dim {hd}/{v_cache.shape[2]} or heads {n_head}/{n_kv}")
-        if T * n_kv > counters.shape[0] or (T > 1 and not paging.apart):
-            raise ValueError(f"decode_rope: {T} rows x {n_kv} KV heads, apart={paging.apart}")
-        kps = DECODE_KEYS_PER_SPLIT
-        n_splits = -(-paging.n_ctx // kps)
-        group = n_head // n_kv
-        part = empty((T, n_head, n_splits, hd + 2))
-        shared = 4 * group * (hd + kps) + 2 * kps * (2 * hd + 2)
-        rope = [np.uint64(0), np.uint64(0), 0, 0, 0] if table is None else [
-            np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), table.cfg.n_rot,
-            np.int32(1 if table.cfg.neox else 0), table.n_pos]
-        self._launch(self._decode_rope, (n_kv, n_splits, T), DEC_THREADS,
-                     [np.uint64(q.ptr), np.uint64(k.ptr), np.uint64(v.ptr), np.uint64(k_cache.ptr),
-                      np.uint64(v_cache.ptr), np.uint64(pos.ptr), *paging_args(paging), *rope,
-                      np.uint64(part.ptr), np.uint64(counters.ptr), np.uint64(0 if sinks is None else sinks.ptr),
-                      np.uint64(out.ptr), n_head, n_kv, hd, float(scale), int(window), kps, n_splits],
-                     shared=shared)

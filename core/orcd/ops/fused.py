@@ -90,7 +90,9 @@ class FusedKernels:
         self._norm_q8 = module.function("rms_norm_q8")
         self._gated_q8 = {t: module.function(f"gemv_gated_q8_{f.device.suffix}")
                           for t, f in self.formats.items() if f.device.int8}
-        #: gated int8 GEMVs with whole rows per warp (gemv_gated_q8) where they apply
+        #: gated int8 GEMVs of rows of at most 32 pieces (Qwen's 896: 28) with two rows
+        #: a warp (gemv_gated_q8; H100: 12.2 -> 10.7 us a layer; Phi-3's 96-piece rows
+        #: lost 3%, so they keep gemv_fused_q8)
         self.gated_rows = True
         self._launch = launcher
 
@@ -123,11 +125,11 @@ class FusedKernels:
 
     def gated_linear(self, x, w_gate, w_up, out, norm=None) -> None:
         # out: [1, n_ff] = silu(h @ w_gate.T) * (h @ w_up.T); w_up None: halves of w_gate
-        from orcd.ops.matmul import Q8Act, gemv_split, row_pieces
+        from orcd.ops.matmul import Q8Act, row_pieces
 
         n_ff = out.shape[1]
         up = (w_up.ptr, w_up) if w_up is not None else (w_gate.ptr + n_ff * w_gate.row_bytes, w_gate)
-        if (self.gated_rows and isinstance(x, Q8Act) and norm is None and gemv_split(n_ff, row_pieces(w_gate)) == 1
+        if (self.gated_rows and isinstance(x, Q8Act) and norm is None and row_pieces(w_gate) <= 32
                 and up[1].type_id == w_gate.type_id and up[1].row_bytes == w_gate.row_bytes):
             self._launch(self._gated_q8[w_gate.type_id], -(-n_ff // (FG_WARPS * GATED_ROWS)), FG_THREADS,
                          [_u64(x.xq.ptr), _u64(x.xd.ptr), int(x.shape[1]), _u64(w_gate.ptr), _u64(up[0]),
