@@ -127,23 +127,44 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.inflight: Inflight | None = None   # the last step's draws, pipelined
         self.batch_size = 0                 # rows of the last step's decode forward
+        self._warming: deque = deque()      # start-up captures left for idle time
 
     @property
     def max_rows(self) -> int:
         """The most rows one batched forward can hold: every decode, plus a chunk folded in."""
         return self.max_batch + (self.chunk if self.fold else 0)
 
-    def warm_up(self) -> int:
+    def warm_up(self, lazy: bool = False) -> int:
         """Before serving: the backend readies the batched forward of every row count
         a step can make (on the GPU each would otherwise load kernels and capture
         a graph in the middle of someone's stream), and where it can
         (``warm_rows``) the sampling state of every sequence a step may hold.
-        How many forwards it ran."""
-        n = self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
+        ``lazy`` (the server's start-up), with a backend that warms in tasks
+        (``warm_tasks``): only the first now, the rest one at a time while idle
+        (``warming``, ``warm_next``). How many forwards it ran now."""
+        tasks = getattr(self.backend, "warm_tasks", None)
+        if tasks is None:
+            n = self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
+        else:
+            self._warming = deque(tasks(self.model, self.pool, self.max_rows, self.n_ctx, lazy=lazy))
+            n = 0
+            while self._warming and (n == 0 or not lazy):
+                self.warm_next()
+                n += 1
         warm_rows = getattr(self.backend, "warm_rows", None)
         if warm_rows is not None:
             warm_rows(self.max_batch)
         return n
+
+    @property
+    def warming(self) -> bool:
+        """Whether start-up work is left for idle time (``warm_up(lazy=True)``)."""
+        return bool(self._warming)
+
+    def warm_next(self) -> None:
+        """One piece of the start-up work left (the caller's thread, while no request runs)."""
+        if self._warming:
+            self._warming.popleft()()
 
     # -- the caller's side -------------------------------------------------------
     def add(self, req: GenerateRequest, on_token: Callable[[TokenEvent], None] = lambda ev: None,

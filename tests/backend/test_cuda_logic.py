@@ -446,6 +446,50 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
     dec.close()
 
 
+def test_lazy_warm_tasks_leave_missing_graphs_eager_until_the_last_has_run(monkeypatch):
+    """warm_tasks(lazy=True): the one-row step first; while tasks are queued a step
+    whose graph is missing runs eagerly and is not captured (no ~0.1 s capture in
+    someone's stream); each task captures its own; after the last, a miss captures."""
+    from types import SimpleNamespace
+
+    import orcd.cuda.graph
+    from orcd.backend.cuda_batch import BatchDecoder
+    from orcd.cudasim import SimAllocator, SimDevice
+
+    dev, alloc = SimDevice(), SimAllocator()
+    forwards, captured = [], []
+
+    class Model:
+        def forward(self, ops, ids, pos, view, last_only):
+            forwards.append(ids.shape[0])
+            return SimpleNamespace(shape=(ids.shape[0], 7), rows=lambda a, b: SimpleNamespace(shape=(b - a, 7)))
+
+    monkeypatch.setattr(orcd.cuda.graph, "capture_like",
+                        lambda device, forward, logits, what: captured.append(logits.shape[0]) or
+                        SimpleNamespace(replay=lambda: forwards.append("replay"), close=lambda: None))
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=None,
+                              prompt_last_in_batch=False, ops=SimpleNamespace(per_row=False),
+                              scratch=SimpleNamespace(reset=lambda: None))
+    dec = BatchDecoder(backend)
+    pool = SimpleNamespace(k=[], v=[], spare=9)
+    model = Model()
+    tasks = dec.warm_tasks(model, pool, max_rows=8, lazy=True)
+    assert len(tasks) == 4 and dec.defer_captures
+    tasks[0]()
+    assert captured == [1] and dec.n_logits == 7 and dec.defer_captures
+    tables = np.zeros((3, 8), np.int32)
+    dec._decode(model, pool, tables, [0, 1, 2], [5, 6, 7], [3, 4, 5])    # a step of 3 rows: bucket 4
+    assert forwards[-1] == 4 and captured == [1]                           # eager, not captured
+    for task in tasks[1:]:
+        task()
+    assert captured == [1, 2, 4, 8] and not dec.defer_captures
+    dec._decode(model, pool, tables, [0, 1, 2], [5, 6, 7], [3, 4, 5])
+    assert forwards[-1] == "replay"                                        # the task's graph
+    dec._decode(model, pool, np.zeros((1, 16), np.int32), [0], [5], [700])   # a wider bucket: captured now
+    assert captured == [1, 2, 4, 8, 1]
+    dec.close()
+
+
 def test_a_prefill_chunk_pads_first_at_the_positions_after_it():
     """A chunk of 5 tokens at position 100 replays as the 16-row bucket: 11 padding
     rows (token 0 at positions 105..115) come first, the chunk's tokens last, so

@@ -262,3 +262,47 @@ def test_shutdown_cancels_every_running_job_past_the_deadline(tiny_model):
             err = st.join()[-1]
             assert err[0] == "error" and err[1]["code"] == "CANCELLED" and err[1]["retriable"]
         assert s.wait_exit(15)
+
+
+def test_start_up_captures_left_for_idle_time_yield_to_a_request(tiny_model, srv):
+    """The server warms lazily (Scheduler.warm_up(lazy=True)): the first of the
+    backend's warm tasks before it is ready, the others one at a time while idle;
+    a request that arrives meanwhile is served before the next task runs, and
+    streams what it streams on a warmed server."""
+    body = {"prompt": PROMPTS[2], "temperature": 0, "max_tokens": 12}
+    want = text_of(execute(srv, body).join())
+    log, hold = [], threading.Event()
+
+    def load(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+
+        def task(i):
+            def run():
+                log.append(("task", i))
+                if i == 2:
+                    hold.wait(30)        # the thread sits in this one while the request arrives
+            return run
+
+        lm.backend.warm_tasks = lambda model, pool, max_rows, n_ctx, lazy=False: [task(i) for i in range(5)]
+        model = lm.model
+        forward = model.forward
+        model.forward = lambda *a, **k: log.append(("forward",)) or forward(*a, **k)
+        return lm
+
+    with running_server(config(tiny_model("qwen2-tiny"), max_batch=4), loader=load) as s:
+        assert log[0] == ("task", 0)             # before ready
+        for _ in range(1500):
+            if ("task", 2) in log:
+                break
+            threading.Event().wait(0.01)
+        stream = execute(s, body)
+        wait_health(s, waiting=1)
+        hold.set()
+        assert text_of(stream.join()) == want
+        for _ in range(1500):
+            if ("task", 4) in log:
+                break
+            threading.Event().wait(0.01)
+        tasks = [e[1] for e in log if e[0] == "task"]
+        assert tasks == [0, 1, 2, 3, 4]
+        assert log.index(("forward",)) < log.index(("task", 3))   # the request went first

@@ -40,6 +40,9 @@ class Replays:
     """Captured graphs of one backend (key -> (graph, logits)) and the device
     buffers their inputs are written to before each replay (key -> (buffer, ...))."""
 
+    #: a missing graph's forward runs eagerly without a capture (BatchDecoder's start-up)
+    defer_captures = False
+
     def __init__(self, backend) -> None:
         self.b = backend
         self._graphs: dict = {}
@@ -59,7 +62,7 @@ class Replays:
     def _replay(self, key, forward, what: str) -> DeviceTensor:
         """The logits of ``forward()`` (a model forward reading inputs already written
         at fixed addresses): key's graph replayed, else an eager run (the scratch
-        grown as it needs), then captured for next time."""
+        grown as it needs), then captured for next time (unless ``defer_captures``)."""
         b = self.b
         got = self._graphs.get(key)
         if got is not None and b.graphs:
@@ -72,7 +75,7 @@ class Replays:
                 break
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])   # drops every graph
-        if b.graphs:
+        if b.graphs and not self.defer_captures:
             from orcd.cuda.graph import capture_like
 
             b.scratch.reset()
@@ -219,28 +222,55 @@ class BatchDecoder(Replays):
         return logits.rows(0, n)
 
     def warm(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
-        """Capture the step of every rows bucket up to ``max_rows`` (each at
-        MIN_BLOCKS), so that no step under load waits for a kernel load or a
-        capture; the rows write position 0 of the spare block. Where the
-        scheduler runs prompt chunks of their own (``prompt_last_in_batch``), also
-        the prefill graph of every bucket up to its chunk, for ``n_ctx``: their
-        rows write only the spare block. The count run."""
+        """Run every ``warm_tasks`` capture now; the count run."""
+        tasks = self.warm_tasks(model, pool, max_rows, n_ctx)
+        for task in tasks:
+            task()
+        self.b.device.synchronize()
+        return len(tasks)
+
+    def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None,
+                   lazy: bool = False) -> list:
+        """One capture each: the step of every rows bucket up to ``max_rows`` (each at
+        MIN_BLOCKS; the rows write position 0 of the spare block) and, where the
+        scheduler runs prompt chunks of their own (``prompt_last_in_batch``), the
+        prefill graph of every bucket up to its chunk, for ``n_ctx`` (their rows write
+        only the spare block): so that no step under load waits for a kernel load or
+        a capture. The one-row step comes first (a lone request's; its logits give
+        ``n_logits``). ``lazy``: until the last task has run, a step whose graph is
+        not captured yet runs its forward eagerly instead (``defer_captures``)."""
         from orcd.backend.cuda_prefill import BUCKETS
 
         b = self.b
-        spare = [[pool.spare]]
         sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]
-        for rows in sizes:
-            logits = self._decode(model, pool, spare, [0] * rows, [0] * rows, [0] * rows)
-            self.n_logits = int(logits.shape[-1])    # the samplers' width (CudaBackend.warm_rows)
-        prompts = []
+        tasks = [lambda rows=rows: self._warm_rows(model, pool, rows) for rows in sizes]
         if n_ctx and b.prompt_last_in_batch and b.prefill is not None and b.graphs:
             table = np.full(-(-int(n_ctx) // KV_BLOCK), pool.spare, np.int32)
-            prompts = [r for r in BUCKETS if r <= b.batch_prefill_chunk]
-            for rows in prompts:
-                self._prompt(model, pool, table, [0] * rows, 0, n_ctx, check=False)
-        b.device.synchronize()
-        return len(sizes) + len(prompts)
+            tasks[1:1] = [lambda rows=rows: self._prompt(model, pool, table, [0] * rows, 0, n_ctx, check=False)
+                          for rows in BUCKETS if rows <= b.batch_prefill_chunk]
+        self._warm_pending = len(tasks) if lazy else 0
+        return [lambda task=task: self._warm_one(task) for task in tasks]
+
+    #: start-up captures still queued (``warm_tasks(lazy=True)``)
+    _warm_pending = 0
+
+    @property
+    def defer_captures(self) -> bool:
+        """While start-up's captures are queued, a step whose graph is not captured
+        yet runs its forward eagerly -- the same kernels on the same inputs, so the
+        same bits -- instead of stalling someone's stream ~0.1 s on a capture."""
+        return self._warm_pending > 0
+
+    def _warm_one(self, task) -> None:
+        pending, self._warm_pending = self._warm_pending, 0    # a warm task captures
+        try:
+            task()
+        finally:
+            self._warm_pending = max(0, pending - 1)
+
+    def _warm_rows(self, model, pool: KVCache, rows: int) -> None:
+        logits = self._decode(model, pool, [[pool.spare]], [0] * rows, [0] * rows, [0] * rows)
+        self.n_logits = int(logits.shape[-1])    # the samplers' width (CudaBackend.warm_rows)
 
     def _write_inputs(self, pool, rows: int, blocks: int, own: np.ndarray, ids, pos, follow=None):
         """Write the (rows, blocks) bucket's inputs: real rows first, then padding."""

@@ -95,7 +95,8 @@ def new_scheduler(config: ServerConfig, engine):
                               budget_bytes=budget, free_bytes=free)
     scheduler = Scheduler(engine, n_blocks, config.max_batch)
     t0 = time.perf_counter()
-    if scheduler.warm_up():   # start-up narration names this phase too
+    # the one-row step before serving; every other capture while idle (cuda_batch.py)
+    if scheduler.warm_up(lazy=True):   # start-up narration names this phase too
         lm.phases["batch_graphs"] = round(time.perf_counter() - t0, 4)
     return scheduler
 

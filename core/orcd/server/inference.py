@@ -185,16 +185,30 @@ class InferenceThread:
         while True:
             with self._cv:
                 while not self._queue and not self._running and not self._stopping:
-                    if not self._cv.wait(timeout=self.idle_interval):
+                    if self._warming() or not self._cv.wait(timeout=self.idle_interval):
                         break
                 if self._stopping and not self._queue and not self._running:
                     break
+                warm = self._warming() and not self._queue and not self._running
             if self.scheduler is None:
                 self._run_next()
+            elif warm:
+                self._warm_next()
             else:
                 self._step()
         if self.scheduler is not None:
             self.scheduler.close()
+
+    def _warming(self) -> bool:
+        return self.scheduler is not None and self.scheduler.warming
+
+    def _warm_next(self) -> None:
+        # start-up captures, one per turn while no job runs: a job that arrives waits
+        # for one capture at most
+        try:
+            self.scheduler.warm_next()
+        except Exception as e:  # the step it would have readied runs eagerly instead
+            self.narrator.event("error", where="warm_up", message=f"{type(e).__name__}: {e}")
 
     def _idle(self) -> None:
         self._last_idle = time.monotonic()
