@@ -100,8 +100,9 @@ def serving(cmd: list[str], port: int, log: Path, timeout_s: float):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
     try:
-        deadline = time.monotonic() + timeout_s
+        deadline = t0 + timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited ({proc.returncode}); log: {log}\n"
@@ -113,7 +114,8 @@ def serving(cmd: list[str], port: int, log: Path, timeout_s: float):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd[0]} not healthy within {timeout_s} s; log: {log}")
-            time.sleep(0.2)
+            time.sleep(0.05)
+        print(f"healthy {time.monotonic() - t0:.2f} s after start (log {log.name})", file=sys.stderr)
         yield url
     finally:
         proc.terminate()
