@@ -146,7 +146,7 @@ class Scheduler:
         if tasks is None:
             n = self.backend.warm_batch(self.model, self.pool, self.max_rows, self.n_ctx)
         else:
-            self._warming = deque(tasks(self.model, self.pool, self.max_rows, self.n_ctx, lazy=lazy))
+            self._warming = deque(tasks(self.model, self.pool, self.max_rows, self.n_ctx))
             n = 0
             while self._warming and (n == 0 or not lazy):
                 self.warm_next()

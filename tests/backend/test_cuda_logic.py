@@ -446,10 +446,10 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
     dec.close()
 
 
-def test_lazy_warm_tasks_leave_missing_graphs_eager_until_the_last_has_run(monkeypatch):
-    """warm_tasks(lazy=True): the one-row step first; while tasks are queued a step
-    whose graph is missing runs eagerly and is not captured (no ~0.1 s capture in
-    someone's stream); each task captures its own; after the last, a miss captures."""
+def test_warm_tasks_capture_one_graph_each_and_skip_what_a_step_captured(monkeypatch):
+    """warm_tasks: the one-row step first, one capture a task; a step that needs a
+    graph before its task ran captures it (an eager forward, then the capture), and
+    the task then only replays it."""
     from types import SimpleNamespace
 
     import orcd.cuda.graph
@@ -471,22 +471,18 @@ def test_lazy_warm_tasks_leave_missing_graphs_eager_until_the_last_has_run(monke
                               prompt_last_in_batch=False, ops=SimpleNamespace(per_row=False),
                               scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
-    pool = SimpleNamespace(k=[], v=[], spare=9)
-    model = Model()
-    tasks = dec.warm_tasks(model, pool, max_rows=8, lazy=True)
-    assert len(tasks) == 4 and dec.defer_captures
+    pool, model = SimpleNamespace(k=[], v=[], spare=9), Model()
+    tasks = dec.warm_tasks(model, pool, max_rows=8)
+    assert len(tasks) == 4
     tasks[0]()
-    assert captured == [1] and dec.n_logits == 7 and dec.defer_captures
+    assert captured == [1] and dec.n_logits == 7
     tables = np.zeros((3, 8), np.int32)
-    dec._decode(model, pool, tables, [0, 1, 2], [5, 6, 7], [3, 4, 5])    # a step of 3 rows: bucket 4
-    assert forwards[-1] == 4 and captured == [1]                           # eager, not captured
+    dec._decode(model, pool, tables, [0, 1, 2], [5, 6, 7], [3, 4, 5])     # a step of 3 rows: bucket 4
+    assert forwards[-1] == 4 and captured == [1, 4]                       # eager, then captured
     for task in tasks[1:]:
         task()
-    assert captured == [1, 2, 4, 8] and not dec.defer_captures
-    dec._decode(model, pool, tables, [0, 1, 2], [5, 6, 7], [3, 4, 5])
-    assert forwards[-1] == "replay"                                        # the task's graph
-    dec._decode(model, pool, np.zeros((1, 16), np.int32), [0], [5], [700])   # a wider bucket: captured now
-    assert captured == [1, 2, 4, 8, 1]
+    assert captured == [1, 4, 2, 8] and forwards[-1] == 8                 # bucket 4's task replayed
+    assert forwards.count("replay") == 1
     dec.close()
 
 

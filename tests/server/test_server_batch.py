@@ -283,7 +283,7 @@ def test_start_up_captures_left_for_idle_time_yield_to_a_request(tiny_model, srv
                     hold.wait(30)        # the thread sits in this one while the request arrives
             return run
 
-        lm.backend.warm_tasks = lambda model, pool, max_rows, n_ctx, lazy=False: [task(i) for i in range(5)]
+        lm.backend.warm_tasks = lambda model, pool, max_rows, n_ctx: [task(i) for i in range(5)]
         model = lm.model
         forward = model.forward
         model.forward = lambda *a, **k: log.append(("forward",)) or forward(*a, **k)

@@ -270,12 +270,11 @@ class CudaBackend:
         scheduler's prompt chunks where they run as graphs of their own (cuda_batch.py)."""
         return self.batch.warm(model, pool, max_rows, n_ctx)
 
-    def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None,
-                   lazy: bool = False) -> list:
-        """warm_batch's captures one by one (cuda_batch.BatchDecoder.warm_tasks): the
-        scheduler runs the first before serving and, ``lazy``, the rest when idle;
-        until then a step without its graph runs eagerly."""
-        return self.batch.warm_tasks(model, pool, max_rows, n_ctx, lazy)
+    def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> list:
+        """warm_batch's captures one by one (cuda_batch.BatchDecoder.warm_tasks), for
+        the scheduler to run the first before serving and the rest when idle; a step
+        that comes first captures its own graph (an eager forward, then the capture)."""
+        return self.batch.warm_tasks(model, pool, max_rows, n_ctx)
 
     def warm_rows(self, n: int) -> None:
         """Before serving (after ``warm_batch``, whose forwards gave the logits'

@@ -40,9 +40,6 @@ class Replays:
     """Captured graphs of one backend (key -> (graph, logits)) and the device
     buffers their inputs are written to before each replay (key -> (buffer, ...))."""
 
-    #: a missing graph's forward runs eagerly without a capture (BatchDecoder's start-up)
-    defer_captures = False
-
     def __init__(self, backend) -> None:
         self.b = backend
         self._graphs: dict = {}
@@ -62,7 +59,7 @@ class Replays:
     def _replay(self, key, forward, what: str) -> DeviceTensor:
         """The logits of ``forward()`` (a model forward reading inputs already written
         at fixed addresses): key's graph replayed, else an eager run (the scratch
-        grown as it needs), then captured for next time (unless ``defer_captures``)."""
+        grown as it needs), then captured for next time."""
         b = self.b
         got = self._graphs.get(key)
         if got is not None and b.graphs:
@@ -75,7 +72,7 @@ class Replays:
                 break
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])   # drops every graph
-        if b.graphs and not self.defer_captures:
+        if b.graphs:
             from orcd.cuda.graph import capture_like
 
             b.scratch.reset()
@@ -229,16 +226,14 @@ class BatchDecoder(Replays):
         self.b.device.synchronize()
         return len(tasks)
 
-    def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None,
-                   lazy: bool = False) -> list:
+    def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> list:
         """One capture each: the step of every rows bucket up to ``max_rows`` (each at
         MIN_BLOCKS; the rows write position 0 of the spare block) and, where the
         scheduler runs prompt chunks of their own (``prompt_last_in_batch``), the
         prefill graph of every bucket up to its chunk, for ``n_ctx`` (their rows write
         only the spare block): so that no step under load waits for a kernel load or
         a capture. The one-row step comes first (a lone request's; its logits give
-        ``n_logits``). ``lazy``: until the last task has run, a step whose graph is
-        not captured yet runs its forward eagerly instead (``defer_captures``)."""
+        ``n_logits``). A task whose graph a step captured already replays it."""
         from orcd.backend.cuda_prefill import BUCKETS
 
         b = self.b
@@ -248,25 +243,7 @@ class BatchDecoder(Replays):
             table = np.full(-(-int(n_ctx) // KV_BLOCK), pool.spare, np.int32)
             tasks[1:1] = [lambda rows=rows: self._prompt(model, pool, table, [0] * rows, 0, n_ctx, check=False)
                           for rows in BUCKETS if rows <= b.batch_prefill_chunk]
-        self._warm_pending = len(tasks) if lazy else 0
-        return [lambda task=task: self._warm_one(task) for task in tasks]
-
-    #: start-up captures still queued (``warm_tasks(lazy=True)``)
-    _warm_pending = 0
-
-    @property
-    def defer_captures(self) -> bool:
-        """While start-up's captures are queued, a step whose graph is not captured
-        yet runs its forward eagerly -- the same kernels on the same inputs, so the
-        same bits -- instead of stalling someone's stream ~0.1 s on a capture."""
-        return self._warm_pending > 0
-
-    def _warm_one(self, task) -> None:
-        pending, self._warm_pending = self._warm_pending, 0    # a warm task captures
-        try:
-            task()
-        finally:
-            self._warm_pending = max(0, pending - 1)
+        return tasks
 
     def _warm_rows(self, model, pool: KVCache, rows: int) -> None:
         logits = self._decode(model, pool, [[pool.spare]], [0] * rows, [0] * rows, [0] * rows)

@@ -59,9 +59,9 @@ class Backend(Protocol):
     single-request runner, engine.Runner's interface), ``sample_to_device`` (the
     pipelined decode), ``prefill_chunk`` (prompt tokens per forward),
     ``warm_rows(n)`` (after ``warm_batch``: the sampling state of n batched
-    sequences made before serving), ``warm_tasks(model, pool, max_rows, n_ctx,
-    lazy)`` (warm_batch's work as a list of calls, the first run before serving and,
-    ``lazy``, the rest while idle), ``check_residency()`` and ``device`` (GPU
+    sequences made before serving), ``warm_tasks(model, pool, max_rows, n_ctx)``
+    (warm_batch's work as a list of calls: the scheduler may run the first before
+    serving and the rest while idle), ``check_residency()`` and ``device`` (GPU
     backends), ``synchronize()``."""
 
     ops: Ops
