@@ -68,11 +68,14 @@ def build_bpe(v: GGUFVocab, where: str = "model") -> HFBackedTokenizer:
         raise ModelLoadFailed(f"{where}: byte-level BPE vocabulary has no tokenizer.ggml.merges")
     vocab = _vocab_dict(v)
     rule = pretokenizer_for(v.pre)
-    # A merge whose pieces are not tokens makes `tokenizers` panic; llama.cpp just never
-    # applies it. Drop those.
-    merges = [(a, b) for a, _, b in (m.partition(" ") for m in v.merges)
-              if a in vocab and b in vocab and a + b in vocab]
-    model = models.BPE(vocab, merges, ignore_merges=rule.ignore_merges)
+    try:   # every merge as it is first: checking each in Python cost 0.24 s for Qwen's 151k
+        model = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in v.merges], ignore_merges=rule.ignore_merges)
+    except Exception:
+        # A merge whose pieces are not tokens makes `tokenizers` refuse the lot; llama.cpp
+        # just never applies it. Drop those.
+        merges = [(a, b) for a, _, b in (m.partition(" ") for m in v.merges)
+                  if a in vocab and b in vocab and a + b in vocab]
+        model = models.BPE(vocab, merges, ignore_merges=rule.ignore_merges)
     tok = HFTok(model)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in rule.regexes]
