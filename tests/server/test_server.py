@@ -286,3 +286,9 @@ def test_narration_lines_and_no_prompt_logged(srv):
     order = [e["event"] for e in events]
     assert order.index("startup") < order.index("model_load_start") < \
         order.index("model_load_complete") < order.index("ready")
+    # every start-up phase named with its seconds, in the order they ran
+    complete = next(e for e in events if e["event"] == "model_load_complete")
+    assert list(complete["phases"]) == ["open", "tokenizer", "backend", "weights", "build",
+                                        "chat_template", "kv_pool", "batch_graphs"]
+    assert all(v >= 0 for v in complete["phases"].values())
+    assert sum(complete["phases"].values()) <= complete["seconds"] + 0.01   # rounding

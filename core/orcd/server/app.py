@@ -93,12 +93,7 @@ def new_scheduler(config: ServerConfig, engine):
         free = max(0, int(device.mem_info()[0] * KV_POOL_FREE_SHARE) - scratch)
     n_blocks = kv_pool_blocks(per_token, lm.n_ctx, config.max_batch, KV_BLOCK,
                               budget_bytes=budget, free_bytes=free)
-    scheduler = Scheduler(engine, n_blocks, config.max_batch)
-    t0 = time.perf_counter()
-    # the one-row step before serving; every other capture while idle (cuda_batch.py)
-    if scheduler.warm_up(lazy=True):   # start-up narration names this phase too
-        lm.phases["batch_graphs"] = round(time.perf_counter() - t0, 4)
-    return scheduler
+    return Scheduler(engine, n_blocks, config.max_batch)
 
 
 def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
@@ -242,9 +237,16 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         lm = loader(cfg, progress)
         progress.finish()
         from orcd.engine import Engine
+        from orcd.load import Phases
         state.loaded, state.engine = lm, Engine(lm)
-        state.chat_template = _chat_template(state)
-        scheduler = new_scheduler(cfg, state.engine)
+        phases = Phases(getattr(lm, "phases", None) or {})   # the narration names each one
+        with phases("chat_template"):
+            state.chat_template = _chat_template(state)
+        with phases("kv_pool"):
+            scheduler = new_scheduler(cfg, state.engine)
+        if scheduler is not None:
+            with phases("batch_graphs"):   # the one-row step; every other capture while idle
+                scheduler.warm_up(lazy=True)
         state.inference = InferenceThread(
             state.engine, queue_size=cfg.queue_size, metrics=state.metrics, narrator=narr,
             idle_task=lambda: _refresh_device_state(state),
@@ -266,7 +268,7 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     scheduler = state.inference.scheduler
     narr.event("model_load_complete", seconds=round(time.monotonic() - t0, 3),
                weight_bytes=lm.weight_bytes, quant_kind=lm.quant_kind, n_ctx=lm.n_ctx,
-               arch=lm.arch.name, phases=getattr(lm, "phases", {}), max_batch=cfg.max_batch,
+               arch=lm.arch.name, phases=dict(phases), max_batch=cfg.max_batch,
                kv_pool_blocks=scheduler.blocks.n_blocks if scheduler is not None else None)
     if state.status != "loading":   # the first residency check already failed
         return
