@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,11 @@ def load_model(path: str | Path, *, host, device: str = "cpu", n_ctx: int | None
     return lm
 
 
+def _tokenizer(host, mf, tokenizer_path, phases):
+    with phases("tokenizer"):
+        return host.tokenizer(mf, Path(tokenizer_path) if tokenizer_path else None)
+
+
 def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_options, phases):
     src = str(mf.path)
     arch = host.architecture(mf.arch, source=src)
@@ -109,12 +115,19 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
     if n_ctx <= 0:
         raise ModelLoadFailed(f"{src}: context size must be positive, got {n_ctx}")
     hp["n_ctx"] = n_ctx  # the runtime context, e.g. for Phi-3's long/short rope factors
-    with phases("tokenizer"):
-        tokenizer = host.tokenizer(mf, Path(tokenizer_path) if tokenizer_path else None)
+    # the tokenizer is built on a thread beside the device's set-up and the upload (Python
+    # and Rust on the CPU while the driver works): its phase overlaps theirs
+    tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orcd-tokenizer")
+    tok_future = tokenizing.submit(_tokenizer, host, mf, tokenizer_path, phases)
+    tokenizing.shutdown(wait=False)
     if backend is None:
         from orcd.backend import create_backend
-        with phases("backend"):   # device, context, the format-free kernels (compiled in parallel)
-            backend = create_backend(device, **backend_options)
+        try:
+            with phases("backend"):   # device, context, the format-free kernels (compiled in parallel)
+                backend = create_backend(device, **backend_options)
+        except BaseException:
+            concurrent.futures.wait([tok_future])
+            raise
     try:
         check_vram(mf, hp, n_ctx, backend)
         with phases("weights"):   # upload, and the weight formats' kernels compiled meanwhile
@@ -127,12 +140,19 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
             raise ModelLoadFailed(f"{src}: the {arch.name} model did not use tensors "
                                   f"{', '.join(left[:5])}{' …' if len(left) > 5 else ''}")
     except OrcdError:
+        concurrent.futures.wait([tok_future])
         backend.close()
         raise
     except Exception as e:
+        concurrent.futures.wait([tok_future])
         backend.close()
         raise ModelLoadFailed(f"{src}: building the {arch.name} model failed: "
                               f"{type(e).__name__}: {e}") from e
+    try:
+        tokenizer = tok_future.result()   # its own errors as they are
+    except BaseException:
+        backend.close()
+        raise
     return LoadedModel(path=mf.path, file=mf, arch=arch, hp=hp, model=model, tokenizer=tokenizer,
                        backend=backend, n_ctx=n_ctx, quant_kind=quant_kind(mf, host.formats),
                        weight_bytes=sum(t.n_bytes for t in mf.tensors.values()),

@@ -288,7 +288,9 @@ def test_narration_lines_and_no_prompt_logged(srv):
         order.index("model_load_complete") < order.index("ready")
     # every start-up phase named with its seconds, in the order they ran
     complete = next(e for e in events if e["event"] == "model_load_complete")
-    assert list(complete["phases"]) == ["open", "tokenizer", "backend", "weights", "build",
-                                        "chat_template", "kv_pool", "batch_graphs"]
-    assert all(v >= 0 for v in complete["phases"].values())
-    assert sum(complete["phases"].values()) <= complete["seconds"] + 0.01   # rounding
+    phases = complete["phases"]
+    # the tokenizer is built beside backend and weights: the others follow each other
+    assert [p for p in phases if p != "tokenizer"] == ["open", "backend", "weights", "build",
+                                                       "chat_template", "kv_pool", "batch_graphs"]
+    assert "tokenizer" in phases and all(v >= 0 for v in phases.values())
+    assert sum(v for p, v in phases.items() if p != "tokenizer") <= complete["seconds"] + 0.01
