@@ -283,6 +283,9 @@ def main(argv=None) -> int:
     ap.add_argument("--orcd-option", action="append", default=[], metavar="NAME=VALUE",
                     help="passed to orcd serve as --cuda-option (repeatable), e.g. prefill_graphs=off")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to load")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds to wait once a server is healthy, before measuring: orcd captures "
+                         "its batch graphs while idle after start-up (0: a burst right after start)")
     ap.add_argument("--logs", default=os.environ.get("ORCD_BENCH_DIR", "/tmp/orcd-bench"),
                     help="directory for the servers' logs")
     args = ap.parse_args(argv)
@@ -291,8 +294,9 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
     if not levels or min(levels) < 1 or args.slots < 1 or args.max_tokens < 1 or args.rounds < 1 \
-            or args.prompt_repeat < 1:
-        ap.error("--concurrency, --slots, --max-tokens, --rounds and --prompt-repeat must be positive")
+            or args.prompt_repeat < 1 or args.settle < 0:
+        ap.error("--concurrency, --slots, --max-tokens, --rounds and --prompt-repeat must be positive, "
+                 "--settle not negative")
     if args.peer and not os.access(args.peer, os.X_OK):
         ap.error(f"--peer {args.peer}: not an executable file")
     prompts = [p * args.prompt_repeat for p in PROMPTS]
@@ -303,12 +307,14 @@ def main(argv=None) -> int:
           f"{', options ' + ' '.join(args.orcd_option) if args.orcd_option else ''}", file=sys.stderr)
     with serving(orcd_command(args, port, max(levels)), port, logs / "load-orcd.log",
                  args.start_timeout) as url:
+        time.sleep(args.settle)
         orcd = measure(url, levels, args.rounds, args.max_tokens, prompts)
     peer = None
     if args.peer:
         port = free_port()
         print(f"peer: {args.peer}", file=sys.stderr)
         with serving(peer_command(args, port), port, logs / "load-peer.log", args.start_timeout) as url:
+            time.sleep(args.settle)
             peer = measure(url, levels, args.rounds, args.max_tokens, prompts)
     print(f"model {Path(args.model).name}, device {args.device}, slots {args.slots}, "
           f"ctx {args.ctx_size}/slot, {args.max_tokens} tokens x {args.rounds} requests per client"

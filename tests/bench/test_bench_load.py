@@ -26,7 +26,7 @@ def load(monkeypatch):
 def test_load_benchmark_smoke_on_cpu(tiny_model, tmp_path):
     cmd = [sys.executable, str(LOAD), "--model", str(tiny_model("qwen2-tiny")), "--device", "cpu",
            "--concurrency", "1,4", "--max-tokens", "4", "--rounds", "1", "--slots", "4",
-           "--ctx-size", "256", "--logs", str(tmp_path)]
+           "--ctx-size", "256", "--settle", "0", "--logs", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
