@@ -207,7 +207,7 @@ class InferenceThread:
         # for one capture at most
         try:
             self.scheduler.warm_next()
-        except Exception as e:  # the step it would have readied runs eagerly instead
+        except Exception as e:  # the step it would have readied captures its graph itself
             self.narrator.event("error", where="warm_up", message=f"{type(e).__name__}: {e}")
 
     def _idle(self) -> None:
