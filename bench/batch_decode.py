@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from bench_gemv import Timer
+from kernel_times import print_kernel_times
 
 from orcd.kvcache import blocks_for
 from orcd.load import load_model
@@ -64,33 +65,12 @@ def main() -> int:
         print(f"{B:>4} {str(same):>14} {ms:>8.3f} {B * 1e3 / ms:>8.0f} {B * single / ms:>9.2f}")
     if args.profile:
         B = args.profile
-        _profile(lambda: b.forward_batch(lm.model, pool, tables[:B], list(range(B)), first[:B],
-                                         [args.prompt] * B, width * 64, batched=True, last_only=False), B)
+        print_kernel_times(lambda: b.forward_batch(lm.model, pool, tables[:B], list(range(B)), first[:B],
+                                                   [args.prompt] * B, width * 64, batched=True,
+                                                   last_only=False), f"batch of {B}")
     b.free_kv_pool(pool)
     lm.close()
     return 0
-
-
-def _profile(step, B: int, top: int = 15) -> None:
-    """GPU time by kernel of one replayed step (CUPTI sees a graph's kernels too)."""
-    from collections import defaultdict
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            rec = by_name[ev.name[:60]]
-            rec[0] += ev.time_range.elapsed_us() / 1e3
-            rec[1] += 1
-    busy = sum(v[0] for v in by_name.values())
-    print(f"batch of {B}: GPU busy {busy:.3f} ms in {sum(v[1] for v in by_name.values())} kernels")
-    for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {name:<60} {n:>4} {ms:8.3f} ms {ms / busy:5.0%}")
 
 
 def _check(b, lm, pool, tables, first, n_prompt) -> bool:

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: per-op kernels and graph time (issue 9).
 
     python3 bench/decode_profile.py MODEL.gguf [--n-ctx 2048] [--positions 100,600,1000]
-                                    [--bench] [--json out.json]
+                                    [--bench] [--kernels] [--json out.json]
 
 The decode step is captured as a CUDA graph, as the backend replays it, and
 timed by CUDA events over many replays (median of batches). Per op type the
@@ -147,7 +147,7 @@ def sampler_ms(step) -> float | None:
         return step.ms(g)
 
 
-def profile(path: str, n_ctx: int, positions: list[int]) -> dict:
+def profile(path: str, n_ctx: int, positions: list[int], kernels: bool = False) -> dict:
     from orcd.load import load_model
     from orcd.plugins import PluginHost
 
@@ -172,6 +172,9 @@ def profile(path: str, n_ctx: int, positions: list[int]) -> dict:
         step.set_pos(mid)
         with step.graph(b.ops) as g:
             base = step.ms(g)
+            if kernels:   # printed now: the table below is the ops' (doubling), this the kernels'
+                from kernel_times import print_kernel_times
+                print_kernel_times(g.replay, f"one replayed step at position {mid}", top=25)
         res["step_ms"] = base
         res["sampler_ms"] = sampler_ms(step)
         for name in sorted(counting.kernels, key=lambda n: -counting.kernels[n]):
@@ -221,8 +224,10 @@ def main() -> None:
     ap.add_argument("--positions", default="100,600,1000")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list the kernels of one replayed step by GPU time (torch.profiler)")
     args = ap.parse_args()
-    res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")])
+    res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")], args.kernels)
     if args.bench:
         res["bench"] = bench(args.model)
     print(table(res), flush=True)
