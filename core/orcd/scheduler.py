@@ -122,6 +122,10 @@ class Scheduler:
         self.last_in_batch = not self.fold and bool(getattr(self.backend, "prompt_last_in_batch", False))
         self.chunk = int(getattr(self.backend, "batch_prefill_chunk",
                                  getattr(self.backend, "prefill_chunk", PREFILL_CHUNK)))
+        # prompt tokens a step may run in all (``batch_prompt_tokens``; folded: one chunk,
+        # the rows the step's graphs are made for): several prompts' chunks in a burst
+        self.step_tokens = self.chunk if self.fold else max(
+            self.chunk, int(getattr(self.backend, "batch_prompt_tokens", self.chunk)))
         self.pipelined = bool(getattr(self.backend, "pipelined_rows", False))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -258,9 +262,9 @@ class Scheduler:
 
     def _chunks(self) -> list[tuple[Sequence, int, int]]:
         """This step's prompt chunks, (sequence, start, length): the next chunk of
-        each unfinished prompt, oldest first, while they stay within one chunk of
-        tokens in all."""
-        chunks, budget = [], self.chunk
+        each unfinished prompt, oldest first, while they stay within ``step_tokens``
+        in all (one chunk of tokens unless the backend allows more)."""
+        chunks, budget = [], self.step_tokens
         for seq in self.running:
             if not seq.prefilling:
                 continue

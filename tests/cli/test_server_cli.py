@@ -120,9 +120,11 @@ def test_cuda_options_become_the_backend_options(tiny, monkeypatch):
     monkeypatch.setattr(_options, "check_device", lambda device: device)
     args = parsed(["--model", tiny, "--device", "cuda:0", "--port", str(free_port()),
                    "--cuda-option", "prefill_graphs=off", "--cuda-option", "gemm=simt", "--cuda-option", "moe_tc=off",
-                   "--cuda-option", "pipelined_steps=off", "--cuda-option", "fold_prompts=on"])
+                   "--cuda-option", "pipelined_steps=off", "--cuda-option", "fold_prompts=on",
+                   "--cuda-option", "prompt_step=1024"])
     assert serve.validate(args)["backend_options"] == {"prefill_graphs": False, "gemm": "simt", "moe_tc": False,
-                                                       "pipelined_steps": False, "fold_prompts": True}
+                                                       "pipelined_steps": False, "fold_prompts": True,
+                                                       "prompt_step": "1024"}
     assert serve.validate(parsed(["--model", tiny, "--device", "cpu", "--port", str(free_port())]))[
         "backend_options"] == {}
 

@@ -337,6 +337,36 @@ def test_last_in_batch_prompts_share_a_chunk_and_their_last_token_is_a_decode_ro
     assert all(s.result.tokens_out == 5 for s in seqs)
 
 
+def test_a_larger_prompt_step_runs_more_prompts_chunks_a_step_with_the_same_streams(
+        last_in_batch, monkeypatch):
+    # batch_prompt_tokens (the GPU's prompt_step option) above the chunk: a burst's prompts
+    # each take a chunk in the same step, oldest first, at the same chunk boundaries, so
+    # each stream is what it is with one chunk a step
+    b = last_in_batch.lm.backend
+    reqs = [request(n, 80 + i, max_tokens=6) for i, n in enumerate((40, 20, 33, 9))]
+    one = Scheduler(last_in_batch, 64, 4)
+    want = [one.add(r) for r in reqs]
+    drain(one)
+    monkeypatch.setattr(b, "batch_prompt_tokens", 48, raising=False)
+    calls = []
+    real = b.forward_batch
+
+    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
+        calls.append((batched, list(pos)))
+        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
+    monkeypatch.setattr(b, "forward_batch", spy)
+    sched = Scheduler(last_in_batch, 64, 4)
+    assert sched.chunk == 16 and sched.step_tokens == 48
+    got = [sched.add(r) for r in reqs]
+    sched.step()
+    # 16 of the first, 16 of the second, 16 of the third: 48; the fourth waits its turn
+    assert [(p[0], p[-1]) for batched, p in calls if not batched] == [(0, 15), (0, 15), (0, 15)]
+    drain(sched)
+    assert [s.result.token_ids for s in got] == [s.result.token_ids for s in want]
+    folded = Scheduler(scheduled_the_gpu_way(last_in_batch, monkeypatch, fold=True), 64, 4)
+    assert folded.step_tokens == folded.chunk      # folded rows: the graphs' one chunk
+
+
 def test_a_failing_forward_ends_its_sequences_and_the_scheduler_goes_on(engine, monkeypatch):
     b = engine.lm.backend
     real = b.forward_batch

@@ -84,6 +84,10 @@ class CudaBackend:
     prefill_in_batch = False
     prompt_last_in_batch = True
     batch_prefill_chunk = UNFOLDED_CHUNK
+    #: prompt tokens a scheduler step may run in all (chunks of several prompts, each its
+    #: own forward); ``prompt_step`` raises it, to measure bursts' TTFT against the
+    #: running streams' step time
+    batch_prompt_tokens = UNFOLDED_CHUNK
     #: whether the scheduler queues step k+1 before step k's ids reach the host
     #: (launch_rows and forward_batch's ``follow``: taking ids, detokenizing and SSE
     #: overlap the GPU); the ``pipelined_steps`` option (H200, bench/load.py: +15%
@@ -93,7 +97,8 @@ class CudaBackend:
     def __init__(self, index: int = 0, budget: int | None = None, debug: bool | None = None,
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
-                 moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False) -> None:
+                 moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
+                 prompt_step: int | str = UNFOLDED_CHUNK) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -105,6 +110,8 @@ class CudaBackend:
         ``pipelined_steps``: the scheduler's steps pipelined (``pipelined_rows``).
         ``fold_prompts``: the scheduler folds prompt chunks into the decode batch
         (``prefill_in_batch``) instead of running them as prefill graphs (see above).
+        ``prompt_step``: prompt tokens a scheduler step may run in all
+        (``batch_prompt_tokens``, at least one chunk; folding, one chunk).
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -114,9 +121,10 @@ class CudaBackend:
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
         self.pipelined_rows = bool(pipelined_steps)
+        self.batch_prompt_tokens = max(int(prompt_step), UNFOLDED_CHUNK)
         if fold_prompts:
             self.prefill_in_batch, self.prompt_last_in_batch = True, False
-            self.batch_prefill_chunk = FOLD_CHUNK
+            self.batch_prefill_chunk = self.batch_prompt_tokens = FOLD_CHUNK
         self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)

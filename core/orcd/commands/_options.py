@@ -81,6 +81,7 @@ CUDA_OPTIONS = {
     "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
     "pipelined_steps": ("on", "off"),    # batch step k+1 queued before step k's ids reach the host
     "fold_prompts": ("off", "on"),       # on: prompt chunks ride in the decode batch, not prefill graphs
+    "prompt_step": ("256", "512", "1024", "2048"),   # prompt tokens a batch step may run in all
 }
 
 
