@@ -188,15 +188,21 @@ def test_max_batch_is_respected_and_the_rest_waits_in_order(engine):
         assert seq.result.token_ids == alone(engine, req).token_ids
 
 
-def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
-    b = engine.lm.backend
+def spy_forwards(b, monkeypatch, record) -> list:
+    """The backend's forward_batch calls, each as ``record(batched, ids, pos)`` appended."""
     calls = []
     real = b.forward_batch
 
     def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
-        calls.append((batched, len(ids)))
+        calls.append(record(batched, ids, pos))
         return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
     monkeypatch.setattr(b, "forward_batch", spy)
+    return calls
+
+
+def test_one_prefill_chunk_per_step_while_others_decode(engine, monkeypatch):
+    b = engine.lm.backend
+    calls = spy_forwards(b, monkeypatch, lambda batched, ids, pos: (batched, len(ids)))
     sched = Scheduler(engine, 64, 4)
     short = sched.add(request(5, 61, max_tokens=30))           # no end-of-generation in 30
     sched.step()                                             # its prefill and first token
@@ -287,13 +293,7 @@ def test_the_gpus_scheduling_gives_each_stream_what_it_gets_alone(engine, monkey
 
 def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, monkeypatch):
     b = folding.lm.backend
-    calls = []
-    real = b.forward_batch
-
-    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
-        calls.append((batched, list(pos)))
-        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
-    monkeypatch.setattr(b, "forward_batch", spy)
+    calls = spy_forwards(b, monkeypatch, lambda batched, ids, pos: (batched, list(pos)))
     sched = Scheduler(folding, 64, 4)
     short = sched.add(request(5, 61, max_tokens=30))
     sched.step()                                   # its prompt and first token in one step
@@ -312,13 +312,7 @@ def test_a_folded_prompt_takes_one_chunk_per_step_beside_every_decode(folding, m
 def test_last_in_batch_prompts_share_a_chunk_and_their_last_token_is_a_decode_row(
         last_in_batch, monkeypatch):
     b = last_in_batch.lm.backend
-    calls = []
-    real = b.forward_batch
-
-    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
-        calls.append((batched, list(ids), list(pos)))
-        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
-    monkeypatch.setattr(b, "forward_batch", spy)
+    calls = spy_forwards(b, monkeypatch, lambda batched, ids, pos: (batched, list(ids), list(pos)))
     sched = Scheduler(last_in_batch, 64, 4)
     a, c = request(6, 71, max_tokens=5), request(9, 72, max_tokens=5)
     long = request(40, 73, max_tokens=5)
@@ -348,13 +342,7 @@ def test_a_larger_prompt_step_runs_more_prompts_chunks_a_step_with_the_same_stre
     want = [one.add(r) for r in reqs]
     drain(one)
     monkeypatch.setattr(b, "batch_prompt_tokens", 48, raising=False)
-    calls = []
-    real = b.forward_batch
-
-    def spy(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw):
-        calls.append((batched, list(pos)))
-        return real(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, **kw)
-    monkeypatch.setattr(b, "forward_batch", spy)
+    calls = spy_forwards(b, monkeypatch, lambda batched, ids, pos: (batched, list(pos)))
     sched = Scheduler(last_in_batch, 64, 4)
     assert sched.chunk == 16 and sched.step_tokens == 48
     got = [sched.add(r) for r in reqs]
