@@ -55,7 +55,8 @@ def orcd_tokenizer(model: ModelFile, tokenizer_path: Path | None) -> Tokenizer |
     ``--tokenizer`` or found beside the model file); a plugin that handles it
     must prefer it over the GGUF vocabulary. The first non-None result wins.
     Raise ``ModelLoadFailed`` for a vocabulary this plugin recognises but
-    finds broken.
+    finds broken. Called on a thread of its own while the weights upload: read
+    ``model``'s metadata and files only (no backend, no process-wide state).
     """
 
 
