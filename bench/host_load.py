@@ -1,7 +1,7 @@
 """The worker's host side under load, with a simulated GPU (runs on the CPU machine).
 
     python3 bench/host_load.py [--model tiny.gguf] [--step-ms 2.5] [--prompt-ms 1.5]
-        [--concurrency 1,16] [--rounds 2] [--max-tokens 64]
+        [--concurrency 1,16] [--rounds 2] [--max-tokens 64] [--prompt-repeat 1] [--prompt-step 256]
 
 ``orcd serve``'s whole path -- HTTP, tokenizing, the inference thread, the
 scheduler with pipelined steps and prompt chunks of their own, detokenizing,
@@ -39,8 +39,9 @@ class SimulatedGpu:
     """The device side of a CPU backend replaced by a clock: each forward adds its
     time to the device's queue; a draw's ids are ready when the queue drains."""
 
-    def __init__(self, step_s: float, prompt_s: float, token: int) -> None:
+    def __init__(self, step_s: float, prompt_s: float, token: int, prompt_step: int = 256) -> None:
         self.step_s, self.prompt_s, self.token = step_s, prompt_s, token
+        self.prompt_step = prompt_step
         self.free_at = 0.0
 
     def run(self, seconds: float) -> None:
@@ -63,6 +64,7 @@ class SimulatedGpu:
         # prompt's last token a decode row
         backend.pipelined_rows = backend.prompt_last_in_batch = True
         backend.batch_prefill_chunk = 256
+        backend.batch_prompt_tokens = self.prompt_step     # --cuda-option prompt_step
 
 
 class Pending:
@@ -86,7 +88,8 @@ def serve_simulated(args, model: str):
 
     def loader(cfg, progress):
         lm = load_for_serving(cfg, progress)
-        SimulatedGpu(args.step_ms / 1e3, args.prompt_ms / 1e3, lm.tokenizer.encode("a")[-1]).install(lm.backend)
+        SimulatedGpu(args.step_ms / 1e3, args.prompt_ms / 1e3, lm.tokenizer.encode("a")[-1],
+                     args.prompt_step).install(lm.backend)
         return lm
     cfg = ServerConfig(model_path=model, model_ref="host-load", worker_id=str(uuid.uuid4()), device="cpu",
                        ctx_size=args.ctx_size, max_batch=max(args.levels), queue_size=max(args.levels),
@@ -97,7 +100,8 @@ def serve_simulated(args, model: str):
 def drive(url: str, args) -> dict[int, dict]:
     """bench/load.py's clients in a process of their own: {clients: Row fields}."""
     code = (f"import sys, json, dataclasses; sys.path.insert(0, {str(BENCH)!r}); import load\n"
-            f"rows = load.measure({url!r}, {args.levels!r}, {args.rounds}, {args.max_tokens})\n"
+            f"prompts = [p * {args.prompt_repeat} for p in load.PROMPTS]\n"
+            f"rows = load.measure({url!r}, {args.levels!r}, {args.rounds}, {args.max_tokens}, prompts)\n"
             f"print(json.dumps({{c: dataclasses.asdict(r) for c, r in rows.items()}}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -126,13 +130,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ctx-size", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=600, help="seconds the clients may take")
+    ap.add_argument("--prompt-repeat", type=int, default=1, help="each of load.py's prompts this many times")
+    ap.add_argument("--prompt-step", type=int, default=256,
+                    help="prompt tokens a step may run in all (the GPU's --cuda-option prompt_step)")
     args = ap.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         ap.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    if min(args.levels) < 1 or args.step_ms <= 0 or args.prompt_ms < 0 or args.rounds < 1 or args.max_tokens < 1:
-        ap.error("--concurrency, --step-ms, --rounds and --max-tokens must be positive")
+    if min(args.levels) < 1 or args.step_ms <= 0 or args.prompt_ms < 0 or args.rounds < 1 or args.max_tokens < 1 \
+            or args.prompt_repeat < 1 or args.prompt_step < 1:
+        ap.error("--concurrency, --step-ms, --rounds, --max-tokens, --prompt-repeat and --prompt-step "
+                 "must be positive")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
@@ -141,8 +150,9 @@ def main(argv=None) -> int:
                            check=True, capture_output=True)
         with serve_simulated(args, model) as srv:
             rows = drive(srv.url, args)
-    print(f"simulated GPU: {args.step_ms} ms a batched step, {args.prompt_ms} ms a prompt chunk; "
-          f"{args.max_tokens} tokens x {args.rounds} requests per client")
+    print(f"simulated GPU: {args.step_ms} ms a batched step, {args.prompt_ms} ms a prompt chunk, "
+          f"{args.prompt_step} prompt tokens a step; {args.max_tokens} tokens x {args.rounds} requests per "
+          f"client, prompts x{args.prompt_repeat}")
     print(table(rows, args.step_ms))
     return 0
 
