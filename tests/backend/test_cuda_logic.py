@@ -500,6 +500,47 @@ def test_a_prefill_chunk_pads_first_at_the_positions_after_it():
     assert pos == list(range(105, 116)) + list(range(100, 105))
 
 
+def test_a_prompt_chunk_replays_its_bucket_with_its_inputs_at_fixed_addresses(monkeypatch):
+    """BatchDecoder._prompt writes the padded ids and positions, a zero seq and the
+    sequence's table where its bucket's graph reads them; a wider table later takes
+    a new buffer and drops that bucket's graphs (captured for the old addresses)."""
+    from types import SimpleNamespace
+
+    import orcd.cuda.graph
+    from orcd.backend.cuda_batch import BatchDecoder
+    from orcd.cuda.memory import to_host
+    from orcd.cudasim import SimAllocator, SimDevice
+
+    dev, alloc = SimDevice(), SimAllocator()
+    seen = []
+
+    class Model:
+        def forward(self, ops, ids, pos, view, last_only):
+            rows = ids.shape[0]
+            width = view.tables.shape[1]
+            seen.append((to_host(dev, ids.ptr, 4 * rows).view(np.int32).tolist(),
+                         to_host(dev, pos.ptr, 4 * rows).view(np.int32).tolist(),
+                         to_host(dev, view.seq.ptr, 4 * rows).view(np.int32).tolist(),
+                         to_host(dev, view.tables.ptr, 4 * width).view(np.int32).tolist()))
+            return SimpleNamespace(shape=(1, 7))
+
+    monkeypatch.setattr(orcd.cuda.graph, "capture_like", lambda device, forward, logits, what:
+                        SimpleNamespace(replay=lambda: seen.append("replay"), close=lambda: None))
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=object(),
+                              ops=None, scratch=SimpleNamespace(reset=lambda: None))
+    dec, model, pool = BatchDecoder(backend), Model(), SimpleNamespace(k=[], v=[], spare=9)
+    assert dec._prompt(model, pool, np.array([4, 2, 7], np.int32), [11, 12, 13], 64, 192) is not None
+    ids, pos, seq, table = seen[0]
+    assert ids == [0] * 13 + [11, 12, 13] and pos == list(range(67, 80)) + [64, 65, 66]
+    assert seq == [0] * 16 and table == [4, 2, 7]
+    dec._prompt(model, pool, np.array([4, 2, 7], np.int32), [5, 6], 0, 192)
+    assert seen[-1] == "replay" and len(dec._graphs) == 1            # the same bucket's graph
+    dec._prompt(model, pool, np.array([4, 2, 7, 1, 3], np.int32), [5, 6], 0, 320)
+    assert seen[-1][3] == [4, 2, 7, 1, 3] and len(dec._graphs) == 1  # wider: a new buffer and graph
+    dec.close()
+    assert alloc.usage().get("scratch", 0) == 0
+
+
 def test_a_prefill_chunk_that_fits_no_bucket_runs_eagerly():
     """PrefillGraphs.forward answers None (the caller's eager prefill) for one
     token, past the largest bucket, and where the padding would pass the cache."""

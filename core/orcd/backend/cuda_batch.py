@@ -56,6 +56,18 @@ class Replays:
             self.b.alloc.free(buf)
         self._inputs.clear()
 
+    def _int32_inputs(self, rows: int, vectors: int, table_shape: tuple = ()) -> tuple:
+        """One scratch buffer of ``vectors`` int32 fields of ``rows`` each (ids,
+        positions, ...), then an int32 table of ``table_shape`` if given: (buffer, the
+        fields..., the table), each field a DeviceTensor at its place in the buffer."""
+        i32 = np.dtype(np.int32)
+        n_table = int(np.prod(table_shape)) if table_shape else 0
+        buf = self.b.alloc.alloc(4 * (vectors * rows + n_table), "scratch")
+        fields = [DeviceTensor(buf.ptr + 4 * k * rows, (rows,), i32) for k in range(vectors)]
+        if table_shape:
+            fields.append(DeviceTensor(buf.ptr + 4 * vectors * rows, tuple(table_shape), i32))
+        return (buf, *fields)
+
     def _replay(self, key, forward, what: str) -> DeviceTensor:
         """The logits of ``forward()`` (a model forward reading inputs already written
         at fixed addresses): key's graph replayed, else an eager run (the scratch
@@ -175,12 +187,7 @@ class BatchDecoder(Replays):
             if got is not None:
                 self._drop_prompt_graphs(rows)
                 self.b.alloc.free(got[0])
-            i32 = np.dtype(np.int32)
-            buf = self.b.alloc.alloc(4 * (3 * rows + width), "scratch")
-            at = lambda k: buf.ptr + 4 * k * rows   # noqa: E731 -- the k-th rows-long field
-            got = (buf, DeviceTensor(at(0), (rows,), i32), DeviceTensor(at(1), (rows,), i32),
-                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(3), (1, width), i32))
-            self._inputs[key] = got
+            got = self._inputs[key] = self._int32_inputs(rows, 3, (1, width))
         return got
 
     def _drop_prompt_graphs(self, rows: int) -> None:
@@ -273,12 +280,8 @@ class BatchDecoder(Replays):
     def _buffers(self, rows: int, blocks: int):
         got = self._inputs.get((rows, blocks))
         if got is None:
-            i32 = np.dtype(np.int32)
-            buf = self.b.alloc.alloc(4 * (4 * rows + rows * blocks), "scratch")
-            at = lambda k: buf.ptr + 4 * k * rows   # noqa: E731 -- the k-th rows-long field
             # ids, positions, each row's table row, follow's src (written, not read by the
             # graph), then the tables
-            got = (buf, DeviceTensor(at(0), (rows,), i32), DeviceTensor(at(1), (rows,), i32),
-                   DeviceTensor(at(2), (rows,), i32), DeviceTensor(at(4), (rows, blocks), i32))
-            self._inputs[(rows, blocks)] = got
+            buf, ids, pos, seq, _src, tables = self._int32_inputs(rows, 4, (rows, blocks))
+            got = self._inputs[(rows, blocks)] = (buf, ids, pos, seq, tables)
         return got

@@ -84,9 +84,6 @@ class PrefillGraphs(Replays):
 
         got = self._inputs.get(rows)
         if got is None:
-            i32 = np.dtype(np.int32)
-            buf = self.b.alloc.alloc(host.nbytes, "scratch")
-            got = (buf, DeviceTensor(buf.ptr, (rows,), i32), DeviceTensor(buf.ptr + 4 * rows, (rows,), i32))
-            self._inputs[rows] = got
+            got = self._inputs[rows] = self._int32_inputs(rows, 2)   # ids, positions
         from_host_async(self.b.device, host, got[0].ptr)   # ordered before the replay, no wait
         return got[1], got[2]
