@@ -95,8 +95,9 @@ def peer_command(args, port: int) -> list[str]:
 
 
 @contextmanager
-def serving(cmd: list[str], port: int, log: Path, timeout_s: float):
-    """Run a server until /health answers 200; stop it (SIGTERM, then kill) after."""
+def serving(cmd: list[str], port: int, log: Path, timeout_s: float, settle_s: float = 0.0):
+    """Run a server until /health answers 200, then ``settle_s`` more; stop it (SIGTERM,
+    then kill) after."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -116,6 +117,7 @@ def serving(cmd: list[str], port: int, log: Path, timeout_s: float):
                 raise RuntimeError(f"{cmd[0]} not healthy within {timeout_s} s; log: {log}")
             time.sleep(0.05)
         print(f"healthy {time.monotonic() - t0:.2f} s after start (log {log.name})", file=sys.stderr)
+        time.sleep(settle_s)
         yield url
     finally:
         proc.terminate()
@@ -306,15 +308,14 @@ def main(argv=None) -> int:
     print(f"orcd: {args.model} on {args.device}, {args.slots} slots, levels {levels}"
           f"{', options ' + ' '.join(args.orcd_option) if args.orcd_option else ''}", file=sys.stderr)
     with serving(orcd_command(args, port, max(levels)), port, logs / "load-orcd.log",
-                 args.start_timeout) as url:
-        time.sleep(args.settle)
+                 args.start_timeout, args.settle) as url:
         orcd = measure(url, levels, args.rounds, args.max_tokens, prompts)
     peer = None
     if args.peer:
         port = free_port()
         print(f"peer: {args.peer}", file=sys.stderr)
-        with serving(peer_command(args, port), port, logs / "load-peer.log", args.start_timeout) as url:
-            time.sleep(args.settle)
+        with serving(peer_command(args, port), port, logs / "load-peer.log", args.start_timeout,
+                     args.settle) as url:
             peer = measure(url, levels, args.rounds, args.max_tokens, prompts)
     print(f"model {Path(args.model).name}, device {args.device}, slots {args.slots}, "
           f"ctx {args.ctx_size}/slot, {args.max_tokens} tokens x {args.rounds} requests per client"

@@ -111,7 +111,8 @@ class CudaBackend:
         ``fold_prompts``: the scheduler folds prompt chunks into the decode batch
         (``prefill_in_batch``) instead of running them as prefill graphs (see above).
         ``prompt_step``: prompt tokens a scheduler step may run in all
-        (``batch_prompt_tokens``, at least one chunk; folding, one chunk).
+        (``batch_prompt_tokens``; the scheduler takes at least one chunk, and one
+        chunk when folding: Scheduler.step_tokens).
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -121,10 +122,10 @@ class CudaBackend:
         self.graphs = graphs
         self._prefill_graphs = prefill_graphs
         self.pipelined_rows = bool(pipelined_steps)
-        self.batch_prompt_tokens = max(int(prompt_step), UNFOLDED_CHUNK)
+        self.batch_prompt_tokens = int(prompt_step)   # the scheduler holds it to at least a chunk
         if fold_prompts:
             self.prefill_in_batch, self.prompt_last_in_batch = True, False
-            self.batch_prefill_chunk = self.batch_prompt_tokens = FOLD_CHUNK
+            self.batch_prefill_chunk = FOLD_CHUNK
         self.moe_tc = moe_tc
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
