@@ -180,6 +180,26 @@ def test_plain_twin_encodes_as_a_json_copy_does(request, goldens_script, which):
     assert tok.hf.encode_special_tokens is False     # the shared tokenizer is left as it was
 
 
+@pytest.mark.parametrize("which", ["spm_tok", "o200k_tok", "qwen_tok"])
+def test_plain_twin_is_built_without_a_json_round_trip(request, monkeypatch, which):
+    from tokenizers import Tokenizer as HFTok
+
+    from orcd_tokenizers import hf_backed
+
+    class NoJson:
+        def __call__(self, model):
+            return HFTok(model)
+
+        @staticmethod
+        def from_str(text):
+            raise AssertionError("the plain twin went through JSON")
+
+    monkeypatch.setattr(hf_backed, "HFTok", NoJson())
+    tok = request.getfixturevalue(which)
+    twin = hf_backed._twin(tok.hf)
+    assert twin.get_added_tokens_decoder() == tok.hf.get_added_tokens_decoder()
+
+
 def test_bpe_merges_whose_pieces_are_not_tokens_are_dropped():
     # llama.cpp never applies such a merge; `tokenizers` refuses the whole list with one
     from orcd_tokenizers.gguf_kinds import build_bpe
