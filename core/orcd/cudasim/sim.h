@@ -220,6 +220,35 @@ inline void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
         c[i] = s;
     }
 }
+
+// mma.sync.m16n8k32.row.col.s32.s8.s8.s32 (k32) and m16n8k16 (k16), int8 operands as
+// PTX lays them out (four int8 per u32, the lower index in the low byte): A 16xK
+// {(g, 4c), (g+8, 4c), (g, 16+4c), (g+8, 16+4c)} (k16: the first two), B Kx8
+// {(k 4c, n g), (k 16+4c, n g)} (k16: the first), C/D 16x8 as above, exact int32 sums.
+template <int K>
+inline void mma_s8(int* c, const unsigned* a, const unsigned* b) {
+    uint64_t a01[32], a23[32], bb[32];
+    warp_exchange(0xFFFFFFFFu, a[0] | (uint64_t)a[1] << 32, a01);
+    warp_exchange(0xFFFFFFFFu, K == 32 ? (a[2] | (uint64_t)a[3] << 32) : 0, a23);
+    warp_exchange(0xFFFFFFFFu, b[0] | (uint64_t)(K == 32 ? b[1] : 0) << 32, bb);
+    int A[16][32], B[32][8];
+    auto byte = [](uint64_t v, int word, int i) { return (int)(signed char)(v >> (32 * word + 8 * i)); };
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, k = 4 * (l % 4);
+        for (int i = 0; i < 4; ++i) {
+            A[g][k + i] = byte(a01[l], 0, i), A[g + 8][k + i] = byte(a01[l], 1, i);
+            A[g][16 + k + i] = byte(a23[l], 0, i), A[g + 8][16 + k + i] = byte(a23[l], 1, i);
+            B[k + i][g] = byte(bb[l], 0, i), B[16 + k + i][g] = byte(bb[l], 1, i);
+        }
+    }
+    const int g = lane_id() / 4, n = 2 * (lane_id() % 4);
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = n + i % 2;
+        int s = c[i];
+        for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
+        c[i] = s;
+    }
+}
 }  // namespace orcd_sim
 
 // -- launching: a trampoline per kernel calls it with arguments from a void** array ---

@@ -40,6 +40,15 @@
 // A format without the split still works: its dot8 runs once per row.
 //
 // The float expressions follow ggml's order (d * q + m, d * (q - 8), ...).
+//
+// Formats with int8 tensor-core support (MMA = true; ops/gemv_mma.cuh) also give a
+// row's values as the weight operand of mma m16n8k32, in chunks of MMA_G groups of 32
+// values (the unit the format loads at once: a block, or a part of one):
+//   MmaChunk<MMA_G> mma_chunk(row, nb, c, q)
+// holds, for group i of chunk c (values 32 (c * MMA_G + i) ..) and the lane's quad
+// position q = lane % 4, the int8 values 4q..4q+3 (lo[i], a byte each) and 16+4q..16+4q+3
+// (hi[i]), and the group's scales: value = d[i][h] * int8 - m[i], h the value's 16-half.
+// MMA_S16: d[i][0] and d[i][1] differ (a scale per 16 values, Q6_K); MMA_MIN: m is not 0.
 #pragma once
 
 typedef unsigned char u8;
@@ -131,6 +140,13 @@ __device__ __forceinline__ float quantize_group(const float* v, u32* q) {
 // first, so no byte borrows from the next. A format whose values are d * (q - off)
 // dots the signed bytes directly instead of also summing the activations.
 __device__ __forceinline__ u32 minus_bytes(u32 q, u32 off4) { return ((q | 0x80808080u) - off4) ^ 0x80808080u; }
+
+// One chunk of a row as mma_chunk gives it (see the top of this file).
+template <int G>
+struct MmaChunk {
+    u32 lo[G], hi[G];
+    float d[G][2], m[G];
+};
 
 // dot8 from a format's split (Piece8, unpack8 and the piece's dot8), in its struct.
 #define ORCD_DOT8_FROM_PIECE                                                                   \

@@ -4,8 +4,9 @@ generated from the rows.
 Kernels that read weights (ops/matmul.cu, ops/fused.cu) never name a format.
 They include ``formats.cuh``, which this module writes from the table: every
 format's device header, then two X-macros listing ``X(suffix, Struct, type_id)``
-for every format with device code (``ORCD_FORMATS``) and for those with int8
-activation support (``ORCD_INT8_FORMATS``). matmul.cu instantiates its kernels
+for every format with device code (``ORCD_FORMATS``), for those with int8
+activation support (``ORCD_INT8_FORMATS``) and for those the int8 tensor cores
+take (``ORCD_MMA_FORMATS``). matmul.cu instantiates its kernels
 per entry; fused.cu turns the list into a switch on the type id. A format a
 plugin adds is one more entry: its header travels to NVRTC in memory with the
 rest, and the cubin cache key (orcd.cuda.nvrtc) hashes all of it.
@@ -54,16 +55,19 @@ def formats_header(formats: Iterable[QuantFormat]) -> str:
              "// X(kernel-name suffix, device struct, GGML type id)",
              f"#define ORCD_FORMATS(X) {xs(rows)}",
              f"#define ORCD_INT8_FORMATS(X) {xs(f for f in rows if f.device.int8)}",
+             f"#define ORCD_MMA_FORMATS(X) {xs(f for f in rows if f.device.mma)}",
              ""]
     return "\n".join(lines)
 
 
-def kernel_source(package: str, name: str, formats: Iterable[QuantFormat]):
+def kernel_source(package: str, name: str, formats: Iterable[QuantFormat], includes: Iterable[str] = ()):
     """The KernelSource of ``name`` (package data of ``package``) with the generated
-    ``formats.cuh`` and every device header of ``formats``."""
+    ``formats.cuh``, every device header of ``formats`` and ``includes`` (more
+    headers of ``package`` that ``name`` includes)."""
     from orcd.cuda.nvrtc import KernelSource
 
     formats = list(formats)
     base = {BASE[1]: (resources.files(BASE[0]) / BASE[1]).read_text()}
-    headers = {**base, **header_texts(formats), HEADER: formats_header(formats)}
+    own = {h: (resources.files(package) / h).read_text() for h in includes}
+    headers = {**base, **header_texts(formats), HEADER: formats_header(formats), **own}
     return KernelSource(name, (resources.files(package) / name).read_text(), headers)

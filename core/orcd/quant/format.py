@@ -38,7 +38,8 @@ class DeviceFormat:
     per device block) and ``PIECES`` (pieces per block, one per thread and
     step) are repeated here as ``qk`` and ``pieces``: the launchers size grids
     with them. ``suffix`` names the kernels (``gemv_<suffix>_t1``, ...).
-    ``int8``: the struct has ``dot8`` (int8 activations, dp4a).
+    ``int8``: the struct has ``dot8`` (int8 activations, dp4a); ``mma``: it also has
+    ``mma_chunk`` (the decode batch's GEMV on the int8 tensor cores, ops/gemv_mma.cuh).
 
     ``planes`` is the VRAM layout. Empty: rows as the GGUF stores them. Else
     byte ranges (start, stop) of a GGUF block, one per plane: each row is kept
@@ -60,6 +61,7 @@ class DeviceFormat:
     qk: int
     pieces: int
     int8: bool = False
+    mma: bool = False
     planes: tuple[tuple[int, int], ...] = ()
     block_to_vram: Callable[[np.ndarray], np.ndarray] | None = None
     block_from_vram: Callable[[np.ndarray], np.ndarray] | None = None

@@ -99,6 +99,35 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
                __ldg(xd + j + 1) * (k.dl1 * (float)s1 - k.ml1 * (float)n1);
     }
     ORCD_DOT8_FROM_PIECE
+    // tensor cores: chunk c = sub-blocks j = 2 (c & 3) and j + 1 of block c >> 2, the low
+    // and high nibbles of the same 32 qs bytes (and qh bits j, j + 1 for Q5_K)
+    static constexpr bool MMA = true, MMA_S16 = false, MMA_MIN = true;
+    static constexpr int MMA_G = 2;
+    __device__ static MmaChunk<2> mma_chunk(const u8* row, int nb, int c, int q) {
+        const int b = c >> 2, j = 2 * (c & 3);
+        const u8* qs = row + 128 * b + 16 * j + 4 * q;
+        const u32 a = ld32(qs), e = ld32(qs + 16);
+        MmaChunk<2> k;
+        k.lo[0] = LOW_NIBBLES(a); k.hi[0] = LOW_NIBBLES(e);
+        k.lo[1] = HIGH_NIBBLES(a); k.hi[1] = HIGH_NIBBLES(e);
+        if (FIVE) {
+            const u32 ha = ld32(row + 128 * nb + 32 * b + 4 * q), he = ld32(row + 128 * nb + 32 * b + 16 + 4 * q);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                k.lo[i] |= ((ha >> (j + i)) & 0x01010101u) << 4;
+                k.hi[i] |= ((he >> (j + i)) & 0x01010101u) << 4;
+            }
+        }
+        const u8* scm = row + (FIVE ? 160 : 128) * nb + 16 * b;
+        const u32 dm = ld32(row + (FIVE ? 176 : 144) * nb + 4 * b);
+        const float d = f16_to_f32((u16)(dm & 0xFFFFu)), dmin = f16_to_f32((u16)(dm >> 16));
+        const u32 sc = ld16(scm + j), mn = ld16(scm + 8 + j);
+        k.d[0][0] = k.d[0][1] = d * (float)(sc & 0xFFu);
+        k.d[1][0] = k.d[1][1] = d * (float)(sc >> 8);
+        k.m[0] = dmin * (float)(mn & 0xFFu);
+        k.m[1] = dmin * (float)(mn >> 8);
+        return k;
+    }
 };
 typedef FmtAffineK<false> FmtQ4_K;
 typedef FmtAffineK<true> FmtQ5_K;
@@ -166,6 +195,32 @@ struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x =
         return acc;
     }
     ORCD_DOT8_FROM_PIECE
+    // tensor cores: chunk c = half h = c & 1 of block c >> 1, its four 32-value groups g
+    // (ql bytes 32 (g & 1) + l, low nibbles for g < 2; qh bits 2g of byte l), a scale per 16
+    static constexpr bool MMA = true, MMA_S16 = true, MMA_MIN = false;
+    static constexpr int MMA_G = 4;
+    __device__ static MmaChunk<4> mma_chunk(const u8* row, int nb, int c, int q) {
+        const int b = c >> 1, h = c & 1;
+        const u8* ql = row + 128 * b + 64 * h + 4 * q;
+        const u8* qh = row + 128 * nb + 64 * b + 32 * h + 4 * q;
+        const u32 l[4] = {ld32(ql), ld32(ql + 16), ld32(ql + 32), ld32(ql + 48)};
+        const u32 hb[2] = {ld32(qh), ld32(qh + 16)};
+        const uint2 sc = ld64(row + 192 * nb + 16 * b + 8 * h);   // scales 8h .. 8h + 7
+        const float d = f16_to_f32(ld16(row + 208 * nb + 2 * b));
+        MmaChunk<4> k;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            const u32 lo = (g < 2 ? LOW_NIBBLES(l[2 * (g & 1)]) : HIGH_NIBBLES(l[2 * (g & 1)]));
+            const u32 hi = (g < 2 ? LOW_NIBBLES(l[2 * (g & 1) + 1]) : HIGH_NIBBLES(l[2 * (g & 1) + 1]));
+            k.lo[g] = minus_bytes(lo | (((hb[0] >> (2 * g)) & 0x03030303u) << 4), 0x20202020u);
+            k.hi[g] = minus_bytes(hi | (((hb[1] >> (2 * g)) & 0x03030303u) << 4), 0x20202020u);
+            const u32 sw = g < 2 ? sc.x : sc.y;
+            k.d[g][0] = d * (float)(signed char)byte_of(sw, (2 * g) & 3);
+            k.d[g][1] = d * (float)(signed char)byte_of(sw, (2 * g + 1) & 3);
+            k.m[g] = 0.f;
+        }
+        return k;
+    }
     __device__ static int base(int p) { return 128 * (p >> 2) + 8 * (p & 3); }
     __device__ static void load(const u8* row, int nb, int blk, int p, float* v) {
         const Q6KPiece k = q6k_piece(row, nb, blk, p);

@@ -134,6 +134,32 @@ __device__ __forceinline__ void nibbles_load(const Nibbles& n, float* v, Value v
 __device__ __forceinline__ uint4 qs16(const u8* row, int b) { return ld128(row + 16 * b); }
 __device__ __forceinline__ u32 qh_word(const u8* row, int nb, int b) { return ld32(row + 16 * nb + 4 * b); }
 
+// Chunk c = block c of a 32-value format as the tensor cores take it (base.cuh's
+// mma_chunk): the quants of values 4q.. and 16+4q.. are the low and high nibbles of
+// qs word q, their fifth bits (FIFTH) bits 4q.. and 16+4q.. of qh.
+template <bool FIFTH>
+__device__ __forceinline__ MmaChunk<1> mma_nibbles(const u8* row, int nb, int c, int q, u32 off4, float d, float m) {
+    const u32 w = ld32(row + 16 * c + 4 * q);
+    MmaChunk<1> k;
+    k.lo[0] = LOW_NIBBLES(w);
+    k.hi[0] = HIGH_NIBBLES(w);
+    if (FIFTH) {
+        const u32 qh = qh_word(row, nb, c);
+        k.lo[0] |= spread_bits4((qh >> (4 * q)) & 0xFu);
+        k.hi[0] |= spread_bits4((qh >> (16 + 4 * q)) & 0xFu);
+    }
+    if (off4) {
+        k.lo[0] = minus_bytes(k.lo[0], off4);
+        k.hi[0] = minus_bytes(k.hi[0], off4);
+    }
+    k.d[0][0] = k.d[0][1] = d;
+    k.m[0] = m;
+    return k;
+}
+#define ORCD_MMA_32(MIN)                                                        \
+    static constexpr bool MMA = true, MMA_S16 = false, MMA_MIN = MIN;          \
+    static constexpr int MMA_G = 1;
+
 struct FmtQ4_0 {  // planes: qs [16], d f16 [2]: x = d * (q - 8)
     static constexpr bool INT8 = true;
     static constexpr int QK = 32, BYTES = 18, PIECES = 1, RUNS = 2, RUN = 16, STRIDE = 16;
@@ -151,6 +177,10 @@ struct FmtQ4_0 {  // planes: qs [16], d f16 [2]: x = d * (q - 8)
         return signed_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
+    ORCD_MMA_32(false)
+    __device__ static MmaChunk<1> mma_chunk(const u8* row, int nb, int c, int q) {
+        return mma_nibbles<false>(row, nb, c, q, 0x08080808u, scale(row, nb, c), 0.f);
+    }
 };
 
 struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
@@ -171,6 +201,11 @@ struct FmtQ4_1 {  // planes: qs [16], d f16 + m f16 [4]: x = d * q + m
         return affine_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
+    ORCD_MMA_32(true)
+    __device__ static MmaChunk<1> mma_chunk(const u8* row, int nb, int c, int q) {
+        const u32 dm = ld32(row + 16 * nb + 4 * c);
+        return mma_nibbles<false>(row, nb, c, q, 0u, f16_to_f32((u16)(dm & 0xFFFFu)), -f16_to_f32((u16)(dm >> 16)));
+    }
 };
 
 struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
@@ -194,6 +229,10 @@ struct FmtQ5_0 {  // planes: qs [16], qh [4], d f16 [2]: x = d * (q - 16)
         return signed_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
+    ORCD_MMA_32(false)
+    __device__ static MmaChunk<1> mma_chunk(const u8* row, int nb, int c, int q) {
+        return mma_nibbles<true>(row, nb, c, q, 0x10101010u, scale(row, nb, c), 0.f);
+    }
 };
 
 struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
@@ -217,6 +256,11 @@ struct FmtQ5_1 {  // planes: qs [16], qh [4], d f16 + m f16 [4]: x = d * q + m
         return affine_dot8(k, xq, xd);
     }
     ORCD_DOT8_FROM_PIECE
+    ORCD_MMA_32(true)
+    __device__ static MmaChunk<1> mma_chunk(const u8* row, int nb, int c, int q) {
+        const u32 w = dm(row, nb, c);
+        return mma_nibbles<true>(row, nb, c, q, 0u, f16_to_f32((u16)(w & 0xFFFFu)), -f16_to_f32((u16)(w >> 16)));
+    }
 };
 
 struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
@@ -249,4 +293,13 @@ struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
         return k.d * __ldg(xd) * (float)s;
     }
     ORCD_DOT8_FROM_PIECE
+    ORCD_MMA_32(false)
+    __device__ static MmaChunk<1> mma_chunk(const u8* row, int nb, int c, int q) {
+        MmaChunk<1> k;
+        k.lo[0] = ld32(row + 32 * c + 4 * q);
+        k.hi[0] = ld32(row + 32 * c + 16 + 4 * q);
+        k.d[0][0] = k.d[0][1] = scale(row, nb, c);
+        k.m[0] = 0.f;
+        return k;
+    }
 };

@@ -308,13 +308,13 @@ def _plain(struct: str, suffix: str) -> DeviceFormat:
 
 
 def _row(type_id, name, elems, nbytes, dq, q, rnd, planes) -> QuantFormat:
-    # ggml's 32-value blocks: one piece of 32 values, int8 activations (dp4a); planar
+    # ggml's 32-value blocks: one piece of 32 values, int8 activations (dp4a, tensor cores); planar
     # in VRAM (quants 16-byte aligned, scales apart: 18-34-byte blocks are not)
     return QuantFormat(type_id, name, elems, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, elems, nbytes),
                        quantize=blockwise_quantizer(q, name, elems, nbytes),
                        device=DeviceFormat(f"Fmt{name}", name.lower(), HEADERS, qk=32, pieces=1, int8=True,
-                                           planes=planes),
+                                           mma=True, planes=planes),
                        random_blocks=rnd)
 
 
