@@ -36,9 +36,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--profile", type=int, default=0, metavar="B",
                     help="also list the kernels of one batch-of-B step by GPU time (torch.profiler)")
+    ap.add_argument("--mma", choices=("on", "off"), default="on",
+                    help="off: the batch GEMVs on dp4a, not the int8 tensor cores (to measure against)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024)
+    lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024,
+                    **({"mma": False} if args.mma == "off" else {}))
     b, hp = lm.backend, lm.hp
     width = blocks_for(args.prompt + CHECK_STEPS + 64)
     n = max(batches)
@@ -53,7 +56,7 @@ def main() -> int:
         first.append(int(np.argmax(b.to_host(logits).reshape(-1))))
     timer = Timer(b.device)
     single = _single_step_ms(lm, timer)
-    print(f"{lm.path.name} on {b.device.info.name}; single-request graph step {single:.3f} ms "
+    print(f"{lm.path.name} on {b.device.info.name} (mma {args.mma}); single-request graph step {single:.3f} ms "
           f"({1e3 / single:.0f} tok/s)")
     print(f"{'B':>4} {'same as alone':>14} {'step ms':>8} {'tok/s':>8} {'x single':>9}")
     for B in batches:

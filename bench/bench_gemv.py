@@ -161,17 +161,22 @@ BATCH = [("Q8_0", 151936, 896), ("Q5_0", 4864, 896), ("Q4_K", 896, 4864), ("Q6_K
 
 
 def batch_table(dev, alloc, mk, timer, host, rows, replays) -> list[str]:
-    """us per batch GEMV at each row count, and its ratio to one row."""
+    """us per batch GEMV at each row count and kernel (tensor-core MMA, dp4a), and
+    its ratio to one row of the same kernel."""
     head = ["", f"Decode batch int8 GEMVs on {dev.info.name}: us per GEMV (x the 1-row time)", "",
-            "| format | n_out x n_in | " + " | ".join(f"T={t}" for t in rows) + " |",
-            "| --- | --- |" + " --- |" * len(rows)]
+            "| format | n_out x n_in | kernel | " + " | ".join(f"T={t}" for t in rows) + " |",
+            "| --- | --- | --- |" + " --- |" * len(rows)]
     print("\n".join(head), flush=True)
     for name, n_out, n_in in BATCH:
-        us = [bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, t, replays, True, True)[0] for t in rows]
-        line = (f"| {name} | {n_out} x {n_in} | "
-                + " | ".join(f"{u:.2f} ({u / us[0]:.1f}x)" for u in us) + " |")
-        head.append(line)
-        print(line, flush=True)
+        for mma in (True, False):
+            mk.mma = mma   # read at each gemv call, so at the graph's capture
+            us = [bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, t, replays, True, True)[0]
+                  for t in rows]
+            line = (f"| {name} | {n_out} x {n_in} | {'mma' if mma else 'dp4a'} | "
+                    + " | ".join(f"{u:.2f} ({u / us[0]:.1f}x)" for u in us) + " |")
+            head.append(line)
+            print(line, flush=True)
+    mk.mma = True
     return head
 
 

@@ -22,7 +22,8 @@ from orcd.quant.device import HEADER, formats_header, with_device
 
 ROOT = Path(__file__).resolve().parents[2] / "core" / "orcd"
 SOURCES = sorted([*ROOT.glob("ops/*.cu"), *ROOT.glob("cuda/kernels/*.cu")])
-OWN_HEADERS = {p.name for p in ROOT.glob("quant/*.cuh")} | {HEADER}   # formats.cuh is generated
+OWN_HEADERS = ({p.name for p in ROOT.glob("quant/*.cuh")} | {p.name for p in ROOT.glob("ops/*.cuh")}
+               | {HEADER})   # formats.cuh is generated
 TOOLKIT_HEADERS = {"cuda_fp16.h"}   # what the GPU machine's NVRTC headers are known to provide
 NVCC = shutil.which("nvcc")
 

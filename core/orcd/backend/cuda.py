@@ -98,7 +98,7 @@ class CudaBackend:
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
-                 prompt_step: int | str = UNFOLDED_CHUNK) -> None:
+                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = True) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -113,6 +113,8 @@ class CudaBackend:
         ``prompt_step``: prompt tokens a scheduler step may run in all
         (``batch_prompt_tokens``; the scheduler takes at least one chunk, and one
         chunk when folding: Scheduler.step_tokens).
+        ``mma``: a decode batch's GEMVs on the int8 tensor cores (ops/gemv_mma.cuh)
+        where the format has them, else the dp4a GEMV.
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -133,12 +135,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm, formats)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma) -> None:
         from orcd.cuda.driver import cu
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -163,8 +165,9 @@ class CudaBackend:
         # the constructors below each wait for their own
         compiler.prefetch(kernel_sources(formats if formats is not None else builtin_table(), type_ids=()))
         args = (self.device, compiler, self.launcher)
-        # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend
-        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc)
+        # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend;
+        # mma: a decode batch's GEMVs on the int8 tensor cores
+        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc, mma=mma)
         self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)

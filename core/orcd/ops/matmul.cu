@@ -570,6 +570,8 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 // one set per format of the table (formats.cuh, generated: orcd.quant.device)
 ORCD_FORMATS(FORMAT_KERNELS)
 ORCD_INT8_FORMATS(INT8_KERNELS)
+// the decode batch's GEMV on the int8 tensor cores, for the formats with mma_chunk
+#include "gemv_mma.cuh"
 
 // x [n_groups * 32] fp32 -> xq int8 and xd [n_groups]: per 32 values xd = amax / 127,
 // xq = rint(x / xd) (0 where xd = 0), as matmul.py's quantize_q8_ref. One thread

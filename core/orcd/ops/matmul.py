@@ -59,6 +59,7 @@ GEMV_Q8_TM = GEMV_TM + (32,)  # and of the int8 GEMV (a weight piece unpacked on
 BATCH_GEMV_T = GEMV_TM[-1]
 BATCH_GEMV_Q8_T = GEMV_Q8_TM[-1]
 GEMV_ROWS = 4               # warps per GEMV block
+MMA_ROWS, MMA_THREADS = 16, 256   # weight rows and threads of a tensor-core GEMV block (gemv_mma.cuh)
 MOE_TILE = 8                # pairs per tile of the grouped expert matmul (matmul.cu's MOE_TILE)
 MOE_TC_TILE = 64            # pairs per tile of the tensor-core grouped matmul (matmul.cu's TC_TILE)
 MOE_TC_ROWS = 64            # weight rows per block of it (TC_ROWS)
@@ -93,12 +94,17 @@ def _kernel_source(formats=()):
     quantize_q8 and the prefill glue)."""
     from orcd.quant.device import kernel_source
 
-    return kernel_source("orcd.ops", "matmul.cu", formats)
+    return kernel_source("orcd.ops", "matmul.cu", formats, includes=("gemv_mma.cuh",))
 
 
 def int8_capable(w) -> bool:
     """Whether w's format has dp4a kernels (int8 activations)."""
     return w.fmt.device is not None and w.fmt.device.int8
+
+
+def mma_capable(w) -> bool:
+    """Whether w's format has the int8 tensor-core GEMV (gemv_mma.cuh)."""
+    return w.fmt.device is not None and w.fmt.device.mma
 
 
 def tc_step(w) -> int:
@@ -149,7 +155,8 @@ class MatmulKernels:
     """
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
-                 int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None) -> None:
+                 int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None,
+                 mma: bool = True) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
@@ -162,7 +169,9 @@ class MatmulKernels:
         "nvmath" or "simt", on an fp16 copy of each weight tile); ``allocator`` holds its workspace. ``formats``: the
         format table whose rows get kernels (default: the built-in formats); each
         format's kernels are a module of their own, compiled at first use or by
-        ``prepare``, so a model compiles only the formats it holds."""
+        ``prepare``, so a model compiles only the formats it holds.
+        ``mma``: ``gemv`` (a decode batch's rows) takes the int8 tensor cores for the
+        formats that have them (gemv_mma.cuh), else the dp4a GEMV."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         from orcd.quant.builtin import builtin_table
@@ -177,6 +186,7 @@ class MatmulKernels:
         if int8 not in INT8_MODES:
             raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
         self.int8_off = int8 == "off"
+        self.mma = bool(mma)
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
         self._gemm_impl, self._allocator = gemm, allocator
@@ -210,16 +220,51 @@ class MatmulKernels:
         """Rows one ``gemv`` launch takes of activations x (float32 or int8)."""
         return BATCH_GEMV_Q8_T if isinstance(x, Q8Act) else BATCH_GEMV_T
 
-    def gemv(self, x, w, b, out, scratch=None) -> None:
+    def gemv(self, x, w, b, out, scratch=None, residual=None) -> None:
         """linear for up to ``gemv_rows(x)`` rows, always by the GEMV: each row summed
         alike whatever T (a batch of decodes: a row's logits do not depend on its
-        batch). x float32 or int8 activations."""
+        batch). x float32 or int8 activations. ``residual`` ([T, n_out], only where
+        ``adds_residual(x, w)``): out = residual + (x @ w.T + b), in the same launch."""
         T, _ = self._check_linear(x, w, b, out)
         arena = scratch if scratch is not None else self.scratch
         x = self.activations(x, w, arena)
         if T > self.gemv_rows(x):
             raise ValueError(f"gemv: at most {self.gemv_rows(x)} rows per launch, got {T}")
-        self._gemv(x, w, b, out)
+        if residual is not None and (not self.adds_residual(x, w) or tuple(residual.shape) != tuple(out.shape)):
+            raise ValueError(f"gemv: a residual {residual.shape} is added only by the tensor-core GEMV, "
+                             f"into out {out.shape}")
+        if self.adds_residual(x, w):
+            self._gemv_mma(x, w, b, out, residual)
+        else:
+            self._gemv(x, w, b, out)
+
+    def gates(self, x, w_gate, w_up) -> bool:
+        """Whether ``gated`` takes x by w_gate (and w_up): a tensor-core GEMV for each
+        (``adds_residual``), one format and shape, at most ``gemv_rows`` rows."""
+        ws = (w_gate,) if w_up is None else (w_gate, w_up)
+        return (all(self.adds_residual(x, w) for w in ws) and x.shape[0] <= self.gemv_rows(x)
+                and (w_up is None or (w_up.fmt == w_gate.fmt and w_up.shape == w_gate.shape
+                                      and w_up.row_bytes == w_gate.row_bytes)))
+
+    def gated(self, x, w_gate, w_up, out) -> None:
+        """out [T, n_ff] = silu(x @ w_gate.T) * (x @ w_up.T) for a decode batch's rows
+        in one tensor-core launch (where ``gates``); w_up None: w_gate holds gate then
+        up ([2 n_ff, n_in])."""
+        T, n_in = x.shape
+        n_ff = out.shape[1]
+        if (not self.gates(x, w_gate, w_up) or tuple(out.shape) != (T, n_ff) or w_gate.shape[1] != n_in
+                or w_gate.shape[0] != (n_ff if w_up is not None else 2 * n_ff)):
+            raise ValueError(f"gated: x {x.shape}, gate {w_gate.shape}, out {out.shape}, or no tensor-core GEMV")
+        up = w_up.ptr if w_up is not None else w_gate.ptr + n_ff * w_gate.row_bytes
+        tiles = next(n for n in (1, 2, 4) if 8 * n >= T)
+        self.launch(self._fn("gemv_mma_gated_", w_gate, f"_n{tiles}"), -(-n_ff // MMA_ROWS), MMA_THREADS,
+                    [_ptr(w_gate.ptr), _ptr(up), np.int64(w_gate.row_bytes), *self._act_args(x, 0), T,
+                     _ptr(out.ptr), n_ff, n_in])
+
+    def adds_residual(self, x, w) -> bool:
+        """Whether ``gemv`` of x by w runs on the tensor cores (int8 activations, a
+        format with mma_chunk), whose launch can also add a residual."""
+        return isinstance(x, Q8Act) and self.mma and mma_capable(w)
 
     def quantize(self, x, arena) -> Q8Act:
         """x float32 [T, n] (n a multiple of 32) -> its int8 activations, in ``arena``."""
@@ -408,6 +453,15 @@ class MatmulKernels:
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
                      _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+
+    def _gemv_mma(self, x, w, b, out, residual=None) -> None:
+        T, n_in = x.shape
+        n_out = w.shape[0]
+        tiles = next(n for n in (1, 2, 4) if 8 * n >= T)   # 8 tokens a tile
+        self.launch(self._fn("gemv_mma_", w, f"_n{tiles}"), -(-n_out // MMA_ROWS), MMA_THREADS,
+                    [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
+                     _ptr(b.ptr if b is not None else 0), _ptr(residual.ptr if residual is not None else 0),
+                     _ptr(out.ptr), n_out, n_in])
 
     @staticmethod
     def _act_args(x, row: int) -> list:
