@@ -103,15 +103,20 @@ class CudaOps:
     def linear(self, x: DeviceTensor, w: QWeight, b: DeviceTensor | None = None) -> DeviceTensor:
         T = x.shape[0]
         out = self._empty((T, w.shape[0]))                        # [T, n_out]
-        if self.per_row:   # GEMVs of <= 32 rows, never the GEMM: each row summed alike in any batch
-            xa = self._act(x, w)
-            step = self.b.mm.gemv_rows(xa)
-            for s in range(0, T, step):
-                e = min(T, s + step)
-                self.b.mm.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch)
+        if self.per_row:
+            self._gemvs(x, w, b, out)
             return out
         self.b.mm.linear(x, w, b, out, scratch=self.b.scratch)  # prefill takes GEMM tiles from it
         return out
+
+    def _gemvs(self, x, w, b, out, residual=None) -> None:
+        # GEMVs of <= 32 rows, never the GEMM: each row summed alike in any batch
+        xa = self._act(x, w)
+        step = self.b.mm.gemv_rows(xa)
+        for s in range(0, x.shape[0], step):
+            e = min(x.shape[0], s + step)
+            self.b.mm.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch,
+                           residual=residual.rows(s, e) if residual is not None else None)
 
     # -- fused (orcd.ops.fused): one launch for one token, else the single ops ----------
 
@@ -127,8 +132,15 @@ class CudaOps:
         self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
         return xa, None
 
-    def _shared_act(self, h, ws):
-        # a decode batch quantizes h once for all of ws (a single row: the fused kernels do)
+    def _shared_act(self, x, ws, norm=None):
+        # a decode batch quantizes x (normed first when asked) once for all of ws, the
+        # norm and the quantizing in one launch where it can (a single row: the fused
+        # kernels do both)
+        if self.per_row and norm is not None and self.b.mm.use_int8(*ws, batch=True):
+            xa = Q8Act.empty(self.b.scratch, *x.shape)
+            self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
+            return xa
+        h = x if norm is None else self.rms_norm(x, *norm)
         return self._act(h, *ws) if self.per_row else h
 
     def linear_multi(self, x, ws, bs=None, norm=None) -> tuple:
@@ -138,7 +150,7 @@ class CudaOps:
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.linear_multi(xa, ws, bs, outs, norm)
             return outs
-        h = self._shared_act(x if norm is None else self.rms_norm(x, *norm), ws)
+        h = self._shared_act(x, ws, norm)
         return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
 
     def gated_linear(self, x, w_gate, w_up=None, norm=None) -> DeviceTensor:
@@ -149,7 +161,11 @@ class CudaOps:
             xa, norm = self._fused_act(x, ws, norm)
             self.b.fused.gated_linear(xa, w_gate, w_up, out, norm)
             return out
-        h = self._shared_act(x if norm is None else self.rms_norm(x, *norm), ws)
+        h = self._shared_act(x, ws, norm)
+        if self.per_row and self.b.mm.gates(h, w_gate, w_up):
+            out = self._empty((h.shape[0], n_ff))                      # [T, n_ff]
+            self.b.mm.gated(h, w_gate, w_up, out)                      # both GEMVs and swiglu, one launch
+            return out
         if w_up is None:
             gate, up = self.split(self.linear(h, w_gate), (n_ff, n_ff))
         else:
@@ -161,7 +177,15 @@ class CudaOps:
             out = self._empty(residual.shape)                          # [1, n_out]
             self.b.fused.linear_add(self._fused_act(a, (w,), None)[0], w, residual, b, out)
             return out
-        return self.add(residual, self.linear(a, w, b))
+        if not self.per_row:
+            return self.add(residual, self.linear(a, w, b))
+        xa = self._act(a, w)
+        out = self._empty(residual.shape)                              # [T, n_out]
+        if self.b.mm.adds_residual(xa, w):
+            self._gemvs(xa, w, b, out, residual)                       # the add in the GEMV's launch
+            return out
+        self._gemvs(xa, w, b, out)
+        return self.add(residual, out)
 
     def rms_norm(self, x, w, eps: float) -> DeviceTensor:
         out = self._empty(x.shape)
