@@ -36,12 +36,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--profile", type=int, default=0, metavar="B",
                     help="also list the kernels of one batch-of-B step by GPU time (torch.profiler)")
-    ap.add_argument("--mma", choices=("on", "off"), default="on",
-                    help="off: the batch GEMVs on dp4a, not the int8 tensor cores (to measure against)")
+    ap.add_argument("--mma", choices=("on", "off"), default="off",
+                    help="on: the batch GEMVs on the int8 tensor cores, not dp4a (--cuda-option mma)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024,
-                    **({"mma": False} if args.mma == "off" else {}))
+                    mma=args.mma == "on")
     b, hp = lm.backend, lm.hp
     width = blocks_for(args.prompt + CHECK_STEPS + 64)
     n = max(batches)

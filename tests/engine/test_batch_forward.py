@@ -35,6 +35,17 @@ def test_a_decode_row_does_not_depend_on_its_batch(tiny_model, host, preset, dev
         lm.close()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_on_the_tensor_cores_too(tiny_model, host, preset):
+    # --cuda-option mma=on: the batch GEMVs, residual adds and gated GEMVs on gemv_mma
+    lm = load_model(tiny_model(preset), host=host, device=DEVICES[1].values[0], mma=True)
+    try:
+        _check(lm)
+    finally:
+        lm.close()
+
+
 def _check(lm):
     b, hp = lm.backend, lm.hp
     host = b.to_host

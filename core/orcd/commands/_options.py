@@ -82,7 +82,7 @@ CUDA_OPTIONS = {
     "pipelined_steps": ("on", "off"),    # batch step k+1 queued before step k's ids reach the host
     "fold_prompts": ("off", "on"),       # on: prompt chunks ride in the decode batch, not prefill graphs
     "prompt_step": ("256", "512", "1024", "2048"),   # prompt tokens a batch step may run in all
-    "mma": ("on", "off"),                # a decode batch's GEMVs on the int8 tensor cores
+    "mma": ("off", "on"),                # on: a decode batch's GEMVs on the int8 tensor cores
 }
 
 

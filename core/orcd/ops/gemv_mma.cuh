@@ -113,28 +113,40 @@ __device__ __forceinline__ void gemv_mma(const u8* __restrict__ w, const u8* __r
         for (int n = 0; n < TN; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[v][n][i] = 0.f;
-    for (int c = warp; c < n_chunks; c += MMA_WARPS) {
-        MmaChunk<G> k[NW][2];
+    // U chunks loaded before any is multiplied: a warp's loads in flight (one chunk at a
+    // time left a short row's GEMV a chain of load latencies, 2-4x dp4a's time at T = 1)
+    constexpr int U = G * NW >= 4 ? 1 : 4 / (G * NW);
+    for (int c0 = warp; c0 < n_chunks; c0 += MMA_WARPS * U) {
+        MmaChunk<G> k[U][NW][2];
 #pragma unroll
-        for (int v = 0; v < NW; ++v) {
-            k[v][0] = F::mma_chunk(wr[v][0], nb, c, q);
-            k[v][1] = F::mma_chunk(wr[v][1], nb, c, q);
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * MMA_WARPS, n_chunks - 1);   // past the end: loaded, not summed
+#pragma unroll
+            for (int v = 0; v < NW; ++v) {
+                k[u][v][0] = F::mma_chunk(wr[v][0], nb, c, q);
+                k[u][v][1] = F::mma_chunk(wr[v][1], nb, c, q);
+            }
         }
 #pragma unroll
-        for (int i = 0; i < G; ++i) {
-            const int grp = c * G + i;
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * MMA_WARPS;   // the lane's chunks in increasing order, as one at a time
+            if (c >= n_chunks) break;
 #pragma unroll
-            for (int n = 0; n < TN; ++n) {
-                const int tb = 8 * n + g, t0 = 8 * n + 2 * q;   // B's token; this lane's C tokens
-                u32 b[2] = {0u, 0u};
-                if (tb < nT) {
-                    b[0] = (u32)__ldg(xq + (long long)tb * xw + 8 * grp + q);
-                    b[1] = (u32)__ldg(xq + (long long)tb * xw + 8 * grp + 4 + q);
+            for (int i = 0; i < G; ++i) {
+                const int grp = c * G + i;
+#pragma unroll
+                for (int n = 0; n < TN; ++n) {
+                    const int tb = 8 * n + g, t0 = 8 * n + 2 * q;   // B's token; this lane's C tokens
+                    u32 b[2] = {0u, 0u};
+                    if (tb < nT) {
+                        b[0] = (u32)__ldg(xq + (long long)tb * xw + 8 * grp + q);
+                        b[1] = (u32)__ldg(xq + (long long)tb * xw + 8 * grp + 4 + q);
+                    }
+                    const float dx[2] = {t0 < nT ? __ldg(xd + (long long)t0 * xg + grp) : 0.f,
+                                         t0 + 1 < nT ? __ldg(xd + (long long)(t0 + 1) * xg + grp) : 0.f};
+#pragma unroll
+                    for (int v = 0; v < NW; ++v) mma_chunk_step<F>(acc[v][n], k[u][v], i, b, dx);
                 }
-                const float dx[2] = {t0 < nT ? __ldg(xd + (long long)t0 * xg + grp) : 0.f,
-                                     t0 + 1 < nT ? __ldg(xd + (long long)(t0 + 1) * xg + grp) : 0.f};
-#pragma unroll
-                for (int v = 0; v < NW; ++v) mma_chunk_step<F>(acc[v][n], k[v], i, b, dx);
             }
         }
     }
