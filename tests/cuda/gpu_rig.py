@@ -38,6 +38,14 @@ def rel(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
+def q8_ref(x: np.ndarray) -> np.ndarray:
+    """The activations the int8 kernels multiply by (quantize_q8_ref's), in float64."""
+    from orcd.ops.matmul import quantize_q8_ref
+
+    q, d = quantize_q8_ref(x)
+    return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
 def randn(rng, *shape, scale=1.0) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_rig import rel, sized
+from gpu_rig import q8_ref, rel, sized
 
 from orcd.ops.matmul import Q8Act, quantize_q8_ref
 
@@ -32,12 +32,6 @@ def mk(gpu):
     from orcd.ops.matmul import MatmulKernels
 
     return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
-
-
-def q8_ref(x: np.ndarray) -> np.ndarray:
-    """The activations the int8 kernels multiply by, in float64."""
-    q, d = quantize_q8_ref(x)
-    return (q.reshape(*x.shape[:-1], -1, 32) * d[..., None].astype(np.float64)).reshape(x.shape)
 
 
 def _gemv(gpu, mk, x: np.ndarray, w, b) -> np.ndarray:
