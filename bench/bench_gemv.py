@@ -167,6 +167,7 @@ def batch_table(dev, alloc, mk, timer, host, rows, replays) -> list[str]:
             "| format | n_out x n_in | kernel | " + " | ".join(f"T={t}" for t in rows) + " |",
             "| --- | --- | --- |" + " --- |" * len(rows)]
     print("\n".join(head), flush=True)
+    chosen = mk.mma
     for name, n_out, n_in in BATCH:
         for mma in (True, False):
             mk.mma = mma   # read at each gemv call, so at the graph's capture
@@ -176,7 +177,7 @@ def batch_table(dev, alloc, mk, timer, host, rows, replays) -> list[str]:
                     + " | ".join(f"{u:.2f} ({u / us[0]:.1f}x)" for u in us) + " |")
             head.append(line)
             print(line, flush=True)
-    mk.mma = True
+    mk.mma = chosen
     return head
 
 

@@ -31,7 +31,7 @@ def _free_after_each_test(scope):
 def mk(gpu):
     from orcd.ops.matmul import MatmulKernels
 
-    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
+    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all", mma=True)
 
 
 def _gemv(gpu, mk, x: np.ndarray, w, b) -> np.ndarray:

@@ -156,7 +156,7 @@ class MatmulKernels:
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
                  int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None,
-                 mma: bool = True) -> None:
+                 mma: bool = False) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
@@ -171,7 +171,8 @@ class MatmulKernels:
         format's kernels are a module of their own, compiled at first use or by
         ``prepare``, so a model compiles only the formats it holds.
         ``mma``: ``gemv`` (a decode batch's rows) takes the int8 tensor cores for the
-        formats that have them (gemv_mma.cuh), else the dp4a GEMV."""
+        formats that have them (gemv_mma.cuh), else the dp4a GEMV (the default, as
+        CudaBackend's)."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         from orcd.quant.builtin import builtin_table
