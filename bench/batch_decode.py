@@ -3,6 +3,7 @@ token the one it gets alone, and how do the step time and the aggregate rate
 grow with the batch? Against the single-request graph step of the same model.
 
     python3 bench/batch_decode.py --model M.gguf [--batches 1,2,4,8,16,32] [--prompt 64]
+                                  [--mma on|off] [--cuda-option NAME=VALUE ...]
 
 Prints, per batch size B: the graph-replayed step (CUDA events, median of 50), the
 aggregate tokens/s (B / step) and its ratio to the single-request step's rate.
@@ -21,6 +22,7 @@ import numpy as np
 from bench_gemv import Timer
 from kernel_times import print_kernel_times
 
+from orcd.commands._options import UsageError, add_cuda_option_argument, cuda_options
 from orcd.kvcache import blocks_for
 from orcd.load import load_model
 from orcd.plugins import PluginHost
@@ -38,10 +40,14 @@ def main() -> int:
                     help="also list the kernels of one batch-of-B step by GPU time (torch.profiler)")
     ap.add_argument("--mma", choices=("on", "off"), default="off",
                     help="on: the batch GEMVs on the int8 tensor cores, not dp4a (--cuda-option mma)")
+    add_cuda_option_argument(ap)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024,
-                    mma=args.mma == "on")
+    try:
+        options = {**cuda_options(args.cuda_option, args.device), "mma": args.mma == "on"}
+    except UsageError as e:
+        ap.error(str(e))
+    lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024, **options)
     b, hp = lm.backend, lm.hp
     width = blocks_for(args.prompt + CHECK_STEPS + 64)
     n = max(batches)
@@ -56,7 +62,7 @@ def main() -> int:
         first.append(int(np.argmax(b.to_host(logits).reshape(-1))))
     timer = Timer(b.device)
     single = _single_step_ms(lm, timer)
-    print(f"{lm.path.name} on {b.device.info.name} (mma {args.mma}); single-request graph step {single:.3f} ms "
+    print(f"{lm.path.name} on {b.device.info.name} ({' '.join(args.cuda_option) or 'default options'}, mma {args.mma}); single-request graph step {single:.3f} ms "
           f"({1e3 / single:.0f} tok/s)")
     print(f"{'B':>4} {'same as alone':>14} {'step ms':>8} {'tok/s':>8} {'x single':>9}")
     for B in batches:

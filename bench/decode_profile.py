@@ -2,6 +2,7 @@
 
     python3 bench/decode_profile.py MODEL.gguf [--n-ctx 2048] [--positions 100,600,1000]
                                     [--bench] [--kernels] [--json out.json]
+                                    [--cuda-option NAME=VALUE ...]
 
 The decode step is captured as a CUDA graph, as the backend replays it, and
 timed by CUDA events over many replays (median of batches). Per op type the
@@ -21,6 +22,8 @@ import json
 import statistics
 
 import numpy as np
+
+from orcd.commands._options import UsageError, add_cuda_option_argument, cuda_options
 
 
 def op_key(name: str, args) -> str:
@@ -147,11 +150,11 @@ def sampler_ms(step) -> float | None:
         return step.ms(g)
 
 
-def profile(path: str, n_ctx: int, positions: list[int], kernels: bool = False) -> dict:
+def profile(path: str, n_ctx: int, positions: list[int], kernels: bool = False, **options) -> dict:
     from orcd.load import load_model
     from orcd.plugins import PluginHost
 
-    lm = load_model(path, host=PluginHost(), device="cuda:0", n_ctx=n_ctx)
+    lm = load_model(path, host=PluginHost(), device="cuda:0", n_ctx=n_ctx, **options)
     try:
         step = Step(lm, n_ctx, max(positions))
         b = step.b
@@ -189,11 +192,12 @@ def profile(path: str, n_ctx: int, positions: list[int], kernels: bool = False) 
         lm.close()
 
 
-def bench(path: str) -> dict:
+def bench(path: str, **options) -> dict:
     from orcd.devkit.bench import run_bench
     from orcd.plugins import PluginHost
 
-    r = run_bench(path, host=PluginHost(), device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3)
+    r = run_bench(path, host=PluginHost(), device="cuda:0", prompt_tokens=512, gen_tokens=128, repeat=3,
+                  **options)
     return {"prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s, "ttft_ms": r.ttft_ms}
 
 
@@ -226,10 +230,15 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--kernels", action="store_true",
                     help="also list the kernels of one replayed step by GPU time (torch.profiler)")
+    add_cuda_option_argument(ap)
     args = ap.parse_args()
-    res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")], args.kernels)
+    try:
+        options = cuda_options(args.cuda_option, "cuda:0")
+    except UsageError as e:
+        ap.error(str(e))
+    res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")], args.kernels, **options)
     if args.bench:
-        res["bench"] = bench(args.model)
+        res["bench"] = bench(args.model, **options)
     print(table(res), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -75,11 +75,13 @@ def _quoted_includes(text: str, headers: dict[str, str], seen: set[str]) -> set[
 def test_kernel_sources_bring_every_header_they_include():
     # NVRTC sees only the headers a KernelSource carries: what each .cu includes,
     # directly or through another header, must be among them
-    from orcd.ops import fused, matmul
+    from orcd.cuda.aot import sources
+    from orcd.ops import matmul
 
-    own = {p.name: p.read_text() for p in ROOT.glob("quant/*.cuh")}
+    own = {p.name: p.read_text() for p in [*ROOT.glob("quant/*.cuh"), *ROOT.glob("ops/*.cuh")]}
     own[HEADER] = formats_header(FORMATS)
-    carried = {"matmul.cu": matmul._kernel_source(FORMATS).headers, "fused.cu": fused._kernel_source(FORMATS).headers}
+    carried = {s.name: s.headers for s in sources()}
+    carried["matmul.cu"] = matmul._kernel_source(FORMATS).headers
     for src in SOURCES:
         needed = _quoted_includes(src.read_text(), own, set())
         assert needed <= set(carried.get(src.name, {})), f"{src.name} needs {sorted(needed)}"

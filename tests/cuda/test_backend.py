@@ -124,6 +124,31 @@ def test_graph_replay_is_bitwise_the_eager_decode(pairs):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+def test_early_launches_give_the_bits_of_serialized_ones(host, tiny_model, preset):
+    """Programmatic dependent launch (ops/pdl.cuh, ``pdl`` on from sm_90) lets each
+    kernel start while the one before it ends; every kernel waits before it reads,
+    so prefill graphs, the decode graph and eager launches give the very bits of a
+    backend that launches one kernel after another (pdl off)."""
+    from orcd.load import load_model
+
+    def run(pdl: bool, graphs: bool = True) -> np.ndarray:
+        lm = load_model(tiny_model(preset), host=host, device=GPU, n_ctx=N_CTX, pdl=pdl)
+        try:
+            if lm.backend.device.info.compute_capability < (9, 0):
+                pytest.skip("programmatic dependent launch needs sm_90")
+            assert lm.backend.launcher.pdl == pdl
+            lm.backend.graphs = graphs
+            ids = np.random.default_rng(4).integers(0, lm.hp.n_vocab, 2 * PROMPT).tolist()
+            return decode_logits(lm, ids, PROMPT)
+        finally:
+            lm.close()
+
+    late = run(False)
+    assert run(True).tobytes() == late.tobytes()
+    assert run(True, graphs=False).tobytes() == run(False, graphs=False).tobytes()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
     """Prompt chunks replayed from a graph per rows bucket (the default; padding
     first, at the positions after the chunk) give the CPU reference's logits, and

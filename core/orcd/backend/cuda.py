@@ -98,7 +98,7 @@ class CudaBackend:
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
-                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False) -> None:
+                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -117,6 +117,8 @@ class CudaBackend:
         where the format has them, else the dp4a GEMV. Off by default: on an H100 it
         made 16 rows 1.29x faster and one row 1.45x slower (RESULTS), and one kernel
         must serve every rows bucket.
+        ``pdl``: kernels start while the one before them finishes (programmatic
+        dependent launch, ops/pdl.cuh; sm_90 and later); the same bits either way.
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -137,12 +139,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl) -> None:
         from orcd.cuda.driver import cu
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -158,7 +160,7 @@ class CudaBackend:
         v = int(cu("cuDriverGetVersion"))
         self.cuda_runtime_version = f"{v // 1000}.{v % 1000 // 10}"
         self.alloc = DeviceAllocator(self.device, budget)
-        self.launcher = Launcher(self.device, debug)
+        self.launcher = Launcher(self.device, debug, pdl=pdl)
         from orcd.quant.builtin import builtin_table
 
         compiler = KernelCompiler(self.sm, cache=kernel_cache, cuda_headers=True)

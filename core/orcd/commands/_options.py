@@ -83,6 +83,7 @@ CUDA_OPTIONS = {
     "fold_prompts": ("off", "on"),       # on: prompt chunks ride in the decode batch, not prefill graphs
     "prompt_step": ("256", "512", "1024", "2048"),   # prompt tokens a batch step may run in all
     "mma": ("off", "on"),                # on: a decode batch's GEMVs on the int8 tensor cores
+    "pdl": ("off", "on"),                # on: kernels start while the one before them finishes (sm_90+)
 }
 
 

@@ -8,6 +8,12 @@ error. Errors are checked after every launch; with ``ORCD_CUDA_DEBUG=1`` (or
 is reported at the kernel that caused it. Arguments are packed by type:
 ``DeviceBuffer`` and ``np.uint64`` are pointers, a Python ``int`` is an
 ``int32``, a ``float`` a ``float32``, any numpy scalar keeps its dtype.
+
+A kernel from a source that waits for its predecessor (``Kernel.pdl``, see
+ops/pdl.cuh) launches through ``cuLaunchKernelEx`` with programmatic stream
+serialization when the launcher's ``pdl`` is on (sm_90 and later): its blocks
+may be scheduled while the previous kernel finishes, and a graph captured from
+the stream keeps that edge.
 """
 
 from __future__ import annotations
@@ -127,17 +133,18 @@ def pack_args(args: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 class Kernel:
     """A kernel function and its attributes, bound to a device."""
 
-    def __init__(self, device: "CudaDevice", handle: Any, name: str) -> None:
+    def __init__(self, device: "CudaDevice", handle: Any, name: str, pdl: bool = False) -> None:
         from orcd.cuda.driver import cu, driver_module
 
         a = driver_module().CUfunction_attribute
         self.device, self.handle, self.name = device, handle, name
+        self.pdl = pdl    # it waits for the kernel before it (orcd_grid_wait): may start early
         self.attrs = KernelAttrs(
             max_threads_per_block=int(cu("cuFuncGetAttribute", a.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, handle)),
             static_shared=int(cu("cuFuncGetAttribute", a.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, handle)),
             num_regs=int(cu("cuFuncGetAttribute", a.CU_FUNC_ATTRIBUTE_NUM_REGS, handle)))
         self._dynamic_limit = DEFAULT_SHARED_LIMIT
-        self.checked: dict[tuple, tuple[Dim3, Dim3]] = {}   # launch configuration -> (grid, block)
+        self.checked: dict[tuple, tuple] = {}   # launch configuration -> (grid, block, early config)
 
     def allow_shared(self, nbytes: int) -> None:
         """Opt in to more than 48 KiB of dynamic shared memory (once per size)."""
@@ -151,11 +158,14 @@ class Kernel:
 
 
 class Launcher:
-    """Launches kernels on the device's stream; ``debug`` syncs after each."""
+    """Launches kernels on the device's stream; ``debug`` syncs after each;
+    ``pdl``: a ``Kernel.pdl`` kernel may start before the previous one ends (on
+    devices that have it: compute capability 9.0 and later)."""
 
-    def __init__(self, device: "CudaDevice", debug: bool | None = None) -> None:
+    def __init__(self, device: "CudaDevice", debug: bool | None = None, pdl: bool = False) -> None:
         self.device = device
         self.debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") if debug is None else debug
+        self.pdl = bool(pdl) and device.info.compute_capability >= (9, 0)
         self.launches = 0
         self.debug_syncs = 0
 
@@ -163,8 +173,10 @@ class Launcher:
                  args: Sequence[Any], shared: int = 0) -> None:
         from orcd.cuda.driver import cu
 
+        stream = self.device.stream
+        early = self.pdl and kernel.pdl
         key = (grid if isinstance(grid, (int, np.integer)) else tuple(grid),
-               block if isinstance(block, (int, np.integer)) else tuple(block), shared)
+               block if isinstance(block, (int, np.integer)) else tuple(block), shared, early)
         checked = kernel.checked.get(key)   # a configuration is validated once per kernel
         if checked is None:
             g, b = dim3(grid, f"{kernel.name}: grid"), dim3(block, f"{kernel.name}: block")
@@ -172,13 +184,16 @@ class Launcher:
             kernel.allow_shared(shared)
             if len(kernel.checked) >= MAX_CHECKED:   # prompts of every length: keep it bounded
                 kernel.checked.clear()
-            checked = kernel.checked[key] = (g, b)
-        g, b = checked
+            checked = kernel.checked[key] = (g, b, early_config(g, b, shared) if early else None)
+        g, b, config = checked
         _keep, addresses = pack_args(args)  # _keep holds the values until the launch returns
         self.device.make_current()
-        stream = self.device.stream
         try:
-            cu("cuLaunchKernel", kernel.handle, *g, *b, shared, stream, addresses.ctypes.data, 0)
+            if config is None:
+                cu("cuLaunchKernel", kernel.handle, *g, *b, shared, stream, addresses.ctypes.data, 0)
+            else:
+                config.hStream = stream
+                cu("cuLaunchKernelEx", config, kernel.handle, addresses.ctypes.data, 0)
             if self.debug and not _capturing(stream):
                 self.debug_syncs += 1
                 cu("cuStreamSynchronize", stream)
@@ -186,6 +201,24 @@ class Launcher:
             raise CudaError(f"kernel {kernel.name} grid={g} block={b} shared={shared}: {e.message}",
                             cuda_error=e.details.get("cuda_error"), call=e.details.get("call")) from None
         self.launches += 1
+
+
+def early_config(g: Dim3, b: Dim3, shared: int) -> Any:
+    """A CUlaunchConfig for ``cuLaunchKernelEx`` that allows programmatic stream
+    serialization (the kernel waits for its predecessor itself)."""
+    from orcd.cuda.driver import driver_module
+
+    drv = driver_module()
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config = drv.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = g
+    config.blockDimX, config.blockDimY, config.blockDimZ = b
+    config.sharedMemBytes = shared
+    config.attrs = [attr]
+    config.numAttrs = 1
+    return config
 
 
 def _capturing(stream: Any) -> bool:

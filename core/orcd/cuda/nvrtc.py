@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,12 +55,37 @@ class KernelSource:
     source: str
     headers: Mapping[str, str] = field(default_factory=dict)  # include name -> text
 
+    @property
+    def pdl(self) -> bool:
+        """Every kernel of this source waits for the kernel before it (ops/pdl.cuh), so
+        the launcher may start it early (programmatic dependent launch)."""
+        return PDL_INCLUDE in self.source
+
     @classmethod
     def from_package(cls, package: str, name: str, headers: Sequence[str] = ()) -> "KernelSource":
-        """Read ``name`` (and ``headers``) shipped as package data of ``package``."""
+        """Read ``name`` (and ``headers``) shipped as package data of ``package``; the
+        package's headers it includes (``#include "x.cuh"``) come with it."""
         root = resources.files(package)
-        return cls(name, (root / name).read_text(),
-                   {h: (root / h).read_text() for h in headers})
+        text = (root / name).read_text()
+        given = {h: (root / h).read_text() for h in headers}
+        return cls(name, text, {**package_headers(package, [text, *given.values()]), **given})
+
+
+PDL_INCLUDE = '#include "pdl.cuh"'
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def package_headers(package: str, texts: Sequence[str]) -> dict[str, str]:
+    """The headers of ``package`` that ``texts`` include, and those they include."""
+    root, found = resources.files(package), {}
+    todo = [n for t in texts for n in _INCLUDE.findall(t)]
+    while todo:
+        name = todo.pop()
+        if name in found or not (root / name).is_file():
+            continue                      # generated or another package's: given by the caller
+        found[name] = (root / name).read_text()
+        todo.extend(_INCLUDE.findall(found[name]))
+    return found
 
 
 def cuda_include_dir() -> str | None:
@@ -262,18 +288,19 @@ class KernelCompiler:
             self._pool = None
 
     def load(self, device, src: KernelSource, options: Sequence[str] = ()) -> "Module":
-        return Module(device, self.cubin(src, options), src.name)
+        return Module(device, self.cubin(src, options), src.name, pdl=src.pdl)
 
 
 class Module:
     """A loaded cubin; ``function(name)`` looks up an ``extern "C"`` kernel."""
 
-    def __init__(self, device, cubin: bytes, name: str = "module") -> None:
+    def __init__(self, device, cubin: bytes, name: str = "module", pdl: bool = False) -> None:
         from orcd.cuda.driver import cu
 
         device.make_current()
         self.device = device
         self.name = name
+        self.pdl = pdl            # its kernels may launch before the previous one ends
         self.handle = cu("cuModuleLoadData", cubin)
         self._functions: dict[str, Any] = {}
 
@@ -290,5 +317,5 @@ class Module:
                 raise CudaError(f"kernel {name!r} not found in {self.name} "
                                 f"(is it extern \"C\"?): {e.message}",
                                 cuda_error=e.details.get("cuda_error"), call="cuModuleGetFunction") from None
-            self._functions[name] = Kernel(self.device, handle, name)
+            self._functions[name] = Kernel(self.device, handle, name, pdl=self.pdl)
         return self._functions[name]

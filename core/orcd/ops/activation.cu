@@ -1,6 +1,8 @@
 // Element-wise ops on fp32: residual add, SiLU, GELU (tanh form), SwiGLU,
 // GPT-OSS's clamped SwiGLU, and the column split copy. grid-stride loops.
 
+#include "pdl.cuh"
+
 #define EW_LOOP(n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                         i += (long)gridDim.x * blockDim.x)
 
@@ -8,14 +10,17 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b,
                                   float* __restrict__ out, int n) {
+    orcd_prior_done();
     EW_LOOP(n) out[i] = a[i] + b[i];
 }
 
 extern "C" __global__ void silu_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
+    orcd_prior_done();
     EW_LOOP(n) out[i] = silu(x[i]);
 }
 
 extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
+    orcd_prior_done();
     const float c = 0.7978845608028654f;  // sqrt(2 / pi)
     EW_LOOP(n) {
         const float v = x[i];
@@ -25,12 +30,14 @@ extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restri
 
 extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                      float* __restrict__ out, int n) {
+    orcd_prior_done();
     EW_LOOP(n) out[i] = silu(gate[i]) * up[i];
 }
 
 // GPT-OSS: gate clamped above at limit, up clamped to [-limit, limit], times (up + 1).
 extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                          float* __restrict__ out, int n, float alpha, float limit) {
+    orcd_prior_done();
     EW_LOOP(n) {
         const float g = fminf(gate[i], limit);
         const float u = fminf(fmaxf(up[i], -limit), limit);
@@ -41,6 +48,7 @@ extern "C" __global__ void swiglu_oai_f32(const float* __restrict__ gate, const 
 // out[t, :size] = x[t, offset:offset + size]; x: [T, width]. grid-stride over T * size.
 extern "C" __global__ void split_copy_f32(const float* __restrict__ x, float* __restrict__ out,
                                          int T, int width, int offset, int size) {
+    orcd_prior_done();
     EW_LOOP((long)T * size) {
         const long t = i / size, j = i - t * size;
         out[i] = x[t * width + offset + j];

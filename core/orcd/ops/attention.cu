@@ -16,6 +16,7 @@
 // one block (KV_BLOCK keys), so each looks its block up once. A prefill forward
 // (T > 1 on the tensor cores) holds one sequence: seq[0].
 
+#include "pdl.cuh"
 #include <cuda_fp16.h>
 
 #define ATT_TILE 128      // keys per tile == threads per block
@@ -67,6 +68,7 @@ extern "C" __global__ void kv_store(__half* __restrict__ kc, __half* __restrict_
                                    const float* __restrict__ k, const float* __restrict__ v,
                                    const int* __restrict__ pos, const int* __restrict__ tables,
                                    int max_blocks, const int* __restrict__ seq, int n_k, int n_v) {
+    orcd_prior_done();
     const int t = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
     const size_t row = kv_row(tables, max_blocks, seq[t], pos[t]);
     if (i < n_k) kc[row * n_k + i] = __float2half_rn(k[(size_t)t * n_k + i]);
@@ -101,6 +103,7 @@ extern "C" __global__ void rope_kv_store(const float* __restrict__ q, float* __r
                                         const float* __restrict__ cos_t,
                                         const float* __restrict__ sin_t, int n_head, int n_kv, int hd,
                                         int hd_v, int n_rot, int neox, int n_pos) {
+    orcd_prior_done();
     const int t = blockIdx.y, h = blockIdx.x;
     const int p = pos[t];
     const int pc = p < 0 ? 0 : (p >= n_pos ? n_pos - 1 : p);  // the host checks positions
@@ -133,6 +136,7 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
          const int* __restrict__ seq, const float* __restrict__ sinks, float* __restrict__ out,
          float* __restrict__ part, int n_head, int n_kv, int hd, int hd_v, float scale, int window,
          int keys_per_split, int n_splits) {
+    orcd_prior_done();
     __shared__ float qs[ATT_MAX_HD];
     __shared__ float ps[ATT_TILE];
     __shared__ float acc_s[ATT_TILE * 2];
@@ -236,6 +240,7 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
             const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
             const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
             float scale, int window, int kps, int n_splits) {
+    orcd_prior_done();
     extern __shared__ float smem[];
     const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
     const int G = n_head / n_kv, hd2 = hd / 2;
@@ -321,6 +326,7 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
                                        const float* __restrict__ sinks, float* __restrict__ out,
                                        int n_head, int hd_v, int window, int keys_per_split,
                                        int n_splits) {
+    orcd_prior_done();
     const int h = blockIdx.x, t = blockIdx.y;
     const int p = pos[t];
     const int s_lo = first_key(p, window) / keys_per_split;
@@ -548,7 +554,7 @@ __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __
         const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,       \
         const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,                     \
         const int* __restrict__ seq, const float* __restrict__ sinks, float* __restrict__ out, int T,    \
-        int n_head, int n_kv, int hd, float scale, int window) {                                         \
+        int n_head, int n_kv, int hd, float scale, int window) { orcd_prior_done();                      \
         prefill_tc<HDV>(q, kc, vc, pos, tables, max_blocks, seq, sinks, out, T, n_head, n_kv, hd, scale, \
                         window);                                                                         \
     }

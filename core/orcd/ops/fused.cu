@@ -17,6 +17,7 @@
 // x * g staged once per block in shared memory (n_in floats, dynamic) while the
 // block sums x^2 -- measured: a per-warp norm with g loaded beside x in every
 // dot tripled the gated GEMV's L1 traffic (12-15 us instead of ~5 on H200).
+#include "pdl.cuh"
 #include "base.cuh"
 #include "formats.cuh"
 
@@ -181,6 +182,7 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, con
 extern "C" __global__ void
 gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, float eps,
            const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
+    orcd_prior_done();
     BLOCK_SEGMENT
     if (g) gemv_fused_body<ACT_NORM>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
     else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
@@ -191,6 +193,7 @@ gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, f
 extern "C" __global__ void
 gemv_fused_q8(const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
               const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
+    orcd_prior_done();
     BLOCK_SEGMENT
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
@@ -259,7 +262,7 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
 #define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \
     extern "C" __global__ void __launch_bounds__(FG_THREADS) gemv_gated_q8_##NAME(                  \
         const int* xq, const float* xqd, int n_in, const u8* wg, const u8* wu, long long rb, float* out, \
-        int n_ff) { gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff); }
+        int n_ff) { orcd_prior_done(); gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff); }
 ORCD_INT8_FORMATS(GATED_KERNEL)
 #undef GATED_KERNEL
 
@@ -267,6 +270,7 @@ ORCD_INT8_FORMATS(GATED_KERNEL)
 // per 32 values as quantize_q8 does -> xq [rows, n] int8, xqd [rows, n / 32].
 extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
                                        int n, signed char* __restrict__ xq, float* __restrict__ xqd) {
+    orcd_prior_done();
     __shared__ float red[FG_WARPS];
     const float* xr = x + (long long)blockIdx.x * n;
     float ss = 0.f;

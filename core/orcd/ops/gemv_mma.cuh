@@ -17,6 +17,7 @@
 // is mma_chunk's lo/hi of rows g and g + 8; B is token 8n + g's values 4q.., 16+4q..;
 // C holds (row g or g + 8, token 8n + 2q or 8n + 2q + 1).
 #pragma once
+#include "pdl.cuh"
 
 #define MMA_WARPS 8
 #define MMA_THREADS (32 * MMA_WARPS)
@@ -181,12 +182,12 @@ __device__ __forceinline__ void gemv_mma(const u8* __restrict__ w, const u8* __r
 #define GEMV_MMA_ARGS const u8* w, long long row_bytes, const int* xq, const float* xd, int nT, \
     const float* bias, const float* residual, float* out, int n_out, int n_in
 #define GEMV_MMA_KERNEL(NAME, F, TN)                                                                  \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_##NAME##_n##TN(GEMV_MMA_ARGS) { \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_##NAME##_n##TN(GEMV_MMA_ARGS) { orcd_prior_done(); \
         gemv_mma<F, TN, 1>(w, nullptr, row_bytes, xq, xd, nT, bias, residual, out, n_out, n_in);       \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_gated_##NAME##_n##TN(          \
         const u8* wg, const u8* wu, long long row_bytes, const int* xq, const float* xd, int nT,      \
-        float* out, int n_ff, int n_in) {                                                            \
+        float* out, int n_ff, int n_in) { orcd_prior_done();                                         \
         gemv_mma<F, TN, 2>(wg, wu, row_bytes, xq, xd, nT, nullptr, nullptr, out, n_ff, n_in);         \
     }
 // tiles of 8 tokens per launch: 1, 2 or 4 (up to 32 rows, as the dp4a GEMV)

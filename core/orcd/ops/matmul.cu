@@ -11,6 +11,7 @@
 // T <= TM tokens. Sums: warp butterfly, then the split warps' partials added
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
+#include "pdl.cuh"
 #include "base.cuh"
 #include "formats.cuh"
 
@@ -495,74 +496,74 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                                              n_in, split)
 
 #define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_CALL(F, 1); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_CALL(F, 2); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_CALL(F, 4); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { GEMV_CALL(F, 8); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t16(GEMV_ARGS) { GEMV_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t16(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 16); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_##NAME(                    \
         const u8* w, long long row_bytes, long long expert_bytes, const float* x, int x_per_pair,  \
         const int* ids, int k, int n_expert, const float* bias, float* out, int n_out, int n_in,   \
-        int split) {                                                                                \
+        int split) { orcd_prior_done();                                          \
         moe_gemv<F>(w, row_bytes, expert_bytes, RowsF32<F>{x, n_in}, x_per_pair, ids, k, n_expert, bias, \
                     out, n_out, n_in, split);                                                       \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_##NAME(                    \
         const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
-        const float* bias, float* out, int n_out, int n_in, int split) {                            \
+        const float* bias, float* out, int n_out, int n_in, int split) { orcd_prior_done(); \
         moe_gemm<F>(w, row_bytes, expert_bytes, RowsF32<F>{xg, n_in}, tiles, bias, out, n_out, n_in,   \
                     split);                                                                         \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_gemm_tc_##NAME(                  \
         const u8* w, long long row_bytes, long long expert_bytes, const float* xg, const int* tiles, \
-        const float* bias, float* out, int n_out, int n_in) {                                       \
+        const float* bias, float* out, int n_out, int n_in) { orcd_prior_done(); \
         moe_gemm_tc<F>(w, row_bytes, expert_bytes, xg, tiles, bias, out, n_out, n_in);             \
     }                                                                                               \
     extern "C" __global__ void embed_##NAME(const u8* table, long long row_bytes, const int* ids,   \
-                                            int n_vocab, float* out, int D) {                       \
+                                            int n_vocab, float* out, int D) { orcd_prior_done(); \
         embed_rows<F>(table, row_bytes, ids, n_vocab, out, D);                                      \
     }                                                                                               \
     extern "C" __global__ void dequant_f16_##NAME(const u8* w, long long row_bytes, int row0,       \
-                                                  int n_rows, int n_in, u16* out) {                 \
+                                                  int n_rows, int n_in, u16* out) { orcd_prior_done(); \
         dequant_rows<F, false>(w, row_bytes, row0, n_rows, n_in, out);                              \
     }                                                                                               \
     extern "C" __global__ void dequant_bf16_##NAME(const u8* w, long long row_bytes, int row0,      \
-                                                   int n_rows, int n_in, u16* out) {                \
+                                                   int n_rows, int n_in, u16* out) { orcd_prior_done(); \
         dequant_rows<F, true>(w, row_bytes, row0, n_rows, n_in, out);                               \
     }
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
 #define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 1); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 2); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 4); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 8); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 16); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_Q8_CALL(F, 32); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 32); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \
-        int n_out, int n_in, int split) {                                                           \
+        int n_out, int n_in, int split) { orcd_prior_done();                     \
         moe_gemv<F>(w, row_bytes, expert_bytes, RowsQ8<F>{xq, xd, n_in}, x_per_pair, ids, k, n_expert, \
                     bias, out, n_out, n_in, split);                                                 \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_##NAME(                       \
         const u8* wg, const u8* wu, long long row_bytes, long long expert_bytes, const int* xq,     \
         const float* xd, const int* ids, int k, int n_expert, const float* bg, const float* bu,     \
-        float alpha, float limit, signed char* hq, float* hd, int n_ff, int n_in) {                 \
+        float alpha, float limit, signed char* hq, float* hd, int n_ff, int n_in) { orcd_prior_done(); \
         moe_gate_up_q8<F>(wg, wu, row_bytes, expert_bytes, xq, xd, ids, k, n_expert, bg, bu, alpha, \
                           limit, hq, hd, n_ff, n_in);                                               \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) moe_down_sum_q8_##NAME(                      \
         const u8* w, long long row_bytes, long long expert_bytes, const int* hq, const float* hd,   \
         const int* ids, const float* weights, int k, int n_expert, const float* bias,               \
-        const float* residual, float* out, int D, int n_ff) {                                       \
+        const float* residual, float* out, int D, int n_ff) { orcd_prior_done(); \
         moe_down_sum_q8<F>(w, row_bytes, expert_bytes, hq, hd, ids, weights, k, n_expert, bias,     \
                            residual, out, D, n_ff);                                                 \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
-        const int* tiles, const float* bias, float* out, int n_out, int n_in, int split) {          \
+        const int* tiles, const float* bias, float* out, int n_out, int n_in, int split) { orcd_prior_done(); \
         moe_gemm<F>(w, row_bytes, expert_bytes, RowsQ8<F>{xq, xd, n_in}, tiles, bias, out, n_out,  \
                     n_in, split);                                                                   \
     }
@@ -578,6 +579,7 @@ ORCD_INT8_FORMATS(INT8_KERNELS)
 // per group (rows of a multiple of 32 values flatten into groups); grid-stride.
 extern "C" __global__ void quantize_q8(const float* __restrict__ x, long long n_groups,
                                        signed char* __restrict__ xq, float* __restrict__ xd) {
+    orcd_prior_done();
     for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n_groups;
          g += (long long)gridDim.x * blockDim.x) {
         float v[32];
@@ -599,6 +601,7 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, long long n_
 
 // x [n] fp32 -> fp16 / bf16 (the GEMM's activation operand).
 extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict__ y, long long n, int bf16) {
+    orcd_prior_done();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]);
 }
@@ -606,6 +609,7 @@ extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict_
 // out[t, col0 + j] = y[t, j] (+ bias[col0 + j]) for the GEMM's [T, cols] half result.
 extern "C" __global__ void from_half(const u16* __restrict__ y, int T, int cols, const float* __restrict__ bias,
                                      float* __restrict__ out, int n_out, int col0, int bf16) {
+    orcd_prior_done();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)T * cols) return;
     const int t = (int)(i / cols), j = (int)(i % cols);

@@ -94,7 +94,7 @@ def _kernel_source(formats=()):
     quantize_q8 and the prefill glue)."""
     from orcd.quant.device import kernel_source
 
-    return kernel_source("orcd.ops", "matmul.cu", formats, includes=("gemv_mma.cuh",))
+    return kernel_source("orcd.ops", "matmul.cu", formats)
 
 
 def int8_capable(w) -> bool:

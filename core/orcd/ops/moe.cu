@@ -3,9 +3,12 @@
 // ties go to the lower expert id, as route_ref's stable sort; softmax over
 // the k chosen logits. One thread per token: n_expert is small (32 for GPT-OSS).
 
+#include "pdl.cuh"
+
 // logits: [T, n_expert] -> ids: [T, k] int32, weights: [T, k]. grid ceil(T / 128), block 128.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int* __restrict__ ids,
                                     float* __restrict__ weights, int T, int n_expert, int k) {
+    orcd_prior_done();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const float* lr = logits + (size_t)t * n_expert;
@@ -39,6 +42,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int* __re
 extern "C" __global__ void moe_group(const int* __restrict__ ids, int N, int n_expert, int tile,
                                      int n_tiles, int* __restrict__ order, int* __restrict__ slot_of,
                                      int* __restrict__ tiles) {
+    orcd_prior_done();
     extern __shared__ int sh[];
     int* count = sh;                 // [n_expert]
     int* start = sh + n_expert;      // [n_expert] first row of each group in order
@@ -96,6 +100,7 @@ extern "C" __global__ void moe_group(const int* __restrict__ ids, int N, int n_e
 // xg[i] = x[order[i] / k]: each pair's token row, in grouped order. grid-stride over N * D.
 extern "C" __global__ void moe_gather(const float* __restrict__ x, const int* __restrict__ order, int k,
                                       int N, int D, float* __restrict__ xg) {
+    orcd_prior_done();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)N * D;
          i += (long)gridDim.x * blockDim.x) {
         const long r = i / D, d = i - r * D;
@@ -110,6 +115,7 @@ extern "C" __global__ void moe_gather(const float* __restrict__ x, const int* __
 extern "C" __global__ void moe_weighted_sum(const float* __restrict__ y, const float* __restrict__ weights,
                                            const int* __restrict__ slot_of, float* __restrict__ out,
                                            int T, int k, int D) {
+    orcd_prior_done();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)T * D;
          i += (long)gridDim.x * blockDim.x) {
         const long t = i / D, d = i - t * D;
@@ -136,6 +142,7 @@ moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, floa
                   const float* __restrict__ rw, const float* __restrict__ rb, int D, int E, int k,
                   int* __restrict__ ids, float* __restrict__ weights, signed char* __restrict__ xq,
                   float* __restrict__ xd) {
+    orcd_prior_done();
     extern __shared__ float moe_sh[];
     float* h = moe_sh;          // [D] the normed input
     float* logits = moe_sh + D; // [E]

@@ -2,6 +2,8 @@
 // a fixed-order block reduction (no atomics), so outputs are bitwise
 // reproducible run to run.
 
+#include "pdl.cuh"
+
 #define NORM_THREADS 256
 
 // Sum of v over the block, the same on every thread; deterministic.
@@ -19,6 +21,7 @@ __device__ float block_sum(float v, float* red) {
 // x, out: [T, D]; w: [D]. grid T, block NORM_THREADS.
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ out, int D, float eps) {
+    orcd_prior_done();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * D;
     float* yr = out + (size_t)blockIdx.x * D;
@@ -32,6 +35,7 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
 extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ b, float* __restrict__ out,
                                           int D, float eps) {
+    orcd_prior_done();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * D;
     float* yr = out + (size_t)blockIdx.x * D;

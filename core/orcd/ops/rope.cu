@@ -3,12 +3,15 @@
 // YaRN and frequency factors included) and uploaded; the kernel reads each
 // row's position from device memory, so a decode step replays as a graph.
 
+#include "pdl.cuh"
+
 // x, out: [T, n_head * hd]; pos: [T]; cos_t, sin_t: [n_pos, n_rot / 2].
 // grid (n_head, T), block: any (threads stride over hd).
 extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ out,
                                    const int* __restrict__ pos, const float* __restrict__ cos_t,
                                    const float* __restrict__ sin_t, int n_head, int hd, int n_rot,
                                    int neox, int n_pos) {
+    orcd_prior_done();
     const int t = blockIdx.y;
     const size_t base = ((size_t)t * n_head + blockIdx.x) * hd;
     const float* xr = x + base;

@@ -23,6 +23,8 @@
 // threshold. No full sort, no atomics: histograms are warp-private and
 // filled with __match_any_sync; every float sum has a fixed order.
 
+#include "pdl.cuh"
+
 #define NT 1024             // threads of sample_select
 #define NW (NT / 32)
 #define PREP_NT 256         // threads of sample_prepare
@@ -576,6 +578,7 @@ sample_prepare(const float* __restrict__ logits, const int* __restrict__ seen,
                const unsigned* __restrict__ allowed,
                const SampleArgs* __restrict__ args, float* __restrict__ x,
                float* __restrict__ part_max, int* __restrict__ part_arg, int n) {
+    orcd_prior_done();
     prepare_part(logits, seen, counts, bias, allowed, args, x, part_max, part_arg, n, blockIdx.x);
 }
 
@@ -630,6 +633,7 @@ sample_select(const float* __restrict__ x, float* w,
               const SampleArgs* __restrict__ args, int* __restrict__ seen,
               int* __restrict__ counts,
               int* __restrict__ out_id, SampleInfo* __restrict__ info, int n, int npad) {
+    orcd_prior_done();
     __shared__ Smem sm;
     select_row(x, w, part_max, part_arg, n_part, args, seen, counts, out_id, info, n, npad, sm);
 }
@@ -657,6 +661,7 @@ struct SampleRow {          // sampling_rows.SAMPLE_ROW
 // grid (n_part, B), block PREP_NT.
 extern "C" __global__ void __launch_bounds__(PREP_NT)
 sample_prepare_rows(const SampleRow* __restrict__ rows, int n) {
+    orcd_prior_done();
     const SampleRow r = rows[blockIdx.y];
     prepare_part(r.logits, r.seen, r.counts, r.bias, r.allowed, r.args, r.x, r.part_max,
                  r.part_arg, n, blockIdx.x);
@@ -665,6 +670,7 @@ sample_prepare_rows(const SampleRow* __restrict__ rows, int n) {
 // grid B, block NT.
 extern "C" __global__ void __launch_bounds__(NT)
 sample_select_rows(const SampleRow* __restrict__ rows, int n_part, int n, int npad) {
+    orcd_prior_done();
     __shared__ Smem sm;
     const SampleRow r = rows[blockIdx.x];
     select_row(r.x, r.w, r.part_max, r.part_arg, n_part, r.args, r.seen, r.counts, r.out_id,
@@ -679,6 +685,7 @@ sample_logprobs(const float* __restrict__ logits, const int* __restrict__ seen,
                 const int* __restrict__ counts, const float* __restrict__ bias,
                 const unsigned* __restrict__ allowed, const SampleArgs* __restrict__ args,
                 float* __restrict__ y, LogprobOut* __restrict__ out, int n) {
+    orcd_prior_done();
     const SampleArgs a = *args;
     float m = NEG_INF;
     int unused = 0;
@@ -714,6 +721,7 @@ sample_logprobs(const float* __restrict__ logits, const int* __restrict__ seen,
 extern "C" __global__ void sample_logprob_pick(const float* __restrict__ y,
                                                const int* __restrict__ out_id,
                                                LogprobOut* __restrict__ out) {
+    orcd_prior_done();
     if (threadIdx.x == 0) {
         const int id = *out_id;
         out->chosen_id = id;
@@ -726,6 +734,7 @@ extern "C" __global__ void sample_logprob_pick(const float* __restrict__ y,
 // that row's sequence in the step before; other rows keep the id the host wrote.
 extern "C" __global__ void follow_ids(int* __restrict__ ids, const int* __restrict__ src,
                                       const int* __restrict__ prev, int n) {
+    orcd_prior_done();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n && src[i] >= 0) ids[i] = prev[src[i]];
 }

@@ -60,14 +60,15 @@ def formats_header(formats: Iterable[QuantFormat]) -> str:
     return "\n".join(lines)
 
 
-def kernel_source(package: str, name: str, formats: Iterable[QuantFormat], includes: Iterable[str] = ()):
+def kernel_source(package: str, name: str, formats: Iterable[QuantFormat]):
     """The KernelSource of ``name`` (package data of ``package``) with the generated
-    ``formats.cuh``, every device header of ``formats`` and ``includes`` (more
-    headers of ``package`` that ``name`` includes)."""
-    from orcd.cuda.nvrtc import KernelSource
+    ``formats.cuh``, every device header of ``formats`` and the headers of ``package``
+    that ``name`` includes."""
+    from orcd.cuda.nvrtc import KernelSource, package_headers
 
     formats = list(formats)
+    text = (resources.files(package) / name).read_text()
     base = {BASE[1]: (resources.files(BASE[0]) / BASE[1]).read_text()}
-    own = {h: (resources.files(package) / h).read_text() for h in includes}
+    own = package_headers(package, [text])
     headers = {**base, **header_texts(formats), HEADER: formats_header(formats), **own}
-    return KernelSource(name, (resources.files(package) / name).read_text(), headers)
+    return KernelSource(name, text, headers)
