@@ -179,11 +179,23 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, con
                 i == 0 ? split0 : i == 1 ? split1 : split2};                                       \
     const Seg up = SEG(1);
 
+// The weight rows of the block's segment into L2 (gemv_fused_body's row mapping).
+__device__ __forceinline__ void prefetch_segment(const Seg& s, const Seg& up, int local_block, int gated) {
+    const long long per = FG_WARPS / s.split, v0 = local_block * per;
+    if (gated) {   // virtual rows alternate gate and up of one output row
+        orcd_prefetch_rows(s.w, s.row_bytes, v0 >> 1, (per + 1) >> 1, s.n_out);
+        orcd_prefetch_rows(up.w, up.row_bytes, v0 >> 1, (per + 1) >> 1, s.n_out);
+    } else {
+        orcd_prefetch_rows(s.w, s.row_bytes, v0, per, s.n_out);
+    }
+}
+
 extern "C" __global__ void
 gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, float eps,
            const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
-    orcd_prior_done();
     BLOCK_SEGMENT
+    prefetch_segment(s, up, local, gated);
+    orcd_prior_done();
     if (g) gemv_fused_body<ACT_NORM>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
     else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
 }
@@ -193,8 +205,9 @@ gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, f
 extern "C" __global__ void
 gemv_fused_q8(const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
               const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
-    orcd_prior_done();
     BLOCK_SEGMENT
+    prefetch_segment(s, up, local, gated);
+    orcd_prior_done();
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
 
@@ -262,7 +275,12 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
 #define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \
     extern "C" __global__ void __launch_bounds__(FG_THREADS) gemv_gated_q8_##NAME(                  \
         const int* xq, const float* xqd, int n_in, const u8* wg, const u8* wu, long long rb, float* out, \
-        int n_ff) { orcd_prior_done(); gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff); }
+        int n_ff) {                                                                                 \
+        orcd_prefetch_rows(wg, rb, (long long)blockIdx.x * FG_WARPS * GR, FG_WARPS * GR, n_ff);     \
+        orcd_prefetch_rows(wu, rb, (long long)blockIdx.x * FG_WARPS * GR, FG_WARPS * GR, n_ff);     \
+        orcd_prior_done();                                                                         \
+        gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff);                                  \
+    }
 ORCD_INT8_FORMATS(GATED_KERNEL)
 #undef GATED_KERNEL
 

@@ -182,12 +182,17 @@ __device__ __forceinline__ void gemv_mma(const u8* __restrict__ w, const u8* __r
 #define GEMV_MMA_ARGS const u8* w, long long row_bytes, const int* xq, const float* xd, int nT, \
     const float* bias, const float* residual, float* out, int n_out, int n_in
 #define GEMV_MMA_KERNEL(NAME, F, TN)                                                                  \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_##NAME##_n##TN(GEMV_MMA_ARGS) { orcd_prior_done(); \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_##NAME##_n##TN(GEMV_MMA_ARGS) { \
+        orcd_prefetch_rows(w, row_bytes, (long long)blockIdx.x * MMA_ROWS, MMA_ROWS, n_out);           \
+        orcd_prior_done();                                                                            \
         gemv_mma<F, TN, 1>(w, nullptr, row_bytes, xq, xd, nT, bias, residual, out, n_out, n_in);       \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS) gemv_mma_gated_##NAME##_n##TN(          \
         const u8* wg, const u8* wu, long long row_bytes, const int* xq, const float* xd, int nT,      \
-        float* out, int n_ff, int n_in) { orcd_prior_done();                                         \
+        float* out, int n_ff, int n_in) {                                                             \
+        orcd_prefetch_rows(wg, row_bytes, (long long)blockIdx.x * MMA_ROWS, MMA_ROWS, n_ff);          \
+        orcd_prefetch_rows(wu, row_bytes, (long long)blockIdx.x * MMA_ROWS, MMA_ROWS, n_ff);          \
+        orcd_prior_done();                                                                            \
         gemv_mma<F, TN, 2>(wg, wu, row_bytes, xq, xd, nT, nullptr, nullptr, out, n_ff, n_in);         \
     }
 // tiles of 8 tokens per launch: 1, 2 or 4 (up to 32 rows, as the dp4a GEMV)

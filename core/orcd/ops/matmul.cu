@@ -487,6 +487,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     for (int i = threadIdx.x; i < n16; i += DQ_THREADS) dst[i] = ((const uint4*)stage)[i];
 }
 
+// The GEMV kernels' start: their block's weight rows into L2, then wait for the kernel before.
+#define GEMV_PROLOGUE                                                                              \
+    orcd_prefetch_rows(w, row_bytes, (long long)blockIdx.x * (GEMV_WARPS / split), GEMV_WARPS / split, \
+                       n_out);                                                                     \
+    orcd_prior_done();
 #define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
     float* out, int n_out, int n_in, int split
 #define GEMV_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_f32<F>(x, n_in), nT, bias, out, n_out, n_out, n_in, split)
@@ -496,11 +501,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                                              n_in, split)
 
 #define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 1); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 2); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 4); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 8); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t16(GEMV_ARGS) { orcd_prior_done(); GEMV_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t2(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t4(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t8(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t16(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 16); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_##NAME(                    \
         const u8* w, long long row_bytes, long long expert_bytes, const float* x, int x_per_pair,  \
         const int* ids, int k, int n_expert, const float* bias, float* out, int n_out, int n_in,   \
@@ -534,12 +539,12 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
 #define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 1); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 2); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 4); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 8); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 16); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { orcd_prior_done(); GEMV_Q8_CALL(F, 32); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 32); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \

@@ -9,7 +9,9 @@
 // the weights and other inputs no kernel of the step writes, and index math.
 // In a decode step of ~200 small kernels this hides each launch's ramp-up (and,
 // where a kernel loads its weights first, their latency) behind the previous
-// kernel's tail. tests/backend/test_pdl.py checks the promise's textual half.
+// kernel's tail. tests/backend/test_pdl.py checks the promise's textual half:
+// before the wait a kernel body may only call orcd_prefetch_rows (and compute its
+// block's segment, BLOCK_SEGMENT in fused.cu).
 #pragma once
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -26,3 +28,20 @@ __device__ __forceinline__ void orcd_launch_next() {}
 // The usual prologue: wait for the previous kernel, then let the next one come.
 // (Triggering after the wait keeps at most one kernel's blocks parked ahead.)
 __device__ __forceinline__ void orcd_prior_done() { orcd_grid_wait(); orcd_launch_next(); }
+
+// Rows [r0, r0 + n) (clipped to n_rows) of a weight of `row_bytes`-byte rows, fetched
+// into L2 by the block's threads, one 128-byte line each: a hint that cannot fault
+// (every line holds bytes of the range) and returns nothing. Called before
+// orcd_grid_wait(), the weights stream in while the previous kernel finishes.
+__device__ __forceinline__ void orcd_prefetch_rows(const void* w, long long row_bytes, long long r0,
+                                                   long long n, long long n_rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const long long r1 = r0 + n < n_rows ? r0 + n : n_rows;
+    if (r0 >= r1) return;
+    const unsigned long long lo = (unsigned long long)w + r0 * row_bytes, hi = (unsigned long long)w + r1 * row_bytes;
+    const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const int nt = blockDim.x * blockDim.y * blockDim.z;
+    for (unsigned long long a = (lo & ~127ull) + 128ull * tid; a < hi; a += 128ull * nt)
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
+#endif
+}
