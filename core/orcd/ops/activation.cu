@@ -2,11 +2,11 @@
 // GPT-OSS's clamped SwiGLU, and the column split copy. grid-stride loops.
 
 #include "pdl.cuh"
+#include "act.cuh"
 
 #define EW_LOOP(n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                         i += (long)gridDim.x * blockDim.x)
 
-__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b,
                                   float* __restrict__ out, int n) {

@@ -18,6 +18,7 @@
 // block sums x^2 -- measured: a per-warp norm with g loaded beside x in every
 // dot tripled the gated GEMV's L1 traffic (12-15 us instead of ~5 on H200).
 #include "pdl.cuh"
+#include "act.cuh"
 #include "base.cuh"
 #include "formats.cuh"
 
@@ -100,8 +101,6 @@ __device__ __forceinline__ float stage_norm(const float* __restrict__ x, const f
     return 1.f / sqrtf(total / (float)n_in + eps);
 }
 
-__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
-
 struct Seg {
     const u8* w; long long row_bytes; int type; const float* bias; float* out; int n_out; int split;
 };
@@ -152,7 +151,7 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, con
         float u = 0.f;
         for (int k = 0; k < s.split; ++k) u += partial[warp + s.split + k];
         if (NORM) u *= inv;
-        s.out[row] = silu_f(y) * u;
+        s.out[row] = silu(y) * u;
         return;
     }
     if (s.bias) y += s.bias[row];
@@ -269,7 +268,7 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
             g[r] += __shfl_xor_sync(0xFFFFFFFFu, g[r], off);
             u[r] += __shfl_xor_sync(0xFFFFFFFFu, u[r], off);
         }
-        if ((threadIdx.x & 31) == 0 && row0 + r < n_ff) out[row0 + r] = silu_f(g[r]) * u[r];
+        if ((threadIdx.x & 31) == 0 && row0 + r < n_ff) out[row0 + r] = silu(g[r]) * u[r];
     }
 }
 #define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \

@@ -18,6 +18,7 @@
 // C holds (row g or g + 8, token 8n + 2q or 8n + 2q + 1).
 #pragma once
 #include "pdl.cuh"
+#include "act.cuh"
 
 #define MMA_WARPS 8
 #define MMA_THREADS (32 * MMA_WARPS)
@@ -81,8 +82,6 @@ __device__ __forceinline__ void mma_chunk_step(float* acc, const MmaChunk<F::MMA
         mma_scale(acc, sx, m, dx);
     }
 }
-
-__device__ __forceinline__ float mma_silu(float x) { return x / (1.f + expf(-x)); }   // activation.cu's silu
 
 // NW = 1: out[t, row] = (residual[t, row] +) sum_k w[row, k] * x[t, k] (+ bias[row]);
 // NW = 2 (gated): out[t, row] = silu(gate) * up, gate and up the sums of w and w2's
@@ -170,7 +169,7 @@ __device__ __forceinline__ void gemv_mma(const u8* __restrict__ w, const u8* __r
         }
         float y = s[0];
         if (NW == 2) {
-            y = mma_silu(s[0]) * s[NW - 1];
+            y = silu(s[0]) * s[NW - 1];
         } else {
             if (bias) y += bias[row];
             if (residual) y = residual[(long long)t * n_out + row] + y;   // as ops.add(residual, linear)
