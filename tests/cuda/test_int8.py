@@ -225,3 +225,24 @@ def test_int8_fused_gated_and_add(gpu, mk8, rng, host, name, n_ff, n_in, fused_h
     gpu.fused.linear_add(ha, wd, gpu.put(res), None, out2)
     assert rel(gpu.get(out2), res + q8_ref(h) @ wd_ref.T) < TOL
     gpu.arena.reset()
+
+
+@pytest.mark.parametrize("name,n_out,n_in", [("Q5_0", 896, 896), ("Q6_K", 896, 4864), ("Q4_K", 512, 3072)])
+def test_fused_gemv_quantizing_its_own_input_gives_quantize_q8s_bits(gpu, mk8, rng, host, name, n_out, n_in):
+    # ToQ8: each block quantizes x into shared memory; the same bits as quantize_q8 then
+    # the Q8Act kernel, for linear_add (a decode's o and down projections) and linear_multi
+    from orcd.ops.fused import ToQ8
+
+    w, _ = gpu.weight(host, name, (n_out, n_in), rng)
+    x = gpu.put(rng.standard_normal((1, n_in)).astype(np.float32) * 3)
+    res = gpu.put(rng.standard_normal((1, n_out)).astype(np.float32))
+    got, want = gpu.empty((1, n_out)), gpu.empty((1, n_out))
+    gpu.fused.linear_add(ToQ8(x), w, res, None, got)
+    gpu.fused.linear_add(mk8.quantize(x, gpu.arena), w, res, None, want)
+    assert np.isfinite(gpu.get(want)).all()
+    assert gpu.get(got).tobytes() == gpu.get(want).tobytes()
+    outs = [gpu.empty((1, n_out)) for _ in range(2)]
+    gpu.fused.linear_multi(ToQ8(x), [w], [None], outs[:1])
+    gpu.fused.linear_multi(mk8.quantize(x, gpu.arena), [w], [None], outs[1:])
+    assert gpu.get(outs[0]).tobytes() == gpu.get(outs[1]).tobytes()
+    gpu.arena.reset()

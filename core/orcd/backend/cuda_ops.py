@@ -20,6 +20,7 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
+from orcd.ops.fused import ToQ8
 from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
@@ -127,7 +128,7 @@ class CudaOps:
         if not mm.use_int8(*ws):
             return x, norm
         if norm is None:
-            return mm.quantize(x, self.b.scratch), None
+            return ToQ8(x), None          # the fused kernel quantizes x in its prologue
         xa = Q8Act.empty(self.b.scratch, *x.shape)
         self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
         return xa, None

@@ -199,14 +199,41 @@ gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, f
     else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
 }
 
+// x [n_in] quantized per 32 values into shared memory (xq: n_in bytes, then xd: n_in / 32
+// floats), as quantize_q8 writes it to global memory: the same bits, one launch fewer.
+__device__ __forceinline__ void stage_q8(const float* __restrict__ x, int n_in, u32* xq, float* xd) {
+    for (int grp = threadIdx.x; grp < n_in / 32; grp += FG_THREADS) {
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float4 f = __ldg((const float4*)(x + grp * 32) + i);
+            v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+        }
+        u32 q[8];
+        xd[grp] = quantize_group(v, q);
+        uint4* o = (uint4*)(xq + grp * 8);
+        o[0] = make_uint4(q[0], q[1], q[2], q[3]);
+        o[1] = make_uint4(q[4], q[5], q[6], q[7]);
+    }
+    __syncthreads();
+}
+
 // As gemv_fused on int8 activations (xq as ints, xqd per 32 values; any RMSNorm
-// was applied before quantizing, by rms_norm_q8): integer formats only.
+// was applied before quantizing, by rms_norm_q8): integer formats only. With x
+// non-null each block quantizes x itself first (dynamic shared memory n_in + n_in / 8
+// bytes) -- a decode step's o and down projections then need no quantize_q8 launch.
 extern "C" __global__ void
-gemv_fused_q8(const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
+gemv_fused_q8(const float* __restrict__ x, const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
               const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
     BLOCK_SEGMENT
     prefetch_segment(s, up, local, gated);
     orcd_prior_done();
+    extern __shared__ float4 xs4[];
+    if (x) {
+        stage_q8(x, n_in, (u32*)xs4, (float*)((char*)xs4 + n_in));
+        xq = (const int*)xs4;
+        xqd = (const float*)((char*)xs4 + n_in);
+    }
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
 

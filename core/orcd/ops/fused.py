@@ -14,7 +14,8 @@ gate_up): rows [0, n_ff) gate, [n_ff, 2 n_ff) up.
 On the GPU (fused.cu) each is one launch for a single token; more tokens use the
 separate kernels (prefill is GEMM-bound, not launch-bound). With int8 activations
 (integer formats) the input arrives quantized (matmul's Q8Act): normed and
-quantized by ``rms_norm_q8`` when there is a norm, and the GEMV dots with dp4a.
+quantized by ``rms_norm_q8`` when there is a norm, or by the GEMV itself (``ToQ8``)
+when there is none, and the GEMV dots with dp4a.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def _kernel_source(formats):
     return kernel_source("orcd.ops", "fused.cu", formats)
 
 
+class ToQ8:
+    """fp32 activations [1, n] that a fused int8 GEMV quantizes per 32 values in its
+    own prologue, bitwise as ``quantize_q8`` would (one launch fewer a GEMV)."""
+
+    def __init__(self, x) -> None:
+        self.x, self.shape = x, x.shape
+
+
 def _u64(p) -> np.uint64:
     return np.uint64(0 if p is None else int(p))
 
@@ -114,7 +123,7 @@ class FusedKernels:
         for w in ws:
             if len(w.shape) != 2 or w.shape[1] != x.shape[1] or self.formats.get(w.type_id) != w.fmt:
                 return False
-            if (isinstance(x, Q8Act) and not int8_capable(w)) or x.shape[1] % device_block(w)[0]:
+            if (isinstance(x, (Q8Act, ToQ8)) and not int8_capable(w)) or x.shape[1] % device_block(w)[0]:
                 return False
         return True
 
@@ -164,11 +173,14 @@ class FusedKernels:
             else:
                 args += [_u64(None), np.int64(0), 0, _u64(None), _u64(None), 0, 1, 0]
         res = _u64(None if residual is None else residual.ptr)
-        if isinstance(x, Q8Act):
+        if isinstance(x, (Q8Act, ToQ8)):
             if norm is not None:
                 raise ValueError("fused GEMV: int8 activations come normed (rms_norm_q8)")
-            self._launch(self._fn_q8, total, FG_THREADS,
-                         [_u64(x.xq.ptr), _u64(x.xd.ptr), int(n_in), res, int(gated), *args])
+            staged = isinstance(x, ToQ8)   # quantized in the kernel, into shared memory
+            acts = [_u64(x.x.ptr), _u64(None), _u64(None)] if staged else [_u64(None), _u64(x.xq.ptr),
+                                                                            _u64(x.xd.ptr)]
+            self._launch(self._fn_q8, total, FG_THREADS, [*acts, int(n_in), res, int(gated), *args],
+                         shared=n_in + n_in // 8 if staged else 0)
             return
         g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)
         self._launch(self._fn, total, FG_THREADS,
