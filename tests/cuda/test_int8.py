@@ -227,22 +227,39 @@ def test_int8_fused_gated_and_add(gpu, mk8, rng, host, name, n_ff, n_in, fused_h
     gpu.arena.reset()
 
 
+@pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("name,n_out,n_in", [("Q5_0", 896, 896), ("Q6_K", 896, 4864), ("Q4_K", 512, 3072)])
-def test_fused_gemv_quantizing_its_own_input_gives_quantize_q8s_bits(gpu, mk8, rng, host, name, n_out, n_in):
-    # ToQ8: each block quantizes x into shared memory; the same bits as quantize_q8 then
-    # the Q8Act kernel, for linear_add (a decode's o and down projections) and linear_multi
+def test_int8_gemvs_quantizing_their_own_input_give_the_launched_bits(gpu, mk8, rng, host, name, n_out, n_in,
+                                                                       normed):
+    # ToQ8: each block quantizes x (normed first when asked) into shared memory; the
+    # bits of quantize_q8 / rms_norm_q8 then the Q8Act kernel: linear_add (a decode's o
+    # and down projections), linear_multi (q/k/v) and both gated kernels
     from orcd.ops.fused import ToQ8
+    from orcd.ops.matmul import Q8Act
 
     w, _ = gpu.weight(host, name, (n_out, n_in), rng)
     x = gpu.put(rng.standard_normal((1, n_in)).astype(np.float32) * 3)
+    norm = (gpu.put(rng.standard_normal(n_in).astype(np.float32)), 1e-6) if normed else None
+    if normed:
+        xa = Q8Act.empty(gpu.arena, 1, n_in)
+        gpu.fused.rms_norm_q8(x, norm[0], norm[1], xa)
+    else:
+        xa = mk8.quantize(x, gpu.arena)
     res = gpu.put(rng.standard_normal((1, n_out)).astype(np.float32))
-    got, want = gpu.empty((1, n_out)), gpu.empty((1, n_out))
-    gpu.fused.linear_add(ToQ8(x), w, res, None, got)
-    gpu.fused.linear_add(mk8.quantize(x, gpu.arena), w, res, None, want)
-    assert np.isfinite(gpu.get(want)).all()
-    assert gpu.get(got).tobytes() == gpu.get(want).tobytes()
-    outs = [gpu.empty((1, n_out)) for _ in range(2)]
-    gpu.fused.linear_multi(ToQ8(x), [w], [None], outs[:1])
-    gpu.fused.linear_multi(mk8.quantize(x, gpu.arena), [w], [None], outs[1:])
-    assert gpu.get(outs[0]).tobytes() == gpu.get(outs[1]).tobytes()
+
+    def both(call, n):
+        got, want = gpu.empty((1, n)), gpu.empty((1, n))
+        call(ToQ8(x, norm), got)
+        call(xa, want)
+        assert np.isfinite(gpu.get(want)).all()
+        assert gpu.get(got).tobytes() == gpu.get(want).tobytes()
+
+    both(lambda a, out: gpu.fused.linear_add(a, w, res, None, out), n_out)
+    both(lambda a, out: gpu.fused.linear_multi(a, [w], [None], [out]), n_out)
+    for rows in (True, False):      # two rows a warp (gemv_gated_q8), a warp a row (gemv_fused_q8)
+        gpu.fused.gated_rows = rows
+        try:
+            both(lambda a, out: gpu.fused.gated_linear(a, w, None, out), n_out // 2)
+        finally:
+            gpu.fused.gated_rows = True
     gpu.arena.reset()

@@ -122,16 +122,12 @@ class CudaOps:
     # -- fused (orcd.ops.fused): one launch for one token, else the single ops ----------
 
     def _fused_act(self, x, ws, norm):
-        # one token into a fused GEMV: (x, norm) as they are, or int8 activations
-        # (normed first when asked) when every weight is of an integer format
-        mm = self.b.mm
-        if not mm.use_int8(*ws):
+        # one token into a fused GEMV: (x, norm) as they are, or, when every weight is
+        # of an integer format, int8 activations the kernel makes itself (normed first
+        # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch)
+        if not self.b.mm.use_int8(*ws):
             return x, norm
-        if norm is None:
-            return ToQ8(x), None          # the fused kernel quantizes x in its prologue
-        xa = Q8Act.empty(self.b.scratch, *x.shape)
-        self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
-        return xa, None
+        return ToQ8(x, norm), None
 
     def _shared_act(self, x, ws, norm=None):
         # a decode batch quantizes x (normed first when asked) once for all of ws, the

@@ -199,40 +199,72 @@ gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, f
     else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
 }
 
-// x [n_in] quantized per 32 values into shared memory (xq: n_in bytes, then xd: n_in / 32
-// floats), as quantize_q8 writes it to global memory: the same bits, one launch fewer.
-__device__ __forceinline__ void stage_q8(const float* __restrict__ x, int n_in, u32* xq, float* xd) {
-    for (int grp = threadIdx.x; grp < n_in / 32; grp += FG_THREADS) {
+// One row x [n] (times 1 / sqrt(mean(x^2) + eps) * g when g is given) quantized per
+// 32 values -> xq [n] int8 (as u32), xd [n / 32]: quantize_q8's and rms_norm_q8's
+// arithmetic, for a block of FG_THREADS, into global or shared memory.
+__device__ __forceinline__ void q8_row(const float* __restrict__ xr, const float* __restrict__ g, float eps,
+                                       int n, u32* xq, float* xd) {
+    float s = 1.f;
+    if (g) {
+        __shared__ float red[FG_WARPS];
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < n; i += FG_THREADS) ss = fmaf(xr[i], xr[i], ss);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+        __syncthreads();
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < FG_WARPS; ++w) total += red[w];
+        s = sqrtf(total / (float)n + eps);
+    }
+    for (int grp = threadIdx.x; grp < n / 32; grp += FG_THREADS) {
         float v[32];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const float4 f = __ldg((const float4*)(x + grp * 32) + i);
+            const float4 f = __ldg((const float4*)(xr + 32 * grp) + i);
             v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+        }
+        if (g) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) v[i] = v[i] / s * __ldg(g + 32 * grp + i);
         }
         u32 q[8];
         xd[grp] = quantize_group(v, q);
-        uint4* o = (uint4*)(xq + grp * 8);
+        uint4* o = (uint4*)(xq + 8 * grp);
         o[0] = make_uint4(q[0], q[1], q[2], q[3]);
         o[1] = make_uint4(q[4], q[5], q[6], q[7]);
     }
-    __syncthreads();
 }
 
-// As gemv_fused on int8 activations (xq as ints, xqd per 32 values; any RMSNorm
-// was applied before quantizing, by rms_norm_q8): integer formats only. With x
-// non-null each block quantizes x itself first (dynamic shared memory n_in + n_in / 8
-// bytes) -- a decode step's o and down projections then need no quantize_q8 launch.
+// The int8 GEMVs' own quantizing: x (normed when g is given) into the dynamic shared
+// memory xs (n bytes of xq, then n / 32 floats of xd) -- the bits rms_norm_q8 or
+// quantize_q8 would write, one launch fewer. Then xq = xs, xqd = staged_xd(xs, n).
+__device__ __forceinline__ void stage_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                                         int n, float4* xs) {
+    q8_row(x, g, eps, n, (u32*)xs, (float*)((char*)xs + n));
+    __syncthreads();
+}
+__device__ __forceinline__ const float* staged_xd(const float4* xs, int n) {
+    return (const float*)((const char*)xs + n);
+}
+
+// As gemv_fused on int8 activations (xq as ints, xqd per 32 values): integer formats
+// only. With x non-null each block quantizes x itself first (normed when g is given;
+// dynamic shared memory n_in + n_in / 8 bytes): a decode step's GEMVs then need no
+// rms_norm_q8 or quantize_q8 launch.
 extern "C" __global__ void
-gemv_fused_q8(const float* __restrict__ x, const int* __restrict__ xq, const float* __restrict__ xqd, int n_in,
-              const float* __restrict__ residual, int gated, SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
+gemv_fused_q8(const float* __restrict__ x, const float* __restrict__ g, float eps, const int* __restrict__ xq,
+              const float* __restrict__ xqd, int n_in, const float* __restrict__ residual, int gated,
+              SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
     BLOCK_SEGMENT
     prefetch_segment(s, up, local, gated);
     orcd_prior_done();
     extern __shared__ float4 xs4[];
-    if (x) {
-        stage_q8(x, n_in, (u32*)xs4, (float*)((char*)xs4 + n_in));
+    if (x) {                           // not given quantized: quantized here
+        stage_q8(x, g, eps, n_in, xs4);
         xq = (const int*)xs4;
-        xqd = (const float*)((char*)xs4 + n_in);
+        xqd = staged_xd(xs4, n_in);
     }
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
@@ -300,11 +332,17 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
 }
 #define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \
     extern "C" __global__ void __launch_bounds__(FG_THREADS) gemv_gated_q8_##NAME(                  \
-        const int* xq, const float* xqd, int n_in, const u8* wg, const u8* wu, long long rb, float* out, \
-        int n_ff) {                                                                                 \
+        const float* x, const float* g, float eps, const int* xq, const float* xqd, int n_in,       \
+        const u8* wg, const u8* wu, long long rb, float* out, int n_ff) {                           \
         orcd_prefetch_rows(wg, rb, (long long)blockIdx.x * FG_WARPS * GR, FG_WARPS * GR, n_ff);     \
         orcd_prefetch_rows(wu, rb, (long long)blockIdx.x * FG_WARPS * GR, FG_WARPS * GR, n_ff);     \
         orcd_prior_done();                                                                         \
+        extern __shared__ float4 xs4[];                                                            \
+        if (x) {                                                                                   \
+            stage_q8(x, g, eps, n_in, xs4);                                                        \
+            xq = (const int*)xs4;                                                                  \
+            xqd = staged_xd(xs4, n_in);                                                            \
+        }                                                                                          \
         gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff);                                  \
     }
 ORCD_INT8_FORMATS(GATED_KERNEL)
@@ -315,27 +353,6 @@ ORCD_INT8_FORMATS(GATED_KERNEL)
 extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
                                        int n, signed char* __restrict__ xq, float* __restrict__ xqd) {
     orcd_prior_done();
-    __shared__ float red[FG_WARPS];
-    const float* xr = x + (long long)blockIdx.x * n;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += FG_THREADS) ss = fmaf(xr[i], xr[i], ss);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < FG_WARPS; ++w) total += red[w];
-    const float s = sqrtf(total / (float)n + eps);
-    for (int grp = threadIdx.x; grp < n / 32; grp += FG_THREADS) {
-        float v[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) v[i] = xr[32 * grp + i] / s * __ldg(g + 32 * grp + i);
-        u32 q[8];
-        const float d = quantize_group(v, q);
-        uint4* o = (uint4*)(xq + (long long)blockIdx.x * n + 32 * grp);
-        o[0] = make_uint4(q[0], q[1], q[2], q[3]);
-        o[1] = make_uint4(q[4], q[5], q[6], q[7]);
-        xqd[(long long)blockIdx.x * (n / 32) + grp] = d;
-    }
+    q8_row(x + (long long)blockIdx.x * n, g, eps, n, (u32*)(xq + (long long)blockIdx.x * n),
+           xqd + (long long)blockIdx.x * (n / 32));
 }

@@ -76,10 +76,27 @@ def _kernel_source(formats):
 
 class ToQ8:
     """fp32 activations [1, n] that a fused int8 GEMV quantizes per 32 values in its
-    own prologue, bitwise as ``quantize_q8`` would (one launch fewer a GEMV)."""
+    own prologue, normed first when ``norm`` (weight, eps) is given: bitwise what
+    ``quantize_q8`` or ``rms_norm_q8`` would give it, one launch fewer."""
 
-    def __init__(self, x) -> None:
-        self.x, self.shape = x, x.shape
+    def __init__(self, x, norm=None) -> None:
+        self.x, self.norm, self.shape = x, norm, x.shape
+
+    def args(self) -> list:
+        """The kernels' (x, g, eps, xq, xqd) arguments."""
+        g, eps = (self.norm[0].ptr, float(self.norm[1])) if self.norm is not None else (None, 0.0)
+        return [_u64(self.x.ptr), _u64(g), eps, _u64(None), _u64(None)]
+
+    @property
+    def shared(self) -> int:
+        return self.shape[1] + self.shape[1] // 8   # xq bytes, then a float per 32
+
+
+def _q8_args(x) -> tuple[list, int]:
+    """(x, g, eps, xq, xqd) of an int8 GEMV and its dynamic shared memory."""
+    if isinstance(x, ToQ8):
+        return x.args(), x.shared
+    return [_u64(None), _u64(None), 0.0, _u64(x.xq.ptr), _u64(x.xd.ptr)], 0
 
 
 def _u64(p) -> np.uint64:
@@ -138,11 +155,12 @@ class FusedKernels:
 
         n_ff = out.shape[1]
         up = (w_up.ptr, w_up) if w_up is not None else (w_gate.ptr + n_ff * w_gate.row_bytes, w_gate)
-        if (self.gated_rows and isinstance(x, Q8Act) and norm is None and row_pieces(w_gate) <= 32
+        if (self.gated_rows and isinstance(x, (Q8Act, ToQ8)) and norm is None and row_pieces(w_gate) <= 32
                 and up[1].type_id == w_gate.type_id and up[1].row_bytes == w_gate.row_bytes):
+            acts, shared = _q8_args(x)
             self._launch(self._gated_q8[w_gate.type_id], -(-n_ff // (FG_WARPS * GATED_ROWS)), FG_THREADS,
-                         [_u64(x.xq.ptr), _u64(x.xd.ptr), int(x.shape[1]), _u64(w_gate.ptr), _u64(up[0]),
-                          np.int64(w_gate.row_bytes), _u64(out.ptr), int(n_ff)])
+                         [*acts, int(x.shape[1]), _u64(w_gate.ptr), _u64(up[0]),
+                          np.int64(w_gate.row_bytes), _u64(out.ptr), int(n_ff)], shared=shared)
             return
         self._run(x, [(w_gate, None, out, n_ff)], norm, residual=None, gated=True, up=up)
 
@@ -176,11 +194,9 @@ class FusedKernels:
         if isinstance(x, (Q8Act, ToQ8)):
             if norm is not None:
                 raise ValueError("fused GEMV: int8 activations come normed (rms_norm_q8)")
-            staged = isinstance(x, ToQ8)   # quantized in the kernel, into shared memory
-            acts = [_u64(x.x.ptr), _u64(None), _u64(None)] if staged else [_u64(None), _u64(x.xq.ptr),
-                                                                            _u64(x.xd.ptr)]
+            acts, shared = _q8_args(x)    # ToQ8: quantized in the kernel, into shared memory
             self._launch(self._fn_q8, total, FG_THREADS, [*acts, int(n_in), res, int(gated), *args],
-                         shared=n_in + n_in // 8 if staged else 0)
+                         shared=shared)
             return
         g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)
         self._launch(self._fn, total, FG_THREADS,
