@@ -98,7 +98,8 @@ class CudaBackend:
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
-                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = False) -> None:
+                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = False,
+                 self_quantize: bool = True) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -119,6 +120,9 @@ class CudaBackend:
         must serve every rows bucket.
         ``pdl``: kernels start while the one before them finishes (programmatic
         dependent launch, ops/pdl.cuh; sm_90 and later); the same bits either way.
+        ``self_quantize``: a single token's int8 GEMVs norm and quantize their input
+        in each block (fused.ToQ8) instead of after an rms_norm_q8 / quantize_q8
+        launch; the same bits either way.
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 
@@ -140,6 +144,7 @@ class CudaBackend:
         self._rope: dict = {}
         try:
             self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl)
+            self.fused.self_quantize = bool(self_quantize)
         except BaseException:
             self.close()
             raise

@@ -125,9 +125,16 @@ class CudaOps:
         # one token into a fused GEMV: (x, norm) as they are, or, when every weight is
         # of an integer format, int8 activations the kernel makes itself (normed first
         # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch)
-        if not self.b.mm.use_int8(*ws):
+        mm = self.b.mm
+        if not mm.use_int8(*ws):
             return x, norm
-        return ToQ8(x, norm), None
+        if self.b.fused.self_quantize:
+            return ToQ8(x, norm), None
+        if norm is None:
+            return mm.quantize(x, self.b.scratch), None
+        xa = Q8Act.empty(self.b.scratch, *x.shape)
+        self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
+        return xa, None
 
     def _shared_act(self, x, ws, norm=None):
         # a decode batch quantizes x (normed first when asked) once for all of ws, the

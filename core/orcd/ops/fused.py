@@ -120,6 +120,8 @@ class FusedKernels:
         #: a warp (gemv_gated_q8; H100: 12.2 -> 10.7 us a layer; Phi-3's 96-piece rows
         #: lost 3%, so they keep gemv_fused_q8)
         self.gated_rows = True
+        #: a single token's int8 activations made in each block (ToQ8), not launched
+        self.self_quantize = True
         self._launch = launcher
 
     def rms_norm_q8(self, x, g, eps: float, out) -> None:
