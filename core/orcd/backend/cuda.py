@@ -99,7 +99,7 @@ class CudaBackend:
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
                  prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = False,
-                 self_quantize: bool = True) -> None:
+                 self_quantize: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -122,7 +122,7 @@ class CudaBackend:
         dependent launch, ops/pdl.cuh; sm_90 and later); the same bits either way.
         ``self_quantize``: a single token's int8 GEMVs norm and quantize their input
         in each block (fused.ToQ8) instead of after an rms_norm_q8 / quantize_q8
-        launch; the same bits either way.
+        launch; the same bits either way. Both off until a card has timed them.
         Each off only to measure against."""
         from orcd.cuda.device import CudaDevice
 

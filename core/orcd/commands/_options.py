@@ -84,7 +84,7 @@ CUDA_OPTIONS = {
     "prompt_step": ("256", "512", "1024", "2048"),   # prompt tokens a batch step may run in all
     "mma": ("off", "on"),                # on: a decode batch's GEMVs on the int8 tensor cores
     "pdl": ("off", "on"),                # on: kernels start while the one before them finishes (sm_90+)
-    "self_quantize": ("on", "off"),      # one token's int8 GEMVs norm and quantize their own input
+    "self_quantize": ("off", "on"),      # on: one token's int8 GEMVs norm and quantize their own input
 }
 
 

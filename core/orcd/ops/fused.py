@@ -121,7 +121,8 @@ class FusedKernels:
         #: lost 3%, so they keep gemv_fused_q8)
         self.gated_rows = True
         #: a single token's int8 activations made in each block (ToQ8), not launched
-        self.self_quantize = True
+        #: (CudaBackend's self_quantize; off until measured on a card)
+        self.self_quantize = False
         self._launch = launcher
 
     def rms_norm_q8(self, x, g, eps: float, out) -> None:
