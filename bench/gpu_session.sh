@@ -11,11 +11,13 @@
 #                                   # --cuda-options (e.g. fold_prompts=on) against
 #                                   # llama-server -np 16, qwen2-0.5b, --max-batch 16, then
 #                                   # long prompts (--prompt-repeat 8) at 1 and 16 clients
-#   bash bench/gpu_session.sh tree BASE [MODELS]  # (one call on its own) this tree against
-#                                   # another checkout BASE (carried, e.g. a `git worktree add
-#                                   # .carry/base REV`) on the same machine: the GPU tests of the
-#                                   # kernels and the batch, then for MODELS (default qwen2-0.5b)
-#                                   # decode_profile --bench of both trees, and batch_decode
+#   bash bench/gpu_session.sh tree BASE [MODELS [NAME=VALUE...]]  # (one call on its own) this
+#                                   # tree against another checkout BASE (carried, e.g. a `git
+#                                   # worktree add .carry/base REV`) on the same machine: the GPU
+#                                   # tests of the kernels and the batch, then for MODELS (default
+#                                   # qwen2-0.5b) decode_profile --bench of both trees, and
+#                                   # batch_decode; with NAME=VALUE --cuda-options, this tree a
+#                                   # third time with them (e.g. pdl=on self_quantize=on)
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
 #                                   # ones) as it is and with those --cuda-options, e.g.
@@ -83,25 +85,29 @@ load)
       | tee "$OUT/load-long.log" | tail -5
   ;;
 tree)
-  base=$(cd "${2:?usage: bench/gpu_session.sh tree BASE [MODELS]}" && pwd)/core
+  base=$(cd "${2:?usage: bench/gpu_session.sh tree BASE [MODELS [NAME=VALUE...]]}" && pwd)/core
+  opts=(); for o in "${@:4}"; do opts+=(--cuda-option "$o"); done
+  runs="base this"; [ ${#opts[@]} -gt 0 ] && runs="base this opts"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
   timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_ops_cuda.py tests/cuda/test_int8.py \
       tests/cuda/test_fused.py tests/engine/test_batch_forward.py tests/engine/test_scheduler.py 2>&1 \
       | tee "$OUT/tests.log" | tail -3
+  timeout 120 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k "early or graph" 2>&1 \
+      | tee "$OUT/tests-backend.log" | tail -2
   for m in ${3:-qwen2-0.5b}; do
     [ -f "$WORK/$m.gguf" ] || python3 -m orcd.cli synth "$m" -o "$WORK/$m.gguf"
-    for t in base this; do   # the same script and card; only the orcd on PYTHONPATH differs
+    for t in $runs; do   # the same script and card; only the orcd on PYTHONPATH (or the options) differs
       p=$PYTHONPATH; [ $t = base ] && p=$base:$PYTHONPATH
       PYTHONPATH=$p timeout 120 python3 bench/decode_profile.py "$WORK/$m.gguf" --positions 100,600,1000 \
-          --bench > "$OUT/profile-$m-$t.log" 2>&1
+          --bench $([ $t = opts ] && echo "${opts[@]}") > "$OUT/profile-$m-$t.log" 2>&1
       echo "$m ($t): $(grep -h 'graph step' "$OUT/profile-$m-$t.log")"; grep -h "pos \|tok/s" "$OUT/profile-$m-$t.log"
     done
   done
-  for t in base this; do
+  for t in $runs; do
     p=$PYTHONPATH; [ $t = base ] && p=$base:$PYTHONPATH
-    PYTHONPATH=$p timeout 90 python3 bench/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" 2>&1 \
-        | tee "$OUT/batch-$t.log" | tail -6
+    PYTHONPATH=$p timeout 90 python3 bench/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" \
+        $([ $t = opts ] && echo "${opts[@]}") 2>&1 | tee "$OUT/batch-$t.log" | tail -6
   done
   ;;
 ab)
