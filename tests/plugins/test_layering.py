@@ -63,3 +63,17 @@ def test_the_devkit_modules_live_only_in_orcd_devkit(name):
     assert importlib.util.find_spec(f"orcd.devkit.{name}") is not None
     old = "orcd.server.testing" if name == "server_testing" else f"orcd.{name}"
     assert importlib.util.find_spec(old) is None, f"{old} is back beside the runtime"
+
+
+def test_every_package_folder_says_what_lives_there_and_who_imports_it():
+    # a newcomer opens a folder and reads what it holds and its import rules
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "core" / "orcd"   # the source tree, not a wheel
+    folders = [p.parent for p in root.glob("*/__init__.py") if p.parent.name != "kernels"]
+    assert len(folders) >= 8
+    for folder in folders:
+        readme = folder / "README.md"
+        assert readme.is_file(), f"{folder.name}/ has no README.md"
+        text = readme.read_text()
+        assert text.startswith(f"# orcd.{folder.name}") and "mport" in text, folder.name
