@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 
 from orcd.backend.cpu import CpuBackend, CpuOps
@@ -42,3 +43,40 @@ def test_the_two_op_sets_are_equal():
 
 def test_the_reference_backend_is_a_backend():
     assert isinstance(CpuBackend(), Backend) and isinstance(CpuBackend().ops, Ops)
+
+
+def test_a_forward_is_in_one_of_three_named_phases():
+    from types import SimpleNamespace
+
+    from orcd.ops.contract import Phase, in_phase, phase_of
+
+    assert (phase_of(1), phase_of(7), phase_of(1, batched=True), phase_of(7, batched=True)) == (
+        Phase.DECODE, Phase.PREFILL, Phase.ROWS, Phase.ROWS)
+    ops = SimpleNamespace(phase=None)
+    with pytest.raises(RuntimeError):
+        with in_phase(ops, Phase.ROWS):
+            assert ops.phase is Phase.ROWS
+            raise RuntimeError("a failed forward")
+    assert ops.phase is None          # back to "one sequence" whatever happened
+
+
+def test_the_reference_batch_forward_runs_in_phase_rows(host, tiny_model):
+    from orcd.load import load_model
+    from orcd.ops.contract import Phase
+
+    lm = load_model(tiny_model("qwen2-tiny"), host=host, device="cpu", n_ctx=128)
+    try:
+        b, hp, seen = lm.backend, lm.hp, []
+        pool = b.new_kv_pool(hp.n_layer, 4, hp.n_head_kv, hp.head_dim, hp.get("head_dim_v"))
+        linear = b.ops.linear
+
+        def spy(x, w, bias=None):
+            seen.append(b.ops.phase)
+            return linear(x, w, bias)
+
+        b.ops.linear = spy
+        tables = np.arange(4, dtype=np.int32).reshape(2, 2)
+        b.forward_batch(lm.model, pool, tables, [0, 1], [3, 4], [0, 0], 128, batched=True, last_only=False)
+        assert seen and set(seen) == {Phase.ROWS} and b.ops.phase is None
+    finally:
+        lm.close()

@@ -21,6 +21,7 @@ from orcd.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options
 from orcd.cuda.residency import classify
 from orcd.cuda.upload import Milestones, _jobs, plan_chunks, plan_rows
 from orcd.errors import CudaError, VramOom
+from orcd.ops.contract import Phase
 
 
 class FakeResult(enum.IntEnum):
@@ -430,13 +431,13 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
     class Model:
         def forward(self, ops, ids, pos, view, last_only):
             rows = ids.shape[0]
-            seen.append((rows, view.n_ctx, ops.per_row,
+            seen.append((rows, view.n_ctx, ops.phase is Phase.ROWS,
                          set(to_host(dev, view.tables.ptr, 4 * rows * MIN_BLOCKS).view(np.int32)),
                          set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
             return SimpleNamespace(rows=lambda a, b: SimpleNamespace(shape=(b - a, 7)))
 
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, pipelined_rows=False,
-                              ops=SimpleNamespace(per_row=False), scratch=SimpleNamespace(reset=lambda: None))
+                              ops=SimpleNamespace(phase=None), scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
     assert dec.n_logits is None
     assert dec.warm(Model(), SimpleNamespace(k=[], v=[], spare=9), max_rows=40) == 8
@@ -468,7 +469,7 @@ def test_warm_tasks_capture_one_graph_each_and_skip_what_a_step_captured(monkeyp
                         lambda device, forward, logits, what: captured.append(logits.shape[0]) or
                         SimpleNamespace(replay=lambda: forwards.append("replay"), close=lambda: None))
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=None,
-                              prompt_last_in_batch=False, ops=SimpleNamespace(per_row=False),
+                              prompt_last_in_batch=False, ops=SimpleNamespace(phase=None),
                               scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
     pool, model = SimpleNamespace(k=[], v=[], spare=9), Model()

@@ -2,7 +2,7 @@
 each sequence's logits equal those of the same sequence decoded alone, bit for
 bit, whatever else shares the step -- the property continuous batching rests on.
 The numpy reference in CI; the same test on the GPU (marker ``cuda``), where the
-single-token fused kernels must step aside for per-row GEMVs (CudaOps.per_row)."""
+single-token fused kernels must step aside for per-row GEMVs (Phase.ROWS)."""
 
 from __future__ import annotations
 

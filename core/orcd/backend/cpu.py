@@ -16,6 +16,7 @@ from orcd.gguf_file import ModelFile
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table, kv_rows
 from orcd.ops import activation, attention, fused, llama_compat, matmul, moe, norm, rope, sampling
+from orcd.ops.contract import Phase, in_phase
 from orcd.ops.rope import rope_ref
 from orcd.quant import FormatTable
 
@@ -66,10 +67,14 @@ class CpuOps:
         self._round = {"none": None, "ggml-cpu": llama_compat.round_activation,
                        "int8": llama_compat.round_int8}[activation_rounding]
 
-    #: a batch of decodes (forward_batch with batched=True) computes every row on its own,
-    #: so a request's tokens do not depend on which others share its step (BLAS sums a
+    #: Phase.ROWS (forward_batch with batched=True): every row computed on its own, so a
+    #: request's tokens do not depend on which others share its step (BLAS sums a
     #: matrix product and a matrix-vector product in different orders)
-    per_row = False
+    phase: Phase | None = None
+
+    @property
+    def per_row(self) -> bool:
+        return self.phase is Phase.ROWS
 
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
         if self._round is not None:
@@ -177,11 +182,8 @@ class CpuBackend:
             drawn, src = follow
             ids = [drawn.ids[j] if j >= 0 else i for i, j in zip(ids, src)]
         view = self.kv_view(pool, tables, seq, n_ctx, batched)
-        self.ops.per_row = batched
-        try:
+        with in_phase(self.ops, Phase.ROWS if batched else None):
             return model.forward(self.ops, self.ids(ids), np.asarray(pos, np.int32), view, last_only=last_only)
-        finally:
-            self.ops.per_row = False
 
     def free_kv_pool(self, pool: KVCache) -> None:
         pass   # numpy memory: freed with the last reference

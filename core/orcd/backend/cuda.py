@@ -28,6 +28,7 @@ from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
 from orcd.ops import sampling
+from orcd.ops.contract import Phase, phase_of
 
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
 
@@ -60,7 +61,7 @@ class CudaRunner:
         if n == 0 or start < 0 or start + n > self.cache.n_ctx:
             raise InvalidRequest(f"positions {start}..{start + n - 1} outside the context "
                                  f"of {self.cache.n_ctx}")
-        if n == 1:
+        if phase_of(n) is Phase.DECODE:   # the captured step; a prefill chunk runs eagerly or by bucket
             return self.backend.decode_step(self.model, self.cache, int(ids[0]), start)
         return self.backend.eager(self.model, self.cache, list(ids), start)
 

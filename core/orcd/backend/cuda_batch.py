@@ -6,7 +6,7 @@ inputs (token ids, positions, each row's sequence and every sequence's block
 table) live at fixed device addresses, rewritten before each replay. A batch of
 n rows runs as the next bucket up; the padding rows decode token 0 at position 0
 of the pool's spare block, which no sequence owns, so they can only write there.
-Every kernel computes a row on its own (CudaOps.per_row), so a row's logits do
+Every kernel computes a row on its own (Phase.ROWS), so a row's logits do
 not depend on the bucket, the padding or the other rows.
 """
 
@@ -18,6 +18,7 @@ from orcd.backend.cuda_ops import ScratchFull
 from orcd.cuda.tensor import DeviceTensor
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache
+from orcd.ops.contract import Phase, in_phase
 
 #: rows of a replayed step: decodes plus a folded prompt chunk (scheduler.py) land
 #: between the powers of two often enough to be worth a graph of their own
@@ -217,11 +218,8 @@ class BatchDecoder(Replays):
         ops = self.b.ops
 
         def forward() -> DeviceTensor:
-            ops.per_row = True
-            try:
+            with in_phase(ops, Phase.ROWS):
                 return model.forward(ops, inputs[0], inputs[1], view, last_only=False)
-            finally:
-                ops.per_row = False
         logits = self._replay((id(model), id(pool), rows, blocks), forward, "batch decode")
         return logits.rows(0, n)
 

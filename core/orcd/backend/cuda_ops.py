@@ -20,6 +20,7 @@ import numpy as np
 
 from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
+from orcd.ops.contract import Phase
 from orcd.ops.fused import ToQ8
 from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
@@ -73,12 +74,17 @@ class Scratch:
 class CudaOps:
     """The op set on DeviceTensors (see orcd.ops); outputs come from the scratch.
 
-    ``per_row`` (a batch of decodes, CudaBackend.forward_batch): no single-token fused
-    kernels, so a row is computed by the same kernels whether its batch holds one
-    sequence or sixteen (the GEMVs and attention sum each row on its own): a
-    request's tokens do not depend on which others share its steps."""
+    ``phase`` Phase.ROWS (a batch of decodes, CudaBackend.forward_batch): no
+    single-token fused kernels, so a row is computed by the same kernels whether its
+    batch holds one sequence or sixteen (the GEMVs and attention sum each row on its
+    own): a request's tokens do not depend on which others share its steps. Otherwise
+    (None) one sequence's rows: T = 1 is a decode, more a prefill chunk."""
 
-    per_row = False
+    phase: Phase | None = None
+
+    @property
+    def per_row(self) -> bool:
+        return self.phase is Phase.ROWS
 
     def __init__(self, backend: "CudaBackend") -> None:
         self.b = backend

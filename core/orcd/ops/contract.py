@@ -16,12 +16,49 @@ keeps nothing across two layers.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+import contextlib
+import enum
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 Tensor = Any    # np.ndarray on the CPU, DeviceTensor on the GPU
 Weight = Any    # CpuWeight (dequantized) or QWeight (the format's VRAM layout)
+
+
+class Phase(enum.Enum):
+    """What a forward's rows are: named once here, and each backend picks its kernels by it.
+
+    PREFILL: consecutive prompt tokens of one sequence, in chunks (the engine's
+      PREFILL_CHUNK or the backend's ``prefill_chunk``): on the GPU, GEMMs on the tensor
+      cores and prefill attention, replayed per rows bucket (cuda_prefill.py).
+    DECODE: the next token of one sequence (T = 1): the fused single-token kernels
+      (ops/fused.py), the whole step one CUDA graph.
+    ROWS: one row each of many sequences (a decode batch, prompt rows folded into it):
+      every row computed on its own by the same kernels whatever shares its step, so a
+      request's tokens do not depend on its batch (cuda_batch.py; the CPU sums each row
+      alone, since BLAS orders a matrix product and a matrix-vector one differently).
+    """
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    ROWS = "rows"
+
+
+def phase_of(n_tokens: int, batched: bool = False) -> Phase:
+    """The phase of a forward of ``n_tokens`` (``batched``: rows of many sequences)."""
+    return Phase.ROWS if batched else Phase.DECODE if n_tokens == 1 else Phase.PREFILL
+
+
+@contextlib.contextmanager
+def in_phase(ops, phase: Phase) -> Iterator[None]:
+    """``ops.phase`` is ``phase`` for the block (a forward's ops read it; None: the
+    phase follows from each call's rows)."""
+    ops.phase = phase
+    try:
+        yield
+    finally:
+        ops.phase = None
 
 
 @runtime_checkable
