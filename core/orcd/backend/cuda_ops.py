@@ -138,18 +138,20 @@ class CudaOps:
             return ToQ8(x, norm), None
         if norm is None:
             return mm.quantize(x, self.b.scratch), None
+        return self._norm_q8(x, norm), None
+
+    def _norm_q8(self, x, norm) -> Q8Act:
+        # rms_norm(x) quantized to int8 per 32 values, in one launch
         xa = Q8Act.empty(self.b.scratch, *x.shape)
         self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
-        return xa, None
+        return xa
 
     def _shared_act(self, x, ws, norm=None):
         # a decode batch quantizes x (normed first when asked) once for all of ws, the
         # norm and the quantizing in one launch where it can (a single row: the fused
         # kernels do both)
         if self.per_row and norm is not None and self.b.mm.use_int8(*ws, batch=True):
-            xa = Q8Act.empty(self.b.scratch, *x.shape)
-            self.b.fused.rms_norm_q8(x, norm[0], norm[1], xa)
-            return xa
+            return self._norm_q8(x, norm)
         h = x if norm is None else self.rms_norm(x, *norm)
         return self._act(h, *ws) if self.per_row else h
 
