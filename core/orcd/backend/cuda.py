@@ -144,13 +144,12 @@ class CudaBackend:
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl)
-            self.fused.self_quantize = bool(self_quantize)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize) -> None:
         from orcd.cuda.driver import cu
         from orcd.cuda.launch import Launcher
         from orcd.cuda.memory import DeviceAllocator
@@ -181,7 +180,7 @@ class CudaBackend:
         self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
-        self.fused = FusedKernels(*args, formats=formats)
+        self.fused = FusedKernels(*args, formats=formats, self_quantize=self_quantize)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
         self.rows_sampler = None   # likewise, for batches (sample_rows)
@@ -239,7 +238,8 @@ class CudaBackend:
         if rows != self.mm.formats:
             self.mm.close()
             self.mm = MatmulKernels(*self._kernel_args, formats=rows.values(), **self._mm_options)
-            self.fused = FusedKernels(*self._kernel_args, formats=rows.values())
+            self.fused = FusedKernels(*self._kernel_args, formats=rows.values(),
+                                      self_quantize=self.fused.self_quantize)
 
     def new_kv_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                      head_dim_v: int | None = None) -> KVCache:

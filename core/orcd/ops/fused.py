@@ -80,23 +80,22 @@ class ToQ8:
     ``quantize_q8`` or ``rms_norm_q8`` would give it, one launch fewer."""
 
     def __init__(self, x, norm=None) -> None:
-        self.x, self.norm, self.shape = x, norm, x.shape
-
-    def args(self) -> list:
-        """The kernels' (x, g, eps, xq, xqd) arguments."""
-        g, eps = (self.norm[0].ptr, float(self.norm[1])) if self.norm is not None else (None, 0.0)
-        return [_u64(self.x.ptr), _u64(g), eps, _u64(None), _u64(None)]
+        self.x, self.norm = x, norm
 
     @property
-    def shared(self) -> int:
-        return self.shape[1] + self.shape[1] // 8   # xq bytes, then a float per 32
+    def shape(self) -> tuple:
+        return self.x.shape
 
 
 def _q8_args(x) -> tuple[list, int]:
-    """(x, g, eps, xq, xqd) of an int8 GEMV and its dynamic shared memory."""
-    if isinstance(x, ToQ8):
-        return x.args(), x.shared
-    return [_u64(None), _u64(None), 0.0, _u64(x.xq.ptr), _u64(x.xd.ptr)], 0
+    """The (x, g, eps, xq, xqd) arguments of an int8 GEMV and its dynamic shared memory:
+    given quantized (Q8Act), or fp32 it quantizes itself (ToQ8: n bytes of xq, then a
+    float per 32 values)."""
+    if not isinstance(x, ToQ8):
+        return [_u64(None), _u64(None), 0.0, _u64(x.xq.ptr), _u64(x.xd.ptr)], 0
+    g, eps = (x.norm[0].ptr, float(x.norm[1])) if x.norm is not None else (None, 0.0)
+    n = x.shape[1]
+    return [_u64(x.x.ptr), _u64(g), eps, _u64(None), _u64(None)], n + n // 8
 
 
 def _u64(p) -> np.uint64:
@@ -106,7 +105,7 @@ def _u64(p) -> np.uint64:
 class FusedKernels:
     """One-token fused GEMVs. Only enqueue kernels: graph-capturable."""
 
-    def __init__(self, device, compiler, launcher, formats=None) -> None:
+    def __init__(self, device, compiler, launcher, formats=None, self_quantize: bool = False) -> None:
         from orcd.quant.builtin import builtin_table
         from orcd.quant.device import with_device
 
@@ -122,7 +121,7 @@ class FusedKernels:
         self.gated_rows = True
         #: a single token's int8 activations made in each block (ToQ8), not launched
         #: (CudaBackend's self_quantize; off until measured on a card)
-        self.self_quantize = False
+        self.self_quantize = bool(self_quantize)
         self._launch = launcher
 
     def rms_norm_q8(self, x, g, eps: float, out) -> None:
