@@ -17,6 +17,7 @@
 // (T > 1 on the tensor cores) holds one sequence: seq[0].
 
 #include "pdl.cuh"
+#include "mma.cuh"
 #include <cuda_fp16.h>
 
 #define ATT_TILE 128      // keys per tile == threads per block
@@ -367,18 +368,6 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
 #define PF_BK 64
 #define PF_THREADS 128
 
-typedef unsigned int u32;
-
-__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
-#ifdef __CUDACC__
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    orcd_sim::mma_m16n8k16(c, a, b);   // the CUDA simulator's stand-in (no PTX on the host)
-#endif
-}
 __device__ __forceinline__ u32 half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const u32*>(&h);
@@ -463,7 +452,7 @@ __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __
             for (int n = 0; n < PF_BK / 8; ++n) {
                 const __half* kr = Ks + (n * 8 + g) * ldq + d0 + 2 * c;
                 const u32 b[2] = {ld_pair(kr), ld_pair(kr + 8)};
-                mma_16816(s[n], a, b);
+                mma_f16_16816(s[n], a, b);
             }
         }
         // mask and scale; the rows' maxima over the 4 threads that share them
@@ -519,7 +508,7 @@ __device__ __forceinline__ void prefill_tc(const float* __restrict__ q, const __
             for (int n = 0; n < HDV / 8; ++n) {
                 const __half* vn = v0 + 8 * n;
                 const u32 b[2] = {two_halves(vn, vn + ldv), two_halves(vn + 8 * ldv, vn + 9 * ldv)};
-                mma_16816(o[n], a, b);
+                mma_f16_16816(o[n], a, b);
             }
         }
         __syncthreads();  // Ks / Vs are rewritten by the next tile

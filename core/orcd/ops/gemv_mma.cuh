@@ -19,32 +19,11 @@
 #pragma once
 #include "pdl.cuh"
 #include "act.cuh"
+#include "mma.cuh"
 
 #define MMA_WARPS 8
 #define MMA_THREADS (32 * MMA_WARPS)
 #define MMA_ROWS 16
-
-__device__ __forceinline__ void mma_s8_k32(int* c, const u32* a, const u32* b) {
-#ifdef __CUDACC__
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    orcd_sim::mma_s8<32>(c, a, b);   // the CUDA simulator's stand-in
-#endif
-}
-
-__device__ __forceinline__ void mma_s8_k16(int* c, const u32* a, const u32* b) {
-#ifdef __CUDACC__
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 "
-                 "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
-#else
-    orcd_sim::mma_s8<16>(c, a, b);
-#endif
-}
 
 // acc[(row r, token j)] += the group's int sums s scaled: s[2r + j] for rows (g, g + 8)
 // and tokens (t0, t0 + 1), with row scales d[r] and token scales dx[j].

@@ -12,6 +12,7 @@
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
 #include "pdl.cuh"
+#include "mma.cuh"
 #include "base.cuh"
 #include "formats.cuh"
 
@@ -337,17 +338,6 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ table, long lo
 #define TC_ROWS 64
 #define TC_THREADS 128
 #define TC_BK(F) ((F::QK) < 32 ? 32 : (F::QK))
-
-__device__ __forceinline__ void mma_f16_16816(float* c, const u32* a, const u32* b) {
-#ifdef __CUDACC__
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    orcd_sim::mma_m16n8k16(c, a, b);   // the CUDA simulator's stand-in (no PTX on the host)
-#endif
-}
 
 __device__ __forceinline__ u32 f16_pair(float lo, float hi) {
     return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
