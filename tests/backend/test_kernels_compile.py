@@ -91,7 +91,7 @@ def test_every_kernel_the_launchers_name_exists(ptx):
     # the launchers build kernel names from tables (format suffixes, GEMV token
     # counts, head dims); a name missing from the module fails only on the GPU
     from orcd.ops.attention import PF_HEAD_DIMS
-    from orcd.ops.matmul import GEMV_Q8_TM, GEMV_TM
+    from orcd.ops.matmul import GATED_Q8_TM, GEMV_Q8_TM, GEMV_TM
 
     def entries(name: str) -> set[str]:
         return set(re.findall(r"\.entry\s+(\w+)\(", ptx(ROOT / "ops" / name)[2]))
@@ -102,8 +102,8 @@ def test_every_kernel_the_launchers_name_exists(ptx):
         wanted = {f"gemv_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_{s}", f"moe_gemm_{s}", f"embed_{s}",
                                                         f"dequant_f16_{s}", f"dequant_bf16_{s}"}
         if fmt.device.int8:
-            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_Q8_TM} | {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}",
-                                                                f"moe_gate_up_q8_{s}", f"moe_down_sum_q8_{s}"}
+            wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_Q8_TM} | {f"gemv_q8_gated_{s}_t{tm}" for tm in GATED_Q8_TM}
+            wanted |= {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}", f"moe_gate_up_q8_{s}", f"moe_down_sum_q8_{s}"}
         assert wanted <= matmul, sorted(wanted - matmul)
     assert {"quantize_q8", "to_half", "from_half"} <= matmul
     assert {f"attn_prefill_tc_v{v}" for v in PF_HEAD_DIMS} <= entries("attention.cu")

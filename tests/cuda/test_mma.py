@@ -35,8 +35,10 @@ def mk(gpu):
 
 
 def _gemv(gpu, mk, x: np.ndarray, w, b) -> np.ndarray:
+    from orcd.ops.matmul import int8_capable
+
     T = x.shape[0]
-    xa = mk.quantize(gpu.put(x), gpu.arena)
+    xa = mk.quantize(gpu.put(x), gpu.arena) if int8_capable(w) else gpu.put(x)
     out = gpu.empty((T, w.shape[0]))
     mk.gemv(xa, w, b, out)
     got = gpu.get(out)
@@ -106,40 +108,41 @@ def test_q8act_rows_keep_their_scales(gpu, mk, rng):
     gpu.arena.reset()
 
 
-@pytest.mark.parametrize("name", ["Q5_0", "Q6_K"])
-def test_the_residual_is_added_in_the_same_launch(gpu, mk, rng, host, name):
+@pytest.fixture(scope="module")
+def dp4a(gpu):
+    from orcd.ops.matmul import MatmulKernels
+
+    return MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all", mma=False)
+
+
+@pytest.fixture(params=["mma", "dp4a"])
+def per_row(request, mk, dp4a):
+    # the decode batch's GEMVs either way: the residual and the gated launch on both
+    return mk if request.param == "mma" else dp4a
+
+
+@pytest.mark.parametrize("name", ["Q5_0", "Q6_K", "F16"])
+def test_the_residual_is_added_in_the_same_launch(gpu, per_row, rng, host, name):
     # out = residual + (x @ w.T + b), as ops.add(residual, linear) sums it: the same bits
+    # (F16: the fp32-activation GEMV)
     n_out, n_in, T = sized((896, 1024, 16), (40, 256, 5))
     w, _ = gpu.weight(host, name, (n_out, n_in), rng)
     x = rng.standard_normal((T, n_in)).astype(np.float32)
     b = rng.standard_normal(n_out).astype(np.float32)
     res = rng.standard_normal((T, n_out)).astype(np.float32)
-    plain = _gemv(gpu, mk, x, w, gpu.put(b))
-    xa = mk.quantize(gpu.put(x), gpu.arena)
-    assert mk.adds_residual(xa, w)
+    plain = _gemv(gpu, per_row, x, w, gpu.put(b))
+    xa = per_row.quantize(gpu.put(x), gpu.arena) if name != "F16" else gpu.put(x)   # as _gemv gives it
     out = gpu.empty((T, n_out))
-    mk.gemv(xa, w, gpu.put(b), out, residual=gpu.put(res))
+    per_row.gemv(xa, w, gpu.put(b), out, residual=gpu.put(res))
     assert np.array_equal(gpu.get(out), res + plain)
     with pytest.raises(ValueError, match="residual"):
-        mk.gemv(xa, w, None, out, residual=gpu.put(res[:1]))
-    gpu.arena.reset()
-
-
-def test_a_dp4a_gemv_refuses_a_residual(gpu, rng, host):
-    from orcd.ops.matmul import MatmulKernels
-
-    off = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all", mma=False)
-    w, _ = gpu.weight(host, "Q5_0", (24, 256), rng)
-    xa = off.quantize(gpu.put(rng.standard_normal((2, 256)).astype(np.float32)), gpu.arena)
-    assert not off.adds_residual(xa, w)
-    with pytest.raises(ValueError, match="residual"):
-        off.gemv(xa, w, None, gpu.empty((2, 24)), residual=gpu.put(np.zeros((2, 24), np.float32)))
+        per_row.gemv(xa, w, None, out, residual=gpu.put(res[:1]))
     gpu.arena.reset()
 
 
 @pytest.mark.parametrize("name", ["Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("joined", [False, True])
-def test_gated_is_swiglu_of_the_two_gemvs(gpu, mk, rng, host, name, joined):
+def test_gated_is_swiglu_of_the_two_gemvs(gpu, per_row, rng, host, name, joined):
     # one launch: silu(x @ gate.T) * (x @ up.T), the bits of the two GEMVs and swiglu_f32
     # (joined: Phi-3's gate_up, gate rows then up rows in one matrix)
     from orcd.ops.activation import ActivationKernels
@@ -148,31 +151,34 @@ def test_gated_is_swiglu_of_the_two_gemvs(gpu, mk, rng, host, name, joined):
     x = rng.standard_normal((T, n_in)).astype(np.float32)
     if joined:
         w, _ = gpu.weight(host, name, (2 * n_ff, n_in), rng)
-        gate_up = _gemv(gpu, mk, x, w, None)
+        gate_up = _gemv(gpu, per_row, x, w, None)
         gate, up, ws = gate_up[:, :n_ff], gate_up[:, n_ff:], (w, None)
     else:
         ws = (gpu.weight(host, name, (n_ff, n_in), rng)[0], gpu.weight(host, name, (n_ff, n_in), rng)[0])
-        gate, up = _gemv(gpu, mk, x, ws[0], None), _gemv(gpu, mk, x, ws[1], None)
+        gate, up = _gemv(gpu, per_row, x, ws[0], None), _gemv(gpu, per_row, x, ws[1], None)
     act = ActivationKernels(gpu.dev, gpu.compiler, gpu.launcher)
     want = gpu.empty((T, n_ff))
     act.swiglu(gpu.put(np.ascontiguousarray(gate)), gpu.put(np.ascontiguousarray(up)), want)
-    xa = mk.quantize(gpu.put(x), gpu.arena)
-    assert mk.gates(xa, *ws)
+    xa = per_row.quantize(gpu.put(x), gpu.arena)
+    assert per_row.gates(xa, *ws)
     out = gpu.empty((T, n_ff))
-    mk.gated(xa, *ws, out)
+    per_row.gated(xa, *ws, out)
     assert np.array_equal(gpu.get(out), gpu.get(want))
     alone = gpu.empty((1, n_ff))
-    mk.gated(xa.rows(2, 3), *ws, alone)
+    per_row.gated(xa.rows(2, 3), *ws, alone)
     assert np.array_equal(gpu.get(alone)[0], gpu.get(out)[2])
     gpu.arena.reset()
 
 
-def test_gated_refuses_what_it_cannot_take(gpu, mk, rng, host):
-    xa = mk.quantize(gpu.put(rng.standard_normal((2, 256)).astype(np.float32)), gpu.arena)
+def test_gated_refuses_what_it_cannot_take(gpu, per_row, rng, host):
+    xa = per_row.quantize(gpu.put(rng.standard_normal((2, 256)).astype(np.float32)), gpu.arena)
     q5, _ = gpu.weight(host, "Q5_0", (24, 256), rng)
     q8, _ = gpu.weight(host, "Q8_0", (24, 256), rng)
     f16, _ = gpu.weight(host, "F16", (24, 256), rng)
-    assert not mk.gates(xa, q5, q8) and not mk.gates(xa, f16, f16)
+    assert not per_row.gates(xa, q5, q8) and not per_row.gates(xa, f16, f16)
     with pytest.raises(ValueError, match="gated"):
-        mk.gated(xa, q5, q8, gpu.empty((2, 24)))
+        per_row.gated(xa, q5, q8, gpu.empty((2, 24)))
+    many = per_row.quantize(gpu.put(rng.standard_normal((33, 256)).astype(np.float32)), gpu.arena)
+    assert not per_row.gates(many, q5, q5)   # more rows than one launch takes (16 dp4a, 32 mma)
+    assert per_row.gates(many.rows(0, per_row.gated_rows(many, q5)), q5, q5)
     gpu.arena.reset()

@@ -12,6 +12,7 @@
 // in a fixed order through shared memory -- no atomics, so the same inputs
 // give the same bits.
 #include "pdl.cuh"
+#include "act.cuh"
 #include "mma.cuh"
 #include "base.cuh"
 #include "formats.cuh"
@@ -55,42 +56,65 @@ struct ActQ8 {
     }
 };
 
-// out[t, row] = sum_k w[row, k] * x[t, k] (+ bias[row]) for t < nT <= TM.
-// w: rows of `row_bytes`; x: the activations A (ActF32 or ActQ8); out: [nT, out_stride].
-template <class F, int TM, class A>
-__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, long long row_bytes, A x, int nT,
-                                          const float* __restrict__ bias, float* __restrict__ out,
+// NW = 1: out[t, row] = (residual[t, row] +) sum_k w[row, k] * x[t, k] (+ bias[row]);
+// NW = 2 (gated): out[t, row] = silu(gate) * up, gate and up the sums of w's and w2's
+// rows, each summed as NW = 1 sums it (activation.cu's swiglu_f32 of the two GEMVs, the
+// same bits). For t < nT <= TM; x the activations A (ActF32 or ActQ8); out: [nT, out_stride].
+template <class F, int TM, int NW, class A>
+__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __restrict__ w2,
+                                          long long row_bytes, A x, int nT, const float* __restrict__ bias,
+                                          const float* __restrict__ residual, float* __restrict__ out,
                                           int out_stride, int n_out, int n_in, int split) {
-    __shared__ float partial[GEMV_WARPS][TM];
+    __shared__ float partial[NW][GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
     const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
-    float acc[TM];
+    float acc[NW][TM];
 #pragma unroll
-    for (int t = 0; t < TM; ++t) acc[t] = 0.f;
+    for (int v = 0; v < NW; ++v)
+#pragma unroll
+        for (int t = 0; t < TM; ++t) acc[v][t] = 0.f;
     if (row < n_out) {
-        const u8* wr = w + (long long)row * row_bytes;
+        const u8* wr[2] = {w + (long long)row * row_bytes, NW == 2 ? w2 + (long long)row * row_bytes : nullptr};
+        A xv[NW];
+#pragma unroll
+        for (int v = 0; v < NW; ++v) xv[v] = x;
 #pragma unroll 2
         for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
             const int blk = c / F::PIECES, p = c % F::PIECES;
-            x.piece(wr, nb, blk, p);
+#pragma unroll
+            for (int v = 0; v < NW; ++v) xv[v].piece(wr[v], nb, blk, p);
 #pragma unroll
             for (int t = 0; t < TM; ++t)
-                if (t < nT) acc[t] += x.dot(t);
+                if (t < nT)
+#pragma unroll
+                    for (int v = 0; v < NW; ++v) acc[v][t] += xv[v].dot(t);
         }
     }
 #pragma unroll
-    for (int t = 0; t < TM; ++t) {
+    for (int v = 0; v < NW; ++v)
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xFFFFFFFFu, acc[t], off);
-        if (lane == 0) partial[warp][t] = acc[t];
-    }
+        for (int t = 0; t < TM; ++t) {
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) acc[v][t] += __shfl_xor_sync(0xFFFFFFFFu, acc[v][t], off);
+            if (lane == 0) partial[v][warp][t] = acc[v][t];
+        }
     __syncthreads();
     if (part == 0 && lane < nT && row < n_out) {
-        float s = 0.f;
-        for (int k = 0; k < split; ++k) s += partial[warp + k][lane];
-        if (bias) s += bias[row];
-        out[(long long)lane * out_stride + row] = s;
+        float s[NW];
+#pragma unroll
+        for (int v = 0; v < NW; ++v) {
+            s[v] = 0.f;
+            for (int k = 0; k < split; ++k) s[v] += partial[v][warp + k][lane];
+        }
+        float y = s[0];
+        if (NW == 2) {
+            y = silu(s[0]) * s[NW - 1];
+        } else {
+            if (bias) y += bias[row];
+            if (residual) y = residual[(long long)lane * out_stride + row] + y;   // as ops.add(residual, linear)
+        }
+        out[(long long)lane * out_stride + row] = y;
     }
 }
 
@@ -147,8 +171,8 @@ __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row
         return;
     }
     const float* b_p = bias ? bias + (long long)e * n_out : nullptr;
-    gemv_rows<F, 1>(w + (long long)e * expert_bytes, row_bytes, x.row(x_per_pair ? pair : pair / k), 1,
-                    b_p, out_p, n_out, n_out, n_in, split);
+    gemv_rows<F, 1, 1>(w + (long long)e * expert_bytes, nullptr, row_bytes, x.row(x_per_pair ? pair : pair / k),
+                       1, b_p, nullptr, out_p, n_out, n_out, n_in, split);
 }
 
 // Prefill's grouped expert matmul: one tile of up to MOE_TILE pairs routed to
@@ -165,9 +189,9 @@ __device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row
     const int* tl = tiles + 3 * blockIdx.y;
     const int e = tl[0], start = tl[1], rows = tl[2];
     if (rows == 0) return;  // uniform per block
-    gemv_rows<F, MOE_TILE>(w + (long long)e * expert_bytes, row_bytes, xg.row(start),
-                           rows, bias ? bias + (long long)e * n_out : nullptr,
-                           out + (long long)start * n_out, n_out, n_out, n_in, split);
+    gemv_rows<F, MOE_TILE, 1>(w + (long long)e * expert_bytes, nullptr, row_bytes, xg.row(start), rows,
+                              bias ? bias + (long long)e * n_out : nullptr, nullptr,
+                              out + (long long)start * n_out, n_out, n_out, n_in, split);
 }
 
 
@@ -483,12 +507,24 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
                        n_out);                                                                     \
     orcd_prior_done();
 #define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
-    float* out, int n_out, int n_in, int split
-#define GEMV_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_f32<F>(x, n_in), nT, bias, out, n_out, n_out, n_in, split)
+    const float* residual, float* out, int n_out, int n_in, int split
+#define GEMV_CALL(F, TM) gemv_rows<F, TM, 1>(w, nullptr, row_bytes, act_f32<F>(x, n_in), nT, bias, residual, out, \
+                                             n_out, n_out, n_in, split)
 #define GEMV_Q8_ARGS const u8* w, long long row_bytes, const int* xq, const float* xd, int nT, \
-    const float* bias, float* out, int n_out, int n_in, int split
-#define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM>(w, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, out, n_out, n_out, \
-                                             n_in, split)
+    const float* bias, const float* residual, float* out, int n_out, int n_in, int split
+#define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM, 1>(w, nullptr, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, \
+                                                residual, out, n_out, n_out, n_in, split)
+// gate and up rows (wg, wu: [n_ff, n_in] each) and silu(gate) * up, in one launch
+#define GEMV_GATED_Q8(NAME, F, TM)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_gated_##NAME##_t##TM(          \
+        const u8* wg, const u8* wu, long long row_bytes, const int* xq, const float* xd, int nT,     \
+        float* out, int n_ff, int n_in, int split) {                                                 \
+        orcd_prefetch_rows(wg, row_bytes, (long long)blockIdx.x * (GEMV_WARPS / split), GEMV_WARPS / split, n_ff); \
+        orcd_prefetch_rows(wu, row_bytes, (long long)blockIdx.x * (GEMV_WARPS / split), GEMV_WARPS / split, n_ff); \
+        orcd_prior_done();                                                                           \
+        gemv_rows<F, TM, 2>(wg, wu, row_bytes, act_q8<F>(xq, xd, n_in), nT, nullptr, nullptr, out,  \
+                            n_ff, n_ff, n_in, split);                                                \
+    }
 
 #define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME##_t1(GEMV_ARGS) { GEMV_PROLOGUE GEMV_CALL(F, 1); } \
@@ -535,6 +571,8 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 8); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 16); } \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 32); } \
+    GEMV_GATED_Q8(NAME, F, 1) GEMV_GATED_Q8(NAME, F, 2) GEMV_GATED_Q8(NAME, F, 4) GEMV_GATED_Q8(NAME, F, 8)  \
+    GEMV_GATED_Q8(NAME, F, 16)                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \
         int x_per_pair, const int* ids, int k, int n_expert, const float* bias, float* out,        \

@@ -54,6 +54,7 @@ INT8_MODES = ("off", "auto", "all")
 GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte read once for all)
 GEMV_TM = (1, 2, 4, 8, 16)  # GEMV instantiations: T is rounded up to one of these
 GEMV_Q8_TM = GEMV_TM + (32,)  # and of the int8 GEMV (a weight piece unpacked once for all rows)
+GATED_Q8_TM = GEMV_TM       # and of the int8 gate/up GEMV with SwiGLU (MatmulKernels.gated)
 # rows of a decode batch per GEMV launch (MatmulKernels.gemv): a batch of 16 (32 with int8
 # activations) reads each weight once per step, not twice as two launches of 8 did
 BATCH_GEMV_T = GEMV_TM[-1]
@@ -224,47 +225,59 @@ class MatmulKernels:
     def gemv(self, x, w, b, out, scratch=None, residual=None) -> None:
         """linear for up to ``gemv_rows(x)`` rows, always by the GEMV: each row summed
         alike whatever T (a batch of decodes: a row's logits do not depend on its
-        batch). x float32 or int8 activations. ``residual`` ([T, n_out], only where
-        ``adds_residual(x, w)``): out = residual + (x @ w.T + b), in the same launch."""
+        batch). x float32 or int8 activations. ``residual`` ([T, n_out]): out =
+        residual + (x @ w.T + b) in the same launch, the bits of ops.add after it."""
         T, _ = self._check_linear(x, w, b, out)
         arena = scratch if scratch is not None else self.scratch
         x = self.activations(x, w, arena)
         if T > self.gemv_rows(x):
             raise ValueError(f"gemv: at most {self.gemv_rows(x)} rows per launch, got {T}")
-        if residual is not None and (not self.adds_residual(x, w) or tuple(residual.shape) != tuple(out.shape)):
-            raise ValueError(f"gemv: a residual {residual.shape} is added only by the tensor-core GEMV, "
-                             f"into out {out.shape}")
-        if self.adds_residual(x, w):
+        if residual is not None and tuple(residual.shape) != tuple(out.shape):
+            raise ValueError(f"gemv: a residual {residual.shape} is added into out {out.shape}: same shape")
+        if self._on_mma(x, w):
             self._gemv_mma(x, w, b, out, residual)
         else:
-            self._gemv(x, w, b, out)
+            self._gemv(x, w, b, out, residual)
 
     def gates(self, x, w_gate, w_up) -> bool:
-        """Whether ``gated`` takes x by w_gate (and w_up): a tensor-core GEMV for each
-        (``adds_residual``), one format and shape, at most ``gemv_rows`` rows."""
+        """Whether ``gated`` takes x by w_gate (and w_up): int8 activations of at most
+        ``gated_rows`` rows, weights of one integer format and shape."""
         ws = (w_gate,) if w_up is None else (w_gate, w_up)
-        return (all(self.adds_residual(x, w) for w in ws) and x.shape[0] <= self.gemv_rows(x)
+        return (isinstance(x, Q8Act) and all(int8_capable(w) for w in ws)
+                and x.shape[0] <= self.gated_rows(x, w_gate)
                 and (w_up is None or (w_up.fmt == w_gate.fmt and w_up.shape == w_gate.shape
                                       and w_up.row_bytes == w_gate.row_bytes)))
 
+    def gated_rows(self, x, w_gate) -> int:
+        """Rows one ``gated`` launch takes: as ``gemv`` on the tensor cores; 16 by dp4a
+        (two accumulators a row: at 32 rows 168 registers a thread, not instantiated)."""
+        return self.gemv_rows(x) if self._on_mma(x, w_gate) else GATED_Q8_TM[-1]
+
     def gated(self, x, w_gate, w_up, out) -> None:
         """out [T, n_ff] = silu(x @ w_gate.T) * (x @ w_up.T) for a decode batch's rows
-        in one tensor-core launch (where ``gates``); w_up None: w_gate holds gate then
-        up ([2 n_ff, n_in])."""
+        in one launch (where ``gates``): the bits of the two ``gemv`` calls and swiglu;
+        w_up None: w_gate holds gate then up ([2 n_ff, n_in])."""
         T, n_in = x.shape
         n_ff = out.shape[1]
         if (not self.gates(x, w_gate, w_up) or tuple(out.shape) != (T, n_ff) or w_gate.shape[1] != n_in
                 or w_gate.shape[0] != (n_ff if w_up is not None else 2 * n_ff)):
-            raise ValueError(f"gated: x {x.shape}, gate {w_gate.shape}, out {out.shape}, or no tensor-core GEMV")
+            raise ValueError(f"gated: x {x.shape}, gate {w_gate.shape}, out {out.shape}, or not int8 GEMVs")
         up = w_up.ptr if w_up is not None else w_gate.ptr + n_ff * w_gate.row_bytes
-        tiles = next(n for n in (1, 2, 4) if 8 * n >= T)
-        self.launch(self._fn("gemv_mma_gated_", w_gate, f"_n{tiles}"), -(-n_ff // MMA_ROWS), MMA_THREADS,
-                    [_ptr(w_gate.ptr), _ptr(up), np.int64(w_gate.row_bytes), *self._act_args(x, 0), T,
-                     _ptr(out.ptr), n_ff, n_in])
+        args = [_ptr(w_gate.ptr), _ptr(up), np.int64(w_gate.row_bytes), *self._act_args(x, 0), T, _ptr(out.ptr)]
+        if self._on_mma(x, w_gate):
+            tiles = next(n for n in (1, 2, 4) if 8 * n >= T)
+            self.launch(self._fn("gemv_mma_gated_", w_gate, f"_n{tiles}"), -(-n_ff // MMA_ROWS), MMA_THREADS,
+                        [*args, n_ff, n_in])
+            return
+        # the split the GEMV of gate alone takes (all of w_gate's rows): the same sums
+        tm = next(m for m in GATED_Q8_TM if m >= T)
+        split = gemv_split(w_gate.shape[0], row_pieces(w_gate))
+        self.launch(self._fn("gemv_q8_gated_", w_gate, f"_t{tm}"), -(-n_ff // (GEMV_ROWS // split)),
+                    32 * GEMV_ROWS, [*args, n_ff, n_in, split])
 
-    def adds_residual(self, x, w) -> bool:
-        """Whether ``gemv`` of x by w runs on the tensor cores (int8 activations, a
-        format with mma_chunk), whose launch can also add a residual."""
+    def _on_mma(self, x, w) -> bool:
+        """Whether ``gemv`` of x by w runs on the int8 tensor cores (``mma`` on, int8
+        activations, a format with mma_chunk), else dp4a or fp32."""
         return isinstance(x, Q8Act) and self.mma and mma_capable(w)
 
     def quantize(self, x, arena) -> Q8Act:
@@ -444,7 +457,7 @@ class MatmulKernels:
 
     # -- paths -------------------------------------------------------------------------
 
-    def _gemv(self, x, w, b, out) -> None:
+    def _gemv(self, x, w, b, out, residual=None) -> None:
         T, n_in = x.shape
         n_out = w.shape[0]
         q8 = isinstance(x, Q8Act)
@@ -453,7 +466,8 @@ class MatmulKernels:
         self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}", w, f"_t{tm}"),
                     -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
-                     _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), n_out, n_in, split])
+                     _ptr(b.ptr if b is not None else 0), _ptr(residual.ptr if residual is not None else 0),
+                     _ptr(out.ptr), n_out, n_in, split])
 
     def _gemv_mma(self, x, w, b, out, residual=None) -> None:
         T, n_in = x.shape

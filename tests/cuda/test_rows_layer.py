@@ -1,0 +1,96 @@
+"""A decode batch's layer ops (CudaOps in Phase.ROWS) on a device (marker ``cuda``) and
+on the CUDA simulator (``sim``), over the kernel families alone (no CudaBackend):
+
+- the output projection adds the residual in its GEMV's launch, and the FFN's gate, up
+  and SwiGLU are one launch after the norm+quantize one, with the bits the separate
+  ops give (each row summed as alone: a stream's tokens do not depend on its batch);
+- how many launches each takes: what the per-row step is made of.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gpu_rig import sized
+
+from orcd.ops.contract import Phase, in_phase
+
+pytestmark = [pytest.mark.cuda, pytest.mark.sim]
+
+
+class Counting:
+    """A launcher that counts the kernels it starts, by name."""
+
+    def __init__(self, launcher) -> None:
+        self.launcher, self.names = launcher, []
+
+    def __call__(self, fn, *args, **kwargs):
+        self.names.append(getattr(fn, "name", str(fn)))
+        return self.launcher(fn, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.launcher, name)
+
+
+@pytest.fixture(params=["dp4a", "mma"])
+def rows(request, gpu):
+    # CudaOps over the kernel families, each launching through one counting launcher
+    from orcd.backend.cuda_ops import CudaOps, Scratch
+    from orcd.ops.activation import ActivationKernels
+    from orcd.ops.fused import FusedKernels
+    from orcd.ops.matmul import MatmulKernels
+    from orcd.ops.norm import NormKernels
+
+    count = Counting(gpu.launcher)
+    k = (gpu.dev, gpu.compiler, count)
+    b = SimpleNamespace(mm=MatmulKernels(*k, int8="all", mma=request.param == "mma"), fused=FusedKernels(*k),
+                        act=ActivationKernels(*k), norm=NormKernels(*k), scratch=Scratch(gpu.alloc, 4 << 20))
+    ops = CudaOps(b)
+    yield ops, count
+    b.scratch.free()
+
+
+@pytest.mark.parametrize("name", ["Q5_0", "Q6_K"])
+def test_the_output_projection_adds_the_residual_in_its_launch(gpu, rows, rng, host, name):
+    ops, count = rows
+    D, n_in, T = sized((896, 896, 16), (48, 256, 3))
+    w, _ = gpu.weight(host, name, (D, n_in), rng)
+    a = gpu.put(rng.standard_normal((T, n_in)).astype(np.float32))
+    res = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    with in_phase(ops, Phase.ROWS):
+        count.names.clear()
+        got = gpu.get(ops.linear_add(a, w, res))
+        launches = list(count.names)
+        alone = gpu.get(ops.linear_add(a.rows(1, 2), w, res.rows(1, 2)))
+        plain = gpu.get(ops.add(res, ops.linear(a, w)))
+    assert np.array_equal(got, plain)
+    assert np.array_equal(alone[0], got[1])
+    assert len(launches) == 2, launches          # quantize x, then the GEMV that adds
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_the_ffn_is_two_launches_after_the_attention(gpu, rows, rng, host, joined):
+    ops, count = rows
+    D, n_ff, T = sized((896, 4864, 16), (256, 48, 3))
+    if joined:   # Phi-3's gate_up
+        ws = (gpu.weight(host, "Q4_K", (2 * n_ff, D), rng)[0], None)
+    else:
+        ws = tuple(gpu.weight(host, "Q4_K", (n_ff, D), rng)[0] for _ in range(2))
+    x = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    norm = (gpu.put((1 + 0.1 * rng.standard_normal(D)).astype(np.float32)), 1e-6)
+    with in_phase(ops, Phase.ROWS):
+        count.names.clear()
+        got = gpu.get(ops.gated_linear(x, *ws, norm=norm))
+        launches = list(count.names)
+        alone = gpu.get(ops.gated_linear(x.rows(2, 3), *ws, norm=norm))
+        h = ops._shared_act(x, [w for w in ws if w is not None], norm)
+        if joined:
+            gate, up = ops.split(ops.linear(h, ws[0]), (n_ff, n_ff))
+        else:
+            gate, up = ops.linear(h, ws[0]), ops.linear(h, ws[1])
+        plain = gpu.get(ops.swiglu(gate, up))
+    assert np.array_equal(got, plain)
+    assert np.array_equal(alone[0], got[2])
+    assert len(launches) == 2, launches          # rms_norm_q8, then gate + up + SwiGLU
