@@ -33,7 +33,7 @@ BIG = [(name, 16384, 4096, 1) for name in
 
 class Timer:
     def __init__(self, dev):
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         self.dev, self.cu = dev, cu
         self.start, self.stop = cu("cuEventCreate", 0), cu("cuEventCreate", 0)
@@ -48,7 +48,7 @@ class Timer:
 
 
 def copy_gbps(dev, alloc, timer, nbytes=1 << 30) -> float:
-    from orcd.cuda.driver import cu
+    from orcd.backends.cuda.driver import cu
 
     a, b = alloc.alloc(nbytes, "test"), alloc.alloc(nbytes, "test")
     run = lambda: cu("cuMemcpyDtoDAsync", b.ptr, a.ptr, nbytes, dev.stream)  # noqa: E731
@@ -60,9 +60,9 @@ def copy_gbps(dev, alloc, timer, nbytes=1 << 30) -> float:
 
 
 def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=False, batch=False):
-    from orcd.cuda.graph import capture
-    from orcd.cuda.memory import from_host
-    from orcd.cuda.tensor import DeviceTensor, QWeight
+    from orcd.backends.cuda.graph import capture
+    from orcd.backends.cuda.memory import from_host
+    from orcd.backends.cuda.tensor import DeviceTensor, QWeight
 
     ids = {"F32": 0, "F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
            "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
@@ -80,7 +80,7 @@ def bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, replays, int8=
     launches = copies * max(1, 64 // copies)
     arena = None
     if int8:  # the GEMV alone: x quantized once, outside the timed graph
-        from orcd.cuda.tensor import Arena
+        from orcd.backends.cuda.tensor import Arena
 
         qb = alloc.alloc(2 * T * n_in + 4096, "test")
         arena = Arena(qb.ptr, qb.nbytes)
@@ -120,10 +120,10 @@ def main() -> None:
                     "(comma-separated) on Qwen2.5-0.5B's and Phi-3-mini's shapes instead")
     args = ap.parse_args()
 
-    from orcd.cuda.device import CudaDevice
-    from orcd.cuda.launch import Launcher
-    from orcd.cuda.memory import DeviceAllocator
-    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.backends.cuda.device import CudaDevice
+    from orcd.backends.cuda.launch import Launcher
+    from orcd.backends.cuda.memory import DeviceAllocator
+    from orcd.backends.cuda.nvrtc import KernelCompiler
     from orcd.ops.matmul import MatmulKernels
     from orcd.plugins import PluginHost
 

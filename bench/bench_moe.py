@@ -22,8 +22,8 @@ N_EXPERT, K, D, N_FF = 32, 4, 2880, 2880
 
 
 def experts(backend, host, rng):
-    from orcd.cuda.memory import from_host
-    from orcd.cuda.tensor import DeviceTensor, QWeight
+    from orcd.backends.cuda.memory import from_host
+    from orcd.backends.cuda.tensor import DeviceTensor, QWeight
     from orcd.ops.moe import Experts
 
     def put(arr):
@@ -47,7 +47,7 @@ def experts(backend, host, rng):
 
 
 def time_paths(backend, ex, T: int, rng, timer) -> tuple[float, float]:
-    from orcd.cuda.memory import from_host
+    from orcd.backends.cuda.memory import from_host
 
     ops = backend.ops
     backend.scratch.reset()
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the markdown table here")
     args = ap.parse_args()
 
-    from orcd.backend.cuda import CudaBackend
+    from orcd.backends.cuda.backend import CudaBackend
     from orcd.plugins import PluginHost
 
     backend = CudaBackend(graphs=False)

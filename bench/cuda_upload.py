@@ -1,5 +1,5 @@
 """Upload throughput: a file of random bytes, mmapped, to device memory through
-orcd.cuda.upload's pinned double buffering, for a few chunk sizes.
+orcd.backends.cuda.upload's pinned double buffering, for a few chunk sizes.
 
     python3 bench/cuda_upload.py [--mib 512] [--repeat 3]
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orcd.cuda.device import CudaDevice
-from orcd.cuda.driver import cu
-from orcd.cuda.memory import DeviceAllocator, to_host
-from orcd.cuda.upload import Uploader
+from orcd.backends.cuda.device import CudaDevice
+from orcd.backends.cuda.driver import cu
+from orcd.backends.cuda.memory import DeviceAllocator, to_host
+from orcd.backends.cuda.upload import Uploader
 
 
 def pinned_ceiling(dev: CudaDevice, dst: int, nbytes: int) -> float:

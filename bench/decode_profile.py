@@ -83,7 +83,7 @@ class Twice:
 
 class Step:
     def __init__(self, lm, n_ctx: int, last_pos: int) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         self.lm, self.b, self.model = lm, lm.backend, lm.model
         hp = lm.hp
@@ -97,12 +97,12 @@ class Step:
         self.ev0, self.ev1 = cu("cuEventCreate", 0), cu("cuEventCreate", 0)
 
     def set_pos(self, pos: int, token: int = 17) -> None:
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         from_host(self.b.device, np.array([token, pos], np.int32), self.b.step_ids.ptr)
 
     def forward(self, ops):
-        from orcd.backend.cuda import ScratchFull
+        from orcd.backends.cuda.backend import ScratchFull
 
         b = self.b
         while True:
@@ -113,7 +113,7 @@ class Step:
                 b._grow_scratch(e.args[0])
 
     def graph(self, ops):
-        from orcd.cuda.graph import capture
+        from orcd.backends.cuda.graph import capture
 
         self.forward(ops)                 # sizes the scratch, builds tables
         self.b.synchronize()
@@ -137,7 +137,7 @@ class Step:
 
 def sampler_ms(step) -> float | None:
     """Graph time of the device sampler's kernels (greedy) on this step's logits."""
-    from orcd.cuda.graph import capture
+    from orcd.backends.cuda.graph import capture
     from orcd.sampling import SamplingParams
 
     b = step.b

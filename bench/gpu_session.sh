@@ -16,7 +16,8 @@
 #                                   # worktree add .carry/base REV`) on the same machine: the GPU
 #                                   # tests of the kernels and the batch, then for MODELS (default
 #                                   # qwen2-0.5b) decode_profile --bench of both trees, and
-#                                   # batch_decode; with NAME=VALUE --cuda-options, this tree a
+#                                   # batch_decode (BASE with its own bench scripts: a checkout of
+#                                   # another layout still runs); with NAME=VALUE --cuda-options, this tree a
 #                                   # third time with them (e.g. pdl=on self_quantize=on);
 #                                   # SKIP_TESTS=1 leaves the GPU tests out
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
@@ -24,7 +25,7 @@
 #                                   # ones) as it is and with those --cuda-options, e.g.
 #                                   # ab gpt-oss-20b moe_tc=off
 #
-# carrying .whl, bench/peer and (if built) core/orcd/cuda/aot. Every step is bounded by
+# carrying .whl, bench/peer and (if built) core/orcd/backends/cuda/aot. Every step is bounded by
 # `timeout`, waits poll files (never a process list that can match itself), and logs
 # go to $OUT.
 set -uo pipefail
@@ -86,7 +87,7 @@ load)
       | tee "$OUT/load-long.log" | tail -5
   ;;
 tree)
-  base=$(cd "${2:?usage: bench/gpu_session.sh tree BASE [MODELS [NAME=VALUE...]]}" && pwd)/core
+  base=$(cd "${2:?usage: bench/gpu_session.sh tree BASE [MODELS [NAME=VALUE...]]}" && pwd)
   opts=(); for o in "${@:4}"; do opts+=(--cuda-option "$o"); done
   runs="base this"; [ ${#opts[@]} -gt 0 ] && runs="base this opts"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -100,16 +101,16 @@ tree)
   fi
   for m in ${3:-qwen2-0.5b}; do
     [ -f "$WORK/$m.gguf" ] || python3 -m orcd.cli synth "$m" -o "$WORK/$m.gguf"
-    for t in $runs; do   # the same script and card; only the orcd on PYTHONPATH (or the options) differs
-      p=$PYTHONPATH; [ $t = base ] && p=$base:$PYTHONPATH
-      PYTHONPATH=$p timeout 120 python3 bench/decode_profile.py "$WORK/$m.gguf" --positions 100,600,1000 \
+    for t in $runs; do   # the same card; the base with its own core and its own bench scripts
+      p=$PYTHONPATH; b=bench; [ $t = base ] && p=$base/core:$PYTHONPATH && b=$base/bench
+      PYTHONPATH=$p timeout 120 python3 $b/decode_profile.py "$WORK/$m.gguf" --positions 100,600,1000 \
           --bench $([ $t = opts ] && echo "${opts[@]}") > "$OUT/profile-$m-$t.log" 2>&1
       echo "$m ($t): $(grep -h 'graph step' "$OUT/profile-$m-$t.log")"; grep -h "pos \|tok/s" "$OUT/profile-$m-$t.log"
     done
   done
   for t in $runs; do
-    p=$PYTHONPATH; [ $t = base ] && p=$base:$PYTHONPATH
-    PYTHONPATH=$p timeout 90 python3 bench/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" \
+    p=$PYTHONPATH; b=bench; [ $t = base ] && p=$base/core:$PYTHONPATH && b=$base/bench
+    PYTHONPATH=$p timeout 90 python3 $b/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" \
         $([ $t = opts ] && echo "${opts[@]}") 2>&1 | tee "$OUT/batch-$t.log" | tail -6
   done
   ;;

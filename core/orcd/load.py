@@ -121,7 +121,7 @@ def _load(mf, host, device, n_ctx, tokenizer_path, progress, backend, backend_op
     tok_future = tokenizing.submit(_tokenizer, host, mf, tokenizer_path, phases)
     tokenizing.shutdown(wait=False)
     if backend is None:
-        from orcd.backend import create_backend
+        from orcd.backends import create_backend
         try:
             with phases("backend"):   # device, context, the format-free kernels (compiled in parallel)
                 backend = create_backend(device, **backend_options)

@@ -10,9 +10,9 @@ import inspect
 import numpy as np
 import pytest
 
-from orcd.backend.cpu import CpuBackend, CpuOps
-from orcd.backend.cuda import CudaBackend
-from orcd.backend.cuda_ops import CudaOps
+from orcd.backends.cpu import CpuBackend, CpuOps
+from orcd.backends.cuda.backend import CudaBackend
+from orcd.backends.cuda.ops import CudaOps
 from orcd.ops.contract import Backend, Ops
 
 

@@ -13,13 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from orcd.cuda import driver
-from orcd.cuda.device import DeviceInfo
-from orcd.cuda.launch import KernelAttrs, LaunchError, dim3, pack_arg, pack_args, validate_launch
-from orcd.cuda.memory import Allocator, DeviceBuffer, VramLedger, align_up
-from orcd.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options, cubin_path, key_options
-from orcd.cuda.residency import classify
-from orcd.cuda.upload import Milestones, _jobs, plan_chunks, plan_rows
+from orcd.backends.cuda import driver
+from orcd.backends.cuda.device import DeviceInfo
+from orcd.backends.cuda.launch import KernelAttrs, LaunchError, dim3, pack_arg, pack_args, validate_launch
+from orcd.backends.cuda.memory import Allocator, DeviceBuffer, VramLedger, align_up
+from orcd.backends.cuda.nvrtc import KernelSource, cache_key, cache_root, compile_options, cubin_path, key_options
+from orcd.backends.cuda.residency import classify
+from orcd.backends.cuda.upload import Milestones, _jobs, plan_chunks, plan_rows
 from orcd.errors import CudaError, VramOom
 from orcd.ops.contract import Phase
 
@@ -58,14 +58,37 @@ def test_importing_orcd_and_the_gpu_layer_touches_no_cuda():
                     raise ImportError("forbidden at import time: " + name)
         sys.meta_path.insert(0, Forbid())
         import orcd, orcd.vram
-        for m in ("driver", "device", "memory", "upload", "nvrtc", "launch", "graph",
-                  "residency", "blas"):
-            importlib.import_module("orcd.cuda." + m)
+        for m in DRIVER_LAYER + BACKEND_LAYER:
+            importlib.import_module("orcd.backends.cuda." + m)
         print("ok")
-    """)
+    """).replace("DRIVER_LAYER + BACKEND_LAYER", repr(DRIVER_LAYER + BACKEND_LAYER))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+DRIVER_LAYER = ("driver", "device", "memory", "upload", "nvrtc", "launch", "graph", "residency", "blas",
+                "cublaslt", "tensor")
+BACKEND_LAYER = ("backend", "ops", "steps", "batch", "prefill")
+
+
+def test_the_gpu_package_is_the_two_layers_and_the_driver_layer_never_imports_the_backend():
+    # backends/cuda: the driver modules know nothing of models or ops (aot.py, the release
+    # tool, reads the backend's kernel list)
+    import ast
+    from pathlib import Path
+
+    import orcd.backends.cuda as pkg
+
+    root = Path(pkg.__file__).parent
+    assert {p.stem for p in root.glob("*.py")} == {"__init__", "aot", *DRIVER_LAYER, *BACKEND_LAYER}
+    for name in DRIVER_LAYER:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        upward = {m for m in imported if m.startswith("orcd.ops") or m.startswith("orcd.backends.cuda.")
+                  and m.rsplit(".", 1)[1] in BACKEND_LAYER}
+        assert not upward, f"{name}.py imports {sorted(upward)}"
 
 
 # -- accounting -------------------------------------------------------------------
@@ -240,7 +263,7 @@ def fake_nvrtc(monkeypatch):
     """KernelCompiler without NVRTC: a compile is recorded and returns the source's bytes."""
     import threading
 
-    from orcd.cuda import nvrtc
+    from orcd.backends.cuda import nvrtc
 
     compiled, gate = [], threading.Event()
     gate.set()
@@ -256,11 +279,11 @@ def fake_nvrtc(monkeypatch):
 
 
 def test_shipped_cubins_are_used_without_compiling(tmp_path, fake_nvrtc):
-    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.backends.cuda.nvrtc import KernelCompiler
 
     compiled, _ = fake_nvrtc
     shipped = tmp_path / "aot"
-    builder = KernelCompiler("sm_90", cache=shipped, shipped=None)   # as orcd.cuda.aot builds them
+    builder = KernelCompiler("sm_90", cache=shipped, shipped=None)   # as orcd.backends.cuda.aot builds them
     builder.cubin(SRC)
     assert compiled == ["k.cu"]
     worker = KernelCompiler("sm_90", cache=tmp_path / "user", shipped=shipped)
@@ -271,7 +294,7 @@ def test_shipped_cubins_are_used_without_compiling(tmp_path, fake_nvrtc):
 
 
 def test_prefetch_compiles_once_and_cubin_waits_for_it(tmp_path, fake_nvrtc):
-    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.backends.cuda.nvrtc import KernelCompiler
 
     compiled, gate = fake_nvrtc
     gate.clear()                                     # hold the compiles until cubin() is waiting
@@ -304,7 +327,7 @@ def test_cache_root_precedence(tmp_path):
 
 
 def test_kernel_source_from_package_reads_shipped_kernels():
-    src = KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu")
+    src = KernelSource.from_package("orcd.backends.cuda.kernels", "gemm_simt.cu")
     assert 'extern "C" __global__ void gemm_f16_simt' in src.source
 
 
@@ -381,10 +404,10 @@ def test_residency_classification():
     assert "not a CUDA allocation" in classify("w", None, False, None)
 
 
-# -- batched decode inputs (backend/cuda_batch.py) ----------------------------------
+# -- batched decode inputs (backends/cuda/batch.py) ----------------------------------
 
 def test_row_buckets():
-    from orcd.backend.cuda_batch import bucket
+    from orcd.backends.cuda.batch import bucket
 
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17, 40, 256, 257, 600)] == [1, 2, 4, 8, 16, 24, 48, 256, 512, 1024]
 
@@ -395,8 +418,8 @@ def test_a_decode_batch_pads_its_rows_into_the_spare_block():
     block; every row reads its own table row."""
     from types import SimpleNamespace
 
-    from orcd.backend.cuda_batch import BatchDecoder
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.batch import BatchDecoder
+    from orcd.backends.cuda.memory import to_host
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
@@ -421,8 +444,8 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
     every row at position 0 of the spare block: no sequence's KV is touched."""
     from types import SimpleNamespace
 
-    from orcd.backend.cuda_batch import MIN_BLOCKS, BatchDecoder
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.batch import MIN_BLOCKS, BatchDecoder
+    from orcd.backends.cuda.memory import to_host
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
@@ -453,8 +476,8 @@ def test_warm_tasks_capture_one_graph_each_and_skip_what_a_step_captured(monkeyp
     the task then only replays it."""
     from types import SimpleNamespace
 
-    import orcd.cuda.graph
-    from orcd.backend.cuda_batch import BatchDecoder
+    import orcd.backends.cuda.graph
+    from orcd.backends.cuda.batch import BatchDecoder
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
@@ -465,7 +488,7 @@ def test_warm_tasks_capture_one_graph_each_and_skip_what_a_step_captured(monkeyp
             forwards.append(ids.shape[0])
             return SimpleNamespace(shape=(ids.shape[0], 7), rows=lambda a, b: SimpleNamespace(shape=(b - a, 7)))
 
-    monkeypatch.setattr(orcd.cuda.graph, "capture_like",
+    monkeypatch.setattr(orcd.backends.cuda.graph, "capture_like",
                         lambda device, forward, logits, what: captured.append(logits.shape[0]) or
                         SimpleNamespace(replay=lambda: forwards.append("replay"), close=lambda: None))
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=None,
@@ -491,7 +514,7 @@ def test_a_prefill_chunk_pads_first_at_the_positions_after_it():
     """A chunk of 5 tokens at position 100 replays as the 16-row bucket: 11 padding
     rows (token 0 at positions 105..115) come first, the chunk's tokens last, so
     its last token is the forward's last row; no bucket past 512 tokens."""
-    from orcd.backend.cuda_prefill import BUCKETS, bucket, padded_inputs
+    from orcd.backends.cuda.prefill import BUCKETS, bucket, padded_inputs
 
     assert [bucket(n) for n in (2, 16, 17, 129, 512, 513)] == [16, 16, 32, 192, 512, None]
     assert list(BUCKETS) == sorted(BUCKETS)
@@ -507,9 +530,9 @@ def test_a_prompt_chunk_replays_its_bucket_with_its_inputs_at_fixed_addresses(mo
     a new buffer and drops that bucket's graphs (captured for the old addresses)."""
     from types import SimpleNamespace
 
-    import orcd.cuda.graph
-    from orcd.backend.cuda_batch import BatchDecoder
-    from orcd.cuda.memory import to_host
+    import orcd.backends.cuda.graph
+    from orcd.backends.cuda.batch import BatchDecoder
+    from orcd.backends.cuda.memory import to_host
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
@@ -525,7 +548,7 @@ def test_a_prompt_chunk_replays_its_bucket_with_its_inputs_at_fixed_addresses(mo
                          to_host(dev, view.tables.ptr, 4 * width).view(np.int32).tolist()))
             return SimpleNamespace(shape=(1, 7))
 
-    monkeypatch.setattr(orcd.cuda.graph, "capture_like", lambda device, forward, logits, what:
+    monkeypatch.setattr(orcd.backends.cuda.graph, "capture_like", lambda device, forward, logits, what:
                         SimpleNamespace(replay=lambda: seen.append("replay"), close=lambda: None))
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=object(),
                               ops=None, scratch=SimpleNamespace(reset=lambda: None))
@@ -547,7 +570,7 @@ def test_a_prefill_chunk_that_fits_no_bucket_runs_eagerly():
     token, past the largest bucket, and where the padding would pass the cache."""
     from types import SimpleNamespace
 
-    from orcd.backend.cuda_prefill import PrefillGraphs
+    from orcd.backends.cuda.prefill import PrefillGraphs
 
     graphs = PrefillGraphs(SimpleNamespace())
     cache = SimpleNamespace(n_ctx=1024)

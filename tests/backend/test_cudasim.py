@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from orcd import cudasim
-from orcd.cuda.launch import LaunchError
-from orcd.cuda.nvrtc import KernelSource
+from orcd.backends.cuda.launch import LaunchError
+from orcd.backends.cuda.nvrtc import KernelSource
 
 pytestmark = pytest.mark.skipif(not cudasim.available(), reason="no C++ compiler for the CUDA simulator")
 

@@ -21,7 +21,7 @@ from orcd.quant.builtin import FORMATS
 from orcd.quant.device import HEADER, formats_header, with_device
 
 ROOT = Path(__file__).resolve().parents[2] / "core" / "orcd"
-SOURCES = sorted([*ROOT.glob("ops/*.cu"), *ROOT.glob("cuda/kernels/*.cu")])
+SOURCES = sorted([*ROOT.glob("ops/*.cu"), *ROOT.glob("backends/cuda/kernels/*.cu")])
 OWN_HEADERS = ({p.name for p in ROOT.glob("quant/*.cuh")} | {p.name for p in ROOT.glob("ops/*.cuh")}
                | {HEADER})   # formats.cuh is generated
 TOOLKIT_HEADERS = {"cuda_fp16.h"}   # what the GPU machine's NVRTC headers are known to provide
@@ -75,7 +75,7 @@ def _quoted_includes(text: str, headers: dict[str, str], seen: set[str]) -> set[
 def test_kernel_sources_bring_every_header_they_include():
     # NVRTC sees only the headers a KernelSource carries: what each .cu includes,
     # directly or through another header, must be among them
-    from orcd.cuda.aot import sources
+    from orcd.backends.cuda.aot import sources
     from orcd.ops import matmul
 
     own = {p.name: p.read_text() for p in [*ROOT.glob("quant/*.cuh"), *ROOT.glob("ops/*.cuh")]}

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from orcd.backend.cuda import kernel_sources
-from orcd.cuda import driver
-from orcd.cuda.launch import KernelAttrs, Launcher
-from orcd.cuda.nvrtc import KernelSource
+from orcd.backends.cuda.backend import kernel_sources
+from orcd.backends.cuda import driver
+from orcd.backends.cuda.launch import KernelAttrs, Launcher
+from orcd.backends.cuda.nvrtc import KernelSource
 from orcd.quant.builtin import builtin_table
 
 from tests.backend.test_cuda_logic import INFO
@@ -93,7 +93,7 @@ def test_the_rule_sees_through_macros_and_catches_early_work():
 
 
 def test_a_source_without_the_header_is_not_marked():
-    assert not KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu").pdl
+    assert not KernelSource.from_package("orcd.backends.cuda.kernels", "gemm_simt.cu").pdl
     assert KernelSource.from_package("orcd.ops", "norm.cu").headers["pdl.cuh"].count("griddepcontrol") == 2
 
 

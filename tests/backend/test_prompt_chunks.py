@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orcd.backend.cuda_prefill import UNFOLDED_CHUNK, bucket, padding_is_safe
+from orcd.backends.cuda.prefill import UNFOLDED_CHUNK, bucket, padding_is_safe
 from orcd.engine import Engine, GenerateRequest
 from orcd.load import load_model
 from orcd.sampling import SamplingParams

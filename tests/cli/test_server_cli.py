@@ -37,7 +37,7 @@ def parsed(argv: list[str]) -> argparse.Namespace:
 
 def _cuda_present() -> bool:
     try:
-        from orcd.cuda.device import device_count
+        from orcd.backends.cuda.device import device_count
         return device_count() > 0
     except Exception:
         return False

@@ -35,7 +35,7 @@ def dev():
 
         yield SimDevice()
         return
-    from orcd.cuda.device import CudaDevice
+    from orcd.backends.cuda.device import CudaDevice
 
     d = CudaDevice(int(os.environ.get("ORCD_TEST_GPU", "0")))
     yield d
@@ -47,7 +47,7 @@ def alloc(dev):
     if SIMULATED:
         from orcd.cudasim import SimAllocator as Allocator
     else:
-        from orcd.cuda.memory import DeviceAllocator
+        from orcd.backends.cuda.memory import DeviceAllocator
 
         def Allocator():
             return DeviceAllocator(dev)
@@ -62,7 +62,7 @@ def compiler(dev, tmp_path_factory):
         from orcd.cudasim import SimCompiler
 
         return SimCompiler()   # the on-disk cache: its key covers every input
-    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.backends.cuda.nvrtc import KernelCompiler
 
     return KernelCompiler(dev.info.arch, cache=tmp_path_factory.mktemp("kcache"), cuda_headers=True)
 
@@ -73,7 +73,7 @@ def launcher(dev, alloc):
         from orcd.cudasim import SimLauncher
 
         return SimLauncher(after=alloc.check)
-    from orcd.cuda.launch import Launcher
+    from orcd.backends.cuda.launch import Launcher
 
     return Launcher(dev)
 

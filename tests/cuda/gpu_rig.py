@@ -52,7 +52,7 @@ def randn(rng, *shape, scale=1.0) -> np.ndarray:
 
 def upload(dev, alloc, arr: np.ndarray, purpose: str = "test"):
     """A fresh allocation holding ``arr``'s bytes (a DeviceBuffer)."""
-    from orcd.cuda.memory import from_host
+    from orcd.backends.cuda.memory import from_host
 
     arr = np.ascontiguousarray(arr)
     buf = alloc.alloc(max(arr.nbytes, 1), purpose)
@@ -96,7 +96,7 @@ class Gpu:
     @cached_property
     def arena(self):
         """Scratch for prefill GEMMs, allocated once for the session (outside any scope)."""
-        from orcd.cuda.tensor import Arena
+        from orcd.backends.cuda.tensor import Arena
 
         buf = self.alloc.alloc(ARENA_BYTES, "scratch")
         return Arena(buf.ptr, buf.nbytes)
@@ -105,7 +105,7 @@ class Gpu:
 
     def put(self, arr: np.ndarray):
         """Upload a host array: a DeviceTensor of its shape and dtype."""
-        from orcd.cuda.tensor import DeviceTensor
+        from orcd.backends.cuda.tensor import DeviceTensor
 
         arr = np.ascontiguousarray(arr)
         buf = upload(self.dev, self.alloc, arr)
@@ -115,8 +115,8 @@ class Gpu:
     def empty(self, shape, dtype=np.float32):
         """A poisoned output: every byte 0xFF, which is NaN in any float type and -1
         in any signed int, so an element a kernel never writes shows."""
-        from orcd.cuda.memory import fill_bytes
-        from orcd.cuda.tensor import DeviceTensor
+        from orcd.backends.cuda.memory import fill_bytes
+        from orcd.backends.cuda.tensor import DeviceTensor
 
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -126,13 +126,13 @@ class Gpu:
         return DeviceTensor(buf.ptr, shape, np.dtype(dtype))
 
     def get(self, t) -> np.ndarray:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         return to_host(self.dev, t.ptr, t.nbytes).view(t.dtype).reshape(t.shape)
 
     def weight(self, host, type_name: str, shape, rng, std: float = 0.05):
         """(QWeight of fresh random blocks of ``TYPES[type_name]``, its float64 dequantization)."""
-        from orcd.cuda.tensor import QWeight
+        from orcd.backends.cuda.tensor import QWeight
 
         fmt = host.formats[TYPES[type_name]]
         shape = tuple(shape)

@@ -1,4 +1,4 @@
-"""The direct cuBLASLt GEMM (orcd/cuda/cublaslt.py, Gemm's default).
+"""The direct cuBLASLt GEMM (orcd/backends/cuda/cublaslt.py, Gemm's default).
 
 GPU tests: c[m, n] = a[m, k] @ b[n, k]^T against a float64 numpy product of the
 same half-precision values, at the real Qwen2.5-0.5B prefill shapes; bitwise
@@ -50,7 +50,7 @@ def operands(scope, rng, m: int, n: int, k: int, dtype: str):
 
 @pytest.fixture
 def gemm(dev, alloc):
-    from orcd.cuda.blas import Gemm
+    from orcd.backends.cuda.blas import Gemm
 
     g = Gemm(dev, allocator=alloc)  # the default implementation
     assert g.impl == "cublaslt", "the cuBLASLt bindings did not load on the GPU machine"
@@ -117,7 +117,7 @@ def column_major(buf: np.ndarray, rows: int, cols: int, ld: int) -> np.ndarray:
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,n,k", [(1, 128, 256), (17, 40, 24), (5, 3, 7)])
 def test_column_major_problem_replays_the_row_major_product(m, n, k):
-    from orcd.cuda.cublaslt import column_major_problem
+    from orcd.backends.cuda.cublaslt import column_major_problem
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k)), rng.standard_normal((n, k))
@@ -134,7 +134,7 @@ def test_column_major_problem_replays_the_row_major_product(m, n, k):
 
 @pytest.mark.cuda
 def test_alignment_is_the_weakest_pointer_capped_at_256():
-    from orcd.cuda.cublaslt import alignment
+    from orcd.backends.cuda.cublaslt import alignment
 
     assert alignment(0x10000, 0x20000, 0x7000_0000) == 256
     assert alignment(0x10000, 0x10002, 0x10100) == 2
@@ -150,7 +150,7 @@ class NoCudaDevice:
 
 @pytest.mark.cuda
 def test_unknown_implementation_is_refused_before_any_cuda():
-    from orcd.cuda.blas import Gemm
+    from orcd.backends.cuda.blas import Gemm
 
     with pytest.raises(ValueError, match="cublaslt"):
         Gemm(NoCudaDevice(), impl="cublas")
@@ -158,8 +158,8 @@ def test_unknown_implementation_is_refused_before_any_cuda():
 
 @pytest.mark.cuda
 def test_missing_bindings_fall_back_to_nvmath_with_a_warning(monkeypatch):
-    from orcd.cuda import cublaslt
-    from orcd.cuda.blas import Gemm
+    from orcd.backends.cuda import cublaslt
+    from orcd.backends.cuda.blas import Gemm
 
     def missing():
         raise ImportError("No module named 'nvmath'")
@@ -254,7 +254,7 @@ class FakeAllocator:
 
 @pytest.mark.cuda
 def test_lt_gemm_wires_cublaslt_as_the_derivation_says():
-    from orcd.cuda.cublaslt import WORKSPACE_BYTES, LtGemm
+    from orcd.backends.cuda.cublaslt import WORKSPACE_BYTES, LtGemm
 
     lt, allocator = FakeLt(), FakeAllocator()
     gemm = LtGemm(types.SimpleNamespace(make_current=lambda: None), lt, allocator)

@@ -129,7 +129,7 @@ def test_batch_gemv_rows_equal_rows_alone(gpu, host, name):
 
 @pytest.mark.gpu_only
 def test_gemv_replays_in_a_cuda_graph(gpu, host):
-    from orcd.cuda.graph import capture
+    from orcd.backends.cuda.graph import capture
 
     rng = np.random.default_rng()
     w, w_ref = gpu.weight(host, "Q4_K", (896, 4864), rng)

@@ -121,7 +121,7 @@ def test_grouped_expert_matmul_matches_per_pair_reference(gpu, rng, host, kernel
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    from orcd.backend.cuda import CudaBackend
+    from orcd.backends.cuda.backend import CudaBackend
 
     b = CudaBackend(kernel_cache=tmp_path_factory.mktemp("kcache"))
     b._grow_scratch(64 << 20)   # the largest case's activations, both paths
@@ -131,8 +131,8 @@ def backend(tmp_path_factory):
 
 def gpt_oss_experts(backend, host, rng, n_expert, n_ff, D):
     """Experts with MXFP4 matrices and f32 router/biases: (on the device, dequantized on the host)."""
-    from orcd.cuda.memory import from_host
-    from orcd.cuda.tensor import DeviceTensor, QWeight
+    from orcd.backends.cuda.memory import from_host
+    from orcd.backends.cuda.tensor import DeviceTensor, QWeight
 
     def put(arr):
         buf = backend.alloc.alloc(max(arr.nbytes, 1), "test")
@@ -169,7 +169,7 @@ def test_grouped_moe_matches_per_pair_and_reference(backend, host, T, tc):
     ops = backend.ops
     backend.scratch.reset()
     x = ops._empty((T, D))
-    from orcd.cuda.memory import from_host
+    from orcd.backends.cuda.memory import from_host
     from_host(backend.device, x_host, x.ptr)
     try:
         grouped = backend.to_host(ops.moe(x, ex, k, ALPHA, LIMIT))
@@ -200,7 +200,7 @@ def _q8_linear(x, w, b=None):
 
 @pytest.mark.parametrize("name", ["MXFP4", "Q4_0", "Q8_0"])
 def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
-    from orcd.cuda.tensor import QWeight
+    from orcd.backends.cuda.tensor import QWeight
     from orcd.ops.matmul import MatmulKernels, Q8Act, quantize_q8_ref
 
     mk8 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")

@@ -37,7 +37,7 @@ class Counting:
 @pytest.fixture(params=["dp4a", "mma"])
 def rows(request, gpu):
     # CudaOps over the kernel families, each launching through one counting launcher
-    from orcd.backend.cuda_ops import CudaOps, Scratch
+    from orcd.backends.cuda.ops import CudaOps, Scratch
     from orcd.ops.activation import ActivationKernels
     from orcd.ops.fused import FusedKernels
     from orcd.ops.matmul import MatmulKernels

@@ -40,7 +40,7 @@ extern "C" __global__ void big_shared(float* x) {
 def alloc(dev):
     """Overrides conftest's session allocator: these tests read the ledger and
     the device's free memory, so each gets an allocator of its own."""
-    from orcd.cuda.memory import DeviceAllocator
+    from orcd.backends.cuda.memory import DeviceAllocator
 
     a = DeviceAllocator(dev)
     yield a
@@ -49,13 +49,13 @@ def alloc(dev):
 
 @pytest.fixture(scope="module")
 def module(dev, compiler):
-    from orcd.cuda.nvrtc import KernelSource
+    from orcd.backends.cuda.nvrtc import KernelSource
 
     return compiler.load(dev, KernelSource("runtime_test.cu", KERNELS))
 
 
 def get(dev, buf, dtype, count):
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.memory import to_host
 
     return to_host(dev, buf.ptr, count * np.dtype(dtype).itemsize).view(dtype)
 
@@ -63,7 +63,7 @@ def get(dev, buf, dtype, count):
 # -- device ----------------------------------------------------------------------
 
 def test_discovery(dev):
-    from orcd.cuda.device import device_count, list_devices
+    from orcd.backends.cuda.device import device_count, list_devices
 
     assert device_count() >= 1
     info = list_devices()[dev.index]
@@ -77,7 +77,7 @@ def test_discovery(dev):
 
 
 def test_bad_device_id_names_the_devices(dev):
-    from orcd.cuda.device import CudaDevice, device_count
+    from orcd.backends.cuda.device import CudaDevice, device_count
 
     for bad in (device_count(), -1, 99):
         with pytest.raises(InvalidRequest) as e:
@@ -96,7 +96,7 @@ def test_alloc_free_accounting(dev, alloc):
     assert alloc.usage()["weights"] == 256 << 20 and alloc.usage()["kv_cache"] == 1024
     assert dev.mem_info()[0] <= free0 - (256 << 20)
     data = np.random.default_rng().integers(0, 256, 1000, dtype=np.uint8)
-    from orcd.cuda.memory import from_host, to_host
+    from orcd.backends.cuda.memory import from_host, to_host
 
     from_host(dev, data, small.ptr)
     assert np.array_equal(to_host(dev, small.ptr, 1000), data)
@@ -107,7 +107,7 @@ def test_alloc_free_accounting(dev, alloc):
 
 
 def test_budget_oom_leaves_the_worker_intact(dev):
-    from orcd.cuda.memory import DeviceAllocator, to_host
+    from orcd.backends.cuda.memory import DeviceAllocator, to_host
 
     alloc = DeviceAllocator(dev, budget=64 << 20)
     weights = np.random.default_rng().integers(0, 256, 16 << 20, dtype=np.uint8)
@@ -141,8 +141,8 @@ def test_driver_oom_is_vram_oom(dev, alloc):
 
 @pytest.mark.parametrize("copy_threads", [1, 4])
 def test_chunked_upload_round_trip(dev, alloc, tmp_path, copy_threads):
-    from orcd.cuda.memory import fill_bytes, to_host
-    from orcd.cuda.upload import Milestones, Uploader
+    from orcd.backends.cuda.memory import fill_bytes, to_host
+    from orcd.backends.cuda.upload import Milestones, Uploader
 
     rng = np.random.default_rng()
     sizes = [(3 << 20) + 123, 1 << 20, 77, (5 << 20) + 1]
@@ -169,7 +169,7 @@ def test_chunked_upload_round_trip(dev, alloc, tmp_path, copy_threads):
 # -- NVRTC -----------------------------------------------------------------------
 
 def test_nvrtc_compile_and_disk_cache(dev, tmp_path):
-    from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+    from orcd.backends.cuda.nvrtc import KernelCompiler, KernelSource
 
     src = KernelSource("cache_test.cu", KERNELS, {"unused.cuh": "#define UNUSED 1\n"})
     first = KernelCompiler(dev.info.arch, cache=tmp_path)
@@ -186,7 +186,7 @@ def test_nvrtc_compile_and_disk_cache(dev, tmp_path):
 
 
 def test_nvrtc_error_shows_the_log(dev, tmp_path):
-    from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+    from orcd.backends.cuda.nvrtc import KernelCompiler, KernelSource
 
     comp = KernelCompiler(dev.info.arch, cache=tmp_path)
     bad = KernelSource("broken.cu", 'extern "C" __global__ void f(float* x) { x[0] = no_such_name; }')
@@ -204,7 +204,7 @@ def test_missing_kernel_is_a_clear_error(module):
 
 
 def test_toolkit_headers_compile(dev, tmp_path):
-    from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+    from orcd.backends.cuda.nvrtc import KernelCompiler, KernelSource
 
     comp = KernelCompiler(dev.info.arch, cache=tmp_path, cuda_headers=True)
     src = KernelSource("half.cu", '#include <cuda_fp16.h>\n'
@@ -215,7 +215,7 @@ def test_toolkit_headers_compile(dev, tmp_path):
 # -- launches --------------------------------------------------------------------
 
 def test_launch_validation_errors_leave_the_context_usable(dev, alloc, module):
-    from orcd.cuda.launch import LaunchError, Launcher
+    from orcd.backends.cuda.launch import LaunchError, Launcher
 
     launch = Launcher(dev, debug=False)
     add = module.function("add_scalar")
@@ -233,7 +233,7 @@ def test_launch_validation_errors_leave_the_context_usable(dev, alloc, module):
 
 
 def test_large_dynamic_shared_memory_opts_in(dev, alloc, module):
-    from orcd.cuda.launch import Launcher
+    from orcd.backends.cuda.launch import Launcher
 
     launch = Launcher(dev)
     n = 1024
@@ -244,8 +244,8 @@ def test_large_dynamic_shared_memory_opts_in(dev, alloc, module):
 
 
 def test_debug_mode_synchronises_after_each_launch(dev, alloc, module, monkeypatch):
-    from orcd.cuda.driver import cu
-    from orcd.cuda.launch import Launcher
+    from orcd.backends.cuda.driver import cu
+    from orcd.backends.cuda.launch import Launcher
 
     monkeypatch.setenv("ORCD_CUDA_DEBUG", "1")
     launch = Launcher(dev)
@@ -262,9 +262,9 @@ def test_debug_mode_synchronises_after_each_launch(dev, alloc, module, monkeypat
 def test_debug_mode_reports_a_fault_at_its_kernel(tmp_path):
     # A trap poisons the context, so it runs in a child process.
     code = textwrap.dedent(f"""
-        from orcd.cuda.device import CudaDevice
-        from orcd.cuda.launch import Launcher
-        from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+        from orcd.backends.cuda.device import CudaDevice
+        from orcd.backends.cuda.launch import Launcher
+        from orcd.backends.cuda.nvrtc import KernelCompiler, KernelSource
         from orcd.errors import CudaError
         dev = CudaDevice(0)
         comp = KernelCompiler(dev.info.arch, cache={str(tmp_path)!r})
@@ -282,8 +282,8 @@ def test_debug_mode_reports_a_fault_at_its_kernel(tmp_path):
 # -- graphs ----------------------------------------------------------------------
 
 def test_captured_graph_replays_like_eager_launches(dev, alloc, module):
-    from orcd.cuda.graph import capture
-    from orcd.cuda.launch import Launcher
+    from orcd.backends.cuda.graph import capture
+    from orcd.backends.cuda.launch import Launcher
 
     launch = Launcher(dev, debug=True)  # debug must not sync inside a capture
     n = 4097
@@ -309,8 +309,8 @@ def test_captured_graph_replays_like_eager_launches(dev, alloc, module):
 # -- residency -------------------------------------------------------------------
 
 def test_residency_passes_weights_and_flags_pinned_host(dev, alloc):
-    from orcd.cuda.driver import cu
-    from orcd.cuda.residency import check_pointers
+    from orcd.backends.cuda.driver import cu
+    from orcd.backends.cuda.residency import check_pointers
 
     weights = [alloc.alloc(1 << 20, "weights") for _ in range(3)]
     named = [(f"w{i}", b.ptr) for i, b in enumerate(weights)]
@@ -338,8 +338,8 @@ def _bf16_value(bits):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 512), (64, 96, 128), (300, 1000, 768)])
 def test_gemm_matches_numpy(dev, alloc, impl, dtype, m, n, k):
-    from orcd.cuda.blas import Gemm
-    from orcd.cuda.memory import fill_bytes
+    from orcd.backends.cuda.blas import Gemm
+    from orcd.backends.cuda.memory import fill_bytes
 
     rng = np.random.default_rng()
     a32, b32 = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)

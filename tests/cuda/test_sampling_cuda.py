@@ -32,7 +32,7 @@ class Rig:
     """A sampler for one vocabulary, a logits tensor and a poisoned out_id."""
 
     def __init__(self, dev, alloc, sampler, n):
-        from orcd.cuda.tensor import DeviceTensor
+        from orcd.backends.cuda.tensor import DeviceTensor
 
         self.dev, self.sampler, self.n = dev, sampler, n
         self.bufs = [alloc.alloc(4 * n, "test"), alloc.alloc(4, "test")]
@@ -40,12 +40,12 @@ class Rig:
         self.out = DeviceTensor(self.bufs[1].ptr, (1,), np.dtype(np.int32))
 
     def put(self, logits: np.ndarray) -> None:
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         from_host(self.dev, np.ascontiguousarray(logits, dtype=np.float32), self.logits.ptr)
 
     def draw(self, p: SamplingParams, step: int = 0) -> int:
-        from orcd.cuda.memory import fill_bytes, to_host
+        from orcd.backends.cuda.memory import fill_bytes, to_host
 
         fill_bytes(self.dev, self.out.ptr, 0xFF, 4)              # poison: -1
         self.sampler.sample(self.logits, p, step, self.out)
@@ -346,8 +346,8 @@ def test_same_seed_same_ids_other_seed_differs(rig):
 
 @pytest.mark.gpu_only
 def test_graph_replay_gives_the_eager_ids(rig, dev):
-    from orcd.cuda.graph import capture
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.graph import capture
+    from orcd.backends.cuda.memory import to_host
 
     n = 151936
     r = rig(n)
@@ -372,8 +372,8 @@ def test_graph_replay_gives_the_eager_ids(rig, dev):
 def test_a_batch_of_rows_draws_what_each_sampler_draws_alone(dev, alloc, compiler, launcher):
     # sampling_rows: B rows in two launches must give each row the id (and leave the
     # seen mask and counts) that its sampler gives sampling the same row by itself
-    from orcd.cuda.memory import from_host, to_host
-    from orcd.cuda.tensor import DeviceTensor
+    from orcd.backends.cuda.memory import from_host, to_host
+    from orcd.backends.cuda.tensor import DeviceTensor
     from orcd.ops.sampling import CudaSampler, mask_words
     from orcd.ops.sampling_rows import Row, RowBatch
 

@@ -55,7 +55,7 @@ def test_mask_restricts_greedy_and_sampled_draws(rig):
     r.sampler.sample(r.logits, greedy, 0, r.out, allowed)
     assert r.sampler.info()["xmax"] == transform(logits, greedy, [], None, allowed).max()
     want = sample_ref(logits, greedy, np.zeros(0, np.int64), None, allowed=allowed)
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.memory import to_host
     assert int(to_host(r.dev, r.out.ptr, 4).view(np.int32)[0]) == want
     ok = set(np.flatnonzero(np.unpackbits(allowed.view(np.uint8), bitorder="little")[:n]).tolist())
     for step in range(50):
@@ -109,8 +109,8 @@ def test_logprobs_match_the_reference(rig, n):
 
 @pytest.mark.gpu_only   # graph capture needs the driver
 def test_graph_replay_with_mask_and_logprobs_gives_the_eager_results(rig, dev):
-    from orcd.cuda.graph import capture
-    from orcd.cuda.memory import to_host
+    from orcd.backends.cuda.graph import capture
+    from orcd.backends.cuda.memory import to_host
 
     n = 151936
     r = rig(n)

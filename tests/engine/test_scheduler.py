@@ -431,7 +431,7 @@ def test_on_the_gpu_streams_together_equal_each_alone(tiny_model, host, fold):
         sched = Scheduler(engine, n_blocks=64, max_batch=8)
         assert sched.pipelined and sched.fold == fold and sched.last_in_batch != fold
         # folded, 8 graphs: rows 1, 2, 4, 8, 16, 24, 32 and 48 >= 8 decodes + a 32-token
-        # chunk; else rows 1, 2, 4, 8 and the prefill buckets 16 .. 256 (cuda_prefill.py)
+        # chunk; else rows 1, 2, 4, 8 and the prefill buckets 16 .. 256 (backends/cuda/prefill.py)
         assert sched.warm_up() == (8 if fold else 4 + 8)
         graphs = dict(lm.backend.batch._graphs)
         samplers = lm.backend.rows_sampler                      # made by warm_up, one a sequence

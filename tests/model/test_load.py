@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orcd.backend.cpu import CpuBackend
+from orcd.backends.cpu import CpuBackend
 from orcd.errors import InsufficientVram, ModelLoadFailed
 from orcd.load import load_model
 

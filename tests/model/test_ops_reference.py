@@ -210,7 +210,7 @@ def test_fused_refs_are_the_compositions():
 
 
 def test_cpu_attention_rope_is_rope_then_attention():
-    from orcd.backend.cpu import CpuBackend
+    from orcd.backends.cpu import CpuBackend
 
     g = rng()
     b = CpuBackend()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from orcd.arch import HParams
-from orcd.backend.cpu import CpuBackend
+from orcd.backends.cpu import CpuBackend
 from orcd.weights import Weights
 from orcd_phi3.model import _rope_factors
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-RUNTIME = ("orcd.server.app", "orcd.load", "orcd.engine", "orcd.scheduler", "orcd.backend.cpu",
+RUNTIME = ("orcd.server.app", "orcd.load", "orcd.engine", "orcd.scheduler", "orcd.backends.cpu",
            "orcd.cli")
 DEVKIT = ("synth", "testing", "scaffold", "server_testing", "bench")
 PROBE = """
@@ -70,10 +70,11 @@ def test_every_package_folder_says_what_lives_there_and_who_imports_it():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "core" / "orcd"   # the source tree, not a wheel
-    folders = [p.parent for p in root.glob("*/__init__.py") if p.parent.name != "kernels"]
+    folders = [p.parent for p in root.rglob("*/__init__.py") if p.parent.name != "kernels"]
     assert len(folders) >= 8
     for folder in folders:
+        name = ".".join(folder.relative_to(root).parts)
         readme = folder / "README.md"
-        assert readme.is_file(), f"{folder.name}/ has no README.md"
+        assert readme.is_file(), f"{name} has no README.md"
         text = readme.read_text()
-        assert text.startswith(f"# orcd.{folder.name}") and "mport" in text, folder.name
+        assert text.startswith(f"# orcd.{name} ") and "mport" in text, name

@@ -45,9 +45,9 @@ def test_uses_only_the_public_api():
 
 
 def test_private_imports_are_found(tmp_path):
-    (tmp_path / "bad.py").write_text("import numpy\nfrom orcd.backend.cpu import CpuOps\n"
+    (tmp_path / "bad.py").write_text("import numpy\nfrom orcd.backends.cpu import CpuOps\n"
                                      "from orcd.ops.rope import RopeConfig\nimport orcd.engine\n")
-    assert testing.private_imports(tmp_path) == ["bad.py:2 orcd.backend.cpu", "bad.py:4 orcd.engine"]
+    assert testing.private_imports(tmp_path) == ["bad.py:2 orcd.backends.cpu", "bad.py:4 orcd.engine"]
 
 
 def test_its_own_test_suite_passes():

@@ -111,8 +111,8 @@ def _orcd_plugins_json(venv: Path, cwd: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(_check(r).stdout)}
 
 
-#: a cubin as ``python -m orcd.cuda.aot`` leaves it before a release build (the folder is ignored by git)
-AOT_PROBE = "orcd/cuda/aot/matmul-sm_90-0123456789abcdef0123456789abcdef.cubin"
+#: a cubin as ``python -m orcd.backends.cuda.aot`` leaves it before a release build (the folder is ignored by git)
+AOT_PROBE = "orcd/backends/cuda/aot/matmul-sm_90-0123456789abcdef0123456789abcdef.cubin"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_wheels_build_and_each_plugin_installs_next_to_the_core(wheels, tmp_path
 
     with zipfile.ZipFile(wheels["orcd"]) as z:
         names = z.namelist()
-    assert "orcd/quant/builtin.py" in names and "orcd/cuda/kernels/gemm_simt.cu" in names
+    assert "orcd/quant/builtin.py" in names and "orcd/backends/cuda/kernels/gemm_simt.cu" in names
     assert AOT_PROBE in names   # kernels built ahead of time ship in the wheel
     assert not [n for n in names if n.startswith(("orcd_", "tests/", "plugins/"))]
     assert re.search(r"^orcd = orcd\.cli:main$", _entry_points(wheels["orcd"]), re.M)

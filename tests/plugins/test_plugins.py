@@ -128,7 +128,7 @@ def test_dummy_plugin_found_through_its_entry_point(host):
 
 def test_dummy_architecture_loads_through_its_table(host):
     """An ArchSpec table plus Weights is all a model needs: read, check, build, run."""
-    from orcd.backend.cpu import CpuBackend
+    from orcd.backends.cpu import CpuBackend
     from orcd.weights import Weights
 
     spec = host.architecture("dummy")

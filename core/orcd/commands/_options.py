@@ -63,7 +63,7 @@ def check_device(device: str) -> str:
         return device
     index = int(device.split(":")[1])
     try:
-        from orcd.cuda.device import device_info
+        from orcd.backends.cuda.device import device_info
         device_info(index)
     except Exception as e:  # noqa: BLE001 - no bindings, no driver library, no device: one line
         reason = getattr(e, "message", None) or f"{type(e).__name__}: {e}"

@@ -39,9 +39,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from orcd.cuda.launch import LaunchError, dim3, pack_args
-from orcd.cuda.memory import ALIGNMENT, Allocator, DeviceBuffer
-from orcd.cuda.tensor import DeviceTensor
+from orcd.backends.cuda.launch import LaunchError, dim3, pack_args
+from orcd.backends.cuda.memory import ALIGNMENT, Allocator, DeviceBuffer
+from orcd.backends.cuda.tensor import DeviceTensor
 
 MAX_THREADS = 1024
 MAX_SHARED = 227 * 1024          # an sm_90 block's dynamic shared memory after opting in
@@ -64,7 +64,7 @@ def available() -> bool:
 
 
 def cache_dir() -> Path:
-    from orcd.cuda.nvrtc import cache_root
+    from orcd.backends.cuda.nvrtc import cache_root
 
     return cache_root() / "sim"
 
@@ -88,7 +88,7 @@ class SimDeviceInfo:
 
 
 class SimDevice:
-    """Stands where a CudaDevice goes. Its memory is host memory: orcd.cuda.memory's
+    """Stands where a CudaDevice goes. Its memory is host memory: orcd.backends.cuda.memory's
     to_host / from_host / fill_bytes see ``simulated`` and copy with numpy."""
 
     simulated = True
@@ -150,7 +150,7 @@ class SimModule:
 
 
 class SimCompiler:
-    """``load(device, KernelSource)`` like orcd.cuda.nvrtc.KernelCompiler, building a
+    """``load(device, KernelSource)`` like orcd.backends.cuda.nvrtc.KernelCompiler, building a
     shared library per source (cached on disk by a hash of everything that goes in)."""
 
     def __init__(self, cache: Path | None = None, opt: str = "-O1") -> None:
@@ -215,7 +215,7 @@ class SimCompiler:
 
 
 class SimLauncher:
-    """``launcher(kernel, grid, block, args, shared=0)`` as orcd.cuda.launch.Launcher:
+    """``launcher(kernel, grid, block, args, shared=0)`` as orcd.backends.cuda.launch.Launcher:
     the same argument packing, the grid run to completion before it returns, then
     ``after()`` (the allocator's guard check)."""
 

@@ -200,7 +200,7 @@ def gpu_available() -> bool:
     cuda-pathfinder raises DynamicLibNotFoundError from ``cuInit`` where older
     versions returned an error code), a failing driver or no device all
     mean False, so a CPU-only machine runs the CPU checks whatever is installed."""
-    from orcd.cuda.device import device_count
+    from orcd.backends.cuda.device import device_count
     try:
         return device_count() > 0
     except Exception:  # noqa: BLE001 - any failure of the probe means "no GPU here"

@@ -41,9 +41,9 @@ def _ew_grid(n: int) -> int:
 
 class ActivationKernels:
 
-    SOURCE = "activation.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "activation.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._fn = {n: module.function(n) for n in

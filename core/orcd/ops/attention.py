@@ -119,10 +119,10 @@ class AttentionKernels:
     """Kernels on a paged KV cache (kvcache.py): every call takes the KVCache view
     ``paging`` (its tables and seq; the layer's K/V tensors come apart)."""
 
-    SOURCE = "attention.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "attention.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
 
     def __init__(self, device, compiler, launcher) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._store = module.function("kv_store")

@@ -1,7 +1,7 @@
 """What a model forward may call (``Ops``) and what the engine, the scheduler and
 the loader may ask of a backend (``Backend``), as typing Protocols.
 
-The numpy reference (orcd.backend.cpu) and the CUDA backend implement both;
+The numpy reference (orcd.backends.cpu) and the CUDA backend implement both;
 tests/backend/test_contract.py checks that each defines every member with the same
 parameter names, so a forward written against one runs on the other.
 
@@ -31,12 +31,12 @@ class Phase(enum.Enum):
 
     PREFILL: consecutive prompt tokens of one sequence, in chunks (the engine's
       PREFILL_CHUNK or the backend's ``prefill_chunk``): on the GPU, GEMMs on the tensor
-      cores and prefill attention, replayed per rows bucket (cuda_prefill.py).
+      cores and prefill attention, replayed per rows bucket (backends/cuda/prefill.py).
     DECODE: the next token of one sequence (T = 1): the fused single-token kernels
       (ops/fused.py), the whole step one CUDA graph.
     ROWS: one row each of many sequences (a decode batch, prompt rows folded into it):
       every row computed on its own by the same kernels whatever shares its step, so a
-      request's tokens do not depend on its batch (cuda_batch.py; the CPU sums each row
+      request's tokens do not depend on its batch (backends/cuda/batch.py; the CPU sums each row
       alone, since BLAS orders a matrix product and a matrix-vector one differently).
     """
 

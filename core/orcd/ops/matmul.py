@@ -152,7 +152,7 @@ class MatmulKernels:
     no allocation, no read of device memory on the host, so the decode path
     (T <= GEMV_MAX_T) can be captured in a CUDA graph. Prefill (T > GEMV_MAX_T)
     dequantizes the weight a tile at a time into arena scratch and runs a
-    cuBLASLt GEMM through ``orcd.cuda.blas.Gemm`` (nvmath; not graph-captured).
+    cuBLASLt GEMM through ``orcd.backends.cuda.blas.Gemm`` (nvmath; not graph-captured).
     """
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
@@ -166,7 +166,7 @@ class MatmulKernels:
         value, the activation rounding llama.cpp's GPU GEMVs also make): "off",
         "all" integer formats, or "auto" (integer formats, where one input's
         weights hold >= INT8_AUTO_MIN_VALUES values).
-        ``gemm``: the prefill GEMM's implementation (orcd.cuda.blas.Gemm: "cublaslt",
+        ``gemm``: the prefill GEMM's implementation (orcd.backends.cuda.blas.Gemm: "cublaslt",
         "nvmath" or "simt", on an fp16 copy of each weight tile); ``allocator`` holds its workspace. ``formats``: the
         format table whose rows get kernels (default: the built-in formats); each
         format's kernels are a module of their own, compiled at first use or by
@@ -537,7 +537,7 @@ class MatmulKernels:
                               f"install orcd[cuda]): long prompts use GEMV slices", stacklevel=2)
                 self._gemm = False
             else:
-                from orcd.cuda.blas import Gemm
+                from orcd.backends.cuda.blas import Gemm
 
                 self._gemm = Gemm(self.device, self._gemm_impl, self.compiler, self.launch,
                                   allocator=self._allocator)

@@ -116,9 +116,9 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float,
 
 class MoeKernels:
 
-    SOURCE = "moe.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "moe.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._route = module.function("moe_route")

@@ -30,10 +30,10 @@ NORM_THREADS = 256
 class NormKernels:
     """RMSNorm / LayerNorm over the last axis of fp32 device tensors."""
 
-    SOURCE = "norm.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "norm.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
 
     def __init__(self, device, compiler, launcher) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._rms = module.function("rms_norm_f32")

@@ -90,9 +90,9 @@ class RopeTable:
 
 class RopeKernels:
 
-    SOURCE = "rope.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "rope.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
     def __init__(self, device, compiler, launcher) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         module = compiler.load(device, KernelSource.from_package("orcd.ops", self.SOURCE))
         self._rope = module.function("rope_f32")

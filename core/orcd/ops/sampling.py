@@ -203,11 +203,11 @@ class CudaSampler:
     be finite or -inf.
     """
 
-    SOURCE = "sampling.cu"   # package data of orcd.ops (orcd.backend.cuda.kernel_sources lists it)
+    SOURCE = "sampling.cu"   # package data of orcd.ops (orcd.backends.cuda.backend.kernel_sources lists it)
 
     def __init__(self, device, compiler, launcher, n_vocab: int, allocator=None) -> None:
-        from orcd.cuda.memory import DeviceAllocator
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.memory import DeviceAllocator
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         if n_vocab < 1:
             raise ValueError(f"n_vocab must be positive, got {n_vocab}")
@@ -239,7 +239,7 @@ class CudaSampler:
         """Start a request: the seen mask = ``seen_ids`` (prompt + output so far,
         for the repetition penalty) and the output counts = those from
         ``n_prompt`` on (None: no output yet)."""
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         ids = np.asarray(seen_ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
@@ -253,7 +253,7 @@ class CudaSampler:
         from_host(self.device, counts, self._buf["counts"].ptr)
 
     def _upload_bias(self, logit_bias) -> None:
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         dense = np.zeros(self.n_vocab, dtype=np.float32)
         for i, b in logit_bias:
@@ -275,7 +275,7 @@ class CudaSampler:
                    allowed: np.ndarray | None = None) -> None:
         """Write the parameter struct the kernels read (ordered on the stream),
         the bitmask when there is one and the dense bias when it changed."""
-        from orcd.cuda.memory import from_host_async
+        from orcd.backends.cuda.memory import from_host_async
 
         self.write_args(self._args_host, params, step, allowed)
         from_host_async(self.device, self._args_host, self._buf["args"].ptr)
@@ -285,7 +285,7 @@ class CudaSampler:
         """Fill ``a`` (a SAMPLE_ARGS array of one) for this draw, and queue this
         sampler's bitmask and changed dense bias to the device: ``set_params``
         without the struct's copy (sampling_rows copies a batch's at once)."""
-        from orcd.cuda.memory import from_host_async
+        from orcd.backends.cuda.memory import from_host_async
 
         if tuple(params.logit_bias) != self._bias:
             self._upload_bias(params.logit_bias)
@@ -334,7 +334,7 @@ class CudaSampler:
     def logprobs(self) -> Sampled:
         """The last launch's chosen id with its logprob and the best ``n_top``
         (syncs). Values are float32 y - lse, floored as ``logprobs_of``."""
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         raw = to_host(self.device, self._buf["lp"].ptr, LOGPROB_OUT.itemsize).view(LOGPROB_OUT)[0]
         lse = float(raw["lse"])
@@ -349,14 +349,14 @@ class CudaSampler:
     # -- inspection (tests, diagnostics; these sync) ---------------------------------
     def info(self) -> dict:
         """What the last draw saw: klast (smallest kept key), xmax, z, n_kept, slow."""
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         raw = to_host(self.device, self._buf["info"].ptr, SAMPLE_INFO.itemsize).view(SAMPLE_INFO)[0]
         return {name: raw[name].item() for name in SAMPLE_INFO.names}
 
     def filtered(self) -> np.ndarray:
         """The transformed logits x [n_vocab] of the last call (``transform``'s)."""
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         return to_host(self.device, self._buf["x"].ptr, 4 * self.n_vocab).view(np.float32)
 
@@ -365,12 +365,12 @@ class CudaSampler:
         return np.flatnonzero(sort_keys(self.filtered()) >= np.uint64(self.info()["klast"]))
 
     def seen_mask(self) -> np.ndarray:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         return to_host(self.device, self._buf["seen"].ptr, 4 * self.n_vocab).view(np.int32)
 
     def output_counts(self) -> np.ndarray:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         return to_host(self.device, self._buf["counts"].ptr, 4 * self.n_vocab).view(np.int32)
 

@@ -45,7 +45,7 @@ class RowBatch:
     step ``launch(rows)``, each row a ``Row``. Every sampler has ``n_vocab`` ids."""
 
     def __init__(self, device, compiler, launcher, n_vocab: int, allocator) -> None:
-        from orcd.cuda.nvrtc import KernelSource
+        from orcd.backends.cuda.nvrtc import KernelSource
 
         self.device, self.launcher, self.alloc = device, launcher, allocator
         self.n_vocab = int(n_vocab)
@@ -59,7 +59,7 @@ class RowBatch:
     def launch(self, rows: list[Row]) -> None:
         """Queue every row's draw: its sampler's bitmask and bias, then one copy of
         the rows and their parameters, then both kernels (stream-ordered, no sync)."""
-        from orcd.cuda.memory import from_host_async
+        from orcd.backends.cuda.memory import from_host_async
 
         B = len(rows)
         if not B:

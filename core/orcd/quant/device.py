@@ -9,7 +9,7 @@ activation support (``ORCD_INT8_FORMATS``) and for those the int8 tensor cores
 take (``ORCD_MMA_FORMATS``). matmul.cu instantiates its kernels
 per entry; fused.cu turns the list into a switch on the type id. A format a
 plugin adds is one more entry: its header travels to NVRTC in memory with the
-rest, and the cubin cache key (orcd.cuda.nvrtc) hashes all of it.
+rest, and the cubin cache key (orcd.backends.cuda.nvrtc) hashes all of it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def kernel_source(package: str, name: str, formats: Iterable[QuantFormat]):
     """The KernelSource of ``name`` (package data of ``package``) with the generated
     ``formats.cuh``, every device header of ``formats`` and the headers of ``package``
     that ``name`` includes."""
-    from orcd.cuda.nvrtc import KernelSource, package_headers
+    from orcd.backends.cuda.nvrtc import KernelSource, package_headers
 
     formats = list(formats)
     text = (resources.files(package) / name).read_text()

@@ -4,14 +4,14 @@ Weights stay in their GGUF blocks in "weights" allocations (1-D tensors and
 biases as f32), the KV cache is fp16 in "kv_cache" allocations (one pooled
 cache: batch 1 serves one request at a time), activations are fp32 scratch.
 
-Scratch is two bump arenas used in turn (orcd.backend.cuda_ops, with the op
+Scratch is two bump arenas used in turn (orcd.backends.cuda.ops, with the op
 set); ids and positions live in a separate small arena.
 
 Decode (one token) is captured once as a CUDA graph per (model, cache) and
 replayed: the token id and position go host → device from pinned memory into
 fixed buffers the graph reads; every kernel reads positions from there. The
 device sampler can write its id straight into that buffer (``sample_to_device``)
-so the next step is queued before the host has read the id (cuda_steps.py).
+so the next step is queued before the host has read the id (steps.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from orcd.backend.cuda_ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
-from orcd.backend.cuda_batch import BatchDecoder
-from orcd.backend.cuda_prefill import FOLD_CHUNK, UNFOLDED_CHUNK, PrefillGraphs
-from orcd.backend.cuda_steps import DeviceSampling, PendingToken, RowSamplers, StepIO
-from orcd.cuda.tensor import Arena, DeviceTensor, QWeight
+from orcd.backends.cuda.ops import SCRATCH_START, CudaOps, Scratch, ScratchFull  # noqa: F401
+from orcd.backends.cuda.batch import BatchDecoder
+from orcd.backends.cuda.prefill import FOLD_CHUNK, UNFOLDED_CHUNK, PrefillGraphs
+from orcd.backends.cuda.steps import DeviceSampling, PendingToken, RowSamplers, StepIO
+from orcd.backends.cuda.tensor import Arena, DeviceTensor, QWeight
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
 from orcd.ops import sampling
@@ -37,8 +37,8 @@ def kernel_sources(formats, type_ids=None) -> list:
     """Every kernel source the backend loads for weights of ``type_ids`` (None:
     every format of ``formats`` with device code; () : none of the per-format
     modules): what start-up compiles in parallel (KernelCompiler.prefetch) and what
-    orcd.cuda.aot builds ahead of time."""
-    from orcd.cuda.nvrtc import KernelSource
+    orcd.backends.cuda.aot builds ahead of time."""
+    from orcd.backends.cuda.nvrtc import KernelSource
     from orcd.ops import activation, attention, fused, matmul, moe, norm, rope, sampling
     from orcd.quant.device import with_device
 
@@ -104,7 +104,7 @@ class CudaBackend:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
-        (cuda_prefill.py) instead of launching eagerly from Python (H100: Qwen-0.5B's
+        (prefill.py) instead of launching eagerly from Python (H100: Qwen-0.5B's
         pp512 3.8x, phi3-mini's 1.7x; bench/RESULTS.md).
         ``moe_tc``: a prompt's grouped experts on the tensor cores (matmul.cu's
         moe_gemm_tc) instead of fp32 tiles of 8 pairs (GPT-OSS's pp512 8.7x with
@@ -125,7 +125,7 @@ class CudaBackend:
         in each block (fused.ToQ8) instead of after an rms_norm_q8 / quantize_q8
         launch; the same bits either way. Both off until a card has timed them.
         Each off only to measure against."""
-        from orcd.cuda.device import CudaDevice
+        from orcd.backends.cuda.device import CudaDevice
 
         self.device = CudaDevice(index)
         self.name = f"cuda:{index}"
@@ -150,10 +150,10 @@ class CudaBackend:
             raise
 
     def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize) -> None:
-        from orcd.cuda.driver import cu
-        from orcd.cuda.launch import Launcher
-        from orcd.cuda.memory import DeviceAllocator
-        from orcd.cuda.nvrtc import KernelCompiler
+        from orcd.backends.cuda.driver import cu
+        from orcd.backends.cuda.launch import Launcher
+        from orcd.backends.cuda.memory import DeviceAllocator
+        from orcd.backends.cuda.nvrtc import KernelCompiler
         from orcd.ops.activation import ActivationKernels
         from orcd.ops.attention import AttentionKernels
         from orcd.ops.fused import FusedKernels
@@ -203,7 +203,7 @@ class CudaBackend:
                      progress: Callable[[float], None] | None = None) -> dict:
         """Every tensor uploaded as stored (QWeight); 1-D tensors and biases as f32.
         The weight kernels are those of ``formats``, compiled here for the file's types."""
-        from orcd.cuda.upload import Uploader
+        from orcd.backends.cuda.upload import Uploader
 
         self._use_formats(formats)
         types = {mf.tensors[n].type_id for n in names if len(mf.tensors[n].shape) > 1}
@@ -245,7 +245,7 @@ class CudaBackend:
                      head_dim_v: int | None = None) -> KVCache:
         """The pooled cache when the shape matches, else a new one (the old one freed
         first); all-or-nothing: VramOom leaves no part of it allocated."""
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         hd_v = head_dim_v or head_dim
         key = (n_layer, n_ctx, n_head_kv, head_dim, hd_v)
@@ -283,17 +283,17 @@ class CudaBackend:
                       last_only: bool, follow=None) -> DeviceTensor:
         """One forward over ``pool`` seen through ``tables`` [n_seqs, max_blocks]: T
         tokens ``ids`` at ``pos`` of sequences ``seq`` (host ints); see CpuBackend.
-        A batch of decodes replays a captured graph (cuda_batch.py); ``follow``'s ids
+        A batch of decodes replays a captured graph (batch.py); ``follow``'s ids
         are copied into its inputs on the device."""
         return self.batch.forward(model, pool, tables, seq, ids, pos, n_ctx, batched, last_only, follow)
 
     def warm_batch(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> int:
         """Capture the replayed step of every row count up to ``max_rows`` now, and the
-        scheduler's prompt chunks where they run as graphs of their own (cuda_batch.py)."""
+        scheduler's prompt chunks where they run as graphs of their own (batch.py)."""
         return self.batch.warm(model, pool, max_rows, n_ctx)
 
     def warm_tasks(self, model, pool: KVCache, max_rows: int, n_ctx: int | None = None) -> list:
-        """warm_batch's captures one by one (cuda_batch.BatchDecoder.warm_tasks), for
+        """warm_batch's captures one by one (batch.BatchDecoder.warm_tasks), for
         the scheduler to run the first before serving and the rest when idle; a step
         that comes first captures its own graph (an eager forward, then the capture)."""
         return self.batch.warm_tasks(model, pool, max_rows, n_ctx)
@@ -323,7 +323,7 @@ class CudaBackend:
 
     def rope_table(self, cfg):
         """cos/sin of ``cfg`` for every position of the current cache (built once)."""
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
         from orcd.ops.rope import RopeTable
 
         if not self._positions:
@@ -354,7 +354,7 @@ class CudaBackend:
     def eager(self, model, cache: KVCache, ids: list[int], start: int,
               last_only: bool = True) -> DeviceTensor:
         if last_only and self.graphs and self.prefill is not None:
-            logits = self.prefill.forward(model, cache, ids, start)   # cuda_prefill.py
+            logits = self.prefill.forward(model, cache, ids, start)   # prefill.py
             if logits is not None:
                 return logits
         while True:
@@ -389,7 +389,7 @@ class CudaBackend:
                 self._grow_scratch(e.args[0])
 
     def _capture(self, model, cache: KVCache, logits: DeviceTensor) -> None:
-        from orcd.cuda.graph import capture_like
+        from orcd.backends.cuda.graph import capture_like
 
         if self._graph is not None:   # the one decode graph it replaces (prefill and batch graphs stay)
             self._graph[2].close()
@@ -418,7 +418,7 @@ class CudaBackend:
     # -- host side -----------------------------------------------------------------
 
     def _io(self, values: np.ndarray) -> DeviceTensor:
-        from orcd.cuda.memory import from_host
+        from orcd.backends.cuda.memory import from_host
 
         if values.nbytes > self.io.capacity:
             raise InvalidRequest(f"{values.size} tokens in one forward; at most "
@@ -436,7 +436,7 @@ class CudaBackend:
         return self._io(np.arange(start, start + n, dtype=np.int32))
 
     def to_host(self, x) -> np.ndarray:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         if not isinstance(x, DeviceTensor):
             raise TypeError(f"to_host takes a DeviceTensor, got {type(x).__name__}")
@@ -478,7 +478,7 @@ class CudaBackend:
     def launch_rows(self, logits, draws):
         """``sample_rows`` without the wait: the draws and the copy of their ids are
         queued, the returned handle's ``result()`` waits; the next forward_batch's
-        ``follow`` reads the ids on the device (cuda_steps.RowSamplers.launch)."""
+        ``follow`` reads the ids on the device (steps.RowSamplers.launch)."""
         return self._row_samplers(logits.shape[-1]).launch(logits, draws)
 
     def _row_samplers(self, n_vocab: int) -> RowSamplers:
@@ -512,7 +512,7 @@ class CudaBackend:
         return usage
 
     def check_residency(self) -> bool:
-        from orcd.cuda.residency import check_pointers
+        from orcd.backends.cuda.residency import check_pointers
 
         ptrs = [(f"weights@{p:#x}", p) for p, _, _ in self.alloc.ledger.pointers("weights")]
         return not check_pointers(self.device, ptrs)

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from orcd.cuda.memory import DeviceBuffer   # a plain dataclass module: no CUDA at import
+from orcd.backends.cuda.memory import DeviceBuffer   # a plain dataclass module: no CUDA at import
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice, DeviceInfo
+    from orcd.backends.cuda.device import CudaDevice, DeviceInfo
 
 DEBUG_ENV = "ORCD_CUDA_DEBUG"
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory allowed without opting in
@@ -134,7 +134,7 @@ class Kernel:
     """A kernel function and its attributes, bound to a device."""
 
     def __init__(self, device: "CudaDevice", handle: Any, name: str, pdl: bool = False) -> None:
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.backends.cuda.driver import cu, driver_module
 
         a = driver_module().CUfunction_attribute
         self.device, self.handle, self.name = device, handle, name
@@ -150,7 +150,7 @@ class Kernel:
         """Opt in to more than 48 KiB of dynamic shared memory (once per size)."""
         if nbytes <= self._dynamic_limit:
             return
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.backends.cuda.driver import cu, driver_module
 
         a = driver_module().CUfunction_attribute
         cu("cuFuncSetAttribute", self.handle, a.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
@@ -171,7 +171,7 @@ class Launcher:
 
     def __call__(self, kernel: Kernel, grid: int | Sequence[int], block: int | Sequence[int],
                  args: Sequence[Any], shared: int = 0) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         stream = self.device.stream
         early = self.pdl and kernel.pdl
@@ -206,7 +206,7 @@ class Launcher:
 def early_config(g: Dim3, b: Dim3, shared: int) -> Any:
     """A CUlaunchConfig for ``cuLaunchKernelEx`` that allows programmatic stream
     serialization (the kernel waits for its predecessor itself)."""
-    from orcd.cuda.driver import driver_module
+    from orcd.backends.cuda.driver import driver_module
 
     drv = driver_module()
     attr = drv.CUlaunchAttribute()
@@ -223,7 +223,7 @@ def early_config(g: Dim3, b: Dim3, shared: int) -> Any:
 
 def _capturing(stream: Any) -> bool:
     """A stream being captured into a graph must not be synchronised."""
-    from orcd.cuda.driver import cu, driver_module
+    from orcd.backends.cuda.driver import cu, driver_module
 
     status = cu("cuStreamIsCapturing", stream)
     return status != driver_module().CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE

@@ -3,14 +3,14 @@
 Sources are ``KernelSource`` objects: a name, the ``.cu`` text and the headers
 it may include, all in memory (no include paths), so the cache key below sees
 every byte that can change the result. Core kernels ship as package data in
-``orcd/cuda/kernels``; a plugin ships its own with ``KernelSource.from_package``.
+``orcd/backends/cuda/kernels``; a plugin ships its own with ``KernelSource.from_package``.
 A cubin is compiled for the device's real architecture (``sm_90`` on
 H100/H200) and cached under ``<orcd cache>/kernels/`` keyed by sha256 of
 source, headers, options, architecture and the NVRTC version.
 
 Start-up does not wait on compiles it can avoid: cubins built ahead of time for
-the common architectures ship inside the package (``orcd/cuda/aot``, made by
-``python -m orcd.cuda.aot`` when the wheel is built) under the same keys, and
+the common architectures ship inside the package (``orcd/backends/cuda/aot``, made by
+``python -m orcd.backends.cuda.aot`` when the wheel is built) under the same keys, and
 ``prefetch`` compiles what is missing on a pool of threads while the weights
 upload (NVRTC releases the GIL), so a first start costs the longest compile,
 not their sum.
@@ -119,7 +119,7 @@ def key_options(options: Sequence[str]) -> list[str]:
 
 def shipped_dir() -> Path:
     """The cubins built ahead of time that ship in the package (may be absent)."""
-    return Path(str(resources.files("orcd.cuda"))) / "aot"
+    return Path(str(resources.files("orcd.backends.cuda"))) / "aot"
 
 
 def cache_key(src: KernelSource, options: Sequence[str], arch: str,
@@ -149,14 +149,14 @@ def cubin_path(cache: Path, src: KernelSource, key: str, arch: str) -> Path:
 
 
 def nvrtc_version() -> tuple[int, int]:
-    from orcd.cuda.driver import rtc
+    from orcd.backends.cuda.driver import rtc
 
     major, minor = rtc("nvrtcVersion")
     return int(major), int(minor)
 
 
 def _compile(src: KernelSource, options: list[str]) -> bytes:
-    from orcd.cuda.driver import nvrtc_module, rtc
+    from orcd.backends.cuda.driver import nvrtc_module, rtc
 
     nv = nvrtc_module()
     names = sorted(src.headers)
@@ -180,7 +180,7 @@ def _compile(src: KernelSource, options: list[str]) -> bytes:
 
 
 def _program_log(prog: Any) -> str:
-    from orcd.cuda.driver import rtc
+    from orcd.backends.cuda.driver import rtc
 
     size = rtc("nvrtcGetProgramLogSize", prog)
     log = b" " * size
@@ -295,7 +295,7 @@ class Module:
     """A loaded cubin; ``function(name)`` looks up an ``extern "C"`` kernel."""
 
     def __init__(self, device, cubin: bytes, name: str = "module", pdl: bool = False) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         device.make_current()
         self.device = device
@@ -305,10 +305,10 @@ class Module:
         self._functions: dict[str, Any] = {}
 
     def function(self, name: str):
-        from orcd.cuda.launch import Kernel
+        from orcd.backends.cuda.launch import Kernel
 
         if name not in self._functions:
-            from orcd.cuda.driver import cu
+            from orcd.backends.cuda.driver import cu
 
             self.device.make_current()
             try:

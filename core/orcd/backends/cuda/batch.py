@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from orcd.backend.cuda_ops import ScratchFull
-from orcd.cuda.tensor import DeviceTensor
+from orcd.backends.cuda.ops import ScratchFull
+from orcd.backends.cuda.tensor import DeviceTensor
 from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache
 from orcd.ops.contract import Phase, in_phase
@@ -86,7 +86,7 @@ class Replays:
             except ScratchFull as e:
                 b._grow_scratch(e.args[0])   # drops every graph
         if b.graphs:
-            from orcd.cuda.graph import capture_like
+            from orcd.backends.cuda.graph import capture_like
 
             b.scratch.reset()
             self._graphs[key] = (capture_like(b.device, forward, logits, what), logits)
@@ -159,12 +159,12 @@ class BatchDecoder(Replays):
     def _prompt(self, model, pool: KVCache, table: np.ndarray, ids, start: int, n_ctx: int,
                 check: bool = True) -> DeviceTensor | None:
         """The last token's logits [1, n_vocab] of one sequence's prompt chunk at
-        ``start``, replayed from the prefill graph of its rows bucket (cuda_prefill.py:
+        ``start``, replayed from the prefill graph of its rows bucket (prefill.py:
         padding first, at the positions after the chunk, through the sequence's own
         table at a fixed address); None where it must run eagerly: no graphs, no
         bucket, or padding that would land on the sequence's own keys (``check``)."""
-        from orcd.backend.cuda_prefill import bucket as prompt_bucket
-        from orcd.backend.cuda_prefill import padded_inputs, padding_is_safe
+        from orcd.backends.cuda.prefill import bucket as prompt_bucket
+        from orcd.backends.cuda.prefill import padded_inputs, padding_is_safe
 
         b, n = self.b, len(ids)
         rows = prompt_bucket(n)
@@ -199,7 +199,7 @@ class BatchDecoder(Replays):
         """Inputs to a fixed device address; pipelined steps queue the copy without
         waiting (the step before still runs; the driver stages the pageable source
         before the call returns)."""
-        from orcd.cuda.memory import from_host, from_host_async
+        from orcd.backends.cuda.memory import from_host, from_host_async
 
         (from_host_async if self.b.pipelined_rows else from_host)(self.b.device, host, ptr)
 
@@ -239,7 +239,7 @@ class BatchDecoder(Replays):
         only the spare block): so that no step under load waits for a kernel load or
         a capture. The one-row step comes first (a lone request's; its logits give
         ``n_logits``). A task whose graph a step captured already replays it."""
-        from orcd.backend.cuda_prefill import BUCKETS
+        from orcd.backends.cuda.prefill import BUCKETS
 
         b = self.b
         sizes = [r for r in ROW_BUCKETS if r < bucket(max_rows)] + [bucket(max_rows)]

@@ -19,7 +19,7 @@ from orcd.errors import CudaError, VramOom
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from orcd.cuda.device import CudaDevice
+    from orcd.backends.cuda.device import CudaDevice
 
 ALIGNMENT = 256
 PURPOSES = ("weights", "kv_cache", "scratch", "workspace", "test")
@@ -161,7 +161,7 @@ class DeviceAllocator(Allocator):
         self.device = device
 
     def _raw_alloc(self, size: int, purpose: str) -> int:
-        from orcd.cuda.driver import cu, is_oom
+        from orcd.backends.cuda.driver import cu, is_oom
 
         self.device.make_current()
         try:
@@ -180,7 +180,7 @@ class DeviceAllocator(Allocator):
         return ptr
 
     def _raw_free(self, ptr: int) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         self.device.make_current()
         cu("cuMemFree", ptr)
@@ -190,7 +190,7 @@ def to_host(device: "CudaDevice", ptr: int, nbytes: int) -> "np.ndarray":
     """Copy ``nbytes`` at ``ptr`` back to a new uint8 array, ordered after the stream's work."""
     import numpy as np
 
-    from orcd.cuda.driver import cu
+    from orcd.backends.cuda.driver import cu
 
     if getattr(device, "simulated", False):   # orcd.cudasim: device memory is host memory
         return device.to_host(ptr, nbytes)
@@ -205,7 +205,7 @@ def from_host(device: "CudaDevice", src: "np.ndarray", ptr: int) -> None:
     """Copy a small host array to ``ptr`` on the stream and wait (use ``Uploader`` for weights)."""
     import numpy as np
 
-    from orcd.cuda.driver import cu
+    from orcd.backends.cuda.driver import cu
 
     src = np.ascontiguousarray(src)
     if getattr(device, "simulated", False):
@@ -221,7 +221,7 @@ def from_host_async(device: "CudaDevice", src: "np.ndarray", ptr: int) -> None:
     reuse it at once (kernel parameters written before each graph replay)."""
     if getattr(device, "simulated", False):
         return device.from_host(src, ptr)
-    from orcd.cuda.driver import cu
+    from orcd.backends.cuda.driver import cu
 
     device.make_current()
     cu("cuMemcpyHtoDAsync", int(ptr), src.ctypes.data, src.nbytes, device.stream)
@@ -231,7 +231,7 @@ def fill_bytes(device: "CudaDevice", ptr: int, value: int, nbytes: int) -> None:
     """Set ``nbytes`` at ``ptr`` to the byte ``value`` (stream-ordered, async)."""
     if getattr(device, "simulated", False):
         return device.fill_bytes(ptr, value, nbytes)
-    from orcd.cuda.driver import cu
+    from orcd.backends.cuda.driver import cu
 
     device.make_current()
     cu("cuMemsetD8Async", int(ptr), value, nbytes, device.stream)

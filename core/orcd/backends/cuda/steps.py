@@ -15,7 +15,7 @@ import ctypes
 
 import numpy as np
 
-from orcd.cuda.tensor import DeviceTensor
+from orcd.backends.cuda.tensor import DeviceTensor
 from orcd.ops import sampling
 from orcd.ops.sampling_rows import Row, RowBatch
 
@@ -30,7 +30,7 @@ class PendingToken:
         self.io, self.slot = io, slot
 
     def result(self) -> int:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         cu("cuEventSynchronize", self.io.out_events[self.slot])
         return int(self.io.view[self.slot, 2])
@@ -40,7 +40,7 @@ class StepIO:
     """Pinned slots and events for decode-step inputs and sampled ids."""
 
     def __init__(self, device, step_ids: DeviceTensor, step_pos: DeviceTensor) -> None:
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.backends.cuda.driver import cu, driver_module
 
         if step_pos.ptr != step_ids.ptr + 4:
             raise ValueError("step_pos must follow step_ids: one 8-byte copy fills both")
@@ -64,7 +64,7 @@ class StepIO:
     def write_inputs(self, token: int | None, pos: int) -> None:
         """Queue the copy of the next step's inputs: the position, and the token id
         unless it is None (the sampler left it in step_ids on the device)."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         slot, self._in = self._in, (self._in + 1) % SLOTS
         cu("cuEventSynchronize", self.in_events[slot])      # its copy two steps ago has read it
@@ -78,7 +78,7 @@ class StepIO:
 
     def read_output(self, src: DeviceTensor) -> PendingToken:
         """Queue the copy of a sampled id (int32 on the device) to the host."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         slot, self._out = self._out, (self._out + 1) % SLOTS
         cu("cuEventSynchronize", self.out_events[slot])     # its last id has been read
@@ -88,7 +88,7 @@ class StepIO:
         return PendingToken(self, slot)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         for ev in self.in_events + self.out_events:
             cu("cuEventDestroy", ev)
@@ -148,7 +148,7 @@ class DeviceSampling:
 
     def __call__(self, logits, params: sampling.SamplingParams, seen, n_prompt=None,
                  allowed=None) -> sampling.Sampled:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         self.enqueue(logits, params, seen, self.out_id, n_prompt=n_prompt, allowed=allowed)
         if params.logprobs is not None:
@@ -179,7 +179,7 @@ class RowSamplers:
         self.ring: IdRing | None = None        # launch's ids, device and pinned
 
     def sample(self, logits, draws) -> list[sampling.Sampled]:
-        from orcd.cuda.memory import to_host
+        from orcd.backends.cuda.memory import to_host
 
         self._reserve(len(draws))
         i32 = np.dtype(np.int32)
@@ -288,7 +288,7 @@ class IdRing:
 
     def take(self, n: int) -> tuple[int, int]:
         """The next slot, with room for n ids: (slot, device pointer of its ids)."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         if n > self.cap:
             self._grow(n)
@@ -298,7 +298,7 @@ class IdRing:
 
     def send(self, slot: int, n: int) -> None:
         """Queue the copy of slot's n ids to the host, and its event."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         stream = self.device.stream
         if n:
@@ -308,14 +308,14 @@ class IdRing:
 
     def read(self, slot: int, n: int) -> np.ndarray:
         """Slot's n ids on the host (waits for their copy)."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         cu("cuEventSynchronize", self.events[slot])
         view = (ctypes.c_int32 * n).from_address(self.pinned + 4 * self.cap * slot)
         return np.ctypeslib.as_array(view).copy()
 
     def _grow(self, n: int) -> None:
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.backends.cuda.driver import cu, driver_module
 
         self.device.synchronize()     # no queued copy or follow_ids still reads the old arrays
         self.close()
@@ -330,7 +330,7 @@ class IdRing:
             self.events.append(ev)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         for ev in self.events:
             cu("cuEventDestroy", ev)

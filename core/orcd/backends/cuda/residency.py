@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice
+    from orcd.backends.cuda.device import CudaDevice
 
 MEMORYTYPE_DEVICE = 2  # CU_MEMORYTYPE_DEVICE
 _MEMORY_TYPES = {1: "host", 2: "device", 3: "array", 4: "unified"}
@@ -32,7 +32,7 @@ def classify(name: str, memory_type: int | None, is_managed: bool, host_pointer:
 
 
 def _pointer_attrs(ptr: int) -> tuple[int | None, bool, int | None]:
-    from orcd.cuda.driver import driver_module
+    from orcd.backends.cuda.driver import driver_module
 
     drv = driver_module()
     a, ok = drv.CUpointer_attribute, drv.CUresult.CUDA_SUCCESS

@@ -12,12 +12,12 @@ from orcd.errors import InvalidRequest
 
 def create_backend(device: str, **options):
     if device == "cpu":
-        from orcd.backend.cpu import CpuBackend
+        from orcd.backends.cpu import CpuBackend
         return CpuBackend(**options)
     if device.startswith("cuda"):
         index = device.partition(":")[2] or "0"
         if not index.isdigit():
             raise InvalidRequest(f"bad device {device!r}: use cuda:N or cpu", field="device")
-        from orcd.backend.cuda import CudaBackend  # imported only when a GPU is asked for
+        from orcd.backends.cuda.backend import CudaBackend  # imported only when a GPU is asked for
         return CudaBackend(int(index), **options)
     raise InvalidRequest(f"unknown device {device!r}: use cuda:N or cpu", field="device")

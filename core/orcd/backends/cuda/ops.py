@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from orcd.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
+from orcd.backends.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
 from orcd.ops.contract import Phase
 from orcd.ops.fused import ToQ8

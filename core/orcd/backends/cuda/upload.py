@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice
+    from orcd.backends.cuda.device import CudaDevice
 
 DEFAULT_CHUNK = 1 << 20
 #: Measured on an H200 (bench/RESULTS.md): 1 copy thread 6.7 GB/s, 4 threads
@@ -97,7 +97,7 @@ class Uploader:
 
     def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = 2,
                  copy_threads: int = DEFAULT_COPY_THREADS):
-        from orcd.cuda.driver import cu, driver_module
+        from orcd.backends.cuda.driver import cu, driver_module
 
         if chunk_bytes <= 0 or n_staging < 2 or copy_threads < 1:
             raise ValueError("need a positive chunk size, at least two staging buffers "
@@ -131,7 +131,7 @@ class Uploader:
         address, format, values per row) into that format's VRAM layout; progress
         runs 0 → 1 over the total bytes (called from the copy threads, one at a
         time); returns the host bytes copied."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         items = [(np.asarray(s).reshape(-1).view(np.uint8), int(d), *rest) for s, d, *rest in items]
         jobs = [job for item in items for job in _jobs(item, self.chunk)]
@@ -156,7 +156,7 @@ class Uploader:
 
     def _copy(self, jobs: list, slots: list[int], report: "_Tally") -> None:
         """Stage and enqueue ``jobs`` through the staging buffers ``slots``, in turn."""
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         self.device.make_current()
         stream = self.device.stream
@@ -172,7 +172,7 @@ class Uploader:
             report.add(n)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         if not self._staging and not self._events:
             return

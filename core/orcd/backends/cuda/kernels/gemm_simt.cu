@@ -1,7 +1,7 @@
 // Fallback dense GEMM without tensor cores: c[m, n] = a[m, k] @ b[n, k]^T.
 // fp16 or bf16 in, fp32 accumulate, same dtype out. 16x16 output tile per
 // block, k walked in 16-wide slabs through shared memory. Correct, not fast:
-// the fast path is cuBLASLt (orcd.cuda.blas, backend "nvmath").
+// the fast path is cuBLASLt (orcd.backends.cuda.blas, backend "nvmath").
 // No headers: the half conversions are single PTX instructions (the CUDA simulator,
 // which has no PTX, brings its own).
 

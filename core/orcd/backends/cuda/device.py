@@ -5,7 +5,7 @@ context the runtime API, cupy and cuBLAS share, so nvmath and our kernels see
 the same memory), makes it current, and creates one non-blocking stream on
 which all of the worker's work is ordered. The primary context is per device,
 not per thread: any thread that uses the device calls ``make_current()``
-first (every orcd.cuda entry point does).
+first (every orcd.backends.cuda entry point does).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orcd.cuda.driver import cu, driver_module, init
+from orcd.backends.cuda.driver import cu, driver_module, init
 from orcd.errors import InvalidRequest
 
 

@@ -5,7 +5,7 @@ weight as GGUF stores it, row-major ``[n_out, n_in]``), accumulating in fp32
 and writing ``c`` in the input dtype, on the worker's stream.
 
 impl="cublaslt" (default): cuBLASLt called directly through nvmath-python's
-low-level bindings (orcd/cuda/cublaslt.py): per call one ``cublasLtMatmul`` on
+low-level bindings (orcd/backends/cuda/cublaslt.py): per call one ``cublasLtMatmul`` on
 the raw pointers, the descriptor, layouts and algorithm planned once per shape,
 a 32 MiB workspace allocated once per ``Gemm``. If those bindings cannot be
 imported, a warning says why and the ``Gemm`` uses impl "nvmath".
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice
-    from orcd.cuda.memory import Allocator
+    from orcd.backends.cuda.device import CudaDevice
+    from orcd.backends.cuda.memory import Allocator
 
 IMPLS = ("cublaslt", "nvmath", "simt")   # how a Gemm computes (not a compute backend)
 DTYPES = ("float16", "bfloat16")
@@ -39,7 +39,7 @@ SIMT_TILE = 16
 
 class Gemm:
     """``allocator`` (cublaslt only) holds the workspace; by default a private
-    ``DeviceAllocator`` on ``device``. ``lt`` is the cuBLASLt planner (orcd.cuda.cublaslt.LtGemm)
+    ``DeviceAllocator`` on ``device``. ``lt`` is the cuBLASLt planner (orcd.backends.cuda.cublaslt.LtGemm)
     when ``impl`` is cublaslt, else None."""
 
     def __init__(self, device: "CudaDevice", impl: str = "cublaslt", compiler=None, launcher=None,
@@ -73,7 +73,7 @@ class Gemm:
 
     def _init_lt(self, allocator) -> str:
         """Build the cuBLASLt planner; the impl's name, "nvmath" if the bindings are missing."""
-        from orcd.cuda import cublaslt
+        from orcd.backends.cuda import cublaslt
 
         try:
             lt = cublaslt.bindings()
@@ -123,11 +123,11 @@ class Gemm:
     # -- fallback: SIMT kernel, no tensor cores --------------------------------
 
     def _init_simt(self, compiler, launcher) -> None:
-        from orcd.cuda.launch import Launcher
-        from orcd.cuda.nvrtc import KernelCompiler, KernelSource
+        from orcd.backends.cuda.launch import Launcher
+        from orcd.backends.cuda.nvrtc import KernelCompiler, KernelSource
 
         compiler = compiler or KernelCompiler(self.device.info.arch)
-        module = compiler.load(self.device, KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu"))
+        module = compiler.load(self.device, KernelSource.from_package("orcd.backends.cuda.kernels", "gemm_simt.cu"))
         self._module = module
         self._kernels = {"float16": module.function("gemm_f16_simt"),
                          "bfloat16": module.function("gemm_bf16_simt")}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice
+    from orcd.backends.cuda.device import CudaDevice
 
 
 class CudaGraph:
@@ -23,7 +23,7 @@ class CudaGraph:
         self.device, self._graph, self._exec = device, graph, exec_
 
     def replay(self) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         if self._exec is None:
             raise CudaError("replay of a destroyed graph", cuda_error="DESTROYED", call="cuGraphLaunch")
@@ -31,7 +31,7 @@ class CudaGraph:
         cu("cuGraphLaunch", self._exec, self.device.stream)
 
     def close(self) -> None:
-        from orcd.cuda.driver import cu
+        from orcd.backends.cuda.driver import cu
 
         if self._exec is not None:
             self.device.make_current()
@@ -48,7 +48,7 @@ class CudaGraph:
 
 def capture(device: "CudaDevice", record: Callable[[], None]) -> CudaGraph:
     """Capture what ``record()`` enqueues on the device's stream as a graph."""
-    from orcd.cuda.driver import cu, driver_module
+    from orcd.backends.cuda.driver import cu, driver_module
 
     drv = driver_module()
     device.make_current()

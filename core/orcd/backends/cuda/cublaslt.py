@@ -40,8 +40,8 @@ import numpy as np
 from orcd.errors import CudaError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orcd.cuda.device import CudaDevice
-    from orcd.cuda.memory import Allocator
+    from orcd.backends.cuda.device import CudaDevice
+    from orcd.backends.cuda.memory import Allocator
 
 # Hopper's split-K and stream-K kernels want up to 32 MiB (the size NVIDIA's docs recommend for sm_90).
 WORKSPACE_BYTES = 32 << 20
@@ -96,7 +96,7 @@ class LtGemm:
 
     def __init__(self, device: "CudaDevice", lt=None, allocator: "Allocator | None" = None,
                  workspace_bytes: int = WORKSPACE_BYTES) -> None:
-        from orcd.cuda.memory import DeviceAllocator
+        from orcd.backends.cuda.memory import DeviceAllocator
 
         self.lt = lt or bindings()
         device.make_current()

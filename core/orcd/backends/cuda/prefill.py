@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from orcd.backend.cuda_batch import Replays
-from orcd.cuda.tensor import DeviceTensor
+from orcd.backends.cuda.batch import Replays
+from orcd.backends.cuda.tensor import DeviceTensor
 from orcd.kvcache import KV_BLOCK
 
 #: rows of a replayed prefill chunk; a prompt pads up to the next one
@@ -80,7 +80,7 @@ class PrefillGraphs(Replays):
                             lambda: model.forward(self.b.ops, d_ids, d_pos, cache, last_only=True), "prefill")
 
     def _write_inputs(self, rows: int, host: np.ndarray):
-        from orcd.cuda.memory import from_host_async
+        from orcd.backends.cuda.memory import from_host_async
 
         got = self._inputs.get(rows)
         if got is None:

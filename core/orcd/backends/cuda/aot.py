@@ -1,14 +1,14 @@
 """Kernels built ahead of time, shipped in the package.
 
-    python -m orcd.cuda.aot [--arch sm_80,sm_86,sm_89,sm_90] [--out DIR]
+    python -m orcd.backends.cuda.aot [--arch sm_80,sm_86,sm_89,sm_90] [--out DIR]
 
 compiles every kernel source the CUDA backend loads for the built-in formats
-(orcd.backend.cuda.kernel_sources) with NVRTC for each architecture into DIR
-(default: the package's ``orcd/cuda/aot``), under the keys KernelCompiler looks
+(orcd.backends.cuda.backend.kernel_sources) with NVRTC for each architecture into DIR
+(default: the package's ``orcd/backends/cuda/aot``), under the keys KernelCompiler looks
 up, so a worker on one of those GPUs starts without compiling: a first start on
 an empty kernel cache loads cubins instead of spending seconds in NVRTC. A
-release runs it before building the wheel (``python -m orcd.cuda.aot && python
--m build``; the package data takes ``cuda/aot/*.cubin``), where NVRTC is
+release runs it before building the wheel (``python -m orcd.backends.cuda.aot && python
+-m build``; the package data takes ``backends/cuda/aot/*.cubin``), where NVRTC is
 installed; a GPU is not needed. Cubins from
 another NVRTC version are not used (the key holds the version): such a worker
 compiles, in parallel, as before.
@@ -25,16 +25,16 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
 def sources() -> list:
-    from orcd.backend.cuda import kernel_sources
-    from orcd.cuda.nvrtc import KernelSource
+    from orcd.backends.cuda.backend import kernel_sources
+    from orcd.backends.cuda.nvrtc import KernelSource
     from orcd.quant.builtin import builtin_table
 
-    return [*kernel_sources(builtin_table()), KernelSource.from_package("orcd.cuda.kernels", "gemm_simt.cu")]
+    return [*kernel_sources(builtin_table()), KernelSource.from_package("orcd.backends.cuda.kernels", "gemm_simt.cu")]
 
 
 def build(out: Path, archs=ARCHS) -> int:
     """Compile every source for every architecture into ``out``; returns the cubins written."""
-    from orcd.cuda.nvrtc import KernelCompiler
+    from orcd.backends.cuda.nvrtc import KernelCompiler
 
     srcs = sources()
     made = 0
@@ -48,7 +48,7 @@ def build(out: Path, archs=ARCHS) -> int:
 
 
 def main(argv=None) -> int:
-    from orcd.cuda.nvrtc import shipped_dir
+    from orcd.backends.cuda.nvrtc import shipped_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default=",".join(ARCHS))
