@@ -47,8 +47,10 @@ def test_kernel_bodies_finds_macro_and_plain_kernels():
 
 SOURCES = {f"{s.name}-{i}": s for i, s in enumerate(kernel_sources(builtin_table()))}
 # what a kernel may do before it waits: fetch its weights into L2 and find its
-# segment (fused.cu's BLOCK_SEGMENT: index math on the kernel's arguments)
+# segment (fused.cu's BLOCK_SEGMENT, matmul.cu's GEMV_SEGMENT: index math on the
+# kernel's arguments)
 BEFORE_WAIT = ("orcd_prefetch_rows(", "prefetch_segment(")
+SEGMENT_MACROS = ("BLOCK_SEGMENT", "GEMV_SEGMENT")
 
 
 def object_macros(text: str) -> dict[str, str]:
@@ -58,16 +60,18 @@ def object_macros(text: str) -> dict[str, str]:
 
 
 def statements_before_wait(body: str, macros: dict[str, str]) -> list[str] | None:
-    """The statements of ``body`` before its first wait (object macros expanded,
-    BLOCK_SEGMENT kept); None when it never waits."""
+    """The statements of ``body`` before its first wait (object macros expanded, the
+    SEGMENT_MACROS kept and dropped); None when it never waits."""
     body = body.replace("\\\n", " ")
     for _ in range(3):
-        body = re.sub(r"\b(\w+)\b", lambda m: macros.get(m[1], m[1]) if m[1] != "BLOCK_SEGMENT" else m[1],
-                      body)
+        body = re.sub(r"\b(\w+)\b", lambda m: m[1] if m[1] in SEGMENT_MACROS else macros.get(m[1], m[1]), body)
     at = min((body.find(w) for w in WAITS if w in body), default=-1)
     if at < 0:
         return None
-    return [s.strip() for s in body[:at].replace("BLOCK_SEGMENT", "").split(";") if s.strip()]
+    before = body[:at]
+    for name in SEGMENT_MACROS:
+        before = re.sub(rf"\b{name}\b", "", before)
+    return [s.strip() for s in before.split(";") if s.strip()]
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))

@@ -94,3 +94,26 @@ def test_the_ffn_is_two_launches_after_the_attention(gpu, rows, rng, host, joine
     assert np.array_equal(got, plain)
     assert np.array_equal(alone[0], got[2])
     assert len(launches) == 2, launches          # rms_norm_q8, then gate + up + SwiGLU
+
+
+def test_q_k_and_v_of_one_format_share_a_launch(gpu, rows, rng, host):
+    # Qwen's mix: q and k Q5_0 (different rows, so different splits), v Q8_0; with biases
+    ops, count = rows
+    D, T = sized((896, 16), (64, 3))
+    shapes = sized(((896, "Q5_0"), (128, "Q5_0"), (128, "Q8_0")), ((64, "Q5_0"), (16, "Q5_0"), (16, "Q8_0")))
+    ws = [gpu.weight(host, name, (n, D), rng)[0] for n, name in shapes]
+    bs = [gpu.put(rng.standard_normal(n).astype(np.float32)) for n, _ in shapes]
+    x = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    norm = (gpu.put((1 + 0.1 * rng.standard_normal(D)).astype(np.float32)), 1e-6)
+    with in_phase(ops, Phase.ROWS):
+        count.names.clear()
+        got = [gpu.get(o) for o in ops.linear_multi(x, ws, bs, norm=norm)]
+        launches = list(count.names)
+        alone = [gpu.get(o) for o in ops.linear_multi(x.rows(1, 2), ws, bs, norm=norm)]
+        h = ops._shared_act(x, ws, norm)
+        plain = [gpu.get(ops.linear(h, w, b)) for w, b in zip(ws, bs)]
+    for g, a, p in zip(got, alone, plain):
+        assert np.array_equal(g, p)
+        assert np.array_equal(a[0], g[1])
+    want = 3 if ops.b.mm.mma else 2    # on the tensor cores each weight is a launch of its own
+    assert len(launches) == 1 + want, launches   # rms_norm_q8, then q+k and v

@@ -59,15 +59,16 @@ struct ActQ8 {
 // NW = 1: out[t, row] = (residual[t, row] +) sum_k w[row, k] * x[t, k] (+ bias[row]);
 // NW = 2 (gated): out[t, row] = silu(gate) * up, gate and up the sums of w's and w2's
 // rows, each summed as NW = 1 sums it (activation.cu's swiglu_f32 of the two GEMVs, the
-// same bits). For t < nT <= TM; x the activations A (ActF32 or ActQ8); out: [nT, out_stride].
+// same bits). For t < nT <= TM; x the activations A (ActF32 or ActQ8); out: [nT, out_stride];
+// blk: this block's index among the blocks of w (blockIdx.x, or less in a multi-weight launch).
 template <class F, int TM, int NW, class A>
 __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __restrict__ w2,
                                           long long row_bytes, A x, int nT, const float* __restrict__ bias,
                                           const float* __restrict__ residual, float* __restrict__ out,
-                                          int out_stride, int n_out, int n_in, int split) {
+                                          int out_stride, int n_out, int n_in, int split, int blk) {
     __shared__ float partial[NW][GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row = blockIdx.x * (GEMV_WARPS / split) + warp / split, part = warp % split;
+    const int row = blk * (GEMV_WARPS / split) + warp / split, part = warp % split;
     const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
     float acc[NW][TM];
 #pragma unroll
@@ -172,7 +173,7 @@ __device__ __forceinline__ void moe_gemv(const u8* __restrict__ w, long long row
     }
     const float* b_p = bias ? bias + (long long)e * n_out : nullptr;
     gemv_rows<F, 1, 1>(w + (long long)e * expert_bytes, nullptr, row_bytes, x.row(x_per_pair ? pair : pair / k),
-                       1, b_p, nullptr, out_p, n_out, n_out, n_in, split);
+                       1, b_p, nullptr, out_p, n_out, n_out, n_in, split, blockIdx.x);
 }
 
 // Prefill's grouped expert matmul: one tile of up to MOE_TILE pairs routed to
@@ -191,7 +192,7 @@ __device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row
     if (rows == 0) return;  // uniform per block
     gemv_rows<F, MOE_TILE, 1>(w + (long long)e * expert_bytes, nullptr, row_bytes, xg.row(start), rows,
                               bias ? bias + (long long)e * n_out : nullptr, nullptr,
-                              out + (long long)start * n_out, n_out, n_out, n_in, split);
+                              out + (long long)start * n_out, n_out, n_out, n_in, split, blockIdx.x);
 }
 
 
@@ -509,11 +510,37 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 #define GEMV_ARGS const u8* w, long long row_bytes, const float* x, int nT, const float* bias, \
     const float* residual, float* out, int n_out, int n_in, int split
 #define GEMV_CALL(F, TM) gemv_rows<F, TM, 1>(w, nullptr, row_bytes, act_f32<F>(x, n_in), nT, bias, residual, out, \
-                                             n_out, n_out, n_in, split)
-#define GEMV_Q8_ARGS const u8* w, long long row_bytes, const int* xq, const float* xd, int nT, \
-    const float* bias, const float* residual, float* out, int n_out, int n_in, int split
-#define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM, 1>(w, nullptr, row_bytes, act_q8<F>(xq, xd, n_in), nT, bias, \
-                                                residual, out, n_out, n_out, n_in, split)
+                                             n_out, n_out, n_in, split, blockIdx.x)
+
+// The int8 GEMV takes up to three weights of one format (and row size) times the same
+// activations in one launch -- a decode batch's q, k and v: segment i is the next
+// blocks##i blocks, with its own bias, output, rows and split, each row summed as it is
+// alone. The residual is added to segment 0 (linear_add's one weight).
+struct GemvSeg {
+    const u8* w;
+    const float* bias;
+    float* out;
+    int n_out, split, blk;
+};
+#define GEMV_SEG_ARGS(i) const u8 *w##i, const float *bias##i, float *out##i, int n##i, int split##i, int blocks##i
+__device__ __forceinline__ GemvSeg gemv_seg(int b, GEMV_SEG_ARGS(0), GEMV_SEG_ARGS(1), GEMV_SEG_ARGS(2)) {
+    if (b < blocks0) return {w0, bias0, out0, n0, split0, b};
+    b -= blocks0;
+    if (b < blocks1) return {w1, bias1, out1, n1, split1, b};
+    (void)blocks2;
+    return {w2, bias2, out2, n2, split2, b - blocks1};
+}
+#define GEMV_Q8_ARGS long long row_bytes, const int* xq, const float* xd, int nT, int n_in, \
+    const float* residual, GEMV_SEG_ARGS(0), GEMV_SEG_ARGS(1), GEMV_SEG_ARGS(2)
+// index math on the arguments only: allowed before the wait (tests/backend/test_pdl.py)
+#define GEMV_SEGMENT const GemvSeg sg = gemv_seg(blockIdx.x, w0, bias0, out0, n0, split0, blocks0, w1, bias1, \
+                                                 out1, n1, split1, blocks1, w2, bias2, out2, n2, split2, blocks2);
+#define GEMV_Q8_PROLOGUE                                                                           \
+    orcd_prefetch_rows(sg.w, row_bytes, (long long)sg.blk * (GEMV_WARPS / sg.split), GEMV_WARPS / sg.split, \
+                       sg.n_out);                                                                  \
+    orcd_prior_done();
+#define GEMV_Q8_CALL(F, TM) gemv_rows<F, TM, 1>(sg.w, nullptr, row_bytes, act_q8<F>(xq, xd, n_in), nT, sg.bias, \
+    (int)blockIdx.x < blocks0 ? residual : nullptr, sg.out, sg.n_out, sg.n_out, n_in, sg.split, sg.blk)
 // gate and up rows (wg, wu: [n_ff, n_in] each) and silu(gate) * up, in one launch
 #define GEMV_GATED_Q8(NAME, F, TM)                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_gated_##NAME##_t##TM(          \
@@ -523,7 +550,7 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
         orcd_prefetch_rows(wu, row_bytes, (long long)blockIdx.x * (GEMV_WARPS / split), GEMV_WARPS / split, n_ff); \
         orcd_prior_done();                                                                           \
         gemv_rows<F, TM, 2>(wg, wu, row_bytes, act_q8<F>(xq, xd, n_in), nT, nullptr, nullptr, out,  \
-                            n_ff, n_ff, n_in, split);                                                \
+                            n_ff, n_ff, n_in, split, blockIdx.x);                                    \
     }
 
 #define FORMAT_KERNELS(NAME, F, TYPE_ID)                                                                     \
@@ -565,12 +592,12 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, long long
 
 // The int8-activation variants of the GEMV kernels, for the integer formats.
 #define INT8_KERNELS(NAME, F, TYPE_ID)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 1); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 2); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 4); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 8); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 16); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_PROLOGUE GEMV_Q8_CALL(F, 32); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t1(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 1); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t2(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 2); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t4(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 4); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t8(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 8); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t16(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 16); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_q8_##NAME##_t32(GEMV_Q8_ARGS) { GEMV_SEGMENT GEMV_Q8_PROLOGUE GEMV_Q8_CALL(F, 32); } \
     GEMV_GATED_Q8(NAME, F, 1) GEMV_GATED_Q8(NAME, F, 2) GEMV_GATED_Q8(NAME, F, 4) GEMV_GATED_Q8(NAME, F, 8)  \
     GEMV_GATED_Q8(NAME, F, 16)                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_q8_##NAME(                 \

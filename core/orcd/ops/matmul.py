@@ -55,6 +55,7 @@ GEMV_MAX_T = 8              # decode: tokens per GEMV launch (each weight byte r
 GEMV_TM = (1, 2, 4, 8, 16)  # GEMV instantiations: T is rounded up to one of these
 GEMV_Q8_TM = GEMV_TM + (32,)  # and of the int8 GEMV (a weight piece unpacked once for all rows)
 GATED_Q8_TM = GEMV_TM       # and of the int8 gate/up GEMV with SwiGLU (MatmulKernels.gated)
+GEMV_SEGMENTS = 3           # weights one int8 GEMV launch takes (matmul.cu's GEMV_SEG_ARGS)
 # rows of a decode batch per GEMV launch (MatmulKernels.gemv): a batch of 16 (32 with int8
 # activations) reads each weight once per step, not twice as two launches of 8 did
 BATCH_GEMV_T = GEMV_TM[-1]
@@ -238,6 +239,28 @@ class MatmulKernels:
             self._gemv_mma(x, w, b, out, residual)
         else:
             self._gemv(x, w, b, out, residual)
+
+    def gemv_multi(self, x, ws, bs, outs, scratch=None) -> None:
+        """``gemv`` of each weight of ws (with bias bs[i] into outs[i]) for the same
+        rows of x: the dp4a int8 GEMVs of one format and row size share a launch, up
+        to GEMV_SEGMENTS at a time (a decode batch's q, k and v), each row of each
+        summed as its own launch sums it; the others launch one by one."""
+        T, n_in = x.shape
+        for w, b, out in zip(ws, bs, outs):
+            if self._check_linear(x, w, b, out)[0] > self.gemv_rows(x):
+                raise ValueError(f"gemv_multi: at most {self.gemv_rows(x)} rows per launch, got {T}")
+        groups: dict = {}
+        for i, w in enumerate(ws):
+            if isinstance(x, Q8Act) and int8_capable(w) and not self._on_mma(x, w):
+                group = groups.setdefault((w.type_id, w.row_bytes), [[]])
+                if len(group[-1]) == GEMV_SEGMENTS:
+                    group.append([])
+                group[-1].append(i)
+            else:
+                self.gemv(x, w, bs[i], outs[i], scratch=scratch)
+        for launches in groups.values():
+            for idx in launches:
+                self._gemv_q8(x, [(ws[i], bs[i], outs[i]) for i in idx])
 
     def gates(self, x, w_gate, w_up) -> bool:
         """Whether ``gated`` takes x by w_gate (and w_up): int8 activations of at most
@@ -458,16 +481,34 @@ class MatmulKernels:
     # -- paths -------------------------------------------------------------------------
 
     def _gemv(self, x, w, b, out, residual=None) -> None:
+        if isinstance(x, Q8Act):
+            self._gemv_q8(x, [(w, b, out)], residual)
+            return
         T, n_in = x.shape
         n_out = w.shape[0]
-        q8 = isinstance(x, Q8Act)
-        tm = next(m for m in (GEMV_Q8_TM if q8 else GEMV_TM) if m >= T)
+        tm = next(m for m in GEMV_TM if m >= T)
         split = gemv_split(n_out, row_pieces(w))
-        self.launch(self._fn(f"gemv_{'q8_' if q8 else ''}", w, f"_t{tm}"),
-                    -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
+        self.launch(self._fn("gemv_", w, f"_t{tm}"), -(-n_out // (GEMV_ROWS // split)), 32 * GEMV_ROWS,
                     [_ptr(w.ptr), np.int64(w.row_bytes), *self._act_args(x, 0), T,
                      _ptr(b.ptr if b is not None else 0), _ptr(residual.ptr if residual is not None else 0),
                      _ptr(out.ptr), n_out, n_in, split])
+
+    def _gemv_q8(self, x, segs, residual=None) -> None:
+        # segs: 1 to GEMV_SEGMENTS (w, b, out) of one format and row size, one launch;
+        # each weight's blocks and split as its own launch would have them
+        T, n_in = x.shape
+        w0 = segs[0][0]
+        tm = next(m for m in GEMV_Q8_TM if m >= T)
+        args, blocks = [], 0
+        for w, b, out in segs:
+            split = gemv_split(w.shape[0], row_pieces(w))
+            n = -(-w.shape[0] // (GEMV_ROWS // split))
+            args += [_ptr(w.ptr), _ptr(b.ptr if b is not None else 0), _ptr(out.ptr), w.shape[0], split, n]
+            blocks += n
+        args += [_ptr(0), _ptr(0), _ptr(0), 0, 1, 0] * (GEMV_SEGMENTS - len(segs))
+        self.launch(self._fn("gemv_q8_", w0, f"_t{tm}"), blocks, 32 * GEMV_ROWS,
+                    [np.int64(w0.row_bytes), *self._act_args(x, 0), T, n_in,
+                     _ptr(residual.ptr if residual is not None else 0), *args])
 
     def _gemv_mma(self, x, w, b, out, residual=None) -> None:
         T, n_in = x.shape

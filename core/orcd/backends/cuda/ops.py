@@ -163,7 +163,14 @@ class CudaOps:
             self.b.fused.linear_multi(xa, ws, bs, outs, norm)
             return outs
         h = self._shared_act(x, ws, norm)
-        return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
+        if not self.per_row:
+            return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
+        outs = tuple(self._empty((h.shape[0], w.shape[0])) for w in ws)   # [T, n_out_i] each
+        step = self.b.mm.gemv_rows(h)
+        for s in range(0, h.shape[0], step):       # weights of one format share a launch
+            e = min(h.shape[0], s + step)
+            self.b.mm.gemv_multi(h.rows(s, e), ws, bs, [o.rows(s, e) for o in outs], scratch=self.b.scratch)
+        return outs
 
     def gated_linear(self, x, w_gate, w_up=None, norm=None) -> DeviceTensor:
         n_ff = w_gate.shape[0] // 2 if w_up is None else w_gate.shape[0]
