@@ -198,6 +198,47 @@ def test_batched_decode_attends_each_sequence_over_its_own_blocks(gpu, rng, wind
         assert rel(got[t], ref[t]) < 1e-4
 
 
+@pytest.mark.parametrize("n_head,n_kv,hd,batched", [(14, 2, 64, False), (4, 4, 96, False), (2, 1, 256, False),
+                                                    (8, 2, 64, True)])
+def test_decode_attention_also_writes_its_output_as_int8_activations(gpu, rng, n_head, n_kv, hd, batched):
+    # the combine kernel quantizes what it writes (a warp a 32-value group, 256: two rounds):
+    # quantize_q8_ref's bits, and the fp32 output the bits it has without them
+    from orcd.ops.matmul import Q8Act, quantize_q8_ref
+
+    T, n_ctx = (3, 512) if batched else (1, 1024)
+    tables = rng.permutation(T * blocks_for(n_ctx)).astype(np.int32).reshape(T, -1)
+    pos = np.array([700, 5, 300][:T] if not batched else [0, 300, 511], np.int32)
+    rows = tables.size * KV_BLOCK
+    dk = gpu.put(rng.standard_normal((rows, n_kv, hd)).astype(np.float16))
+    dv = gpu.put(rng.standard_normal((rows, n_kv, hd)).astype(np.float16))
+    q, dpos = gpu.put(randn(rng, T, n_head * hd)), gpu.put(pos)
+    paging = gpu.paging(tables, np.arange(T, dtype=np.int32), n_ctx, batched=batched)
+    assert gpu.attn.quantizes(q, dk, dv, paging)
+    plain, out = gpu.empty((T, n_head * hd)), gpu.empty((T, n_head * hd))
+    gpu.attn.attention(q, dk, dv, dpos, 0.125, 0, None, plain, gpu.empty, paging)
+    q8 = Q8Act(gpu.empty((T, n_head * hd), np.int8), gpu.empty((T, n_head * hd // 32)))
+    gpu.attn.attention(q, dk, dv, dpos, 0.125, 0, None, out, gpu.empty, paging, q8)
+    got = gpu.get(out)
+    assert np.array_equal(got, gpu.get(plain))
+    want_q, want_d = quantize_q8_ref(got)
+    assert np.array_equal(gpu.get(q8.xq), want_q) and np.array_equal(gpu.get(q8.xd), want_d)
+
+
+def test_attention_refuses_int8_activations_it_cannot_write(gpu, rng):
+    from orcd.ops.matmul import Q8Act
+
+    n_ctx, n_head, n_kv = 256, 4, 2
+    paging = gpu.paging(contiguous_table(blocks_for(n_ctx)), [0] * 4, n_ctx)
+    q, pos = gpu.put(randn(rng, 4, n_head * 64)), gpu.put(np.arange(4, dtype=np.int32))
+    dk = dv = gpu.put(np.zeros((n_ctx, n_kv, 64), np.float16))
+    assert not gpu.attn.quantizes(q, dk, dv, paging)      # a prompt chunk: not a decode
+    odd = gpu.put(np.zeros((n_ctx, n_kv, 80), np.float16))
+    assert not gpu.attn.quantizes(q.rows(0, 1), odd, odd, paging)   # 80 is not whole groups
+    q8 = Q8Act(gpu.empty((4, n_head * 64), np.int8), gpu.empty((4, n_head * 2)))
+    with pytest.raises(ValueError, match="int8"):
+        gpu.attn.attention(q, dk, dv, pos, 0.125, 0, None, gpu.empty((4, n_head * 64)), gpu.empty, paging, q8)
+
+
 def test_decode_attention_is_deterministic(gpu, rng):
     n_ctx, n_head, n_kv, hd = 2048, 14, 2, 64
     dk = gpu.put(rng.standard_normal((n_ctx, n_kv, hd)).astype(np.float16))

@@ -9,6 +9,7 @@ on the CUDA simulator (``sim``), over the kernel families alone (no CudaBackend)
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,6 +40,7 @@ def rows(request, gpu):
     # CudaOps over the kernel families, each launching through one counting launcher
     from orcd.backends.cuda.ops import CudaOps, Scratch
     from orcd.ops.activation import ActivationKernels
+    from orcd.ops.attention import AttentionKernels
     from orcd.ops.fused import FusedKernels
     from orcd.ops.matmul import MatmulKernels
     from orcd.ops.norm import NormKernels
@@ -46,7 +48,8 @@ def rows(request, gpu):
     count = Counting(gpu.launcher)
     k = (gpu.dev, gpu.compiler, count)
     b = SimpleNamespace(mm=MatmulKernels(*k, int8="all", mma=request.param == "mma"), fused=FusedKernels(*k),
-                        act=ActivationKernels(*k), norm=NormKernels(*k), scratch=Scratch(gpu.alloc, 4 << 20))
+                        act=ActivationKernels(*k), norm=NormKernels(*k), attn=AttentionKernels(*k),
+                        scratch=Scratch(gpu.alloc, 4 << 20))
     ops = CudaOps(b)
     yield ops, count
     b.scratch.free()
@@ -117,3 +120,36 @@ def test_q_k_and_v_of_one_format_share_a_launch(gpu, rows, rng, host):
         assert np.array_equal(a[0], g[1])
     want = 3 if ops.b.mm.mma else 2    # on the tensor cores each weight is a launch of its own
     assert len(launches) == 1 + want, launches   # rms_norm_q8, then q+k and v
+
+
+@pytest.mark.parametrize("phase", [Phase.ROWS, None])
+def test_the_output_projection_reads_the_int8_activations_attention_wrote(gpu, rows, rng, host, phase):
+    # a decode's attention output comes with its int8 activations, so o's GEMV needs no
+    # quantize launch: in a decode batch (ROWS) and in one sequence's fused decode step
+    # (None, one token; Phi-3's and GPT-OSS's o projections are int8 there)
+    from orcd.kvcache import KV_BLOCK, KVCache, blocks_for
+
+    ops, count = rows
+    n_head, n_kv, hd, n_ctx = 4, 2, 64, 256
+    T = 3 if phase is Phase.ROWS else 1
+    D = n_head * hd
+    tables = rng.permutation(T * blocks_for(n_ctx)).astype(np.int32).reshape(T, -1)
+    kc = gpu.put(rng.standard_normal((tables.size * KV_BLOCK, n_kv, hd)).astype(np.float16))
+    vc = gpu.put(rng.standard_normal((tables.size * KV_BLOCK, n_kv, hd)).astype(np.float16))
+    cache = KVCache([kc], [vc], gpu.put(tables), gpu.put(np.arange(T, dtype=np.int32)), n_ctx,
+                    batched=phase is Phase.ROWS)
+    q = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    k, v = (gpu.put(rng.standard_normal((T, n_kv * hd)).astype(np.float32)) for _ in range(2))
+    pos = gpu.put(np.array([5, 200, 255][:T], np.int32))
+    w, _ = gpu.weight(host, "Q8_0", (D, D), rng)
+    res = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    with in_phase(ops, phase) if phase is not None else contextlib.nullcontext():
+        attn = ops.attention(q, k, v, cache, 0, pos, 0.125)
+        assert attn.q8 is not None
+        count.names.clear()
+        got = gpu.get(ops.linear_add(attn, w, res))
+        launches = list(count.names)
+        plain = gpu.get(ops.linear_add(attn.view(*attn.shape), w, res))   # a view: quantized again
+    assert np.array_equal(got, plain)
+    assert len(launches) == 1, launches
+

@@ -18,6 +18,7 @@
 
 #include "pdl.cuh"
 #include "mma.cuh"
+#include "q8.cuh"
 #include <cuda_fp16.h>
 
 #define ATT_TILE 128      // keys per tile == threads per block
@@ -323,8 +324,11 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
 
 // Merge the splits that hold visible keys, in split order, with the sink.
 // part: [T, n_head, n_splits, hd_v + 2]; out: [T, n_head * hd_v]. grid (n_head, T), block 128.
+// xq, xd (hd_v a multiple of 32, or null): out's int8 activations as quantize_q8 makes
+// them, [T, n_head * hd_v] and [T, n_head * hd_v / 32] -- a warp holds one group.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, const int* __restrict__ pos,
                                        const float* __restrict__ sinks, float* __restrict__ out,
+                                       signed char* __restrict__ xq, float* __restrict__ xd,
                                        int n_head, int hd_v, int window, int keys_per_split,
                                        int n_splits) {
     orcd_prior_done();
@@ -340,14 +344,21 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
         const float* ps = pp + s * (hd_v + 2);
         denom += ps[hd_v + 1] * expf(ps[hd_v] - mm);
     }
-    float* y = out + ((size_t)t * n_head + h) * hd_v;
-    for (int d = threadIdx.x; d < hd_v; d += blockDim.x) {
-        float o = 0.f;
-        for (int s = s_lo; s <= s_hi; ++s) {
-            const float* ps = pp + s * (hd_v + 2);
-            o += ps[d] * expf(ps[hd_v] - mm);
+    const size_t row = ((size_t)t * n_head + h) * hd_v;   // this head's first value in out
+    for (int d0 = 0; d0 < hd_v; d0 += blockDim.x) {       // rounds uniform per block, groups per warp
+        const int d = d0 + threadIdx.x;
+        float y = 0.f;
+        if (d < hd_v) {
+            float o = 0.f;
+            for (int s = s_lo; s <= s_hi; ++s) {
+                const float* ps = pp + s * (hd_v + 2);
+                o += ps[d] * expf(ps[hd_v] - mm);
+            }
+            y = o / denom;
+            out[row + d] = y;
         }
-        y[d] = o / denom;
+        const int g0 = d0 + (threadIdx.x & ~31);            // the warp's group, whole or not at all
+        if (xq && g0 < hd_v) quantize_lane(y, xq + row + g0, xd + (row + g0) / 32);
     }
 }
 

@@ -158,12 +158,25 @@ class AttentionKernels:
                       np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), n_head, n_kv, hd, hd_v,
                       cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])
 
+    @staticmethod
+    def quantizes(q, k_cache, v_cache, paging) -> bool:
+        """Whether ``attention`` can also write its output's int8 activations (``q8``):
+        decodes (one token, or a batch of them: the combine kernel writes every
+        output), head dims a whole number of 32-value groups."""
+        hd, hd_v = k_cache.shape[2], v_cache.shape[2]
+        return (q.shape[0] == 1 or paging.batched) and hd == hd_v and hd_v % 32 == 0
+
     def attention(self, q, k_cache, v_cache, pos, scale: float, window: int, sinks, out,
-                  empty, paging) -> None:
+                  empty, paging, q8=None) -> None:
         """out [T, n_head * hd_v] = attention of q [T, n_head * hd] over the cache;
         ``empty(shape)`` gives scratch for the decode splits' partials. ``paging``
         (the KVCache view): with ``paging.batched`` each token is one decode of its
-        own sequence, else the tokens are consecutive positions of one sequence."""
+        own sequence, else the tokens are consecutive positions of one sequence.
+        ``q8`` (a Q8Act like out, where ``quantizes``): out's int8 activations too,
+        quantize_q8's bits, in the same launch."""
+        if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
+            raise ValueError(f"attention: int8 activations {q8.shape} of out {out.shape} only for decodes "
+                             "with head dims of whole 32-value groups")
         _, n_kv, hd = k_cache.shape
         n_ctx = paging.n_ctx
         hd_v = v_cache.shape[2]
@@ -172,7 +185,7 @@ class AttentionKernels:
         if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
             raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
         if (T == 1 or paging.batched) and hd == hd_v:
-            self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging)
+            self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging, q8)
             return
         if T > 1 and not paging.batched and hd % 16 == 0 and hd_v in PF_HEAD_DIMS:   # tensor cores
             self._launch(self._prefill_tc[hd_v], (-(-T // PF_BQ), n_head), PF_THREADS,
@@ -191,10 +204,11 @@ class AttentionKernels:
                       float(scale), int(window), kps, n_splits])
         if part is not None:
             self._launch(self._combine, (n_head, T), 128,
-                         [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr),
-                          n_head, hd_v, int(window), kps, n_splits])
+                         [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr), np.uint64(0),
+                          np.uint64(0), n_head, hd_v, int(window), kps, n_splits])
 
-    def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging) -> None:
+    def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging,
+                          q8=None) -> None:
         # T query rows, each one decode of its sequence: attn_decode per (KV head, split,
         # row), then attn_combine (always)
         _, n_kv, hd = k_cache.shape
@@ -210,4 +224,5 @@ class AttentionKernels:
                       float(scale), int(window), kps, n_splits], shared=shared)
         self._launch(self._combine, (n_head, T), 128,
                      [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
-                      np.uint64(out.ptr), n_head, hd, int(window), kps, n_splits])
+                      np.uint64(out.ptr), np.uint64(0 if q8 is None else q8.xq.ptr),
+                      np.uint64(0 if q8 is None else q8.xd.ptr), n_head, hd, int(window), kps, n_splits])

@@ -97,10 +97,11 @@ class CudaOps:
 
     def _act(self, x: DeviceTensor, *ws: QWeight):
         # x as the GEMVs of all of ws read it: quantized to int8 once when they all can
+        # (or already, by the kernel that wrote x: x.q8)
         mm = self.b.mm
         if isinstance(x, Q8Act) or not mm.use_int8(*ws, batch=self.per_row):
             return x
-        return mm.quantize(x, self.b.scratch)
+        return x.q8 if x.q8 is not None else mm.quantize(x, self.b.scratch)
 
     def embed(self, table: QWeight, ids: DeviceTensor) -> DeviceTensor:
         out = self._empty((ids.shape[0], table.shape[-1]))        # [T, D]
@@ -134,6 +135,8 @@ class CudaOps:
         mm = self.b.mm
         if not mm.use_int8(*ws):
             return x, norm
+        if norm is None and getattr(x, "q8", None) is not None:   # attention's output
+            return x.q8, None
         if self.b.fused.self_quantize:
             return ToQ8(x, norm), None
         if norm is None:
@@ -274,8 +277,10 @@ class CudaOps:
             self.b.attn.kv_store(kc, vc, k, v, pos, cache)
         T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
         out = self._empty((T, q.shape[1] // hd * hd_v))
-        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache)
-        return out
+        # a decode's output also as int8 activations, for the output projection's GEMV
+        q8 = Q8Act.empty(self.b.scratch, *out.shape) if self.b.attn.quantizes(q, kc, vc, cache) else None
+        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache, q8)
+        return out if q8 is None else DeviceTensor(out.ptr, out.shape, out.dtype, q8)
 
     def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +

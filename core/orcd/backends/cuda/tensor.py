@@ -11,7 +11,7 @@ step be captured once as a CUDA graph and replayed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,9 @@ class DeviceTensor:
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    # the same values as int8 activations (orcd.ops.matmul.Q8Act), where the kernel that
+    # wrote them also quantized them (attention's output); a view or row range drops it
+    q8: Any = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
