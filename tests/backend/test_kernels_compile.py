@@ -76,12 +76,12 @@ def test_kernel_sources_bring_every_header_they_include():
     # NVRTC sees only the headers a KernelSource carries: what each .cu includes,
     # directly or through another header, must be among them
     from orcd.backends.cuda.aot import sources
-    from orcd.ops import matmul
+    from orcd.ops.matmul_base import matmul_source
 
     own = {p.name: p.read_text() for p in [*ROOT.glob("quant/*.cuh"), *ROOT.glob("ops/*.cuh")]}
     own[HEADER] = formats_header(FORMATS)
     carried = {s.name: s.headers for s in sources()}
-    carried["matmul.cu"] = matmul._kernel_source(FORMATS).headers
+    carried["matmul.cu"] = matmul_source(FORMATS).headers
     for src in SOURCES:
         needed = _quoted_includes(src.read_text(), own, set())
         assert needed <= set(carried.get(src.name, {})), f"{src.name} needs {sorted(needed)}"
@@ -91,7 +91,7 @@ def test_every_kernel_the_launchers_name_exists(ptx):
     # the launchers build kernel names from tables (format suffixes, GEMV token
     # counts, head dims); a name missing from the module fails only on the GPU
     from orcd.ops.attention import PF_HEAD_DIMS
-    from orcd.ops.matmul import GATED_Q8_TM, GEMV_Q8_TM, GEMV_TM
+    from orcd.ops.matmul_base import GATED_Q8_TM, GEMV_Q8_TM, GEMV_TM
 
     def entries(name: str) -> set[str]:
         return set(re.findall(r"\.entry\s+(\w+)\(", ptx(ROOT / "ops" / name)[2]))

@@ -13,7 +13,8 @@ import pytest
 from gpu_rig import q8_ref, rel, sized
 
 from orcd.ops import moe
-from orcd.ops.matmul import MOE_TILE, Q8Act, quantize_q8_ref
+from orcd.ops.matmul import quantize_q8_ref
+from orcd.ops.matmul_base import MOE_TILE, Q8Act
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
@@ -161,7 +162,7 @@ def test_rms_norm_q8_matches_reference(gpu, mk8, rng):
 def test_int8_gated_rows_per_warp_is_the_warp_per_row_kernel(gpu, mk8, rng, host, name, n_ff, n_in, fused_halves):
     # rows of at most 32 pieces: gemv_gated_q8 (two output rows per warp, gate and up each)
     # gives gemv_fused_q8's bits, an odd n_ff included (a warp's second row past the end)
-    from orcd.ops.matmul import row_pieces
+    from orcd.ops.matmul_base import row_pieces
 
     wg, _ = gpu.weight(host, name, (2 * n_ff if fused_halves else n_ff, n_in), rng)
     assert row_pieces(wg) <= 32
@@ -235,7 +236,7 @@ def test_int8_gemvs_quantizing_their_own_input_give_the_launched_bits(gpu, mk8, 
     # bits of quantize_q8 / rms_norm_q8 then the Q8Act kernel: linear_add (a decode's o
     # and down projections), linear_multi (q/k/v) and both gated kernels
     from orcd.ops.fused import ToQ8
-    from orcd.ops.matmul import Q8Act
+    from orcd.ops.matmul_base import Q8Act
 
     w, _ = gpu.weight(host, name, (n_out, n_in), rng)
     x = gpu.put(rng.standard_normal((1, n_in)).astype(np.float32) * 3)

@@ -103,7 +103,7 @@ def test_bfloat16_prefill(gpu, host):
 def test_batch_gemv_rows_equal_rows_alone(gpu, host, name):
     # a decode batch's rows in one launch (each weight read once: 16 rows of fp32
     # activations, 32 of int8): every row's sum is bitwise the one it gets alone
-    from orcd.ops.matmul import BATCH_GEMV_Q8_T, BATCH_GEMV_T
+    from orcd.ops.matmul_base import BATCH_GEMV_Q8_T, BATCH_GEMV_T
 
     rng = np.random.default_rng()
     n_out, n_in = sized((896, 4864), (64, 512))

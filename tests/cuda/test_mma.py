@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from gpu_rig import q8_ref, rel, sized
 
-from orcd.ops.matmul import Q8Act, quantize_q8_ref
+from orcd.ops.matmul import quantize_q8_ref
+
+from orcd.ops.matmul_base import Q8Act
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
 
@@ -35,7 +37,7 @@ def mk(gpu):
 
 
 def _gemv(gpu, mk, x: np.ndarray, w, b) -> np.ndarray:
-    from orcd.ops.matmul import int8_capable
+    from orcd.ops.matmul_base import int8_capable
 
     T = x.shape[0]
     xa = mk.quantize(gpu.put(x), gpu.arena) if int8_capable(w) else gpu.put(x)

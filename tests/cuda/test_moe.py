@@ -16,7 +16,7 @@ from gpu_rig import rel, sized
 
 from orcd.ops import activation as activation_ref
 from orcd.ops import moe
-from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE
+from orcd.ops.matmul_base import MOE_TC_TILE, MOE_TILE
 from orcd.ops.norm import rms_norm_ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sim]
@@ -201,7 +201,8 @@ def _q8_linear(x, w, b=None):
 @pytest.mark.parametrize("name", ["MXFP4", "Q4_0", "Q8_0"])
 def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
     from orcd.backends.cuda.tensor import QWeight
-    from orcd.ops.matmul import MatmulKernels, Q8Act, quantize_q8_ref
+    from orcd.ops.matmul import MatmulKernels, quantize_q8_ref
+    from orcd.ops.matmul_base import Q8Act
 
     mk8 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
     E, D, n_ff, k, eps = sized((32, 2880, 2880, 4, 1e-5), (8, 256, 96, 4, 1e-5))

@@ -203,7 +203,8 @@ def test_batched_decode_attends_each_sequence_over_its_own_blocks(gpu, rng, wind
 def test_decode_attention_also_writes_its_output_as_int8_activations(gpu, rng, n_head, n_kv, hd, batched):
     # the combine kernel quantizes what it writes (a warp a 32-value group, 256: two rounds):
     # quantize_q8_ref's bits, and the fp32 output the bits it has without them
-    from orcd.ops.matmul import Q8Act, quantize_q8_ref
+    from orcd.ops.matmul import quantize_q8_ref
+    from orcd.ops.matmul_base import Q8Act
 
     T, n_ctx = (3, 512) if batched else (1, 1024)
     tables = rng.permutation(T * blocks_for(n_ctx)).astype(np.int32).reshape(T, -1)
@@ -225,7 +226,7 @@ def test_decode_attention_also_writes_its_output_as_int8_activations(gpu, rng, n
 
 
 def test_attention_refuses_int8_activations_it_cannot_write(gpu, rng):
-    from orcd.ops.matmul import Q8Act
+    from orcd.ops.matmul_base import Q8Act
 
     n_ctx, n_head, n_kv = 256, 4, 2
     paging = gpu.paging(contiguous_table(blocks_for(n_ctx)), [0] * 4, n_ctx)

@@ -135,7 +135,7 @@ class FusedKernels:
     def supports(self, x, ws) -> bool:
         """One token, at most three 2-D weights of formats this module knows with whole
         pieces (integer formats only, for int8 activations)."""
-        from orcd.ops.matmul import Q8Act, device_block, int8_capable
+        from orcd.ops.matmul_base import Q8Act, device_block, int8_capable
 
         if x.shape[0] != 1 or not 1 <= len(ws) <= MAX_SEGMENTS or x.shape[1] % 4:
             return False
@@ -153,7 +153,7 @@ class FusedKernels:
 
     def gated_linear(self, x, w_gate, w_up, out, norm=None) -> None:
         # out: [1, n_ff] = silu(h @ w_gate.T) * (h @ w_up.T); w_up None: halves of w_gate
-        from orcd.ops.matmul import Q8Act, row_pieces
+        from orcd.ops.matmul_base import Q8Act, row_pieces
 
         n_ff = out.shape[1]
         up = (w_up.ptr, w_up) if w_up is not None else (w_gate.ptr + n_ff * w_gate.row_bytes, w_gate)
@@ -171,7 +171,7 @@ class FusedKernels:
         self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
 
     def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
-        from orcd.ops.matmul import Q8Act, gemv_split, row_pieces
+        from orcd.ops.matmul_base import Q8Act, gemv_split, row_pieces
 
         n_in = x.shape[1]
         args, total = [], 0

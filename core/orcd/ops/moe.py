@@ -138,7 +138,7 @@ class MoeKernels:
                       T, n_expert, n_used])
 
     def norm_route_q8(self, x, g, eps: float, router_w, router_b, ids, weights, xa) -> None:
-        """x [T, D] -> rms_norm(x) * g quantized per 32 values into xa (matmul.Q8Act [T, D]),
+        """x [T, D] -> rms_norm(x) * g quantized per 32 values into xa (matmul_base.Q8Act [T, D]),
         and its top-k experts ids [T, k] int32 with softmax weights [T, k] from the
         router (router_w an F32 QWeight [E, D], router_b [E])."""
         T, D = x.shape

@@ -39,15 +39,16 @@ def kernel_sources(formats, type_ids=None) -> list:
     modules): what start-up compiles in parallel (KernelCompiler.prefetch) and what
     orcd.backends.cuda.aot builds ahead of time."""
     from orcd.backends.cuda.nvrtc import KernelSource
-    from orcd.ops import activation, attention, fused, matmul, moe, norm, rope, sampling
+    from orcd.ops import activation, attention, fused, moe, norm, rope, sampling
+    from orcd.ops.matmul_base import matmul_source
     from orcd.quant.device import with_device
 
     rows = with_device(formats)
     fixed = [KernelSource.from_package("orcd.ops", k.SOURCE) for k in
              (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
               moe.MoeKernels, sampling.CudaSampler)]
-    per_format = [matmul._kernel_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
-    return [*fixed, matmul._kernel_source(), fused._kernel_source(rows), *per_format]
+    per_format = [matmul_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
+    return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format]
 
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,

@@ -22,7 +22,7 @@ from orcd.backends.cuda.tensor import ALIGN, Arena, DeviceTensor, QWeight
 from orcd.kvcache import KVCache
 from orcd.ops.contract import Phase
 from orcd.ops.fused import ToQ8
-from orcd.ops.matmul import MOE_TC_TILE, MOE_TILE, Q8Act
+from orcd.ops.matmul_base import MOE_TC_TILE, MOE_TILE, Q8Act
 from orcd.ops.moe import max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
@@ -302,12 +302,12 @@ class CudaOps:
     def _moe_tc(self, ex, D: int, n_ff: int) -> bool:
         """Whether the grouped experts run on the tensor cores (the backend's
         ``moe_tc``; every K a whole number of the kernel's steps)."""
-        from orcd.ops.matmul import tc_takes
+        from orcd.ops.matmul_base import tc_takes
 
         return self.b.moe_tc and tc_takes(ex.gate_w, D) and tc_takes(ex.up_w, D) and tc_takes(ex.down_w, n_ff)
 
     def _moe_fused(self, ex, n_used: int) -> bool:
-        from orcd.ops.matmul import MOE_MAX_K, int8_capable
+        from orcd.ops.matmul_base import MOE_MAX_K, int8_capable
 
         ws = (ex.gate_w, ex.up_w, ex.down_w)
         return (not self.b.mm.int8_off and all(int8_capable(w) for w in ws) and ex.router_w.type_id == 0

@@ -29,7 +29,7 @@ class DeviceTensor:
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
-    # the same values as int8 activations (orcd.ops.matmul.Q8Act), where the kernel that
+    # the same values as int8 activations (orcd.ops.matmul_base.Q8Act), where the kernel that
     # wrote them also quantized them (attention's output); a view or row range drops it
     q8: Any = field(default=None, compare=False, repr=False)
 
