@@ -19,7 +19,8 @@ and the backend on top of them (the driver modules never import these):
 
 - ``backend``   CudaBackend: weights, KV caches, the decode graph, the runner
 - ``ops``       CudaOps: the op contract on DeviceTensors, the scratch arenas
-- ``steps``     pinned step inputs, the row samplers
+- ``steps``     pinned step inputs, the device samplers
+- ``sampler``   which sampler takes a draw (CudaBackend's sampling methods)
 - ``batch``     decode batches over the KV pool, a graph per rows bucket
 - ``prefill``   a prompt's chunks as graphs
 """
