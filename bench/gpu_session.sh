@@ -94,7 +94,8 @@ tree)
   timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
   if [ -z "${SKIP_TESTS:-}" ]; then   # SKIP_TESTS=1: the timings only (a second call on a warm machine)
     timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_ops_cuda.py tests/cuda/test_int8.py \
-        tests/cuda/test_fused.py tests/engine/test_batch_forward.py tests/engine/test_scheduler.py 2>&1 \
+        tests/cuda/test_fused.py tests/cuda/test_mma.py tests/cuda/test_rows_layer.py \
+        tests/engine/test_batch_forward.py tests/engine/test_scheduler.py 2>&1 \
         | tee "$OUT/tests.log" | tail -3
     timeout 120 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k "early or graph" 2>&1 \
         | tee "$OUT/tests-backend.log" | tail -2
