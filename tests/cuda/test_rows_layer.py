@@ -153,3 +153,22 @@ def test_the_output_projection_reads_the_int8_activations_attention_wrote(gpu, r
     assert np.array_equal(got, plain)
     assert len(launches) == 1, launches
 
+
+
+def test_gemv_multi_groups_weights_by_format_three_at_a_time(gpu, rows, rng, host):
+    # four Q5_0 weights and a Q8_0 one: Q5_0 x3, Q5_0 x1, Q8_0 -- each output the bits of
+    # its own gemv (on the tensor cores: a launch each)
+    ops, count = rows
+    mm, n_in, T = ops.b.mm, 256, 2
+    names = ["Q5_0", "Q8_0", "Q5_0", "Q5_0", "Q5_0"]
+    ws = [gpu.weight(host, name, (8 * (i + 1), n_in), rng)[0] for i, name in enumerate(names)]
+    xa = mm.quantize(gpu.put(rng.standard_normal((T, n_in)).astype(np.float32)), ops.b.scratch)
+    outs = [gpu.empty((T, w.shape[0])) for w in ws]
+    count.names.clear()
+    mm.gemv_multi(xa, ws, [None] * len(ws), outs)
+    launches = len(count.names)
+    for w, o in zip(ws, outs):
+        alone = gpu.empty((T, w.shape[0]))
+        mm.gemv(xa, w, None, alone)
+        assert np.array_equal(gpu.get(o), gpu.get(alone))
+    assert launches == (5 if mm.mma else 3)
