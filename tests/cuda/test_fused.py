@@ -149,3 +149,51 @@ def test_rope_kv_store(gpu, rng, name, T):
     assert np.array_equal(gpu.get(dv).view(np.uint16), v_cache.view(np.uint16))
     assert np.array_equal(np.delete(got_k, rows, 0), np.delete(k_cache, rows, 0).astype(np.float32))
     assert rel(got_k[rows], k_cache[rows].astype(np.float64)) < 1e-3  # fp16 rounding of fp32 rope
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+@pytest.mark.parametrize("p,window,sinks", [(0, 0, False), (63, 0, False), (64, 0, True), (700, 128, True)])
+def test_rope_inside_the_decode_gives_the_bits_of_rope_kv_store_then_attention(gpu, rng, name, p, window, sinks):
+    # attn_decode_rope (+ combine) against rope_kv_store + attn_decode + combine on the same
+    # inputs: the output, its int8 activations and both caches, bit for bit
+    from orcd.ops.matmul_base import Q8Act
+
+    cfg, n_head, n_kv = ROPES[name]
+    hd, n_ctx = cfg.head_dim, 1024
+    cos, sin = rope.RopeTable.host_arrays(cfg, n_ctx)
+    table = rope.RopeTable(cfg, n_ctx, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    q, k, v = gpu.put(randn(rng, 1, n_head * hd)), gpu.put(randn(rng, 1, n_kv * hd)), gpu.put(randn(rng, 1, n_kv * hd))
+    caches = rng.standard_normal((2, n_ctx, n_kv, hd)).astype(np.float16)
+    blocks = rng.permutation(n_ctx // KV_BLOCK).astype(np.int32).reshape(1, -1)
+    paging, pos = gpu.paging(blocks, np.zeros(1, np.int32), n_ctx), gpu.put(np.array([p], np.int32))
+    sink = gpu.put(randn(rng, n_head, scale=2)) if sinks else None
+    got, want = [], []
+    for fused in (True, False):
+        dk, dv, out = gpu.put(caches[0]), gpu.put(caches[1]), gpu.empty((1, n_head * hd))
+        q8 = Q8Act(gpu.empty((1, n_head * hd), np.int8), gpu.empty((1, n_head * hd // 32))) if hd % 32 == 0 else None
+        assert gpu.attn.ropes_in_decode(q, dk, dv, paging)
+        if fused:
+            gpu.attn.rope_attention(q, k, v, dk, dv, pos, table, 0.125, window, sink, out, gpu.empty, paging, q8)
+        else:
+            q_rot = gpu.empty(q.shape)
+            gpu.attn.rope_kv_store(q, k, v, dk, dv, pos, table, q_rot, paging)
+            gpu.attn.attention(q_rot, dk, dv, pos, 0.125, window, sink, out, gpu.empty, paging, q8)
+        (got if fused else want).append([gpu.get(t).tobytes() for t in (out, dk, dv)]
+                                        + ([gpu.get(q8.xq).tobytes(), gpu.get(q8.xd).tobytes()] if q8 else []))
+    assert got == want
+
+
+def test_rope_inside_the_decode_is_for_one_token_of_one_sequence(gpu, rng):
+    cfg, n_head, n_kv = ROPES["qwen"]
+    hd, n_ctx = cfg.head_dim, 256
+    dk = dv = gpu.put(np.zeros((n_ctx, n_kv, hd), np.float16))
+    two = gpu.put(randn(rng, 2, n_head * hd))
+    one = two.rows(0, 1)
+    single = gpu.paging([[0, 1, 2, 3]], [0, 0], n_ctx)
+    batched = gpu.paging([[0, 1], [2, 3]], [0, 1], 128, batched=True)
+    assert gpu.attn.ropes_in_decode(one, dk, dv, single)
+    assert not gpu.attn.ropes_in_decode(two, dk, dv, single)      # a prompt chunk: later rows read earlier keys
+    assert not gpu.attn.ropes_in_decode(one, dk, dv, batched)     # a decode batch keeps three launches
+    with pytest.raises(ValueError, match="one decode token"):
+        gpu.attn.rope_attention(two, two, two, dk, dv, gpu.put(np.array([0, 1], np.int32)), None, 0.125, 0,
+                                None, gpu.empty((2, n_head * hd)), gpu.empty, single)

@@ -235,14 +235,28 @@ attn_fwd(const float* __restrict__ q, const __half* __restrict__ kc, const __hal
 // so a split's keys are one block of the cache.
 // Dynamic shared memory: q [G][hd] f32, p [G][kps] f32, K [kps][hd + 2] f16
 // (rows padded: conflict-free per-key reads), V [kps][hd] f16.
-// grid (n_kv, n_splits, T), block DEC_THREADS.
 #define DEC_THREADS 256
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
-            const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
-            const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
-            float scale, int window, int kps, int n_splits) {
-    orcd_prior_done();
+
+// The token's own k and v before RoPE (attn_decode_rope): q is rotated while it is
+// staged, and the split that holds the position stores rope(k) and v into the cache
+// and stages them from registers -- rope_kv_store's arithmetic (rope_elem, round to
+// half), so the same bits. cos_t null: no RoPE.
+struct Fresh {
+    const float* k;
+    const float* v;
+    const float* cos_t;
+    const float* sin_t;
+    int n_rot, neox, n_pos;
+    __half* kc;
+    __half* vc;
+};
+
+template <bool FRESH>
+__device__ __forceinline__ void decode_split(const float* __restrict__ q, const __half* kc, const __half* vc,
+                                             const int* __restrict__ pos, const int* __restrict__ tables,
+                                             int max_blocks, const int* __restrict__ seq,
+                                             float* __restrict__ part, int n_head, int n_kv, int hd,
+                                             float scale, int window, int kps, int n_splits, const Fresh& f) {
     extern __shared__ float smem[];
     const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
     const int G = n_head / n_kv, hd2 = hd / 2;
@@ -260,14 +274,42 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
     __half2* vs = ks + kps * (hd2 + 1);                 // [kps][hd2]
 
     const float* qg = q + (size_t)kvh * G * hd;         // heads kvh * G .. + G - 1
-    for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = qg[i];
+    const float *c = nullptr, *sn = nullptr;
+    int n_rot = 0;                                      // 0: rope_elem passes values through
+    if (FRESH && f.cos_t) {
+        const int pc = p < 0 ? 0 : (p >= f.n_pos ? f.n_pos - 1 : p);  // the host checks positions
+        c = f.cos_t + (size_t)pc * (f.n_rot / 2);
+        sn = f.sin_t + (size_t)pc * (f.n_rot / 2);
+        n_rot = f.n_rot;
+    }
+    for (int i = tid; i < G * hd; i += DEC_THREADS) {
+        if (FRESH) {
+            const int g = i / hd;
+            qs[i] = rope_elem(qg + g * hd, i - g * hd, n_rot, f.neox, c, sn);
+        } else {
+            qs[i] = qg[i];
+        }
+    }
     const __half2* k2 = (const __half2*)kc;
     const __half2* v2 = (const __half2*)vc;
+    const int fresh_j = p - lo;                         // < n only in the split that holds p
     for (int i = tid; i < n * hd2; i += DEC_THREADS) {
         const int j = i / hd2, d = i - j * hd2;
-        const size_t src = ((row0 + j) * n_kv + kvh) * hd2 + d;
-        ks[j * (hd2 + 1) + d] = k2[src];
-        vs[j * hd2 + d] = v2[src];
+        const size_t at = ((row0 + j) * n_kv + kvh) * hd2 + d;
+        if (FRESH && j == fresh_j) {
+            const float* kr = f.k + ((size_t)t * n_kv + kvh) * hd;
+            const float* vr = f.v + ((size_t)t * n_kv + kvh) * hd;
+            const __half2 kh = __floats2half2_rn(rope_elem(kr, 2 * d, n_rot, f.neox, c, sn),
+                                                 rope_elem(kr, 2 * d + 1, n_rot, f.neox, c, sn));
+            const __half2 vh = __floats2half2_rn(vr[2 * d], vr[2 * d + 1]);
+            ((__half2*)f.kc)[at] = kh;
+            ((__half2*)f.vc)[at] = vh;
+            ks[j * (hd2 + 1) + d] = kh;
+            vs[j * hd2 + d] = vh;
+        } else {
+            ks[j * (hd2 + 1) + d] = k2[at];
+            vs[j * hd2 + d] = v2[at];
+        }
     }
     __syncthreads();
 
@@ -320,6 +362,32 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
         pp[2 * d] = o0;
         pp[2 * d + 1] = o1;
     }
+}
+
+// grid (n_kv, n_splits, T), block DEC_THREADS.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+            const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
+            const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
+            float scale, int window, int kps, int n_splits) {
+    orcd_prior_done();
+    decode_split<false>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
+                        n_splits, Fresh{});
+}
+
+// One token's decode with its q, k and v before RoPE: rope_kv_store and attn_decode in
+// one launch (then attn_combine), the same bits. Only where no other row of the launch
+// reads the key this one stores: one sequence's single decode token (T = 1).
+// k, v: [T, n_kv * hd] f32; cos_t, sin_t: [n_pos, n_rot / 2]. grid (n_kv, n_splits, T).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                 __half* kc, __half* vc, const int* __restrict__ pos, const int* __restrict__ tables,
+                 int max_blocks, const int* __restrict__ seq, const float* __restrict__ cos_t,
+                 const float* __restrict__ sin_t, int n_rot, int neox, int n_pos, float* __restrict__ part,
+                 int n_head, int n_kv, int hd, float scale, int window, int kps, int n_splits) {
+    orcd_prior_done();
+    decode_split<true>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
+                       n_splits, Fresh{k, v, cos_t, sin_t, n_rot, neox, n_pos, kc, vc});
 }
 
 // Merge the splits that hold visible keys, in split order, with the sink.

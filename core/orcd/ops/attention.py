@@ -131,6 +131,7 @@ class AttentionKernels:
         self._prefill_tc = {v: module.function(f"attn_prefill_tc_v{v}") for v in PF_HEAD_DIMS}
         self._combine = module.function("attn_combine")
         self._decode = module.function("attn_decode")
+        self._decode_rope = module.function("attn_decode_rope")
         self._launch = launcher
 
     def kv_store(self, k_cache, v_cache, k, v, pos, paging) -> None:
@@ -159,6 +160,33 @@ class AttentionKernels:
                       cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])
 
     @staticmethod
+    def ropes_in_decode(q, k_cache, v_cache, paging) -> bool:
+        """Whether ``rope_attention`` takes this call: one sequence's one decode token
+        (no other row of the launch reads the key it stores), hd == hd_v."""
+        return q.shape[0] == 1 and not paging.batched and k_cache.shape[2] == v_cache.shape[2]
+
+    def rope_attention(self, q, k, v, k_cache, v_cache, pos, table, scale: float, window: int, sinks, out,
+                       empty, paging, q8=None) -> None:
+        """rope_kv_store then ``attention`` for one decode token, the store and RoPE inside
+        the decode kernel (attn_decode_rope, then attn_combine): the same bits, a launch
+        fewer. q, k, v before RoPE; where ``ropes_in_decode``."""
+        if not self.ropes_in_decode(q, k_cache, v_cache, paging):
+            raise ValueError(f"rope_attention: one decode token of one sequence, got q {q.shape}"
+                             f"{' (batched)' if paging.batched else ''}")
+        self._check_heads(q, k_cache, v_cache)
+        if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
+            raise ValueError(f"rope_attention: int8 activations {q8.shape} of out {out.shape}")
+        self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging, q8,
+                               fresh=(k, v, table))
+
+    @staticmethod
+    def _check_heads(q, k_cache, v_cache) -> None:
+        _, n_kv, hd = k_cache.shape
+        hd_v, n_head = v_cache.shape[2], q.shape[1] // hd
+        if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
+            raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
+
+    @staticmethod
     def quantizes(q, k_cache, v_cache, paging) -> bool:
         """Whether ``attention`` can also write its output's int8 activations (``q8``):
         decodes (one token, or a batch of them: the combine kernel writes every
@@ -177,13 +205,12 @@ class AttentionKernels:
         if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
             raise ValueError(f"attention: int8 activations {q8.shape} of out {out.shape} only for decodes "
                              "with head dims of whole 32-value groups")
+        self._check_heads(q, k_cache, v_cache)
         _, n_kv, hd = k_cache.shape
         n_ctx = paging.n_ctx
         hd_v = v_cache.shape[2]
         T = q.shape[0]
         n_head = q.shape[1] // hd
-        if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
-            raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
         if (T == 1 or paging.batched) and hd == hd_v:
             self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging, q8)
             return
@@ -208,9 +235,9 @@ class AttentionKernels:
                           np.uint64(0), n_head, hd_v, int(window), kps, n_splits])
 
     def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging,
-                          q8=None) -> None:
+                          q8=None, fresh=None) -> None:
         # T query rows, each one decode of its sequence: attn_decode per (KV head, split,
-        # row), then attn_combine (always)
+        # row), then attn_combine (always); fresh (k, v, RopeTable): attn_decode_rope
         _, n_kv, hd = k_cache.shape
         T, n_head = q.shape[0], q.shape[1] // hd
         kps = DECODE_KEYS_PER_SPLIT                  # == KV_BLOCK: a split is one block
@@ -218,10 +245,18 @@ class AttentionKernels:
         group = n_head // n_kv
         part = empty((T, n_head, n_splits, hd + 2))
         shared = 4 * group * (hd + kps) + 2 * kps * (2 * hd + 2)
-        self._launch(self._decode, (n_kv, n_splits, T), DEC_THREADS,
-                     [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
-                      np.uint64(pos.ptr), *paging_args(paging), np.uint64(part.ptr), n_head, n_kv, hd,
-                      float(scale), int(window), kps, n_splits], shared=shared)
+        tail = [np.uint64(part.ptr), n_head, n_kv, hd, float(scale), int(window), kps, n_splits]
+        if fresh is None:
+            self._launch(self._decode, (n_kv, n_splits, T), DEC_THREADS,
+                         [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
+                          np.uint64(pos.ptr), *paging_args(paging), *tail], shared=shared)
+        else:
+            k, v, table = fresh
+            self._launch(self._decode_rope, (n_kv, n_splits, T), DEC_THREADS,
+                         [np.uint64(q.ptr), np.uint64(k.ptr), np.uint64(v.ptr), np.uint64(k_cache.ptr),
+                          np.uint64(v_cache.ptr), np.uint64(pos.ptr), *paging_args(paging),
+                          np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), table.cfg.n_rot,
+                          np.int32(1 if table.cfg.neox else 0), table.n_pos, *tail], shared=shared)
         self._launch(self._combine, (n_head, T), 128,
                      [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
                       np.uint64(out.ptr), np.uint64(0 if q8 is None else q8.xq.ptr),

@@ -268,18 +268,24 @@ class CudaOps:
         # q: [T, n_head*hd], k/v: [T, n_kv*hd]; stores k, v at pos, attends over 0..pos[t];
         # rope: RoPE on q and k first, fused with the store
         self.b.scratch.flip()  # a layer boundary: the other arena's tensors are dead
-        kc, vc = cache.k[layer], cache.v[layer]
-        if rope is not None:
-            q_rot = self._empty(q.shape)
-            self.b.attn.rope_kv_store(q, k, v, kc, vc, pos, self.b.rope_table(rope), q_rot, cache)
-            q = q_rot
-        else:
-            self.b.attn.kv_store(kc, vc, k, v, pos, cache)
+        kc, vc, attn = cache.k[layer], cache.v[layer], self.b.attn
+        # one sequence's one token: RoPE and the store inside the decode kernel
+        in_decode = rope is not None and attn.ropes_in_decode(q, kc, vc, cache)
+        q_in = q
+        if rope is not None and not in_decode:
+            q = self._empty(q_in.shape)
+            attn.rope_kv_store(q_in, k, v, kc, vc, pos, self.b.rope_table(rope), q, cache)
+        elif rope is None:
+            attn.kv_store(kc, vc, k, v, pos, cache)
         T, hd, hd_v = q.shape[0], kc.shape[2], vc.shape[2]
         out = self._empty((T, q.shape[1] // hd * hd_v))
         # a decode's output also as int8 activations, for the output projection's GEMV
-        q8 = Q8Act.empty(self.b.scratch, *out.shape) if self.b.attn.quantizes(q, kc, vc, cache) else None
-        self.b.attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache, q8)
+        q8 = Q8Act.empty(self.b.scratch, *out.shape) if attn.quantizes(q, kc, vc, cache) else None
+        if in_decode:
+            attn.rope_attention(q, k, v, kc, vc, pos, self.b.rope_table(rope), scale, window, sinks, out,
+                                self._empty, cache, q8)
+        else:
+            attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache, q8)
         return out if q8 is None else DeviceTensor(out.ptr, out.shape, out.dtype, q8)
 
     def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
