@@ -36,6 +36,9 @@ class KVCache:
     batched: each token of a forward is one decode step of its own sequence (a
          batch of running requests); False: the tokens are consecutive positions of
          one sequence (a prompt chunk, or one request's decode step)
+    apart: (batched) no token reads a key another token of the forward stores -- not
+         so where a prompt's chunk rides in the batch as rows of one sequence's blocks
+         (fold_prompts): a decode kernel may then store each row's key itself
     """
 
     k: list[Any]
@@ -44,6 +47,7 @@ class KVCache:
     seq: Any
     n_ctx: int
     batched: bool = False
+    apart: bool = False
 
     @property
     def n_blocks(self) -> int:

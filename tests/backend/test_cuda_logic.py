@@ -423,12 +423,15 @@ def test_a_decode_batch_pads_its_rows_into_the_spare_block():
     from orcd.cudasim import SimAllocator, SimDevice
 
     dev, alloc = SimDevice(), SimAllocator()
-    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc, pipelined_rows=False))
+    dec = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc, pipelined_rows=False, prefill_in_batch=False))
     pool = SimpleNamespace(k=[], v=[], spare=9)
     tables = np.array([[4, 2, 7, 1, 0], [3, 5, 0, 0, 0], [6, 8, 0, 0, 0]], np.int32)
     own = tables[[2, 0, 1]]                                     # rows name sequences 2, 0, 1
     view, (ids, pos) = dec._write_inputs(pool, 4, 4, own, [11, 12, 13], [100, 250, 70])
-    assert view.batched and view.n_ctx == 4 * 64
+    assert view.batched and view.apart and view.n_ctx == 4 * 64   # distinct sequences: keys stored in-kernel
+    folding = BatchDecoder(SimpleNamespace(device=dev, alloc=alloc, pipelined_rows=False, prefill_in_batch=True))
+    assert not folding._write_inputs(pool, 4, 4, own, [11, 12, 13], [100, 250, 70])[0].apart   # a prompt's rows
+    folding.close()
     assert to_host(dev, ids.ptr, 16).view(np.int32).tolist() == [11, 12, 13, 0]
     assert to_host(dev, pos.ptr, 16).view(np.int32).tolist() == [100, 250, 70, 0]
     assert to_host(dev, view.seq.ptr, 16).view(np.int32).tolist() == [0, 1, 2, 3]
@@ -459,7 +462,7 @@ def test_warming_runs_every_row_bucket_a_step_can_make_in_the_spare_block():
                          set(to_host(dev, pos.ptr, 4 * rows).view(np.int32))))
             return SimpleNamespace(rows=lambda a, b: SimpleNamespace(shape=(b - a, 7)))
 
-    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, pipelined_rows=False,
+    backend = SimpleNamespace(device=dev, alloc=alloc, graphs=False, pipelined_rows=False, prefill_in_batch=False,
                               ops=SimpleNamespace(phase=None), scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)
     assert dec.n_logits is None
@@ -492,6 +495,7 @@ def test_warm_tasks_capture_one_graph_each_and_skip_what_a_step_captured(monkeyp
                         lambda device, forward, logits, what: captured.append(logits.shape[0]) or
                         SimpleNamespace(replay=lambda: forwards.append("replay"), close=lambda: None))
     backend = SimpleNamespace(device=dev, alloc=alloc, graphs=True, pipelined_rows=False, prefill=None,
+                              prefill_in_batch=False,
                               prompt_last_in_batch=False, ops=SimpleNamespace(phase=None),
                               scratch=SimpleNamespace(reset=lambda: None))
     dec = BatchDecoder(backend)

@@ -141,13 +141,13 @@ class Gpu:
         ref = fmt.dequantize_tensor(raw, shape).astype(np.float64)
         return QWeight(t.ptr, shape, fmt.type_id, fmt), ref
 
-    def paging(self, tables, seq, n_ctx: int, batched: bool = False):
+    def paging(self, tables, seq, n_ctx: int, batched: bool = False, apart: bool = False):
         """A KVCache view for the attention kernels: block tables [n_seqs, max_blocks]
         and each token's sequence, on the device (the layer's K/V tensors come apart)."""
         from orcd.kvcache import KVCache
 
         return KVCache([], [], self.put(np.asarray(tables, np.int32)), self.put(np.asarray(seq, np.int32)),
-                       int(n_ctx), batched)
+                       int(n_ctx), batched, apart)
 
     @contextlib.contextmanager
     def scope(self):

@@ -183,7 +183,42 @@ def test_rope_inside_the_decode_gives_the_bits_of_rope_kv_store_then_attention(g
     assert got == want
 
 
-def test_rope_inside_the_decode_is_for_one_token_of_one_sequence(gpu, rng):
+def test_rope_inside_the_decode_of_a_batch_of_distinct_sequences(gpu, rng):
+    # a decode batch whose rows are apart (distinct sequences, and two padding rows that
+    # both store the spare block's row 0): the bits of the three-launch path
+    from orcd.ops.matmul_base import Q8Act
+
+    cfg, n_head, n_kv = ROPES["yarn"]
+    hd, max_blocks, spare = cfg.head_dim, 4, 12
+    cos, sin = rope.RopeTable.host_arrays(cfg, max_blocks * KV_BLOCK)
+    table = rope.RopeTable(cfg, max_blocks * KV_BLOCK, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    tables = np.concatenate([rng.permutation(12).astype(np.int32).reshape(3, 4), np.full((2, 4), spare, np.int32)])
+    pos = np.array([5, 64, 255, 0, 0], np.int32)
+    T = len(pos)
+    def rows(n):   # the padding rows are alike (one id, one position: the same q, k, v)
+        x = randn(rng, T, n * hd)
+        x[4] = x[3]
+        return gpu.put(x)
+
+    q, k, v = rows(n_head), rows(n_kv), rows(n_kv)
+    caches = rng.standard_normal((2, 13 * KV_BLOCK, n_kv, hd)).astype(np.float16)
+    paging = gpu.paging(tables, np.arange(T), max_blocks * KV_BLOCK, batched=True, apart=True)
+    dpos = gpu.put(pos)
+    results = []
+    for fused in (True, False):
+        dk, dv, out = gpu.put(caches[0]), gpu.put(caches[1]), gpu.empty((T, n_head * hd))
+        q8 = Q8Act(gpu.empty((T, n_head * hd), np.int8), gpu.empty((T, n_head * hd // 32)))
+        if fused:
+            gpu.attn.rope_attention(q, k, v, dk, dv, dpos, table, 0.125, 128, None, out, gpu.empty, paging, q8)
+        else:
+            q_rot = gpu.empty(q.shape)
+            gpu.attn.rope_kv_store(q, k, v, dk, dv, dpos, table, q_rot, paging)
+            gpu.attn.attention(q_rot, dk, dv, dpos, 0.125, 128, None, out, gpu.empty, paging, q8)
+        results.append([gpu.get(t).tobytes() for t in (out, dk, dv, q8.xq, q8.xd)])
+    assert results[0] == results[1]
+
+
+def test_rope_inside_the_decode_only_where_no_row_reads_a_key_another_stores(gpu, rng):
     cfg, n_head, n_kv = ROPES["qwen"]
     hd, n_ctx = cfg.head_dim, 256
     dk = dv = gpu.put(np.zeros((n_ctx, n_kv, hd), np.float16))
@@ -191,9 +226,11 @@ def test_rope_inside_the_decode_is_for_one_token_of_one_sequence(gpu, rng):
     one = two.rows(0, 1)
     single = gpu.paging([[0, 1, 2, 3]], [0, 0], n_ctx)
     batched = gpu.paging([[0, 1], [2, 3]], [0, 1], 128, batched=True)
+    apart = gpu.paging([[0, 1], [2, 3]], [0, 1], 128, batched=True, apart=True)
     assert gpu.attn.ropes_in_decode(one, dk, dv, single)
+    assert gpu.attn.ropes_in_decode(two, dk, dv, apart)
     assert not gpu.attn.ropes_in_decode(two, dk, dv, single)      # a prompt chunk: later rows read earlier keys
-    assert not gpu.attn.ropes_in_decode(one, dk, dv, batched)     # a decode batch keeps three launches
-    with pytest.raises(ValueError, match="one decode token"):
+    assert not gpu.attn.ropes_in_decode(two, dk, dv, batched)     # a batch with a folded prompt's rows
+    with pytest.raises(ValueError, match="store no key another row reads"):
         gpu.attn.rope_attention(two, two, two, dk, dv, gpu.put(np.array([0, 1], np.int32)), None, 0.125, 0,
                                 None, gpu.empty((2, n_head * hd)), gpu.empty, single)

@@ -174,11 +174,11 @@ def test_gemv_multi_groups_weights_by_format_three_at_a_time(gpu, rows, rng, hos
     assert launches == (5 if mm.mma else 3)
 
 
-@pytest.mark.parametrize("phase", [Phase.ROWS, None])
-def test_a_single_tokens_attention_ropes_inside_the_decode(gpu, rows, rng, host, phase):
-    # one sequence's decode token: RoPE and the KV store inside the decode kernel, then
-    # the combine (2 launches); a decode batch keeps rope_kv_store apart (3): a folded
-    # prompt's rows would read keys other rows of the launch store
+@pytest.mark.parametrize("phase,apart", [(Phase.ROWS, True), (Phase.ROWS, False), (None, False)])
+def test_a_decodes_attention_ropes_inside_the_decode_kernel(gpu, rows, rng, host, phase, apart):
+    # one sequence's decode token, or a batch of distinct sequences: RoPE and the KV store
+    # inside the decode kernel, then the combine (2 launches); a batch with a folded
+    # prompt's rows (not apart) keeps rope_kv_store apart (3): they read keys others store
     from orcd.kvcache import KV_BLOCK, KVCache, blocks_for
     from orcd.ops.rope import RopeConfig
 
@@ -189,14 +189,14 @@ def test_a_single_tokens_attention_ropes_inside_the_decode(gpu, rows, rng, host,
     kc = gpu.put(np.zeros((tables.size * KV_BLOCK, n_kv, hd), np.float16))
     vc = gpu.put(np.zeros((tables.size * KV_BLOCK, n_kv, hd), np.float16))
     cache = KVCache([kc], [vc], gpu.put(tables), gpu.put(np.zeros(1, np.int32)), n_ctx,
-                    batched=phase is Phase.ROWS)
+                    batched=phase is Phase.ROWS, apart=apart)
     ops.b.rope_table = lambda c: _table(gpu, c, n_ctx)
     q = gpu.put(rng.standard_normal((1, n_head * hd)).astype(np.float32))
     k, v = (gpu.put(rng.standard_normal((1, n_kv * hd)).astype(np.float32)) for _ in range(2))
     with in_phase(ops, phase) if phase is not None else contextlib.nullcontext():
         count.names.clear()
         out = ops.attention(q, k, v, cache, 0, gpu.put(np.array([70], np.int32)), 0.125, rope=cfg)
-    assert len(count.names) == (3 if phase is Phase.ROWS else 2), count.names
+    assert len(count.names) == (3 if phase is Phase.ROWS and not apart else 2), count.names
     assert np.isfinite(gpu.get(out)).all() and out.q8 is not None
 
 

@@ -375,9 +375,11 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
                         n_splits, Fresh{});
 }
 
-// One token's decode with its q, k and v before RoPE: rope_kv_store and attn_decode in
-// one launch (then attn_combine), the same bits. Only where no other row of the launch
-// reads the key this one stores: one sequence's single decode token (T = 1).
+// Decodes with their q, k and v before RoPE: rope_kv_store and attn_decode in one
+// launch (then attn_combine), the same bits. Only where no row of the launch reads the
+// key another row stores: one sequence's single token, or a batch of distinct
+// sequences (KVCache.apart; padding rows all store the spare block's row 0, and each
+// takes it from its own registers, never from memory).
 // k, v: [T, n_kv * hd] f32; cos_t, sin_t: [n_pos, n_rot / 2]. grid (n_kv, n_splits, T).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,

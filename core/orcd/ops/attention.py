@@ -161,18 +161,21 @@ class AttentionKernels:
 
     @staticmethod
     def ropes_in_decode(q, k_cache, v_cache, paging) -> bool:
-        """Whether ``rope_attention`` takes this call: one sequence's one decode token
-        (no other row of the launch reads the key it stores), hd == hd_v."""
-        return q.shape[0] == 1 and not paging.batched and k_cache.shape[2] == v_cache.shape[2]
+        """Whether ``rope_attention`` takes this call: decodes where no row of the launch
+        reads a key another row stores -- one sequence's one token, or a batch whose
+        rows are ``apart`` -- and hd == hd_v."""
+        decodes = (q.shape[0] == 1 and not paging.batched) or (paging.batched and paging.apart)
+        return decodes and k_cache.shape[2] == v_cache.shape[2]
 
     def rope_attention(self, q, k, v, k_cache, v_cache, pos, table, scale: float, window: int, sinks, out,
                        empty, paging, q8=None) -> None:
-        """rope_kv_store then ``attention`` for one decode token, the store and RoPE inside
-        the decode kernel (attn_decode_rope, then attn_combine): the same bits, a launch
+        """rope_kv_store then ``attention`` for decodes, the store and RoPE inside the
+        decode kernel (attn_decode_rope, then attn_combine): the same bits, a launch
         fewer. q, k, v before RoPE; where ``ropes_in_decode``."""
         if not self.ropes_in_decode(q, k_cache, v_cache, paging):
-            raise ValueError(f"rope_attention: one decode token of one sequence, got q {q.shape}"
-                             f"{' (batched)' if paging.batched else ''}")
+            raise ValueError(f"rope_attention: decodes whose rows store no key another row reads "
+                             f"(one token, or a batch apart), got q {q.shape}"
+                             f"{' (batched, not apart)' if paging.batched else ''}")
         self._check_heads(q, k_cache, v_cache)
         if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
             raise ValueError(f"rope_attention: int8 activations {q8.shape} of out {out.shape}")

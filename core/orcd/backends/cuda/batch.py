@@ -272,7 +272,8 @@ class BatchDecoder(Replays):
         self._write(host, buf.ptr)
         if follow is not None:
             follow[0].feed(d_ids.ptr, buf.ptr + 4 * 3 * rows, n)
-        view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True)
+        # rows of distinct sequences unless prompt chunks are folded into the batch
+        view = KVCache(pool.k, pool.v, d_tables, d_seq, blocks * KV_BLOCK, True, apart=not self.b.prefill_in_batch)
         return view, (d_ids, d_pos)
 
     def _buffers(self, rows: int, blocks: int):
