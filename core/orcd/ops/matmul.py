@@ -142,7 +142,7 @@ class MatmulKernels(ExpertMatmuls):
         rows of x: the dp4a int8 GEMVs of one format and row size share a launch, up
         to GEMV_SEGMENTS at a time (a decode batch's q, k and v), each row of each
         summed as its own launch sums it; the others launch one by one."""
-        T, n_in = x.shape
+        T = x.shape[0]
         for w, b, out in zip(ws, bs, outs):
             if self._check_linear(x, w, b, out)[0] > self.gemv_rows(x):
                 raise ValueError(f"gemv_multi: at most {self.gemv_rows(x)} rows per launch, got {T}")
