@@ -205,3 +205,51 @@ def _table(gpu, cfg, n_pos):
 
     cos, sin = RopeTable.host_arrays(cfg, n_pos)
     return RopeTable(cfg, n_pos, gpu.put(cos).ptr, gpu.put(sin).ptr)
+
+
+def test_a_qwen_layer_of_a_decode_batch_is_ten_launches(gpu, rows, rng, host):
+    # the shared decoder blocks (orcd.blocks) with Qwen's type mix, a decode batch of three
+    # distinct sequences: ten launches with the dp4a GEMVs (rms_norm_q8; q+k; v; attention
+    # 2; o with its residual; rms_norm_q8; gate+up+SwiGLU; down's quantize and GEMV), and
+    # each row's output the bits it has alone
+    from orcd.blocks import Attention, Ffn
+    from orcd.kvcache import KV_BLOCK, KVCache, blocks_for
+    from orcd.ops.rope import RopeConfig
+
+    ops, count = rows
+    n_head, n_kv, hd, n_ff, n_ctx, T = 4, 2, 64, 512, 128, 3
+    D = n_head * hd
+
+    def w(name, shape):
+        return gpu.weight(host, name, shape, rng)[0]
+
+    def vec(n, scale=0.1):
+        return gpu.put((scale * rng.standard_normal(n)).astype(np.float32))
+
+    def norm():
+        return gpu.put((1 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+
+    attn = Attention(norm(), w("Q5_0", (D, D)), w("Q5_0", (D, D)), w("Q5_0", (n_kv * hd, D)),
+                     w("Q8_0", (n_kv * hd, D)), bq=vec(D), bk=vec(n_kv * hd), bv=vec(n_kv * hd))
+    ffn = Ffn(norm(), w("Q5_0", (n_ff, D)), w("Q5_0", (n_ff, D)), w("Q6_K", (D, n_ff)))
+    cfg = RopeConfig(n_rot=hd, head_dim=hd, base=1e6, neox=True)
+    ops.b.rope_table = lambda c: _table(gpu, c, n_ctx)
+    tables = rng.permutation(T * blocks_for(n_ctx)).astype(np.int32).reshape(T, -1)
+    kv = [gpu.put(rng.standard_normal((tables.size * KV_BLOCK, n_kv, hd)).astype(np.float16)) for _ in range(2)]
+    x = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    pos = np.array([3, 70, 127], np.int32)
+
+    def layer(rows_):
+        cache = KVCache([kv[0]], [kv[1]], gpu.put(tables[rows_]), gpu.put(np.arange(len(rows_), dtype=np.int32)),
+                        n_ctx, batched=True, apart=True)
+        xs = gpu.put(gpu.get(x)[rows_])
+        h = attn(ops, xs, cache, 0, gpu.put(pos[rows_]), eps=1e-6, scale=0.125, rope=cfg)
+        return gpu.get(ffn(ops, h, eps=1e-6))
+
+    with in_phase(ops, Phase.ROWS):
+        count.names.clear()
+        together = layer([0, 1, 2])
+        launches = list(count.names)
+        alone = layer([1])
+    assert np.array_equal(alone[0], together[1])
+    assert len(launches) == (11 if ops.b.mm.mma else 10), launches   # mma: q, k, v a launch each
