@@ -177,8 +177,7 @@ class AttentionKernels:
                              f"(one token, or a batch apart), got q {q.shape}"
                              f"{' (batched, not apart)' if paging.batched else ''}")
         self._check_heads(q, k_cache, v_cache)
-        if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
-            raise ValueError(f"rope_attention: int8 activations {q8.shape} of out {out.shape}")
+        self._check_q8(q, k_cache, v_cache, paging, q8, out)
         self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging, q8,
                                fresh=(k, v, table))
 
@@ -188,6 +187,11 @@ class AttentionKernels:
         hd_v, n_head = v_cache.shape[2], q.shape[1] // hd
         if hd > ATT_MAX_HD or hd_v > ATT_MAX_HD or hd % 2 or n_head % n_kv:
             raise ValueError(f"attention: unsupported head_dim {hd}/{hd_v} or heads {n_head}/{n_kv}")
+
+    def _check_q8(self, q, k_cache, v_cache, paging, q8, out) -> None:
+        if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
+            raise ValueError(f"attention: int8 activations {q8.shape} of out {out.shape} only for decodes "
+                             "with head dims of whole 32-value groups")
 
     @staticmethod
     def quantizes(q, k_cache, v_cache, paging) -> bool:
@@ -205,9 +209,7 @@ class AttentionKernels:
         own sequence, else the tokens are consecutive positions of one sequence.
         ``q8`` (a Q8Act like out, where ``quantizes``): out's int8 activations too,
         quantize_q8's bits, in the same launch."""
-        if q8 is not None and (not self.quantizes(q, k_cache, v_cache, paging) or q8.shape != out.shape):
-            raise ValueError(f"attention: int8 activations {q8.shape} of out {out.shape} only for decodes "
-                             "with head dims of whole 32-value groups")
+        self._check_q8(q, k_cache, v_cache, paging, q8, out)
         self._check_heads(q, k_cache, v_cache)
         _, n_kv, hd = k_cache.shape
         n_ctx = paging.n_ctx

@@ -144,19 +144,14 @@ __device__ __forceinline__ void gemv_fused_body(const float* __restrict__ x, con
     if (lane == 0) partial[warp] = acc;
     __syncthreads();
     if (part != 0 || lane != 0 || row >= s.n_out || is_up) return;
-    float y = 0.f;
+    float y = 0.f, u = 0.f;
     for (int k = 0; k < s.split; ++k) y += partial[warp + k];
     if (NORM) y *= inv;
     if (gated) {
-        float u = 0.f;
         for (int k = 0; k < s.split; ++k) u += partial[warp + s.split + k];
         if (NORM) u *= inv;
-        s.out[row] = silu(y) * u;
-        return;
     }
-    if (s.bias) y += s.bias[row];
-    if (residual) y = residual[row] + y;
-    s.out[row] = y;
+    s.out[row] = gemv_out(y, u, gated, s.bias ? s.bias + row : nullptr, residual ? residual + row : nullptr);
 }
 
 // x: [1, n_in]; g: the RMSNorm weight [n_in] or null; residual: [n_out0] or null
@@ -237,16 +232,18 @@ __device__ __forceinline__ void q8_row(const float* __restrict__ xr, const float
     }
 }
 
-// The int8 GEMVs' own quantizing: x (normed when g is given) into the dynamic shared
-// memory xs (n bytes of xq, then n / 32 floats of xd) -- the bits rms_norm_q8 or
-// quantize_q8 would write, one launch fewer. Then xq = xs, xqd = staged_xd(xs, n).
-__device__ __forceinline__ void stage_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
-                                         int n, float4* xs) {
+// The int8 GEMVs' own quantizing: given x (fp32, normed first when g is given), each
+// block quantizes it into the dynamic shared memory xs (n bytes of xq, then n / 32
+// floats of xd) -- the bits rms_norm_q8 or quantize_q8 would write, one launch fewer --
+// and points xq and xqd there; without x they stay the quantized input given.
+template <class IntPtr, class FloatPtr>   // the kernels' parameters, __restrict__ or not
+__device__ __forceinline__ void own_q8(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                                       int n, float4* xs, IntPtr& xq, FloatPtr& xqd) {
+    if (!x) return;
     q8_row(x, g, eps, n, (u32*)xs, (float*)((char*)xs + n));
     __syncthreads();
-}
-__device__ __forceinline__ const float* staged_xd(const float4* xs, int n) {
-    return (const float*)((const char*)xs + n);
+    xq = (const int*)xs;
+    xqd = (const float*)((const char*)xs + n);
 }
 
 // As gemv_fused on int8 activations (xq as ints, xqd per 32 values): integer formats
@@ -261,11 +258,7 @@ gemv_fused_q8(const float* __restrict__ x, const float* __restrict__ g, float ep
     prefetch_segment(s, up, local, gated);
     orcd_prior_done();
     extern __shared__ float4 xs4[];
-    if (x) {                           // not given quantized: quantized here
-        stage_q8(x, g, eps, n_in, xs4);
-        xq = (const int*)xs4;
-        xqd = staged_xd(xs4, n_in);
-    }
+    own_q8(x, g, eps, n_in, xs4, xq, xqd);   // not given quantized: quantized here
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
 }
 
@@ -327,7 +320,7 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
             g[r] += __shfl_xor_sync(0xFFFFFFFFu, g[r], off);
             u[r] += __shfl_xor_sync(0xFFFFFFFFu, u[r], off);
         }
-        if ((threadIdx.x & 31) == 0 && row0 + r < n_ff) out[row0 + r] = silu(g[r]) * u[r];
+        if ((threadIdx.x & 31) == 0 && row0 + r < n_ff) out[row0 + r] = gemv_out(g[r], u[r], true, nullptr, nullptr);
     }
 }
 #define GATED_KERNEL(NAME, F, TYPE_ID)                                                               \
@@ -338,11 +331,7 @@ __device__ __forceinline__ void gemv_gated_q8_t(const int* __restrict__ xq, cons
         orcd_prefetch_rows(wu, rb, (long long)blockIdx.x * FG_WARPS * GR, FG_WARPS * GR, n_ff);     \
         orcd_prior_done();                                                                         \
         extern __shared__ float4 xs4[];                                                            \
-        if (x) {                                                                                   \
-            stage_q8(x, g, eps, n_in, xs4);                                                        \
-            xq = (const int*)xs4;                                                                  \
-            xqd = staged_xd(xs4, n_in);                                                            \
-        }                                                                                          \
+        own_q8(x, g, eps, n_in, xs4, xq, xqd);                                                     \
         gemv_gated_q8_t<F>(xq, xqd, n_in, wg, wu, rb, out, n_ff);                                  \
     }
 ORCD_INT8_FORMATS(GATED_KERNEL)

@@ -146,14 +146,8 @@ __device__ __forceinline__ void gemv_mma(const u8* __restrict__ w, const u8* __r
 #pragma unroll
             for (int k = 1; k < MMA_WARPS; ++k) s[v] += part[v][k][r][t];
         }
-        float y = s[0];
-        if (NW == 2) {
-            y = silu(s[0]) * s[NW - 1];
-        } else {
-            if (bias) y += bias[row];
-            if (residual) y = residual[(long long)t * n_out + row] + y;   // as ops.add(residual, linear)
-        }
-        out[(long long)t * n_out + row] = y;
+        const long long at = (long long)t * n_out + row;
+        out[at] = gemv_out(s[0], s[NW - 1], NW == 2, bias ? bias + row : nullptr, residual ? residual + at : nullptr);
     }
 }
 

@@ -108,14 +108,8 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
             s[v] = 0.f;
             for (int k = 0; k < split; ++k) s[v] += partial[v][warp + k][lane];
         }
-        float y = s[0];
-        if (NW == 2) {
-            y = silu(s[0]) * s[NW - 1];
-        } else {
-            if (bias) y += bias[row];
-            if (residual) y = residual[(long long)lane * out_stride + row] + y;   // as ops.add(residual, linear)
-        }
-        out[(long long)lane * out_stride + row] = y;
+        const long long at = (long long)lane * out_stride + row;
+        out[at] = gemv_out(s[0], s[NW - 1], NW == 2, bias ? bias + row : nullptr, residual ? residual + at : nullptr);
     }
 }
 

@@ -132,15 +132,12 @@ class CudaOps:
         # one token into a fused GEMV: (x, norm) as they are, or, when every weight is
         # of an integer format, int8 activations the kernel makes itself (normed first
         # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch)
-        mm = self.b.mm
-        if not mm.use_int8(*ws):
+        if not self.b.mm.use_int8(*ws):
             return x, norm
-        if norm is None and getattr(x, "q8", None) is not None:   # attention's output
-            return x.q8, None
+        if norm is None and (x.q8 is not None or not self.b.fused.self_quantize):
+            return self._act(x, *ws), None          # the int8 x attention wrote, or quantize_q8
         if self.b.fused.self_quantize:
             return ToQ8(x, norm), None
-        if norm is None:
-            return mm.quantize(x, self.b.scratch), None
         return self._norm_q8(x, norm), None
 
     def _norm_q8(self, x, norm) -> Q8Act:
