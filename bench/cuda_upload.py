@@ -2,6 +2,11 @@
 orcd.backends.cuda.upload's pinned double buffering, for a few chunk sizes.
 
     python3 bench/cuda_upload.py [--mib 512] [--repeat 3]
+    python3 bench/cuda_upload.py --format MXFP4 [--row 2880]   # into a planar VRAM layout
+
+With ``--format`` the bytes are rows of that format and each row of the table is timed
+twice: the planes made by the copy threads (numpy, ``QuantFormat.to_vram``) and by the
+card (``orcd.ops.layout``, as the backend uploads).
 
 The file is written just before it is read, so it sits in the page cache:
 this measures memory -> device, not the disk. Each row is one chunk size and
@@ -22,7 +27,19 @@ import numpy as np
 from orcd.backends.cuda.device import CudaDevice
 from orcd.backends.cuda.driver import cu
 from orcd.backends.cuda.memory import DeviceAllocator, to_host
-from orcd.backends.cuda.upload import Uploader
+from orcd.backends.cuda.upload import Uploader, staging_slots
+
+
+def card_layout(dev: CudaDevice, alloc: DeviceAllocator, chunk: int, threads: int) -> dict:
+    """Uploader arguments for planes made on the card (as CudaBackend._upload passes)."""
+    from orcd.backends.cuda.launch import Launcher
+    from orcd.backends.cuda.nvrtc import KernelCompiler
+    from orcd.ops.layout import LayoutKernels
+
+    n = staging_slots(2, threads)
+    stage = alloc.alloc(n * chunk, "scratch")
+    repack = LayoutKernels(dev, KernelCompiler(dev.info.arch, cuda_headers=True), Launcher(dev))
+    return dict(repack=repack, device_staging=[stage.ptr + i * chunk for i in range(n)])
 
 
 def pinned_ceiling(dev: CudaDevice, dst: int, nbytes: int) -> float:
@@ -42,11 +59,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunks", default="1,4,16", help="chunk sizes in MiB")
     ap.add_argument("--threads", default="1,2,4,8", help="copy thread counts")
+    ap.add_argument("--format", help="a planar format's name (e.g. MXFP4): rows into its VRAM layout")
+    ap.add_argument("--row", type=int, default=2880, help="values a row, with --format")
     args = ap.parse_args()
     nbytes = args.mib << 20
+    fmt = None
+    if args.format:
+        from orcd.quant.builtin import builtin_table
+
+        fmt = builtin_table().by_name[args.format]
+        nbytes = nbytes // fmt.row_bytes(args.row) * fmt.row_bytes(args.row)
     dev = CudaDevice(0)
     alloc = DeviceAllocator(dev)
-    dst = alloc.alloc(nbytes, "weights")
+    dst_bytes = nbytes if fmt is None else nbytes // fmt.row_bytes(args.row) * fmt.vram_row_bytes(args.row)
+    dst = alloc.alloc(dst_bytes, "weights")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random.bin"
         rng = np.random.default_rng()
@@ -57,20 +83,29 @@ def main() -> None:
         ceiling = pinned_ceiling(dev, dst.ptr, 64 << 20)
         print(f"device: {dev.info.name}; {args.mib} MiB; pinned cuMemcpyHtoD ceiling "
               f"{ceiling / 1e9:.1f} GB/s")
-        print("| card | bytes | chunk | copy threads | GB/s (median of %d) | pinned ceiling GB/s |"
+        print("| card | bytes | layout | chunk | copy threads | GB/s (median of %d) | pinned ceiling GB/s |"
               % args.repeat)
+        item = (src, dst.ptr) if fmt is None else (src, dst.ptr, fmt, args.row)
         for threads in (int(t) for t in args.threads.split(",")):
             for chunk_mib in (int(c) for c in args.chunks.split(",")):
-                rates = []
-                with Uploader(dev, chunk_bytes=chunk_mib << 20, copy_threads=threads) as up:
-                    for _ in range(args.repeat):
-                        t = time.perf_counter()
-                        up.upload(src, dst.ptr)
-                        rates.append(nbytes / (time.perf_counter() - t))
-                print(f"| {dev.info.name} | {nbytes} | {chunk_mib} MiB | {threads} | "
-                      f"{statistics.median(rates) / 1e9:.2f} | {ceiling / 1e9:.1f} |")
-        tail = to_host(dev, dst.ptr + nbytes - 4096, 4096)
-        assert np.array_equal(tail, np.asarray(src[-4096:])), "upload corrupted the data"
+                for where in ("as stored",) if fmt is None else (f"{fmt.name}: host", f"{fmt.name}: card"):
+                    chunk, rates = chunk_mib << 20, []
+                    extra = card_layout(dev, alloc, chunk, threads) if where.endswith("card") else {}
+                    with Uploader(dev, chunk_bytes=chunk, copy_threads=threads, **extra) as up:
+                        for _ in range(args.repeat):
+                            t = time.perf_counter()
+                            up.upload_many([item])
+                            rates.append(nbytes / (time.perf_counter() - t))
+                    print(f"| {dev.info.name} | {nbytes} | {where} | {chunk_mib} MiB | {threads} | "
+                          f"{statistics.median(rates) / 1e9:.2f} | {ceiling / 1e9:.1f} |")
+                    if fmt is not None:   # the last rows, as the host lays them out
+                        rows = max(1, 4096 // fmt.row_bytes(args.row))
+                        want = fmt.to_vram(np.asarray(src[nbytes - rows * fmt.row_bytes(args.row):]), args.row)
+                        got = to_host(dev, dst.ptr + dst_bytes - want.nbytes, want.nbytes)
+                        assert np.array_equal(got, want), f"{where}: the layout is wrong"
+        if fmt is None:
+            tail = to_host(dev, dst.ptr + nbytes - 4096, 4096)
+            assert np.array_equal(tail, np.asarray(src[-4096:])), "upload corrupted the data"
     alloc.free_all()
     dev.close()
 

@@ -88,6 +88,7 @@ class Gpu:
     attn = _kernels("orcd.ops.attention", "AttentionKernels")
     moe = _kernels("orcd.ops.moe", "MoeKernels")
     fused = _kernels("orcd.ops.fused", "FusedKernels")
+    layout = _kernels("orcd.ops.layout", "LayoutKernels")
 
     def __init__(self, dev, alloc, compiler, launcher) -> None:
         self.dev, self.alloc, self.compiler, self.launcher = dev, alloc, compiler, launcher

@@ -65,6 +65,33 @@ def test_split_copy(gpu, rng):
         off += size
 
 
+# -- weights into their VRAM layout (layout.cu, the twin of QuantFormat.to_vram) -------
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K", "MXFP4"])
+def test_planes_made_on_the_device_are_to_vram_bytes(gpu, rng, name):
+    from orcd.quant.builtin import builtin_table
+
+    fmt = builtin_table().by_name[name]
+    assert gpu.layout.handles(fmt)
+    # widths whose planes end off 16 bytes (padding), and a single block a row
+    for n_elems in {fmt.block_elems, 7 * fmt.block_elems, sized(2880, 5 * fmt.block_elems)}:
+        rows = 5
+        raw = fmt.random_blocks(rows * n_elems // fmt.block_elems, rng, 0.05)
+        out = gpu.empty((rows * fmt.vram_row_bytes(n_elems),), np.uint8)
+        gpu.layout.to_planes(gpu.put(raw).ptr, out.ptr, rows, fmt, n_elems)
+        assert np.array_equal(gpu.get(out), fmt.to_vram(raw, n_elems)), (name, n_elems)
+
+
+def test_formats_with_a_block_rewrite_keep_the_hosts_layout(gpu):
+    from orcd.quant.builtin import builtin_table
+
+    table = builtin_table()
+    for name in ("Q4_K", "Q5_K", "F32", "F16"):   # numpy rewrites the scales; not planar
+        assert not gpu.layout.handles(table.by_name[name])
+    with pytest.raises(ValueError, match="Q4_K"):
+        gpu.layout.to_planes(0, 0, 1, table.by_name["Q4_K"], 256)
+
+
 # -- rope ------------------------------------------------------------------------------
 
 ROPES = {

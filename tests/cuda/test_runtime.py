@@ -166,6 +166,33 @@ def test_chunked_upload_round_trip(dev, alloc, tmp_path, copy_threads):
         assert np.array_equal(to_host(dev, b.ptr, b.nbytes), np.asarray(s))
 
 
+@pytest.mark.parametrize("copy_threads", [1, 4])
+def test_upload_with_the_planes_made_on_the_card(dev, alloc, compiler, launcher, copy_threads):
+    # the backend's way (CudaBackend._upload): planar formats gathered by LayoutKernels
+    # from device staging buffers, launched from every copy thread onto the one stream
+    from orcd.backends.cuda.memory import to_host
+    from orcd.backends.cuda.upload import Uploader, staging_slots
+    from orcd.ops.layout import LayoutKernels
+    from orcd.quant.builtin import builtin_table
+
+    rng, table, chunk = np.random.default_rng(), builtin_table(), 1 << 20
+    items, expect = [], []
+    for name, rows, n in [("MXFP4", 2880, 2880), ("Q5_0", 700, 896), ("Q4_K", 300, 3072), ("Q6_K", 500, 4864)]:
+        fmt = table.by_name[name]
+        raw = fmt.random_blocks(rows * n // fmt.block_elems, rng, 0.05)
+        buf = alloc.alloc(rows * fmt.vram_row_bytes(n), "weights")
+        items.append((raw, buf.ptr, fmt, n))
+        expect.append((buf, fmt.to_vram(raw, n)))
+    n_slots = staging_slots(2, copy_threads)
+    stage = alloc.alloc(n_slots * chunk, "scratch")
+    with Uploader(dev, chunk_bytes=chunk, copy_threads=copy_threads, repack=LayoutKernels(dev, compiler, launcher),
+                  device_staging=[stage.ptr + i * chunk for i in range(n_slots)]) as up:
+        up.upload_many(items)
+    for buf, want in expect:
+        assert np.array_equal(to_host(dev, buf.ptr, buf.nbytes), want)
+    alloc.free(stage)
+
+
 # -- NVRTC -----------------------------------------------------------------------
 
 def test_nvrtc_compile_and_disk_cache(dev, tmp_path):

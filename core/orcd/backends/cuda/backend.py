@@ -26,7 +26,7 @@ from orcd.backends.cuda.prefill import FOLD_CHUNK, UNFOLDED_CHUNK, PrefillGraphs
 from orcd.backends.cuda.sampler import BackendSampling
 from orcd.backends.cuda.steps import StepIO
 from orcd.backends.cuda.tensor import Arena, DeviceTensor, QWeight
-from orcd.errors import InvalidRequest
+from orcd.errors import InvalidRequest, VramOom
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
 from orcd.ops import sampling
 from orcd.ops.contract import Phase, phase_of
@@ -40,14 +40,14 @@ def kernel_sources(formats, type_ids=None) -> list:
     modules): what start-up compiles in parallel (KernelCompiler.prefetch) and what
     orcd.backends.cuda.aot builds ahead of time."""
     from orcd.backends.cuda.nvrtc import KernelSource
-    from orcd.ops import activation, attention, fused, moe, norm, rope, sampling
+    from orcd.ops import activation, attention, fused, layout, moe, norm, rope, sampling
     from orcd.ops.matmul_base import matmul_source
     from orcd.quant.device import with_device
 
     rows = with_device(formats)
     fixed = [KernelSource.from_package("orcd.ops", k.SOURCE) for k in
              (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
-              moe.MoeKernels, sampling.CudaSampler)]
+              moe.MoeKernels, sampling.CudaSampler, layout.LayoutKernels)]
     per_format = [matmul_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
     return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format]
 
@@ -159,6 +159,7 @@ class CudaBackend(BackendSampling):
         from orcd.ops.activation import ActivationKernels
         from orcd.ops.attention import AttentionKernels
         from orcd.ops.fused import FusedKernels
+        from orcd.ops.layout import LayoutKernels
         from orcd.ops.matmul import MatmulKernels
         from orcd.ops.moe import MoeKernels
         from orcd.ops.norm import NormKernels
@@ -182,6 +183,7 @@ class CudaBackend(BackendSampling):
         self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
+        self.layout = LayoutKernels(*args)
         self.fused = FusedKernels(*args, formats=formats, self_quantize=self_quantize)
         self._kernel_args = args
         self.sampler = None  # made at the first sample, when the vocabulary size is known
@@ -225,10 +227,30 @@ class CudaBackend(BackendSampling):
                     buf = tx.alloc(w.nbytes, "weights")
                     items.append((t.data, buf.ptr, fmt, t.shape[-1]))
                     out[n] = QWeight(buf.ptr, w.shape, t.type_id, fmt)
-            with Uploader(self.device) as up:
-                up.upload_many(items, progress)
+            self._upload(items, progress)
         self.mm.prepare(t.type_id for t in out.values() if isinstance(t, QWeight))
         return out
+
+    def _upload(self, items, progress) -> None:
+        # planar formats' layouts made on the card (LayoutKernels) from device staging
+        # buffers held only while uploading; without room for them, on the host
+        from orcd.backends.cuda.upload import (DEFAULT_CHUNK, DEFAULT_COPY_THREADS, DEFAULT_STAGING, Uploader,
+                                               staging_slots)
+
+        n = staging_slots(DEFAULT_STAGING, DEFAULT_COPY_THREADS)
+        stage = None
+        if any(len(it) > 2 and self.layout.handles(it[2]) for it in items):
+            try:
+                stage = self.alloc.alloc(n * DEFAULT_CHUNK, "scratch")
+            except VramOom:
+                pass   # no room: the host makes the planes
+        try:
+            with Uploader(self.device, repack=self.layout if stage else None,
+                          device_staging=[stage.ptr + i * DEFAULT_CHUNK for i in range(n)] if stage else ()) as up:
+                up.upload_many(items, progress)
+        finally:
+            if stage is not None:
+                self.alloc.free(stage)
 
     def _use_formats(self, formats) -> None:
         """Rebuild the weight kernels when ``formats`` has device rows they lack (a plugin's)."""

@@ -6,7 +6,10 @@ worker's stream), the CPU reads chunk i+1 from the file into the other. An
 event per staging buffer says when its last copy finished and it may be
 refilled. Bytes are copied as they are, or, for a weight whose format has a
 planar VRAM layout (QuantFormat.planes), rearranged row by row into it while
-being staged: such a weight moves in chunks of whole rows.
+being staged: such a weight moves in chunks of whole rows. With a ``repack``
+(orcd.ops.layout.LayoutKernels) the planes of the formats it handles are made on
+the device instead: the chunk goes as it is to a device staging buffer of its slot
+and a kernel gathers it into place, so the copy threads only memcpy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ DEFAULT_CHUNK = 1 << 20
 #: Measured on an H200 (bench/RESULTS.md): 1 copy thread 6.7 GB/s, 4 threads
 #: 13-16 GB/s with 1 MiB chunks (20-23 GB/s with 4 MiB) against a 54 GB/s link.
 DEFAULT_COPY_THREADS = 4
+DEFAULT_STAGING = 2   # staging buffers a copy thread takes turns with
 Progress = Callable[[float], None]
 
 
@@ -55,6 +59,11 @@ def _jobs(item, chunk: int) -> list[tuple]:
         return [(src, dst, so, sn, do, dn, fmt, n_elems)
                 for so, sn, do, dn in plan_rows(rows, fmt.row_bytes(n_elems), fmt.vram_row_bytes(n_elems), chunk)]
     return [(src, dst, off, n, off, n, None, 0) for off, n in plan_chunks(src.nbytes, chunk)]
+
+
+def staging_slots(n_staging: int, copy_threads: int) -> int:
+    """Staging buffers an Uploader uses: ``n_staging`` for each copy thread."""
+    return n_staging * copy_threads
 
 
 class Milestones:
@@ -95,13 +104,19 @@ class Uploader:
     threads reading at once keep the copy engine busier. Copies all go to the
     one stream; the driver API is thread-safe."""
 
-    def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = 2,
-                 copy_threads: int = DEFAULT_COPY_THREADS):
+    def __init__(self, device: "CudaDevice", chunk_bytes: int = DEFAULT_CHUNK, n_staging: int = DEFAULT_STAGING,
+                 copy_threads: int = DEFAULT_COPY_THREADS, repack=None, device_staging: Sequence[int] = ()):
+        """``repack``: ``handles(fmt)`` and ``to_planes(src, dst, rows, fmt, n_elems)`` on
+        the device's stream; ``device_staging``: then one device buffer of ``chunk_bytes``
+        a staging slot (``staging_slots(n_staging, copy_threads)`` of them)."""
         from orcd.backends.cuda.driver import cu, driver_module
 
         if chunk_bytes <= 0 or n_staging < 2 or copy_threads < 1:
             raise ValueError("need a positive chunk size, at least two staging buffers "
                              "and at least one copy thread")
+        if repack is not None and len(device_staging) != staging_slots(n_staging, copy_threads):
+            raise ValueError("a device repack needs one device staging buffer per staging slot")
+        self.repack, self._dev_staging = repack, [int(p) for p in device_staging]
         self.device = device
         self.chunk = chunk_bytes
         self.copy_threads = copy_threads
@@ -112,7 +127,7 @@ class Uploader:
         self._events = []
         self._views: list[np.ndarray] = []
         try:
-            for _ in range(n_staging * copy_threads):
+            for _ in range(staging_slots(n_staging, copy_threads)):
                 self._staging.append(int(cu("cuMemHostAlloc", chunk_bytes, 0)))
                 self._events.append(cu("cuEventCreate", drv.CUevent_flags.CU_EVENT_DISABLE_TIMING))
         except BaseException:
@@ -163,11 +178,17 @@ class Uploader:
         for i, (src, dst, off, n, dst_off, dst_n, fmt, n_elems) in enumerate(jobs):
             slot = slots[i % len(slots)]
             cu("cuEventSynchronize", self._events[slot])  # its previous copy is done
-            if fmt is None:
-                self._views[slot][:n] = src[off:off + n]     # the file read
-            else:                                            # the file read, into the planes
-                fmt.to_vram(src[off:off + n], n_elems, out=self._views[slot])
-            cu("cuMemcpyHtoDAsync", dst + dst_off, self._staging[slot], dst_n, stream)
+            if fmt is not None and self.repack is not None and self.repack.handles(fmt):
+                self._views[slot][:n] = src[off:off + n]     # the file read; the card makes the planes
+                cu("cuMemcpyHtoDAsync", self._dev_staging[slot], self._staging[slot], n, stream)
+                self.repack.to_planes(self._dev_staging[slot], dst + dst_off, n // fmt.row_bytes(n_elems),
+                                      fmt, n_elems)
+            else:
+                if fmt is None:
+                    self._views[slot][:n] = src[off:off + n]     # the file read
+                else:                                            # the file read, into the planes
+                    fmt.to_vram(src[off:off + n], n_elems, out=self._views[slot])
+                cu("cuMemcpyHtoDAsync", dst + dst_off, self._staging[slot], dst_n, stream)
             cu("cuEventRecord", self._events[slot], stream)
             report.add(n)
 
