@@ -69,7 +69,7 @@ def test_importing_orcd_and_the_gpu_layer_touches_no_cuda():
 
 DRIVER_LAYER = ("driver", "device", "memory", "upload", "nvrtc", "launch", "graph", "residency", "blas",
                 "cublaslt", "tensor")
-BACKEND_LAYER = ("backend", "ops", "steps", "sampler", "batch", "prefill")
+BACKEND_LAYER = ("backend", "loading", "ops", "steps", "sampler", "batch", "prefill")
 
 
 def test_the_gpu_package_is_the_two_layers_and_the_driver_layer_never_imports_the_backend():
