@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,12 +67,16 @@ def test_planar_weights_laid_out_by_the_card_land_as_to_vram_lays_them(host_driv
     rng, table, chunk = np.random.default_rng(), builtin_table(), 4096
     dev, alloc = SimDevice(), SimAllocator()
     layout = CountingLayout(LayoutKernels(dev, SimCompiler(), SimLauncher(after=alloc.check)))
-    # (format, rows, values a row): MXFP4 and Q6_K over many chunks, Q4_K by the host (a
-    # block rewrite), Q8_0 rows that do not divide a chunk, and plain bytes
-    shapes = [("MXFP4", 40, 2880), ("Q4_0", 3, 96), ("Q6_K", 9, 512), ("Q4_K", 6, 512), ("Q8_0", 7, 1024)]
+    # (format, rows, values a row): MXFP4 and Q6_K over many chunks, Q4_K (its scales
+    # unpacked on the card), a Q5_K whose rewrite the kernel does not know (by the host),
+    # Q8_0 rows that do not divide a chunk, and plain bytes
+    q5k = table.by_name["Q5_K"]
+    host_only = replace(q5k, name="Q5_K-host", device=replace(q5k.device, device_rewrite=""))
+    shapes = [("MXFP4", 40, 2880), ("Q4_0", 3, 96), ("Q6_K", 9, 512), ("Q4_K", 6, 512), (host_only, 5, 512),
+              ("Q8_0", 7, 1024)]
     items, expect = [], []
     for name, rows, n in shapes:
-        fmt = table.by_name[name]
+        fmt = table.by_name[name] if isinstance(name, str) else name
         raw = fmt.random_blocks(rows * n // fmt.block_elems, rng, 0.05)
         buf = alloc.alloc(rows * fmt.vram_row_bytes(n), "weights")
         items.append((raw, buf.ptr, fmt, n))
@@ -88,7 +93,7 @@ def test_planar_weights_laid_out_by_the_card_land_as_to_vram_lays_them(host_driv
     assert total == sum(it[0].nbytes for it in items)
     for buf, want in expect:
         assert np.array_equal(dev.to_host(buf.ptr, buf.nbytes), want)
-    assert set(layout.calls) == {"MXFP4", "Q4_0", "Q6_K", "Q8_0"}   # Q4_K's planes: the host's
+    assert set(layout.calls) == {"MXFP4", "Q4_0", "Q6_K", "Q4_K", "Q8_0"}   # not Q5_K-host
     assert layout.calls.count("MXFP4") > 1                           # chunks of whole rows
 
 

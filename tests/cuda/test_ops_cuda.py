@@ -67,7 +67,7 @@ def test_split_copy(gpu, rng):
 
 # -- weights into their VRAM layout (layout.cu, the twin of QuantFormat.to_vram) -------
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K", "MXFP4"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"])
 def test_planes_made_on_the_device_are_to_vram_bytes(gpu, rng, name):
     from orcd.quant.builtin import builtin_table
 
@@ -82,14 +82,19 @@ def test_planes_made_on_the_device_are_to_vram_bytes(gpu, rng, name):
         assert np.array_equal(gpu.get(out), fmt.to_vram(raw, n_elems)), (name, n_elems)
 
 
-def test_formats_with_a_block_rewrite_keep_the_hosts_layout(gpu):
+def test_formats_the_kernel_cannot_lay_out_are_refused(gpu):
+    from dataclasses import replace
+
     from orcd.quant.builtin import builtin_table
 
     table = builtin_table()
-    for name in ("Q4_K", "Q5_K", "F32", "F16"):   # numpy rewrites the scales; not planar
+    for name in ("F32", "F16", "BF16"):   # not planar
         assert not gpu.layout.handles(table.by_name[name])
+    q4k = table.by_name["Q4_K"]           # a block rewrite layout.cu does not know: numpy's
+    other = replace(q4k, device=replace(q4k.device, device_rewrite=""))
+    assert gpu.layout.handles(q4k) and not gpu.layout.handles(other)
     with pytest.raises(ValueError, match="Q4_K"):
-        gpu.layout.to_planes(0, 0, 1, table.by_name["Q4_K"], 256)
+        gpu.layout.to_planes(0, 0, 1, other, 256)
 
 
 # -- rope ------------------------------------------------------------------------------

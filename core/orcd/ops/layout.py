@@ -9,6 +9,7 @@ import numpy as np
 LAYOUT_THREADS = 256
 LAYOUT_MAX_BLOCKS = 8192   # grid-stride beyond this
 MAX_PLANES = 4             # layout.cu's LAYOUT_PLANES
+REWRITES = {"": 0, "kscales": 1}   # DeviceFormat.device_rewrite -> to_planes' kscales
 
 
 def to_vram_ref(fmt, raw: np.ndarray, n_elems: int) -> np.ndarray:
@@ -17,10 +18,12 @@ def to_vram_ref(fmt, raw: np.ndarray, n_elems: int) -> np.ndarray:
 
 
 def device_planes(fmt) -> bool:
-    """Whether the kernel makes ``fmt``'s layout: planar, at most four planes, and no
-    block rewrite (a rewrite is numpy code: those formats stay on the host's path)."""
+    """Whether the kernel makes ``fmt``'s layout: planar, at most four planes, and a
+    block rewrite only where the kernel knows it (``device_rewrite``; another one is
+    numpy code: those formats stay on the host's path)."""
     d = fmt.device
-    return bool(fmt.planar and d.block_to_vram is None and len(d.planes) <= MAX_PLANES)
+    rewrite_known = d.block_to_vram is None or (d.device_rewrite and d.device_rewrite in REWRITES)
+    return bool(fmt.planar and rewrite_known and len(d.planes) <= MAX_PLANES)
 
 
 class LayoutKernels:
@@ -48,4 +51,5 @@ class LayoutKernels:
         grid = max(1, min(LAYOUT_MAX_BLOCKS, -(-n // LAYOUT_THREADS)))
         self._launch(self._fn, grid, LAYOUT_THREADS,
                      [np.uint64(src), np.uint64(dst), np.int64(rows), n_elems // fmt.block_elems,
-                      fmt.block_bytes, np.int64(vram_row), *(v for p in planes for v in p)])
+                      fmt.block_bytes, np.int64(vram_row), REWRITES[fmt.device.device_rewrite],
+                      *(v for p in planes for v in p)])

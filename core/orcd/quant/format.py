@@ -53,6 +53,9 @@ class DeviceFormat:
     each block, uint8 [n, block_bytes] -> [n, vram_block_bytes], exactly and
     reversibly (Q4_K's packed 6-bit scales unpacked to a byte each, so the
     kernels need no bit surgery); the planes then cut the rewritten block.
+    ``device_rewrite`` names the same rewrite in orcd/ops/layout.cu (``"kscales"``:
+    scales_unpacked), so the card makes this layout while uploading; empty: a
+    format with a block rewrite is laid out by the host.
     """
 
     struct: str
@@ -66,6 +69,7 @@ class DeviceFormat:
     block_to_vram: Callable[[np.ndarray], np.ndarray] | None = None
     block_from_vram: Callable[[np.ndarray], np.ndarray] | None = None
     vram_block_bytes: int | None = None
+    device_rewrite: str = ""
 
 
 @dataclass(frozen=True)

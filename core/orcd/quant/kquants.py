@@ -227,7 +227,7 @@ def scales_packed(blocks: np.ndarray) -> np.ndarray:
 def _row(type_id, name, nbytes, dq, q, rnd, planes=(), affine=False) -> QuantFormat:
     # device: eight pieces of 32 values per 256-value block, int8 activations (dp4a, tensor cores)
     rewrite = dict(block_to_vram=scales_unpacked, block_from_vram=scales_packed,
-                   vram_block_bytes=nbytes + 4) if affine else {}
+                   vram_block_bytes=nbytes + 4, device_rewrite="kscales") if affine else {}
     return QuantFormat(type_id, name, QK_K, nbytes,
                        dequantize=blockwise_dequantizer(dq, name, QK_K, nbytes),
                        quantize=blockwise_quantizer(q, name, QK_K, nbytes),
