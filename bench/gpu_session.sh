@@ -18,8 +18,9 @@
 #                                   # qwen2-0.5b) decode_profile --bench of both trees, and
 #                                   # batch_decode (BASE with its own bench scripts: a checkout of
 #                                   # another layout still runs); with NAME=VALUE --cuda-options, this tree a
-#                                   # third time with them (e.g. pdl=on self_quantize=on);
-#                                   # SKIP_TESTS=1 leaves the GPU tests out
+#                                   # third time with them (e.g. pdl=on self_quantize=on),
+#                                   # then this tree's upload of MXFP4 rows, planes made by
+#                                   # the host and by the card; SKIP_TESTS=1 leaves the GPU tests out
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
 #                                   # ones) as it is and with those --cuda-options, e.g.
@@ -94,7 +95,7 @@ tree)
   timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
   if [ -z "${SKIP_TESTS:-}" ]; then   # SKIP_TESTS=1: the timings only (a second call on a warm machine)
     timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_ops_cuda.py tests/cuda/test_int8.py \
-        tests/cuda/test_fused.py tests/cuda/test_mma.py tests/cuda/test_rows_layer.py \
+        tests/cuda/test_fused.py tests/cuda/test_mma.py tests/cuda/test_rows_layer.py tests/cuda/test_runtime.py \
         tests/engine/test_batch_forward.py tests/engine/test_scheduler.py 2>&1 \
         | tee "$OUT/tests.log" | tail -3
     timeout 120 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k "early or graph" 2>&1 \
@@ -114,6 +115,9 @@ tree)
     PYTHONPATH=$p timeout 90 python3 $b/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" \
         $([ $t = opts ] && echo "${opts[@]}") 2>&1 | tee "$OUT/batch-$t.log" | tail -6
   done
+  # the planar layouts, made by the copy threads (numpy) and by the card (ops/layout.cu)
+  (cd bench && timeout 90 python3 cuda_upload.py --format MXFP4 --mib 1024 --chunks 1,4 --threads 4 \
+      --repeat 2 2>&1 | tee "$OUT/upload.log" | tail -5)
   ;;
 ab)
   models=${2:-$SMALL}

@@ -103,3 +103,39 @@ def test_a_repack_needs_a_device_buffer_per_staging_slot(host_driver):
 
     with pytest.raises(ValueError, match="staging buffer per staging slot"):
         Uploader(SimDevice(), copy_threads=2, repack=object(), device_staging=[0, 0])
+
+
+class TightAllocator:
+    """The simulator's allocator with no room left for the upload's device staging."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    def alloc(self, nbytes: int, purpose: str):
+        from orcd.errors import VramOom
+
+        self.asked.append((nbytes, purpose))
+        raise VramOom("no room for the staging", requested=nbytes, available=0)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_the_backend_lays_out_on_the_card_when_it_has_room_for_the_staging(host_driver, room):
+    # CudaBackend._upload (WeightLoading): device staging from the allocator while it has
+    # room; without it, the same bytes by the copy threads, and nothing left allocated
+    from orcd.backends.cuda.loading import WeightLoading
+    from orcd.cudasim import SimAllocator, SimCompiler, SimDevice, SimLauncher
+    from orcd.ops.layout import LayoutKernels
+    from orcd.quant.builtin import builtin_table
+
+    rng, fmt, n = np.random.default_rng(), builtin_table().by_name["MXFP4"], 2880
+    dev, alloc = SimDevice(), SimAllocator()
+    raw = fmt.random_blocks(300 * n // fmt.block_elems, rng, 0.05)
+    dst = alloc.alloc(300 * fmt.vram_row_bytes(n), "weights")
+    backend = types.SimpleNamespace(device=dev, alloc=alloc if room else TightAllocator(),
+                                    layout=CountingLayout(LayoutKernels(dev, SimCompiler(),
+                                                                        SimLauncher(after=alloc.check))))
+    WeightLoading._upload(backend, [(raw, dst.ptr, fmt, n)], None)
+    assert np.array_equal(dev.to_host(dst.ptr, dst.nbytes), fmt.to_vram(raw, n))
+    assert bool(backend.layout.calls) == room
+    assert room or backend.alloc.asked == [(8 << 20, "scratch")]   # two 1 MiB slots a copy thread
+    assert alloc.ledger.total == dst.nbytes   # the staging went back
