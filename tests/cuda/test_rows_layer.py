@@ -122,6 +122,26 @@ def test_q_k_and_v_of_one_format_share_a_launch(gpu, rows, rng, host):
     assert len(launches) == 1 + want, launches   # rms_norm_q8, then q+k and v
 
 
+def test_a_batch_over_one_gemv_launch_is_each_row_as_alone(gpu, rows, rng, host):
+    # more rows than one GEMV launch takes (MatmulKernels.gemv_rows): every launch's rows
+    # written, each row the bits it has alone
+    from orcd.ops.matmul_base import BATCH_GEMV_Q8_T
+
+    ops, _ = rows
+    D, T = sized(896, 64), BATCH_GEMV_Q8_T + 3
+    ws = [gpu.weight(host, name, (n, D), rng)[0] for n, name in ((D, "Q5_0"), (D // 2, "Q8_0"))]
+    x = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    res = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
+    with in_phase(ops, Phase.ROWS):
+        multi = [gpu.get(o) for o in ops.linear_multi(x, ws)]
+        added = gpu.get(ops.linear_add(x, ws[0], res))
+        for t in (0, T - 1):
+            alone = [gpu.get(o) for o in ops.linear_multi(x.rows(t, t + 1), ws)]
+            for m, a in zip(multi, alone):
+                assert np.array_equal(m[t], a[0]), t
+            assert np.array_equal(added[t], gpu.get(ops.linear_add(x.rows(t, t + 1), ws[0], res.rows(t, t + 1)))[0])
+
+
 @pytest.mark.parametrize("phase", [Phase.ROWS, None])
 def test_the_output_projection_reads_the_int8_activations_attention_wrote(gpu, rows, rng, host, phase):
     # a decode's attention output comes with its int8 activations, so o's GEMV needs no

@@ -159,13 +159,12 @@ class AttentionKernels:
                       np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), n_head, n_kv, hd, hd_v,
                       cfg.n_rot, np.int32(1 if cfg.neox else 0), table.n_pos])
 
-    @staticmethod
-    def ropes_in_decode(q, k_cache, v_cache, paging) -> bool:
+    @classmethod
+    def ropes_in_decode(cls, q, k_cache, v_cache, paging) -> bool:
         """Whether ``rope_attention`` takes this call: decodes where no row of the launch
         reads a key another row stores -- one sequence's one token, or a batch whose
         rows are ``apart`` -- and hd == hd_v."""
-        decodes = (q.shape[0] == 1 and not paging.batched) or (paging.batched and paging.apart)
-        return decodes and k_cache.shape[2] == v_cache.shape[2]
+        return cls._decodes(q, k_cache, v_cache, paging) and (not paging.batched or paging.apart)
 
     def rope_attention(self, q, k, v, k_cache, v_cache, pos, table, scale: float, window: int, sinks, out,
                        empty, paging, q8=None) -> None:
@@ -194,12 +193,17 @@ class AttentionKernels:
                              "with head dims of whole 32-value groups")
 
     @staticmethod
-    def quantizes(q, k_cache, v_cache, paging) -> bool:
+    def _decodes(q, k_cache, v_cache, paging) -> bool:
+        """Whether ``attention`` takes the decode kernels (split keys, then the combine):
+        one token, or a batch of decodes, with hd == hd_v."""
+        return (q.shape[0] == 1 or paging.batched) and k_cache.shape[2] == v_cache.shape[2]
+
+    @classmethod
+    def quantizes(cls, q, k_cache, v_cache, paging) -> bool:
         """Whether ``attention`` can also write its output's int8 activations (``q8``):
-        decodes (one token, or a batch of them: the combine kernel writes every
-        output), head dims a whole number of 32-value groups."""
-        hd, hd_v = k_cache.shape[2], v_cache.shape[2]
-        return (q.shape[0] == 1 or paging.batched) and hd == hd_v and hd_v % 32 == 0
+        decodes (the combine kernel writes every output), head dims a whole number of
+        32-value groups."""
+        return cls._decodes(q, k_cache, v_cache, paging) and v_cache.shape[2] % 32 == 0
 
     def attention(self, q, k_cache, v_cache, pos, scale: float, window: int, sinks, out,
                   empty, paging, q8=None) -> None:
@@ -216,7 +220,7 @@ class AttentionKernels:
         hd_v = v_cache.shape[2]
         T = q.shape[0]
         n_head = q.shape[1] // hd
-        if (T == 1 or paging.batched) and hd == hd_v:
+        if self._decodes(q, k_cache, v_cache, paging):
             self._attention_decode(q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging, q8)
             return
         if T > 1 and not paging.batched and hd % 16 == 0 and hd_v in PF_HEAD_DIMS:   # tensor cores

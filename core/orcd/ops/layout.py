@@ -12,11 +12,6 @@ MAX_PLANES = 4             # layout.cu's LAYOUT_PLANES
 REWRITES = {"": 0, "kscales": 1}   # DeviceFormat.device_rewrite -> to_planes' kscales
 
 
-def to_vram_ref(fmt, raw: np.ndarray, n_elems: int) -> np.ndarray:
-    """GGUF rows of ``n_elems`` values -> the format's VRAM bytes (the host's way)."""
-    return fmt.to_vram(raw, n_elems)
-
-
 def device_planes(fmt) -> bool:
     """Whether the kernel makes ``fmt``'s layout: planar, at most four planes, and a
     block rewrite only where the kernel knows it (``device_rewrite``; another one is

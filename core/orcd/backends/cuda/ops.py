@@ -120,11 +120,14 @@ class CudaOps:
     def _gemvs(self, x, w, b, out, residual=None) -> None:
         # GEMVs of <= 32 rows, never the GEMM: each row summed alike in any batch
         xa = self._act(x, w)
-        step = self.b.mm.gemv_rows(xa)
-        for s in range(0, x.shape[0], step):
-            e = min(x.shape[0], s + step)
+        for s, e in self._gemv_launches(xa):
             self.b.mm.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=self.b.scratch,
                            residual=residual.rows(s, e) if residual is not None else None)
+
+    def _gemv_launches(self, x) -> list[tuple[int, int]]:
+        # the rows [s, e) of each GEMV launch over x's rows (MatmulKernels.gemv_rows a launch)
+        T, step = x.shape[0], self.b.mm.gemv_rows(x)
+        return [(s, min(T, s + step)) for s in range(0, T, step)]
 
     # -- fused (orcd.ops.fused): one launch for one token, else the single ops ----------
 
@@ -166,9 +169,7 @@ class CudaOps:
         if not self.per_row:
             return tuple(self.linear(h, w, b) for w, b in zip(ws, bs))
         outs = tuple(self._empty((h.shape[0], w.shape[0])) for w in ws)   # [T, n_out_i] each
-        step = self.b.mm.gemv_rows(h)
-        for s in range(0, h.shape[0], step):       # weights of one format share a launch
-            e = min(h.shape[0], s + step)
+        for s, e in self._gemv_launches(h):          # weights of one format share a launch
             self.b.mm.gemv_multi(h.rows(s, e), ws, bs, [o.rows(s, e) for o in outs], scratch=self.b.scratch)
         return outs
 

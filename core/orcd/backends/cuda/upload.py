@@ -178,16 +178,16 @@ class Uploader:
         for i, (src, dst, off, n, dst_off, dst_n, fmt, n_elems) in enumerate(jobs):
             slot = slots[i % len(slots)]
             cu("cuEventSynchronize", self._events[slot])  # its previous copy is done
-            if fmt is not None and self.repack is not None and self.repack.handles(fmt):
-                self._views[slot][:n] = src[off:off + n]     # the file read; the card makes the planes
+            on_card = fmt is not None and self.repack is not None and self.repack.handles(fmt)
+            if fmt is None or on_card:
+                self._views[slot][:n] = src[off:off + n]     # the file read
+            else:                                            # the file read, into the planes
+                fmt.to_vram(src[off:off + n], n_elems, out=self._views[slot])
+            if on_card:   # as stored to the slot's device buffer; the card makes the planes
                 cu("cuMemcpyHtoDAsync", self._dev_staging[slot], self._staging[slot], n, stream)
                 self.repack.to_planes(self._dev_staging[slot], dst + dst_off, n // fmt.row_bytes(n_elems),
                                       fmt, n_elems)
             else:
-                if fmt is None:
-                    self._views[slot][:n] = src[off:off + n]     # the file read
-                else:                                            # the file read, into the planes
-                    fmt.to_vram(src[off:off + n], n_elems, out=self._views[slot])
                 cu("cuMemcpyHtoDAsync", dst + dst_off, self._staging[slot], dst_n, stream)
             cu("cuEventRecord", self._events[slot], stream)
             report.add(n)
