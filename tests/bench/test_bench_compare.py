@@ -4,19 +4,12 @@ and the table's ratios and bandwidth floor."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-COMPARE = Path(__file__).resolve().parents[2] / "bench" / "compare.py"
 
 
 @pytest.fixture
-def compare(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def compare(bench_module, tmp_path, monkeypatch):
+    module = bench_module("compare")
     monkeypatch.setattr(module, "ROWS", tmp_path / "rows.json")
     return module
 

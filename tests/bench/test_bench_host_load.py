@@ -3,7 +3,6 @@ a smoke run, and the simulated device's arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -15,12 +14,8 @@ HOST_LOAD = Path(__file__).resolve().parents[2] / "bench" / "host_load.py"
 
 
 @pytest.fixture
-def host_load(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_host_load", HOST_LOAD)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_host_load", module)
-    spec.loader.exec_module(module)
-    return module
+def host_load(bench_module):
+    return bench_module("host_load")
 
 
 def test_smoke_never_beats_the_simulated_ceiling(tiny_model):

@@ -4,7 +4,6 @@ concurrency. No speed is asserted; the table's shape and ratios are."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,8 @@ LOAD = Path(__file__).resolve().parents[2] / "bench" / "load.py"
 
 
 @pytest.fixture
-def load(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_load", LOAD)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_load", module)   # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+def load(bench_module):
+    return bench_module("load")
 
 
 def test_load_benchmark_smoke_on_cpu(tiny_model, tmp_path):

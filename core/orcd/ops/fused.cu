@@ -29,11 +29,11 @@
 template <class F, bool NORM>
 __device__ __forceinline__ float row_dot_t(const u8* __restrict__ wr, const float* __restrict__ x,
                                            int n_in, int c0, int stride) {
-    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
+    const int nb = n_in / F::QK;
     float acc = 0.f;
+    const int p = lane_piece<F>(c0), step = stride / F::PIECES;
 #pragma unroll 2
-    for (int c = c0; c < n_pieces; c += stride) {
-        const int blk = c / F::PIECES, p = c % F::PIECES;
+    for (int blk = c0 / F::PIECES; blk < nb; blk += step) {
         float v[F::RUNS * F::RUN];
         F::load(wr, nb, blk, p, v);
         const int pos = blk * F::QK + F::base(p);
@@ -58,11 +58,11 @@ __device__ __forceinline__ float row_dot(int type, const u8* wr, const float* x,
 template <class F>
 __device__ __forceinline__ float row_dot8_t(const u8* __restrict__ wr, const int* __restrict__ xq,
                                             const float* __restrict__ xd, int n_in, int c0, int stride) {
-    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
+    const int nb = n_in / F::QK;
     float acc = 0.f;
+    const int p = lane_piece<F>(c0), step = stride / F::PIECES;
 #pragma unroll 2
-    for (int c = c0; c < n_pieces; c += stride) {
-        const int blk = c / F::PIECES, p = c % F::PIECES;
+    for (int blk = c0 / F::PIECES; blk < nb; blk += step) {
         acc += F::dot8(wr, nb, blk, p, xq + blk * (F::QK / 4), xd + blk * (F::QK / 32));
     }
     return acc;
@@ -272,7 +272,7 @@ template <class F>
 __device__ __forceinline__ void gated_rows8_t(const u8* __restrict__ wg, const u8* __restrict__ wu,
                                               long long rb, int row0, int n_ff, const int* __restrict__ xq,
                                               const float* __restrict__ xd, int n_in, float* g, float* u) {
-    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES, lane = threadIdx.x & 31;
+    const int nb = n_in / F::QK, lane = threadIdx.x & 31;
     const u8* rg[GR];
     const u8* ru[GR];
 #pragma unroll
@@ -282,9 +282,9 @@ __device__ __forceinline__ void gated_rows8_t(const u8* __restrict__ wg, const u
         ru[r] = wu + row * rb;
         g[r] = u[r] = 0.f;
     }
+    const int p = lane_piece<F>(lane);
 #pragma unroll 1
-    for (int c = lane; c < n_pieces; c += 32) {
-        const int blk = c / F::PIECES, p = c % F::PIECES;
+    for (int blk = lane / F::PIECES; blk < nb; blk += 32 / F::PIECES) {
         Int8Piece<F> pg[GR], pu[GR];
 #pragma unroll
         for (int r = 0; r < GR; ++r) {

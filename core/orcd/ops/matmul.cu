@@ -69,7 +69,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
     __shared__ float partial[NW][GEMV_WARPS][TM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blk * (GEMV_WARPS / split) + warp / split, part = warp % split;
-    const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
+    const int nb = n_in / F::QK;
     float acc[NW][TM];
 #pragma unroll
     for (int v = 0; v < NW; ++v)
@@ -80,9 +80,9 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
         A xv[NW];
 #pragma unroll
         for (int v = 0; v < NW; ++v) xv[v] = x;
+        const int p = lane_piece<F>(lane), step = 32 * split / F::PIECES;
 #pragma unroll 2
-        for (int c = part * 32 + lane; c < n_pieces; c += 32 * split) {
-            const int blk = c / F::PIECES, p = c % F::PIECES;
+        for (int blk = (part * 32 + lane) / F::PIECES; blk < nb; blk += step) {
 #pragma unroll
             for (int v = 0; v < NW; ++v) xv[v].piece(wr[v], nb, blk, p);
 #pragma unroll
@@ -238,13 +238,13 @@ __device__ __forceinline__ void moe_gate_up_q8(const u8* __restrict__ wg, const 
         float acc[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-        const int nb = n_in / F::QK, n_pieces = nb * F::PIECES;
+        const int nb = n_in / F::QK;
         const int* xrow = xq + (long long)(pair / k) * (n_in / 4);
         const float* drow = xd + (long long)(pair / k) * (n_in / 32);
         const u8* g = wg + e * expert_bytes + (long long)row * row_bytes;
         const u8* u = wu + e * expert_bytes + (long long)row * row_bytes;
-        for (int c = lane; c < n_pieces; c += 32) {
-            const int blk = c / F::PIECES, p = c % F::PIECES;
+        const int p = lane_piece<F>(lane);
+        for (int blk = lane / F::PIECES; blk < nb; blk += 32 / F::PIECES) {
             const int* xb = xrow + blk * (F::QK / 4);
             const float* db = drow + blk * (F::QK / 32);
 #pragma unroll
@@ -293,9 +293,9 @@ __device__ __forceinline__ void moe_down_sum_q8(const u8* __restrict__ w, long l
 #pragma unroll
     for (int j = 0; j < MOE_MAX_K; ++j) acc[j] = 0.f;
     if (ok) {
-        const int nb = n_ff / F::QK, n_pieces = nb * F::PIECES;
-        for (int c = lane; c < n_pieces; c += 32) {
-            const int blk = c / F::PIECES, p = c % F::PIECES;
+        const int nb = n_ff / F::QK;
+        const int p = lane_piece<F>(lane);
+        for (int blk = lane / F::PIECES; blk < nb; blk += 32 / F::PIECES) {
 #pragma unroll
             for (int j = 0; j < MOE_MAX_K; ++j)
                 if (j < k) {
