@@ -9,15 +9,9 @@
 // Q6_K (210 bytes, only 2-byte aligned as stored) is planar in VRAM: a row is its
 // ql plane (128 bytes a block), qh (64), scales (16) and d (2) planes. Piece p =
 // half h = p >> 2, l = 8 * (p & 3) .. +8 of its four 32-value groups: three
-// 8-byte loads of quants and one 16-byte load of the block's scales.
+// 8-byte loads of quants and one 8-byte load of its half's scales.
 #pragma once
 #include "base.cuh"
-
-// Byte k (0..15) of a 16-byte header held in registers (k may be a run-time value).
-__device__ __forceinline__ u32 byte_at(const uint4& h, int k) {
-    const u32 w = k < 4 ? h.x : k < 8 ? h.y : k < 12 ? h.z : h.w;
-    return byte_of(w, k & 3);
-}
 
 // Piece p of a Q4_K / Q5_K block: the quants of sub-block j = 2 (p >> 1) (lo, low
 // nibbles) and j + 1 (hi, high nibbles) four bytes a word, at 16 (p & 1) within
@@ -136,7 +130,7 @@ typedef FmtAffineK<true> FmtQ5_K;
 struct Q6KPiece {
     u32 q[2][4];   // [w][g]: 4 quants 0..63 of group g at l + 4w, a byte each
     float d;
-    uint4 sc;      // the block's 16 int8 scales
+    u32 sc;        // the int8 scales of the piece's four groups, group g in byte g
 };
 
 __device__ __forceinline__ Q6KPiece q6k_piece(const u8* row, int nb, int blk, int p) {
@@ -153,14 +147,18 @@ __device__ __forceinline__ Q6KPiece q6k_piece(const u8* row, int nb, int blk, in
         r.q[w][2] = HIGH_NIBBLES(aw[w]) | (((hw[w] >> 4) & 0x03030303u) << 4);
         r.q[w][3] = HIGH_NIBBLES(cw[w]) | (((hw[w] >> 6) & 0x03030303u) << 4);
     }
-    r.sc = ld128(row + 192 * nb + 16 * blk);
+    // group g's scale is byte 8h + (l >> 4) + 2g of the block's 16: of half h's eight,
+    // bytes (l >> 4) + 0, 2, 4, 6, gathered by one permute (a byte picked at run time
+    // out of 16 took ~5 instructions a group)
+    const uint2 s8 = ld64(row + 192 * nb + 16 * blk + 8 * h);
+    r.sc = __byte_perm(s8.x, s8.y, 0x6420u + 0x1111u * (u32)(l >> 4));
     r.d = f16_to_f32(ld16(row + 208 * nb + 2 * blk));
     return r;
 }
 
-// Scale of group g of piece p: byte 8h + (l >> 4) + 2g of the block's scales.
-__device__ __forceinline__ float q6k_scale(const Q6KPiece& k, int p, int g) {
-    return k.d * (float)(signed char)byte_at(k.sc, 8 * (p >> 2) + ((8 * (p & 3)) >> 4) + 2 * g);
+// Scale of group g of a Q6_K piece: d * its int8 scale.
+__device__ __forceinline__ float q6k_scale(const Q6KPiece& k, int g) {
+    return k.d * (float)(signed char)byte_of(k.sc, g);
 }
 
 struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x = (d * sc) * (q - 32)
@@ -179,7 +177,7 @@ struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x =
         for (int g = 0; g < 4; ++g) {
             r.q[0][g] = minus_bytes(k.q[0][g], 0x20202020u);
             r.q[1][g] = minus_bytes(k.q[1][g], 0x20202020u);
-            r.dl[g] = q6k_scale(k, p, g);
+            r.dl[g] = q6k_scale(k, g);
         }
         return r;
     }
@@ -226,7 +224,7 @@ struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x =
         const Q6KPiece k = q6k_piece(row, nb, blk, p);
         float dl[4];
 #pragma unroll
-        for (int g = 0; g < 4; ++g) dl[g] = q6k_scale(k, p, g);
+        for (int g = 0; g < 4; ++g) dl[g] = q6k_scale(k, g);
 #pragma unroll
         for (int w = 0; w < 2; ++w)   // 4 values of each group at a time, as 2^23 + q
 #pragma unroll
