@@ -136,10 +136,12 @@ __device__ __forceinline__ float quantize_group(const float* v, u32* q) {
 }
 #define HIGH_NIBBLES(w) (((w) >> 4) & 0x0F0F0F0Fu)
 
-// Bytes q_i - off of four bytes q_i < 128 (off <= 128), as signed bytes: bit 7 set
-// first, so no byte borrows from the next. A format whose values are d * (q - off)
-// dots the signed bytes directly instead of also summing the activations.
-__device__ __forceinline__ u32 minus_bytes(u32 q, u32 off4) { return ((q | 0x80808080u) - off4) ^ 0x80808080u; }
+// Bytes q_i - off of four bytes q_i < 128 (off <= 128), as signed bytes: q + 128 - off
+// stays within its byte (no carry into the next), and flipping bit 7 takes the 128 back
+// off, mod 256 -- an add and a xor (or-ing bit 7 in first, then subtracting, took three).
+// A format whose values are d * (q - off) dots the signed bytes directly instead of also
+// summing the activations.
+__device__ __forceinline__ u32 minus_bytes(u32 q, u32 off4) { return (q + (0x80808080u - off4)) ^ 0x80808080u; }
 
 // One chunk of a row as mma_chunk gives it (see the top of this file).
 template <int G>
