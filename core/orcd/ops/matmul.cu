@@ -80,9 +80,9 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
         A xv[NW];
 #pragma unroll
         for (int v = 0; v < NW; ++v) xv[v] = x;
-        const int p = lane_piece<F>(lane), step = 32 * split / F::PIECES;
+        const int c0 = part * 32 + lane, p = lane_piece<F>(c0), step = 32 * split / F::PIECES;
 #pragma unroll 2
-        for (int blk = (part * 32 + lane) / F::PIECES; blk < nb; blk += step) {
+        for (int blk = c0 / F::PIECES; blk < nb; blk += step) {
 #pragma unroll
             for (int v = 0; v < NW; ++v) xv[v].piece(wr[v], nb, blk, p);
 #pragma unroll

@@ -206,7 +206,6 @@ __device__ __forceinline__ float dot_piece(const float* v, const float* __restri
     return s;
 }
 
-
 // A GEMV lane takes pieces c0, c0 + stride, ... of a row (stride a multiple of 32): as
 // (block, piece), piece lane_piece(c0) of blocks c0 / PIECES, + stride / PIECES, ... The
 // loops step the block and keep the piece, the same pieces in the same order as dividing
