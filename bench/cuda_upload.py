@@ -30,16 +30,20 @@ from orcd.backends.cuda.memory import DeviceAllocator, to_host
 from orcd.backends.cuda.upload import Uploader, staging_slots
 
 
-def card_layout(dev: CudaDevice, alloc: DeviceAllocator, chunk: int, threads: int) -> dict:
-    """Uploader arguments for planes made on the card (as CudaBackend._upload passes)."""
+def layout_kernels(dev: CudaDevice):
+    """The kernels that make the planes on the card (as CudaBackend has them)."""
     from orcd.backends.cuda.launch import Launcher
     from orcd.backends.cuda.nvrtc import KernelCompiler
     from orcd.ops.layout import LayoutKernels
 
+    return LayoutKernels(dev, KernelCompiler(dev.info.arch, cuda_headers=True), Launcher(dev))
+
+
+def card_layout(repack, stage: int, chunk: int, threads: int) -> dict:
+    """Uploader arguments for planes made on the card from device staging at ``stage``
+    (as WeightLoading._upload passes them)."""
     n = staging_slots(2, threads)
-    stage = alloc.alloc(n * chunk, "scratch")
-    repack = LayoutKernels(dev, KernelCompiler(dev.info.arch, cuda_headers=True), Launcher(dev))
-    return dict(repack=repack, device_staging=[stage.ptr + i * chunk for i in range(n)])
+    return dict(repack=repack, device_staging=[stage + i * chunk for i in range(n)])
 
 
 def pinned_ceiling(dev: CudaDevice, dst: int, nbytes: int) -> float:
@@ -86,11 +90,17 @@ def main() -> None:
         print("| card | bytes | layout | chunk | copy threads | GB/s (median of %d) | pinned ceiling GB/s |"
               % args.repeat)
         item = (src, dst.ptr) if fmt is None else (src, dst.ptr, fmt, args.row)
-        for threads in (int(t) for t in args.threads.split(",")):
-            for chunk_mib in (int(c) for c in args.chunks.split(",")):
+        thread_counts = [int(t) for t in args.threads.split(",")]
+        chunk_sizes = [int(c) for c in args.chunks.split(",")]
+        repack = stage = None
+        if fmt is not None:   # one device staging area and one kernel set for every row of the table
+            repack = layout_kernels(dev)
+            stage = alloc.alloc(staging_slots(2, max(thread_counts)) * (max(chunk_sizes) << 20), "scratch")
+        for threads in thread_counts:
+            for chunk_mib in chunk_sizes:
                 for where in ("as stored",) if fmt is None else (f"{fmt.name}: host", f"{fmt.name}: card"):
                     chunk, rates = chunk_mib << 20, []
-                    extra = card_layout(dev, alloc, chunk, threads) if where.endswith("card") else {}
+                    extra = card_layout(repack, stage.ptr, chunk, threads) if where.endswith("card") else {}
                     with Uploader(dev, chunk_bytes=chunk, copy_threads=threads, **extra) as up:
                         for _ in range(args.repeat):
                             t = time.perf_counter()
