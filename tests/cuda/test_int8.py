@@ -62,6 +62,36 @@ def test_quantize_matches_reference_bitwise(gpu, mk8, rng, T, n):
     gpu.arena.reset()
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q4_K", "Q6_K", "MXFP4"])
+def test_int8_gemvs_over_rows_of_many_pieces_a_lane(gpu, mk8, rng, host, name):
+    # 8192 values a row: 256 pieces, so every lane of the GEMV loops (a warp's 32 pieces,
+    # or 32 x split with a row split between warps) steps through several blocks -- the
+    # other shapes on the simulator give each lane one piece at most. (The gated kernel
+    # of two rows a warp takes rows of at most 32 pieces: one a lane, by design.)
+    from orcd.ops.activation import swiglu_ref
+
+    n_out, n_in = 12, 8192
+    (w, w_ref), (wu, wu_ref) = (gpu.weight(host, name, (n_out, n_in), rng) for _ in range(2))
+    for T in (1, 3):
+        x = rng.standard_normal((T, n_in)).astype(np.float32)
+        xr = q8_ref(x)
+        out = gpu.empty((T, n_out))
+        mk8.linear(gpu.put(x), w, None, out, scratch=gpu.arena)          # gemv_rows
+        assert rel(gpu.get(out), xr @ w_ref.T) < TOL
+        xa = mk8.quantize(gpu.put(x), gpu.arena)
+        mk8.gated(xa, w, wu, out)                                         # gemv_rows, gate and up
+        assert rel(gpu.get(out), swiglu_ref(xr @ w_ref.T, xr @ wu_ref.T)) < 1e-4
+        gpu.arena.reset()
+    xa = mk8.quantize(gpu.put(x[:1]), gpu.arena)
+    out = gpu.empty((1, n_out))
+    gpu.fused.linear_multi(xa, [w], [None], [out])                        # the single token's GEMV
+    assert rel(gpu.get(out), xr[:1] @ w_ref.T) < TOL
+    gpu.fused.linear_multi(gpu.put(x[:1]), [w], [None], [out])            # ... on fp32 activations
+    assert rel(gpu.get(out), x[:1].astype(np.float64) @ w_ref.T) < TOL
+    gpu.fused.gated_linear(xa, w, wu, out)                                # and its gated one
+    assert rel(gpu.get(out), swiglu_ref(xr[:1] @ w_ref.T, xr[:1] @ wu_ref.T)) < 1e-4
+    gpu.arena.reset()
+
 @pytest.mark.parametrize("name", INT8_NAMES)
 @pytest.mark.parametrize("n_out,n_in", SHAPES)
 @pytest.mark.parametrize("T", [1, 3, 8])
