@@ -299,3 +299,61 @@ def test_choices_cancelled_here_still_end_once_each():
     ends = [(i, t) for i, kind, t in seen if kind in ("end", "error")]
     assert sorted(ends, key=str) == [(0, Cancelled), (1, Cancelled)]
     assert sorted(cancelled) == ["j-0", "j-1"]
+
+
+# -- a list of prompts (vLLM's batched completions) and echo -------------------------------
+
+def complete(client, **kw):
+    return client.completions.create(model="qwen2-tiny", **kw)
+
+
+def test_a_list_of_prompts_is_their_choices_in_order_each_a_request_alone(client):
+    prompts, kw = ["Hello", "Once upon a time"], {"temperature": 1.0, "max_tokens": 6, "logprobs": 0}
+    r = complete(client, prompt=prompts, n=2, seed=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for i, choice in enumerate(r.choices):   # choice i: prompt i // 2 with seed 3 + i % 2
+        alone = complete(client, prompt=prompts[i // 2], seed=3 + i % 2, **kw)
+        assert choice.model_dump() == alone.choices[0].model_dump() | {"index": i}
+    alone = [complete(client, prompt=p, max_tokens=1) for p in prompts]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)   # each once
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+
+
+def test_prompts_as_lists_of_token_ids_are_the_texts_they_encode(srv, client):
+    texts = ["Hello", "Once upon a time"]
+    ids = [srv.state.encode(t) for t in texts]
+    by_ids = complete(client, prompt=ids, temperature=0, max_tokens=6)
+    by_text = complete(client, prompt=texts, temperature=0, max_tokens=6)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert by_ids.usage == by_text.usage
+
+
+def test_echo_puts_each_prompt_before_its_completion_streamed_or_not(srv, client):
+    kw = {"temperature": 1.0, "seed": 8, "max_tokens": 6}
+    plain = complete(client, prompt=["Hello", "Once"], **kw)
+    echoed = complete(client, prompt=["Hello", "Once"], echo=True, **kw)
+    assert [c.text for c in echoed.choices] == ["Hello" + plain.choices[0].text,
+                                                "Once" + plain.choices[1].text]
+    assert echoed.usage == plain.usage
+    body = {"model": "qwen2-tiny", "prompt": ["Hello", "Once"], "echo": True, "stream": True, **kw}
+    chunks = [json.loads(line[6:]) for line in sse_lines(srv, "completions", body)[:-1]]
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["text"] == ["Hello", "Once"][i]                 # the prompt comes first
+        assert "".join(c["text"] for c in mine) == echoed.choices[i].text
+    ids = srv.state.encode("Hello")
+    by_ids = complete(client, prompt=ids, echo=True, **kw)
+    assert by_ids.choices[0].text == srv.state.loaded.tokenizer.decode(ids) + plain.choices[0].text
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),     # the prompt is not scored
+    ({"prompt": ["a", "b", "c"], "n": 2}, "prompt"),            # 6 choices, max_batch is 4
+    ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [[1, 2], "a"]}, "prompt"),
+])
+def test_prompts_and_echo_orcd_cannot_honour_are_a_400(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, max_tokens=2, **kwargs)
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"

@@ -285,7 +285,7 @@ def test_a_buffered_batch_is_one_write_with_the_frame_by_frame_bytes():
             for t in ("a", "é", "c"):
                 s.sink("token", token(f"{t}{i}"))
             s.sink("end", result())
-        return await collect_bytes(_completion_chunks(jobs, meta, [None, None], True, 5.0))
+        return await collect_bytes(_completion_chunks(jobs, meta, [None, None], ["", ""], 2, True, 5.0))
 
     body, writes = run(main())
     meta = {**META, "usage": None}
@@ -336,7 +336,7 @@ def test_keepalive_frames_interleave_with_a_slow_stream():
             stream.sink("token", token("x"))
             stream.sink("end", result(n=1))
         feeder = asyncio.ensure_future(later())
-        pieces = [p async for p in _completion_chunks(jobs, META, [None], False, 0.05)]
+        pieces = [p async for p in _completion_chunks(jobs, META, [None], [""], 1, False, 0.05)]
         await feeder
         return pieces
 

@@ -8,15 +8,17 @@ began is sent as ``data: {"error": {...}}``, which the client raises. A quiet
 stream (queued, or in a long prefill) gets an SSE comment every
 ``sse_keepalive_s``. A model plugin's output parser splits chat output into
 ``reasoning_content``, ``content`` and ``tool_calls`` (openai_format); what a
-request may ask for is checked in openai_request. ``n`` choices are n jobs,
-merged back by openai_choices (a stream interleaves them, each chunk's choice
-carrying its index). docs/openai-api.md lists it.
+request may ask for is checked in openai_request. ``n`` choices (times a
+completion's prompts) are jobs merged back by openai_choices (a stream
+interleaves them, each chunk's choice carrying its index); ``echo`` puts each
+prompt first. docs/openai-api.md lists it.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
@@ -59,17 +61,19 @@ def router(state: ServerState) -> APIRouter:
         arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        req, planned = await state.off_loop(_prepare_completion, state, body, rid, arrived)
+        req, planned, echoes = await state.off_loop(_prepare_completion, state, body, rid, arrived)
         jobs = Choices.submit(state, planned)
         meta = _meta(rid, "text_completion", cfg.served_names[0])
+        n = len(planned) // len(echoes)   # choices a prompt; choice i is of prompt i // n
         # one per choice: a Logprobs counts its choice's text_offset
         lps = [Logprobs(state.loaded.tokenizer) if req.logprobs is not None else None
                for _ in planned]
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_completion_chunks(jobs, meta, lps, include, cfg.sse_keepalive_s),
+            return SSEResponse(_completion_chunks(jobs, meta, lps, [echoes[i // n] for i in range(len(planned))],
+                                                  n, include, cfg.sse_keepalive_s),
                                on_disconnect=jobs.cancel)
-        texts: list[list[str]] = [[] for _ in planned]
+        texts: list[list[str]] = [[echoes[i // n]] for i in range(len(planned))]
         parts: list[list[dict]] = [[] for _ in planned]
 
         def token(i: int, ev) -> None:
@@ -82,7 +86,7 @@ def router(state: ServerState) -> APIRouter:
                              "logprobs": merge_completion_logprobs(parts[i]) if lps[i] else None,
                              "finish_reason": finish_reason(result.stop_reason, 0)}
                             for i, result in enumerate(results)],
-                "usage": usage(results)}
+                "usage": usage(results, per_prompt=n)}
 
     @r.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -117,35 +121,53 @@ def router(state: ServerState) -> APIRouter:
 # -- request → planned job (CPU work: on the prep threads, never the event loop) --
 
 def _prepare_completion(state: ServerState, body: bytes, rid: str, arrived: float
-                        ) -> tuple[CompletionRequest, list[Planned]]:
+                        ) -> tuple[CompletionRequest, list[Planned], list[str]]:
+    """The jobs of every (prompt, choice) -- choice i is prompt i // n's choice i % n, as
+    vLLM orders them -- and each prompt's echo ("" unless ``echo``)."""
     req: CompletionRequest = parse(CompletionRequest, body)
     state.require_ready()
     opts.check_model(req.model, state.config.served_names)
     opts.check_refused(req, "completion")
     n = opts.check_n(req.n, state.config.max_batch)
-    if req.echo:
-        raise InvalidRequest("echo is not supported", field="echo")
-    ids = _completion_prompt(state, req.prompt)
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("echo with logprobs is not supported: orcd does not score the prompt",
+                             field="echo")
+    prompts = _completion_prompts(state, req.prompt)
+    if len(prompts) * n > state.config.max_batch:
+        raise InvalidRequest(f"{len(prompts)} prompts x n = {n} are {len(prompts) * n} choices; "
+                             f"at most {state.config.max_batch} (--max-batch) a request",
+                             field="prompt")
 
     def grammar():
         return opts.constraint(state.grammars, None, None, None, opts.ToolPlan(),
                                req.response_format)
-    return req, _plan(state, rid, ids, req, req.max_tokens, n, arrived, grammar)
+    planned: list[Planned] = []
+    for ids, _text in prompts:
+        planned += _plan(state, rid, ids, req, req.max_tokens, n, arrived, grammar)
+    if len(prompts) > 1:   # a job id per choice: the response's id, then -i
+        planned = [replace(p, job_id=f"{rid}-{i}") for i, p in enumerate(planned)]
+    if not req.echo:
+        return req, planned, [""] * len(prompts)
+    # echoed as given; token ids as their text (checked by the plan: in the vocabulary)
+    return req, planned, [text if text is not None else state.loaded.tokenizer.decode(ids)
+                          for ids, text in prompts]
 
 
-def _completion_prompt(state: ServerState, prompt) -> list[int]:
+def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
+    """(token ids, the text they came from or None) of each prompt: one string, a list
+    of strings, a list of token ids, or a list of lists of token ids."""
     if isinstance(prompt, str):
-        text = prompt
+        texts = [prompt]
     elif all(type(p) is int for p in prompt):
-        return list(prompt)   # token ids, as OpenAI allows (the engine checks each)
-    elif len(prompt) == 1:
-        text = prompt[0]
+        return [(list(prompt), None)]   # token ids, as OpenAI allows (the engine checks each)
+    elif all(isinstance(p, list) for p in prompt):
+        return [(list(p), None) for p in prompt]
     else:
-        raise InvalidRequest("prompt must be one string or one list of token ids", field="prompt")
-    if not text:
+        texts = list(prompt)
+    if not all(texts):
         raise InvalidRequest("prompt must not be empty", field="prompt")
-    state.check_prompt_chars(len(text), "prompt")
-    return state.encode(text)
+    state.check_prompt_chars(sum(len(t) for t in texts), "prompt")
+    return [(state.encode(t), t) for t in texts]
 
 
 def _prepare_chat(state: ServerState, body: bytes, rid: str, arrived: float
@@ -258,8 +280,8 @@ async def _stream(jobs: Choices, keepalive_s: float, render: Callable[[Any, list
     yield sse_event(None, "[DONE]")
 
 
-def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None],
-                       include_usage: bool, keepalive_s: float) -> AsyncIterator[bytes]:
+def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None], echoes: list[str],
+                       per_prompt: int, include_usage: bool, keepalive_s: float) -> AsyncIterator[bytes]:
     chunk = _Chunks(meta)
     results: list = [None] * len(jobs)
 
@@ -278,8 +300,11 @@ def _completion_chunks(jobs: Choices, meta: dict, lps: list[Logprobs | None],
             raise payload
 
     def tail() -> bytes | None:   # once, after every choice's finish chunk
-        return _chunk(meta, None, usage(results)) if include_usage else None
-    return _stream(jobs, keepalive_s, render, tail=tail)
+        return _chunk(meta, None, usage(results, per_prompt)) if include_usage else None
+    # echo: each choice's first chunk is its prompt
+    head = b"".join(chunk({"index": i, "text": e, "logprobs": None, "finish_reason": None})
+                    for i, e in enumerate(echoes) if e)
+    return _stream(jobs, keepalive_s, render, head, tail)
 
 
 def _chat_chunks(jobs: Choices, meta: dict, answers: list[ChatAnswer],

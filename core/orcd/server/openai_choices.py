@@ -33,9 +33,12 @@ def jobs_for(one: Planned, n: int, constraint: Callable[[], Any]) -> list[Planne
             for i in range(n)]
 
 
-def usage(results: Sequence[Any]) -> dict[str, int]:
-    """The prompt counted once (every choice has the same), completions summed."""
-    prompt, completion = results[0].prompt_tokens, sum(r.tokens_out for r in results)
+def usage(results: Sequence[Any], per_prompt: int | None = None) -> dict[str, int]:
+    """Each prompt counted once (its ``per_prompt`` choices, all of them by default, share
+    it: choice i is of prompt i // per_prompt), completions summed."""
+    step = per_prompt or len(results)
+    prompt = sum(r.prompt_tokens for r in results[::step])
+    completion = sum(r.tokens_out for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 

@@ -107,7 +107,7 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: Any   # one string, a list of strings, or a list of token ids (see below)
+    prompt: Any   # a string, a list of strings, a list of token ids or a list of those (below)
     max_tokens: Optional[int] = Field(default=16, ge=1)   # OpenAI's default for completions
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0)   # top-N per token (legacy API)
@@ -118,11 +118,13 @@ class CompletionRequest(_OpenAIBase):
     @classmethod
     def _prompt(cls, v: Any) -> Any:
         # checked by hand: pydantic's lax ints would take [true, false] as token ids
+        def ids(p: Any) -> bool:
+            return isinstance(p, list) and bool(p) and all(type(t) is int for t in p)
         if isinstance(v, str) or (isinstance(v, list) and v and (
-                all(isinstance(p, str) for p in v)
-                or all(type(p) is int for p in v))):
+                all(isinstance(p, str) for p in v) or ids(v) or all(ids(p) for p in v))):
             return v
-        raise ValueError("prompt must be a string, a list of strings or a list of token ids")
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids "
+                         "or a list of lists of token ids")
 
 
 class ChatCompletionRequest(_OpenAIBase):
