@@ -1,5 +1,5 @@
-"""The FastAPI app: /execute (SSE), /cancel, /health, /metrics, /shutdown and
-the OpenAI-compatible /v1 routes.
+"""The FastAPI app: /execute (SSE), /cancel, /health, /metrics, /shutdown,
+/tokenize and /detokenize, and the OpenAI-compatible /v1 routes.
 
 Startup: the HTTP server comes up at once and the model loads on a
 background thread, so /health can say "loading" (every other endpoint answers
@@ -31,6 +31,7 @@ from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFoun
 from orcd.server.inference import InferenceThread, ShutdownCancelled
 from orcd.server.narration import LoadProgress, Narrator
 from orcd.server.openai_api import router as openai_router
+from orcd.server.tokenize_api import router as tokenize_router
 from orcd.server.openai_choices import Choices
 from orcd.server.schemas import CancelRequest, ExecuteRequest, parse
 from orcd.server.sse import SSEResponse, sse_event
@@ -177,6 +178,7 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
                 "deadline_s": config.shutdown_deadline_s}
 
     app.include_router(openai_router(state))
+    app.include_router(tokenize_router(state))
     return app
 
 

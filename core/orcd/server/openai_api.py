@@ -178,7 +178,7 @@ def _prepare_chat(state: ServerState, body: bytes, rid: str, arrived: float
     opts.check_refused(req, "chat")
     n = opts.check_n(req.n, state.config.max_batch)
     tools = opts.tool_plan(req.tools, req.tool_choice)
-    ids = _chat_prompt_ids(state, req)
+    ids = chat_prompt_ids(state, req)
     lm = state.loaded
 
     def grammar():
@@ -188,7 +188,7 @@ def _prepare_chat(state: ServerState, body: bytes, rid: str, arrived: float
                       arrived, grammar), tools
 
 
-def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     """Render the model's template and tokenize; message text stays text (chat.py)."""
     messages = normalize_messages(req.messages)
     state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
