@@ -2,6 +2,7 @@
 
     python3 bench/bench_gemv.py [--replays 15] [--int8] [--out results.md]
     python3 bench/bench_gemv.py --batch 1,16,32    # a decode batch's int8 GEMVs
+    python3 bench/bench_gemv.py --int8 --variant ORCD_GEMV_BATCH=4   # an experiment beside
 
 Bytes counted per GEMV: the weight's blocks + x + out (each read or written
 once). A GEMV of a few MB takes microseconds, far less than a Python launch,
@@ -118,6 +119,10 @@ def main() -> None:
                     help="also time the int8-activation (dp4a) GEMV of each integer format")
     ap.add_argument("--batch", help="time the int8 GEMVs of a decode batch at these row counts "
                     "(comma-separated) on Qwen2.5-0.5B's and Phi-3-mini's shapes instead")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --int8: also time the int8 GEMV built with this macro (an experiment "
+                    "matmul.cu keeps behind #if, e.g. ORCD_GEMV_BATCH=4), beside the default, "
+                    "in the same run")
     args = ap.parse_args()
 
     from orcd.backends.cuda.device import CudaDevice
@@ -129,14 +134,18 @@ def main() -> None:
 
     dev = CudaDevice(0)
     alloc = DeviceAllocator(dev)
-    mk = MatmulKernels(dev, KernelCompiler(dev.info.arch), Launcher(dev, debug=False), int8="all")
+    compiler, launcher = KernelCompiler(dev.info.arch), Launcher(dev, debug=False)
+    mk = MatmulKernels(dev, compiler, launcher, int8="all")
+    defines = dict(v.split("=", 1) for v in args.variant)
+    variant = MatmulKernels(dev, compiler, launcher, int8="all", defines=defines) if defines else None
     timer, host = Timer(dev), PluginHost()
     ceiling = copy_gbps(dev, alloc, timer)
     card = dev.info.name
     lines = [f"Card: **{card}** ({dev.info.sm_count} SMs, L2 {dev.info.l2_bytes >> 20} MiB); "
              f"copy ceiling {ceiling:.0f} GB/s (1 GiB D2D, read + write).", "",
-             "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy | int8 us | int8 GB/s | fp32 / int8 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| card | format | n_out x n_in | T | us / GEMV | GB/s | % of copy | int8 us | int8 GB/s | fp32 / int8 |"
+             + (f" int8 us, {' '.join(args.variant)} | % of copy | default / variant |" if variant else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if variant else "")]
     if args.batch:
         lines += batch_table(dev, alloc, mk, timer, host, [int(t) for t in args.batch.split(",")], args.replays)
         return finish(lines, args.out, dev)
@@ -147,6 +156,9 @@ def main() -> None:
         if args.int8 and name not in ("F32", "F16", "BF16"):
             us8, gbps8 = bench_case(dev, alloc, mk, timer, host, name, n_out, n_in, T, args.replays, True)
             q8 = f" {us8:.2f} | {gbps8:.0f} | {us / us8:.2f}x |"
+            if variant is not None:
+                usv, gbpsv = bench_case(dev, alloc, variant, timer, host, name, n_out, n_in, T, args.replays, True)
+                q8 += f" {usv:.2f} | {100 * gbpsv / ceiling:.0f}% | {us8 / usv:.2f}x |"
         line = (f"| {card} | {name} | {n_out} x {n_in} | {T} | {us:.2f} | {gbps:.0f} | "
                 f"{100 * gbps / ceiling:.0f}% |{q8}")
         lines.append(line)

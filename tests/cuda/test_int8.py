@@ -92,6 +92,31 @@ def test_int8_gemvs_over_rows_of_many_pieces_a_lane(gpu, mk8, rng, host, name):
     assert rel(gpu.get(out), swiglu_ref(xr[:1] @ w_ref.T, xr[:1] @ wu_ref.T)) < 1e-4
     gpu.arena.reset()
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "MXFP4"])
+def test_the_batched_load_experiment_gives_the_default_bits(gpu, mk8, rng, host, name):
+    # ORCD_GEMV_BATCH (bench_gemv.py --variant): K pieces a lane loaded before any is
+    # dotted; a batch past the row's end re-reads a block and adds +0, so the same sums.
+    # Rows of 8192 and 2304 values: several pieces a lane, and batches cut short.
+    from orcd.ops.matmul import MatmulKernels
+
+    batched = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all",
+                            defines={"ORCD_GEMV_BATCH": "4"})
+    for n_in in (8192, 2304):
+        (w, _), (wu, _) = (gpu.weight(host, name, (12, n_in), rng) for _ in range(2))
+        for T in (1, 3):
+            xa = mk8.quantize(gpu.put(rng.standard_normal((T, n_in)).astype(np.float32)), gpu.arena)
+            res = gpu.put(rng.standard_normal((T, 12)).astype(np.float32))
+            outs = []
+            for mk in (mk8, batched):
+                out, gated = gpu.empty((T, 12)), gpu.empty((T, 12))
+                mk.gemv(xa, w, None, out, residual=res)    # gemv_rows, NW = 1, with the residual
+                mk.gated(xa, w, wu, gated)                 # NW = 2
+                outs.append((gpu.get(out), gpu.get(gated)))
+            for a, b in zip(*outs):
+                assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+            gpu.arena.reset()
+
+
 @pytest.mark.parametrize("name", INT8_NAMES)
 @pytest.mark.parametrize("n_out,n_in", SHAPES)
 @pytest.mark.parametrize("T", [1, 3, 8])

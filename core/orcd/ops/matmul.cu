@@ -61,6 +61,21 @@ struct ActQ8 {
 // rows, each summed as NW = 1 sums it (activation.cu's swiglu_f32 of the two GEMVs, the
 // same bits). For t < nT <= TM; x the activations A (ActF32 or ActQ8); out: [nT, out_stride];
 // blk: this block's index among the blocks of w (blockIdx.x, or less in a multi-weight launch).
+#if ORCD_GEMV_BATCH > 1
+// d where ok, else +0 -- through an opaque selp, so that the compiler computes d (and
+// loads its piece) unconditionally instead of moving that work behind a branch on ok.
+__device__ __forceinline__ float keep_if(float d, bool ok) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm volatile("{ .reg .pred p; setp.ne.s32 p, %2, 0; selp.f32 %0, %1, 0f00000000, p; }"
+                 : "=f"(r) : "f"(d), "r"((int)ok));
+    return r;
+#else   // the CPU simulator: the same value
+    return ok ? d : 0.f;
+#endif
+}
+#endif
+
 template <class F, int TM, int NW, class A>
 __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __restrict__ w2,
                                           long long row_bytes, A x, int nT, const float* __restrict__ bias,
@@ -77,10 +92,38 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
         for (int t = 0; t < TM; ++t) acc[v][t] = 0.f;
     if (row < n_out) {
         const u8* wr[2] = {w + (long long)row * row_bytes, NW == 2 ? w2 + (long long)row * row_bytes : nullptr};
+        const int c0 = part * 32 + lane, p = lane_piece<F>(c0), step = 32 * split / F::PIECES;
+#if ORCD_GEMV_BATCH > 1
+        // (an experiment, off unless the source defines it: bench_gemv.py --variant)
+        // ORCD_GEMV_BATCH pieces loaded before any is dotted, so a lane waits for memory
+        // once a batch: the loop below dots each piece as it loads it -- the compiler
+        // cannot lift the next piece's loads above the loop's exit branch (SASS, sm_90).
+        // Past the row's end a piece re-reads the batch's first block and adds +0 (acc is
+        // never -0): the same sums.
+        constexpr int K = ORCD_GEMV_BATCH;
+#pragma unroll 1
+        for (int blk = c0 / F::PIECES; blk < nb; blk += K * step) {
+            A xk[K][NW];
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int v = 0; v < NW; ++v) {
+                    xk[k][v] = x;
+                    xk[k][v].piece(wr[v], nb, blk + k * step < nb ? blk + k * step : blk, p);
+                }
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int t = 0; t < TM; ++t)
+                    if (t == 0 || t < nT)   // row 0 always (nT >= 1): no branch around its loads
+#pragma unroll
+                        for (int v = 0; v < NW; ++v)
+                            acc[v][t] += keep_if(xk[k][v].dot(t), blk + k * step < nb);
+        }
+#else
         A xv[NW];
 #pragma unroll
         for (int v = 0; v < NW; ++v) xv[v] = x;
-        const int c0 = part * 32 + lane, p = lane_piece<F>(c0), step = 32 * split / F::PIECES;
 #pragma unroll 2
         for (int blk = c0 / F::PIECES; blk < nb; blk += step) {
 #pragma unroll
@@ -91,6 +134,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
 #pragma unroll
                     for (int v = 0; v < NW; ++v) acc[v][t] += xv[v].dot(t);
         }
+#endif
     }
 #pragma unroll
     for (int v = 0; v < NW; ++v)

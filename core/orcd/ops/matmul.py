@@ -55,7 +55,7 @@ class MatmulKernels(ExpertMatmuls):
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
                  int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None,
-                 mma: bool = False) -> None:
+                 mma: bool = False, defines: dict[str, str] | None = None) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
@@ -71,7 +71,8 @@ class MatmulKernels(ExpertMatmuls):
         ``prepare``, so a model compiles only the formats it holds.
         ``mma``: ``gemv`` (a decode batch's rows) takes the int8 tensor cores for the
         formats that have them (gemv_mma.cuh), else the dp4a GEMV (the default, as
-        CudaBackend's)."""
+        CudaBackend's). ``defines``: macros for the per-format kernels' source (the
+        experiments matmul.cu keeps behind #if; bench/bench_gemv.py --variant)."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         from orcd.quant.builtin import builtin_table
@@ -81,6 +82,7 @@ class MatmulKernels(ExpertMatmuls):
         self.formats = {f.type_id: f for f in with_device(builtin_table() if formats is None else formats)}
         self.module = compiler.load(device, matmul_source())   # format-free kernels
         self._modules: dict[int, object] = {}
+        self.defines = dict(defines or {})
         self.gemm_dtype = gemm_dtype
         self.scratch = scratch
         if int8 not in INT8_MODES:

@@ -7,8 +7,8 @@ build on ``MatmulBase``. Nothing here imports CUDA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -64,12 +64,18 @@ def prefill_chunk_rows(n_out: int, n_in: int) -> int:
     return min(n_out, max(128, WEIGHT_TILE_ELEMS // n_in // 128 * 128))
 
 
-def matmul_source(formats=()):
+def matmul_source(formats=(), defines: Mapping[str, str] | None = None):
     """matmul.cu with the kernels of ``formats`` (none: only the format-free ones,
-    quantize_q8 and the prefill glue)."""
+    quantize_q8 and the prefill glue); ``defines``: macros set before it (the
+    experiments matmul.cu keeps behind #if, e.g. ORCD_GEMV_BATCH; part of the source,
+    so of its cache key)."""
     from orcd.quant.device import kernel_source
 
-    return kernel_source("orcd.ops", "matmul.cu", formats)
+    src = kernel_source("orcd.ops", "matmul.cu", formats)
+    if not defines:
+        return src
+    prelude = "".join(f"#define {name} {value}\n" for name, value in sorted(defines.items()))
+    return replace(src, source=prelude + src.source)
 
 
 def int8_capable(w) -> bool:
@@ -128,7 +134,10 @@ class MatmulBase:
     """Per-format kernel modules and the checks every matmul launch makes. A
     subclass sets ``device``, ``compiler``, ``launch``, ``formats`` (type id ->
     format row, with_device'd), ``module`` (the format-free kernels) and
-    ``_modules`` (type id -> module, filled at first use)."""
+    ``_modules`` (type id -> module, filled at first use); ``defines`` (macros for the
+    format modules' source, matmul_source) may be set too."""
+
+    defines: Mapping[str, str] | None = None
 
     @staticmethod
     def _act_args(x, row: int) -> list:
@@ -152,7 +161,8 @@ class MatmulBase:
     def _format_module(self, fmt):
         mod = self._modules.get(fmt.type_id)
         if mod is None:
-            mod = self._modules[fmt.type_id] = self.compiler.load(self.device, matmul_source([fmt]))
+            mod = self._modules[fmt.type_id] = self.compiler.load(
+                self.device, matmul_source([fmt], self.defines))
         return mod
 
     def prepare(self, type_ids) -> None:
