@@ -61,19 +61,17 @@ def router(state: ServerState) -> APIRouter:
         arrived = time.monotonic()
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        req, planned, echoes = await state.off_loop(_prepare_completion, state, body, rid, arrived)
+        req, planned, echoes, n = await state.off_loop(_prepare_completion, state, body, rid, arrived)
         jobs = Choices.submit(state, planned)
         meta = _meta(rid, "text_completion", cfg.served_names[0])
-        n = len(planned) // len(echoes)   # choices a prompt; choice i is of prompt i // n
         # one per choice: a Logprobs counts its choice's text_offset
         lps = [Logprobs(state.loaded.tokenizer) if req.logprobs is not None else None
                for _ in planned]
         if req.stream:
             include = _include_usage(req, meta)
-            return SSEResponse(_completion_chunks(jobs, meta, lps, [echoes[i // n] for i in range(len(planned))],
-                                                  n, include, cfg.sse_keepalive_s),
+            return SSEResponse(_completion_chunks(jobs, meta, lps, echoes, n, include, cfg.sse_keepalive_s),
                                on_disconnect=jobs.cancel)
-        texts: list[list[str]] = [[echoes[i // n]] for i in range(len(planned))]
+        texts: list[list[str]] = [[e] for e in echoes]
         parts: list[list[dict]] = [[] for _ in planned]
 
         def token(i: int, ev) -> None:
@@ -121,9 +119,9 @@ def router(state: ServerState) -> APIRouter:
 # -- request → planned job (CPU work: on the prep threads, never the event loop) --
 
 def _prepare_completion(state: ServerState, body: bytes, rid: str, arrived: float
-                        ) -> tuple[CompletionRequest, list[Planned], list[str]]:
+                        ) -> tuple[CompletionRequest, list[Planned], list[str], int]:
     """The jobs of every (prompt, choice) -- choice i is prompt i // n's choice i % n, as
-    vLLM orders them -- and each prompt's echo ("" unless ``echo``)."""
+    vLLM orders them --, each choice's echo ("" unless ``echo``) and n."""
     req: CompletionRequest = parse(CompletionRequest, body)
     state.require_ready()
     opts.check_model(req.model, state.config.served_names)
@@ -146,11 +144,10 @@ def _prepare_completion(state: ServerState, body: bytes, rid: str, arrived: floa
         planned += _plan(state, rid, ids, req, req.max_tokens, n, arrived, grammar)
     if len(prompts) > 1:   # a job id per choice: the response's id, then -i
         planned = [replace(p, job_id=f"{rid}-{i}") for i, p in enumerate(planned)]
-    if not req.echo:
-        return req, planned, [""] * len(prompts)
     # echoed as given; token ids as their text (checked by the plan: in the vocabulary)
-    return req, planned, [text if text is not None else state.loaded.tokenizer.decode(ids)
-                          for ids, text in prompts]
+    echoes = [("" if not req.echo else text if text is not None else state.loaded.tokenizer.decode(ids))
+              for ids, text in prompts]
+    return req, planned, [e for e in echoes for _ in range(n)], n
 
 
 def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
