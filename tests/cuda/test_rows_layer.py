@@ -55,10 +55,10 @@ def rows(request, gpu):
     b.scratch.free()
 
 
-@pytest.mark.parametrize("name", ["Q5_0", "Q6_K"])
-def test_the_output_projection_adds_the_residual_in_its_launch(gpu, rows, rng, host, name):
+@pytest.mark.parametrize("name,n_in", [("Q5_0", 896), ("Q6_K", 4864)])   # Qwen's o and down
+def test_the_output_projection_adds_the_residual_in_its_launch(gpu, rows, rng, host, name, n_in):
     ops, count = rows
-    D, n_in, T = sized((896, 896, 16), (48, 256, 3))
+    D, n_in, T = sized((896, n_in, 16), (48, 256, 3))
     w, _ = gpu.weight(host, name, (D, n_in), rng)
     a = gpu.put(rng.standard_normal((T, n_in)).astype(np.float32))
     res = gpu.put(rng.standard_normal((T, D)).astype(np.float32))
@@ -76,7 +76,7 @@ def test_the_output_projection_adds_the_residual_in_its_launch(gpu, rows, rng, h
 @pytest.mark.parametrize("joined", [False, True])
 def test_the_ffn_is_two_launches_after_the_attention(gpu, rows, rng, host, joined):
     ops, count = rows
-    D, n_ff, T = sized((896, 4864, 16), (256, 48, 3))
+    D, n_ff, T = sized((1024, 4864, 16), (256, 48, 3))   # rows of whole Q4_K blocks
     if joined:   # Phi-3's gate_up
         ws = (gpu.weight(host, "Q4_K", (2 * n_ff, D), rng)[0], None)
     else:

@@ -167,9 +167,11 @@ def test_chunked_upload_round_trip(dev, alloc, tmp_path, copy_threads):
 
 
 @pytest.mark.parametrize("copy_threads", [1, 4])
-def test_upload_with_the_planes_made_on_the_card(dev, alloc, compiler, launcher, copy_threads):
+def test_upload_with_the_planes_made_on_the_card(dev, alloc, compiler, copy_threads):
     # the backend's way (CudaBackend._upload): planar formats gathered by LayoutKernels
     # from device staging buffers, launched from every copy thread onto the one stream
+    # (a launcher of its own: conftest's is session-wide, over the allocator this module replaces)
+    from orcd.backends.cuda.launch import Launcher
     from orcd.backends.cuda.memory import to_host
     from orcd.backends.cuda.upload import Uploader, staging_slots
     from orcd.ops.layout import LayoutKernels
@@ -185,7 +187,8 @@ def test_upload_with_the_planes_made_on_the_card(dev, alloc, compiler, launcher,
         expect.append((buf, fmt.to_vram(raw, n)))
     n_slots = staging_slots(2, copy_threads)
     stage = alloc.alloc(n_slots * chunk, "scratch")
-    with Uploader(dev, chunk_bytes=chunk, copy_threads=copy_threads, repack=LayoutKernels(dev, compiler, launcher),
+    repack = LayoutKernels(dev, compiler, Launcher(dev))
+    with Uploader(dev, chunk_bytes=chunk, copy_threads=copy_threads, repack=repack,
                   device_staging=[stage.ptr + i * chunk for i in range(n_slots)]) as up:
         up.upload_many(items)
     for buf, want in expect:

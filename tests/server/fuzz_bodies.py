@@ -51,6 +51,14 @@ FIELDS: dict[str, dict[str, Any]] = {
                                                   "tokenizer", "tools", "x"]), json_values),
                              "tools": json_values, "reasoning_effort": json_values,
                              "max_completion_tokens": small_ints, **COMMON},
+    "/tokenize": {"prompt": texts, "content": texts, "messages": messages,
+                  "add_special_tokens": st.booleans(), "add_special": st.booleans(),
+                  "add_generation_prompt": st.booleans(), "return_token_strs": st.booleans(),
+                  "with_pieces": st.booleans(), "tools": json_values,
+                  "chat_template_kwargs": st.dictionaries(st.sampled_from(["messages", "x"]),
+                                                          json_values)},
+    "/detokenize": {"tokens": st.lists(st.integers(-5, 600) | st.sampled_from([2**31, 2**63, -2**63]),
+                                       max_size=6)},
 }
 PATHS = list(FIELDS)
 
@@ -78,7 +86,8 @@ def bodies(draw, path: str) -> bytes:
 
 VALID = {"/execute": {"job_id": "j", "prompt": "Hello"}, "/cancel": {"job_id": "j"},
          "/v1/completions": {"prompt": "Hello"},
-         "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]}}
+         "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+         "/tokenize": {"prompt": "Hello"}, "/detokenize": {"tokens": [1, 2]}}
 
 
 class ServerError(AssertionError):

@@ -31,8 +31,6 @@ inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned i
     return (unsigned int)(v >> (shift & 31));
 }
 
-// A read-only load. memcpy keeps the host build free of aliasing assumptions;
-// the alignment check keeps it honest about what the GPU would accept.
 // What a fault the GPU would take does here: abort, or (in the simulator, which
 // defines it) record the fault and fail the launch once the block has run.
 #ifndef ORCD_SIM_FAULT
@@ -40,10 +38,15 @@ inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned i
 #endif
 
 // A read-only load. memcpy keeps the host build free of aliasing assumptions;
-// the alignment check keeps it honest about what the GPU would accept.
+// the checks keep it honest about what the GPU would accept: an aligned address, and
+// (in the simulator) a global one -- ld.global.nc of a shared address faults on a card.
+#ifndef ORCD_SIM_GLOBAL_ONLY
+#define ORCD_SIM_GLOBAL_ONLY(p) ((void)0)
+#endif
 template <class T>
 inline T __ldg(const T* p) {
     if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) ORCD_SIM_FAULT("misaligned read-only load\n");
+    ORCD_SIM_GLOBAL_ONLY(p);
     T v;
     std::memcpy(&v, p, sizeof v);
     return v;

@@ -26,6 +26,7 @@ namespace orcd_sim {
 dim3 block_idx, block_dim, grid_dim;
 Fiber* current = nullptr;
 unsigned char* dynamic_shared = nullptr;
+static size_t dynamic_shared_bytes = 0;
 
 enum State { READY, WAIT_BLOCK, WAIT_WARP, DONE };
 
@@ -108,6 +109,11 @@ void fault(const char* what) {
                       current ? current->linear : -1);
         failure = std::string(what, what + std::strcspn(what, "\n")) + at;
     }
+}
+void global_only(const void* p) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    if (dynamic_shared && b >= dynamic_shared && b < dynamic_shared + dynamic_shared_bytes)
+        fault("read-only global load (__ldg) of a shared memory address\n");
 }
 int lane_id() { return current->linear & 31; }
 
@@ -262,6 +268,7 @@ extern "C" int orcd_sim_launch(void (*fn)(void**), void** args, unsigned gx, uns
     warps.assign((n + 31) / 32, Warp());
     std::vector<unsigned char> smem(shared ? shared : 1, 0xFF);  // uninitialised: poisoned
     dynamic_shared = smem.data();
+    dynamic_shared_bytes = smem.size();
     kernel = fn;
     kernel_args = args;
     failure.clear();

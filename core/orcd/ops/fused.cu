@@ -17,6 +17,7 @@
 // x * g staged once per block in shared memory (n_in floats, dynamic) while the
 // block sums x^2 -- measured: a per-warp norm with g loaded beside x in every
 // dot tripled the gated GEMV's L1 traffic (12-15 us instead of ~5 on H200).
+#define ORCD_ACT_ANY_SPACE   // own_q8 points the activations at shared memory (base.cuh)
 #include "pdl.cuh"
 #include "act.cuh"
 #include "base.cuh"

@@ -62,16 +62,18 @@ struct ActQ8 {
 // same bits). For t < nT <= TM; x the activations A (ActF32 or ActQ8); out: [nT, out_stride];
 // blk: this block's index among the blocks of w (blockIdx.x, or less in a multi-weight launch).
 #if ORCD_GEMV_BATCH > 1
-// d where ok, else +0 -- through an opaque selp, so that the compiler computes d (and
+// a where ok, else b -- through an opaque selp, so that the compiler computes a (and
 // loads its piece) unconditionally instead of moving that work behind a branch on ok.
-__device__ __forceinline__ float keep_if(float d, bool ok) {
+// Selecting the new sum (not the dot) keeps acc + dot the expression the default loop
+// has, so it contracts into the same FMA: on a card, masking the dot gave other bits.
+__device__ __forceinline__ float pick(bool ok, float a, float b) {
 #ifdef __CUDA_ARCH__
     float r;
-    asm volatile("{ .reg .pred p; setp.ne.s32 p, %2, 0; selp.f32 %0, %1, 0f00000000, p; }"
-                 : "=f"(r) : "f"(d), "r"((int)ok));
+    asm volatile("{ .reg .pred p; setp.ne.s32 p, %3, 0; selp.f32 %0, %1, %2, p; }"
+                 : "=f"(r) : "f"(a), "f"(b), "r"((int)ok));
     return r;
 #else   // the CPU simulator: the same value
-    return ok ? d : 0.f;
+    return ok ? a : b;
 #endif
 }
 #endif
@@ -98,8 +100,8 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
         // ORCD_GEMV_BATCH pieces loaded before any is dotted, so a lane waits for memory
         // once a batch: the loop below dots each piece as it loads it -- the compiler
         // cannot lift the next piece's loads above the loop's exit branch (SASS, sm_90).
-        // Past the row's end a piece re-reads the batch's first block and adds +0 (acc is
-        // never -0): the same sums.
+        // Past the row's end a piece re-reads the batch's first block and its sum is
+        // dropped: the same sums.
         constexpr int K = ORCD_GEMV_BATCH;
 #pragma unroll 1
         for (int blk = c0 / F::PIECES; blk < nb; blk += K * step) {
@@ -118,7 +120,7 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const u8* __
                     if (t == 0 || t < nT)   // row 0 always (nT >= 1): no branch around its loads
 #pragma unroll
                         for (int v = 0; v < NW; ++v)
-                            acc[v][t] += keep_if(xk[k][v].dot(t), blk + k * step < nb);
+                            acc[v][t] = pick(blk + k * step < nb, acc[v][t] + xk[k][v].dot(t), acc[v][t]);
         }
 #else
         A xv[NW];

@@ -82,7 +82,19 @@ __device__ __forceinline__ u32 ld32_a1(const u8* p) {
 }
 __device__ __forceinline__ uint4 ld128(const u8* p) { return __ldg((const uint4*)p); }
 __device__ __forceinline__ uint2 ld64(const u8* p) { return __ldg((const uint2*)p); }
-__device__ __forceinline__ uint4 ldx128(const int* __restrict__ xq) { return __ldg((const uint4*)xq); }
+// The int8 activations (words and per-32 scales): read-only global loads, unless the
+// including source defines ORCD_ACT_ANY_SPACE -- fused.cu's GEMVs that quantize their
+// own input (own_q8) point them at shared memory, where __ldg faults on a card
+// (CUDA_ERROR_INVALID_ADDRESS_SPACE; the simulator has one address space). Plain loads
+// in every source would cost matmul.cu's 16-row Q4_0 GEMV 54% more instructions (SASS).
+#ifdef ORCD_ACT_ANY_SPACE
+template <class T> __device__ __forceinline__ T ld_act(const T* p) { return *p; }
+#else
+template <class T> __device__ __forceinline__ T ld_act(const T* p) { return __ldg(p); }
+#endif
+__device__ __forceinline__ uint4 ldx128(const int* __restrict__ xq) { return ld_act((const uint4*)xq); }
+__device__ __forceinline__ uint2 ldx64(const int* __restrict__ xq) { return ld_act((const uint2*)xq); }
+__device__ __forceinline__ float ldxd(const float* __restrict__ xd) { return ld_act(xd); }
 
 // Byte offset of a plane in a VRAM row: the planes before it hold `before` bytes
 // per block, each plane padded to 16 bytes (orcd/quant/format.py's to_vram).
@@ -113,7 +125,7 @@ __device__ __forceinline__ void x_words(const int* __restrict__ xq, int* x) {
 
 // Signed 8-bit dot of four byte lanes plus c (dp4a); a <= 127 per lane here.
 __device__ __forceinline__ int dot4(u32 a, int b, int c) { return __dp4a((int)a, b, c); }
-__device__ __forceinline__ int ldx(const int* __restrict__ xq, int i) { return __ldg(xq + i); }
+__device__ __forceinline__ int ldx(const int* __restrict__ xq, int i) { return ld_act(xq + i); }
 
 // One group of 32 activations -> 8 ints of int8 (q = rint(v / d)) and the scale
 // d = amax / 127 (q = 0 where d = 0): matmul.py's quantize_q8_ref, bit for bit.

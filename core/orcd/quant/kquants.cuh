@@ -89,8 +89,8 @@ struct FmtAffineK {  // x = (d * sc_j) * q - dmin * m_j
             s1 = dot4(k.hi[w], x1[w], s1);
             n1 = dot4(ONES, x1[w], n1);
         }
-        return __ldg(xd + j) * (k.dl0 * (float)s0 - k.ml0 * (float)n0) +
-               __ldg(xd + j + 1) * (k.dl1 * (float)s1 - k.ml1 * (float)n1);
+        return ldxd(xd + j) * (k.dl0 * (float)s0 - k.ml0 * (float)n0) +
+               ldxd(xd + j + 1) * (k.dl1 * (float)s1 - k.ml1 * (float)n1);
     }
     ORCD_DOT8_FROM_PIECE
     // tensor cores: chunk c = sub-blocks j = 2 (c & 3) and j + 1 of block c >> 2, the low
@@ -186,9 +186,9 @@ struct FmtQ6_K {  // planes: ql [128], qh [64], scales int8 [16], d f16 [2]: x =
         float acc = 0.f;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const uint2 x = __ldg((const uint2*)(xq + 32 * h + 8 * g + l / 4));
+            const uint2 x = ldx64(xq + 32 * h + 8 * g + l / 4);
             const int sq = dot4(k.q[1][g], (int)x.y, dot4(k.q[0][g], (int)x.x, 0));
-            acc += k.dl[g] * __ldg(xd + 4 * h + g) * (float)sq;
+            acc += k.dl[g] * ldxd(xd + 4 * h + g) * (float)sq;
         }
         return acc;
     }

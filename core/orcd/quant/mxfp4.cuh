@@ -70,7 +70,7 @@ struct FmtMXFP4 {  // planes: qs [16], e [1]
             s = dot4((u32)k.v[w].x, x[w], s);
             s = dot4((u32)k.v[w].y, x[4 + w], s);
         }
-        return k.d * (__ldg(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
+        return k.d * (ldxd(xd) * (float)s);  // not d * xd first: e < 3 makes it subnormal
     }
     ORCD_DOT8_FROM_PIECE
     __device__ static void load(const u8* row, int nb, int b, int, float* v) {

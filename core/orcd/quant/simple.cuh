@@ -113,12 +113,12 @@ struct NibblePiece {
 // formats (their quants already signed, minus_nibbles) and d * q + m ones.
 __device__ __forceinline__ float signed_dot8(const NibblePiece& k, const int* __restrict__ xq,
                                              const float* __restrict__ xd) {
-    return k.d * __ldg(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
+    return k.d * ldxd(xd) * (float)nibbles_dot8<false>(k.n, xq).x;
 }
 __device__ __forceinline__ float affine_dot8(const NibblePiece& k, const int* __restrict__ xq,
                                              const float* __restrict__ xd) {
     const int2 s = nibbles_dot8<true>(k.n, xq);
-    return __ldg(xd) * (k.d * (float)s.x + k.m * (float)s.y);
+    return ldxd(xd) * (k.d * (float)s.x + k.m * (float)s.y);
 }
 
 // v[i] = value(2^23 + q_i) for the block's 32 values, in position order.
@@ -294,7 +294,7 @@ struct FmtQ8_0 {  // planes: qs int8 [32], d f16 [2]: x = d * q
         int s = 0;
 #pragma unroll
         for (int i = 0; i < 8; ++i) s = dot4(k.w[i], x[i], s);
-        return k.d * __ldg(xd) * (float)s;
+        return k.d * ldxd(xd) * (float)s;
     }
     ORCD_DOT8_FROM_PIECE
     ORCD_MMA_32(false)
