@@ -33,23 +33,22 @@ __device__ __forceinline__ void orcd_prior_done() { orcd_grid_wait(); orcd_launc
 // into L2 by the block's threads, one 128-byte line each: a hint that cannot fault
 // (every line holds bytes of the range) and returns nothing. Called before
 // orcd_grid_wait(), the weights stream in while the previous kernel finishes.
-// ORCD_PREFETCH_LINES, where the source defines it, caps the lines a thread fetches (an
-// experiment: big GEMVs timed slower with the prefetch than before it;
-// bench_gemv.py --int8 --variant ORCD_PREFETCH_LINES=0 times them without).
+// Only rows of at most ORCD_PREFETCH_ROW_BYTES: on an H100 (bench_gemv.py --int8, one run)
+// the prefetch made short-row GEMVs faster (Qwen's vocabulary, 952-byte rows, 8%; its
+// 896-wide Q5_0, 5%) and long-row ones slower (Q4_0 16384 x 4096 22%, Q6_K 3072 x 8192
+// 27%, Q4_K 9216 x 3072 11%). A bench variant may set it (0: no prefetch at all).
+#ifndef ORCD_PREFETCH_ROW_BYTES
+#define ORCD_PREFETCH_ROW_BYTES 1024
+#endif
 __device__ __forceinline__ void orcd_prefetch_rows(const void* w, long long row_bytes, long long r0,
                                                    long long n, long long n_rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const long long r1 = r0 + n < n_rows ? r0 + n : n_rows;
-    if (r0 >= r1) return;
+    if (r0 >= r1 || row_bytes > ORCD_PREFETCH_ROW_BYTES) return;
     const unsigned long long lo = (unsigned long long)w + r0 * row_bytes, hi = (unsigned long long)w + r1 * row_bytes;
     const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     const int nt = blockDim.x * blockDim.y * blockDim.z;
-#ifdef ORCD_PREFETCH_LINES
-    int k = 0;
-    for (unsigned long long a = (lo & ~127ull) + 128ull * tid; a < hi && k < ORCD_PREFETCH_LINES; a += 128ull * nt, ++k)
-#else
     for (unsigned long long a = (lo & ~127ull) + 128ull * tid; a < hi; a += 128ull * nt)
-#endif
         asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
 #endif
 }

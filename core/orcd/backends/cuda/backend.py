@@ -102,7 +102,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                  kernel_cache=None, graphs: bool = True, int8: str = "auto",
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
-                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = False,
+                 prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = True,
                  self_quantize: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
@@ -124,9 +124,12 @@ class CudaBackend(BackendSampling, WeightLoading):
         must serve every rows bucket.
         ``pdl``: kernels start while the one before them finishes (programmatic
         dependent launch, ops/pdl.cuh; sm_90 and later); the same bits either way.
+        On by default: on an H100 it took Qwen-0.5B's decode from 922 to 991 tok/s
+        and phi3-mini's from 389 to 402 (RESULTS).
         ``self_quantize``: a single token's int8 GEMVs norm and quantize their input
         in each block (fused.ToQ8) instead of after an rms_norm_q8 / quantize_q8
-        launch; the same bits either way. Both off until a card has timed them.
+        launch; the same bits either way. Off: on the H100 it saved Qwen 3% and cost
+        phi3-mini 2.4x (every block quantizes its 3,072 or 8,192 values again).
         Each off only to measure against."""
         from orcd.backends.cuda.device import CudaDevice
 
