@@ -72,6 +72,21 @@ class InternalError(OrcdError):
     http_status = 500
 
 
+#: CUDA errors after which the process's context is unusable: every later call fails
+#: the same way ("the process must be terminated and relaunched", CUDA's documentation)
+CONTEXT_LOST = frozenset({
+    "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC", "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_ASSERT", "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE"})
+
+
+def device_lost(e: BaseException) -> bool:
+    """Whether ``e`` left the GPU context unusable (a kernel faulted): not the request's
+    fault, and nothing more will run on this device in this process."""
+    return isinstance(e, CudaError) and e.details.get("cuda_error") in CONTEXT_LOST
+
+
 def as_orcd_error(e: BaseException, doing: str = "inference") -> OrcdError:
     """``e`` as the error a client sees: an OrcdError as it is, anything else
     (a bug, a driver failure) as INTERNAL with its type and message on one line."""

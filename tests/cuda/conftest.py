@@ -28,6 +28,19 @@ def simulated() -> bool:
     return SIMULATED
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A kernel that faulted leaves the session's CUDA context unusable: every later test
+    # would fail for that alone (a card once turned one fault into 439 failures), so the
+    # run stops after the test that caused it, which is named.
+    yield
+    from orcd.errors import device_lost
+
+    if call.excinfo is not None and device_lost(call.excinfo.value):
+        item.session.shouldstop = (f"{item.nodeid} left the CUDA context unusable "
+                                   f"({call.excinfo.value}); the tests after it would fail for that alone")
+
+
 @pytest.fixture(scope="session")
 def dev():
     if SIMULATED:

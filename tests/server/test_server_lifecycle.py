@@ -188,6 +188,72 @@ def test_failed_residency_check_marks_the_worker_unhealthy(tiny_model):
         assert "orcd_residency_check_failures_total 1.0" in metrics
 
 
+class Faulting:
+    """The model, whose forwards raise ``error`` once ``armed`` is set (a kernel that
+    faulted: the driver reports it at the next call)."""
+
+    def __init__(self, model, error) -> None:
+        self.model, self.error, self.armed = model, error, threading.Event()
+
+    def __getattr__(self, name):
+        got = getattr(self.model, name)
+        if not name.startswith("forward"):
+            return got
+
+        def forward(*args, **kwargs):
+            if self.armed.is_set():
+                raise self.error
+            return got(*args, **kwargs)
+        return forward
+
+
+def faulting(error, holder: list):
+    def load(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+        lm.model = Faulting(lm.model, error)
+        holder.append(lm.model)
+        return lm
+    return load
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])   # one job at a time, and the scheduler's steps
+def test_a_gpu_fault_ends_the_job_retriably_and_the_worker_for_good(tiny_model, max_batch):
+    from orcd.errors import CudaError
+
+    lost = CudaError("cuStreamSynchronize failed: CUDA_ERROR_ILLEGAL_ADDRESS",
+                     cuda_error="CUDA_ERROR_ILLEGAL_ADDRESS", call="cuStreamSynchronize")
+    models: list = []
+    with running_server(config(tiny_model("qwen2-tiny"), max_batch=max_batch),
+                        loader=faulting(lost, models)) as s:
+        models[0].armed.set()
+        events = SSEStream(f"{s.url}/execute", {"job_id": "f", "prompt": "Hello", "max_tokens": 8}).join()
+        assert events[-1] == ("error", {"code": "CUDA_ERROR", "retriable": True, "message": lost.message})
+        s.narration.wait_for(event="device_lost")
+        h = s.wait_status("unhealthy")
+        assert h["status"] == "unhealthy"
+        r = httpx.post(f"{s.url}/execute", json={"job_id": "g", "prompt": "Hello"})
+        assert r.status_code == 503 and r.json()["code"] == "UNAVAILABLE"
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 503
+
+
+def test_a_cuda_error_that_spares_the_context_fails_only_its_job(tiny_model):
+    from orcd.errors import CudaError
+
+    err = CudaError("cuLaunchKernel failed: CUDA_ERROR_INVALID_VALUE",
+                    cuda_error="CUDA_ERROR_INVALID_VALUE", call="cuLaunchKernel")
+    models: list = []
+    with running_server(config(tiny_model("qwen2-tiny")), loader=faulting(err, models)) as s:
+        models[0].armed.set()
+        events = SSEStream(f"{s.url}/execute", {"job_id": "f", "prompt": "Hello", "max_tokens": 8}).join()
+        assert events[-1] == ("error", {"code": "CUDA_ERROR", "retriable": False, "message": err.message})
+        models[0].armed.clear()
+        events = SSEStream(f"{s.url}/execute", {"job_id": "g", "prompt": "Hello", "max_tokens": 4}).join()
+        assert events[-1][0] == "end"
+        assert s.wait_status("healthy")["status"] == "healthy"
+        assert not [e for e in s.narration.events() if e["event"] == "device_lost"]
+
+
 def test_residency_is_checked_periodically_at_the_configured_interval(tiny_model):
     import time
     calls = []

@@ -252,7 +252,8 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
         state.inference = InferenceThread(
             state.engine, queue_size=cfg.queue_size, metrics=state.metrics, narrator=narr,
             idle_task=lambda: _refresh_device_state(state),
-            idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s), scheduler=scheduler)
+            idle_interval=min(IDLE_REFRESH_S, cfg.residency_interval_s), scheduler=scheduler,
+            on_device_lost=lambda err: _mark_unhealthy(state))
         state.health_cache.update(_model_facts(state))
         _refresh_device_state(state)
         state.inference.start()
@@ -321,6 +322,12 @@ def _refresh_device_state(state: ServerState) -> None:
         state.health_cache["resident"] = False
         state.status = "unhealthy"
         state.narrator.event("residency_check_failed")
+
+
+def _mark_unhealthy(state: ServerState) -> None:
+    """The GPU context is lost (InferenceThread._device_lost): /health answers 503 and
+    every request is refused from now on, so that a supervisor restarts the worker."""
+    state.status = "unhealthy"
 
 
 def _load_libc():

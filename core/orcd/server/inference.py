@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from orcd.engine import GenerateRequest, GenerateResult, TokenEvent
 from orcd.errors import (Cancelled, DuplicateJob, InferenceTimeout, OrcdError, Unavailable,
-                         as_orcd_error)
+                         as_orcd_error, device_lost)
 from orcd.sampling import SamplingParams
 
 Sink = Callable[[str, Any], None]
@@ -83,8 +83,11 @@ class InferenceThread:
 
     def __init__(self, engine, *, queue_size: int, metrics, narrator,
                  idle_task: Callable[[], None] | None = None, idle_interval: float = 30.0,
-                 scheduler=None) -> None:
+                 scheduler=None, on_device_lost: Callable[[OrcdError], None] | None = None) -> None:
         self.engine, self.queue_size, self.scheduler = engine, queue_size, scheduler
+        #: the error that left the GPU context unusable (errors.device_lost), once one has
+        self.lost: OrcdError | None = None
+        self.on_device_lost = on_device_lost
         self.max_batch = scheduler.max_batch if scheduler is not None else 1
         self.metrics, self.narrator = metrics, narrator
         self.idle_task, self.idle_interval = idle_task, idle_interval
@@ -106,6 +109,8 @@ class InferenceThread:
         with self._cv:
             if self._stopping:
                 raise Unavailable("the worker is shutting down")
+            if self.lost is not None:
+                raise Unavailable(f"the GPU failed ({self.lost.message}); this worker must be restarted")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or queued",
                                    field="job_id")
@@ -307,11 +312,25 @@ class InferenceThread:
             job.sink("token", ev)
         return on_token
 
-    @staticmethod
-    def _error(job: Job, e: BaseException) -> OrcdError:
+    def _error(self, job: Job, e: BaseException) -> OrcdError:
         if isinstance(e, Cancelled):   # as the canceller said: plain, or shutdown (retriable)
             return job.cancel_as(_cancel_message(job.cancel_as))
-        return as_orcd_error(e)
+        err = as_orcd_error(e)
+        if device_lost(err):
+            self._device_lost(err)
+        return err
+
+    def _device_lost(self, err: OrcdError) -> None:
+        """A kernel faulted and the context is gone: every job on it fails, none may
+        start again; the job's error is retriable (another worker can run it), and the
+        app marks the worker unhealthy so that a supervisor restarts it."""
+        err.retriable = True
+        if self.lost is not None:
+            return
+        self.lost = err
+        self.narrator.event("device_lost", code=err.code, message=err.message)
+        if self.on_device_lost is not None:
+            self.on_device_lost(err)
 
     def _release(self, job: Job) -> None:
         with self._cv:

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 EVENTS = ("startup", "model_load_start", "model_load_progress", "model_load_complete", "ready",
           "execute_start", "execute_end", "error", "shutdown", "residency_check_failed",
-          "client_dropped", "client_refused", "warning")
+          "client_dropped", "client_refused", "warning", "device_lost")
 
 
 class Narrator:
