@@ -237,6 +237,29 @@ def test_a_gpu_fault_ends_the_job_retriably_and_the_worker_for_good(tiny_model, 
         assert r.status_code == 503
 
 
+def test_a_gpu_fault_seen_by_the_idle_check_ends_the_worker_too(tiny_model):
+    from orcd.errors import CudaError
+
+    armed = threading.Event()
+
+    def checked(cfg, progress):
+        lm = load_for_serving(cfg, progress)
+
+        def check():
+            if armed.is_set():
+                raise CudaError("cuMemGetInfo failed: CUDA_ERROR_LAUNCH_FAILED",
+                                cuda_error="CUDA_ERROR_LAUNCH_FAILED", call="cuMemGetInfo")
+            return True
+        lm.backend.check_residency = check
+        return lm
+
+    with running_server(config(tiny_model("qwen2-tiny"), residency_interval_s=0.2), loader=checked) as s:
+        armed.set()
+        s.narration.wait_for(event="device_lost")
+        assert s.wait_status("unhealthy")["status"] == "unhealthy"
+        assert httpx.post(f"{s.url}/execute", json={"job_id": "g", "prompt": "Hello"}).status_code == 503
+
+
 def test_a_cuda_error_that_spares_the_context_fails_only_its_job(tiny_model):
     from orcd.errors import CudaError
 

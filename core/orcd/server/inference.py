@@ -223,6 +223,8 @@ class InferenceThread:
             self.idle_task()
         except Exception as e:  # a failing check must not kill the inference thread
             self.narrator.event("error", where="idle_task", message=f"{type(e).__name__}: {e}")
+            if device_lost(e):   # seen first by the memory or residency check
+                self._device_lost(as_orcd_error(e))
 
     # one job at a time (--max-batch 1)
     def _run_next(self) -> None:
