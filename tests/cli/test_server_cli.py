@@ -129,6 +129,22 @@ def test_cuda_options_become_the_backend_options(tiny, monkeypatch):
         "backend_options"] == {}
 
 
+def test_every_cuda_option_is_a_backend_parameter_whose_default_is_listed_first():
+    # --cuda-option NAME=VALUE becomes CudaBackend(NAME=VALUE); the first value listed is
+    # the measured default (so --help and the backend agree)
+    import inspect
+
+    from orcd.backends.cuda.backend import CudaBackend
+    from orcd.commands._options import CUDA_OPTIONS, cuda_options
+
+    params = inspect.signature(CudaBackend).parameters
+    for name, values in CUDA_OPTIONS.items():
+        assert name in params, name
+        default = cuda_options([f"{name}={values[0]}"], "cuda:0")[name]
+        assert str(params[name].default) == str(default), (name, default)
+    assert cuda_options(["int8=off", "mma=off"], "cuda:0") == {"int8": "off", "mma": False}   # a mode, a switch
+
+
 def test_gpu_device_maps_to_cuda_n(monkeypatch, capsys):
     from orcd.commands import _options
     monkeypatch.setattr(_options, "check_device", lambda device: device)

@@ -85,6 +85,36 @@ def test_prefill_without_scratch_falls_back_to_gemv(gpu, host):
     assert rel(gpu.get(out), x_host.astype(np.float64) @ w_ref.T) < GEMV_TOL
 
 
+@pytest.mark.parametrize("name", ["Q5_0", "Q4_K", "F16"])
+def test_short_prompts_through_the_int8_gemvs(gpu, host, name):
+    # prompt_gemv: a prompt chunk of up to N rows takes the decode batch's int8 GEMVs (no
+    # fp16 weight copy, no GEMM): each row the bits the batch GEMV gives it; longer
+    # chunks and formats without int8 kernels still take the GEMM
+    from orcd.ops.matmul import MatmulKernels
+
+    mk = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, gemm=gpu.mm._gemm_impl, prompt_gemv=32)
+    rng = np.random.default_rng()
+    n_out, n_in = sized((896, 4864), (64, 512))
+    w, w_ref = gpu.weight(host, name, (n_out, n_in), rng)
+    b_host = rng.standard_normal(n_out).astype(np.float32)
+    b = gpu.put(b_host)
+    for T in (9, 32, 33):
+        x_host = rng.standard_normal((T, n_in)).astype(np.float32)
+        x = gpu.put(x_host)
+        out = gpu.empty((T, n_out))
+        mk.linear(x, w, b, out, scratch=gpu.arena)
+        int8 = T <= 32 and name != "F16"
+        assert mk.last_prefill == ("gemv" if int8 else "gemm"), (name, T)
+        ref = x_host.astype(np.float64) @ w_ref.T + b_host
+        assert rel(gpu.get(out), ref) < (2e-2 if int8 else GEMM_TOL)
+        if int8:
+            rows = gpu.empty((T, n_out))
+            mk.gemv(mk.quantize(x, gpu.arena), w, b, rows)
+            assert np.array_equal(gpu.get(out), gpu.get(rows))
+    with pytest.raises(ValueError, match="prompt_gemv"):
+        MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, prompt_gemv=64)
+
+
 def test_bfloat16_prefill(gpu, host):
     from orcd.ops.matmul import MatmulKernels
 

@@ -78,13 +78,14 @@ CUDA_OPTIONS = {
     "prefill_graphs": ("on", "off"),     # a request's prompt chunks replayed from CUDA graphs
     "moe_tc": ("on", "off"),             # a prompt's grouped experts on the tensor cores
     "gemm": ("cublaslt", "nvmath", "simt"),   # the prompt's GEMM on fp16 copies of the weights
-    "int8": ("off", "auto", "all"),      # int8 activations in the decode GEMVs
+    "int8": ("auto", "off", "all"),      # int8 activations in the decode GEMVs
     "pipelined_steps": ("on", "off"),    # batch step k+1 queued before step k's ids reach the host
     "fold_prompts": ("off", "on"),       # on: prompt chunks ride in the decode batch, not prefill graphs
     "prompt_step": ("256", "512", "1024", "2048"),   # prompt tokens a batch step may run in all
     "mma": ("off", "on"),                # on: a decode batch's GEMVs on the int8 tensor cores
-    "pdl": ("off", "on"),                # on: kernels start while the one before them finishes (sm_90+)
+    "pdl": ("on", "off"),                # on: kernels start while the one before them finishes (sm_90+)
     "self_quantize": ("off", "on"),      # on: one token's int8 GEMVs norm and quantize their own input
+    "prompt_gemv": ("8", "16", "32"),    # prompt chunks of up to N rows through the int8 GEMVs, not the GEMM
 }
 
 
@@ -105,7 +106,8 @@ def cuda_options(pairs: list[str], device: str) -> dict:
         name, sep, value = pair.partition("=")
         if not sep or name not in CUDA_OPTIONS or value not in CUDA_OPTIONS[name]:
             raise UsageError(f"--cuda-option {pair!r}: expected one of {_cuda_option_names()}")
-        out[name] = {"on": True, "off": False}.get(value, value)
+        switch = set(CUDA_OPTIONS[name]) == {"on", "off"}   # a switch is a bool; int8=off is a mode
+        out[name] = {"on": True, "off": False}[value] if switch else value
     if out and not device.startswith("cuda"):
         raise UsageError(f"--cuda-option needs a cuda device, not --device {device}")
     return out

@@ -55,7 +55,8 @@ class MatmulKernels(ExpertMatmuls):
 
     def __init__(self, device, compiler, launcher, gemm_dtype: str = "float16", scratch=None,
                  int8: str = "auto", gemm: str = "cublaslt", allocator=None, formats=None,
-                 mma: bool = False, defines: dict[str, str] | None = None) -> None:
+                 mma: bool = False, defines: dict[str, str] | None = None,
+                 prompt_gemv: int = GEMV_MAX_T) -> None:
         """Compile matmul.cu for ``device`` with ``compiler`` (a KernelCompiler);
         launch with ``launcher``. ``gemm_dtype`` ("float16" or "bfloat16") is the
         prefill GEMM's operand type; ``scratch`` an optional default Arena.
@@ -72,7 +73,11 @@ class MatmulKernels(ExpertMatmuls):
         ``mma``: ``gemv`` (a decode batch's rows) takes the int8 tensor cores for the
         formats that have them (gemv_mma.cuh), else the dp4a GEMV (the default, as
         CudaBackend's). ``defines``: macros for the per-format kernels' source (the
-        experiments matmul.cu keeps behind #if; bench/bench_gemv.py --variant)."""
+        experiments matmul.cu keeps behind #if; bench/bench_gemv.py --variant).
+        ``prompt_gemv``: ``linear`` of up to this many rows (at most BATCH_GEMV_Q8_T) takes
+        the int8 GEMVs where the format has them, as a decode batch's rows do, instead of
+        an fp16 copy of the weight and the GEMM: a short prompt reads each weight once
+        and makes no copy (issue 15). GEMV_MAX_T (the default) until a card times it."""
         if gemm_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"gemm_dtype must be float16 or bfloat16, got {gemm_dtype!r}")
         from orcd.quant.builtin import builtin_table
@@ -92,6 +97,9 @@ class MatmulKernels(ExpertMatmuls):
         self.int8_min_values = INT8_AUTO_MIN_VALUES if int8 == "auto" else 0
         self._gemm = None
         self._gemm_impl, self._allocator = gemm, allocator
+        if not GEMV_MAX_T <= int(prompt_gemv) <= BATCH_GEMV_Q8_T:
+            raise ValueError(f"prompt_gemv must be {GEMV_MAX_T}..{BATCH_GEMV_Q8_T}, got {prompt_gemv!r}")
+        self.prompt_gemv = int(prompt_gemv)
         self.last_prefill = None   # "gemm" or "gemv": which path the last T > GEMV_MAX_T call took
 
     # -- public ops --------------------------------------------------------------------
@@ -105,6 +113,13 @@ class MatmulKernels(ExpertMatmuls):
         arena = scratch if scratch is not None else self.scratch
         if T <= GEMV_MAX_T:
             self._gemv(self.activations(x, w, arena), w, b, out)
+            return
+        if T <= self.prompt_gemv and arena is not None and self.use_int8(w, batch=True):
+            self.last_prefill = "gemv"
+            xa = x if isinstance(x, Q8Act) else self.quantize(x, arena)
+            for s in range(0, T, BATCH_GEMV_Q8_T):
+                e = min(T, s + BATCH_GEMV_Q8_T)
+                self.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=arena)
             return
         if isinstance(x, Q8Act):
             raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")

@@ -31,6 +31,7 @@ from orcd.errors import InvalidRequest
 from orcd.kvcache import KV_BLOCK, KVCache, blocks_for, contiguous_table
 from orcd.ops import sampling
 from orcd.ops.contract import Phase, phase_of
+from orcd.ops.matmul_base import GEMV_MAX_T
 
 IO_BYTES = 1 << 20         # ids and positions of eager forwards
 
@@ -103,7 +104,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
                  prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = True,
-                 self_quantize: bool = False) -> None:
+                 self_quantize: bool = False, prompt_gemv: int | str = GEMV_MAX_T) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -130,6 +131,9 @@ class CudaBackend(BackendSampling, WeightLoading):
         in each block (fused.ToQ8) instead of after an rms_norm_q8 / quantize_q8
         launch; the same bits either way. Off: on the H100 it saved Qwen 3% and cost
         phi3-mini 2.4x (every block quantizes its 3,072 or 8,192 values again).
+        ``prompt_gemv``: prompt chunks of up to this many rows through the int8 GEMVs
+        instead of fp16 weight copies and the GEMM (MatmulKernels' prompt_gemv; 8 until
+        a card times more).
         Each off only to measure against."""
         from orcd.backends.cuda.device import CudaDevice
 
@@ -150,12 +154,13 @@ class CudaBackend(BackendSampling, WeightLoading):
         self._kv_bufs: list = []
         self._rope: dict = {}
         try:
-            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize)
+            self._setup(budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize, prompt_gemv)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize) -> None:
+    def _setup(self, budget, debug, kernel_cache, int8, gemm, formats, mma, pdl, self_quantize,
+               prompt_gemv) -> None:
         from orcd.backends.cuda.driver import cu
         from orcd.backends.cuda.launch import Launcher
         from orcd.backends.cuda.memory import DeviceAllocator
@@ -183,7 +188,7 @@ class CudaBackend(BackendSampling, WeightLoading):
         args = (self.device, compiler, self.launcher)
         # int8 "off" / "auto" / "all": dp4a decode GEMVs; gemm: the prefill GEMM's backend;
         # mma: a decode batch's GEMVs on the int8 tensor cores
-        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc, mma=mma)
+        self._mm_options = dict(int8=int8, gemm=gemm, allocator=self.alloc, mma=mma, prompt_gemv=int(prompt_gemv))
         self.mm = MatmulKernels(*args, formats=formats, **self._mm_options)
         self.norm, self.rope_k, self.act = NormKernels(*args), RopeKernels(*args), ActivationKernels(*args)
         self.attn, self.moe_k = AttentionKernels(*args), MoeKernels(*args)
