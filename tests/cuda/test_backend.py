@@ -179,6 +179,26 @@ def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
         b.free_kv_cache()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_short_prompts_through_the_int8_gemvs_give_the_reference(pairs, host, tiny_model, preset):
+    """``prompt_gemv=32``: prompt chunks of up to 32 rows take the int8 GEMVs instead of
+    fp16 weight copies and the GEMM; the logits of the prompt's last row and of the
+    decode after it stay the CPU reference's (argmax, and within the prefill's 1e-2)."""
+    from orcd.load import load_model
+
+    cpu, _ = pairs(preset)
+    lm = load_model(tiny_model(preset), host=host, device=GPU, n_ctx=N_CTX, prompt_gemv=32)
+    try:
+        for n in (12, 30, 40):   # 40: past 32 rows, the GEMM again
+            ids = np.random.default_rng(n).integers(0, lm.hp.n_vocab, n + 3).tolist()
+            ref = cpu_logits(cpu, ids)[n - 1:]
+            got = decode_logits(lm, ids, n)
+            assert np.array_equal(got.argmax(-1), ref.argmax(-1)), n
+            assert rel(got, ref) < 1e-2, n
+    finally:
+        lm.close()
+
+
 def test_kv_cache_oom_then_a_smaller_cache(pairs):
     _, gpu = pairs("qwen2-tiny")
     b, hp = gpu.backend, gpu.hp
