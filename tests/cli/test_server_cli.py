@@ -248,3 +248,10 @@ def test_second_sigterm_still_ends_every_stream(tiny):
     assert "warning: listening on 0.0.0.0 without an API key" in err
     phases = [e.get("phase") for e in narration(err) if e["event"] == "shutdown"]
     assert phases[0] == "begin" and "cancel" in phases and phases[-1] == "done"
+    # the start-up time before the app, named: the process until `orcd serve` runs, the
+    # arguments' checks, the server's imports; then how long the process had lived
+    startup = next(e for e in narration(err) if e["event"] == "startup")
+    before = startup["phases"]
+    assert set(before) == {"process", "validate", "server_imports"}, before
+    assert all(v >= 0 for v in before.values()) and before["server_imports"] > 0, before
+    assert startup["since_process_start_s"] >= before["process"] + before["validate"], startup

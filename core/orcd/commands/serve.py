@@ -12,6 +12,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -228,9 +229,16 @@ def _port_free(host: str, port: int) -> None:
 
 
 def run(args) -> int:
+    from orcd.server.narration import process_age
+
+    # what passes before the app narrates `startup`, named there (issue 15's start-up time)
+    before, t0 = process_age(), time.monotonic()
     checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
+    t1 = time.monotonic()
     from orcd.server.process import serve
     from orcd.server.state import ServerConfig
+    phases = {"process": before, "validate": round(t1 - t0, 3),   # validate: the device check, the GGUF header
+              "server_imports": round(time.monotonic() - t1, 3)}
     _warn_if_exposed(args.host, checked["api_key"])
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     config = ServerConfig(
@@ -243,5 +251,6 @@ def run(args) -> int:
         max_connections=args.max_connections,
         residency_interval_s=args.residency_check_sec, tokenizer_path=args.tokenizer,
         served_model_name=args.served_model_name, chat_template=checked["chat_template"],
-        backend_options=checked["backend_options"], public_url=f"http://{url_host}:{args.port}")
+        backend_options=checked["backend_options"], public_url=f"http://{url_host}:{args.port}",
+        startup_phases=phases)
     return serve(config, host=args.host, port=args.port)

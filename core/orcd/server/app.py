@@ -29,7 +29,7 @@ from orcd.server.gate import Gate
 from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFound,
                               error_response, read_body)
 from orcd.server.inference import InferenceThread, ShutdownCancelled
-from orcd.server.narration import LoadProgress, Narrator
+from orcd.server.narration import LoadProgress, Narrator, process_age
 from orcd.server.openai_api import router as openai_router
 from orcd.server.tokenize_api import router as tokenize_router
 from orcd.server.openai_choices import Choices
@@ -105,7 +105,8 @@ def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        narrator.event("startup", device=config.device, queue_size=config.queue_size,
+        narrator.event("startup", since_process_start_s=process_age(), phases=config.startup_phases,
+                       device=config.device, queue_size=config.queue_size,
                        max_batch=config.max_batch,
                        ctx_size=config.ctx_size, max_tokens_out=config.max_tokens_out,
                        inference_timeout_s=config.inference_timeout_s,

@@ -9,6 +9,7 @@ operator passed ``--log-prompts``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -18,6 +19,19 @@ from typing import Any, TextIO
 EVENTS = ("startup", "model_load_start", "model_load_progress", "model_load_complete", "ready",
           "execute_start", "execute_end", "error", "shutdown", "residency_check_failed",
           "client_dropped", "client_refused", "warning", "device_lost")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms steps), None elsewhere:
+    the start-up narration's clock from the moment the user pressed enter."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return round(max(0.0, uptime - started / os.sysconf("SC_CLK_TCK")), 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 class Narrator:
