@@ -19,7 +19,8 @@
 #                                   # batch_decode (BASE with its own bench scripts: a checkout of
 #                                   # another layout still runs); with NAME=VALUE --cuda-options, this tree a
 #                                   # third time with them (e.g. pdl=on self_quantize=on),
-#                                   # then this tree's upload of MXFP4 rows, planes made by
+#                                   # then this tree's decode timeline (decode_timeline.py)
+#                                   # and its upload of MXFP4 rows, planes made by
 #                                   # the host and by the card; SKIP_TESTS=1 leaves the GPU tests out
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
@@ -115,6 +116,8 @@ tree)
     PYTHONPATH=$p timeout 90 python3 $b/batch_decode.py --model "$WORK/qwen2-0.5b.gguf" \
         $([ $t = opts ] && echo "${opts[@]}") 2>&1 | tee "$OUT/batch-$t.log" | tail -6
   done
+  # this tree's pipelined decode as a timeline (the GPU's wait between steps)
+  timeout 90 python3 bench/decode_timeline.py "$WORK/qwen2-0.5b.gguf" 2>&1 | tee "$OUT/timeline.log" | tail -2
   # the planar layouts, made by the copy threads (numpy) and by the card (ops/layout.cu)
   (cd bench && timeout 90 python3 cuda_upload.py --format MXFP4 --mib 1024 --chunks 1,4 --threads 4 \
       --repeat 2 2>&1 | tee "$OUT/upload.log" | tail -5)
