@@ -23,7 +23,7 @@ import statistics
 
 import numpy as np
 
-from orcd.commands._options import UsageError, add_cuda_option_argument, cuda_options
+from orcd.commands._options import add_cuda_option_argument, cuda_options_of
 
 
 def op_key(name: str, args) -> str:
@@ -232,10 +232,7 @@ def main() -> None:
                     help="also list the kernels of one replayed step by GPU time (torch.profiler)")
     add_cuda_option_argument(ap)
     args = ap.parse_args()
-    try:
-        options = cuda_options(args.cuda_option, "cuda:0")
-    except UsageError as e:
-        ap.error(str(e))
+    options = cuda_options_of(ap, args)
     res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")], args.kernels, **options)
     if args.bench:
         res["bench"] = bench(args.model, **options)

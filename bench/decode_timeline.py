@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orcd.commands._options import UsageError, add_cuda_option_argument, cuda_options
+from orcd.commands._options import add_cuda_option_argument, cuda_options_of
 
 
 @dataclass
@@ -165,10 +165,7 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=12)
     add_cuda_option_argument(ap)
     args = ap.parse_args()
-    try:
-        options = cuda_options(args.cuda_option, "cuda:0")
-    except UsageError as e:
-        ap.error(str(e))
+    options = cuda_options_of(ap, args)
     steps = run(args.model, args.prompt, args.tokens, **options)
     if not steps:
         sys.exit("no pipelined decode steps were seen (no device sampler for this model?)")
