@@ -117,9 +117,7 @@ class MatmulKernels(ExpertMatmuls):
         if T <= self.prompt_gemv and arena is not None and self.use_int8(w, batch=True):
             self.last_prefill = "gemv"
             xa = x if isinstance(x, Q8Act) else self.quantize(x, arena)
-            for s in range(0, T, BATCH_GEMV_Q8_T):
-                e = min(T, s + BATCH_GEMV_Q8_T)
-                self.gemv(xa.rows(s, e), w, b, out.rows(s, e), scratch=arena)
+            self.gemv(xa, w, b, out, scratch=arena)   # one launch: prompt_gemv <= BATCH_GEMV_Q8_T
             return
         if isinstance(x, Q8Act):
             raise ValueError(f"linear: int8 activations are for T <= {GEMV_MAX_T} tokens, got {T}")
