@@ -22,7 +22,7 @@ import numpy as np
 from bench_gemv import Timer
 from kernel_times import print_kernel_times
 
-from orcd.commands._options import UsageError, add_cuda_option_argument, cuda_options
+from orcd.commands._options import add_cuda_option_argument, cuda_options_of
 from orcd.kvcache import blocks_for
 from orcd.load import load_model
 from orcd.plugins import PluginHost
@@ -43,10 +43,7 @@ def main() -> int:
     add_cuda_option_argument(ap)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    try:
-        options = {**cuda_options(args.cuda_option, args.device), "mma": args.mma == "on"}
-    except UsageError as e:
-        ap.error(str(e))
+    options = {**cuda_options_of(ap, args.cuda_option, args.device), "mma": args.mma == "on"}
     lm = load_model(args.model, host=PluginHost(), device=args.device, n_ctx=1024, **options)
     b, hp = lm.backend, lm.hp
     width = blocks_for(args.prompt + CHECK_STEPS + 64)

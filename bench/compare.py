@@ -270,11 +270,8 @@ def main() -> None:
                          "int8=all: the measured defaults against the others")
     ap.add_argument("--out", default=os.environ.get("OUT", str(WORK / "out")))
     args = ap.parse_args()
-    from orcd.commands._options import UsageError, cuda_options
-    try:
-        options = cuda_options(args.orcd_option, "cuda:0")
-    except UsageError as e:
-        ap.error(str(e))
+    from orcd.commands._options import cuda_options_of
+    options = cuda_options_of(ap, args.orcd_option)
     if args.action == "build-peer":
         build_peer()
     else:

@@ -232,7 +232,7 @@ def main() -> None:
                     help="also list the kernels of one replayed step by GPU time (torch.profiler)")
     add_cuda_option_argument(ap)
     args = ap.parse_args()
-    options = cuda_options_of(ap, args)
+    options = cuda_options_of(ap, args.cuda_option)
     res = profile(args.model, args.n_ctx, [int(p) for p in args.positions.split(",")], args.kernels, **options)
     if args.bench:
         res["bench"] = bench(args.model, **options)

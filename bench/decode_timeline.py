@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=12)
     add_cuda_option_argument(ap)
     args = ap.parse_args()
-    options = cuda_options_of(ap, args)
+    options = cuda_options_of(ap, args.cuda_option)
     steps = run(args.model, args.prompt, args.tokens, **options)
     if not steps:
         sys.exit("no pipelined decode steps were seen (no device sampler for this model?)")

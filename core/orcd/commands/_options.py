@@ -99,11 +99,11 @@ def add_cuda_option_argument(p: argparse.ArgumentParser) -> None:
                         f"(default: none, the measured defaults)")
 
 
-def cuda_options_of(ap: argparse.ArgumentParser, args: argparse.Namespace, device: str = "cuda:0") -> dict:
-    """``cuda_options`` of a script's parsed --cuda-option pairs; a bad one is the
-    parser's usage error (exit 2)."""
+def cuda_options_of(ap: argparse.ArgumentParser, pairs: list[str], device: str = "cuda:0") -> dict:
+    """``cuda_options`` of a script's NAME=VALUE pairs; a bad one is the parser's usage
+    error (exit 2)."""
     try:
-        return cuda_options(args.cuda_option, device)
+        return cuda_options(pairs, device)
     except UsageError as e:
         ap.error(str(e))
 

@@ -11,7 +11,7 @@
 
 namespace orcd_sim {
 void fault(const char* what);   // the first fault of a launch fails it (runtime.cpp)
-void global_only(const void* p);  // faults where p is in the launch's shared memory
+void global_only(const void* p);  // faults where p is in the launch's dynamic shared memory
 }
 #define ORCD_SIM_FAULT(msg) orcd_sim::fault(msg)
 #define ORCD_SIM_GLOBAL_ONLY(p) orcd_sim::global_only(p)
