@@ -243,3 +243,41 @@ def test_fused_decode_moe_matches_the_reference(gpu, rng, host, name):
     mk8.moe_gate_up_q8(xa, ex, bad, ALPHA, LIMIT, h)
     mk8.moe_down_sum_q8(h, ex.down_w, ex.down_b, bad, weights, xd, out)
     assert np.isnan(gpu.get(out)).all()
+
+
+@pytest.mark.parametrize("name", ["MXFP4", *sized([], ["Q4_0"])])
+def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, name):
+    """moe_route_gate_up_q8 (router blocks and gate/up blocks of one launch, synchronized
+    through counters) gives the ids, weights and int8 h of moe_norm_route_q8 +
+    moe_gate_up_q8 bit for bit, and leaves its counters zero for the next launch."""
+    from orcd.backends.cuda.tensor import QWeight
+    from orcd.ops.matmul import MatmulKernels
+    from orcd.ops.matmul_base import Q8Act
+
+    mk8 = MatmulKernels(gpu.dev, gpu.compiler, gpu.launcher, int8="all")
+    E, D, n_ff, k, eps = sized((32, 2880, 2880, 4, 1e-5), (12, 1280, 320, 3, 1e-5))   # E: a part-full router block
+    router = (rng.standard_normal((E, D)) * 0.5).astype(np.float32)
+    rw = QWeight(gpu.put(router).ptr, (E, D), 0, host.formats[0])
+    gw, uw = (gpu.weight(host, name, (E, n_ff, D), rng) for _ in range(2))
+    rb, gb, ub = (rng.standard_normal(s).astype(np.float32) for s in ((E,), (E, n_ff), (E, n_ff)))
+    ex = moe.Experts(rw, gpu.put(rb), gw[0], gpu.put(gb), uw[0], gpu.put(ub), None, None)
+    g = gpu.put(rng.standard_normal(D).astype(np.float32))
+    sync = gpu.put(np.zeros(4, np.int32))
+    for _ in range(2):   # the second launch finds the counters the first left
+        x = gpu.put((rng.standard_normal((1, D)) * 2).astype(np.float32))
+        ids3, w3 = gpu.empty((1, k), np.int32), gpu.empty((1, k))
+        xa = Q8Act(gpu.empty((1, D), np.int8), gpu.empty((1, D // 32)))
+        h3 = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
+        gpu.moe.norm_route_q8(x, g, eps, rw, ex.router_b, ids3, w3, xa)
+        mk8.moe_gate_up_q8(xa, ex, ids3, ALPHA, LIMIT, h3)
+        ids2, w2, logits = gpu.empty((1, k), np.int32), gpu.empty((1, k)), gpu.empty((E,))
+        h2 = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
+        gpu.moe.route_gate_up_q8(x, g, eps, ex, ALPHA, LIMIT, ids2, w2, logits, sync, h2)
+        np.testing.assert_array_equal(gpu.get(ids2), gpu.get(ids3))
+        assert gpu.get(w2).tobytes() == gpu.get(w3).tobytes()
+        assert gpu.get(h2.xq).tobytes() == gpu.get(h3.xq).tobytes()
+        assert gpu.get(h2.xd).tobytes() == gpu.get(h3.xd).tobytes()
+        np.testing.assert_array_equal(gpu.get(sync), 0)
+    with pytest.raises(ValueError, match="route/gate/up"):   # more experts a token than the kernel keeps
+        big = gpu.empty((1, 9), np.int32)
+        gpu.moe.route_gate_up_q8(x, g, eps, ex, ALPHA, LIMIT, big, gpu.empty((1, 9)), logits, sync, h2)

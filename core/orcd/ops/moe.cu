@@ -4,6 +4,7 @@
 // the k chosen logits. One thread per token: n_expert is small (32 for GPT-OSS).
 
 #include "pdl.cuh"
+#include "moe_route.cuh"
 
 // logits: [T, n_expert] -> ids: [T, k] int32, weights: [T, k]. grid ceil(T / 128), block 128.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int* __restrict__ ids,
@@ -12,23 +13,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int* __re
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const float* lr = logits + (size_t)t * n_expert;
-    int* ir = ids + (size_t)t * k;
-    float* wr = weights + (size_t)t * k;
-    for (int r = 0; r < k; ++r) {
-        int best = -1;
-        float bv = 0.f;
-        for (int e = 0; e < n_expert; ++e) {
-            bool taken = false;
-            for (int q = 0; q < r; ++q) taken |= ir[q] == e;
-            if (!taken && (best < 0 || lr[e] > bv)) { best = e; bv = lr[e]; }
-        }
-        ir[r] = best;
-        wr[r] = bv;
-    }
-    const float mx = wr[0];  // the first choice is the largest
-    float sum = 0.f;
-    for (int r = 0; r < k; ++r) { wr[r] = expf(wr[r] - mx); sum += wr[r]; }
-    for (int r = 0; r < k; ++r) wr[r] /= sum;
+    top_k_softmax([&](int e) { return lr[e]; }, n_expert, k, ids + (size_t)t * k, weights + (size_t)t * k);
 }
 
 // Prefill groups the (token, slot) pairs p = t * k + slot by expert, so each
@@ -160,37 +145,15 @@ moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, floa
     for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = xr[i] / s * g[i];
     __syncthreads();
     for (int grp = warp; grp < D / 32; grp += n_warps) {   // a warp per 32-value group
-        const float v = h[32 * grp + lane];
-        float amax = fabsf(v);
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
-        const float d = amax / 127.f;
-        xq[(long long)t * D + 32 * grp + lane] = (signed char)(d > 0.f ? (int)rintf(v / d) : 0);
+        float d;
+        xq[(long long)t * D + 32 * grp + lane] = q8_lane(h[32 * grp + lane], d);
         if (lane == 0) xd[(long long)t * (D / 32) + grp] = d;
     }
     for (int e = warp; e < E; e += n_warps) {               // a warp per router row
-        const float* r = rw + (long long)e * D;
-        float acc = 0.f;
-        for (int i = lane; i < D; i += 32) acc = fmaf(r[i], h[i], acc);
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+        const float acc = router_dot(rw + (long long)e * D, h, D, lane);
         if (lane == 0) logits[e] = acc + rb[e];
     }
     __syncthreads();
-    if (threadIdx.x != 0) return;
-    int* ir = ids + (long long)t * k;
-    float* wr = weights + (long long)t * k;
-    for (int r = 0; r < k; ++r) {   // as moe_route: strict '>' in expert order, ties to the lower id
-        int best = -1;
-        float bv = 0.f;
-        for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int q = 0; q < r; ++q) taken |= ir[q] == e;
-            if (!taken && (best < 0 || logits[e] > bv)) { best = e; bv = logits[e]; }
-        }
-        ir[r] = best;
-        wr[r] = bv;
-    }
-    const float mx = wr[0];
-    float sum = 0.f;
-    for (int r = 0; r < k; ++r) { wr[r] = expf(wr[r] - mx); sum += wr[r]; }
-    for (int r = 0; r < k; ++r) wr[r] /= sum;
+    if (threadIdx.x == 0)
+        top_k_softmax([&](int e) { return logits[e]; }, E, k, ids + (long long)t * k, weights + (long long)t * k);
 }

@@ -51,7 +51,9 @@ def kernel_sources(formats, type_ids=None) -> list:
              (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
               moe.MoeKernels, sampling.CudaSampler, layout.LayoutKernels)]
     per_format = [matmul_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
-    return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format]
+    # the decode MoE's expert kernels: ahead of time only (a model's load compiles them on first use)
+    experts = [moe.decode_source([f]) for f in rows if type_ids is None and f.device.int8]
+    return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format, *experts]
 
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
@@ -104,7 +106,8 @@ class CudaBackend(BackendSampling, WeightLoading):
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
                  prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = True,
-                 self_quantize: bool = False, prompt_gemv: int | str = GEMV_MAX_T) -> None:
+                 self_quantize: bool = False, prompt_gemv: int | str = GEMV_MAX_T,
+                 moe_launches: int | str = 3, norm_tail: bool = False) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -134,6 +137,14 @@ class CudaBackend(BackendSampling, WeightLoading):
         ``prompt_gemv``: prompt chunks of up to this many rows through the int8 GEMVs
         instead of fp16 weight copies and the GEMM (MatmulKernels' prompt_gemv; 8 until
         a card times more).
+        ``moe_launches``: one token's MoE block in 3 launches (norm + router + top-k on
+        one SM, gate/up, down) or 2 (the router's rows spread over the blocks of the
+        gate/up launch, ops/moe_decode.cu); the same bits either way. 3 until a card
+        times 2.
+        ``norm_tail``: a single token's residual GEMV (``linear_add``) also makes the next
+        block's normed int8 input in its last block (fused.cu's norm_tail) when the model
+        names that norm, instead of an rms_norm_q8 launch; the same bits. Off until a
+        card times it.
         Each off only to measure against."""
         from orcd.backends.cuda.device import CudaDevice
 
@@ -148,6 +159,10 @@ class CudaBackend(BackendSampling, WeightLoading):
             self.prefill_in_batch, self.prompt_last_in_batch = True, False
             self.batch_prefill_chunk = FOLD_CHUNK
         self.moe_tc = moe_tc
+        if int(moe_launches) not in (2, 3):
+            raise ValueError(f"moe_launches must be 2 or 3, got {moe_launches!r}")
+        self.moe_launches = int(moe_launches)
+        self.norm_tail = bool(norm_tail)
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None
@@ -163,7 +178,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                prompt_gemv) -> None:
         from orcd.backends.cuda.driver import cu
         from orcd.backends.cuda.launch import Launcher
-        from orcd.backends.cuda.memory import DeviceAllocator
+        from orcd.backends.cuda.memory import DeviceAllocator, fill_bytes
         from orcd.backends.cuda.nvrtc import KernelCompiler
         from orcd.ops.activation import ActivationKernels
         from orcd.ops.attention import AttentionKernels
@@ -202,6 +217,12 @@ class CudaBackend(BackendSampling, WeightLoading):
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
         # decode inputs: [token id, position] at fixed device addresses, fed from pinned memory
         self._step_buf = self.alloc.alloc(8, "scratch")
+        # the counters of kernels whose blocks meet (moe_decode.cu's routing, fused.cu's
+        # norm_tail): zero now, and each launch leaves them zero
+        self._sync_buf = self.alloc.alloc(32, "scratch")
+        self.moe_sync = DeviceTensor(self._sync_buf.ptr, (4,), np.dtype(np.int32))
+        self.tail_count = DeviceTensor(self._sync_buf.ptr + 16, (1,), np.dtype(np.int32))
+        fill_bytes(self.device, self._sync_buf.ptr, 0, 32)
         self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
         self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
         self.device.make_current()

@@ -134,9 +134,13 @@ class CudaOps:
     def _fused_act(self, x, ws, norm):
         # one token into a fused GEMV: (x, norm) as they are, or, when every weight is
         # of an integer format, int8 activations the kernel makes itself (normed first
-        # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch)
+        # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch), or the normed ones
+        # the kernel that wrote x made (linear_add's next_norm)
         if not self.b.mm.use_int8(*ws):
             return x, norm
+        made = getattr(x, "normed", None)
+        if norm is not None and made is not None and made[:2] == (norm[0].ptr, float(norm[1])):
+            return made[2], None
         if norm is None and (x.q8 is not None or not self.b.fused.self_quantize):
             return self._act(x, *ws), None          # the int8 x attention wrote, or quantize_q8
         if self.b.fused.self_quantize:
@@ -192,11 +196,17 @@ class CudaOps:
             gate, up = self.linear(h, w_gate), self.linear(h, w_up)
         return self.swiglu(gate, up)
 
-    def linear_add(self, a, w, residual, b=None) -> DeviceTensor:
+    def linear_add(self, a, w, residual, b=None, next_norm=None) -> DeviceTensor:
         if self._fused_ok(a, (w,)):
             out = self._empty(residual.shape)                          # [1, n_out]
-            self.b.fused.linear_add(self._fused_act(a, (w,), None)[0], w, residual, b, out)
-            return out
+            xa = self._fused_act(a, (w,), None)[0]
+            if next_norm is None or not self.b.norm_tail or not isinstance(xa, (Q8Act, ToQ8)) or out.shape[1] % 32:
+                self.b.fused.linear_add(xa, w, residual, b, out)
+                return out
+            normed = Q8Act.empty(self.b.scratch, *out.shape)           # rms_norm(out) * g as int8
+            g, eps = next_norm
+            self.b.fused.linear_add(xa, w, residual, b, out, tail=(g, eps, normed, self.b.tail_count))
+            return DeviceTensor(out.ptr, out.shape, out.dtype, normed=(g.ptr, float(eps), normed))
         if not self.per_row:
             return self.add(residual, self.linear(a, w, b))
         out = self._empty(residual.shape)                              # [T, n_out]
@@ -286,19 +296,25 @@ class CudaOps:
             attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache, q8)
         return out if q8 is None else DeviceTensor(out.ptr, out.shape, out.dtype, q8)
 
-    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
+    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None,
+                next_norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
-        # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
+        # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual), or two
+        # with the backend's moe_launches = 2 (the first two in one)
         T, D, ex = *x.shape, experts
         if T != 1 or norm is None or self.per_row or not self._moe_fused(ex, n_used):
             h = x if norm is None else self.rms_norm(x, *norm)
             return self.add(x, self.moe(h, ex, n_used, alpha, limit))
         n_ff = ex.gate_w.shape[1]
         ids, weights = self._empty((T, n_used), np.int32), self._empty((T, n_used))
-        xa = Q8Act.empty(self.b.scratch, T, D)
-        self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
         h = Q8Act.empty(self.b.scratch, T * n_used, n_ff)
-        self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
+        if self.b.moe_launches == 2:   # norm, router, top-k and gate/up in one launch
+            logits = self._empty((ex.router_w.shape[0],))
+            self.b.moe_k.route_gate_up_q8(x, *norm, ex, alpha, limit, ids, weights, logits, self.b.moe_sync, h)
+        else:
+            xa = Q8Act.empty(self.b.scratch, T, D)
+            self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
+            self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
         out = self._empty((T, D))
         self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
         return out

@@ -1,0 +1,123 @@
+// One decode token's MoE block in two launches: this kernel (RMSNorm, router, top-k,
+// softmax, and every chosen expert's gate, up and SwiGLU) and matmul.cu's
+// moe_down_sum_q8 (down, the weighted sum and the residual). Before it the router ran
+// in a launch of its own (moe.cu's moe_norm_route_q8): one block of 1,024 threads that
+// read the router's E x D fp32 weights from one SM while the card waited, and a kernel
+// boundary more per layer.
+//
+// The launch's blocks take tickets in the order they start (an atomic counter), not
+// blockIdx: tickets 0 .. R-1 are router blocks, R .. the gate/up blocks. A gate/up
+// block waits for the routing, which blocks that started before it make: each of them
+// holds an SM already, so the wait always ends (the look-back argument of single-pass
+// scans). Router block j takes rows 8 j .. 8 j + 7 of the router; the last to finish
+// takes the top-k and softmax, publishes ids and weights, then raises the flag.
+// Meanwhile every gate/up block has normed and quantized x into its own shared memory.
+// The last block to leave zeroes the counters for the next launch (stream order).
+//
+// Bits: the norm sums x^2 as moe_norm_route_q8's 1,024 threads do (each of the 256
+// threads stands for 4 of them), each logit is the same warp sum, the top-k the same
+// scan, so ids, weights and the int8 x are that kernel's; moe_gate_up_rows is
+// moe_gate_up_q8's. The int8 x lives in shared memory: loads that may be shared.
+#define ORCD_ACT_ANY_SPACE
+#include "pdl.cuh"
+#include "act.cuh"
+#include "base.cuh"
+#include "formats.cuh"
+#include "moe_q8.cuh"
+#include "moe_route.cuh"
+
+#define MOE_SYNC_SPINS (1 << 24)   // ~seconds: a wait that long is a broken launch, not a slow one
+
+// h = x / sqrt(mean(x^2) + eps) * g into shared memory, 256 threads.
+__device__ __forceinline__ void moe_norm_row(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                                             int D, float* h) {
+    __shared__ float red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {   // thread v = 256 j + tid of a 1,024-thread block
+        float ss = 0.f;
+        for (int i = 256 * j + threadIdx.x; i < D; i += 1024) ss += x[i] * x[i];
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+        if (lane == 0) red[8 * j + warp] = ss;
+    }
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < 32; ++w) total += red[w];
+    const float s = sqrtf(total / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += MOE_WARPS * 32) h[i] = x[i] / s * g[i];
+    __syncthreads();
+}
+
+// x: [1, D] residual stream, g: [D] norm weight, rw: [E, D] F32 router, rb: [E];
+// logits: [E] scratch; -> ids, weights: [k]; hq, hd: [k, n_ff] the experts' int8 h.
+// sync: 4 ints, zero before the launch (and after it). grid R + k * n_ff / 32 with
+// R = ceil(E / 8), block 256, dynamic shared memory 5 D + D / 8 bytes.
+template <class F>
+__device__ __forceinline__ void moe_route_gate_up(const float* __restrict__ x, const float* __restrict__ g,
+                                                  float eps, const float* __restrict__ rw,
+                                                  const float* __restrict__ rb, int D, int E, int k,
+                                                  float* logits, int* ids, float* weights, const u8* __restrict__ wg,
+                                                  const u8* __restrict__ wu, long long row_bytes,
+                                                  long long expert_bytes, int n_expert,
+                                                  const float* __restrict__ bg, const float* __restrict__ bu,
+                                                  float alpha, float limit, signed char* __restrict__ hq,
+                                                  float* __restrict__ hd, int n_ff, int* sync) {
+    extern __shared__ float moe_sh[];
+    float* h = moe_sh;                                    // [D] the normed x
+    signed char* xq = (signed char*)(moe_sh + D);         // [D] int8 x
+    float* xd = (float*)(xq + D);                         // [D / 32] its scales
+    __shared__ int ticket;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, R = (E + MOE_WARPS - 1) / MOE_WARPS;
+    if (threadIdx.x == 0) ticket = atomicAdd(sync, 1);
+    moe_norm_row(x, g, eps, D, h);   // its barriers publish the ticket
+    if (ticket < R) {                                     // a router block
+        const int e = ticket * MOE_WARPS + warp;
+        if (e < E) {
+            const float acc = router_dot(rw + (long long)e * D, h, D, lane);
+            if (lane == 0) logits[e] = acc + rb[e];
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0 && atomicAdd(sync + 1, 1) == R - 1) {   // the last router block
+            __threadfence();
+            top_k_softmax([&](int e) { return __ldcg(logits + e); }, E, k, ids, weights);   // L2: other blocks' logits
+            __threadfence();
+            atomicExch(sync + 2, 1);
+        }
+    } else {                                              // a gate/up block
+        for (int grp = warp; grp < D / 32; grp += MOE_WARPS) {
+            float d;
+            xq[32 * grp + lane] = q8_lane(h[32 * grp + lane], d);
+            if (lane == 0) xd[grp] = d;
+        }
+        if (threadIdx.x == 0) {
+            int spins = 0;
+            while (atomicAdd(sync + 2, 0) == 0) {
+                __nanosleep(64);
+                if (++spins == MOE_SYNC_SPINS) { __trap(); break; }   // (the simulator's trap returns)
+            }
+            __threadfence();
+        }
+        __syncthreads();
+        const int j = ticket - R, blocks = n_ff / MOE_H_ROWS, pair = j / blocks;
+        moe_gate_up_rows<F>(wg, wu, row_bytes, expert_bytes, (const int*)xq, xd, __ldcg(ids + pair), n_expert,
+                            bg, bu, alpha, limit, hq, hd, n_ff, D, pair, j - pair * blocks);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(sync + 3, 1) == (int)gridDim.x - 1) {   // the last block out
+        sync[0] = sync[1] = sync[2] = sync[3] = 0;
+    }
+}
+
+#define ROUTE_GATE_UP_KERNEL(NAME, F, TYPE_ID)                                                       \
+    extern "C" __global__ void __launch_bounds__(256) moe_route_gate_up_q8_##NAME(                  \
+        const float* x, const float* g, float eps, const float* rw, const float* rb, int D, int E,   \
+        int k, float* logits, int* ids, float* weights, const u8* wg, const u8* wu,                 \
+        long long row_bytes, long long expert_bytes, int n_expert, const float* bg, const float* bu, \
+        float alpha, float limit, signed char* hq, float* hd, int n_ff, int* sync) {                \
+        orcd_prior_done();                                                                         \
+        moe_route_gate_up<F>(x, g, eps, rw, rb, D, E, k, logits, ids, weights, wg, wu, row_bytes,  \
+                             expert_bytes, n_expert, bg, bu, alpha, limit, hq, hd, n_ff, sync);     \
+    }
+ORCD_INT8_FORMATS(ROUTE_GATE_UP_KERNEL)
+#undef ROUTE_GATE_UP_KERNEL
