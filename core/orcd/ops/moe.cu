@@ -5,6 +5,7 @@
 
 #include "pdl.cuh"
 #include "moe_route.cuh"
+#include "q8.cuh"
 
 // logits: [T, n_expert] -> ids: [T, k] int32, weights: [T, k]. grid ceil(T / 128), block 128.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int* __restrict__ ids,
@@ -145,9 +146,7 @@ moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, floa
     for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = xr[i] / s * g[i];
     __syncthreads();
     for (int grp = warp; grp < D / 32; grp += n_warps) {   // a warp per 32-value group
-        float d;
-        xq[(long long)t * D + 32 * grp + lane] = q8_lane(h[32 * grp + lane], d);
-        if (lane == 0) xd[(long long)t * (D / 32) + grp] = d;
+        quantize_lane(h[32 * grp + lane], xq + (long long)t * D + 32 * grp, xd + (long long)t * (D / 32) + grp);
     }
     for (int e = warp; e < E; e += n_warps) {               // a warp per router row
         const float acc = router_dot(rw + (long long)e * D, h, D, lane);

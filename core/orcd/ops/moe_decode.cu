@@ -25,6 +25,7 @@
 #include "formats.cuh"
 #include "moe_q8.cuh"
 #include "moe_route.cuh"
+#include "q8.cuh"
 
 #define MOE_SYNC_SPINS (1 << 24)   // ~seconds: a wait that long is a broken launch, not a slow one
 
@@ -85,11 +86,7 @@ __device__ __forceinline__ void moe_route_gate_up(const float* __restrict__ x, c
             atomicExch(sync + 2, 1);
         }
     } else {                                              // a gate/up block
-        for (int grp = warp; grp < D / 32; grp += MOE_WARPS) {
-            float d;
-            xq[32 * grp + lane] = q8_lane(h[32 * grp + lane], d);
-            if (lane == 0) xd[grp] = d;
-        }
+        for (int grp = warp; grp < D / 32; grp += MOE_WARPS) quantize_lane(h[32 * grp + lane], xq + 32 * grp, xd + grp);
         if (threadIdx.x == 0) {
             int spins = 0;
             while (*(volatile int*)(sync + 2) == 0) {   // a plain read of L2, not an atomic: ~360 blocks poll

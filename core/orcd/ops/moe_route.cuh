@@ -9,15 +9,6 @@ __device__ __forceinline__ float router_dot(const float* __restrict__ r, const f
     return acc;
 }
 
-// A warp's 32 values, one a lane, quantized as quantize_q8_ref: d = amax / 127 (all
-// lanes), q = rint(v / d), 0 where d = 0.
-__device__ __forceinline__ signed char q8_lane(float v, float& d) {
-    float amax = fabsf(v);
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
-    d = amax / 127.f;
-    return (signed char)(d > 0.f ? (int)rintf(v / d) : 0);
-}
-
 // One thread: the top k of E logits (logit(e) reads one) by repeated selection, strict
 // '>' in expert order so ties go to the lower id (route_ref's stable sort), and the
 // softmax over the chosen -> ids, weights [k] (only this thread writes them).
