@@ -203,15 +203,22 @@ class CudaOps:
             if next_norm is None or not self.b.norm_tail or not isinstance(xa, (Q8Act, ToQ8)) or out.shape[1] % 32:
                 self.b.fused.linear_add(xa, w, residual, b, out)
                 return out
-            normed = Q8Act.empty(self.b.scratch, *out.shape)           # rms_norm(out) * g as int8
-            g, eps = next_norm
-            self.b.fused.linear_add(xa, w, residual, b, out, tail=(g, eps, normed, self.b.tail_count))
-            return DeviceTensor(out.ptr, out.shape, out.dtype, normed=(g.ptr, float(eps), normed))
+            tail, result = self._norm_tail(out, next_norm)
+            self.b.fused.linear_add(xa, w, residual, b, out, tail=tail)
+            return result
         if not self.per_row:
             return self.add(residual, self.linear(a, w, b))
         out = self._empty(residual.shape)                              # [T, n_out]
         self._gemvs(a, w, b, out, residual)                            # the add in the GEMV's launch
         return out
+
+    def _norm_tail(self, out, next_norm) -> tuple:
+        # (tail, result): the kernel argument that makes rms_norm(out) * g as int8 in the
+        # launch that writes out (its last block), and out carrying it for the next GEMV
+        normed = Q8Act.empty(self.b.scratch, *out.shape)
+        g, eps = next_norm
+        return ((g, eps, normed, self.b.tail_count),
+                DeviceTensor(out.ptr, out.shape, out.dtype, normed=(g.ptr, float(eps), normed)))
 
     def rms_norm(self, x, w, eps: float) -> DeviceTensor:
         out = self._empty(x.shape)
@@ -316,8 +323,12 @@ class CudaOps:
             self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
             self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
         out = self._empty((T, D))
-        self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
-        return out
+        if next_norm is None or not self.b.norm_tail or D % 32:
+            self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
+            return out
+        tail, result = self._norm_tail(out, next_norm)
+        self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out, tail=tail)
+        return result
 
     def _moe_tc(self, ex, D: int, n_ff: int) -> bool:
         """Whether the grouped experts run on the tensor cores (the backend's
