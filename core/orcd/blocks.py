@@ -63,11 +63,7 @@ class Attention:
         return cls(L.take("attn_norm.weight"), L.take("attn_output.weight"),
                    wqkv=L.take("attn_qkv.weight"), qkv_sizes=qkv_sizes)
 
-    def input_norm(self, eps: float):
-        """The norm its first GEMVs take their input through (a block before may make it)."""
-        return (self.norm, eps)
-
-    def __call__(self, ops, x, cache, layer: int, pos, *, eps: float, scale: float, rope, next_norm=None):
+    def __call__(self, ops, x, cache, layer: int, pos, *, eps: float, scale: float, rope):
         norm = (self.norm, eps)
         if self.wqkv is not None:
             qkv, = ops.linear_multi(x, (self.wqkv,), norm=norm)        # [T, (n_head + 2 n_kv) * hd]
@@ -77,7 +73,7 @@ class Attention:
                                        norm=norm)                      # [T, n_head*hd], [T, n_kv*hd] x2
         a = ops.attention(q, k, v, cache, layer, pos, scale, window=self.window, sinks=self.sinks,
                           rope=rope)                                   # [T, n_head*hd_v]
-        return ops.linear_add(a, self.wo, x, self.bo, next_norm=next_norm)   # x + a @ wo.T (+ bo)
+        return ops.linear_add(a, self.wo, x, self.bo)                  # x + a @ wo.T (+ bo)
 
 
 @dataclass
@@ -105,19 +101,14 @@ class Ffn:
         """ffn_norm, ffn_up holding gate and up, ffn_down (Phi-3)."""
         return cls(L.take("ffn_norm.weight"), L.take("ffn_up.weight"), None, L.take("ffn_down.weight"))
 
-    def input_norm(self, eps: float):
-        """The norm gate/up take their input through (a block before may make it); None
-        for biased gate/up, which norm through ops.rms_norm."""
-        return (self.norm, eps) if self.b_gate is None and self.b_up is None else None
-
-    def __call__(self, ops, x, *, eps: float, next_norm=None):
+    def __call__(self, ops, x, *, eps: float):
         norm = (self.norm, eps)
         if self.b_gate is None and self.b_up is None:
             f = ops.gated_linear(x, self.w_gate, self.w_up, norm=norm)  # [T, n_ff]
         else:   # biased gate/up: no fused kernel takes them
             h = ops.rms_norm(x, *norm)
             f = ops.swiglu(ops.linear(h, self.w_gate, self.b_gate), ops.linear(h, self.w_up, self.b_up))
-        return ops.linear_add(f, self.w_down, x, self.b_down, next_norm=next_norm)
+        return ops.linear_add(f, self.w_down, x, self.b_down)
 
 
 @dataclass
@@ -139,13 +130,8 @@ class Moe:
                      L.take("ffn_down_exps.weight"), L.take("ffn_down_exps.bias"))
         return cls(L.take(f"{norm}.weight"), ex, n_used, alpha, limit)
 
-    def input_norm(self, eps: float):
-        """None: the router's kernel norms x itself (ops.moe_add), nothing to make before."""
-        return None
-
-    def __call__(self, ops, x, *, eps: float, next_norm=None):
-        return ops.moe_add(x, self.experts, self.n_used, self.alpha, self.limit, norm=(self.norm, eps),
-                           next_norm=next_norm)
+    def __call__(self, ops, x, *, eps: float):
+        return ops.moe_add(x, self.experts, self.n_used, self.alpha, self.limit, norm=(self.norm, eps))
 
 
 @dataclass
@@ -173,11 +159,8 @@ class Decoder:
         eps = self.hp.norm_eps
         x = ops.embed(self.tok_embd, ids)                              # x: [T, n_embd]
         for i, L in enumerate(self.layers):
-            # each block is told the norm the next one opens with (a backend may make it early)
-            after = self.layers[i + 1].attention.input_norm(eps) if i + 1 < len(self.layers) else None
-            x = L.attention(ops, x, cache, i, pos, eps=eps, scale=self.scale, rope=self.rope,
-                            next_norm=L.ffn.input_norm(eps))
-            x = L.ffn(ops, x, eps=eps, next_norm=after)
+            x = L.attention(ops, x, cache, i, pos, eps=eps, scale=self.scale, rope=self.rope)
+            x = L.ffn(ops, x, eps=eps)
         if last_only:
             x = ops.last_row(x)
         return ops.linear(ops.rms_norm(x, self.out_norm, eps), self.output)   # [T, n_vocab]

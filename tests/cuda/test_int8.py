@@ -283,32 +283,6 @@ def test_int8_fused_gated_and_add(gpu, mk8, rng, host, name, n_ff, n_in, fused_h
     gpu.arena.reset()
 
 
-@pytest.mark.parametrize("name,n_out,n_in", [("Q5_0", 896, 896), ("Q4_K", 3072, 512)])
-def test_residual_gemv_norms_its_output_for_the_next_block(gpu, mk8, rng, host, name, n_out, n_in):
-    # linear_add's norm tail: the launch's last block norms and quantizes the whole output
-    # row -- the bits rms_norm_q8 gives on that output -- and leaves its counter zero
-    from orcd.ops.matmul_base import Q8Act
-
-    w, _ = gpu.weight(host, name, (n_out, n_in), rng)
-    g = gpu.put(rng.standard_normal(n_out).astype(np.float32))
-    count = gpu.put(np.zeros(1, np.int32))
-    for _ in range(2):   # the second launch finds the counter the first left
-        xa = mk8.quantize(gpu.put(rng.standard_normal((1, n_in)).astype(np.float32)), gpu.arena)
-        res = gpu.put(rng.standard_normal((1, n_out)).astype(np.float32) * 3)
-        out, plain = gpu.empty((1, n_out)), gpu.empty((1, n_out))
-        tail, want = Q8Act.empty(gpu.arena, 1, n_out), Q8Act.empty(gpu.arena, 1, n_out)
-        gpu.fused.linear_add(xa, w, res, None, out, tail=(g, 1e-6, tail, count))
-        gpu.fused.linear_add(xa, w, res, None, plain)
-        gpu.fused.rms_norm_q8(out, g, 1e-6, want)
-        assert gpu.get(out).tobytes() == gpu.get(plain).tobytes()
-        assert gpu.get(tail.xq).tobytes() == gpu.get(want.xq).tobytes()
-        assert gpu.get(tail.xd).tobytes() == gpu.get(want.xd).tobytes()
-        assert np.isfinite(gpu.get(want.xd)).all() and gpu.get(count)[0] == 0
-    with pytest.raises(ValueError, match="normed tail"):   # fp32 activations make no int8 tail
-        gpu.fused.linear_add(gpu.put(np.ones((1, n_in), np.float32)), w, res, None, out, tail=(g, 1e-6, tail, count))
-    gpu.arena.reset()
-
-
 @pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("name,n_out,n_in", [("Q5_0", 896, 896), ("Q6_K", 896, 4864), ("Q4_K", 512, 3072)])
 def test_int8_gemvs_quantizing_their_own_input_give_the_launched_bits(gpu, mk8, rng, host, name, n_out, n_in,

@@ -273,31 +273,3 @@ def test_a_qwen_layer_of_a_decode_batch_is_ten_launches(gpu, rows, rng, host):
         alone = layer([1])
     assert np.array_equal(alone[0], together[1])
     assert len(launches) == (11 if ops.b.mm.mma else 10), launches   # mma: q, k, v a launch each
-
-
-def test_a_residual_gemv_makes_the_next_blocks_normed_input(gpu, rows, rng, host):
-    # one token, norm_tail on: linear_add told the next norm (next_norm) writes it in its
-    # last block, and the gated GEMV after it takes that instead of an rms_norm_q8 launch
-    # -- the bits of the launched norm; a different norm is not taken for it
-    ops, count = rows
-    D, n_ff = sized((896, 4864), (256, 320))
-    wo, wg, wu = (gpu.weight(host, "Q5_0", s, rng)[0] for s in ((D, D), (n_ff, D), (n_ff, D)))
-    a, res = (gpu.put(rng.standard_normal((1, D)).astype(np.float32)) for _ in range(2))
-    norm = (gpu.put((1 + 0.1 * rng.standard_normal(D)).astype(np.float32)), 1e-6)
-    other = (gpu.put(np.ones(D, np.float32)), 1e-6)
-    ops.b.tail_count = gpu.put(np.zeros(1, np.int32))
-
-    def block(tail: bool, then=norm) -> tuple:
-        ops.b.norm_tail = tail
-        count.names.clear()
-        x = ops.linear_add(a, wo, res, next_norm=then)
-        f = ops.gated_linear(x, wg, wu, norm=norm)
-        return gpu.get(x), gpu.get(f), list(count.names)
-
-    x0, f0, plain = block(False)
-    x1, f1, tailed = block(True)
-    assert x1.tobytes() == x0.tobytes() and f1.tobytes() == f0.tobytes()
-    assert len(plain) == len(tailed) + 1 and sum("rms_norm_q8" in n for n in tailed) == 0, (plain, tailed)
-    x2, f2, mismatched = block(True, then=other)   # made for another norm: launched as before
-    assert f2.tobytes() == f0.tobytes() and len(mismatched) == len(plain)
-    assert gpu.get(ops.b.tail_count)[0] == 0

@@ -90,13 +90,13 @@ class CpuOps:
     def gated_linear(self, x, w_gate, w_up=None, norm=None) -> np.ndarray:
         return fused.gated_linear_ref(x, w_gate, w_up, norm, linear=self.linear)
 
-    def linear_add(self, a, w, residual, b=None, next_norm=None) -> np.ndarray:
-        return fused.linear_add_ref(a, w, residual, b, linear=self.linear)   # next_norm: a GPU hint
+    def linear_add(self, a, w, residual, b=None) -> np.ndarray:
+        return fused.linear_add_ref(a, w, residual, b, linear=self.linear)
 
     def moe(self, x, experts, n_used: int, alpha: float, limit: float):
         return moe.moe_ref(x, experts, n_used, alpha, limit, linear=self.linear)
 
-    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None, next_norm=None):
+    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None):
         return moe.moe_add_ref(x, experts, n_used, alpha, limit, norm, linear=self.linear)
 
     @staticmethod

@@ -87,7 +87,6 @@ CUDA_OPTIONS = {
     "self_quantize": ("off", "on"),      # on: one token's int8 GEMVs norm and quantize their own input
     "prompt_gemv": ("8", "16", "32"),    # prompt chunks of up to N rows through the int8 GEMVs, not the GEMM
     "moe_launches": ("3", "2"),          # one token's MoE block in 3 launches or 2 (router inside gate/up)
-    "norm_tail": ("off", "on"),          # on: a residual GEMV's last block norms + quantizes for the next
 }
 
 

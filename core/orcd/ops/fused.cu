@@ -22,7 +22,6 @@
 #include "act.cuh"
 #include "base.cuh"
 #include "formats.cuh"
-#include "norm_q8.cuh"   // q8_row, norm_tail
 
 #define FG_THREADS 128
 #define FG_WARPS (FG_THREADS / 32)
@@ -196,6 +195,44 @@ gemv_fused(const float* __restrict__ x, int n_in, const float* __restrict__ g, f
     else gemv_fused_body<ACT_F32>(x, nullptr, nullptr, n_in, g, eps, residual, gated, s, local, up);
 }
 
+// One row x [n] (times 1 / sqrt(mean(x^2) + eps) * g when g is given) quantized per
+// 32 values -> xq [n] int8 (as u32), xd [n / 32]: quantize_q8's and rms_norm_q8's
+// arithmetic, for a block of FG_THREADS, into global or shared memory.
+__device__ __forceinline__ void q8_row(const float* __restrict__ xr, const float* __restrict__ g, float eps,
+                                       int n, u32* xq, float* xd) {
+    float s = 1.f;
+    if (g) {
+        __shared__ float red[FG_WARPS];
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < n; i += FG_THREADS) ss = fmaf(xr[i], xr[i], ss);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, off);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+        __syncthreads();
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < FG_WARPS; ++w) total += red[w];
+        s = sqrtf(total / (float)n + eps);
+    }
+    for (int grp = threadIdx.x; grp < n / 32; grp += FG_THREADS) {
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float4 f = __ldg((const float4*)(xr + 32 * grp) + i);
+            v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+        }
+        if (g) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) v[i] = v[i] / s * __ldg(g + 32 * grp + i);
+        }
+        u32 q[8];
+        xd[grp] = quantize_group(v, q);
+        uint4* o = (uint4*)(xq + 8 * grp);
+        o[0] = make_uint4(q[0], q[1], q[2], q[3]);
+        o[1] = make_uint4(q[4], q[5], q[6], q[7]);
+    }
+}
+
 // The int8 GEMVs' own quantizing: given x (fp32, normed first when g is given), each
 // block quantizes it into the dynamic shared memory xs (n bytes of xq, then n / 32
 // floats of xd) -- the bits rms_norm_q8 or quantize_q8 would write, one launch fewer --
@@ -217,15 +254,13 @@ __device__ __forceinline__ void own_q8(const float* __restrict__ x, const float*
 extern "C" __global__ void
 gemv_fused_q8(const float* __restrict__ x, const float* __restrict__ g, float eps, const int* __restrict__ xq,
               const float* __restrict__ xqd, int n_in, const float* __restrict__ residual, int gated,
-              SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2), const float* __restrict__ tg, float teps, u32* tq,
-              float* td, int* tcount) {
+              SEG_ARGS(0), SEG_ARGS(1), SEG_ARGS(2)) {
     BLOCK_SEGMENT
     prefetch_segment(s, up, local, gated);
     orcd_prior_done();
     extern __shared__ float4 xs4[];
     own_q8(x, g, eps, n_in, xs4, xq, xqd);   // not given quantized: quantized here
     gemv_fused_body<ACT_Q8>(nullptr, xq, xqd, n_in, nullptr, 0.f, residual, gated, s, local, up);
-    if (tg) norm_tail(out0, n0, tg, teps, tq, td, tcount);   // tg: one segment (linear_add)
 }
 
 // Gated mode on int8 activations with whole rows per warp (split 1): warp w takes

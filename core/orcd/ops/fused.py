@@ -166,22 +166,11 @@ class FusedKernels:
             return
         self._run(x, [(w_gate, None, out, n_ff)], norm, residual=None, gated=True, up=up)
 
-    def linear_add(self, a, w, residual, b, out, tail=None) -> None:
-        """out: [1, n_out] = residual + a @ w.T + b. ``tail`` (int8 activations only):
-        (g, eps, xa, count) -- the launch's last block also writes rms_norm(out) * g
-        quantized into xa (Q8Act [1, n_out]), the bits ``rms_norm_q8`` gives; count: an
-        int32 DeviceTensor, zero, which the launch leaves zero."""
-        from orcd.ops.matmul_base import Q8Act
+    def linear_add(self, a, w, residual, b, out) -> None:
+        # out: [1, n_out] = residual + a @ w.T + b
+        self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False)
 
-        if tail is not None:
-            g, eps, xa, count = tail
-            if not isinstance(a, (Q8Act, ToQ8)) or tuple(xa.shape) != tuple(out.shape) or out.shape[1] % 32:
-                raise ValueError(f"fused linear_add: a normed tail needs int8 activations and whole groups "
-                                 f"of 32, got {type(a).__name__} into {xa.shape} for {out.shape}")
-            tail = [_u64(g.ptr), float(eps), _u64(xa.xq.ptr), _u64(xa.xd.ptr), _u64(count.ptr)]
-        self._run(a, [(w, b, out, w.shape[0])], None, residual=residual, gated=False, tail=tail)
-
-    def _run(self, x, segs, norm, residual, gated: bool, up=None, tail=None) -> None:
+    def _run(self, x, segs, norm, residual, gated: bool, up=None) -> None:
         from orcd.ops.matmul_base import Q8Act, gemv_split, row_pieces
 
         n_in = x.shape[1]
@@ -208,8 +197,7 @@ class FusedKernels:
             if norm is not None:
                 raise ValueError("fused GEMV: int8 activations come normed (rms_norm_q8)")
             acts, shared = _q8_args(x)    # ToQ8: quantized in the kernel, into shared memory
-            tail = tail or [_u64(None), 0.0, _u64(None), _u64(None), _u64(None)]
-            self._launch(self._fn_q8, total, FG_THREADS, [*acts, int(n_in), res, int(gated), *args, *tail],
+            self._launch(self._fn_q8, total, FG_THREADS, [*acts, int(n_in), res, int(gated), *args],
                          shared=shared)
             return
         g, eps = (norm[0].ptr, float(norm[1])) if norm is not None else (None, 0.0)

@@ -16,7 +16,6 @@
 #include "mma.cuh"
 #include "base.cuh"
 #include "formats.cuh"
-#include "norm_q8.cuh"   // norm_tail: the MoE down sum's next input
 
 #define GEMV_THREADS 128
 #define GEMV_WARPS (GEMV_THREADS / 32)
@@ -368,11 +367,9 @@ __device__ __forceinline__ GemvSeg gemv_seg(int b, GEMV_SEG_ARGS(0), GEMV_SEG_AR
     extern "C" __global__ void __launch_bounds__(256) moe_down_sum_q8_##NAME(                      \
         const u8* w, long long row_bytes, long long expert_bytes, const int* hq, const float* hd,   \
         const int* ids, const float* weights, int k, int n_expert, const float* bias,               \
-        const float* residual, float* out, int D, int n_ff, const float* tg, float teps, u32* tq,   \
-        float* td, int* tcount) { orcd_prior_done();                                                \
+        const float* residual, float* out, int D, int n_ff) { orcd_prior_done(); \
         moe_down_sum_q8<F>(w, row_bytes, expert_bytes, hq, hd, ids, weights, k, n_expert, bias,     \
                            residual, out, D, n_ff);                                                 \
-        if (tg) norm_tail(out, D, tg, teps, tq, td, tcount);   /* tg: one token */                   \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemm_q8_##NAME(                 \
         const u8* w, long long row_bytes, long long expert_bytes, const int* xq, const float* xd,  \

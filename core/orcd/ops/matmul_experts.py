@@ -118,26 +118,18 @@ class ExpertMatmuls(MatmulBase):
                      kptr(ids.ptr), k, n_expert, kptr(ex.gate_b.ptr), kptr(ex.up_b.ptr), float(alpha),
                      float(limit), kptr(h.xq.ptr), kptr(h.xd.ptr), n_ff, D])
 
-    def moe_down_sum_q8(self, h: "Q8Act", w, b, ids, weights, residual, out, tail=None) -> None:
+    def moe_down_sum_q8(self, h: "Q8Act", w, b, ids, weights, residual, out) -> None:
         """out[t] = residual[t] + sum_s weights[t, s] * (h[t * k + s] . w[e].T + b[e]), e =
         ids[t, s], in choice order: the experts' down projections, their weighted sum
-        and the residual add in one launch. w: QWeight [n_expert, D, n_ff]. ``tail`` (one
-        token): (g, eps, xa, count) -- the launch's last block also writes rms_norm(out) * g
-        quantized into xa (Q8Act [1, D]), as fused.FusedKernels.linear_add's tail."""
+        and the residual add in one launch. w: QWeight [n_expert, D, n_ff]."""
         n_expert, D, n_ff = w.shape
         T, k = ids.shape
         if not 0 < k <= MOE_MAX_K or tuple(h.shape) != (T * k, n_ff) or not int8_capable(w):
             raise ValueError(f"moe down: h {h.shape} for ids {ids.shape} (k <= {MOE_MAX_K}), {w.fmt.name}")
-        targs = [kptr(0), 0.0, kptr(0), kptr(0), kptr(0)]
-        if tail is not None:
-            g, eps, xa, count = tail
-            if T != 1 or tuple(xa.shape) != (1, D) or D % 32:
-                raise ValueError(f"moe down: a normed tail is one token's whole groups, got {xa.shape} for {out.shape}")
-            targs = [kptr(g.ptr), float(eps), kptr(xa.xq.ptr), kptr(xa.xd.ptr), kptr(count.ptr)]
         self._check_tensor(residual, (T, D), "moe down residual")
         self._check_tensor(out, (T, D), "moe down out")
         self._check_row(w, n_ff)
         self.launch(self._fn("moe_down_sum_q8_", w), (-(-D // 8), T), 256,
                     [kptr(w.ptr), np.int64(w.row_bytes), np.int64(w.fmt.vram_tensor_bytes((D, n_ff))),
                      kptr(h.xq.ptr), kptr(h.xd.ptr), kptr(ids.ptr), kptr(weights.ptr), k, n_expert,
-                     kptr(b.ptr), kptr(residual.ptr), kptr(out.ptr), D, n_ff, *targs])
+                     kptr(b.ptr), kptr(residual.ptr), kptr(out.ptr), D, n_ff])

@@ -107,7 +107,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
                  prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = True,
                  self_quantize: bool = False, prompt_gemv: int | str = GEMV_MAX_T,
-                 moe_launches: int | str = 3, norm_tail: bool = False) -> None:
+                 moe_launches: int | str = 3) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -141,10 +141,6 @@ class CudaBackend(BackendSampling, WeightLoading):
         one SM, gate/up, down) or 2 (the router's rows spread over the blocks of the
         gate/up launch, ops/moe_decode.cu); the same bits either way. 3 until a card
         times 2.
-        ``norm_tail``: a single token's residual GEMV (``linear_add``) also makes the next
-        block's normed int8 input in its last block (fused.cu's norm_tail) when the model
-        names that norm, instead of an rms_norm_q8 launch; the same bits. Off until a
-        card times it.
         Each off only to measure against."""
         from orcd.backends.cuda.device import CudaDevice
 
@@ -162,7 +158,6 @@ class CudaBackend(BackendSampling, WeightLoading):
         if int(moe_launches) not in (2, 3):
             raise ValueError(f"moe_launches must be 2 or 3, got {moe_launches!r}")
         self.moe_launches = int(moe_launches)
-        self.norm_tail = bool(norm_tail)
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None
@@ -217,12 +212,10 @@ class CudaBackend(BackendSampling, WeightLoading):
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
         # decode inputs: [token id, position] at fixed device addresses, fed from pinned memory
         self._step_buf = self.alloc.alloc(8, "scratch")
-        # the counters of kernels whose blocks meet (moe_decode.cu's routing, fused.cu's
-        # norm_tail): zero now, and each launch leaves them zero
-        self._sync_buf = self.alloc.alloc(32, "scratch")
+        # moe_decode.cu's counters: zero now, and each launch leaves them zero
+        self._sync_buf = self.alloc.alloc(16, "scratch")
         self.moe_sync = DeviceTensor(self._sync_buf.ptr, (4,), np.dtype(np.int32))
-        self.tail_count = DeviceTensor(self._sync_buf.ptr + 16, (1,), np.dtype(np.int32))
-        fill_bytes(self.device, self._sync_buf.ptr, 0, 32)
+        fill_bytes(self.device, self._sync_buf.ptr, 0, 16)
         self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
         self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
         self.device.make_current()

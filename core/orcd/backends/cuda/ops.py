@@ -134,13 +134,9 @@ class CudaOps:
     def _fused_act(self, x, ws, norm):
         # one token into a fused GEMV: (x, norm) as they are, or, when every weight is
         # of an integer format, int8 activations the kernel makes itself (normed first
-        # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch), or the normed ones
-        # the kernel that wrote x made (linear_add's next_norm)
+        # when asked: ToQ8, no rms_norm_q8 or quantize_q8 launch)
         if not self.b.mm.use_int8(*ws):
             return x, norm
-        made = getattr(x, "normed", None)
-        if norm is not None and made is not None and made[:2] == (norm[0].ptr, float(norm[1])):
-            return made[2], None
         if norm is None and (x.q8 is not None or not self.b.fused.self_quantize):
             return self._act(x, *ws), None          # the int8 x attention wrote, or quantize_q8
         if self.b.fused.self_quantize:
@@ -196,29 +192,16 @@ class CudaOps:
             gate, up = self.linear(h, w_gate), self.linear(h, w_up)
         return self.swiglu(gate, up)
 
-    def linear_add(self, a, w, residual, b=None, next_norm=None) -> DeviceTensor:
+    def linear_add(self, a, w, residual, b=None) -> DeviceTensor:
         if self._fused_ok(a, (w,)):
             out = self._empty(residual.shape)                          # [1, n_out]
-            xa = self._fused_act(a, (w,), None)[0]
-            if next_norm is None or not self.b.norm_tail or not isinstance(xa, (Q8Act, ToQ8)) or out.shape[1] % 32:
-                self.b.fused.linear_add(xa, w, residual, b, out)
-                return out
-            tail, result = self._norm_tail(out, next_norm)
-            self.b.fused.linear_add(xa, w, residual, b, out, tail=tail)
-            return result
+            self.b.fused.linear_add(self._fused_act(a, (w,), None)[0], w, residual, b, out)
+            return out
         if not self.per_row:
             return self.add(residual, self.linear(a, w, b))
         out = self._empty(residual.shape)                              # [T, n_out]
         self._gemvs(a, w, b, out, residual)                            # the add in the GEMV's launch
         return out
-
-    def _norm_tail(self, out, next_norm) -> tuple:
-        # (tail, result): the kernel argument that makes rms_norm(out) * g as int8 in the
-        # launch that writes out (its last block), and out carrying it for the next GEMV
-        normed = Q8Act.empty(self.b.scratch, *out.shape)
-        g, eps = next_norm
-        return ((g, eps, normed, self.b.tail_count),
-                DeviceTensor(out.ptr, out.shape, out.dtype, normed=(g.ptr, float(eps), normed)))
 
     def rms_norm(self, x, w, eps: float) -> DeviceTensor:
         out = self._empty(x.shape)
@@ -303,8 +286,7 @@ class CudaOps:
             attn.attention(q, kc, vc, pos, scale, window, sinks, out, self._empty, cache, q8)
         return out if q8 is None else DeviceTensor(out.ptr, out.shape, out.dtype, q8)
 
-    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None,
-                next_norm=None) -> DeviceTensor:
+    def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
         # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual), or two
         # with the backend's moe_launches = 2 (the first two in one)
@@ -323,12 +305,8 @@ class CudaOps:
             self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
             self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
         out = self._empty((T, D))
-        if next_norm is None or not self.b.norm_tail or D % 32:
-            self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
-            return out
-        tail, result = self._norm_tail(out, next_norm)
-        self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out, tail=tail)
-        return result
+        self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
+        return out
 
     def _moe_tc(self, ex, D: int, n_ff: int) -> bool:
         """Whether the grouped experts run on the tensor cores (the backend's

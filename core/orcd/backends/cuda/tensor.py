@@ -32,9 +32,6 @@ class DeviceTensor:
     # the same values as int8 activations (orcd.ops.matmul_base.Q8Act), where the kernel that
     # wrote them also quantized them (attention's output); a view or row range drops it
     q8: Any = field(default=None, compare=False, repr=False)
-    # rms_norm(values) * g as int8 activations, made by the kernel that wrote the values
-    # for the norm the model applies next: (g's pointer, eps, Q8Act); a view drops it
-    normed: Any = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
