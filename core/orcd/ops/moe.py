@@ -189,7 +189,7 @@ class MoeKernels:
                       np.uint64(weights.ptr), np.uint64(gw.ptr), np.uint64(uw.ptr), np.int64(gw.row_bytes),
                       np.int64(gw.fmt.vram_tensor_bytes((n_ff, D))), n_expert, np.uint64(ex.gate_b.ptr),
                       np.uint64(ex.up_b.ptr), float(alpha), float(limit), np.uint64(h.xq.ptr),
-                      np.uint64(h.xd.ptr), n_ff, np.uint64(sync.ptr)], shared=5 * D + D // 8)
+                      np.uint64(h.xd.ptr), n_ff, np.uint64(sync.ptr)], shared=5 * D + D // 8 + 4 * E)
 
     def _decode_fn(self, fmt):
         mod = self._decode_modules.get(fmt.type_id)

@@ -52,7 +52,7 @@ __device__ __forceinline__ void moe_norm_row(const float* __restrict__ x, const 
 // x: [1, D] residual stream, g: [D] norm weight, rw: [E, D] F32 router, rb: [E];
 // logits: [E] scratch; -> ids, weights: [k]; hq, hd: [k, n_ff] the experts' int8 h.
 // sync: 4 ints, zero before the launch (and after it). grid R + k * n_ff / 32 with
-// R = ceil(E / 8), block 256, dynamic shared memory 5 D + D / 8 bytes.
+// R = ceil(E / 8), block 256, dynamic shared memory 5 D + D / 8 + 4 E bytes.
 template <class F>
 __device__ __forceinline__ void moe_route_gate_up(const float* __restrict__ x, const float* __restrict__ g,
                                                   float eps, const float* __restrict__ rw,
@@ -77,13 +77,24 @@ __device__ __forceinline__ void moe_route_gate_up(const float* __restrict__ x, c
             const float acc = router_dot(rw + (long long)e * D, h, D, lane);
             if (lane == 0) logits[e] = acc + rb[e];
         }
+        __shared__ int last;
+        __shared__ int sid[MOE_MAX_K];
+        __shared__ float sw[MOE_MAX_K];
         __threadfence();
         __syncthreads();
-        if (threadIdx.x == 0 && atomicAdd(sync + 1, 1) == R - 1) {   // the last router block
-            __threadfence();
-            top_k_softmax([&](int e) { return __ldcg(logits + e); }, E, k, ids, weights);   // L2: other blocks' logits
-            __threadfence();
-            atomicExch(sync + 2, 1);
+        if (threadIdx.x == 0) last = atomicAdd(sync + 1, 1) == R - 1;
+        __syncthreads();
+        if (last) {   // the last router block: every block's logits into shared memory, then the
+            __threadfence();   // top-k from there (one thread's 4 x 32 reads: through L2 they cost
+            float* lg = xd + D / 32;   // ~28 us a layer on an H100, bench/RESULTS.md)
+            for (int e = threadIdx.x; e < E; e += blockDim.x) lg[e] = __ldcg(logits + e);
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                top_k_softmax([&](int e) { return lg[e]; }, E, k, sid, sw);
+                for (int r = 0; r < k; ++r) { ids[r] = sid[r]; weights[r] = sw[r]; }
+                __threadfence();
+                atomicExch(sync + 2, 1);
+            }
         }
     } else {                                              // a gate/up block
         for (int grp = warp; grp < D / 32; grp += MOE_WARPS) quantize_lane(h[32 * grp + lane], xq + 32 * grp, xd + grp);
