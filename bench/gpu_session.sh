@@ -22,6 +22,10 @@
 #                                   # then this tree's decode timeline (decode_timeline.py)
 #                                   # and its upload of MXFP4 rows, planes made by
 #                                   # the host and by the card; SKIP_TESTS=1 leaves the GPU tests out
+#   bash bench/gpu_session.sh opts MODELS NAME=VALUE...  # (one call on its own) decode_profile
+#                                   # --bench of each of MODELS (comma-separated) with the
+#                                   # defaults, then with each NAME=VALUE alone (one option a
+#                                   # run: two options timed together cannot be told apart)
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
 #                                   # ones) as it is and with those --cuda-options, e.g.
@@ -122,6 +126,19 @@ tree)
   (cd bench && timeout 90 python3 cuda_upload.py --format MXFP4 --mib 1024 --chunks 1,4 --threads 4 \
       --repeat 2 2>&1 | tee "$OUT/upload.log" | tail -5)
   ;;
+opts)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
+  for m in ${2//,/ }; do
+    [ -f "$WORK/$m.gguf" ] || python3 -m orcd.cli synth "$m" -o "$WORK/$m.gguf"
+    for o in "" "${@:3}"; do
+      timeout 120 python3 bench/decode_profile.py "$WORK/$m.gguf" --positions 600 --bench \
+          ${o:+--cuda-option "$o"} > "$OUT/opts-$m-${o:-defaults}.log" 2>&1
+      echo "$m ${o:-defaults}: $(grep -h 'graph step' "$OUT/opts-$m-${o:-defaults}.log" | sed 's/.*: //')" \
+           "$(grep -h 'engine' "$OUT/opts-$m-${o:-defaults}.log")"
+    done
+  done
+  ;;
 ab)
   models=${2:-$SMALL}
   opts=(); for o in "${@:3}"; do opts+=(--orcd-option "$o"); done
@@ -134,5 +151,5 @@ ab)
   done
   ;;
 *)
-  echo "usage: bench/gpu_session.sh one|two|load|tree|ab"; exit 2 ;;
+  echo "usage: bench/gpu_session.sh one|two|load|tree|opts|ab"; exit 2 ;;
 esac
