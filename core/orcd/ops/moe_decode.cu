@@ -11,14 +11,16 @@
 // holds an SM already, so the wait always ends (the look-back argument of single-pass
 // scans). Router block j takes rows 8 j .. 8 j + 7 of the router; the last to finish
 // copies all E logits into its shared memory (one thread reading them through L2 one
-// after another cost ~25 us a layer on an H100), takes the top-k and softmax there,
-// publishes ids and weights, then raises the flag.
+// after another cost ~25 us a layer on an H100), takes the top-k there with a warp
+// (moe_route.cuh's top_k_softmax_warp: shuffles, not one thread's k x E scan), publishes
+// ids and weights, then raises the flag.
 // Meanwhile every gate/up block has normed and quantized x into its own shared memory.
 // The last block to leave zeroes the counters for the next launch (stream order).
 //
 // Bits: the norm sums x^2 as moe_norm_route_q8's 1,024 threads do (each of the 256
 // threads stands for 4 of them), each logit is the same warp sum, the top-k the same
-// scan, so ids, weights and the int8 x are that kernel's; moe_gate_up_rows is
+// choice (the warp's order is the scan's for logits that are not NaN), so ids, weights
+// and the int8 x are that kernel's; moe_gate_up_rows is
 // moe_gate_up_q8's. The int8 x lives in shared memory: loads that may be shared.
 #define ORCD_ACT_ANY_SPACE
 #include "pdl.cuh"
@@ -91,8 +93,8 @@ __device__ __forceinline__ void moe_route_gate_up(const float* __restrict__ x, c
             float* lg = xd + D / 32;   // [E], after the int8 x's scales
             for (int e = threadIdx.x; e < E; e += blockDim.x) lg[e] = __ldcg(logits + e);
             __syncthreads();
+            if (warp == 0) top_k_softmax_warp([&](int e) { return lg[e]; }, E, k, sid, sw);
             if (threadIdx.x == 0) {
-                top_k_softmax([&](int e) { return lg[e]; }, E, k, sid, sw);
                 for (int r = 0; r < k; ++r) { ids[r] = sid[r]; weights[r] = sw[r]; }
                 __threadfence();
                 atomicExch(sync + 2, 1);

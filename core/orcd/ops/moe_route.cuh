@@ -9,6 +9,14 @@ __device__ __forceinline__ float router_dot(const float* __restrict__ r, const f
     return acc;
 }
 
+// weights [k]: the chosen logits, largest first -> their softmax, summed in choice order.
+__device__ __forceinline__ void softmax_chosen(float* weights, int k) {
+    const float mx = weights[0];
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) { weights[r] = expf(weights[r] - mx); sum += weights[r]; }
+    for (int r = 0; r < k; ++r) weights[r] /= sum;
+}
+
 // One thread: the top k of E logits (logit(e) reads one) by repeated selection, strict
 // '>' in expert order so ties go to the lower id (route_ref's stable sort), and the
 // softmax over the chosen -> ids, weights [k] (only this thread writes them).
@@ -26,8 +34,32 @@ __device__ __forceinline__ void top_k_softmax(Logit logit, int E, int k, int* id
         ids[r] = best;
         weights[r] = bv;
     }
-    const float mx = weights[0];   // the first choice is the largest
-    float sum = 0.f;
-    for (int r = 0; r < k; ++r) { weights[r] = expf(weights[r] - mx); sum += weights[r]; }
-    for (int r = 0; r < k; ++r) weights[r] /= sum;
+    softmax_chosen(weights, k);
+}
+
+// The same choice by a warp (all 32 lanes call it; E <= 1,024): each round every lane
+// takes the best of its untaken experts (lane, lane + 32, ...), then a butterfly over
+// (logit, id) pairs -- larger logit first, the lower id on a tie, a total order, so every
+// lane ends on the one top_k_softmax's scan picks (for logits that are not NaN) -- in 5
+// shuffles instead of one thread's E reads. Lane 0 writes ids, weights and the softmax.
+template <class Logit>
+__device__ __forceinline__ void top_k_softmax_warp(Logit logit, int E, int k, int* ids, float* weights) {
+    const int lane = threadIdx.x & 31;
+    unsigned taken = 0;   // bit j: expert lane + 32 j is chosen
+    for (int r = 0; r < k; ++r) {
+        float bv = 0.f;
+        int be = -1;
+        for (int j = 0, e = lane; e < E; ++j, e += 32) {
+            const float v = logit(e);
+            if (!(taken >> j & 1u) && (be < 0 || v > bv)) { bv = v; be = e; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, o);
+            const int oe = __shfl_xor_sync(0xFFFFFFFFu, be, o);
+            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) { bv = ov; be = oe; }
+        }
+        if ((be & 31) == lane) taken |= 1u << (be >> 5);
+        if (lane == 0) { ids[r] = be; weights[r] = bv; }
+    }
+    if (lane == 0) softmax_chosen(weights, k);
 }
