@@ -269,7 +269,8 @@ def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, n
     sync = gpu.put(np.zeros(4, np.int32))
     tied = 0
     for i in range(6):   # each launch finds the counters the one before left
-        x = gpu.put((rng.standard_normal((1, D)) * 2).astype(np.float32))
+        x_host = (rng.standard_normal((1, D)) * 2).astype(np.float32)
+        x = gpu.put(x_host)
         ids3, w3 = gpu.empty((1, k), np.int32), gpu.empty((1, k))
         xa = Q8Act(gpu.empty((1, D), np.int8), gpu.empty((1, D // 32)))
         h3 = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
@@ -279,6 +280,9 @@ def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, n
         h2 = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
         gpu.moe.route_gate_up_q8(x, g, eps, ex, ALPHA, LIMIT, ids2, w2, logits, sync, h2)
         np.testing.assert_array_equal(gpu.get(ids2), gpu.get(ids3))
+        g_host = gpu.get(g)
+        want, _ = moe.route_ref(rms_norm_ref(x_host, g_host, eps) @ router.T + rb, k)   # stable: ties to the lower id
+        np.testing.assert_array_equal(gpu.get(ids3), want)
         tied += len({3, 9} & set(gpu.get(ids3)[0])) == 2 or len({1, E - 1} & set(gpu.get(ids3)[0])) == 2
         assert gpu.get(w2).tobytes() == gpu.get(w3).tobytes()
         assert gpu.get(h2.xq).tobytes() == gpu.get(h3.xq).tobytes()

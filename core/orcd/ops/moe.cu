@@ -153,6 +153,7 @@ moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, floa
         if (lane == 0) logits[e] = acc + rb[e];
     }
     __syncthreads();
-    if (threadIdx.x == 0)
-        top_k_softmax([&](int e) { return logits[e]; }, E, k, ids + (long long)t * k, weights + (long long)t * k);
+    if (warp == 0)   // the scan's choice by a butterfly (moe_route.cuh), not one thread's k x E reads
+        top_k_softmax_warp([&](int e) { return logits[e]; }, E, k, ids + (long long)t * k,
+                           weights + (long long)t * k);
 }
