@@ -10,6 +10,8 @@ weighted sum + residual) against a float64 reference on the same int8 roundings.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from gpu_rig import rel, sized
@@ -292,3 +294,6 @@ def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, n
     with pytest.raises(ValueError, match="route/gate/up"):   # more experts a token than the kernel keeps
         big = gpu.empty((1, 9), np.int32)
         gpu.moe.route_gate_up_q8(x, g, eps, ex, ALPHA, LIMIT, big, gpu.empty((1, 9)), logits, sync, h2)
+    wide = dataclasses.replace(ex, router_w=QWeight(rw.ptr, (1025, D), 0, host.formats[0]))
+    with pytest.raises(ValueError, match="route/gate/up"):   # more experts than the warp's top-k takes
+        gpu.moe.route_gate_up_q8(x, g, eps, wide, ALPHA, LIMIT, ids2, w2, gpu.empty((1025,)), sync, h2)

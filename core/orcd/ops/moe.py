@@ -150,11 +150,11 @@ class MoeKernels:
     def norm_route_q8(self, x, g, eps: float, router_w, router_b, ids, weights, xa) -> None:
         """x [T, D] -> rms_norm(x) * g quantized per 32 values into xa (matmul_base.Q8Act [T, D]),
         and its top-k experts ids [T, k] int32 with softmax weights [T, k] from the
-        router (router_w an F32 QWeight [E, D], router_b [E])."""
+        router (router_w an F32 QWeight [E, D], router_b [E]; E <= 1,024: the warp's top-k)."""
         T, D = x.shape
         E = router_w.shape[0]
         k = ids.shape[1]
-        if router_w.type_id != 0 or tuple(router_w.shape) != (E, D) or D % 32 or not 0 < k <= E:
+        if router_w.type_id != 0 or tuple(router_w.shape) != (E, D) or D % 32 or not 0 < k <= E <= 1024:
             raise ValueError(f"moe norm_route: router {router_w.fmt.name} {router_w.shape}, D {D}, k {k}")
         self._launch(self._norm_route, T, 1024,
                      [np.uint64(x.ptr), np.uint64(g.ptr), float(eps), np.uint64(router_w.ptr),
@@ -176,7 +176,7 @@ class MoeKernels:
         n_expert, n_ff, n_in = ex.gate_w.shape
         gw, uw = ex.gate_w, ex.up_w
         if (T != 1 or ex.router_w.type_id != 0 or tuple(ex.router_w.shape) != (E, D) or D % 32 or n_in != D
-                or not 0 < k <= min(E, MOE_MAX_K) or n_ff % 32 or not int8_capable(gw)
+                or not 0 < k <= min(E, MOE_MAX_K) or E > 1024 or n_ff % 32 or not int8_capable(gw)
                 or tuple(uw.shape) != tuple(gw.shape) or uw.type_id != gw.type_id):
             raise ValueError(f"moe route/gate/up: x {x.shape}, router {ex.router_w.shape}, k {k}, "
                              f"gate {gw.fmt.name} {gw.shape}, up {uw.fmt.name} {uw.shape}")

@@ -320,7 +320,8 @@ class CudaOps:
 
         ws = (ex.gate_w, ex.up_w, ex.down_w)
         return (not self.b.mm.int8_off and all(int8_capable(w) for w in ws) and ex.router_w.type_id == 0
-                and n_used <= MOE_MAX_K and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
+                and n_used <= MOE_MAX_K and ex.router_w.shape[0] <= 1024   # the warp's top-k: E <= 1,024
+                and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
                 and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
 
     def moe(self, x, experts, n_used: int, alpha: float, limit: float) -> DeviceTensor:
