@@ -99,11 +99,11 @@ tree)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
   if [ -z "${SKIP_TESTS:-}" ]; then   # SKIP_TESTS=1: the timings only (a second call on a warm machine)
-    timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_ops_cuda.py tests/cuda/test_int8.py \
+    timeout 240 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_ops_cuda.py tests/cuda/test_int8.py tests/cuda/test_moe.py \
         tests/cuda/test_fused.py tests/cuda/test_mma.py tests/cuda/test_rows_layer.py tests/cuda/test_runtime.py \
         tests/engine/test_batch_forward.py tests/engine/test_scheduler.py 2>&1 \
         | tee "$OUT/tests.log" | tail -3
-    timeout 120 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k "early or graph" 2>&1 \
+    timeout 150 python3 -m pytest -q -m cuda -p no:randomly tests/cuda/test_backend.py -k "early or graph or launch_cutting" 2>&1 \
         | tee "$OUT/tests-backend.log" | tail -2
   fi
   for m in ${3:-qwen2-0.5b}; do
