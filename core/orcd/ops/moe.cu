@@ -132,19 +132,8 @@ moe_norm_route_q8(const float* __restrict__ x, const float* __restrict__ g, floa
     extern __shared__ float moe_sh[];
     float* h = moe_sh;          // [D] the normed input
     float* logits = moe_sh + D; // [E]
-    __shared__ float red[32];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    const float* xr = x + (long long)t * D;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < n_warps; ++w) total += red[w];   // the same fixed order on every thread
-    const float s = sqrtf(total / (float)D + eps);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = xr[i] / s * g[i];
-    __syncthreads();
+    moe_norm_row(x + (long long)t * D, g, eps, D, h);
     for (int grp = warp; grp < D / 32; grp += n_warps) {   // a warp per 32-value group
         quantize_lane(h[32 * grp + lane], xq + (long long)t * D + 32 * grp, xd + (long long)t * (D / 32) + grp);
     }

@@ -17,8 +17,8 @@
 // Meanwhile every gate/up block has normed and quantized x into its own shared memory.
 // The last block to leave zeroes the counters for the next launch (stream order).
 //
-// Bits: the norm sums x^2 as moe_norm_route_q8's 1,024 threads do (each of the 256
-// threads stands for 4 of them), each logit is the same warp sum, the top-k the same
+// Bits: the norm is moe_norm_route_q8's (moe_route.cuh's moe_norm_row: each of the 256
+// threads stands for 4 of its 1,024), each logit is the same warp sum, the top-k the same
 // choice (the warp's order is the scan's for logits that are not NaN), so ids, weights
 // and the int8 x are that kernel's; moe_gate_up_rows is
 // moe_gate_up_q8's. The int8 x lives in shared memory: loads that may be shared.
@@ -32,26 +32,6 @@
 #include "q8.cuh"
 
 #define MOE_SYNC_SPINS (1 << 24)   // ~seconds: a wait that long is a broken launch, not a slow one
-
-// h = x / sqrt(mean(x^2) + eps) * g into shared memory, 256 threads.
-__device__ __forceinline__ void moe_norm_row(const float* __restrict__ x, const float* __restrict__ g, float eps,
-                                             int D, float* h) {
-    __shared__ float red[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {   // thread v = 256 j + tid of a 1,024-thread block
-        float ss = 0.f;
-        for (int i = 256 * j + threadIdx.x; i < D; i += 1024) ss += x[i] * x[i];
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-        if (lane == 0) red[8 * j + warp] = ss;
-    }
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < 32; ++w) total += red[w];
-    const float s = sqrtf(total / (float)D + eps);
-    for (int i = threadIdx.x; i < D; i += MOE_WARPS * 32) h[i] = x[i] / s * g[i];
-    __syncthreads();
-}
 
 // x: [1, D] residual stream, g: [D] norm weight, rw: [E, D] F32 router, rb: [E];
 // logits: [E] scratch; -> ids, weights: [k]; hq, hd: [k, n_ff] the experts' int8 h.
