@@ -267,8 +267,8 @@ def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, n
     rw = QWeight(gpu.put(router).ptr, (E, D), 0, host.formats[0])
     gw, uw = (gpu.weight(host, name, (E, n_ff, D), rng) for _ in range(2))
     ex = moe.Experts(rw, gpu.put(rb), gw[0], gpu.put(gb), uw[0], gpu.put(ub), None, None)
-    g = gpu.put(rng.standard_normal(D).astype(np.float32))
-    sync = gpu.put(np.zeros(4, np.int32))
+    g_host = rng.standard_normal(D).astype(np.float32)
+    g, sync = gpu.put(g_host), gpu.put(np.zeros(4, np.int32))
     for i in range(3):   # each launch finds the counters the one before left
         x_host = (rng.standard_normal((1, D)) * 2).astype(np.float32)
         x = gpu.put(x_host)
@@ -281,7 +281,6 @@ def test_two_launch_decode_moe_is_bitwise_the_three_launch_one(gpu, rng, host, n
         h2 = Q8Act(gpu.empty((k, n_ff), np.int8), gpu.empty((k, n_ff // 32)))
         gpu.moe.route_gate_up_q8(x, g, eps, ex, ALPHA, LIMIT, ids2, w2, logits, sync, h2)
         np.testing.assert_array_equal(gpu.get(ids2), gpu.get(ids3))
-        g_host = gpu.get(g)
         want, _ = moe.route_ref(rms_norm_ref(x_host, g_host, eps) @ router.T + rb, k)   # stable: ties to the lower id
         np.testing.assert_array_equal(gpu.get(ids3), want)
         np.testing.assert_array_equal(gpu.get(ids3)[0, :3], [3, 9, 1])
