@@ -118,6 +118,20 @@ def test_attention_gqa_window_sinks(window, use_sinks):
         assert np.abs(got - ref).max() < 1e-4
 
 
+def test_gelu_keeps_its_digits_in_the_negative_tail():
+    # the tanh form 0.5 x (1 + tanh(u)) cancels to noise for x < ~-3 in fp32; each value
+    # must stay within fp32 rounding of the float64 function, however small
+    x = np.concatenate([np.linspace(-9, 9, 3601), [-3.5, -5.0, -7.25]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    exact = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
+    tail = x64 < -3   # float64's tanh form is exact enough only where 1 + tanh(u) > 1e-9
+    exact[tail] = x64[tail] / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x64[tail] + 0.044715 * x64[tail] ** 3)))
+    got = activation.gelu_ref(x).astype(np.float64)
+    nonzero = exact != 0
+    assert np.max(np.abs(got - exact)[nonzero] / np.abs(exact[nonzero])) < 2e-5
+    assert got[x == 0] == 0
+
+
 def test_swiglu_oai_clamps():
     gate = np.array([-20.0, 0.0, 3.0, 50.0], np.float32)
     up = np.array([100.0, -100.0, 1.0, 0.0], np.float32)

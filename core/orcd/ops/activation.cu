@@ -21,10 +21,12 @@ extern "C" __global__ void silu_f32(const float* __restrict__ x, float* __restri
 
 extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
     orcd_prior_done();
-    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    // 0.5 v (1 + tanh(u)) written as v / (1 + exp(-2u)): the same function, without the
+    // cancellation of 1 + tanh(u) for negative v (where the tanh form loses every digit)
+    const float c2 = 1.5957691216057308f;  // 2 sqrt(2 / pi)
     EW_LOOP(n) {
         const float v = x[i];
-        out[i] = 0.5f * v * (1.f + tanhf(c * (v + 0.044715f * v * v * v)));
+        out[i] = v / (1.f + expf(-c2 * (v + 0.044715f * v * v * v)));
     }
 }
 

@@ -15,9 +15,11 @@ def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def gelu_ref(x: np.ndarray) -> np.ndarray:
-    # the tanh approximation, as ggml_gelu
-    c = np.float32(np.sqrt(2.0 / np.pi))
-    return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
+    # the tanh approximation, as ggml_gelu: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), the
+    # second form free of 1 + tanh(u)'s cancellation for negative x
+    c2 = np.float32(2 * np.sqrt(2.0 / np.pi))
+    with np.errstate(over="ignore"):   # exp(-2u) = inf for x < ~-10: x / inf = -0, the limit
+        return x / (np.float32(1) + np.exp(-c2 * (x + np.float32(0.044715) * x ** 3)))
 
 
 def swiglu_oai_ref(gate: np.ndarray, up: np.ndarray, alpha: float,
