@@ -201,7 +201,7 @@ def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_short_prompts_through_the_int8_gemvs_give_the_reference(pairs, host, tiny_model, preset):
-    """``prompt_gemv=32``: prompt chunks of up to 32 rows take the int8 GEMVs instead of
+    """``prompt_gemv=32`` (the default): prompt chunks of up to 32 rows take the int8 GEMVs instead of
     fp16 weight copies and the GEMM; the logits of the prompt's last row and of the
     decode after it stay the CPU reference's (argmax, and within the prefill's 1e-2)."""
     from orcd.load import load_model

@@ -85,7 +85,7 @@ CUDA_OPTIONS = {
     "mma": ("off", "on"),                # on: a decode batch's GEMVs on the int8 tensor cores
     "pdl": ("on", "off"),                # on: kernels start while the one before them finishes (sm_90+)
     "self_quantize": ("off", "on"),      # on: one token's int8 GEMVs norm and quantize their own input
-    "prompt_gemv": ("8", "16", "32"),    # prompt chunks of up to N rows through the int8 GEMVs, not the GEMM
+    "prompt_gemv": ("32", "16", "8"),    # prompt chunks of up to N rows through the int8 GEMVs, not the GEMM
     "moe_launches": ("3", "2"),          # one token's MoE block in 3 launches or 2 (router inside gate/up)
 }
 
