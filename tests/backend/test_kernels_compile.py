@@ -77,13 +77,11 @@ def test_kernel_sources_bring_every_header_they_include():
     # directly or through another header, must be among them
     from orcd.backends.cuda.aot import sources
     from orcd.ops.matmul_base import matmul_source
-    from orcd.ops.moe import decode_source
 
     own = {p.name: p.read_text() for p in [*ROOT.glob("quant/*.cuh"), *ROOT.glob("ops/*.cuh")]}
     own[HEADER] = formats_header(FORMATS)
     carried = {s.name: s.headers for s in sources()}
     carried["matmul.cu"] = matmul_source(FORMATS).headers
-    carried["moe_decode.cu"] = decode_source(FORMATS).headers   # one source a format in sources()
     for src in SOURCES:
         needed = _quoted_includes(src.read_text(), own, set())
         assert needed <= set(carried.get(src.name, {})), f"{src.name} needs {sorted(needed)}"
@@ -98,7 +96,7 @@ def test_every_kernel_the_launchers_name_exists(ptx):
     def entries(name: str) -> set[str]:
         return set(re.findall(r"\.entry\s+(\w+)\(", ptx(ROOT / "ops" / name)[2]))
 
-    matmul, moe_decode = entries("matmul.cu"), entries("moe_decode.cu")
+    matmul = entries("matmul.cu")
     for fmt in with_device(FORMATS):
         s = fmt.device.suffix
         wanted = {f"gemv_{s}_t{tm}" for tm in GEMV_TM} | {f"moe_gemv_{s}", f"moe_gemm_{s}", f"embed_{s}",
@@ -106,7 +104,6 @@ def test_every_kernel_the_launchers_name_exists(ptx):
         if fmt.device.int8:
             wanted |= {f"gemv_q8_{s}_t{tm}" for tm in GEMV_Q8_TM} | {f"gemv_q8_gated_{s}_t{tm}" for tm in GATED_Q8_TM}
             wanted |= {f"moe_gemv_q8_{s}", f"moe_gemm_q8_{s}", f"moe_gate_up_q8_{s}", f"moe_down_sum_q8_{s}"}
-            assert f"moe_route_gate_up_q8_{s}" in moe_decode
         assert wanted <= matmul, sorted(wanted - matmul)
     assert {"quantize_q8", "to_half", "from_half"} <= matmul
     assert {f"attn_prefill_tc_v{v}" for v in PF_HEAD_DIMS} <= entries("attention.cu")

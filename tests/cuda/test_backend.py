@@ -148,26 +148,6 @@ def test_early_launches_give_the_bits_of_serialized_ones(host, tiny_model, prese
     assert run(True, graphs=False).tobytes() == run(False, graphs=False).tobytes()
 
 
-@pytest.mark.parametrize("preset,options", [("gpt-oss-tiny", {"moe_launches": 2})])
-def test_launch_cutting_options_give_the_default_bits(host, tiny_model, preset, options):
-    """``moe_launches=2`` (router, top-k and the experts' gate/up in one launch whose
-    blocks wait for the routing) decodes bitwise as the default three launches do, in
-    graphs and eagerly, early launches on: each launch leaves its counters zero for the next."""
-    from orcd.load import load_model
-
-    def run(graphs: bool, **opts) -> np.ndarray:
-        lm = load_model(tiny_model(preset), host=host, device=GPU, n_ctx=N_CTX, **opts)
-        try:
-            lm.backend.graphs = graphs
-            ids = np.random.default_rng(6).integers(0, lm.hp.n_vocab, 2 * PROMPT).tolist()
-            return decode_logits(lm, ids, PROMPT)
-        finally:
-            lm.close()
-
-    for graphs in (True, False):
-        assert run(graphs, **options).tobytes() == run(graphs).tobytes()
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_prefill_graphs_give_the_eager_prefill_and_decode(pairs, preset):
     """Prompt chunks replayed from a graph per rows bucket (the default; padding

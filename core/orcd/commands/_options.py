@@ -86,7 +86,6 @@ CUDA_OPTIONS = {
     "pdl": ("on", "off"),                # on: kernels start while the one before them finishes (sm_90+)
     "self_quantize": ("off", "on"),      # on: one token's int8 GEMVs norm and quantize their own input
     "prompt_gemv": ("32", "16", "8"),    # prompt chunks of up to N rows through the int8 GEMVs, not the GEMM
-    "moe_launches": ("3", "2"),          # one token's MoE block in 3 launches or 2 (router inside gate/up)
 }
 
 

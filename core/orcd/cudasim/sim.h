@@ -173,12 +173,6 @@ template <class T>
 inline T atomicCAS(T* p, T cmp, T v) { const T old = *p; if (old == cmp) *p = v; return old; }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
-// A load through L2 (what another block's writes are read with); a back-off, which only
-// waits; and a trap, which on a card ends the launch with an error: here a fault.
-template <class T>
-inline T __ldcg(const T* p) { return *p; }
-inline void __nanosleep(unsigned) {}
-inline void __trap() { ORCD_SIM_FAULT("__trap()\n"); }
 
 // -- cuda_fp16.h: __half and __half2 as bit patterns -----------------------------------
 struct __half {

@@ -71,7 +71,7 @@ __device__ __forceinline__ void moe_gemm(const u8* __restrict__ w, long long row
 // then down, the experts' weighted sum and the residual add. Each weight byte is
 // read once; no atomics: every output is summed in a fixed order.
 
-#include "moe_q8.cuh"   // swiglu_oai, warp_sums and the gate/up block (moe_decode.cu's too)
+#include "moe_q8.cuh"   // swiglu_oai, warp_sums and the gate/up block
 
 // Block (blockIdx.x, pair = blockIdx.y) of moe_gate_up_rows, x and ids from global memory.
 template <class F>

@@ -110,13 +110,6 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float,
 
 # -- CUDA ------------------------------------------------------------------------
 
-def decode_source(formats):
-    """moe_decode.cu with the kernels of ``formats`` (their expert weights' formats)."""
-    from orcd.quant.device import kernel_source
-
-    return kernel_source("orcd.ops", "moe_decode.cu", formats)
-
-
 # Launchers for moe.cu. The expert matmuls are MatmulKernels.moe_linear (one
 # GEMV per pair, decode) and MatmulKernels.moe_gemm (per expert tile, prefill);
 # this part routes (top-k + softmax on the device), groups pairs by expert and
@@ -135,8 +128,6 @@ class MoeKernels:
         self._sum = module.function("moe_weighted_sum")
         self._norm_route = module.function("moe_norm_route_q8")
         self._launch = launcher
-        self._device, self._compiler = device, compiler
-        self._decode_modules: dict[int, object] = {}   # moe_decode.cu per expert format, on first use
 
     def route(self, logits, n_used: int, ids, weights) -> None:
         # logits: [T, n_expert] f32 -> ids: [T, n_used] int32, weights: [T, n_used] f32
@@ -160,42 +151,6 @@ class MoeKernels:
                      [np.uint64(x.ptr), np.uint64(g.ptr), float(eps), np.uint64(router_w.ptr),
                       np.uint64(router_b.ptr), D, E, k, np.uint64(ids.ptr), np.uint64(weights.ptr),
                       np.uint64(xa.xq.ptr), np.uint64(xa.xd.ptr)], shared=4 * (D + E))
-
-    def route_gate_up_q8(self, x, g, eps: float, ex: Experts, alpha: float, limit: float, ids, weights,
-                         logits, sync, h) -> None:
-        """One token's MoE block up to the down projection in one launch (moe_decode.cu):
-        x [1, D] -> rms_norm(x) * g, its top-k experts ids [1, k] int32 and softmax weights
-        [1, k] from the router (an F32 QWeight [E, D] and bias [E]), and every chosen
-        expert's clamped SwiGLU h = swiglu(x . gate[e] + bg[e], x . up[e] + bu[e]) quantized
-        per 32 values into h (matmul_base.Q8Act [k, n_ff]). logits: [E] f32 scratch;
-        sync: [4] int32, zero (each launch leaves it zero)."""
-        from orcd.ops.matmul_base import MOE_MAX_K, int8_capable
-
-        T, D = x.shape
-        E, k = ex.router_w.shape[0], ids.shape[1]
-        n_expert, n_ff, n_in = ex.gate_w.shape
-        gw, uw = ex.gate_w, ex.up_w
-        if (T != 1 or ex.router_w.type_id != 0 or tuple(ex.router_w.shape) != (E, D) or D % 32 or n_in != D
-                or not 0 < k <= min(E, MOE_MAX_K) or E > 1024 or n_ff % 32 or not int8_capable(gw)
-                or tuple(uw.shape) != tuple(gw.shape) or uw.type_id != gw.type_id):
-            raise ValueError(f"moe route/gate/up: x {x.shape}, router {ex.router_w.shape}, k {k}, "
-                             f"gate {gw.fmt.name} {gw.shape}, up {uw.fmt.name} {uw.shape}")
-        if tuple(h.shape) != (k, n_ff) or tuple(logits.shape) != (E,) or tuple(sync.shape) != (4,):
-            raise ValueError(f"moe route/gate/up: h {h.shape}, logits {logits.shape}, sync {sync.shape}")
-        routers = -(-E // 8)   # moe_decode.cu's router blocks: 8 rows each
-        self._launch(self._decode_fn(gw.fmt), routers + k * (n_ff // 32), 256,
-                     [np.uint64(x.ptr), np.uint64(g.ptr), float(eps), np.uint64(ex.router_w.ptr),
-                      np.uint64(ex.router_b.ptr), D, E, k, np.uint64(logits.ptr), np.uint64(ids.ptr),
-                      np.uint64(weights.ptr), np.uint64(gw.ptr), np.uint64(uw.ptr), np.int64(gw.row_bytes),
-                      np.int64(gw.fmt.vram_tensor_bytes((n_ff, D))), n_expert, np.uint64(ex.gate_b.ptr),
-                      np.uint64(ex.up_b.ptr), float(alpha), float(limit), np.uint64(h.xq.ptr),
-                      np.uint64(h.xd.ptr), n_ff, np.uint64(sync.ptr)], shared=5 * D + D // 8 + 4 * E)
-
-    def _decode_fn(self, fmt):
-        mod = self._decode_modules.get(fmt.type_id)
-        if mod is None:
-            mod = self._decode_modules[fmt.type_id] = self._compiler.load(self._device, decode_source([fmt]))
-        return mod.function(f"moe_route_gate_up_q8_{fmt.device.suffix}")
 
     def group(self, ids, n_expert: int, tile: int, order, slot_of, tiles) -> None:
         # ids: [T, k] int32 -> order, slot_of: [T*k] int32, tiles: [n_tiles, 3] int32 (group_ref, tiles_ref)

@@ -1,7 +1,6 @@
-// One decode token's expert gate/up block on int8 activations, shared by matmul.cu's
-// moe_gate_up_q8 (x from global memory, the ids from moe_norm_route_q8) and
-// moe_decode.cu's moe_route_gate_up_q8 (x quantized into the block's shared memory, the
-// ids from the same launch's router blocks). Needs base.cuh and the format structs.
+// One decode token's expert gate/up block on int8 activations: matmul.cu's
+// moe_gate_up_q8 (x from global memory, the ids from moe_norm_route_q8), apart from the
+// launch around it. Needs base.cuh and the format structs.
 #pragma once
 
 // silu(min(gate, limit)) * (clamp(up, -limit, limit) + 1): GPT-OSS's SwiGLU (swiglu_oai_ref)

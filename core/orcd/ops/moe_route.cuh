@@ -1,10 +1,11 @@
-// The routing steps moe.cu's and moe_decode.cu's kernels share, so both give the same bits.
+// The routing steps of moe.cu's kernels: the decode router's norm, dot and warp top-k, and
+// the prefill router's one-thread top-k (the same choice, route_ref's).
 #pragma once
 
 // h = x / sqrt(mean(x^2) + eps) * g into shared memory h [D], by a block of blockDim.x
 // threads (a divisor of 1,024) summing x^2 as 1,024 threads would: thread v = j blockDim.x
 // + tid takes x[v], x[v + 1024], ..., each 32 a warp butterfly, the 32 sums added in order
-// -- the same bits in moe_norm_route_q8 (1,024 threads) and moe_decode.cu (256).
+// -- the same bits whatever the block size (moe_norm_route_q8 runs 1,024).
 __device__ __forceinline__ void moe_norm_row(const float* __restrict__ x, const float* __restrict__ g, float eps,
                                              int D, float* h) {
     __shared__ float red[32];

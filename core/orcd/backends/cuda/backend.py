@@ -52,9 +52,7 @@ def kernel_sources(formats, type_ids=None) -> list:
              (norm.NormKernels, rope.RopeKernels, activation.ActivationKernels, attention.AttentionKernels,
               moe.MoeKernels, sampling.CudaSampler, layout.LayoutKernels)]
     per_format = [matmul_source([f]) for f in rows if type_ids is None or f.type_id in type_ids]
-    # the decode MoE's expert kernels: ahead of time only (a model's load compiles them on first use)
-    experts = [moe.decode_source([f]) for f in rows if type_ids is None and f.device.int8]
-    return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format, *experts]
+    return [*fixed, matmul_source(), fused._kernel_source(rows), *per_format]
 
 class CudaRunner:
     """``forward(ids, start) -> logits`` like engine.Runner: prefill eager,
@@ -107,8 +105,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                  gemm: str = "cublaslt", formats=None, prefill_graphs: bool = True,
                  moe_tc: bool = True, pipelined_steps: bool = True, fold_prompts: bool = False,
                  prompt_step: int | str = UNFOLDED_CHUNK, mma: bool = False, pdl: bool = True,
-                 self_quantize: bool = False, prompt_gemv: int | str = PROMPT_GEMV,
-                 moe_launches: int | str = 3) -> None:
+                 self_quantize: bool = False, prompt_gemv: int | str = PROMPT_GEMV) -> None:
         """``formats``: the format table the weight kernels are made for (default: the
         built-in formats; ``load_weights`` switches to the table it is given).
         ``prefill_graphs``: a request's prompt chunks replay a graph per rows bucket
@@ -140,10 +137,6 @@ class CudaBackend(BackendSampling, WeightLoading):
         default: on an H100, 16 HTTP clients of Qwen-0.5B got 4,133 tok/s against 3,375
         with 8 (server steps 3.38 ms against 3.98: a short prompt costs less), 4 clients
         1,945 against 1,452 (RESULTS).
-        ``moe_launches``: one token's MoE block in 3 launches (norm + router + top-k on
-        one SM, gate/up, down) or 2 (the router's rows spread over the blocks of the
-        gate/up launch, ops/moe_decode.cu); the same bits either way. 3 until a card
-        times 2.
         Each off only to measure against."""
         from orcd.backends.cuda.device import CudaDevice
 
@@ -158,9 +151,6 @@ class CudaBackend(BackendSampling, WeightLoading):
             self.prefill_in_batch, self.prompt_last_in_batch = True, False
             self.batch_prefill_chunk = FOLD_CHUNK
         self.moe_tc = moe_tc
-        if int(moe_launches) not in (2, 3):
-            raise ValueError(f"moe_launches must be 2 or 3, got {moe_launches!r}")
-        self.moe_launches = int(moe_launches)
         self.steps = None
         self._positions = 0       # positions the rope tables must cover (the largest cache made)
         self.scratch = self._graph = self._kv = self.batch = self.prefill = None
@@ -176,7 +166,7 @@ class CudaBackend(BackendSampling, WeightLoading):
                prompt_gemv) -> None:
         from orcd.backends.cuda.driver import cu
         from orcd.backends.cuda.launch import Launcher
-        from orcd.backends.cuda.memory import DeviceAllocator, fill_bytes
+        from orcd.backends.cuda.memory import DeviceAllocator
         from orcd.backends.cuda.nvrtc import KernelCompiler
         from orcd.ops.activation import ActivationKernels
         from orcd.ops.attention import AttentionKernels
@@ -215,10 +205,6 @@ class CudaBackend(BackendSampling, WeightLoading):
         self.io = Arena(self._io_buf.ptr, IO_BYTES)
         # decode inputs: [token id, position] at fixed device addresses, fed from pinned memory
         self._step_buf = self.alloc.alloc(8, "scratch")
-        # moe_decode.cu's counters: zero now, and each launch leaves them zero
-        self._sync_buf = self.alloc.alloc(16, "scratch")
-        self.moe_sync = DeviceTensor(self._sync_buf.ptr, (4,), np.dtype(np.int32))
-        fill_bytes(self.device, self._sync_buf.ptr, 0, 16)
         self.step_ids = DeviceTensor(self._step_buf.ptr, (1,), np.dtype(np.int32))
         self.step_pos = DeviceTensor(self._step_buf.ptr + 4, (1,), np.dtype(np.int32))
         self.device.make_current()

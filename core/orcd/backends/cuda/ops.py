@@ -288,8 +288,7 @@ class CudaOps:
 
     def moe_add(self, x, experts, n_used: int, alpha: float, limit: float, norm=None) -> DeviceTensor:
         # x: [T, D] -> x + moe(rms_norm(x)); one decode token: three kernels (norm + router +
-        # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual), or two
-        # with the backend's moe_launches = 2 (the first two in one)
+        # top-k + int8 x; gate/up/SwiGLU + int8 h; down + weighted sum + residual)
         T, D, ex = *x.shape, experts
         if T != 1 or norm is None or self.per_row or not self._moe_fused(ex, n_used):
             h = x if norm is None else self.rms_norm(x, *norm)
@@ -297,13 +296,9 @@ class CudaOps:
         n_ff = ex.gate_w.shape[1]
         ids, weights = self._empty((T, n_used), np.int32), self._empty((T, n_used))
         h = Q8Act.empty(self.b.scratch, T * n_used, n_ff)
-        if self.b.moe_launches == 2:   # norm, router, top-k and gate/up in one launch
-            logits = self._empty((ex.router_w.shape[0],))
-            self.b.moe_k.route_gate_up_q8(x, *norm, ex, alpha, limit, ids, weights, logits, self.b.moe_sync, h)
-        else:
-            xa = Q8Act.empty(self.b.scratch, T, D)
-            self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
-            self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
+        xa = Q8Act.empty(self.b.scratch, T, D)
+        self.b.moe_k.norm_route_q8(x, norm[0], norm[1], ex.router_w, ex.router_b, ids, weights, xa)
+        self.b.mm.moe_gate_up_q8(xa, ex, ids, alpha, limit, h)
         out = self._empty((T, D))
         self.b.mm.moe_down_sum_q8(h, ex.down_w, ex.down_b, ids, weights, x, out)
         return out
