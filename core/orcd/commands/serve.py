@@ -229,19 +229,29 @@ def _port_free(host: str, port: int) -> None:
 
 
 def run(args) -> int:
-    from orcd.server.narration import process_age
+    from orcd.server.narration import Narrator, process_age
 
     # what passes before the app narrates `startup`, named there (issue 15's start-up time)
     before, t0 = process_age(), time.monotonic()
     checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
+    _warn_if_exposed(args.host, checked["api_key"])
+    config = _config(args, checked, phases={"process": before, "validate": round(time.monotonic() - t0, 3)})
+    narrator = Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
+                        gpu_device=config.device, log_prompts=config.log_prompts)
+    # the model loads on its own thread while the HTTP stack imports (~1 s on a GPU machine)
+    from orcd.server.loading import Loading, narrate_startup
+    narrate_startup(narrator, config)
+    loading = Loading(config, narrator).start()
     t1 = time.monotonic()
     from orcd.server.process import serve
-    from orcd.server.state import ServerConfig
-    phases = {"process": before, "validate": round(t1 - t0, 3),   # validate: the device check, the GGUF header
-              "server_imports": round(time.monotonic() - t1, 3)}
-    _warn_if_exposed(args.host, checked["api_key"])
+    config.startup_phases["server_imports"] = round(time.monotonic() - t1, 3)   # reported in `ready`
+    return serve(config, host=args.host, port=args.port, narrator=narrator, loading=loading)
+
+
+def _config(args, checked: dict, phases: dict):
+    from orcd.server.config import ServerConfig
     url_host = f"[{args.host}]" if ":" in args.host else args.host
-    config = ServerConfig(
+    return ServerConfig(
         model_path=checked["model_path"], model_ref=checked["model_ref"],
         worker_id=checked["worker_id"], device=checked["device"], ctx_size=args.ctx_size,
         max_tokens_out=args.max_tokens_out, inference_timeout_s=args.inference_timeout_sec,
@@ -253,4 +263,3 @@ def run(args) -> int:
         served_model_name=args.served_model_name, chat_template=checked["chat_template"],
         backend_options=checked["backend_options"], public_url=f"http://{url_host}:{args.port}",
         startup_phases=phases)
-    return serve(config, host=args.host, port=args.port)

@@ -14,7 +14,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
-import threading
 import time
 import urllib.request
 from contextlib import asynccontextmanager
@@ -29,7 +28,8 @@ from orcd.server.gate import Gate
 from orcd.server.http import (BodyTimeout, ClientGone, MethodNotAllowed, NotFound,
                               error_response, read_body)
 from orcd.server.inference import InferenceThread, ShutdownCancelled
-from orcd.server.narration import LoadProgress, Narrator, process_age
+from orcd.server.loading import Loader, Loading, load_for_serving, narrate_startup
+from orcd.server.narration import Narrator, process_age
 from orcd.server.openai_api import router as openai_router
 from orcd.server.tokenize_api import router as tokenize_router
 from orcd.server.openai_choices import Choices
@@ -40,38 +40,6 @@ from orcd.server.streaming import frame_batches
 
 #: how often the inference thread, when idle, checks that the weights are resident
 IDLE_REFRESH_S = 5.0   # how often an idle worker refreshes memory figures and maybe checks residency
-
-Loader = Callable[[ServerConfig, Callable[[float], None]], Any]
-
-
-def load_for_serving(config: ServerConfig, progress: Callable[[float], None]):
-    """The default loader: the shared loading path, then the KV-cache budget."""
-    from orcd.load import load_model
-    from orcd.plugins import PluginHost
-    lm = load_model(config.model_path, host=PluginHost(), device=config.device,
-                    n_ctx=config.ctx_size, tokenizer_path=config.tokenizer_path, progress=progress,
-                    **config.backend_options)
-    if config.kv_cache_mb is not None:
-        try:
-            lm.n_ctx = kv_budget_ctx(lm.hp, lm.n_ctx, config.kv_cache_mb)
-        except BaseException:
-            lm.close()
-            raise
-    return lm
-
-
-def kv_budget_ctx(hp, n_ctx: int, kv_cache_mb: int) -> int:
-    """The context that fits ``kv_cache_mb`` of fp16 K and V (both backends'
-    cache type): 2 bytes × (head_dim + head_dim_v) × n_head_kv × n_layer a token."""
-    from orcd.vram import kv_bytes_per_token
-    per_token = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, hp.get("head_dim_v"))
-    fits = kv_cache_mb * (1 << 20) // per_token
-    if fits < 16:
-        raise InvalidRequest(f"--kv-cache-size-mb {kv_cache_mb} holds only {fits} tokens of "
-                             f"this model's KV cache ({per_token} bytes a token)",
-                             field="kv_cache_size_mb")
-    return min(n_ctx, fits)
-
 
 def new_scheduler(config: ServerConfig, engine):
     """The continuous-batching scheduler for ``--max-batch`` N > 1 (None for 1:
@@ -98,22 +66,22 @@ def new_scheduler(config: ServerConfig, engine):
 
 
 def create_app(config: ServerConfig, *, narrator: Narrator | None = None,
-               loader: Loader = load_for_serving) -> FastAPI:
+               loader: Loader = load_for_serving, loading: Loading | None = None) -> FastAPI:
+    """The worker's app. ``loading``: a load already under way (``orcd serve`` starts it
+    before importing this module; its ``startup`` event already narrated), else the
+    lifespan narrates ``startup`` and starts ``loader`` itself."""
     narrator = narrator or Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
                                     gpu_device=config.device, log_prompts=config.log_prompts)
     state = ServerState(config, narrator)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        narrator.event("startup", since_process_start_s=process_age(), phases=config.startup_phases,
-                       device=config.device, queue_size=config.queue_size,
-                       max_batch=config.max_batch,
-                       ctx_size=config.ctx_size, max_tokens_out=config.max_tokens_out,
-                       inference_timeout_s=config.inference_timeout_s,
-                       auth=bool(config.api_key))
+        load = loading
+        if load is None:
+            narrate_startup(narrator, config)
+            load = Loading(config, narrator, loader).start()
         loop = asyncio.get_running_loop()
-        threading.Thread(target=_load, args=(state, loader, loop), name="orcd-load",
-                         daemon=True).start()
+        load.attach(lambda lm, error, t0: _after_load(state, loop, lm, error, t0))
         yield
         await asyncio.to_thread(_free, state)
 
@@ -230,15 +198,14 @@ async def _execute_frames(stream, model: str, seed: int):
 
 # -- lifecycle -----------------------------------------------------------------
 
-def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -> None:
+def _after_load(state: ServerState, loop: asyncio.AbstractEventLoop, lm, error: BaseException | None,
+                t0: float) -> None:
+    """On the load's thread once it ended: the engine, chat template, scheduler and
+    inference thread around the model, then ``ready``; or the load's error, and exit."""
     cfg, narr = state.config, state.narrator
-    narr.event("model_load_start", path=cfg.model_path, device=cfg.device)
-    t0 = time.monotonic()
-    progress = LoadProgress(narr)
-    lm = None
     try:
-        lm = loader(cfg, progress)
-        progress.finish()
+        if error is not None:
+            raise error
         from orcd.engine import Engine
         from orcd.load import Phases
         state.loaded, state.engine = lm, Engine(lm)
@@ -277,7 +244,8 @@ def _load(state: ServerState, loader: Loader, loop: asyncio.AbstractEventLoop) -
     if state.status != "loading":   # the first residency check already failed
         return
     state.status = "healthy"
-    narr.event("ready", url=cfg.public_url)
+    # how long the worker took to serve; phases: what `orcd serve` named before the app
+    narr.event("ready", url=cfg.public_url, since_process_start_s=process_age(), phases=dict(cfg.startup_phases))
     if cfg.callback_url:
         _callback(state)
 

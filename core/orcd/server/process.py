@@ -61,10 +61,12 @@ def build_server(config: ServerConfig, host: str, port: int, **app_options) -> W
     return server
 
 
-def serve(config: ServerConfig, host: str, port: int) -> int:
+def serve(config: ServerConfig, host: str, port: int, **app_options) -> int:
+    """Serve until shut down; 1 if the model failed to load. ``app_options``: create_app's
+    (``orcd serve`` passes its narrator and the load it started)."""
     # requests in progress, as many connections still sending headers, and some to spare
     _raise_open_file_limit(2 * config.max_connections + 256)
-    server = build_server(config, host, port)
+    server = build_server(config, host, port, **app_options)
     server.run()
     err = server.state.load_error
     if err is not None:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from orcd.engine import GenerateRequest, with_seed
@@ -19,6 +19,7 @@ from orcd.sampling import SamplingParams, request_defaults
 from orcd.server.inference import InferenceThread, Job
 from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
+from orcd.server.config import ServerConfig  # noqa: F401 - where the app's modules import it from
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
 
@@ -33,45 +34,6 @@ PREP_THREADS = 2
 #: and can fill every core, so the OS must prefer the event loop and the inference
 #: thread whenever they have work
 PREP_NICE = 10
-
-
-@dataclass
-class ServerConfig:
-    model_path: str
-    model_ref: str                      # the name the operator gave (reported as "model")
-    worker_id: str
-    device: str = "cpu"                 # "cpu" or "cuda:N"
-    ctx_size: int | None = None
-    max_tokens_out: int | None = None   # most tokens a request may generate; None: the context
-    inference_timeout_s: float = 300.0
-    kv_cache_mb: int | None = None
-    queue_size: int = 16                # jobs that may wait beyond the running ones
-    max_batch: int = 16                 # jobs decoded together (1: one at a time, Engine.generate)
-    callback_url: str | None = None
-    api_key: str | None = None
-    log_prompts: bool = False
-    shutdown_deadline_s: float = 5.0
-    max_body_bytes: int = 1 << 20
-    tokenizer_path: str | None = None   # an explicit tokenizer.json (wins over the GGUF vocab)
-    residency_interval_s: float = 60.0  # between checks that weights are still device memory
-    public_url: str | None = None       # where this worker is reachable (for the callback)
-    bind_host: str = "127.0.0.1"        # on loopback, only loopback Host names are answered
-    body_timeout_s: float = 30.0        # the whole request body must arrive within this
-    header_timeout_s: float = 10.0      # the request line and headers must arrive within this
-    max_connections: int = 256          # HTTP requests in progress at once (beyond: 503)
-    served_model_name: str | None = None   # the /v1 name (default: model_ref), vLLM's flag
-    chat_template: str | None = None    # a template's source replacing the GGUF's
-    sse_keepalive_s: float = 15.0       # a quiet stream gets an SSE comment this often
-    backend_options: dict = field(default_factory=dict)   # CudaBackend tuning (--cuda-option)
-    startup_phases: dict = field(default_factory=dict)    # seconds before the app (orcd serve's)
-
-    @property
-    def health_device(self) -> str:
-        return "cpu-reference" if self.device == "cpu" else self.device
-
-    @property
-    def served_names(self) -> list[str]:
-        return [self.served_model_name or self.model_ref]
 
 
 class ServerState:
