@@ -120,12 +120,17 @@ def serving(cmd: list[str], port: int, log: Path, timeout_s: float, settle_s: fl
         time.sleep(settle_s)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the worker's orderly exit), then kill after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stream_one(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> Sample:

@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from load import stop   # bench/load.py (a script's own folder is on its path)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,11 +61,7 @@ def start_once(cmd: list[str], env: dict, port: int, log: Path, timeout_s: float
         ready = wait_healthy(port, proc, timeout_s)
         took = None if ready is None else time.monotonic() - t0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     events = []
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("{"):

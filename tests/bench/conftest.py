@@ -15,6 +15,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def bench_module(monkeypatch):
     """bench/NAME.py as a module ``bench_NAME``, in sys.modules while the test runs
     (the dataclasses of a script look their module up there)."""
+    monkeypatch.syspath_prepend(str(BENCH))   # the scripts import their siblings
+
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
