@@ -263,3 +263,22 @@ def test_second_sigterm_still_ends_every_stream(tiny):
     assert set(ready["phases"]) == {"process", "validate", "server_imports"}, ready
     assert ready["phases"]["server_imports"] > 0, ready
     assert ready["since_process_start_s"] > startup["since_process_start_s"] + ready["phases"]["server_imports"], ready
+
+
+def test_the_load_begins_before_the_http_stack_is_imported(tiny, tmp_path):
+    """orcd serve starts loading the model (Loading.start) before it imports fastapi,
+    starlette or uvicorn, so the load overlaps those imports (issue 15's start-up)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        "from orcd.server import loading\n"
+        "def start(self):\n"
+        "    heavy = sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'pydantic') if m in sys.modules)\n"
+        "    print('IMPORTED BEFORE THE LOAD:', heavy, flush=True)\n"
+        "    raise SystemExit(3)\n"
+        "loading.Loading.start = start\n"
+        "from orcd.cli import main\n"
+        f"sys.exit(main(['serve', '--model', {str(tiny)!r}, '--device', 'cpu', '--port', '{free_port()}']))\n")
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "IMPORTED BEFORE THE LOAD: []" in done.stdout, done.stdout

@@ -234,7 +234,6 @@ def run(args) -> int:
     # what passes before the app narrates `startup`, named there (issue 15's start-up time)
     before, t0 = process_age(), time.monotonic()
     checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
-    _warn_if_exposed(args.host, checked["api_key"])
     config = _config(args, checked, phases={"process": before, "validate": round(time.monotonic() - t0, 3)})
     narrator = Narrator(worker_id=config.worker_id, model_ref=config.model_ref,
                         gpu_device=config.device, log_prompts=config.log_prompts)
@@ -243,6 +242,7 @@ def run(args) -> int:
     narrate_startup(narrator, config)
     loading = Loading(config, narrator).start()
     t1 = time.monotonic()
+    _warn_if_exposed(args.host, checked["api_key"])   # imports the server's gate: after the load began
     from orcd.server.process import serve
     config.startup_phases["server_imports"] = round(time.monotonic() - t1, 3)   # reported in `ready`
     return serve(config, host=args.host, port=args.port, narrator=narrator, loading=loading)
