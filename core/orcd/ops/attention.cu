@@ -393,7 +393,12 @@ attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const
 }
 
 // Merge the splits that hold visible keys, in split order, with the sink.
-// part: [T, n_head, n_splits, hd_v + 2]; out: [T, n_head * hd_v]. grid (n_head, T), block 128.
+// part: [T, n_head, n_splits, hd_v + 2]; out: [T, n_head * hd_v]. grid (n_head, T), block 128,
+// dynamic shared memory 3 * n_splits floats. The splits' (m, l) are loaded by the block's
+// threads at once and each split's weight exp(m - max) made once, into shared memory: the
+// loops over splits then read shared memory, and only the values' loads go to L2 (one
+// round trip a split and thread before, for m, l and again m). The same sums in the same
+// order, so the same bits.
 // xq, xd (hd_v a multiple of 32, or null): out's int8 activations as quantize_q8 makes
 // them, [T, n_head * hd_v] and [T, n_head * hd_v / 32] -- a warp holds one group.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, const int* __restrict__ pos,
@@ -401,29 +406,34 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
                                        signed char* __restrict__ xq, float* __restrict__ xd,
                                        int n_head, int hd_v, int window, int keys_per_split,
                                        int n_splits) {
+    extern __shared__ float cmb[];
     orcd_prior_done();
     const int h = blockIdx.x, t = blockIdx.y;
     const int p = pos[t];
     const int s_lo = first_key(p, window) / keys_per_split;
     const int s_hi = min(p / keys_per_split, n_splits - 1);
-    const float* pp = part + ((size_t)t * n_head + h) * n_splits * (hd_v + 2);
-    float mm = sinks ? sinks[h] : NEG_INF;
-    for (int s = s_lo; s <= s_hi; ++s) mm = fmaxf(mm, pp[s * (hd_v + 2) + hd_v]);
-    float denom = sinks ? expf(sinks[h] - mm) : 0.f;
-    for (int s = s_lo; s <= s_hi; ++s) {
-        const float* ps = pp + s * (hd_v + 2);
-        denom += ps[hd_v + 1] * expf(ps[hd_v] - mm);
+    const int ns = s_hi - s_lo + 1;
+    const float* pp = part + ((size_t)t * n_head + h) * n_splits * (hd_v + 2) + (size_t)s_lo * (hd_v + 2);
+    float *sm = cmb, *sl = cmb + n_splits, *se = cmb + 2 * n_splits;   // m, l, weight of split s_lo + i
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
+        sm[i] = pp[i * (hd_v + 2) + hd_v];
+        sl[i] = pp[i * (hd_v + 2) + hd_v + 1];
     }
+    __syncthreads();
+    float mm = sinks ? sinks[h] : NEG_INF;
+    for (int i = 0; i < ns; ++i) mm = fmaxf(mm, sm[i]);
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) se[i] = expf(sm[i] - mm);
+    __syncthreads();
+    float denom = sinks ? expf(sinks[h] - mm) : 0.f;
+    for (int i = 0; i < ns; ++i) denom += sl[i] * se[i];
     const size_t row = ((size_t)t * n_head + h) * hd_v;   // this head's first value in out
     for (int d0 = 0; d0 < hd_v; d0 += blockDim.x) {       // rounds uniform per block, groups per warp
         const int d = d0 + threadIdx.x;
         float y = 0.f;
         if (d < hd_v) {
             float o = 0.f;
-            for (int s = s_lo; s <= s_hi; ++s) {
-                const float* ps = pp + s * (hd_v + 2);
-                o += ps[d] * expf(ps[hd_v] - mm);
-            }
+#pragma unroll 8
+            for (int i = 0; i < ns; ++i) o += pp[i * (hd_v + 2) + d] * se[i];
             y = o / denom;
             out[row + d] = y;
         }

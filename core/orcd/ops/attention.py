@@ -102,6 +102,11 @@ def prefill_smem_bytes(hd: int, hd_v: int) -> int:
     return 2 * (2 * PF_BQ * (hd + 8) + PF_BQ * (hd_v + 8))
 
 
+def combine_smem(n_splits: int) -> int:
+    """attn_combine's dynamic shared memory: each split's m, l and weight (fp32)."""
+    return 12 * n_splits
+
+
 def split_plan(T: int, n_ctx: int) -> tuple[int, int]:
     """(keys per split, number of splits) for T query rows over an n_ctx cache."""
     if T == 1 and n_ctx > DECODE_KEYS_PER_SPLIT:
@@ -241,7 +246,7 @@ class AttentionKernels:
         if part is not None:
             self._launch(self._combine, (n_head, T), 128,
                          [np.uint64(part.ptr), np.uint64(pos.ptr), sink, np.uint64(out.ptr), np.uint64(0),
-                          np.uint64(0), n_head, hd_v, int(window), kps, n_splits])
+                          np.uint64(0), n_head, hd_v, int(window), kps, n_splits], shared=combine_smem(n_splits))
 
     def _attention_decode(self, q, k_cache, v_cache, pos, scale, window, sinks, out, empty, paging,
                           q8=None, fresh=None) -> None:
@@ -269,4 +274,5 @@ class AttentionKernels:
         self._launch(self._combine, (n_head, T), 128,
                      [np.uint64(part.ptr), np.uint64(pos.ptr), np.uint64(0 if sinks is None else sinks.ptr),
                       np.uint64(out.ptr), np.uint64(0 if q8 is None else q8.xq.ptr),
-                      np.uint64(0 if q8 is None else q8.xd.ptr), n_head, hd, int(window), kps, n_splits])
+                      np.uint64(0 if q8 is None else q8.xd.ptr), n_head, hd, int(window), kps, n_splits],
+                     shared=combine_smem(n_splits))
