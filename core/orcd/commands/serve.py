@@ -231,7 +231,7 @@ def _port_free(host: str, port: int) -> None:
 def run(args) -> int:
     from orcd.server.narration import Narrator, process_age
 
-    # what passes before the app narrates `startup`, named there (issue 15's start-up time)
+    # what passes before the load begins, named in `startup` (issue 15's start-up time)
     before, t0 = process_age(), time.monotonic()
     checked = validate(args)   # UsageError: one line and exit 1 (orcd.cli)
     config = _config(args, checked, phases={"process": before, "validate": round(time.monotonic() - t0, 3)})

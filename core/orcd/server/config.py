@@ -37,7 +37,7 @@ class ServerConfig:
     chat_template: str | None = None    # a template's source replacing the GGUF's
     sse_keepalive_s: float = 15.0       # a quiet stream gets an SSE comment this often
     backend_options: dict = field(default_factory=dict)   # CudaBackend tuning (--cuda-option)
-    startup_phases: dict = field(default_factory=dict)    # seconds before the app (orcd serve's)
+    startup_phases: dict = field(default_factory=dict)    # orcd serve's seconds: before the load, its imports
 
     @property
     def health_device(self) -> str:

@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 from orcd.engine import GenerateRequest, with_seed
 from orcd.errors import InvalidRequest, Unavailable
 from orcd.sampling import SamplingParams, request_defaults
+from orcd.server.config import ServerConfig  # noqa: F401 - where the app's modules import it from
 from orcd.server.inference import InferenceThread, Job
 from orcd.server.jobstream import JobStream, Mailbox
 from orcd.server.metrics import Metrics
-from orcd.server.config import ServerConfig  # noqa: F401 - where the app's modules import it from
 from orcd.server.narration import Narrator
 from orcd.server.schemas import MAX_PROMPT_CHARS, MAX_STOP_TOKENS
 
