@@ -26,6 +26,9 @@
 #                                   # --bench of each of MODELS (comma-separated) with the
 #                                   # defaults, then with each NAME=VALUE alone (one option a
 #                                   # run: two options timed together cannot be told apart)
+#   bash bench/gpu_session.sh startup [BASE]   # (one call on its own) bench/startup.py: four
+#                                   # warm starts of `orcd serve` on qwen2-0.5b after a cold one,
+#                                   # alternating with BASE's core (a checkout, e.g. .carry/base)
 #   bash bench/gpu_session.sh ab MODELS NAME=VALUE...  # (after one) the prefill/tc/grouped
 #                                   # GPU tests, then orcd's rows of MODELS ('' for the small
 #                                   # ones) as it is and with those --cuda-options, e.g.
@@ -139,6 +142,14 @@ opts)
     done
   done
   ;;
+startup)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 120 bash scripts/gpu-test.sh --collect-only -q >/dev/null || exit 1
+  [ -f "$WORK/qwen2-0.5b.gguf" ] || python3 -m orcd.cli synth qwen2-0.5b -o "$WORK/qwen2-0.5b.gguf"
+  base=(); [ -n "${2:-}" ] && base=(--base "$(cd "$2" && pwd)/core")
+  timeout 240 python3 bench/startup.py --model "$WORK/qwen2-0.5b.gguf" --runs 4 "${base[@]}" \
+      2> "$OUT/startup.log" | tee "$OUT/startup.md"
+  ;;
 ab)
   models=${2:-$SMALL}
   opts=(); for o in "${@:3}"; do opts+=(--orcd-option "$o"); done
@@ -151,5 +162,5 @@ ab)
   done
   ;;
 *)
-  echo "usage: bench/gpu_session.sh one|two|load|tree|opts|ab"; exit 2 ;;
+  echo "usage: bench/gpu_session.sh one|two|load|tree|opts|startup|ab"; exit 2 ;;
 esac
