@@ -406,8 +406,8 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const in
                                        signed char* __restrict__ xq, float* __restrict__ xd,
                                        int n_head, int hd_v, int window, int keys_per_split,
                                        int n_splits) {
-    extern __shared__ float cmb[];
     orcd_prior_done();
+    extern __shared__ float cmb[];
     const int h = blockIdx.x, t = blockIdx.y;
     const int p = pos[t];
     const int s_lo = first_key(p, window) / keys_per_split;
