@@ -234,3 +234,45 @@ def test_rope_inside_the_decode_only_where_no_row_reads_a_key_another_stores(gpu
     with pytest.raises(ValueError, match="store no key another row reads"):
         gpu.attn.rope_attention(two, two, two, dk, dv, gpu.put(np.array([0, 1], np.int32)), None, 0.125, 0,
                                 None, gpu.empty((2, n_head * hd)), gpu.empty, single)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gpu, rng, fused):
+    # attn_decode(_rope)'s grid holds about one wave of blocks (decode_grid_splits): with
+    # fewer blocks than splits each loops over every gridDim-th split, skipping those before
+    # the window and stopping past the position -- the bits of one block a split, for one
+    # sequence (a window, sinks) and a batch of distinct sequences
+    from orcd.ops.matmul_base import Q8Act
+
+    cfg, n_head, n_kv = ROPES["qwen"]
+    hd, max_blocks = cfg.head_dim, 16
+    n_ctx = max_blocks * KV_BLOCK
+    cos, sin = rope.RopeTable.host_arrays(cfg, n_ctx)
+    table = rope.RopeTable(cfg, n_ctx, gpu.put(cos).ptr, gpu.put(sin).ptr)
+    cases = [([[*rng.permutation(max_blocks)]], [700], 128, True, {}),
+             ([[*rng.permutation(max_blocks)]], [1023], 0, False, {}),
+             ([[*range(i * 4, i * 4 + 4)] for i in range(3)], [5, 200, 255], 100, False,
+              dict(batched=True, apart=True))]
+    default = gpu.attn.wave_blocks
+    for tables, pos, window, sinks, how in cases:
+        T, ctx = len(pos), len(tables[0]) * KV_BLOCK
+        q, k, v = (gpu.put(randn(rng, T, n * hd)) for n in (n_head, n_kv, n_kv))
+        caches = rng.standard_normal((2, n_ctx, n_kv, hd)).astype(np.float16)
+        paging = gpu.paging(np.array(tables, np.int32), np.arange(T), ctx, **how)
+        dpos, sink = gpu.put(np.array(pos, np.int32)), gpu.put(randn(rng, n_head, scale=2)) if sinks else None
+        results = []
+        for wave in (1, 1 << 20):   # one block a KV head and row looping over all splits; a block a split
+            gpu.attn.wave_blocks = wave   # (the rig's kernels live for the session: put back below)
+            dk, dv, out = gpu.put(caches[0]), gpu.put(caches[1]), gpu.empty((T, n_head * hd))
+            q8 = Q8Act(gpu.empty((T, n_head * hd), np.int8), gpu.empty((T, n_head * hd // 32)))
+            if fused:
+                gpu.attn.rope_attention(q, k, v, dk, dv, dpos, table, 0.125, window, sink, out, gpu.empty, paging, q8)
+            else:
+                gpu.attn.attention(q, dk, dv, dpos, 0.125, window, sink, out, gpu.empty, paging, q8)
+            results.append([gpu.get(t).tobytes() for t in (out, dk, dv, q8.xq, q8.xd)])
+        gpu.attn.wave_blocks = default
+        assert results[0] == results[1], (pos, window)
+    assert attention.decode_grid_splits(512, 2, 1, 1056) == 512     # Qwen at 32k, one row: a block a split
+    assert attention.decode_grid_splits(512, 2, 16, 1056) == 33     # 16 rows: one wave, the blocks loop
+    assert attention.decode_grid_splits(32, 32, 16, 1056) == 3
+    assert attention.decode_grid_splits(8, 64, 64, 1056) == 1

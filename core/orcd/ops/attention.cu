@@ -251,19 +251,21 @@ struct Fresh {
     __half* vc;
 };
 
+// One split's partials; false once the split starts past the position (so do the later ones).
 template <bool FRESH>
-__device__ __forceinline__ void decode_split(const float* __restrict__ q, const __half* kc, const __half* vc,
+__device__ __forceinline__ bool decode_split(const float* __restrict__ q, const __half* kc, const __half* vc,
                                              const int* __restrict__ pos, const int* __restrict__ tables,
                                              int max_blocks, const int* __restrict__ seq,
                                              float* __restrict__ part, int n_head, int n_kv, int hd,
-                                             float scale, int window, int kps, int n_splits, const Fresh& f) {
+                                             float scale, int window, int kps, int n_splits, int split,
+                                             const Fresh& f) {
     extern __shared__ float smem[];
-    const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
+    const int kvh = blockIdx.x, t = blockIdx.z, tid = threadIdx.x;
     const int G = n_head / n_kv, hd2 = hd / 2;
     const int p = pos[t];
     const int lo = max(first_key(p, window), split * kps);
     const int hi = min(p + 1, (split + 1) * kps);  // exclusive
-    if (lo >= hi) return;  // attn_combine skips this split
+    if (lo >= hi) return split * kps <= p;  // attn_combine skips this split
     const int n = hi - lo;
     const size_t row0 = kv_row(tables, max_blocks, seq[t], lo);   // the split's keys: rows row0 .. + n
     q += (size_t)t * n_head * hd;
@@ -362,17 +364,35 @@ __device__ __forceinline__ void decode_split(const float* __restrict__ q, const 
         pp[2 * d] = o0;
         pp[2 * d + 1] = o1;
     }
+    return true;
 }
 
-// grid (n_kv, n_splits, T), block DEC_THREADS.
+// Block y of the grid's splits dimension takes splits y, y + gridDim.y, ... (the host makes
+// about one wave of blocks in all: a long context's blocks loop, not thousands of blocks
+// of which most leave at once), each split as a block of its own would.
+template <bool FRESH>
+__device__ __forceinline__ void decode_splits(const float* __restrict__ q, const __half* kc, const __half* vc,
+                                              const int* __restrict__ pos, const int* __restrict__ tables,
+                                              int max_blocks, const int* __restrict__ seq,
+                                              float* __restrict__ part, int n_head, int n_kv, int hd,
+                                              float scale, int window, int kps, int n_splits, const Fresh& f) {
+    for (int split = blockIdx.y; split < n_splits; split += gridDim.y) {
+        if (!decode_split<FRESH>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale,
+                                 window, kps, n_splits, split, f))
+            break;
+        __syncthreads();   // the next split stages into the same shared memory
+    }
+}
+
+// grid (n_kv, S <= n_splits, T), block DEC_THREADS.
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
             const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks,
             const int* __restrict__ seq, float* __restrict__ part, int n_head, int n_kv, int hd,
             float scale, int window, int kps, int n_splits) {
     orcd_prior_done();
-    decode_split<false>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
-                        n_splits, Fresh{});
+    decode_splits<false>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
+                         n_splits, Fresh{});
 }
 
 // Decodes with their q, k and v before RoPE: rope_kv_store and attn_decode in one
@@ -380,7 +400,7 @@ attn_decode(const float* __restrict__ q, const __half* __restrict__ kc, const __
 // key another row stores: one sequence's single token, or a batch of distinct
 // sequences (KVCache.apart; padding rows all store the spare block's row 0, and each
 // takes it from its own registers, never from memory).
-// k, v: [T, n_kv * hd] f32; cos_t, sin_t: [n_pos, n_rot / 2]. grid (n_kv, n_splits, T).
+// k, v: [T, n_kv * hd] f32; cos_t, sin_t: [n_pos, n_rot / 2]. grid (n_kv, S <= n_splits, T).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                  __half* kc, __half* vc, const int* __restrict__ pos, const int* __restrict__ tables,
@@ -388,8 +408,8 @@ attn_decode_rope(const float* __restrict__ q, const float* __restrict__ k, const
                  const float* __restrict__ sin_t, int n_rot, int neox, int n_pos, float* __restrict__ part,
                  int n_head, int n_kv, int hd, float scale, int window, int kps, int n_splits) {
     orcd_prior_done();
-    decode_split<true>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
-                       n_splits, Fresh{k, v, cos_t, sin_t, n_rot, neox, n_pos, kc, vc});
+    decode_splits<true>(q, kc, vc, pos, tables, max_blocks, seq, part, n_head, n_kv, hd, scale, window, kps,
+                        n_splits, Fresh{k, v, cos_t, sin_t, n_rot, neox, n_pos, kc, vc});
 }
 
 // Merge the splits that hold visible keys, in split order, with the sink.

@@ -102,6 +102,14 @@ def prefill_smem_bytes(hd: int, hd_v: int) -> int:
     return 2 * (2 * PF_BQ * (hd + 8) + PF_BQ * (hd_v + 8))
 
 
+def decode_grid_splits(n_splits: int, n_kv: int, T: int, wave_blocks: int) -> int:
+    """attn_decode's blocks along the splits: about one wave of blocks in all (``wave_blocks``
+    resident at once), never more than the splits. A block takes every gridDim-th split, so
+    a context of thousands of splits (the model's own, orcd serve's default) launches one
+    wave, not a block per split of which most leave at once; a short one keeps a block a split."""
+    return max(1, min(n_splits, -(-wave_blocks // (n_kv * T))))
+
+
 def combine_smem(n_splits: int) -> int:
     """attn_combine's dynamic shared memory: each split's m, l and weight (fp32)."""
     return 12 * n_splits
@@ -138,6 +146,8 @@ class AttentionKernels:
         self._decode = module.function("attn_decode")
         self._decode_rope = module.function("attn_decode_rope")
         self._launch = launcher
+        # attn_decode's blocks resident at once: 8 of DEC_THREADS a multiprocessor (2,048 threads)
+        self.wave_blocks = 8 * getattr(device.info, "sm_count", 132)
 
     def kv_store(self, k_cache, v_cache, k, v, pos, paging) -> None:
         # caches: [rows, n_kv, hd] fp16; k, v: [T, n_kv * hd] f32; pos: [T] int32 (their rows: paging)
@@ -260,13 +270,14 @@ class AttentionKernels:
         part = empty((T, n_head, n_splits, hd + 2))
         shared = 4 * group * (hd + kps) + 2 * kps * (2 * hd + 2)
         tail = [np.uint64(part.ptr), n_head, n_kv, hd, float(scale), int(window), kps, n_splits]
+        grid = (n_kv, decode_grid_splits(n_splits, n_kv, T, self.wave_blocks), T)
         if fresh is None:
-            self._launch(self._decode, (n_kv, n_splits, T), DEC_THREADS,
+            self._launch(self._decode, grid, DEC_THREADS,
                          [np.uint64(q.ptr), np.uint64(k_cache.ptr), np.uint64(v_cache.ptr),
                           np.uint64(pos.ptr), *paging_args(paging), *tail], shared=shared)
         else:
             k, v, table = fresh
-            self._launch(self._decode_rope, (n_kv, n_splits, T), DEC_THREADS,
+            self._launch(self._decode_rope, grid, DEC_THREADS,
                          [np.uint64(q.ptr), np.uint64(k.ptr), np.uint64(v.ptr), np.uint64(k_cache.ptr),
                           np.uint64(v_cache.ptr), np.uint64(pos.ptr), *paging_args(paging),
                           np.uint64(table.cos_ptr), np.uint64(table.sin_ptr), table.cfg.n_rot,
