@@ -85,6 +85,7 @@ class SimDeviceInfo:
     max_block_dim: tuple = (1024, 1024, 64)
     max_grid_dim: tuple = (2**31 - 1, 65535, 65535)
     max_shared_per_block_optin: int = MAX_SHARED
+    sm_count: int = 132             # an H100's: what launch shapes are sized by
 
 
 class SimDevice:

@@ -147,7 +147,7 @@ class AttentionKernels:
         self._decode_rope = module.function("attn_decode_rope")
         self._launch = launcher
         # attn_decode's blocks resident at once: 8 of DEC_THREADS a multiprocessor (2,048 threads)
-        self.wave_blocks = 8 * getattr(device.info, "sm_count", 132)
+        self.wave_blocks = 8 * device.info.sm_count
 
     def kv_store(self, k_cache, v_cache, k, v, pos, paging) -> None:
         # caches: [rows, n_kv, hd] fp16; k, v: [T, n_kv * hd] f32; pos: [T] int32 (their rows: paging)
