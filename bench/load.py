@@ -94,12 +94,19 @@ def peer_command(args, port: int) -> list[str]:
     return cmd + (["-ngl", "999"] if args.device != "cpu" else ["-ngl", "0"])
 
 
+@dataclass
+class Served:
+    url: str
+    healthy_s: float   # from launching the server to its first 200 from /health
+
+
 @contextmanager
-def serving(cmd: list[str], port: int, log: Path, timeout_s: float, settle_s: float = 0.0):
-    """Run a server until /health answers 200, then ``settle_s`` more; stop it (SIGTERM,
-    then kill) after."""
+def serving(cmd: list[str], port: int, log: Path, timeout_s: float, settle_s: float = 0.0,
+            env: dict | None = None, poll_s: float = 0.05):
+    """Run a server until /health answers 200 (polled every ``poll_s``), then ``settle_s``
+    more; stop it (SIGTERM, then kill) after. RuntimeError if it exits or stays unhealthy."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:
@@ -115,10 +122,11 @@ def serving(cmd: list[str], port: int, log: Path, timeout_s: float, settle_s: fl
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd[0]} not healthy within {timeout_s} s; log: {log}")
-            time.sleep(0.05)
-        print(f"healthy {time.monotonic() - t0:.2f} s after start (log {log.name})", file=sys.stderr)
+            time.sleep(poll_s)
+        healthy_s = time.monotonic() - t0
+        print(f"healthy {healthy_s:.2f} s after start (log {log.name})", file=sys.stderr)
         time.sleep(settle_s)
-        yield url
+        yield Served(url, healthy_s)
     finally:
         stop(proc)
 
@@ -313,15 +321,15 @@ def main(argv=None) -> int:
     print(f"orcd: {args.model} on {args.device}, {args.slots} slots, levels {levels}"
           f"{', options ' + ' '.join(args.orcd_option) if args.orcd_option else ''}", file=sys.stderr)
     with serving(orcd_command(args, port, max(levels)), port, logs / "load-orcd.log",
-                 args.start_timeout, args.settle) as url:
-        orcd = measure(url, levels, args.rounds, args.max_tokens, prompts)
+                 args.start_timeout, args.settle) as served:
+        orcd = measure(served.url, levels, args.rounds, args.max_tokens, prompts)
     peer = None
     if args.peer:
         port = free_port()
         print(f"peer: {args.peer}", file=sys.stderr)
         with serving(peer_command(args, port), port, logs / "load-peer.log", args.start_timeout,
-                     args.settle) as url:
-            peer = measure(url, levels, args.rounds, args.max_tokens, prompts)
+                     args.settle) as served:
+            peer = measure(served.url, levels, args.rounds, args.max_tokens, prompts)
     print(f"model {Path(args.model).name}, device {args.device}, slots {args.slots}, "
           f"ctx {args.ctx_size}/slot, {args.max_tokens} tokens x {args.rounds} requests per client"
           f"{f', prompts x{args.prompt_repeat}' if args.prompt_repeat > 1 else ''}"

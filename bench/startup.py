@@ -19,49 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from load import stop   # bench/load.py (a script's own folder is on its path)
+from load import free_port, serving   # bench/load.py (a script's own folder is on its path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float) -> float | None:
-    """Seconds until /health answers 200 (polled every 10 ms), None if the process ended."""
-    t0, url = time.monotonic(), f"http://127.0.0.1:{port}/health"
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except OSError:   # refused while importing, 503 while loading
-            pass
-        time.sleep(0.01)
-    return None
-
-
-def start_once(cmd: list[str], env: dict, port: int, log: Path, timeout_s: float) -> tuple[float | None, list]:
-    """One start: (seconds to healthy, the narrated events), the server stopped after."""
-    t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        ready = wait_healthy(port, proc, timeout_s)
-        took = None if ready is None else time.monotonic() - t0
-    finally:
-        stop(proc)
+def start_once(cmd: list[str], env: dict, port: int, log: Path, timeout_s: float) -> tuple[float, list]:
+    """One start: (seconds to a healthy /health, polled every 10 ms; the narrated events),
+    the server stopped after. RuntimeError if it exits or stays unhealthy."""
+    with serving(cmd, port, log, timeout_s, env=env, poll_s=0.01) as served:
+        took = served.healthy_s
     events = []
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("{"):
@@ -127,11 +96,11 @@ def main(argv=None) -> int:
             if core is not None:
                 env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             port = free_port()
-            t, events = start_once(cmd_of(args, port), env, port, logs / f"startup-{name}-{run}.log",
-                                   args.timeout)
-            if t is None:
-                print(f"{name}: run {run} never became healthy; log {logs}/startup-{name}-{run}.log",
-                      file=sys.stderr)
+            try:
+                t, events = start_once(cmd_of(args, port), env, port, logs / f"startup-{name}-{run}.log",
+                                       args.timeout)
+            except RuntimeError as e:   # it exited or never became healthy: the log's tail
+                print(f"{name}: run {run}: {e}", file=sys.stderr)
                 return 1
             took[name].append(t)
             phases[name].append(phases_of(events))
