@@ -2,24 +2,19 @@
 // the prefill router's one-thread top-k (the same choice, route_ref's).
 #pragma once
 
-// h = x / sqrt(mean(x^2) + eps) * g into shared memory h [D], by a block of blockDim.x
-// threads (a divisor of 1,024) summing x^2 as 1,024 threads would: thread v = j blockDim.x
-// + tid takes x[v], x[v + 1024], ..., each 32 a warp butterfly, the 32 sums added in order
-// -- the same bits whatever the block size (moe_norm_route_q8 runs 1,024).
+// h = x / sqrt(mean(x^2) + eps) * g into shared memory h [D]: the block's threads stride
+// over x, each warp's sum a butterfly, the warps' sums added in order on every thread.
 __device__ __forceinline__ void moe_norm_row(const float* __restrict__ x, const float* __restrict__ g, float eps,
                                              int D, float* h) {
     __shared__ float red[32];
-    const int lane = threadIdx.x & 31;
-    for (int v0 = 0; v0 < 1024; v0 += blockDim.x) {
-        const int v = v0 + threadIdx.x;
-        float ss = 0.f;
-        for (int i = v; i < D; i += 1024) ss += x[i] * x[i];
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-        if (lane == 0) red[v >> 5] = ss;
-    }
+    const int lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += x[i] * x[i];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if (lane == 0) red[threadIdx.x >> 5] = ss;
     __syncthreads();
     float total = 0.f;
-    for (int w = 0; w < 32; ++w) total += red[w];   // the same fixed order on every thread
+    for (int w = 0; w < n_warps; ++w) total += red[w];   // the same fixed order on every thread
     const float s = sqrtf(total / (float)D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = x[i] / s * g[i];
     __syncthreads();
