@@ -110,6 +110,10 @@ def moe_ref(x: np.ndarray, ex: Experts, n_used: int, alpha: float,
 
 # -- CUDA ------------------------------------------------------------------------
 
+#: the most experts moe_norm_route_q8's warp top-k takes (32 lanes x 32 bits of its taken mask)
+ROUTER_MAX_EXPERTS = 1024
+
+
 # Launchers for moe.cu. The expert matmuls are MatmulKernels.moe_linear (one
 # GEMV per pair, decode) and MatmulKernels.moe_gemm (per expert tile, prefill);
 # this part routes (top-k + softmax on the device), groups pairs by expert and
@@ -141,11 +145,11 @@ class MoeKernels:
     def norm_route_q8(self, x, g, eps: float, router_w, router_b, ids, weights, xa) -> None:
         """x [T, D] -> rms_norm(x) * g quantized per 32 values into xa (matmul_base.Q8Act [T, D]),
         and its top-k experts ids [T, k] int32 with softmax weights [T, k] from the
-        router (router_w an F32 QWeight [E, D], router_b [E]; E <= 1,024: the warp's top-k)."""
+        router (router_w an F32 QWeight [E, D], router_b [E]; E <= ROUTER_MAX_EXPERTS)."""
         T, D = x.shape
         E = router_w.shape[0]
         k = ids.shape[1]
-        if router_w.type_id != 0 or tuple(router_w.shape) != (E, D) or D % 32 or not 0 < k <= E <= 1024:
+        if router_w.type_id != 0 or tuple(router_w.shape) != (E, D) or D % 32 or not 0 < k <= E <= ROUTER_MAX_EXPERTS:
             raise ValueError(f"moe norm_route: router {router_w.fmt.name} {router_w.shape}, D {D}, k {k}")
         self._launch(self._norm_route, T, 1024,
                      [np.uint64(x.ptr), np.uint64(g.ptr), float(eps), np.uint64(router_w.ptr),

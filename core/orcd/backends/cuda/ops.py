@@ -23,7 +23,7 @@ from orcd.kvcache import KVCache
 from orcd.ops.contract import Phase
 from orcd.ops.fused import ToQ8
 from orcd.ops.matmul_base import MOE_TC_TILE, MOE_TILE, Q8Act
-from orcd.ops.moe import max_tiles
+from orcd.ops.moe import ROUTER_MAX_EXPERTS, max_tiles
 
 SCRATCH_START = 16 << 20   # bytes per arena at first; doubled whenever a forward needs more
 
@@ -315,7 +315,7 @@ class CudaOps:
 
         ws = (ex.gate_w, ex.up_w, ex.down_w)
         return (not self.b.mm.int8_off and all(int8_capable(w) for w in ws) and ex.router_w.type_id == 0
-                and n_used <= MOE_MAX_K and ex.router_w.shape[0] <= 1024   # the warp's top-k: E <= 1,024
+                and n_used <= MOE_MAX_K and ex.router_w.shape[0] <= ROUTER_MAX_EXPERTS
                 and ex.gate_w.shape[1] % 32 == 0 and ex.gate_w.shape[2] % 32 == 0
                 and ex.gate_b is not None and ex.up_b is not None and ex.down_b is not None)
 
