@@ -237,7 +237,7 @@ def test_rope_inside_the_decode_only_where_no_row_reads_a_key_another_stores(gpu
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gpu, rng, fused):
+def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gpu, rng, monkeypatch, fused):
     # attn_decode(_rope)'s grid holds about one wave of blocks (decode_grid_splits): with
     # fewer blocks than splits each loops over every gridDim-th split, skipping those before
     # the window and stopping past the position -- the bits of one block a split, for one
@@ -253,7 +253,6 @@ def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gp
              ([[*rng.permutation(max_blocks)]], [1023], 0, False, {}),
              ([[*range(i * 4, i * 4 + 4)] for i in range(3)], [5, 200, 255], 100, False,
               dict(batched=True, apart=True))]
-    default = gpu.attn.wave_blocks
     for tables, pos, window, sinks, how in cases:
         T, ctx = len(pos), len(tables[0]) * KV_BLOCK
         q, k, v = (gpu.put(randn(rng, T, n * hd)) for n in (n_head, n_kv, n_kv))
@@ -262,7 +261,7 @@ def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gp
         dpos, sink = gpu.put(np.array(pos, np.int32)), gpu.put(randn(rng, n_head, scale=2)) if sinks else None
         results = []
         for wave in (1, 1 << 20):   # one block a KV head and row looping over all splits; a block a split
-            gpu.attn.wave_blocks = wave   # (the rig's kernels live for the session: put back below)
+            monkeypatch.setattr(gpu.attn, "wave_blocks", wave)   # the session's rig: put back after
             dk, dv, out = gpu.put(caches[0]), gpu.put(caches[1]), gpu.empty((T, n_head * hd))
             q8 = Q8Act(gpu.empty((T, n_head * hd), np.int8), gpu.empty((T, n_head * hd // 32)))
             if fused:
@@ -270,7 +269,6 @@ def test_decode_blocks_that_loop_over_splits_give_the_bits_of_a_block_a_split(gp
             else:
                 gpu.attn.attention(q, dk, dv, dpos, 0.125, window, sink, out, gpu.empty, paging, q8)
             results.append([gpu.get(t).tobytes() for t in (out, dk, dv, q8.xq, q8.xd)])
-        gpu.attn.wave_blocks = default
         assert results[0] == results[1], (pos, window)
     assert attention.decode_grid_splits(512, 2, 1, 1056) == 512     # Qwen at 32k, one row: a block a split
     assert attention.decode_grid_splits(512, 2, 16, 1056) == 33     # 16 rows: one wave, the blocks loop
